@@ -1,0 +1,108 @@
+//! NVML types and return codes (`nvml.h`).
+#![allow(non_camel_case_types)]
+
+use core::ffi::{c_int, c_uint, c_void};
+
+/// `nvmlReturn_t`, kept as an integer for the same reason as `CUresult`.
+pub type nvmlReturn_t = c_int;
+pub type nvmlDevice_t = *mut c_void;
+
+pub const NVML_SUCCESS: nvmlReturn_t = 0;
+pub const NVML_ERROR_UNINITIALIZED: nvmlReturn_t = 1;
+pub const NVML_ERROR_INVALID_ARGUMENT: nvmlReturn_t = 2;
+pub const NVML_ERROR_NOT_SUPPORTED: nvmlReturn_t = 3;
+pub const NVML_ERROR_NO_PERMISSION: nvmlReturn_t = 4;
+pub const NVML_ERROR_NOT_FOUND: nvmlReturn_t = 6;
+pub const NVML_ERROR_INSUFFICIENT_SIZE: nvmlReturn_t = 7;
+pub const NVML_ERROR_DRIVER_NOT_LOADED: nvmlReturn_t = 9;
+pub const NVML_ERROR_FUNCTION_NOT_FOUND: nvmlReturn_t = 13;
+pub const NVML_ERROR_GPU_IS_LOST: nvmlReturn_t = 15;
+pub const NVML_ERROR_ARGUMENT_VERSION_MISMATCH: nvmlReturn_t = 25;
+pub const NVML_ERROR_UNKNOWN: nvmlReturn_t = 999;
+
+/// Buffer sizes NVML documents for string queries.
+pub const NVML_DEVICE_UUID_V2_BUFFER_SIZE: usize = 96;
+pub const NVML_DEVICE_NAME_V2_BUFFER_SIZE: usize = 96;
+pub const NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE: usize = 80;
+pub const NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE: usize = 32;
+pub const NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE: usize = 16;
+
+/// `nvmlMemory_t`, answered by `nvmlDeviceGetMemoryInfo`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct nvmlMemory_t {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// `nvmlMemory_v2_t`, answered by `nvmlDeviceGetMemoryInfo_v2`; `version` must be
+/// [`NVML_MEMORY_V2`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct nvmlMemory_v2_t {
+    pub version: c_uint,
+    pub total: u64,
+    pub reserved: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// `NVML_STRUCT_VERSION(Memory, 2)`: the struct size with the version in the top byte.
+pub const NVML_MEMORY_V2: c_uint = (core::mem::size_of::<nvmlMemory_v2_t>() as c_uint) | (2 << 24);
+
+/// `nvmlPciInfo_t` (the v3 layout used by `nvmlDeviceGetPciInfo_v3`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct nvmlPciInfo_t {
+    pub bus_id_legacy: [u8; NVML_DEVICE_PCI_BUS_ID_BUFFER_V2_SIZE],
+    pub domain: c_uint,
+    pub bus: c_uint,
+    pub device: c_uint,
+    pub pci_device_id: c_uint,
+    pub pci_sub_system_id: c_uint,
+    pub bus_id: [u8; NVML_DEVICE_PCI_BUS_ID_BUFFER_SIZE],
+}
+
+/// `nvmlProcessInfo_t` (v2/v3 layout of `nvmlDeviceGetComputeRunningProcesses_v3`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct nvmlProcessInfo_t {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: c_uint,
+    pub compute_instance_id: c_uint,
+}
+
+/// `nvmlUtilization_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct nvmlUtilization_t {
+    pub gpu: c_uint,
+    pub memory: c_uint,
+}
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct nvmlProcessUtilizationSample_t {
+    pub pid: c_uint,
+    pub time_stamp: u64,
+    pub sm_util: c_uint,
+    pub mem_util: c_uint,
+    pub enc_util: c_uint,
+    pub dec_util: c_uint,
+}
+
+/// `nvmlBrandType_t` values.
+pub type nvmlBrandType_t = c_int;
+pub const NVML_BRAND_GEFORCE: nvmlBrandType_t = 5;
+pub const NVML_BRAND_TESLA: nvmlBrandType_t = 2;
+pub const NVML_BRAND_NVIDIA: nvmlBrandType_t = 14;
+
+/// `nvmlDeviceArchitecture_t` values.
+pub type nvmlDeviceArchitecture_t = c_uint;
+pub const NVML_DEVICE_ARCH_TURING: nvmlDeviceArchitecture_t = 6;
+pub const NVML_DEVICE_ARCH_AMPERE: nvmlDeviceArchitecture_t = 7;
+pub const NVML_DEVICE_ARCH_ADA: nvmlDeviceArchitecture_t = 8;
+pub const NVML_DEVICE_ARCH_HOPPER: nvmlDeviceArchitecture_t = 9;
