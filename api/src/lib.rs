@@ -1,1 +1,14 @@
-//! placeholder
+//! Tessera's contracts: the names the scheduler and users see, the opaque claim config, the
+//! shim's config file and the layout of the per-claim accounting region.
+//!
+//! Everything here is shared between processes that are built and upgraded separately (the
+//! kubelet plugin on the host, the shim inside arbitrary container images), so every format is
+//! versioned and documented in `docs/reference/`.
+
+pub mod claim_config;
+pub mod names;
+pub mod region;
+pub mod shim_config;
+
+pub use claim_config::{CorePolicy, GpuConfig, Priority};
+pub use shim_config::{ShimConfig, ShimDevice};

@@ -1,0 +1,36 @@
+//! Names published to Kubernetes: the driver, device attributes and capacities.
+
+/// The DRA driver name, also the suffix of every DeviceClass Tessera creates.
+pub const DRIVER_NAME: &str = "gpu.tessera.dev";
+
+/// API group and version of the opaque claim configuration.
+pub const CONFIG_API_VERSION: &str = "gpu.tessera.dev/v1alpha1";
+/// Kind of the opaque claim configuration.
+pub const CONFIG_KIND: &str = "GpuConfig";
+
+/// Device attributes, named as NVIDIA's DRA driver names them so existing CEL carries over.
+pub mod attribute {
+    pub const UUID: &str = "uuid";
+    pub const PRODUCT_NAME: &str = "productName";
+    pub const BRAND: &str = "brand";
+    pub const ARCHITECTURE: &str = "architecture";
+    pub const CUDA_COMPUTE_CAPABILITY: &str = "cudaComputeCapability";
+    pub const DRIVER_VERSION: &str = "driverVersion";
+    pub const INDEX: &str = "index";
+    pub const MINOR: &str = "minor";
+    pub const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
+}
+
+/// Device capacities.
+pub mod capacity {
+    /// Device memory in bytes.
+    pub const MEMORY: &str = "memory";
+    /// Compute share; 100 is the whole GPU.
+    pub const CORES: &str = "cores";
+}
+
+/// Environment variable naming the shim's config file inside a container.
+pub const SHIM_CONFIG_ENV: &str = "TESSERA_CONFIG";
+/// Where the shim looks when `TESSERA_CONFIG` is unset, so processes that drop their environment
+/// (sshd sessions, `env -i`) are limited too.
+pub const SHIM_CONFIG_DEFAULT_PATH: &str = "/etc/tessera/config.json";

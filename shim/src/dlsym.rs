@@ -1,0 +1,129 @@
+//! The exported `dlsym`, so programs that `dlopen` the driver and look its functions up by name
+//! get the shim's wrappers.
+//!
+//! The hard part is everything the shim must *not* change. `dlsym(RTLD_NEXT, …)` resolves
+//! relative to its caller; if the shim called the real `dlsym` itself, "next" would be relative
+//! to the shim, and an interposer that looks up its own successor (profilers, allocators — the
+//! cause of HAMi's "recursive dlsym" hangs) could be handed itself. On x86-64 the exported
+//! `dlsym` is therefore a small naked trampoline: it asks [`lookup`] whether the name is one of
+//! the shim's, and if not *tail-jumps* to the real `dlsym` with the caller's return address still
+//! on the stack, so glibc sees the original caller. Lookups made by the driver itself are never
+//! redirected, so a driver that resolves its own entry points cannot recurse into the shim.
+
+use std::ffi::{CStr, c_char, c_void};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::hooks;
+
+/// The real `dlsym`, resolved on first use with `dlvsym(RTLD_NEXT, …)`.
+static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
+
+/// Versions of `dlsym` in glibc: 2.34 moved it into libc; older x86-64 and arm64 releases.
+const DLSYM_VERSIONS: [&CStr; 3] = [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"];
+
+fn real_dlsym_address() -> usize {
+    let known = REAL_DLSYM.load(Ordering::Acquire);
+    if known != 0 {
+        return known;
+    }
+    for version in DLSYM_VERSIONS {
+        // SAFETY: dlvsym with constant NUL-terminated strings.
+        let found = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
+        if !found.is_null() {
+            REAL_DLSYM.store(found as usize, Ordering::Release);
+            return found as usize;
+        }
+    }
+    0
+}
+
+/// Calls the real `dlsym` (for the shim's own lookups).
+///
+/// # Safety
+/// `handle` must be a handle from `dlopen` or a pseudo-handle; `name` NUL-terminated.
+pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    let address = real_dlsym_address();
+    if address == 0 {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: `address` is glibc's dlsym.
+    let f: DlsymFn = unsafe { std::mem::transmute::<usize, DlsymFn>(address) };
+    // SAFETY: forwarded arguments, per this function's contract.
+    unsafe { f(handle, name) }
+}
+
+/// The shim's answer for `name`, or NULL to let the real `dlsym` answer. Called by the
+/// trampoline with the caller's return address.
+extern "C" fn lookup(_handle: *mut c_void, name: *const c_char, caller: *const c_void) -> *mut c_void {
+    crate::guard::guard(std::ptr::null_mut(), || {
+        // Resolve the real dlsym before answering, so the trampoline's jump has a target.
+        if real_dlsym_address() == 0 || name.is_null() {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: dlsym's contract: `name` is a NUL-terminated string.
+        let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+        if !(name.starts_with(b"cu") || name.starts_with(b"nvml")) {
+            return std::ptr::null_mut();
+        }
+        let hook = hooks::by_symbol(name);
+        if hook.is_null() || crate::enforcer::is_driver_address(caller) {
+            return std::ptr::null_mut();
+        }
+        hook
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod trampoline {
+    use super::*;
+
+    /// `void *dlsym(void *handle, const char *name)`.
+    ///
+    /// # Safety
+    /// Called by C with `dlsym`'s contract.
+    #[unsafe(naked)]
+    #[unsafe(no_mangle)]
+    pub unsafe extern "C" fn dlsym(_handle: *mut c_void, _name: *const c_char) -> *mut c_void {
+        core::arch::naked_asm!(
+            // The caller's return address, for lookup's third argument.
+            "mov rdx, [rsp]",
+            "push rdi",
+            "push rsi",
+            // Keep the stack 16-byte aligned for the call.
+            "sub rsp, 8",
+            "call {lookup}",
+            "add rsp, 8",
+            "pop rsi",
+            "pop rdi",
+            "test rax, rax",
+            "jz 2f",
+            "ret",
+            "2:",
+            "jmp qword ptr [rip + {real}]",
+            lookup = sym lookup,
+            real = sym REAL_DLSYM,
+        )
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod trampoline {
+    use super::*;
+
+    /// Portable fallback: correct for every name the shim answers; `RTLD_NEXT` lookups of other
+    /// names resolve relative to the shim rather than the caller.
+    ///
+    /// # Safety
+    /// Called by C with `dlsym`'s contract.
+    #[unsafe(no_mangle)]
+    pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+        let hook = lookup(handle, name, std::ptr::null());
+        if !hook.is_null() {
+            return hook;
+        }
+        // SAFETY: forwarded arguments.
+        unsafe { real_dlsym(handle, name) }
+    }
+}

@@ -1,0 +1,168 @@
+//! Start-up: find the claim's config, map its region, load the real libraries — once, on the
+//! first intercepted call, never in a constructor or inside `dlsym`.
+//!
+//! Three outcomes: no config → every call passes through untouched; a valid config → limits are
+//! enforced; a config that exists but cannot be used → the GPU is refused (fail closed) with one
+//! line on stderr naming the file and the problem, never silently unlimited.
+
+use std::ffi::{CStr, c_void};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tessera_api::names::{SHIM_CONFIG_DEFAULT_PATH, SHIM_CONFIG_ENV};
+use tessera_api::region::{MAX_DEVICES, RegionDeviceSpec};
+use tessera_api::shim_config::ShimConfig;
+
+use crate::devices::{self, Grant};
+use crate::ledger::Ledger;
+use crate::ptr_table::PtrTable;
+use crate::{real, report};
+
+/// Live device allocations a process can hold before new ones are refused.
+const POINTER_CAPACITY: usize = 1 << 20;
+/// Live VMM handles, arrays and contexts.
+const HANDLE_CAPACITY: usize = 1 << 16;
+
+pub enum Mode {
+    /// No config: the shim is invisible.
+    Passthrough,
+    /// Limits enforced.
+    Enforcing(Box<Enforcer>),
+    /// A config exists but cannot be used; the GPU is refused.
+    Refused,
+}
+
+pub struct Enforcer {
+    pub uuids: Vec<String>,
+    pub context_overhead: [u64; MAX_DEVICES],
+    pub ledger: Ledger,
+    /// Device pointers → charge.
+    pub pointers: PtrTable,
+    /// VMM allocation handles → charge.
+    pub handles: PtrTable,
+    /// Arrays and mipmapped arrays → charge.
+    pub arrays: PtrTable,
+    /// Contexts made with `cuCtxCreate` → charge.
+    pub contexts: PtrTable,
+}
+
+static MODE: OnceLock<Mode> = OnceLock::new();
+
+/// Load addresses of the real libcuda and libnvidia-ml, to recognise their own `dlsym` calls.
+static DRIVER_BASES: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// The shim's mode, initialising on first use.
+#[inline(always)]
+pub fn mode() -> &'static Mode {
+    MODE.get_or_init(initialise)
+}
+
+fn initialise() -> Mode {
+    let cuda = real::load(c"libcuda.so.1", real::cuda::ALL);
+    let nvml = real::load(c"libnvidia-ml.so.1", real::nvml::ALL);
+    remember_base(0, cuda, real::cuda::cuInit.address());
+    remember_base(1, nvml, real::nvml::nvmlInit_v2.address());
+    register_fork_handler();
+
+    let Some(path) = config_path() else { return Mode::Passthrough };
+    match Enforcer::from_file(&path) {
+        Ok(enforcer) => Mode::Enforcing(Box::new(enforcer)),
+        Err(problem) => {
+            report::line(format_args!("refusing the GPU: config {path}: {problem}"));
+            Mode::Refused
+        }
+    }
+}
+
+/// `TESSERA_CONFIG` if set (it must then exist), else the default path if that exists.
+fn config_path() -> Option<String> {
+    // SAFETY: getenv with a constant name; the value is copied at once.
+    let value = unsafe { libc::getenv(c"TESSERA_CONFIG".as_ptr()) };
+    debug_assert_eq!(SHIM_CONFIG_ENV, "TESSERA_CONFIG");
+    if !value.is_null() {
+        // SAFETY: getenv returned a NUL-terminated string.
+        let path = unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned();
+        if !path.is_empty() {
+            return Some(path);
+        }
+    }
+    std::path::Path::new(SHIM_CONFIG_DEFAULT_PATH)
+        .exists()
+        .then(|| SHIM_CONFIG_DEFAULT_PATH.to_string())
+}
+
+impl Enforcer {
+    fn from_file(path: &str) -> Result<Enforcer, String> {
+        let raw = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+        let config = ShimConfig::from_json(&raw).map_err(|e| e.to_string())?;
+        let devices = RegionDeviceSpec::from_config(&config);
+        let ledger = Ledger::open(&config.region, &devices).map_err(|e| e.to_string())?;
+        let table = |capacity| PtrTable::new(capacity).ok_or_else(|| "cannot reserve tracking tables".to_string());
+        let mut context_overhead = [0u64; MAX_DEVICES];
+        for (slot, device) in context_overhead.iter_mut().zip(&config.devices) {
+            *slot = device.context_overhead;
+        }
+        Ok(Enforcer {
+            uuids: config.devices.iter().map(|d| d.uuid.clone()).collect(),
+            context_overhead,
+            ledger,
+            pointers: table(POINTER_CAPACITY)?,
+            handles: table(HANDLE_CAPACITY)?,
+            arrays: table(HANDLE_CAPACITY)?,
+            contexts: table(HANDLE_CAPACITY)?,
+        })
+    }
+
+    /// The claim device for a CUDA ordinal.
+    #[inline(always)]
+    pub fn grant(&self, ordinal: i32) -> Grant {
+        devices::grant(ordinal, &self.uuids)
+    }
+
+    /// The claim device a UUID names, if any.
+    pub fn device_by_uuid(&self, uuid: &str) -> Option<usize> {
+        self.uuids.iter().position(|u| u.eq_ignore_ascii_case(uuid))
+    }
+}
+
+fn remember_base(which: usize, handle: *mut c_void, symbol: *mut c_void) {
+    if handle.is_null() || symbol.is_null() {
+        return;
+    }
+    // SAFETY: dladdr on an address inside a loaded library, into a zeroed Dl_info.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    if unsafe { libc::dladdr(symbol, &mut info) } != 0 {
+        DRIVER_BASES[which].store(info.dli_fbase as usize, Ordering::Release);
+    }
+}
+
+/// Whether `address` lies in the real driver or NVML (their own `dlsym` calls are not ours).
+pub fn is_driver_address(address: *const c_void) -> bool {
+    let bases = [DRIVER_BASES[0].load(Ordering::Acquire), DRIVER_BASES[1].load(Ordering::Acquire)];
+    if address.is_null() || bases == [0, 0] {
+        return false;
+    }
+    // SAFETY: dladdr only reads loader state.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    if unsafe { libc::dladdr(address, &mut info) } == 0 {
+        return false;
+    }
+    let base = info.dli_fbase as usize;
+    base != 0 && bases.contains(&base)
+}
+
+fn register_fork_handler() {
+    extern "C" fn in_child() {
+        crate::ledger::forget_slot_after_fork();
+        devices::reset();
+        crate::hooks::context::forget_after_fork();
+        if let Some(Mode::Enforcing(enforcer)) = MODE.get() {
+            enforcer.pointers.clear();
+            enforcer.handles.clear();
+            enforcer.arrays.clear();
+            enforcer.contexts.clear();
+        }
+    }
+    // SAFETY: registering a handler that only does async-signal-safe work.
+    unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+}

@@ -1,0 +1,539 @@
+//! Memory: every call that takes device memory is charged to the claim before the driver is
+//! asked, and rolled back if the driver fails; every free gives back exactly what its pointer
+//! was charged; memory queries report the slice, never the card.
+
+use std::ffi::{c_int, c_uint};
+
+use tessera_gpu_abi::cuda::*;
+
+use super::{current_device, dispatch};
+use crate::devices::Grant;
+use crate::enforcer::Enforcer;
+use crate::guard::guard;
+use crate::ptr_table::{Charge, PtrTable};
+use crate::real::cuda as real;
+
+/// Pitch alignment assumed when reserving for `cuMemAllocPitch` before the driver picks the
+/// real pitch; the reservation is corrected to the real size afterwards.
+const PITCH_ALIGNMENT: u64 = 512;
+
+/// Reserves `bytes` on `grant`, runs `allocate`, and records the handle it produced under
+/// `table`; on any failure nothing stays charged and nothing stays allocated.
+fn charged(
+    enforcer: &Enforcer,
+    grant: Grant,
+    bytes: u64,
+    table: &PtrTable,
+    allocate: impl FnOnce() -> CUresult,
+    handle: impl FnOnce() -> u64,
+    undo: impl FnOnce(u64),
+) -> CUresult {
+    let Grant::Claim(device) = grant else { return CUDA_ERROR_OUT_OF_MEMORY };
+    if !enforcer.ledger.reserve(device, bytes) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let result = allocate();
+    if result != CUDA_SUCCESS {
+        enforcer.ledger.release(device, bytes);
+        return result;
+    }
+    let key = handle();
+    if !table.insert(key, Charge { bytes, device }) {
+        undo(key);
+        enforcer.ledger.release(device, bytes);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    CUDA_SUCCESS
+}
+
+/// Forgets `key`'s charge, runs `free`, and gives the bytes back if the driver freed it. An
+/// unknown key is forwarded untouched and uncharges nothing.
+fn uncharged(enforcer: &Enforcer, table: &PtrTable, key: u64, free: impl FnOnce() -> CUresult) -> CUresult {
+    let charge = table.remove(key);
+    let result = free();
+    if let Some(charge) = charge {
+        if result == CUDA_SUCCESS {
+            enforcer.ledger.release(charge.device, charge.bytes);
+        } else {
+            table.insert(key, charge);
+        }
+    }
+    result
+}
+
+/// The current context's device as a claim grant.
+fn current_grant(enforcer: &Enforcer) -> Result<Grant, CUresult> {
+    current_device().map(|device| enforcer.grant(device))
+}
+
+macro_rules! try_cu {
+    ($e:expr) => {
+        match $e {
+            Ok(value) => value,
+            Err(code) => return code,
+        }
+    };
+}
+
+/// Reads what the driver wrote through the caller's out-pointer (0 if the caller passed NULL,
+/// which the driver rejects before this is reached).
+unsafe fn read_out<T: Copy + Into<u64>>(ptr: *const T) -> u64 {
+    // SAFETY: only called after the driver succeeded writing `ptr`.
+    if ptr.is_null() { 0 } else { unsafe { *ptr }.into() }
+}
+
+/// [`read_out`] for handles that are pointers.
+unsafe fn read_handle<T>(ptr: *const *mut T) -> u64 {
+    // SAFETY: as for read_out.
+    if ptr.is_null() { 0 } else { (unsafe { *ptr }) as u64 }
+}
+
+fn alloc_into(
+    enforcer: &Enforcer,
+    dptr: *mut CUdeviceptr,
+    bytes: usize,
+    call: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let grant = try_cu!(current_grant(enforcer));
+    charged(
+        enforcer,
+        grant,
+        bytes as u64,
+        &enforcer.pointers,
+        call,
+        // SAFETY: the driver wrote `*dptr` on success.
+        || unsafe { read_out(dptr) },
+        |ptr| free_device_pointer(ptr),
+    )
+}
+
+fn free_device_pointer(ptr: CUdeviceptr) {
+    if let Some(free) = real::cuMemFree_v2.get() {
+        // SAFETY: freeing the pointer the driver just returned.
+        unsafe { free(ptr) };
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMemAlloc_v2,
+            // SAFETY: forwarded arguments.
+            |f| unsafe { f(dptr, bytesize) },
+            |e, f| alloc_into(e, dptr, bytesize, || unsafe { f(dptr, bytesize) }),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMemAllocManaged,
+            |f| unsafe { f(dptr, bytesize, flags) },
+            |e, f| alloc_into(e, dptr, bytesize, || unsafe { f(dptr, bytesize, flags) }),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut CUdeviceptr,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    element_size: c_uint,
+) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMemAllocPitch_v2,
+            |f| unsafe { f(dptr, pitch, width, height, element_size) },
+            |e, f| {
+                let Grant::Claim(device) = try_cu!(current_grant(e)) else { return CUDA_ERROR_OUT_OF_MEMORY };
+                // The driver chooses the pitch; reserve for an aligned row, then settle on the
+                // real size.
+                let Some(estimate) = (width as u64)
+                    .checked_next_multiple_of(PITCH_ALIGNMENT)
+                    .and_then(|row| row.checked_mul(height as u64))
+                else {
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                };
+                if !e.ledger.reserve(device, estimate) {
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                }
+                let result = unsafe { f(dptr, pitch, width, height, element_size) };
+                if result != CUDA_SUCCESS {
+                    e.ledger.release(device, estimate);
+                    return result;
+                }
+                // SAFETY: the driver wrote both on success.
+                let (ptr, real_pitch) = unsafe { (read_out(dptr), read_out(pitch as *const u64)) };
+                let actual = real_pitch.saturating_mul(height as u64);
+                if actual > estimate && !e.ledger.reserve(device, actual - estimate) {
+                    free_device_pointer(ptr);
+                    e.ledger.release(device, estimate);
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                }
+                if actual < estimate {
+                    e.ledger.release(device, estimate - actual);
+                }
+                if !e.pointers.insert(ptr, Charge { bytes: actual, device }) {
+                    free_device_pointer(ptr);
+                    e.ledger.release(device, actual);
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                }
+                CUDA_SUCCESS
+            },
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMemFree_v2,
+            |f| unsafe { f(dptr) },
+            |e, f| uncharged(e, &e.pointers, dptr, || unsafe { f(dptr) }),
+        )
+    })
+}
+
+macro_rules! alloc_async {
+    ($name:ident) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CUresult {
+            guard(CUDA_ERROR_UNKNOWN, || {
+                dispatch(
+                    &real::$name,
+                    |f| unsafe { f(dptr, bytesize, stream) },
+                    |e, f| alloc_into(e, dptr, bytesize, || unsafe { f(dptr, bytesize, stream) }),
+                )
+            })
+        }
+    };
+}
+alloc_async!(cuMemAllocAsync);
+alloc_async!(cuMemAllocAsync_ptsz);
+
+macro_rules! alloc_from_pool {
+    ($name:ident) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            dptr: *mut CUdeviceptr,
+            bytesize: usize,
+            pool: CUmemoryPool,
+            stream: CUstream,
+        ) -> CUresult {
+            guard(CUDA_ERROR_UNKNOWN, || {
+                dispatch(
+                    &real::$name,
+                    |f| unsafe { f(dptr, bytesize, pool, stream) },
+                    |e, f| alloc_into(e, dptr, bytesize, || unsafe { f(dptr, bytesize, pool, stream) }),
+                )
+            })
+        }
+    };
+}
+alloc_from_pool!(cuMemAllocFromPoolAsync);
+alloc_from_pool!(cuMemAllocFromPoolAsync_ptsz);
+
+macro_rules! free_async {
+    ($name:ident) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(dptr: CUdeviceptr, stream: CUstream) -> CUresult {
+            guard(CUDA_ERROR_UNKNOWN, || {
+                dispatch(
+                    &real::$name,
+                    |f| unsafe { f(dptr, stream) },
+                    |e, f| uncharged(e, &e.pointers, dptr, || unsafe { f(dptr, stream) }),
+                )
+            })
+        }
+    };
+}
+free_async!(cuMemFreeAsync);
+free_async!(cuMemFreeAsync_ptsz);
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut CUmemGenericAllocationHandle,
+    size: usize,
+    prop: *const CUmemAllocationProp,
+    flags: u64,
+) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMemCreate,
+            |f| unsafe { f(handle, size, prop, flags) },
+            |e, f| {
+                if prop.is_null() {
+                    return unsafe { f(handle, size, prop, flags) };
+                }
+                // SAFETY: non-null, per the driver's contract a valid CUmemAllocationProp.
+                let location = unsafe { (*prop).location };
+                if location.type_ != CU_MEM_LOCATION_TYPE_DEVICE {
+                    // Host-resident physical memory is not device memory.
+                    return unsafe { f(handle, size, prop, flags) };
+                }
+                // The device comes from the request itself, never from whatever context the
+                // calling thread happens to have (NCCL calls this from context-less threads).
+                charged(
+                    e,
+                    e.grant(location.id),
+                    size as u64,
+                    &e.handles,
+                    || unsafe { f(handle, size, prop, flags) },
+                    || unsafe { read_out(handle) },
+                    |h| {
+                        if let Some(release) = real::cuMemRelease.get() {
+                            unsafe { release(h) };
+                        }
+                    },
+                )
+            },
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMemRelease,
+            |f| unsafe { f(handle) },
+            |e, f| uncharged(e, &e.handles, handle, || unsafe { f(handle) }),
+        )
+    })
+}
+
+/// Bytes of a `width × height × depth` array (zero dimensions count as one).
+fn array_bytes(width: usize, height: usize, depth: usize, format: c_int, channels: c_uint) -> Option<u64> {
+    (width as u64)
+        .checked_mul(height.max(1) as u64)?
+        .checked_mul(depth.max(1) as u64)?
+        .checked_mul(channels.max(1) as u64)?
+        .checked_mul(array_format_bytes(format))
+}
+
+fn destroy_array(array: u64) {
+    if let Some(destroy) = real::cuArrayDestroy.get() {
+        unsafe { destroy(array as CUarray) };
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut CUarray, desc: *const CUDA_ARRAY_DESCRIPTOR) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuArrayCreate_v2,
+            |f| unsafe { f(handle, desc) },
+            |e, f| {
+                if desc.is_null() {
+                    return unsafe { f(handle, desc) };
+                }
+                let d = unsafe { *desc };
+                let Some(bytes) = array_bytes(d.width, d.height, 1, d.format, d.num_channels) else {
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                };
+                let grant = try_cu!(current_grant(e));
+                charged(e, grant, bytes, &e.arrays, || unsafe { f(handle, desc) }, || unsafe { read_handle(handle) }, destroy_array)
+            },
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArray3DCreate_v2(handle: *mut CUarray, desc: *const CUDA_ARRAY3D_DESCRIPTOR) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuArray3DCreate_v2,
+            |f| unsafe { f(handle, desc) },
+            |e, f| {
+                if desc.is_null() {
+                    return unsafe { f(handle, desc) };
+                }
+                let d = unsafe { *desc };
+                let Some(bytes) = array_bytes(d.width, d.height, d.depth, d.format, d.num_channels) else {
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                };
+                let grant = try_cu!(current_grant(e));
+                charged(e, grant, bytes, &e.arrays, || unsafe { f(handle, desc) }, || unsafe { read_handle(handle) }, destroy_array)
+            },
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuArrayDestroy(array: CUarray) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuArrayDestroy,
+            |f| unsafe { f(array) },
+            |e, f| uncharged(e, &e.arrays, array as u64, || unsafe { f(array) }),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    handle: *mut CUmipmappedArray,
+    desc: *const CUDA_ARRAY3D_DESCRIPTOR,
+    levels: c_uint,
+) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMipmappedArrayCreate,
+            |f| unsafe { f(handle, desc, levels) },
+            |e, f| {
+                if desc.is_null() {
+                    return unsafe { f(handle, desc, levels) };
+                }
+                let d = unsafe { *desc };
+                let mut total = Some(0u64);
+                for level in 0..levels.max(1).min(32) {
+                    let level_bytes = array_bytes(
+                        (d.width >> level).max(1),
+                        if d.height == 0 { 0 } else { (d.height >> level).max(1) },
+                        if d.depth == 0 { 0 } else { (d.depth >> level).max(1) },
+                        d.format,
+                        d.num_channels,
+                    );
+                    total = total.zip(level_bytes).and_then(|(a, b)| a.checked_add(b));
+                }
+                let Some(bytes) = total else { return CUDA_ERROR_OUT_OF_MEMORY };
+                let grant = try_cu!(current_grant(e));
+                charged(
+                    e,
+                    grant,
+                    bytes,
+                    &e.arrays,
+                    || unsafe { f(handle, desc, levels) },
+                    || unsafe { read_handle(handle) },
+                    |array| {
+                        if let Some(destroy) = real::cuMipmappedArrayDestroy.get() {
+                            unsafe { destroy(array as CUmipmappedArray) };
+                        }
+                    },
+                )
+            },
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMipmappedArrayDestroy(array: CUmipmappedArray) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMipmappedArrayDestroy,
+            |f| unsafe { f(array) },
+            |e, f| uncharged(e, &e.arrays, array as u64, || unsafe { f(array) }),
+        )
+    })
+}
+
+/// The slice as the claim sees it: total is the limit (never more than the card), used is the
+/// claim's usage across all its processes, and free is what the claim can still get.
+fn slice_view(enforcer: &Enforcer, grant: Grant, real_free: u64, real_total: u64) -> (u64, u64) {
+    match grant {
+        Grant::Claim(device) => {
+            let total = enforcer.ledger.limit(device).min(real_total);
+            let free = total.saturating_sub(enforcer.ledger.used(device)).min(real_free);
+            (free, total)
+        }
+        Grant::NotGranted => (0, 0),
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuMemGetInfo_v2,
+            |f| unsafe { f(free, total) },
+            |e, f| {
+                let (mut real_free, mut real_total) = (0usize, 0usize);
+                let result = unsafe { f(&mut real_free, &mut real_total) };
+                if result != CUDA_SUCCESS {
+                    return result;
+                }
+                let grant = try_cu!(current_grant(e));
+                let (slice_free, slice_total) = slice_view(e, grant, real_free as u64, real_total as u64);
+                // SAFETY: the caller's out-pointers, written only if non-null.
+                unsafe {
+                    if !free.is_null() {
+                        *free = slice_free as usize;
+                    }
+                    if !total.is_null() {
+                        *total = slice_total as usize;
+                    }
+                }
+                CUDA_SUCCESS
+            },
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CUdevice) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuDeviceTotalMem_v2,
+            |f| unsafe { f(bytes, device) },
+            |e, f| {
+                let result = unsafe { f(bytes, device) };
+                if result != CUDA_SUCCESS || bytes.is_null() {
+                    return result;
+                }
+                let slice = match e.grant(device) {
+                    Grant::Claim(index) => e.ledger.limit(index),
+                    Grant::NotGranted => 0,
+                };
+                // SAFETY: non-null, written by the driver.
+                unsafe { *bytes = (*bytes).min(slice as usize) };
+                CUDA_SUCCESS
+            },
+        )
+    })
+}
+
+/// The 32-bit v1 entry points (`cuda.h` before 3.2). Nothing current calls them, but they
+/// reach device memory: under a limit they are refused rather than left unaccounted.
+macro_rules! v1_refused {
+    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
+        $(
+            #[unsafe(no_mangle)]
+            pub unsafe extern "C" fn $name($($arg: $ty),*) -> CUresult {
+                guard(CUDA_ERROR_UNKNOWN, || match crate::enforcer::mode() {
+                    crate::enforcer::Mode::Passthrough => v1_forward(concat!(stringify!($name), "\0"), |f| {
+                        // SAFETY: the real v1 function has exactly this signature.
+                        let f: unsafe extern "C" fn($($ty),*) -> CUresult = unsafe { std::mem::transmute(f) };
+                        unsafe { f($($arg),*) }
+                    }),
+                    _ => CUDA_ERROR_NOT_SUPPORTED,
+                })
+            }
+        )*
+    };
+}
+
+fn v1_forward(name: &str, call: impl FnOnce(*mut std::ffi::c_void) -> CUresult) -> CUresult {
+    // SAFETY: a NUL-terminated name looked up in the already loaded driver.
+    let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+    if handle.is_null() {
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    let f = unsafe { crate::dlsym::real_dlsym(handle, name.as_ptr().cast()) };
+    unsafe { libc::dlclose(handle) };
+    if f.is_null() { CUDA_ERROR_NOT_FOUND } else { call(f) }
+}
+
+v1_refused! {
+    cuMemAlloc(dptr: *mut c_uint, bytesize: c_uint);
+    cuMemAllocPitch(dptr: *mut c_uint, pitch: *mut c_uint, width: c_uint, height: c_uint, element: c_uint);
+    cuMemGetInfo(free: *mut c_uint, total: *mut c_uint);
+    cuDeviceTotalMem(bytes: *mut c_uint, device: CUdevice);
+    cuArrayCreate(handle: *mut CUarray, desc: *const std::ffi::c_void);
+    cuArray3DCreate(handle: *mut CUarray, desc: *const std::ffi::c_void);
+}

@@ -1,0 +1,93 @@
+//! A claim's limit holds across all its processes, survives SIGKILL and fork, and races never
+//! overshoot it.
+
+mod support;
+use support::*;
+use tessera_api::region::RegionSnapshot;
+
+#[test]
+fn two_processes_share_one_limit_and_a_killed_one_gives_its_memory_back() {
+    let scene = Scene::new();
+    let config = scene.claim("c", &[(GPU0, GIB, 0)]);
+    let mut first = scene.start("procaddr", Some(&config));
+    let mut second = scene.start("direct", Some(&config));
+    assert_eq!(first.rc("init 0"), 0);
+    assert_eq!(second.rc("init 0"), 0);
+    assert_eq!(first.run(&format!("alloc {}", 600 * MIB))[0], 0);
+    assert_eq!(
+        second.run(&format!("alloc {}", 600 * MIB))[0],
+        CUDA_ERROR_OUT_OF_MEMORY,
+        "the second process sees the first's usage"
+    );
+    let info = second.run("info");
+    assert_eq!(info[1], (GIB - 600 * MIB) as i64, "cuMemGetInfo counts the other process");
+    first.kill();
+    assert_eq!(
+        second.run(&format!("alloc {}", 600 * MIB))[0],
+        0,
+        "SIGKILL of the first returns its memory with no cleanup step of its own"
+    );
+    second.finish();
+}
+
+#[test]
+fn fork_children_work_and_share_the_limit() {
+    let scene = Scene::new();
+    let config = scene.claim("c", &[(GPU0, GIB, 0)]);
+    let mut app = scene.start("dlsym", Some(&config));
+    assert_eq!(app.rc("init 0"), 0);
+    assert_eq!(app.run(&format!("alloc {}", 600 * MIB))[0], 0);
+    assert_eq!(app.rc(&format!("fork {}", 300 * MIB)), 0, "the child allocates within what is left");
+    assert_eq!(app.rc(&format!("fork {}", 600 * MIB)), CUDA_ERROR_OUT_OF_MEMORY, "the parent's usage counts");
+    assert_eq!(app.run("info")[1], (GIB - 600 * MIB) as i64, "the child's exit left the parent's charge alone");
+    app.finish();
+}
+
+#[test]
+fn racing_processes_never_overshoot() {
+    let scene = Scene::new();
+    let config = scene.claim("c", &[(GPU0, GIB, 0)]);
+    let mut apps: Vec<App> = (0..6).map(|_| scene.start("procaddr", Some(&config))).collect();
+    for app in &mut apps {
+        assert_eq!(app.rc("init 0"), 0);
+    }
+    // Each process asks for 300 MiB four times, all at once: at most three can ever fit.
+    let script = format!("alloc {0}\nalloc {0}\nalloc {0}\nalloc {0}\nquit\n", 300 * MIB);
+    let outputs: Vec<_> = apps
+        .into_iter()
+        .map(|mut app| {
+            use std::io::Write;
+            let mut stdin = app.child.stdin.take().expect("stdin");
+            stdin.write_all(script.as_bytes()).expect("write");
+            app
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|app| app.child.wait_with_output().expect("output"))
+        .collect();
+    let granted: usize = outputs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("alloc 0 ")).count())
+        .sum();
+    assert!((1..=3).contains(&granted), "{granted} × 300 MiB granted on a 1 GiB claim");
+}
+
+#[test]
+fn the_region_records_each_process_by_slot() {
+    let scene = Scene::new();
+    let config = scene.claim("c", &[(GPU0, GIB, 0)]);
+    let mut a = scene.start("procaddr", Some(&config));
+    let mut b = scene.start("procaddr", Some(&config));
+    assert_eq!(a.rc("init 0"), 0);
+    assert_eq!(b.rc("init 0"), 0);
+    assert_eq!(a.run(&format!("alloc {}", 100 * MIB))[0], 0);
+    assert_eq!(b.run(&format!("alloc {}", 200 * MIB))[0], 0);
+    let snapshot = RegionSnapshot::parse(&std::fs::read(scene.region("c")).expect("region")).expect("parse");
+    assert_eq!(snapshot.devices[0].uuid, GPU0);
+    assert_eq!(snapshot.devices[0].memory_limit, GIB);
+    let mut used: Vec<u64> = snapshot.slots.iter().map(|s| s.memory_used[0]).collect();
+    used.sort();
+    assert_eq!(used, [100 * MIB, 200 * MIB]);
+    a.finish();
+    b.finish();
+}

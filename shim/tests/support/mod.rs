@@ -1,0 +1,222 @@
+//! Runs the test CUDA application (`programs/cuda_app.c`) against the project's fake driver,
+//! with or without `libtessera.so` preloaded, and drives it line by line.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::OnceLock;
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+pub const CUDA_ERROR_OUT_OF_MEMORY: i64 = 2;
+pub const CUDA_ERROR_NOT_PERMITTED: i64 = 800;
+
+/// UUIDs of the simulated node's GPUs: a 24 GiB card and a 10 GiB card.
+pub const GPU0: &str = "GPU-11111111-2222-3333-4444-555555555555";
+pub const GPU1: &str = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+
+/// The build output directory holding the workspace's cdylibs.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // <target>/<profile>/deps/<test-binary>
+    exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
+}
+
+fn require(path: PathBuf) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`, which `make test` does)",
+        path.display()
+    );
+    path
+}
+
+pub fn shim_path() -> PathBuf {
+    require(target_dir().join("libtessera.so"))
+}
+
+/// A directory with the fake driver and NVML under their real sonames, and the compiled app.
+pub struct Fixture {
+    pub lib_dir: PathBuf,
+    pub app: PathBuf,
+    pub app_direct: PathBuf,
+}
+
+pub fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let dir = target_dir().join(format!("shim-tests-{}", std::process::id()));
+        let lib_dir = dir.join("lib");
+        std::fs::create_dir_all(&lib_dir).expect("fixture dir");
+        let cuda = require(target_dir().join("libcuda.so"));
+        let nvml = require(target_dir().join("libnvidia_ml.so"));
+        for (link, to) in [("libcuda.so.1", &cuda), ("libcuda.so", &cuda), ("libnvidia-ml.so.1", &nvml)] {
+            let _ = std::fs::remove_file(lib_dir.join(link));
+            std::os::unix::fs::symlink(to, lib_dir.join(link)).expect("symlink");
+        }
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/cuda_app.c");
+        let app = dir.join("cuda_app");
+        let app_direct = dir.join("cuda_app_direct");
+        compile(&source, &app, &[]);
+        compile(&source, &app_direct, &["-DDIRECT_LINK".as_ref(), "-L".as_ref(), lib_dir.as_os_str(), "-lcuda".as_ref()]);
+        Fixture { lib_dir, app, app_direct }
+    })
+}
+
+fn compile(source: &Path, out: &Path, extra: &[&std::ffi::OsStr]) {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .arg("-O1")
+        .arg("-o")
+        .arg(out)
+        .arg(source)
+        .args(extra)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
+    assert!(status.success(), "compiling {} failed", source.display());
+}
+
+/// A fresh simulated node and claim for one test.
+pub struct Scene {
+    pub dir: tempfile::TempDir,
+    pub fake_config: PathBuf,
+}
+
+impl Scene {
+    pub fn new() -> Scene {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake_config = dir.path().join("fakegpu.json");
+        let config = serde_json::json!({
+            "devices": [
+                {"uuid": GPU0, "name": "NVIDIA GeForce RTX 4090", "memory": 24 * GIB},
+                {"uuid": GPU1, "name": "NVIDIA A10", "memory": 10 * GIB},
+            ]
+        });
+        std::fs::write(&fake_config, config.to_string()).expect("fake config");
+        Scene { dir, fake_config }
+    }
+
+    /// Writes a claim config granting `devices` (uuid, memory limit, context overhead) and
+    /// returns its path.
+    pub fn claim(&self, name: &str, devices: &[(&str, u64, u64)]) -> PathBuf {
+        let region = self.dir.path().join(format!("{name}.region"));
+        let config = serde_json::json!({
+            "version": 1,
+            "claimUid": format!("uid-{name}"),
+            "region": region,
+            "devices": devices.iter().map(|(uuid, limit, overhead)| serde_json::json!({
+                "uuid": uuid, "memoryLimit": limit, "cores": 50, "contextOverhead": overhead,
+            })).collect::<Vec<_>>(),
+        });
+        let path = self.dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, config.to_string()).expect("claim config");
+        path
+    }
+
+    pub fn region(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.region"))
+    }
+
+    /// Starts the app reaching the driver `way`, preloading the shim with `config` (or no
+    /// shim config at all when `None`).
+    pub fn start(&self, way: &str, config: Option<&Path>) -> App {
+        self.start_with(way, config, true)
+    }
+
+    pub fn start_with(&self, way: &str, config: Option<&Path>, preload: bool) -> App {
+        let fixture = fixture();
+        let program = if way == "direct" { &fixture.app_direct } else { &fixture.app };
+        let mut command = Command::new(program);
+        command.arg(way);
+        if way == "cudart" {
+            command.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/libcudart-12.9-driver-requests.txt"));
+        }
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("LD_LIBRARY_PATH", &fixture.lib_dir)
+            .env("FAKEGPU_CONFIG", &self.fake_config)
+            .env("FAKEGPU_STATE", self.dir.path().join("fakegpu.state"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if preload {
+            command.env("LD_PRELOAD", shim_path());
+        }
+        if let Some(config) = config {
+            command.env("TESSERA_CONFIG", config);
+        }
+        let mut child = command.spawn().expect("spawn cuda_app");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut app = App { child, stdin, stdout };
+        let first = app.read_line();
+        assert!(first.starts_with("ready") || first.starts_with("replayed"), "app did not start: {first}");
+        app
+    }
+}
+
+pub struct App {
+    pub child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl App {
+    pub fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).expect("read app output");
+        if n == 0 {
+            let _ = self.child.kill();
+            let output = self.child.wait_with_output_stderr();
+            panic!("app exited early; stderr:\n{output}");
+        }
+        line.trim_end().to_string()
+    }
+
+    /// Sends one command and returns the numbers of its reply (the reply's first word must be
+    /// the command's).
+    pub fn run(&mut self, command: &str) -> Vec<i64> {
+        writeln!(self.stdin, "{command}").expect("write command");
+        self.stdin.flush().expect("flush");
+        let reply = self.read_line();
+        let mut words = reply.split_whitespace();
+        let verb = command.split_whitespace().next().unwrap_or_default();
+        assert_eq!(words.next(), Some(verb), "unexpected reply to {command:?}: {reply:?}");
+        words.map(|w| w.parse::<i64>().unwrap_or_else(|_| panic!("bad number in {reply:?}"))).collect()
+    }
+
+    /// The result code of a command.
+    pub fn rc(&mut self, command: &str) -> i64 {
+        self.run(command)[0]
+    }
+
+    /// Ends the app and returns its stderr.
+    pub fn finish(mut self) -> String {
+        let _ = writeln!(self.stdin, "quit");
+        drop(self.stdin);
+        self.child.wait_with_output_stderr()
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        let _ = self.child.wait();
+    }
+}
+
+trait StderrOf {
+    fn wait_with_output_stderr(&mut self) -> String;
+}
+
+impl StderrOf for Child {
+    fn wait_with_output_stderr(&mut self) -> String {
+        let _ = self.wait();
+        let mut err = String::new();
+        if let Some(mut stderr) = self.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+        }
+        err
+    }
+}
