@@ -1,0 +1,27 @@
+# Tessera's entry points. The quick start in README.md uses exactly two: `make demo`, `make test`.
+# Build outputs live outside the clone so a warm machine rebuilds little.
+TESSERA_CACHE ?= $(HOME)/.cache/tessera
+export TESSERA_CACHE
+export CARGO_TARGET_DIR ?= $(TESSERA_CACHE)/target
+
+.PHONY: test demo build shim-release check-shim-glibc bench
+
+## The whole test suite (what CI runs).
+test:
+	scripts/test.sh
+
+## The local demo on the embedded control plane.
+demo:
+	scripts/demo.sh
+
+## Debug build of every crate, the cdylibs included (the shim's tests load them).
+build:
+	cargo build --workspace --all-targets
+
+## libtessera.so for shipping: built against glibc 2.17 so it loads into old CUDA images.
+shim-release:
+	scripts/build-shim-release.sh
+
+## Measure the shim's per-call overhead against the bare fake driver.
+bench:
+	cargo bench -p tessera-shim --bench call_overhead
