@@ -32,8 +32,12 @@ fn require(path: PathBuf) -> PathBuf {
     path
 }
 
+/// The shim under test: `TESSERA_SHIM` (the shipping build) or this profile's debug build.
 pub fn shim_path() -> PathBuf {
-    require(target_dir().join("libtessera.so"))
+    match std::env::var_os("TESSERA_SHIM") {
+        Some(path) => require(PathBuf::from(path)),
+        None => require(target_dir().join("libtessera.so")),
+    }
 }
 
 /// A directory with the fake driver and NVML under their real sonames, and the compiled app.
