@@ -1,0 +1,16 @@
+//! The simulated GPU node behind Tessera's fake `libcuda.so.1` and `libnvidia-ml.so.1`.
+//!
+//! Both fake libraries load the same [`Config`] (which GPUs exist), and map the same state file
+//! ([`state::Region`]) so that every process on the "node" shares one physical memory budget per
+//! card, the way processes share a real GPU. [`visible`] applies `CUDA_VISIBLE_DEVICES` for the
+//! CUDA side. Nothing here is `extern "C"`: the libraries own the ABI.
+
+pub mod config;
+pub mod node;
+pub mod state;
+pub mod visible;
+
+pub use config::{Config, ConfigError, Device, MAX_DEVICES};
+pub use node::{CONFIG_ENV, DEFAULT_STATE_PATH, Error, STATE_ENV, config_from_env, open_region, state_path_from_env};
+pub use state::{Lease, OutOfMemory, ProcessUsage, Region, StateError};
+pub use visible::visible_devices;

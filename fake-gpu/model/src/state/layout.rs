@@ -1,0 +1,122 @@
+//! The byte layout of the shared state file, `repr(C)` and versioned.
+//!
+//! ```text
+//! 0      Header            (one page; fixed fields, then reserved words)
+//! 4096   DeviceRecord × MAX_DEVICES
+//!        SlotRecord   × MAX_SLOTS
+//! ```
+//!
+//! Everything after the header is atomics, shared by every process that maps the file. The
+//! header is written once, by the first process, while it holds the file alone (see
+//! `super::Region::open`), and only read afterwards.
+//!
+//! Room for later: a virtual-clock kernel simulation will need per-device and per-process compute
+//! time. A layout version 2 can add a section at `Header::clock_offset` (0 now), or use the
+//! `reserved` words that every record carries; a process that finds a version it does not know
+//! refuses the file with a message rather than misreading it.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use crate::config::MAX_DEVICES;
+
+pub const MAGIC: [u8; 8] = *b"FAKEGPU\0";
+/// Bump when any offset or record changes meaning.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Processes that can use one fake node at the same time.
+pub const MAX_SLOTS: usize = 1024;
+
+pub const HEADER_SIZE: usize = 4096;
+pub const DEVICES_OFFSET: usize = HEADER_SIZE;
+pub const SLOTS_OFFSET: usize = DEVICES_OFFSET + MAX_DEVICES * size_of::<DeviceRecord>();
+pub const FILE_SIZE: usize = SLOTS_OFFSET + MAX_SLOTS * size_of::<SlotRecord>();
+
+/// Byte ranges used only as `fcntl` lock targets (a lock may cover bytes that hold data; the
+/// kernel does not care). Kept apart from the layout so that lock protocol and data layout can
+/// change independently.
+pub const LOCK_INIT: i64 = 0;
+pub const LOCK_USERS: i64 = 1;
+pub const LOCK_SLOT_BASE: i64 = 1 << 20;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub magic: [u8; 8],
+    pub layout_version: u32,
+    pub header_size: u32,
+    pub device_count: u32,
+    pub slot_count: u32,
+    pub device_record_size: u32,
+    pub slot_record_size: u32,
+    pub devices_offset: u64,
+    pub slots_offset: u64,
+    /// Where a virtual-clock section starts; 0 = none (layout version 1).
+    pub clock_offset: u64,
+    pub clock_size: u64,
+    pub file_size: u64,
+    /// `Config::fingerprint` of the config the file was created for.
+    pub config_fingerprint: u64,
+    pub reserved: [u64; 16],
+}
+
+impl Header {
+    pub fn for_config(device_count: usize, fingerprint: u64) -> Self {
+        Self {
+            magic: MAGIC,
+            layout_version: LAYOUT_VERSION,
+            header_size: HEADER_SIZE as u32,
+            device_count: device_count as u32,
+            slot_count: MAX_SLOTS as u32,
+            device_record_size: size_of::<DeviceRecord>() as u32,
+            slot_record_size: size_of::<SlotRecord>() as u32,
+            devices_offset: DEVICES_OFFSET as u64,
+            slots_offset: SLOTS_OFFSET as u64,
+            clock_offset: 0,
+            clock_size: 0,
+            file_size: FILE_SIZE as u64,
+            config_fingerprint: fingerprint,
+            reserved: [0; 16],
+        }
+    }
+}
+
+/// One GPU's physical state, summed over every process.
+#[repr(C, align(64))]
+pub struct DeviceRecord {
+    /// The card's memory; written at initialisation.
+    pub capacity: AtomicU64,
+    /// Device memory in use (plain, pitched, async/pool, VMM, arrays, context overhead). Only
+    /// ever at most `capacity`: reservations compare-and-swap against it.
+    pub used: AtomicU64,
+    /// Managed (unified) memory in use; host-backed, not limited by `capacity`.
+    pub managed: AtomicU64,
+    pub reserved: [AtomicU64; 13],
+}
+
+/// Slot states.
+pub const SLOT_FREE: u32 = 0;
+pub const SLOT_ACTIVE: u32 = 1;
+
+/// One process's share. Its owner holds an `fcntl` write lock on byte
+/// `LOCK_SLOT_BASE + index` for as long as it lives; whoever can take that lock knows the owner
+/// is dead and may return its memory to the devices.
+#[repr(C, align(64))]
+pub struct SlotRecord {
+    pub state: AtomicU32,
+    /// The owner's PID as the owner sees it (in its own PID namespace).
+    pub pid: AtomicU32,
+    /// Incremented at every claim, so a reader can tell a reused slot from a long-lived one.
+    pub generation: AtomicU64,
+    /// Bit `d` set while the process has an active context on device `d` (NVML lists it).
+    pub devices_open: AtomicU64,
+    pub reserved: [AtomicU64; 5],
+    pub used: [AtomicU64; MAX_DEVICES],
+    pub managed: [AtomicU64; MAX_DEVICES],
+}
+
+const _: () = {
+    assert!(size_of::<Header>() <= HEADER_SIZE);
+    assert!(size_of::<DeviceRecord>() == 128);
+    assert!(size_of::<SlotRecord>() == 320);
+    assert!(SLOTS_OFFSET % 64 == 0);
+    assert!(MAX_DEVICES <= 64, "devices_open is a 64-bit mask");
+};
