@@ -9,13 +9,14 @@ cd "$(dirname "$0")/.."
 
 tools="$TESSERA_CACHE/tools"
 venv="$tools/zig-venv"
-if [ ! -x "$venv/bin/python-zig" ] && [ ! -x "$venv/bin/zig" ]; then
+find_zig() { find "$venv" -path '*ziglang/zig' -type f 2>/dev/null | head -n 1; }
+if [ -z "$(find_zig)" ]; then
     step "installing zig (PyPI ziglang) into $venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet 'ziglang==0.17.1'
 fi
 # ziglang ships zig inside the package; expose it as `zig` on PATH.
-zig_bin="$(find "$venv" -path '*ziglang/zig' -type f | head -n 1)"
+zig_bin="$(find_zig)"
 [ -n "$zig_bin" ] || die "ziglang installed no zig binary under $venv"
 mkdir -p "$tools/bin"
 ln -sf "$zig_bin" "$tools/bin/zig"

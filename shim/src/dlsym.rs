@@ -68,7 +68,10 @@ extern "C" fn lookup(_handle: *mut c_void, name: *const c_char, caller: *const c
             return std::ptr::null_mut();
         }
         let hook = hooks::by_symbol(name);
-        if hook.is_null() || crate::enforcer::is_driver_address(caller) {
+        if hook.is_null()
+            || crate::enforcer::is_initialising_thread()
+            || crate::enforcer::is_driver_address(caller)
+        {
             return std::ptr::null_mut();
         }
         hook

@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, c_void};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
 use tessera_api::names::{SHIM_CONFIG_DEFAULT_PATH, SHIM_CONFIG_ENV};
 use tessera_api::region::{MAX_DEVICES, RegionDeviceSpec};
@@ -48,6 +48,11 @@ pub struct Enforcer {
 
 static MODE: OnceLock<Mode> = OnceLock::new();
 
+/// The thread running [`initialise`], 0 when none: lookups it makes (from inside `dlopen` of
+/// the driver) must not be answered with hooks that would wait for the initialisation they are
+/// part of.
+static INITIALISING_THREAD: AtomicI64 = AtomicI64::new(0);
+
 /// Load addresses of the real libcuda and libnvidia-ml, to recognise their own `dlsym` calls.
 static DRIVER_BASES: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
@@ -58,6 +63,24 @@ pub fn mode() -> &'static Mode {
 }
 
 fn initialise() -> Mode {
+    INITIALISING_THREAD.store(current_thread(), Ordering::Release);
+    let mode = initialise_once();
+    INITIALISING_THREAD.store(0, Ordering::Release);
+    mode
+}
+
+/// Whether the calling thread is the one initialising the shim.
+pub fn is_initialising_thread() -> bool {
+    let initialising = INITIALISING_THREAD.load(Ordering::Acquire);
+    initialising != 0 && initialising == current_thread()
+}
+
+fn current_thread() -> i64 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+fn initialise_once() -> Mode {
     let cuda = real::load(c"libcuda.so.1", real::cuda::ALL);
     let nvml = real::load(c"libnvidia-ml.so.1", real::nvml::ALL);
     remember_base(0, cuda, real::cuda::cuInit.address());
