@@ -1,0 +1,252 @@
+//! From a claim's allocation results to the limits the shim enforces, per GPU.
+//!
+//! Each result for `gpu.tessera.dev` names a device ([`DeviceName`]) and, in consumable mode, a
+//! shareID and the capacity the scheduler charged. The device's own share (from its name and
+//! the inventory) is the ceiling; consumed capacity, when present, narrows it. Several results on
+//! one GPU (two shares, or two slices, in one claim) add up, because the shim keeps one limit per
+//! GPU UUID.
+
+use std::collections::BTreeMap;
+
+use tessera_api::names::{DRIVER_NAME, capacity};
+
+use crate::device_name::{DeviceName, ParseError};
+use crate::inventory::Inventory;
+use crate::quantity::{self, QuantityError};
+
+/// One `status.allocation.devices.results[]` entry, whatever API version it was read in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceResult {
+    /// The request, `<request>` or `<request>/<subrequest>` (prioritised list).
+    pub request: String,
+    pub driver: String,
+    pub pool: String,
+    pub device: String,
+    pub share_id: Option<String>,
+    /// Capacity name → quantity string, as the scheduler wrote it (consumable mode).
+    pub consumed_capacity: BTreeMap<String, String>,
+}
+
+/// A result of ours, resolved to its GPU and share.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocatedDevice {
+    /// The claim's request name, without a subrequest (what the kubelet matches containers on).
+    pub request: String,
+    pub pool: String,
+    pub device: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
+    pub gpu_uuid: String,
+    pub gpu_index: u32,
+    pub gpu_minor: u32,
+    pub memory: u64,
+    pub cores: u32,
+}
+
+/// The claim's limit on one GPU: the sum of its devices there.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuLimit {
+    pub uuid: String,
+    pub index: u32,
+    pub minor: u32,
+    pub memory_limit: u64,
+    pub cores: u32,
+}
+
+/// Everything a claim gets on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimLimits {
+    /// One per result of ours, in result order.
+    pub devices: Vec<AllocatedDevice>,
+    /// One per GPU, in index order.
+    pub gpus: Vec<GpuLimit>,
+}
+
+/// Why a claim's allocation cannot be prepared here. Messages name the device and field.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the allocation has no devices of driver {DRIVER_NAME}")]
+    NoDevices,
+    #[error(transparent)]
+    DeviceName(#[from] ParseError),
+    #[error("device {device:?}: GPU index {index} is not on this node")]
+    UnknownGpu { device: String, index: u32 },
+    #[error("device {device:?} does not fit GPU {uuid} ({memory} bytes)")]
+    DoesNotFit { device: String, uuid: String, memory: u64 },
+    #[error("device {device:?}: consumedCapacity.{capacity}: {source}")]
+    Quantity {
+        device: String,
+        capacity: String,
+        #[source]
+        source: QuantityError,
+    },
+    #[error("device {device:?}: consumedCapacity.memory is 0; a claim needs some memory")]
+    NoMemory { device: String },
+    #[error("the claim spans {0} GPUs, at most {max} are supported", max = tessera_api::region::MAX_DEVICES)]
+    TooManyGpus(usize),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Resolves the results of `gpu.tessera.dev` (others are skipped) against `inventory`.
+pub fn claim_limits(results: &[DeviceResult], inventory: &Inventory) -> Result<ClaimLimits> {
+    let mut devices = Vec::new();
+    for result in results.iter().filter(|r| r.driver == DRIVER_NAME) {
+        devices.push(resolve(result, inventory)?);
+    }
+    if devices.is_empty() {
+        return Err(Error::NoDevices);
+    }
+    let mut gpus: BTreeMap<u32, GpuLimit> = BTreeMap::new();
+    for device in &devices {
+        let entry = gpus.entry(device.gpu_index).or_insert_with(|| GpuLimit {
+            uuid: device.gpu_uuid.clone(),
+            index: device.gpu_index,
+            minor: device.gpu_minor,
+            memory_limit: 0,
+            cores: 0,
+        });
+        entry.memory_limit = entry.memory_limit.saturating_add(device.memory);
+        entry.cores = (entry.cores + device.cores).min(100);
+    }
+    // Two shares of one GPU can never add up to more than the card.
+    for gpu in gpus.values_mut() {
+        if let Some(card) = inventory.by_index(gpu.index) {
+            gpu.memory_limit = gpu.memory_limit.min(card.memory);
+        }
+    }
+    if gpus.len() > tessera_api::region::MAX_DEVICES {
+        return Err(Error::TooManyGpus(gpus.len()));
+    }
+    Ok(ClaimLimits { devices, gpus: gpus.into_values().collect() })
+}
+
+fn resolve(result: &DeviceResult, inventory: &Inventory) -> Result<AllocatedDevice> {
+    let name = DeviceName::parse(&result.device)?;
+    let device = || result.device.clone();
+    let gpu = inventory
+        .by_index(name.gpu_index())
+        .ok_or_else(|| Error::UnknownGpu { device: device(), index: name.gpu_index() })?;
+    let share = name
+        .limits(gpu)
+        .ok_or_else(|| Error::DoesNotFit { device: device(), uuid: gpu.uuid.clone(), memory: gpu.memory })?;
+    let consumed = |capacity: &str| -> Result<Option<u64>> {
+        result
+            .consumed_capacity
+            .get(capacity)
+            .map(|q| quantity::parse(q))
+            .transpose()
+            .map_err(|source| Error::Quantity { device: device(), capacity: capacity.to_string(), source })
+    };
+    let memory = match consumed(capacity::MEMORY)? {
+        Some(0) => return Err(Error::NoMemory { device: device() }),
+        Some(bytes) => bytes.min(share.memory),
+        None => share.memory,
+    };
+    // Zero consumed cores means "no guaranteed share": the shim's smallest share, 1.
+    let cores = match consumed(capacity::CORES)? {
+        Some(cores) => cores.clamp(1, u64::from(share.cores)) as u32,
+        None => share.cores,
+    };
+    let request = result.request.split('/').next().unwrap_or_default().to_string();
+    Ok(AllocatedDevice {
+        request,
+        pool: result.pool.clone(),
+        device: result.device.clone(),
+        share_id: result.share_id.clone(),
+        gpu_uuid: gpu.uuid.clone(),
+        gpu_index: gpu.index,
+        gpu_minor: gpu.minor,
+        memory,
+        cores,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::Gpu;
+
+    fn inventory() -> Inventory {
+        let gpu = |index: u32, memory: u64| Gpu {
+            uuid: format!("GPU-{index}"),
+            index,
+            minor: index + 10,
+            product_name: "test".into(),
+            memory,
+            brand: None,
+            architecture: None,
+            cuda_compute_capability: None,
+            pci_bus_id: None,
+        };
+        Inventory { driver_version: None, gpus: vec![gpu(0, 24 << 30), gpu(1, 48 << 30)] }
+    }
+
+    fn result(device: &str) -> DeviceResult {
+        DeviceResult {
+            request: "gpu".into(),
+            driver: DRIVER_NAME.into(),
+            pool: "node-a".into(),
+            device: device.into(),
+            ..Default::default()
+        }
+    }
+
+    fn share(device: &str, id: &str, memory: &str, cores: &str) -> DeviceResult {
+        DeviceResult {
+            share_id: Some(id.into()),
+            consumed_capacity: [("memory".to_string(), memory.to_string()), ("cores".to_string(), cores.to_string())]
+                .into_iter()
+                .collect(),
+            ..result(device)
+        }
+    }
+
+    #[test]
+    fn consumable_shares_take_the_consumed_capacity() {
+        let limits = claim_limits(&[share("gpu-1", "s1", "2Gi", "25")], &inventory()).expect("valid");
+        assert_eq!(limits.gpus, vec![GpuLimit { uuid: "GPU-1".into(), index: 1, minor: 11, memory_limit: 2 << 30, cores: 25 }]);
+        assert_eq!(limits.devices[0].share_id.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn fixed_and_exclusive_devices_take_their_own_share() {
+        let limits = claim_limits(&[result("gpu-0-slice-2of4"), result("gpu-1")], &inventory()).expect("valid");
+        let got: Vec<_> = limits.gpus.iter().map(|g| (g.index, g.memory_limit, g.cores)).collect();
+        assert_eq!(got, vec![(0, 6 << 30, 25), (1, 48 << 30, 100)]);
+    }
+
+    #[test]
+    fn two_results_on_one_gpu_add_up_to_at_most_the_card() {
+        let results = [share("gpu-0", "a", "20Gi", "60"), share("gpu-0", "b", "20Gi", "60")];
+        let limits = claim_limits(&results, &inventory()).expect("valid");
+        assert_eq!(limits.devices.len(), 2);
+        assert_eq!((limits.gpus[0].memory_limit, limits.gpus[0].cores), (24 << 30, 100));
+    }
+
+    #[test]
+    fn other_drivers_are_skipped_and_subrequests_stripped() {
+        let mut theirs = result("gpu-0");
+        theirs.driver = "gpu.nvidia.com".into();
+        let mut ours = result("gpu-1");
+        ours.request = "gpu/large".into();
+        let limits = claim_limits(&[theirs, ours], &inventory()).expect("valid");
+        assert_eq!(limits.devices.len(), 1);
+        assert_eq!(limits.devices[0].request, "gpu");
+        let mut only_theirs = result("gpu-0");
+        only_theirs.driver = "other".into();
+        assert!(matches!(claim_limits(&[only_theirs], &inventory()), Err(Error::NoDevices)));
+    }
+
+    #[test]
+    fn errors_name_device_and_field() {
+        let err = |r: DeviceResult| claim_limits(&[r], &inventory()).expect_err("invalid").to_string();
+        assert!(err(result("gpu-7")).contains("GPU index 7"));
+        assert!(err(result("tpu-0")).contains("tpu-0"));
+        assert!(err(share("gpu-0", "s", "lots", "1")).contains("consumedCapacity.memory"));
+        assert!(err(share("gpu-0", "s", "0", "1")).contains("consumedCapacity.memory is 0"));
+        assert!(err(result("gpu-0-mem-99999mi-0")).contains("does not fit"));
+    }
+}

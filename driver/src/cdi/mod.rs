@@ -1,0 +1,147 @@
+//! The CDI spec of a prepared claim, and the CDI device IDs handed to the kubelet.
+//!
+//! One spec file per claim, `tessera-<claim-uid>.json`, kind `gpu.tessera.dev/claim`. The
+//! spec-level edits (applied once per container whichever devices it asks for) put the shim in
+//! every process: `libtessera.so` mounted read-only, an `/etc/ld.so.preload` naming it (so
+//! processes that drop `LD_PRELOAD` are covered), the claim's `config.json` mounted read-only
+//! (a container must not raise its own limit), the `region` mounted read-write (every process of
+//! the claim charges it) and `TESSERA_CONFIG`. Each allocated device is a CDI device
+//! `<claim-uid>-<device>[-<shareID>]`. See `docs/reference/cdi.md`.
+
+pub mod spec;
+pub mod standalone;
+
+use std::path::{Path, PathBuf};
+
+use tessera_api::names::{DRIVER_NAME, SHIM_CONFIG_DEFAULT_PATH, SHIM_CONFIG_ENV};
+
+use crate::allocation::AllocatedDevice;
+pub use spec::{ContainerEdits, Device, DeviceNode, Mount, Spec};
+pub use standalone::{DriverFiles, StandaloneError};
+
+/// CDI class of Tessera's devices: kind `gpu.tessera.dev/claim`.
+pub const CLASS: &str = "claim";
+/// Kind of the NVIDIA Container Toolkit's devices, whose names include GPU UUIDs.
+pub const NVIDIA_KIND: &str = "nvidia.com/gpu";
+/// Where the shim appears inside containers.
+pub const CONTAINER_SHIM: &str = "/usr/lib/tessera/libtessera.so";
+/// The preload list inside containers.
+pub const CONTAINER_PRELOAD: &str = "/etc/ld.so.preload";
+/// The claim's config inside containers (also where the shim looks without `TESSERA_CONFIG`).
+pub const CONTAINER_CONFIG: &str = SHIM_CONFIG_DEFAULT_PATH;
+/// The claim's accounting region inside containers; `config.json`'s `region` field.
+pub const CONTAINER_REGION: &str = "/etc/tessera/region";
+
+/// The CDI kind of Tessera's specs.
+pub fn kind() -> String {
+    format!("{DRIVER_NAME}/{CLASS}")
+}
+
+/// How GPUs themselves get into containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CdiMode {
+    /// The NVIDIA Container Toolkit's CDI spec (`nvidia.com/gpu=<uuid>`) provides device nodes
+    /// and driver libraries; Tessera adds only the shim.
+    Toolkit,
+    /// Tessera's spec also carries the device nodes and driver libraries (nodes without the
+    /// toolkit).
+    Standalone,
+}
+
+/// Host paths a claim's spec mounts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPaths {
+    /// `<state-dir>/lib/libtessera.so`.
+    pub shim: PathBuf,
+    /// `<state-dir>/lib/ld.so.preload`.
+    pub preload: PathBuf,
+    /// `<state-dir>/claims/<uid>/config.json`.
+    pub config: PathBuf,
+    /// `<state-dir>/claims/<uid>/region`.
+    pub region: PathBuf,
+}
+
+impl HostPaths {
+    /// The layout under a state directory.
+    pub fn new(state_dir: &Path, claim_uid: &str) -> HostPaths {
+        let claim = claim_dir(state_dir, claim_uid);
+        HostPaths {
+            shim: state_dir.join("lib/libtessera.so"),
+            preload: state_dir.join("lib/ld.so.preload"),
+            config: claim.join("config.json"),
+            region: claim.join("region"),
+        }
+    }
+}
+
+/// `<state-dir>/claims/<uid>`.
+pub fn claim_dir(state_dir: &Path, claim_uid: &str) -> PathBuf {
+    state_dir.join("claims").join(claim_uid)
+}
+
+/// `tessera-<uid>.json`.
+pub fn spec_file_name(claim_uid: &str) -> String {
+    format!("tessera-{claim_uid}.json")
+}
+
+/// The CDI device name of one allocated device.
+pub fn device_name(claim_uid: &str, device: &AllocatedDevice) -> String {
+    match &device.share_id {
+        Some(share) => format!("{claim_uid}-{}-{share}", device.device),
+        None => format!("{claim_uid}-{}", device.device),
+    }
+}
+
+/// The fully qualified CDI device IDs the kubelet passes to the runtime for `device`.
+pub fn device_ids(claim_uid: &str, device: &AllocatedDevice, mode: CdiMode) -> Vec<String> {
+    let mut ids = vec![format!("{}={}", kind(), device_name(claim_uid, device))];
+    if mode == CdiMode::Toolkit {
+        ids.push(format!("{NVIDIA_KIND}={}", device.gpu_uuid));
+    }
+    ids
+}
+
+/// The spec of a claim. `driver` is `Some` in standalone mode.
+pub fn claim_spec(claim_uid: &str, devices: &[AllocatedDevice], host: &HostPaths, driver: Option<&DriverFiles>) -> Spec {
+    let path = |p: &Path| p.display().to_string();
+    let mut common = ContainerEdits {
+        env: vec![format!("{SHIM_CONFIG_ENV}={CONTAINER_CONFIG}")],
+        device_nodes: Vec::new(),
+        mounts: vec![
+            Mount::read_only(path(&host.shim), CONTAINER_SHIM),
+            Mount::read_only(path(&host.preload), CONTAINER_PRELOAD),
+            Mount::read_only(path(&host.config), CONTAINER_CONFIG),
+            Mount::read_write(path(&host.region), CONTAINER_REGION),
+        ],
+    };
+    if let Some(driver) = driver {
+        common.device_nodes.extend(driver.control_nodes.iter().cloned());
+        common.mounts.extend(driver.mounts.iter().cloned());
+    }
+    let devices = devices
+        .iter()
+        .map(|device| {
+            // Each CDI device needs an edit of its own (runtimes refuse empty devices): the
+            // GPU's node in standalone mode, and in both modes a variable naming the GPU.
+            let mut edits = ContainerEdits {
+                env: vec![format!("TESSERA_GPU_{}={}", device.gpu_index, device.gpu_uuid)],
+                ..ContainerEdits::default()
+            };
+            if let Some(driver) = driver {
+                edits.device_nodes.push(driver.gpu_node(device.gpu_minor));
+            }
+            Device { name: device_name(claim_uid, device), container_edits: edits }
+        })
+        .collect();
+    let mut spec = Spec { cdi_version: String::new(), kind: kind(), devices, container_edits: common };
+    spec.cdi_version = spec.minimum_version().to_string();
+    spec
+}
+
+/// The contents of `<state-dir>/lib/ld.so.preload`.
+pub fn preload_file() -> String {
+    format!("{CONTAINER_SHIM}\n")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,67 @@
+//! Crash-safe file writes: a reader (the container runtime, the shim, a restarted plugin) sees
+//! either the old file or the complete new one, never a torn one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Writes `bytes` to `path` atomically with permission bits `mode`: a temporary file in the same
+/// directory, fsync, rename over the target, fsync of the directory (so the rename itself
+/// survives a power cut).
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    // A leading dot keeps half-written files out of directory watchers that skip dotfiles (the
+    // CDI cache ignores names that do not end in .json/.yaml; the pid keeps instances apart).
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        // The umask may have cleared bits of `mode` (0666 regions must stay world-writable).
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Removes a file; a file that is already gone is success (unprepare is idempotent).
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Removes a directory tree; one that is already gone is success.
+pub fn remove_dir_all(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_replace_whole_files_with_the_mode_asked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("region");
+        write_atomic(&path, b"first", 0o666).expect("write");
+        write_atomic(&path, b"second", 0o666).expect("rewrite");
+        assert_eq!(fs::read(&path).expect("read"), b"second");
+        assert_eq!(fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o666);
+        let leftovers: Vec<_> = fs::read_dir(dir.path()).expect("list").collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+        remove_file(&path).expect("remove");
+        remove_file(&path).expect("removing twice is fine");
+        remove_dir_all(&dir.path().join("absent")).expect("absent dir is fine");
+    }
+}

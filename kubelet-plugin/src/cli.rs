@@ -1,0 +1,70 @@
+//! Command-line flags; `docs/reference/kubelet-plugin.md` documents each one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Tessera's kubelet plugin for the DRA driver gpu.tessera.dev.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "tessera-kubelet-plugin", version, about)]
+pub struct Args {
+    /// This node's name (the pool name of its devices).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// kubeconfig file; the in-cluster service account is used without it.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the kubelet's plugin watcher looks for registration sockets.
+    #[arg(long, default_value = "/var/lib/kubelet/plugins_registry")]
+    pub registrar_dir: PathBuf,
+    /// The plugin's own directory: the DRA socket and the cross-instance lock.
+    #[arg(long, default_value = "/var/lib/kubelet/plugins/gpu.tessera.dev")]
+    pub plugin_dir: PathBuf,
+    /// Where CDI specs are written (a directory the container runtime reads).
+    #[arg(long, default_value = "/var/run/cdi")]
+    pub cdi_dir: PathBuf,
+    /// Tessera's host state: the shim copy, claim configs and regions, the checkpoint.
+    #[arg(long, default_value = "/var/lib/tessera")]
+    pub state_dir: PathBuf,
+    /// A fake inventory file (the fake GPU node's JSON) instead of asking NVML.
+    #[arg(long)]
+    pub inventory: Option<PathBuf>,
+    /// Load NVML from this file instead of the default `libnvidia-ml.so.1`.
+    #[arg(long)]
+    pub nvml_library: Option<PathBuf>,
+    /// libtessera.so to install into `<state-dir>/lib` for containers.
+    #[arg(long, default_value = "/usr/lib/tessera/libtessera.so")]
+    pub shim_path: PathBuf,
+    /// Whether the NVIDIA Container Toolkit provides GPUs (toolkit) or Tessera's specs do.
+    #[arg(long, value_enum, default_value_t = CdiModeArg::Toolkit)]
+    pub cdi_mode: CdiModeArg,
+    /// Standalone mode: the root the driver's libraries are found under.
+    #[arg(long, default_value = "/")]
+    pub driver_root: PathBuf,
+    /// Standalone mode: the root `/dev/nvidia*` nodes are found under.
+    #[arg(long, default_value = "/")]
+    pub dev_root: PathBuf,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, default_value = "0.0.0.0:9477")]
+    pub metrics_address: SocketAddr,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Makes socket names unique (the pod UID, from the downward API) so two instances can run
+    /// during a rolling update; kubelet 1.33 or newer.
+    #[arg(long, env = "POD_UID")]
+    pub instance_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CdiModeArg {
+    Toolkit,
+    Standalone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}

@@ -1,0 +1,21 @@
+//! Tessera's kubelet plugin: it registers with the kubelet, serves the DRA gRPC services of
+//! every kubelet from 1.31 on, prepares claims (config, accounting region and CDI spec) and
+//! unprepares them, and exports node metrics.
+//!
+//! The binary (`main.rs`) parses flags and wires these modules; tests and benchmarks start the
+//! same [`Plugin`] in-process with a mocked API server.
+#![forbid(unsafe_code)]
+
+pub mod claims;
+pub mod cli;
+pub mod grpc;
+pub mod http;
+pub mod lock;
+pub mod metrics;
+pub mod node;
+pub mod proto;
+pub mod regions;
+pub mod server;
+
+pub use node::{ClaimRef, Node, NodeConfig, PreparedClaimResult, Step};
+pub use server::{Plugin, Sockets};

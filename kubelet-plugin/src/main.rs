@@ -1,0 +1,117 @@
+//! `tessera-kubelet-plugin`: wires flags, inventory, the API client, the gRPC servers and the
+//! metrics endpoint, and runs until SIGTERM.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use tessera_driver::cdi::{self, CdiMode, DriverFiles};
+use tessera_driver::{Inventory, fsutil};
+use tessera_kubelet_plugin::cli::{Args, CdiModeArg, LogFormat};
+use tessera_kubelet_plugin::metrics::Metrics;
+use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets, http};
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    if let Err(error) = run(args).await {
+        tracing::error!("{error:#}");
+        return Err(error);
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let inventory = match &args.inventory {
+        Some(path) => Inventory::from_file(path)?,
+        None => tessera_driver::nvml::discover(args.nvml_library.as_deref().map(|p| p.as_os_str()))
+            .context("no --inventory given, and NVML found no GPUs")?,
+    };
+    for gpu in &inventory.gpus {
+        tracing::info!(index = gpu.index, uuid = %gpu.uuid, product = %gpu.product_name, memory = gpu.memory, "GPU");
+    }
+    install_shim(&args.shim_path, &args.state_dir)?;
+    let (cdi_mode, driver_files) = match args.cdi_mode {
+        CdiModeArg::Toolkit => (CdiMode::Toolkit, None),
+        CdiModeArg::Standalone => (CdiMode::Standalone, Some(DriverFiles::discover(&args.driver_root, &args.dev_root)?)),
+    };
+    let config = NodeConfig {
+        node_name: args.node_name.clone(),
+        plugin_dir: args.plugin_dir.clone(),
+        cdi_dir: args.cdi_dir.clone(),
+        state_dir: args.state_dir.clone(),
+        cdi_mode,
+        driver_files,
+        inventory,
+        boot_id: boot_id(),
+    };
+    std::fs::create_dir_all(&config.cdi_dir).with_context(|| format!("creating {}", config.cdi_dir.display()))?;
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let metrics = Arc::new(Metrics::new(args.state_dir.clone()));
+    let node = Arc::new(Node::new(config, client, metrics.clone()));
+    let sockets = Sockets::new(&args.registrar_dir, &args.plugin_dir, args.instance_id.as_deref());
+    let plugin = Plugin::start(node, sockets).await?;
+    let http = tokio::spawn(http::serve(args.metrics_address, metrics));
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        result = http => {
+            plugin.stop().await;
+            match result {
+                Ok(Err(error)) => bail!("metrics server on {}: {error}", args.metrics_address),
+                _ => bail!("metrics server stopped"),
+            }
+        }
+    }
+    plugin.stop().await;
+    Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Copies the shim to `<state-dir>/lib/libtessera.so` (a host path every claim's CDI spec
+/// mounts) and writes the `ld.so.preload` that names it inside containers. The copy is replaced
+/// atomically and only when it changed: running containers keep the inode they mounted.
+fn install_shim(shim: &Path, state_dir: &Path) -> Result<()> {
+    let host = cdi::HostPaths::new(state_dir, "_");
+    let bytes = std::fs::read(shim).with_context(|| format!("reading the shim --shim-path {}", shim.display()))?;
+    if !bytes.starts_with(b"\x7fELF") {
+        bail!("--shim-path {} is not a shared library", shim.display());
+    }
+    if let Some(lib) = host.shim.parent() {
+        std::fs::create_dir_all(lib).with_context(|| format!("creating {}", lib.display()))?;
+    }
+    if std::fs::read(&host.shim).ok().as_deref() != Some(bytes.as_slice()) {
+        fsutil::write_atomic(&host.shim, &bytes, 0o755).with_context(|| format!("installing {}", host.shim.display()))?;
+        tracing::info!(path = %host.shim.display(), "installed the shim");
+    }
+    fsutil::write_atomic(&host.preload, cdi::preload_file().as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", host.preload.display()))?;
+    Ok(())
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}

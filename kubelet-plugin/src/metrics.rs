@@ -1,0 +1,169 @@
+//! Node metrics, served on `--metrics-address` at `/metrics` (OpenMetrics text).
+//!
+//! Call metrics are kept as they happen. Claim metrics are read at scrape time from the
+//! checkpoint (which claims, which GPUs, what limits) and from each claim's region (memory in
+//! use, summed over live processes only), so a plugin restart loses nothing and two plugin
+//! instances report the same values.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `tessera_prepare_duration_seconds` | histogram | — (one NodePrepareResources call) |
+//! | `tessera_prepared_claims_total` / `tessera_prepare_errors_total` | counter | — |
+//! | `tessera_unprepared_claims_total` / `tessera_unprepare_errors_total` | counter | — |
+//! | `tessera_claims_prepared` | gauge | — |
+//! | `tessera_claim_memory_used_bytes` | gauge | namespace, claim, claim_uid, gpu_uuid |
+//! | `tessera_claim_memory_limit_bytes` | gauge | same |
+//! | `tessera_claim_cores_limit_percent` | gauge | same |
+//! | `tessera_claim_processes` | gauge | namespace, claim, claim_uid |
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tessera_driver::checkpoint::{Checkpoint, ClaimState};
+
+use crate::regions;
+
+/// The plugin's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    prepare_duration: Histogram,
+    prepared: Counter,
+    prepare_errors: Counter,
+    unprepared: Counter,
+    unprepare_errors: Counter,
+}
+
+impl Metrics {
+    /// Metrics whose claim gauges read `<state_dir>`.
+    pub fn new(state_dir: PathBuf) -> Metrics {
+        let mut registry = Registry::with_prefix("tessera");
+        // 0.5 ms … 4 s: prepare is milliseconds unless the API server or the disk is slow.
+        let prepare_duration = Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 4.0]);
+        registry.register_with_unit(
+            "prepare_duration",
+            "Duration of NodePrepareResources calls",
+            Unit::Seconds,
+            prepare_duration.clone(),
+        );
+        let prepared = Counter::default();
+        registry.register("prepared_claims", "Claims prepared successfully", prepared.clone());
+        let prepare_errors = Counter::default();
+        registry.register("prepare_errors", "Claims whose preparation failed", prepare_errors.clone());
+        let unprepared = Counter::default();
+        registry.register("unprepared_claims", "Claims unprepared successfully", unprepared.clone());
+        let unprepare_errors = Counter::default();
+        registry.register("unprepare_errors", "Claims whose unpreparation failed", unprepare_errors.clone());
+        registry.register_collector(Box::new(ClaimCollector { state_dir }));
+        Metrics { registry, prepare_duration, prepared, prepare_errors, unprepared, unprepare_errors }
+    }
+
+    pub fn observe_prepare(&self, duration: Duration, ok: usize, failed: usize) {
+        self.prepare_duration.observe(duration.as_secs_f64());
+        self.prepared.inc_by(ok as u64);
+        self.prepare_errors.inc_by(failed as u64);
+    }
+
+    pub fn observe_unprepare(&self, ok: bool) {
+        if ok { self.unprepared.inc() } else { self.unprepare_errors.inc() };
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClaimGpuLabels {
+    namespace: String,
+    claim: String,
+    claim_uid: String,
+    gpu_uuid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClaimLabels {
+    namespace: String,
+    claim: String,
+    claim_uid: String,
+}
+
+/// Reads claim metrics at scrape time.
+#[derive(Debug)]
+struct ClaimCollector {
+    state_dir: PathBuf,
+}
+
+type U64Gauge = Gauge<u64, AtomicU64>;
+
+impl Collector for ClaimCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let checkpoint = match Checkpoint::load(&self.state_dir.join("checkpoint.json")) {
+            Ok(checkpoint) => checkpoint,
+            Err(error) => {
+                tracing::warn!(%error, "metrics: cannot read the checkpoint");
+                Checkpoint::default()
+            }
+        };
+        let used: Family<ClaimGpuLabels, U64Gauge> = Family::default();
+        let limit: Family<ClaimGpuLabels, U64Gauge> = Family::default();
+        let cores: Family<ClaimGpuLabels, U64Gauge> = Family::default();
+        let processes: Family<ClaimLabels, U64Gauge> = Family::default();
+        let mut prepared = 0u64;
+        for (uid, claim) in checkpoint.claims.iter().filter(|(_, c)| c.state == ClaimState::PrepareCompleted) {
+            prepared += 1;
+            let region = tessera_driver::cdi::HostPaths::new(&self.state_dir, uid).region;
+            let usage = regions::read_usage(&region);
+            if let Err(error) = &usage {
+                tracing::debug!(claim_uid = %uid, %error, "metrics: region unreadable");
+            }
+            let claim_labels = ClaimLabels { namespace: claim.namespace.clone(), claim: claim.name.clone(), claim_uid: uid.clone() };
+            let (devices, live) = usage.unwrap_or_default();
+            processes.get_or_create(&claim_labels).set(live as u64);
+            for gpu in &claim.gpus {
+                let labels = ClaimGpuLabels {
+                    namespace: claim.namespace.clone(),
+                    claim: claim.name.clone(),
+                    claim_uid: uid.clone(),
+                    gpu_uuid: gpu.uuid.clone(),
+                };
+                let in_use = devices.iter().find(|d| d.uuid == gpu.uuid).map_or(0, |d| d.memory_used);
+                used.get_or_create(&labels).set(in_use);
+                limit.get_or_create(&labels).set(gpu.memory_limit);
+                cores.get_or_create(&labels).set(u64::from(gpu.cores));
+            }
+        }
+        let count: U64Gauge = Gauge::default();
+        count.set(prepared);
+        count.encode(encoder.encode_descriptor("claims_prepared", "Claims prepared on this node", None, MetricType::Gauge)?)?;
+        let bytes = Unit::Bytes;
+        let percent = Unit::Other("percent".into());
+        used.encode(encoder.encode_descriptor(
+            "claim_memory_used",
+            "GPU memory held by the live processes of a claim",
+            Some(&bytes),
+            MetricType::Gauge,
+        )?)?;
+        limit.encode(encoder.encode_descriptor("claim_memory_limit", "GPU memory limit of a claim", Some(&bytes), MetricType::Gauge)?)?;
+        cores.encode(encoder.encode_descriptor(
+            "claim_cores_limit",
+            "Compute share of a claim on a GPU (100 = the whole GPU)",
+            Some(&percent),
+            MetricType::Gauge,
+        )?)?;
+        processes.encode(encoder.encode_descriptor("claim_processes", "Live processes using a claim", None, MetricType::Gauge)?)?;
+        Ok(())
+    }
+}

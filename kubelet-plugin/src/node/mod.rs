@@ -1,0 +1,276 @@
+//! Prepare and unprepare: the node half of DRA, independent of the gRPC version it arrives in.
+//!
+//! Every call reads the claims from the API server first (without the lock, as the upstream
+//! helper does), then takes the cross-instance lock, reloads the checkpoint and works from disk
+//! alone, so two plugin instances behave as one. A batch is recorded `PrepareStarted` in one
+//! checkpoint write before any of its files is written and `PrepareCompleted` in one write
+//! after, so a restart between any two steps is recoverable: see `tessera_driver::checkpoint`.
+
+mod plan;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tessera_driver::cdi::{CdiMode, DriverFiles};
+use tessera_driver::checkpoint::{self, Checkpoint, ClaimState, PreparedClaim, PreparedDevice};
+use tessera_driver::{Inventory, fsutil};
+
+use crate::claims::{self, ClaimReader};
+use crate::lock;
+use crate::metrics::Metrics;
+pub use plan::{Plan, PlanError, check_uid};
+
+/// What prepare and unprepare need to know about the node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_name: String,
+    pub plugin_dir: PathBuf,
+    pub cdi_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub cdi_mode: CdiMode,
+    /// Device nodes and libraries for `--cdi-mode=standalone`.
+    pub driver_files: Option<DriverFiles>,
+    pub inventory: Inventory,
+    /// This boot's `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+}
+
+impl NodeConfig {
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.state_dir.join("checkpoint.json")
+    }
+}
+
+/// A claim as the kubelet names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRef {
+    pub namespace: String,
+    pub uid: String,
+    pub name: String,
+}
+
+/// The devices of a prepared claim, or why it could not be prepared.
+pub type PreparedClaimResult = Result<Vec<PreparedDevice>, String>;
+
+/// The points between the steps of a call, where tests simulate a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The batch is recorded `PrepareStarted`.
+    Started,
+    ConfigWritten,
+    RegionWritten,
+    SpecWritten,
+    /// The batch is recorded `PrepareCompleted`.
+    Completed,
+    SpecRemoved,
+    ClaimDirRemoved,
+}
+
+/// Called after each [`Step`] with the claim's UID; returning true stops the call right there,
+/// as a crash would (tests only).
+pub type FaultHook = Arc<dyn Fn(Step, &str) -> bool + Send + Sync>;
+
+/// A failure of a whole call (the kubelet retries the call).
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("taking the plugin lock: {0}")]
+    Lock(#[source] std::io::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::Error),
+    #[error("simulated crash after {0:?}")]
+    Crashed(Step),
+}
+
+/// Prepares and unprepares claims.
+pub struct Node {
+    config: NodeConfig,
+    reader: ClaimReader,
+    metrics: Arc<Metrics>,
+    fault: Option<FaultHook>,
+}
+
+impl Node {
+    pub fn new(config: NodeConfig, client: kube::Client, metrics: Arc<Metrics>) -> Node {
+        Node { config, reader: ClaimReader::new(client), metrics, fault: None }
+    }
+
+    /// Installs a fault hook (tests).
+    pub fn with_fault_hook(mut self, hook: FaultHook) -> Node {
+        self.fault = Some(hook);
+        self
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    fn step(&self, step: Step, uid: &str) -> Result<(), CallError> {
+        match &self.fault {
+            Some(hook) if hook(step, uid) => Err(CallError::Crashed(step)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Prepares `claims`; every claim gets an entry.
+    pub async fn prepare(&self, claims: &[ClaimRef]) -> Result<BTreeMap<String, PreparedClaimResult>, CallError> {
+        let start = Instant::now();
+        let fetches = claims.iter().map(|c| async move {
+            check_uid(&c.uid)?;
+            self.reader.get(&c.namespace, &c.name, &c.uid).await.map_err(|e| e.to_string())
+        });
+        let fetched: Vec<Result<claims::Claim, String>> = futures::future::join_all(fetches).await;
+        let _lock = lock::acquire(&self.config.plugin_dir).await.map_err(CallError::Lock)?;
+        let result = self.prepare_locked(claims, fetched);
+        let elapsed = start.elapsed();
+        if let Ok(results) = &result {
+            let failed = results.values().filter(|r| r.is_err()).count();
+            self.metrics.observe_prepare(elapsed, results.len() - failed, failed);
+            for (uid, result) in results {
+                match result {
+                    Ok(devices) => tracing::info!(claim_uid = %uid, devices = devices.len(), "prepared claim"),
+                    Err(error) => tracing::warn!(claim_uid = %uid, %error, "claim not prepared"),
+                }
+            }
+        }
+        result
+    }
+
+    fn prepare_locked(
+        &self,
+        claims: &[ClaimRef],
+        fetched: Vec<Result<claims::Claim, String>>,
+    ) -> Result<BTreeMap<String, PreparedClaimResult>, CallError> {
+        let path = self.config.checkpoint_path();
+        let mut checkpoint = Checkpoint::load(&path)?;
+        let mut results = BTreeMap::new();
+        let mut plans = Vec::new();
+        for (claim, fetched) in claims.iter().zip(fetched) {
+            let plan = fetched.and_then(|c| Plan::new(&self.config, &c).map_err(|e| e.to_string()));
+            match plan {
+                Err(error) => {
+                    results.insert(claim.uid.clone(), Err(error));
+                }
+                Ok(plan) => match checkpoint.completed(&plan.uid, &self.config.boot_id) {
+                    // Already prepared: make sure nothing was lost, answer as before.
+                    Some(done) if done.devices == plan.devices => {
+                        results.insert(plan.uid.clone(), repair(&plan).map(|()| done.devices.clone()));
+                    }
+                    _ => plans.push(plan),
+                },
+            }
+        }
+        if plans.is_empty() {
+            return Ok(results);
+        }
+        for plan in &plans {
+            checkpoint.claims.insert(plan.uid.clone(), record(plan, ClaimState::PrepareStarted, &self.config.boot_id));
+        }
+        checkpoint.save(&path)?;
+        self.step(Step::Started, &plans[0].uid)?;
+        for plan in &plans {
+            let written = self.write(plan)?;
+            if let Err(error) = &written {
+                // Left `PrepareStarted`: the next prepare retries, an unprepare removes it all.
+                results.insert(plan.uid.clone(), Err(format!("writing claim files: {error}")));
+                continue;
+            }
+            checkpoint.claims.insert(plan.uid.clone(), record(plan, ClaimState::PrepareCompleted, &self.config.boot_id));
+            results.insert(plan.uid.clone(), Ok(plan.devices.clone()));
+        }
+        checkpoint.save(&path)?;
+        self.step(Step::Completed, &plans[0].uid)?;
+        Ok(results)
+    }
+
+    /// Writes one claim's files; the outer error is a simulated crash.
+    fn write(&self, plan: &Plan) -> Result<std::io::Result<()>, CallError> {
+        if let Err(e) = plan.write_config() {
+            return Ok(Err(e));
+        }
+        self.step(Step::ConfigWritten, &plan.uid)?;
+        if let Err(e) = plan.write_region() {
+            return Ok(Err(e));
+        }
+        self.step(Step::RegionWritten, &plan.uid)?;
+        if let Err(e) = plan.write_spec() {
+            return Ok(Err(e));
+        }
+        self.step(Step::SpecWritten, &plan.uid)?;
+        Ok(Ok(()))
+    }
+
+    /// Unprepares `claims`: removes the CDI spec, then the claim directory, then the record.
+    /// Works from the UID alone, so a claim deleted from the API server is no obstacle.
+    pub async fn unprepare(&self, claims: &[ClaimRef]) -> Result<BTreeMap<String, Result<(), String>>, CallError> {
+        let _lock = lock::acquire(&self.config.plugin_dir).await.map_err(CallError::Lock)?;
+        let path = self.config.checkpoint_path();
+        let mut checkpoint = Checkpoint::load(&path)?;
+        let mut results = BTreeMap::new();
+        let mut changed = false;
+        for claim in claims {
+            let result = self.unprepare_one(&claim.uid)?;
+            if result.is_ok() && checkpoint.claims.remove(&claim.uid).is_some() {
+                changed = true;
+            }
+            match &result {
+                Ok(()) => tracing::info!(claim_uid = %claim.uid, "unprepared claim"),
+                Err(error) => tracing::warn!(claim_uid = %claim.uid, %error, "claim not unprepared"),
+            }
+            self.metrics.observe_unprepare(result.is_ok());
+            results.insert(claim.uid.clone(), result);
+        }
+        if changed {
+            checkpoint.save(&path)?;
+        }
+        Ok(results)
+    }
+
+    fn unprepare_one(&self, uid: &str) -> Result<Result<(), String>, CallError> {
+        if let Err(e) = check_uid(uid) {
+            return Ok(Err(e));
+        }
+        let spec = self.config.cdi_dir.join(tessera_driver::cdi::spec_file_name(uid));
+        if let Err(e) = fsutil::remove_file(&spec) {
+            return Ok(Err(format!("removing CDI spec {}: {e}", spec.display())));
+        }
+        self.step(Step::SpecRemoved, uid)?;
+        let dir = tessera_driver::cdi::claim_dir(&self.config.state_dir, uid);
+        if let Err(e) = fsutil::remove_dir_all(&dir) {
+            return Ok(Err(format!("removing claim directory {}: {e}", dir.display())));
+        }
+        self.step(Step::ClaimDirRemoved, uid)?;
+        Ok(Ok(()))
+    }
+}
+
+/// Rewrites whatever of a completed claim's files has gone missing; an existing region is never
+/// replaced, since running containers charge it.
+fn repair(plan: &Plan) -> Result<(), String> {
+    let missing = |p: &std::path::Path| !p.exists();
+    let result = (|| {
+        if missing(&plan.host.config) {
+            plan.write_config()?;
+        }
+        if missing(&plan.host.region) {
+            plan.write_region()?;
+        }
+        if missing(&plan.spec_path) {
+            plan.write_spec()?;
+        }
+        Ok::<(), std::io::Error>(())
+    })();
+    result.map_err(|e| format!("restoring claim files: {e}"))
+}
+
+fn record(plan: &Plan, state: ClaimState, boot_id: &str) -> PreparedClaim {
+    PreparedClaim {
+        namespace: plan.namespace.clone(),
+        name: plan.name.clone(),
+        state,
+        boot_id: boot_id.to_string(),
+        devices: plan.devices.clone(),
+        gpus: plan.limits.gpus.clone(),
+    }
+}

@@ -1,0 +1,135 @@
+//! What preparing one claim writes, computed before anything is written: the shim config, a
+//! fresh region, the CDI spec and the CDI IDs. Then the writes themselves, each atomic.
+
+use std::path::{Path, PathBuf};
+
+use tessera_api::region::{self, RegionDeviceSpec};
+use tessera_api::shim_config::SHIM_CONFIG_VERSION;
+use tessera_api::{ShimConfig, ShimDevice};
+use tessera_driver::allocation::{self, ClaimLimits};
+use tessera_driver::cdi::{self, HostPaths, Spec};
+use tessera_driver::checkpoint::PreparedDevice;
+use tessera_driver::claim_config;
+use tessera_driver::fsutil;
+
+use super::NodeConfig;
+use crate::claims::Claim;
+
+/// Everything one claim's preparation writes.
+pub struct Plan {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub limits: ClaimLimits,
+    pub devices: Vec<PreparedDevice>,
+    pub host: HostPaths,
+    pub claim_dir: PathBuf,
+    pub spec_path: PathBuf,
+    pub config_json: Vec<u8>,
+    pub spec: Spec,
+}
+
+/// Why a claim cannot be prepared; the message goes back to the kubelet and names the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Allocation(#[from] allocation::Error),
+    #[error("opaque config: {0}")]
+    Config(#[from] claim_config::Error),
+    #[error("shim config: {0}")]
+    ShimConfig(#[from] tessera_api::shim_config::ShimConfigError),
+    #[error(transparent)]
+    Standalone(#[from] cdi::StandaloneError),
+}
+
+impl Plan {
+    /// Computes the plan of an allocated claim.
+    pub fn new(config: &NodeConfig, claim: &Claim) -> Result<Plan, PlanError> {
+        let allocation = claim.allocation.clone().unwrap_or_default();
+        let limits = allocation::claim_limits(&allocation.results, &config.inventory)?;
+        let requests: Vec<&str> = allocation
+            .results
+            .iter()
+            .filter(|r| r.driver == tessera_api::names::DRIVER_NAME)
+            .map(|r| r.request.as_str())
+            .collect();
+        let settings = claim_config::merge(&allocation.config, &requests)?;
+        if let Some(files) = &config.driver_files {
+            for gpu in &limits.gpus {
+                files.check_gpu_node(gpu.minor)?;
+            }
+        }
+        let shim_config = ShimConfig {
+            version: SHIM_CONFIG_VERSION,
+            claim_uid: claim.uid.clone(),
+            region: cdi::CONTAINER_REGION.to_string(),
+            devices: limits
+                .gpus
+                .iter()
+                .map(|g| ShimDevice { uuid: g.uuid.clone(), memory_limit: g.memory_limit, cores: g.cores, context_overhead: 0 })
+                .collect(),
+            priority: settings.priority,
+            oversubscribe: settings.oversubscribe,
+            core_policy: settings.core_policy,
+        };
+        shim_config.validate()?;
+        let host = HostPaths::new(&config.state_dir, &claim.uid);
+        let spec = cdi::claim_spec(&claim.uid, &limits.devices, &host, config.driver_files.as_ref());
+        let devices = limits
+            .devices
+            .iter()
+            .map(|d| PreparedDevice { device: d.clone(), cdi_device_ids: cdi::device_ids(&claim.uid, d, config.cdi_mode) })
+            .collect();
+        Ok(Plan {
+            uid: claim.uid.clone(),
+            namespace: claim.namespace.clone(),
+            name: claim.name.clone(),
+            devices,
+            claim_dir: cdi::claim_dir(&config.state_dir, &claim.uid),
+            spec_path: config.cdi_dir.join(cdi::spec_file_name(&claim.uid)),
+            config_json: shim_config.to_json(),
+            host,
+            spec,
+            limits,
+        })
+    }
+
+    /// The region's device table, written fresh.
+    pub fn region_bytes(&self) -> std::io::Result<Vec<u8>> {
+        let devices: Vec<RegionDeviceSpec> = self
+            .limits
+            .gpus
+            .iter()
+            .map(|g| RegionDeviceSpec { uuid: g.uuid.clone(), memory_limit: g.memory_limit, cores: g.cores, context_overhead: 0 })
+            .collect();
+        region::encode_new(&devices).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    pub fn write_config(&self) -> std::io::Result<()> {
+        create_claim_dir(&self.claim_dir)?;
+        // Readable by containers of any user; only the plugin (root) can change it.
+        fsutil::write_atomic(&self.host.config, &self.config_json, 0o644)
+    }
+
+    pub fn write_region(&self) -> std::io::Result<()> {
+        create_claim_dir(&self.claim_dir)?;
+        // World-writable: processes of non-root containers charge it.
+        fsutil::write_atomic(&self.host.region, &self.region_bytes()?, 0o666)
+    }
+
+    pub fn write_spec(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.spec_path.parent().unwrap_or(Path::new("/")))?;
+        fsutil::write_atomic(&self.spec_path, &self.spec.to_json(), 0o644)
+    }
+}
+
+fn create_claim_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)
+}
+
+/// Claim UIDs become path components: refuse anything that could leave the state directory.
+pub fn check_uid(uid: &str) -> Result<(), String> {
+    let ok = !uid.is_empty() && uid.len() <= 128 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if ok { Ok(()) } else { Err(format!("claim UID {uid:?} is not a Kubernetes UID")) }
+}

@@ -1,0 +1,61 @@
+//! Reading a claim's accounting region for metrics: memory used, summed over live slots only.
+//!
+//! A slot is live while its owner holds an open-file-description lock on the slot's byte range
+//! (see `docs/reference/region.md`); the kernel drops it when the process dies, however it dies.
+//! `F_OFD_GETLK` asks whether a write lock on the range could be taken: if not, a live process
+//! owns the slot. The plugin never takes the locks itself, so it cannot disturb the shim.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use nix::fcntl::{FcntlArg, fcntl};
+use tessera_api::region::{REGION_SIZE, RegionSnapshot, SLOT_SIZE, slot_offset};
+
+/// Usage of one device of a region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceUsage {
+    pub uuid: String,
+    pub memory_used: u64,
+    pub memory_limit: u64,
+}
+
+/// Per-device usage of the region at `path`, and the number of live processes.
+pub fn read_usage(path: &Path) -> std::io::Result<(Vec<DeviceUsage>, usize)> {
+    let mut file = File::open(path)?;
+    let mut bytes = Vec::with_capacity(REGION_SIZE);
+    file.read_to_end(&mut bytes)?;
+    let snapshot = RegionSnapshot::parse(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let live: Vec<bool> = (0..snapshot.slots.len()).map(|i| slot_is_live(&file, i)).collect();
+    let is_live = |slot: &tessera_api::region::SlotSnapshot| live.get(slot.index).copied().unwrap_or(false);
+    let usage = snapshot
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(index, device)| DeviceUsage {
+            uuid: device.uuid.clone(),
+            memory_used: snapshot.memory_used(index, is_live),
+            memory_limit: device.memory_limit,
+        })
+        .collect();
+    let processes = snapshot.slots.iter().filter(|s| s.state == tessera_api::region::SLOT_ACTIVE && is_live(s)).count();
+    Ok((usage, processes))
+}
+
+/// Whether a process holds the lock on slot `index`.
+fn slot_is_live(file: &File, index: usize) -> bool {
+    let mut query = nix::libc::flock {
+        l_type: nix::libc::F_WRLCK as i16,
+        l_whence: nix::libc::SEEK_SET as i16,
+        l_start: slot_offset(index) as i64,
+        l_len: SLOT_SIZE as i64,
+        // F_OFD_GETLK requires l_pid 0 on input.
+        l_pid: 0,
+    };
+    match fcntl(file.as_fd(), FcntlArg::F_OFD_GETLK(&mut query)) {
+        Ok(_) => query.l_type != nix::libc::F_UNLCK as i16,
+        // A kernel without OFD locks: count the slot rather than hide usage.
+        Err(_) => true,
+    }
+}

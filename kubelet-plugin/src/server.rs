@@ -1,0 +1,122 @@
+//! The plugin's two unix sockets and their gRPC servers.
+//!
+//! The DRA socket (`<plugin-dir>/dra.sock`) serves all three DRA versions; the registration
+//! socket in the kubelet's `plugins_registry` directory tells the kubelet where it is. With an
+//! instance ID (the pod UID) both names carry it, so during a rolling update the new pod's
+//! sockets do not replace the old pod's while it still serves calls (kubelet 1.33+).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tessera_api::names::DRIVER_NAME;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+
+use crate::grpc::{DraService, Registration};
+use crate::node::Node;
+use crate::proto::{registration, v1, v1alpha3, v1beta1};
+
+/// The longest path a unix socket address holds (`sun_path`, with its NUL).
+const UNIX_PATH_MAX: usize = 107;
+
+/// Where the plugin's sockets are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sockets {
+    pub registration: PathBuf,
+    pub dra: PathBuf,
+}
+
+impl Sockets {
+    /// Socket paths, unique per `instance` when one is given.
+    pub fn new(registrar_dir: &Path, plugin_dir: &Path, instance: Option<&str>) -> Sockets {
+        match instance {
+            Some(id) => Sockets {
+                registration: registrar_dir.join(format!("{DRIVER_NAME}-{id}-reg.sock")),
+                dra: plugin_dir.join(format!("dra-{id}.sock")),
+            },
+            None => Sockets {
+                registration: registrar_dir.join(format!("{DRIVER_NAME}-reg.sock")),
+                dra: plugin_dir.join("dra.sock"),
+            },
+        }
+    }
+}
+
+/// A running plugin; [`Plugin::stop`] shuts it down and removes its sockets.
+pub struct Plugin {
+    pub sockets: Sockets,
+    pub registered: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl Plugin {
+    /// Binds both sockets (the DRA one first, so the kubelet never learns of a socket that does
+    /// not answer yet) and starts serving.
+    pub async fn start(node: Arc<Node>, sockets: Sockets) -> io::Result<Plugin> {
+        let (shutdown, signal) = watch::channel(false);
+        let registered = Arc::new(AtomicBool::new(false));
+        let service = DraService { node };
+        let dra = bind(&sockets.dra)?;
+        let until = shutdown_signal(signal.clone());
+        let dra_server = tokio::spawn(
+            Server::builder()
+                .add_service(v1::dra_plugin_server::DraPluginServer::new(service.clone()))
+                .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(service.clone()))
+                .add_service(v1alpha3::node_server::NodeServer::new(service))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(dra), until),
+        );
+        let endpoint = sockets.dra.display().to_string();
+        let registrar = Registration { endpoint, registered: registered.clone() };
+        let reg = bind(&sockets.registration)?;
+        let reg_server = tokio::spawn(
+            Server::builder()
+                .add_service(registration::registration_server::RegistrationServer::new(registrar))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(reg), shutdown_signal(signal)),
+        );
+        tracing::info!(registration = %sockets.registration.display(), dra = %sockets.dra.display(), "serving");
+        Ok(Plugin { sockets, registered, shutdown, servers: vec![dra_server, reg_server] })
+    }
+
+    /// Stops serving: the registration socket goes first, so the kubelet stops routing calls here
+    /// (to the other instance, during a rolling update).
+    pub async fn stop(self) {
+        let _ = std::fs::remove_file(&self.sockets.registration);
+        let _ = self.shutdown.send(true);
+        for server in self.servers {
+            match server.await {
+                Ok(Err(error)) => tracing::warn!(%error, "gRPC server ended with an error"),
+                Err(error) => tracing::warn!(%error, "gRPC server task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+        let _ = std::fs::remove_file(&self.sockets.dra);
+    }
+}
+
+async fn shutdown_signal(mut signal: watch::Receiver<bool>) {
+    let _ = signal.wait_for(|stop| *stop).await;
+}
+
+fn bind(path: &Path) -> io::Result<UnixListener> {
+    if path.as_os_str().len() > UNIX_PATH_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path {} is longer than {UNIX_PATH_MAX} bytes", path.display()),
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket left by a previous run of this instance: nobody can be serving on it.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    UnixListener::bind(path).map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))
+}
