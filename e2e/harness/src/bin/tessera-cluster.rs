@@ -1,0 +1,211 @@
+//! `tessera-cluster`: a real control plane for hands-on work and scripts.
+//!
+//! ```text
+//! tessera-cluster up     [--k8s-version 1.37] [--state-dir DIR]   # last line: export KUBECONFIG=...
+//! tessera-cluster status [--k8s-version 1.37] [--state-dir DIR]   # exit 0 only if all is up
+//! tessera-cluster down   [--k8s-version 1.37] [--state-dir DIR]
+//! ```
+//!
+//! `up` leaves the components running after it exits (each in its own
+//! process group, pids under `DIR/run/`); `down` stops exactly those.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tessera_e2e_harness::binaries::cache_root;
+use tessera_e2e_harness::process::{is_alive, stop_pid_file};
+use tessera_e2e_harness::state::StateDir;
+use tessera_e2e_harness::{ControlPlane, ControlPlaneOptions, K8sVersion};
+
+const USAGE: &str = "usage: tessera-cluster {up|down|status} [--k8s-version 1.37] [--state-dir DIR]
+  --k8s-version   a pinned Kubernetes minor (default: the newest pinned)
+  --state-dir     where certificates, etcd data, logs and pids live
+                  (default: $TESSERA_CACHE/clusters/<version>, TESSERA_CACHE defaults to ~/.cache/tessera)";
+
+/// What `up` may delete from a state directory before starting afresh: only
+/// things it creates itself, so a mistyped --state-dir cannot lose data.
+const OWNED_ENTRIES: &[&str] = &[
+    "cluster.json",
+    "kubeconfig",
+    "kube-scheduler.kubeconfig",
+    "kube-controller-manager.kubeconfig",
+    "pki",
+    "etcd",
+    "logs",
+    "run",
+    "apiserver-certs",
+];
+
+struct Args {
+    command: String,
+    version: K8sVersion,
+    state_dir: PathBuf,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = std::env::args().skip(1);
+    let mut command = None;
+    let mut version = None;
+    let mut state_dir = None;
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| {
+            inline.clone().or_else(|| args.next()).with_context(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            "--k8s-version" => version = Some(value("--k8s-version")?.parse::<K8sVersion>()?),
+            "--state-dir" => state_dir = Some(PathBuf::from(value("--state-dir")?)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "up" | "down" | "status" if command.is_none() => command = Some(flag),
+            other => bail!("unexpected argument {other:?}\n{USAGE}"),
+        }
+    }
+    let command = command.with_context(|| format!("missing command\n{USAGE}"))?;
+    let version = version.unwrap_or_else(K8sVersion::newest);
+    let state_dir = state_dir.unwrap_or_else(|| cache_root().join("clusters").join(version.dir_name()));
+    Ok(Args { command, version, state_dir })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(tessera_e2e_harness::DEFAULT_LOG_FILTER)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = parse_args().and_then(|args| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(async {
+            match args.command.as_str() {
+                "up" => up(&args).await,
+                "down" => down(&args.state_dir),
+                _ => status(&args.state_dir).await,
+            }
+        })
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tessera-cluster: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn up(args: &Args) -> anyhow::Result<ExitCode> {
+    if let Ok(state) = StateDir::open(&args.state_dir)
+        && let Ok(record) = state.read_record()
+    {
+        let alive = record.components.iter().filter(|c| is_alive(c.pid)).count();
+        if alive == record.components.len() {
+            eprintln!("already running ({}) in {}", record.version_string, state.root().display());
+            println!("export KUBECONFIG={}", record.kubeconfig.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        if alive > 0 {
+            bail!(
+                "{} holds a partly running control plane ({alive} of {} components); run `tessera-cluster down --state-dir {}` first",
+                state.root().display(),
+                record.components.len(),
+                state.root().display()
+            );
+        }
+    }
+    clean_state_dir(&args.state_dir)?;
+    let options = ControlPlaneOptions::new(args.version, &args.state_dir);
+    let cp = ControlPlane::start(options).await.context("starting the control plane")?;
+    let took = cp.started_in();
+    let record = cp.detach();
+    eprintln!("{} is up in {:.1}s: {}", record.version_string, took.as_secs_f64(), record.server);
+    for c in &record.components {
+        eprintln!("  {:<24} pid {:<8} log {}", c.name, c.pid, c.log.display());
+    }
+    eprintln!("stop with: tessera-cluster down --state-dir {}", args.state_dir.display());
+    println!("export KUBECONFIG={}", record.kubeconfig.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn clean_state_dir(dir: &Path) -> anyhow::Result<()> {
+    for entry in OWNED_ENTRIES {
+        let path = dir.join(entry);
+        let result = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {} from a previous run", path.display())),
+        }
+    }
+    Ok(())
+}
+
+fn down(dir: &Path) -> anyhow::Result<ExitCode> {
+    let state = match StateDir::open(dir) {
+        Ok(state) => state,
+        Err(_) => {
+            eprintln!("nothing to stop: {} does not exist", dir.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let marker = state.owner_marker();
+    // etcd last: its clients then shut down cleanly instead of retrying.
+    let mut stopped = 0;
+    for name in ["kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"] {
+        if stop_pid_file(name, &state.pid_file(name), &marker, Duration::from_secs(10))? {
+            eprintln!("stopped {name}");
+            stopped += 1;
+        }
+    }
+    let _ = std::fs::remove_file(state.record());
+    eprintln!("{stopped} component(s) stopped; logs stay in {}", state.logs().display());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(dir: &Path) -> anyhow::Result<ExitCode> {
+    let state = StateDir::open(dir).with_context(|| format!("no control plane state in {}", dir.display()))?;
+    let record = match state.read_record() {
+        Ok(record) => record,
+        Err(_) => {
+            println!("not running (no cluster.json in {})", state.root().display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("{} at {} (state {})", record.version_string, record.server, state.root().display());
+    let mut healthy = true;
+    for c in &record.components {
+        let alive = is_alive(c.pid);
+        healthy &= alive;
+        println!("  {:<24} pid {:<8} {}", c.name, c.pid, if alive { "running" } else { "NOT RUNNING" });
+    }
+    let ready = apiserver_ready(&record.kubeconfig).await;
+    match &ready {
+        Ok(()) => println!("  kube-apiserver /readyz ok"),
+        Err(e) => println!("  kube-apiserver /readyz failed: {e:#}"),
+    }
+    healthy &= ready.is_ok();
+    println!("export KUBECONFIG={}", record.kubeconfig.display());
+    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn apiserver_ready(kubeconfig: &Path) -> anyhow::Result<()> {
+    let parsed = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let mut config = kube::Config::from_custom_kubeconfig(parsed, &Default::default()).await?;
+    config.connect_timeout = Some(Duration::from_secs(2));
+    config.read_timeout = Some(Duration::from_secs(2));
+    let client = kube::Client::try_from(config)?;
+    let request = http::Request::get("/readyz").body(Vec::new())?;
+    client.request_text(request).await?;
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! A real upstream Kubernetes control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler) on loopback, for Tessera's e2e tests.
+//!
+//! The binaries come from `e2e/scripts/build-k8s.sh`, one multi-call binary per
+//! pinned Kubernetes version. Layers, bottom up:
+//! - [`versions`]: what differs per Kubernetes minor (DRA API version, gates);
+//! - [`binaries`]: where the binaries of a version are and whether they fit;
+//! - [`certs`] and [`kubeconfig`]: the PKI and the credentials written to disk;
+//! - [`process`]: one component as a child in its own process group, with its log;
+//! - [`controlplane`]: starts, checks and stops the whole control plane.
+//!
+//! Simulated nodes, the kubelet plugin and the kubelet stand-in are meant to be
+//! further modules on top of [`controlplane::ControlPlane`], each a [`process`]
+//! or an in-process task against [`controlplane::ControlPlane::client`].
+
+pub mod binaries;
+pub mod certs;
+pub mod controlplane;
+pub mod error;
+pub mod kubeconfig;
+pub mod ports;
+pub mod process;
+pub mod readiness;
+pub mod state;
+pub mod versions;
+
+pub use controlplane::{ControlPlane, ControlPlaneOptions};
+pub use error::{Error, Result};
+pub use versions::K8sVersion;
+
+/// A `tracing` filter for binaries and tests using the harness: kube-client
+/// logs every failed request at ERROR, and polling a starting server fails
+/// on purpose many times.
+pub const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::builder=off";
