@@ -120,7 +120,11 @@ impl Checkpoint {
     /// Writes the checkpoint atomically (mode 0600: it lists every claim on the node).
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
-        fsutil::write_atomic(path, &bytes, 0o600).map_err(|source| Error::Io { path: path.display().to_string(), source })
+        let io_error = |source| Error::Io { path: path.display().to_string(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_error)?;
+        }
+        fsutil::write_atomic(path, &bytes, 0o600).map_err(io_error)
     }
 
     /// The completed record of `uid` if it was prepared in boot `boot_id`.

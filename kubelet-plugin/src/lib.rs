@@ -10,6 +10,7 @@ pub mod claims;
 pub mod cli;
 pub mod grpc;
 pub mod http;
+pub mod install;
 pub mod lock;
 pub mod metrics;
 pub mod node;

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use tessera_driver::cdi::{self, CdiMode, DriverFiles};
-use tessera_driver::{Inventory, fsutil};
+use tessera_driver::Inventory;
+use tessera_driver::cdi::{CdiMode, DriverFiles};
 use tessera_kubelet_plugin::cli::{Args, CdiModeArg, LogFormat};
 use tessera_kubelet_plugin::metrics::Metrics;
-use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets, http};
+use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets, http, install};
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -41,7 +41,7 @@ async fn run(args: Args) -> Result<()> {
     for gpu in &inventory.gpus {
         tracing::info!(index = gpu.index, uuid = %gpu.uuid, product = %gpu.product_name, memory = gpu.memory, "GPU");
     }
-    install_shim(&args.shim_path, &args.state_dir)?;
+    install::install_shim(&args.shim_path, &args.state_dir)?;
     let (cdi_mode, driver_files) = match args.cdi_mode {
         CdiModeArg::Toolkit => (CdiMode::Toolkit, None),
         CdiModeArg::Standalone => (CdiMode::Standalone, Some(DriverFiles::discover(&args.driver_root, &args.dev_root)?)),
@@ -89,27 +89,6 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
         None => kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?,
     };
     Ok(kube::Client::try_from(config)?)
-}
-
-/// Copies the shim to `<state-dir>/lib/libtessera.so` (a host path every claim's CDI spec
-/// mounts) and writes the `ld.so.preload` that names it inside containers. The copy is replaced
-/// atomically and only when it changed: running containers keep the inode they mounted.
-fn install_shim(shim: &Path, state_dir: &Path) -> Result<()> {
-    let host = cdi::HostPaths::new(state_dir, "_");
-    let bytes = std::fs::read(shim).with_context(|| format!("reading the shim --shim-path {}", shim.display()))?;
-    if !bytes.starts_with(b"\x7fELF") {
-        bail!("--shim-path {} is not a shared library", shim.display());
-    }
-    if let Some(lib) = host.shim.parent() {
-        std::fs::create_dir_all(lib).with_context(|| format!("creating {}", lib.display()))?;
-    }
-    if std::fs::read(&host.shim).ok().as_deref() != Some(bytes.as_slice()) {
-        fsutil::write_atomic(&host.shim, &bytes, 0o755).with_context(|| format!("installing {}", host.shim.display()))?;
-        tracing::info!(path = %host.shim.display(), "installed the shim");
-    }
-    fsutil::write_atomic(&host.preload, cdi::preload_file().as_bytes(), 0o644)
-        .with_context(|| format!("writing {}", host.preload.display()))?;
-    Ok(())
 }
 
 fn boot_id() -> String {
