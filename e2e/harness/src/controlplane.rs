@@ -426,6 +426,10 @@ fn controller_manager_args(options: &ControlPlaneOptions, state: &StateDir, pki:
         // its bootstrap role; system:kube-controller-manager alone may not even
         // read nodes, so the node-lifecycle controller could not lift taints.
         arg("use-service-account-credentials", "true"),
+        // Controllers start one after another, each first fetching a token for
+        // its service account; at the default 20 QPS that alone takes ~5 s.
+        arg("kube-api-qps", "200"),
+        arg("kube-api-burst", "400"),
         // Simulated nodes have no kubelet posting heartbeats; with the default
         // 40-50 s the node-lifecycle controller would taint them unreachable
         // mid-test. It still runs, to lift the not-ready taint that admission

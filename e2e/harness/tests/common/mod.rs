@@ -20,7 +20,7 @@ use tessera_e2e_harness::process::log_tail;
 pub fn binaries_or_skip(version: K8sVersion, test: &str) -> Option<Binaries> {
     match std::env::var("TESSERA_E2E").ok().as_deref() {
         Some("0") => {
-            eprintln!("SKIP {test}: TESSERA_E2E=0");
+            skip(&format!("SKIP {test}: TESSERA_E2E=0"));
             None
         }
         Some(_) => match Binaries::locate(version) {
@@ -30,11 +30,18 @@ pub fn binaries_or_skip(version: K8sVersion, test: &str) -> Option<Binaries> {
         None => match Binaries::locate(version) {
             Ok(b) => Some(b),
             Err(e) => {
-                eprintln!("SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make missing binaries a failure)");
+                skip(&format!("SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make missing binaries a failure)"));
                 None
             }
         },
     }
+}
+
+/// Writes to the real stderr: `eprintln!` output of a passing test is
+/// captured by the test harness, and a skip must be visible in CI logs.
+fn skip(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
 }
 
 pub fn init_tracing() {
