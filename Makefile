@@ -24,4 +24,5 @@ shim-release:
 
 ## Measure the shim's per-call overhead against the bare fake driver.
 bench:
+	cargo build --release -p tessera-shim -p tessera-fake-cuda -p tessera-fake-nvml
 	cargo bench -p tessera-shim --bench call_overhead

@@ -51,24 +51,24 @@ fn racing_processes_never_overshoot() {
     for app in &mut apps {
         assert_eq!(app.rc("init 0"), 0);
     }
-    // Each process asks for 300 MiB four times, all at once: at most three can ever fit.
-    let script = format!("alloc {0}\nalloc {0}\nalloc {0}\nalloc {0}\nquit\n", 300 * MIB);
-    let outputs: Vec<_> = apps
-        .into_iter()
-        .map(|mut app| {
-            use std::io::Write;
-            let mut stdin = app.child.stdin.take().expect("stdin");
-            stdin.write_all(script.as_bytes()).expect("write");
-            app
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .map(|app| app.child.wait_with_output().expect("output"))
-        .collect();
-    let granted: usize = outputs
-        .iter()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("alloc 0 ")).count())
-        .sum();
+    // Each process asks for 300 MiB four times, all at once, and holds what it got until every
+    // process is done: at most three can ever fit.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    for mut app in apps {
+        let sender = sender.clone();
+        std::thread::spawn(move || {
+            app.send_lines(&vec![format!("alloc {}", 300 * MIB); 4]);
+            let replies: Vec<String> = (0..4).map(|_| app.read_line()).collect();
+            sender.send((app, replies)).expect("send");
+        });
+    }
+    drop(sender);
+    let results: Vec<(App, Vec<String>)> = receiver.iter().collect();
+    assert_eq!(results.len(), 6);
+    let granted: usize = results.iter().map(|(_, replies)| replies.iter().filter(|l| l.starts_with("alloc 0 ")).count()).sum();
+    for (app, _) in results {
+        app.finish();
+    }
     assert!((1..=3).contains(&granted), "{granted} × 300 MiB granted on a 1 GiB claim");
 }
 

@@ -62,6 +62,7 @@ fn cudart_keeps_using_the_shims_get_proc_address() {
         .expect("run app");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("replayed 419 "), "all 419 requests replayed: {stdout}");
+    // Without the shim the same replay ends on the driver's own cuGetProcAddress (the control).
     assert!(stdout.contains("getproc-is-shim 1"), "cudart's cuGetProcAddress must be the shim's: {stdout}");
 }
 

@@ -146,8 +146,9 @@ static void resolve_cudart(const char *path) {
     fclose(file);
     printf("replayed %d %d\n", requests, found);
     /* The pointer cudart ended up using for cuGetProcAddress must be the shim's, if one is loaded. */
-    void *shim = dlopen("libtessera.so", RTLD_NOW | RTLD_NOLOAD);
-    printf("getproc-is-shim %d\n", shim && dlsym(shim, "cuGetProcAddress_v2") == (void *)get_proc);
+    Dl_info info;
+    int in_shim = dladdr((void *)get_proc, &info) && info.dli_fname && strstr(info.dli_fname, "libtessera");
+    printf("getproc-is-shim %d\n", in_shim);
 }
 
 static CUdeviceptr pointers[4096];

@@ -156,8 +156,14 @@ impl Scene {
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut app = App { child, stdin, stdout };
+        if way == "cudart" {
+            let replayed = app.read_line();
+            assert!(replayed.starts_with("replayed"), "replay did not run: {replayed}");
+            let shim = app.read_line();
+            assert!(!preload || shim == "getproc-is-shim 1", "cudart must end up on the shim's cuGetProcAddress: {shim}");
+        }
         let first = app.read_line();
-        assert!(first.starts_with("ready") || first.starts_with("replayed"), "app did not start: {first}");
+        assert_eq!(first, "ready", "app did not start");
         app
     }
 }
@@ -195,6 +201,14 @@ impl App {
     /// The result code of a command.
     pub fn rc(&mut self, command: &str) -> i64 {
         self.run(command)[0]
+    }
+
+    /// Sends several commands at once without waiting for their replies.
+    pub fn send_lines(&mut self, lines: &[String]) {
+        for line in lines {
+            writeln!(self.stdin, "{line}").expect("write command");
+        }
+        self.stdin.flush().expect("flush");
     }
 
     /// Ends the app and returns its stderr.
