@@ -191,3 +191,134 @@ pub struct CUlaunchConfig {
 /// `CU_MEM_ATTACH_GLOBAL`, the default flag of `cuMemAllocManaged`.
 pub const CU_MEM_ATTACH_GLOBAL: c_uint = 0x1;
 pub const CU_MEM_ATTACH_HOST: c_uint = 0x2;
+
+// --- Added for the fake driver (fake-gpu/cuda); additive only. ---------------------------------
+
+pub const CUDA_ERROR_PRIMARY_CONTEXT_ACTIVE: CUresult = 708;
+pub const CUDA_ERROR_CONTEXT_IS_DESTROYED: CUresult = 709;
+
+/// Stream handles with a fixed meaning: the legacy default stream and the per-thread one.
+pub const CU_STREAM_LEGACY: usize = 0x1;
+pub const CU_STREAM_PER_THREAD: usize = 0x2;
+
+/// `cuStreamCreate` flags.
+pub const CU_STREAM_DEFAULT: c_uint = 0x0;
+pub const CU_STREAM_NON_BLOCKING: c_uint = 0x1;
+
+/// `cuEventCreate` flags.
+pub const CU_EVENT_DEFAULT: c_uint = 0x0;
+pub const CU_EVENT_BLOCKING_SYNC: c_uint = 0x1;
+pub const CU_EVENT_DISABLE_TIMING: c_uint = 0x2;
+pub const CU_EVENT_INTERPROCESS: c_uint = 0x4;
+
+/// `cuMemHostAlloc` flags.
+pub const CU_MEMHOSTALLOC_PORTABLE: c_uint = 0x1;
+pub const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 0x2;
+pub const CU_MEMHOSTALLOC_WRITECOMBINED: c_uint = 0x4;
+
+/// Context creation flags: the scheduling policy (low three bits, one value at most) and the rest.
+pub const CU_CTX_SCHED_MASK: c_uint = 0x07;
+pub const CU_CTX_MAP_HOST: c_uint = 0x08;
+pub const CU_CTX_LMEM_RESIZE_TO_MAX: c_uint = 0x10;
+pub const CU_CTX_COREDUMP_ENABLE: c_uint = 0x20;
+pub const CU_CTX_USER_COREDUMP_ENABLE: c_uint = 0x40;
+pub const CU_CTX_SYNC_MEMOPS: c_uint = 0x80;
+
+/// `CUmemAllocationGranularity_flags`.
+pub const CU_MEM_ALLOC_GRANULARITY_MINIMUM: c_int = 0x0;
+pub const CU_MEM_ALLOC_GRANULARITY_RECOMMENDED: c_int = 0x1;
+
+/// `CUmemAccess_flags`.
+pub const CU_MEM_ACCESS_FLAGS_PROT_NONE: c_int = 0x0;
+pub const CU_MEM_ACCESS_FLAGS_PROT_READ: c_int = 0x1;
+pub const CU_MEM_ACCESS_FLAGS_PROT_READWRITE: c_int = 0x3;
+
+/// `CUmemAccessDesc`, the entries of `cuMemSetAccess`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CUmemAccessDesc {
+    pub location: CUmemLocation,
+    pub flags: c_int,
+}
+
+/// `CUmemPoolProps` (88 bytes; the tail is `maxSize`, `usage` and reserved bytes in 12.x).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CUmemPoolProps {
+    pub alloc_type: c_int,
+    pub handle_types: c_int,
+    pub location: CUmemLocation,
+    pub win32_security_attributes: *mut c_void,
+    pub max_size: usize,
+    pub usage: u16,
+    pub reserved: [u8; 54],
+}
+
+impl Default for CUmemPoolProps {
+    fn default() -> Self {
+        Self {
+            alloc_type: CU_MEM_ALLOCATION_TYPE_PINNED,
+            handle_types: 0,
+            location: CUmemLocation::default(),
+            win32_security_attributes: core::ptr::null_mut(),
+            max_size: 0,
+            usage: 0,
+            reserved: [0; 54],
+        }
+    }
+}
+
+/// `CUDA_KERNEL_NODE_PARAMS_v1`, taken by `cuGraphAddKernelNode`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CUDA_KERNEL_NODE_PARAMS {
+    pub func: CUfunction,
+    pub grid_dim_x: c_uint,
+    pub grid_dim_y: c_uint,
+    pub grid_dim_z: c_uint,
+    pub block_dim_x: c_uint,
+    pub block_dim_y: c_uint,
+    pub block_dim_z: c_uint,
+    pub shared_mem_bytes: c_uint,
+    pub kernel_params: *mut *mut c_void,
+    pub extra: *mut *mut c_void,
+}
+
+/// `CUDA_KERNEL_NODE_PARAMS_v2`, taken by `cuGraphAddKernelNode_v2`: v1 plus a library kernel
+/// handle (`CUkernel`, used when `func` is NULL) and a context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CUDA_KERNEL_NODE_PARAMS_v2 {
+    pub func: CUfunction,
+    pub grid_dim_x: c_uint,
+    pub grid_dim_y: c_uint,
+    pub grid_dim_z: c_uint,
+    pub block_dim_x: c_uint,
+    pub block_dim_y: c_uint,
+    pub block_dim_z: c_uint,
+    pub shared_mem_bytes: c_uint,
+    pub kernel_params: *mut *mut c_void,
+    pub extra: *mut *mut c_void,
+    pub kern: *mut c_void,
+    pub ctx: CUcontext,
+}
+
+/// `CUlaunchAttribute`: an id, padding to 8 bytes, and a 64-byte value union.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CUlaunchAttribute {
+    pub id: c_int,
+    pub pad: [u8; 4],
+    pub value: [u8; 64],
+}
+
+/// `CUlaunchAttributeID` values.
+pub const CU_LAUNCH_ATTRIBUTE_COOPERATIVE: c_int = 2;
+
+const _: () = {
+    assert!(core::mem::size_of::<CUmemAccessDesc>() == 12);
+    assert!(core::mem::size_of::<CUmemPoolProps>() == 88);
+    assert!(core::mem::size_of::<CUDA_KERNEL_NODE_PARAMS>() == 56);
+    assert!(core::mem::size_of::<CUDA_KERNEL_NODE_PARAMS_v2>() == 72);
+    assert!(core::mem::size_of::<CUlaunchAttribute>() == 72);
+};

@@ -106,3 +106,27 @@ pub const NVML_DEVICE_ARCH_TURING: nvmlDeviceArchitecture_t = 6;
 pub const NVML_DEVICE_ARCH_AMPERE: nvmlDeviceArchitecture_t = 7;
 pub const NVML_DEVICE_ARCH_ADA: nvmlDeviceArchitecture_t = 8;
 pub const NVML_DEVICE_ARCH_HOPPER: nvmlDeviceArchitecture_t = 9;
+
+// --- Added for the fake NVML (fake-gpu/nvml); additive only. -----------------------------------
+
+pub const NVML_ERROR_NO_DATA: nvmlReturn_t = 26;
+
+/// What `gpuInstanceId`/`computeInstanceId` hold when MIG is off.
+pub const NVML_VALUE_NOT_AVAILABLE_UINT: c_uint = 0xFFFF_FFFF;
+
+/// `nvmlProcessInfo_v1_t`, filled by `nvmlDeviceGetComputeRunningProcesses` (v1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct nvmlProcessInfo_v1_t {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+}
+
+/// The NVML library version buffer size (`nvmlSystemGetNVMLVersion`).
+pub const NVML_SYSTEM_NVML_VERSION_BUFFER_SIZE: usize = 80;
+
+pub const NVML_DEVICE_ARCH_KEPLER: nvmlDeviceArchitecture_t = 2;
+pub const NVML_DEVICE_ARCH_MAXWELL: nvmlDeviceArchitecture_t = 3;
+pub const NVML_DEVICE_ARCH_PASCAL: nvmlDeviceArchitecture_t = 4;
+pub const NVML_DEVICE_ARCH_VOLTA: nvmlDeviceArchitecture_t = 5;
+pub const NVML_DEVICE_ARCH_BLACKWELL: nvmlDeviceArchitecture_t = 10;

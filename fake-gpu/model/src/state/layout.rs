@@ -117,6 +117,6 @@ const _: () = {
     assert!(size_of::<Header>() <= HEADER_SIZE);
     assert!(size_of::<DeviceRecord>() == 128);
     assert!(size_of::<SlotRecord>() == 320);
-    assert!(SLOTS_OFFSET % 64 == 0);
+    assert!(SLOTS_OFFSET.is_multiple_of(64));
     assert!(MAX_DEVICES <= 64, "devices_open is a 64-bit mask");
 };

@@ -110,6 +110,7 @@ impl Region {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o666)
             .open(path)
             .map_err(io_error("cannot open it"))?;

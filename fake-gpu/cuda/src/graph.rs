@@ -1,0 +1,181 @@
+//! CUDA graphs, as far as kernels go: create a graph, add kernel nodes, instantiate, launch.
+//! Launching an executable graph counts one graph launch and one kernel per kernel node.
+
+use std::ffi::{c_char, c_uint, c_ulonglong};
+use std::sync::Mutex;
+
+use tessera_gpu_abi::cuda::*;
+
+use crate::guard::{Result, check, get, guard, put};
+use crate::handles::{Kind, Registry, from_ptr, lock, new_handle, to_ptr};
+use crate::launch::Shape;
+use crate::process::process;
+use crate::stream::validate_stream;
+
+pub struct Graph {
+    /// Kernel node handles, in the order added.
+    nodes: Mutex<Vec<u64>>,
+}
+
+pub struct GraphExec {
+    kernels: u64,
+}
+
+pub struct Graphs {
+    graphs: Registry<Graph>,
+    execs: Registry<GraphExec>,
+}
+
+impl Graphs {
+    pub fn new() -> Self {
+        Self { graphs: Registry::new(Kind::Graph), execs: Registry::new(Kind::GraphExec) }
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphCreate(graph: *mut CUgraph, flags: c_uint) -> CUresult {
+    guard(|| {
+        let process = process()?;
+        check(!graph.is_null() && flags == 0)?;
+        let (handle, _) = process.graphs.graphs.insert_with(|_| Graph { nodes: Mutex::new(Vec::new()) });
+        unsafe { put(graph, to_ptr(handle)) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphDestroy(graph: CUgraph) -> CUresult {
+    guard(|| {
+        let process = process()?;
+        process.graphs.graphs.remove(from_ptr(graph)).map(drop).ok_or(CUDA_ERROR_INVALID_VALUE)
+    })
+}
+
+/// Adds a kernel node. `kernel_known` says whether the node names a kernel at all (a loaded
+/// function, or — v2 only — a library kernel handle the fake cannot check).
+fn add_kernel_node(
+    node: *mut CUgraphNode,
+    graph: CUgraph,
+    dependencies: *const CUgraphNode,
+    count: usize,
+    shape: Shape,
+    kernel_known: bool,
+) -> Result {
+    let process = process()?;
+    check(!node.is_null() && kernel_known)?;
+    shape.validate()?;
+    let graph = process.graphs.graphs.get(from_ptr(graph)).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    let mut nodes = lock(&graph.nodes);
+    if count > 0 {
+        check(!dependencies.is_null())?;
+        // SAFETY: the caller passes `count` node handles.
+        let deps = unsafe { std::slice::from_raw_parts(dependencies, count) };
+        check(deps.iter().all(|d| nodes.contains(&from_ptr(*d))))?;
+    }
+    let handle = new_handle(Kind::GraphNode);
+    nodes.push(handle);
+    unsafe { put(node, to_ptr(handle)) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphAddKernelNode(
+    node: *mut CUgraphNode,
+    graph: CUgraph,
+    dependencies: *const CUgraphNode,
+    count: usize,
+    params: *const CUDA_KERNEL_NODE_PARAMS,
+) -> CUresult {
+    guard(|| {
+        let process = process()?;
+        let p = unsafe { get(params) }?;
+        let shape = Shape {
+            grid: [p.grid_dim_x, p.grid_dim_y, p.grid_dim_z],
+            block: [p.block_dim_x, p.block_dim_y, p.block_dim_z],
+        };
+        let known = !p.func.is_null() && process.modules.is_function(p.func);
+        add_kernel_node(node, graph, dependencies, count, shape, known)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphAddKernelNode_v2(
+    node: *mut CUgraphNode,
+    graph: CUgraph,
+    dependencies: *const CUgraphNode,
+    count: usize,
+    params: *const CUDA_KERNEL_NODE_PARAMS_v2,
+) -> CUresult {
+    guard(|| {
+        let process = process()?;
+        let p = unsafe { get(params) }?;
+        let shape = Shape {
+            grid: [p.grid_dim_x, p.grid_dim_y, p.grid_dim_z],
+            block: [p.block_dim_x, p.block_dim_y, p.block_dim_z],
+        };
+        let known = if p.func.is_null() { !p.kern.is_null() } else { process.modules.is_function(p.func) };
+        add_kernel_node(node, graph, dependencies, count, shape, known)
+    })
+}
+
+fn instantiate(exec: *mut CUgraphExec, graph: CUgraph) -> Result {
+    let process = process()?;
+    check(!exec.is_null())?;
+    let graph = process.graphs.graphs.get(from_ptr(graph)).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    let kernels = lock(&graph.nodes).len() as u64;
+    let (handle, _) = process.graphs.execs.insert_with(|_| GraphExec { kernels });
+    unsafe { put(exec, to_ptr(handle)) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphInstantiate(
+    exec: *mut CUgraphExec,
+    graph: CUgraph,
+    _error_node: *mut CUgraphNode,
+    _log: *mut c_char,
+    _log_size: usize,
+) -> CUresult {
+    guard(|| instantiate(exec, graph))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphInstantiate_v2(
+    exec: *mut CUgraphExec,
+    graph: CUgraph,
+    _error_node: *mut CUgraphNode,
+    _log: *mut c_char,
+    _log_size: usize,
+) -> CUresult {
+    guard(|| instantiate(exec, graph))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(exec: *mut CUgraphExec, graph: CUgraph, _flags: c_ulonglong) -> CUresult {
+    guard(|| instantiate(exec, graph))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphExecDestroy(exec: CUgraphExec) -> CUresult {
+    guard(|| {
+        let process = process()?;
+        process.graphs.execs.remove(from_ptr(exec)).map(drop).ok_or(CUDA_ERROR_INVALID_VALUE)
+    })
+}
+
+fn graph_launch(exec: CUgraphExec, stream: CUstream) -> Result {
+    let process = process()?;
+    check(!exec.is_null())?;
+    let exec = process.graphs.execs.get(from_ptr(exec)).ok_or(CUDA_ERROR_INVALID_HANDLE)?;
+    validate_stream(process, stream)?;
+    process.launches.graphs.add(1);
+    process.launches.kernels.add(exec.kernels);
+    Ok(())
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphLaunch(exec: CUgraphExec, stream: CUstream) -> CUresult {
+    guard(|| graph_launch(exec, stream))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphLaunch_ptsz(exec: CUgraphExec, stream: CUstream) -> CUresult {
+    guard(|| graph_launch(exec, stream))
+}
