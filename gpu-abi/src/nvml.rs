@@ -109,7 +109,6 @@ pub const NVML_DEVICE_ARCH_HOPPER: nvmlDeviceArchitecture_t = 9;
 
 // --- Added for the fake NVML (fake-gpu/nvml); additive only. -----------------------------------
 
-pub const NVML_ERROR_NO_DATA: nvmlReturn_t = 26;
 
 /// What `gpuInstanceId`/`computeInstanceId` hold when MIG is off.
 pub const NVML_VALUE_NOT_AVAILABLE_UINT: c_uint = 0xFFFF_FFFF;
