@@ -117,14 +117,18 @@ impl Checkpoint {
         serde_json::from_slice(&bytes).map_err(|source| Error::Parse { path: display(), source })
     }
 
-    /// Writes the checkpoint atomically (mode 0600: it lists every claim on the node).
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// Writes the checkpoint atomically (mode 0600: it lists every claim on the node); with
+    /// `durable`, also fsynced (see `fsutil`): the state a call ends in must survive a power cut,
+    /// an intermediate `PrepareStarted` record need not (after a reboot every claim is prepared
+    /// afresh, and unprepare works from the claim UID).
+    pub fn save(&self, path: &Path, durable: bool) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
         let io_error = |source| Error::Io { path: path.display().to_string(), source };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_error)?;
         }
-        fsutil::write_atomic(path, &bytes, 0o600).map_err(io_error)
+        let write = if durable { fsutil::write_durable } else { fsutil::write_atomic };
+        write(path, &bytes, 0o600).map_err(io_error)
     }
 
     /// The completed record of `uid` if it was prepared in boot `boot_id`.
@@ -166,7 +170,7 @@ mod tests {
         let path = dir.path().join("checkpoint.json");
         assert_eq!(Checkpoint::load(&path).expect("missing is empty"), Checkpoint::default());
         let checkpoint = sample();
-        checkpoint.save(&path).expect("save");
+        checkpoint.save(&path, true).expect("save");
         assert_eq!(Checkpoint::load(&path).expect("load"), checkpoint);
         assert!(checkpoint.completed("u", "boot-1").is_some());
         assert!(checkpoint.completed("u", "boot-2").is_none(), "a reboot invalidates the record");

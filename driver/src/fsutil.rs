@@ -1,5 +1,13 @@
 //! Crash-safe file writes: a reader (the container runtime, the shim, a restarted plugin) sees
 //! either the old file or the complete new one, never a torn one.
+//!
+//! Two strengths. [`write_atomic`] is atomic against a crash of the writing process (the page
+//! cache outlives it), which is all that claim files need: a power loss means a reboot, after
+//! which the checkpoint's boot ID makes every claim be prepared afresh, and `/var/run/cdi` is
+//! gone anyway. [`write_durable`] also survives a power loss (fsync of the file and of the
+//! directory after the rename); the checkpoint's final state uses it, so a node never comes back
+//! with a checkpoint it cannot parse. Each fsync costs milliseconds on common disks, which is
+//! why claim files do without.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -7,9 +15,18 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Writes `bytes` to `path` atomically with permission bits `mode`: a temporary file in the same
-/// directory, fsync, rename over the target, fsync of the directory (so the rename itself
-/// survives a power cut).
+/// directory, renamed over the target.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write(path, bytes, mode, false)
+}
+
+/// Like [`write_atomic`], and durable: the file is fsynced before the rename and the directory
+/// after it, so the new contents survive a power cut.
+pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write(path, bytes, mode, true)
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
     let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     // A leading dot keeps half-written files out of directory watchers that skip dotfiles (the
@@ -20,9 +37,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         // The umask may have cleared bits of `mode` (0666 regions must stay world-writable).
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -55,7 +77,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("region");
         write_atomic(&path, b"first", 0o666).expect("write");
-        write_atomic(&path, b"second", 0o666).expect("rewrite");
+        write_durable(&path, b"second", 0o666).expect("rewrite");
         assert_eq!(fs::read(&path).expect("read"), b"second");
         assert_eq!(fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o666);
         let leftovers: Vec<_> = fs::read_dir(dir.path()).expect("list").collect();

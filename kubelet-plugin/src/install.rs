@@ -20,7 +20,7 @@ pub fn install_shim(shim: &Path, state_dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(lib).map_err(context(format!("creating {}", lib.display())))?;
     }
     if std::fs::read(&host.shim).ok().as_deref() != Some(bytes.as_slice()) {
-        fsutil::write_atomic(&host.shim, &bytes, 0o755).map_err(context(format!("installing {}", host.shim.display())))?;
+        fsutil::write_durable(&host.shim, &bytes, 0o755).map_err(context(format!("installing {}", host.shim.display())))?;
         tracing::info!(path = %host.shim.display(), "installed the shim");
     }
     fsutil::write_atomic(&host.preload, cdi::preload_file().as_bytes(), 0o644)

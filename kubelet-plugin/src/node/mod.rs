@@ -167,7 +167,7 @@ impl Node {
         for plan in &plans {
             checkpoint.claims.insert(plan.uid.clone(), record(plan, ClaimState::PrepareStarted, &self.config.boot_id));
         }
-        checkpoint.save(&path)?;
+        checkpoint.save(&path, false)?;
         self.step(Step::Started, &plans[0].uid)?;
         for plan in &plans {
             let written = self.write(plan)?;
@@ -179,7 +179,7 @@ impl Node {
             checkpoint.claims.insert(plan.uid.clone(), record(plan, ClaimState::PrepareCompleted, &self.config.boot_id));
             results.insert(plan.uid.clone(), Ok(plan.devices.clone()));
         }
-        checkpoint.save(&path)?;
+        checkpoint.save(&path, true)?;
         self.step(Step::Completed, &plans[0].uid)?;
         Ok(results)
     }
@@ -222,7 +222,7 @@ impl Node {
             results.insert(claim.uid.clone(), result);
         }
         if changed {
-            checkpoint.save(&path)?;
+            checkpoint.save(&path, true)?;
         }
         Ok(results)
     }
