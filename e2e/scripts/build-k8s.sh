@@ -23,6 +23,10 @@ command -v go >/dev/null || die "go is not on PATH (need Go >= the 'go' line of 
 [[ -f $1/go.mod && -f $1/go.sum && -f $1/main.go ]] || die "$1 is not a pinned version module (go.mod, go.sum, main.go)"
 
 src=$(cd "$1" && pwd)
+template=$(cd "$(dirname "$0")/../k8s/multicall" && pwd)/main.go
+if [[ -f $template ]] && ! cmp -s "$template" "$src/main.go"; then
+  echo "build-k8s: warning: $src/main.go differs from $template; re-run pin-k8s.sh to bring it in line" >&2
+fi
 version=$(basename "$src")
 cache=${TESSERA_CACHE:-$HOME/.cache/tessera}
 out=$cache/k8s/$version/bin

@@ -15,7 +15,12 @@ use crate::versions::K8sVersion;
 /// The four components, as names of executables in the bin directory (the
 /// build script makes them symlinks to one multi-call binary; separately
 /// built upstream binaries work as well).
-pub const COMPONENTS: [&str; 4] = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"];
+pub const COMPONENTS: [&str; 4] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
 
 /// A checked set of binaries for one version.
 #[derive(Debug, Clone)]
@@ -53,16 +58,25 @@ impl Binaries {
             .map_err(|e| missing(format!("cannot run {}: {e}", apiserver.display())))?;
         let version_string = String::from_utf8_lossy(&output.stdout).trim().to_owned();
         if !output.status.success() {
-            return Err(missing(format!("`kube-apiserver --version` failed: {}", output.status)));
+            return Err(missing(format!(
+                "`kube-apiserver --version` failed: {}",
+                output.status
+            )));
         }
         let reported = version_string
             .split_whitespace()
             .last()
             .and_then(|v| v.parse::<K8sVersion>().ok());
         if reported != Some(version) {
-            return Err(missing(format!("binaries report {version_string:?}, not {version}")));
+            return Err(missing(format!(
+                "binaries report {version_string:?}, not {version}"
+            )));
         }
-        Ok(Binaries { version, dir: dir.to_owned(), version_string })
+        Ok(Binaries {
+            version,
+            dir: dir.to_owned(),
+            version_string,
+        })
     }
 
     pub fn path(&self, component: &str) -> PathBuf {
@@ -75,7 +89,9 @@ pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("TESSERA_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache").join("tessera")
 }
 
@@ -83,7 +99,10 @@ pub fn cache_root() -> PathBuf {
 pub fn default_dir(version: K8sVersion) -> PathBuf {
     match std::env::var_os("TESSERA_K8S_BIN_DIR").filter(|d| !d.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => cache_root().join("k8s").join(version.dir_name()).join("bin"),
+        None => cache_root()
+            .join("k8s")
+            .join(version.dir_name())
+            .join("bin"),
     }
 }
 

@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::error::{Error, Result};
@@ -38,13 +38,28 @@ pub struct Identity<'a> {
     pub groups: &'a [&'a str],
 }
 
-pub const ADMIN: Identity<'static> = Identity { file: "admin", user: "tessera-admin", groups: &["system:masters"] };
-pub const SCHEDULER: Identity<'static> = Identity { file: "scheduler", user: "system:kube-scheduler", groups: &[] };
+pub const ADMIN: Identity<'static> = Identity {
+    file: "admin",
+    user: "tessera-admin",
+    groups: &["system:masters"],
+};
+pub const SCHEDULER: Identity<'static> = Identity {
+    file: "scheduler",
+    user: "system:kube-scheduler",
+    groups: &[],
+};
 /// The apiserver's identity towards aggregated apiservers; also the only
 /// name allowed to assert users through request headers.
-pub const FRONT_PROXY: Identity<'static> = Identity { file: "front-proxy-client", user: "front-proxy-client", groups: &[] };
-pub const CONTROLLER_MANAGER: Identity<'static> =
-    Identity { file: "controller-manager", user: "system:kube-controller-manager", groups: &[] };
+pub const FRONT_PROXY: Identity<'static> = Identity {
+    file: "front-proxy-client",
+    user: "front-proxy-client",
+    groups: &[],
+};
+pub const CONTROLLER_MANAGER: Identity<'static> = Identity {
+    file: "controller-manager",
+    user: "system:kube-controller-manager",
+    groups: &[],
+};
 
 /// The generated PKI. Keeps the CA key in memory so that later layers
 /// (simulated nodes, the kubelet plugin) can be issued identities too.
@@ -69,10 +84,15 @@ impl Pki {
         fs::create_dir_all(dir).map_err(Error::io(dir, "creating the PKI directory"))?;
 
         let mut ca_params = CertificateParams::default();
-        ca_params.distinguished_name.push(DnType::CommonName, "tessera-e2e-ca");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tessera-e2e-ca");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_key = new_key("ca")?;
         let ca_key_pem = ca_key.serialize_pem();
         let ca = CertifiedIssuer::self_signed(ca_params, ca_key).map_err(cert_err("ca"))?;
@@ -90,11 +110,26 @@ impl Pki {
             dir: dir.to_owned(),
             ca,
             ca_cert,
-            serving: CertFiles { cert: PathBuf::new(), key: PathBuf::new() },
-            admin: CertFiles { cert: PathBuf::new(), key: PathBuf::new() },
-            scheduler: CertFiles { cert: PathBuf::new(), key: PathBuf::new() },
-            controller_manager: CertFiles { cert: PathBuf::new(), key: PathBuf::new() },
-            front_proxy: CertFiles { cert: PathBuf::new(), key: PathBuf::new() },
+            serving: CertFiles {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            admin: CertFiles {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            scheduler: CertFiles {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            controller_manager: CertFiles {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
+            front_proxy: CertFiles {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
             service_account_key,
             service_account_pub,
         };
@@ -116,12 +151,22 @@ impl Pki {
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
         ];
-        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .map_err(cert_err("serving"))?;
-        params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(KUBERNETES_SERVICE_IP)));
-        params.distinguished_name.push(DnType::CommonName, "tessera-e2e-serving");
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .map_err(cert_err("serving"))?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(KUBERNETES_SERVICE_IP)));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tessera-e2e-serving");
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue("serving", params)
     }
@@ -132,9 +177,14 @@ impl Pki {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, id.user);
         for group in id.groups {
-            params.distinguished_name.push(DnType::OrganizationName, *group);
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *group);
         }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(id.file, params)
     }
@@ -142,7 +192,10 @@ impl Pki {
     fn issue(&self, file: &str, params: CertificateParams) -> Result<CertFiles> {
         let key = new_key(file)?;
         let cert = params.signed_by(&key, &self.ca).map_err(cert_err(file))?;
-        let files = CertFiles { cert: self.dir.join(format!("{file}.crt")), key: self.dir.join(format!("{file}.key")) };
+        let files = CertFiles {
+            cert: self.dir.join(format!("{file}.crt")),
+            key: self.dir.join(format!("{file}.key")),
+        };
         write_private(&files.cert, cert.pem().as_bytes())?;
         write_private(&files.key, key.serialize_pem().as_bytes())?;
         Ok(files)
@@ -197,9 +250,21 @@ mod tests {
             &pki.service_account_pub,
         ] {
             let text = fs::read_to_string(path).expect("readable");
-            assert!(text.starts_with("-----BEGIN "), "{} is not PEM", path.display());
+            assert!(
+                text.starts_with("-----BEGIN "),
+                "{} is not PEM",
+                path.display()
+            );
         }
-        assert!(fs::read_to_string(&pki.service_account_key).expect("key").contains("PRIVATE KEY"));
-        assert!(fs::read_to_string(&pki.service_account_pub).expect("pub").contains("PUBLIC KEY"));
+        assert!(
+            fs::read_to_string(&pki.service_account_key)
+                .expect("key")
+                .contains("PRIVATE KEY")
+        );
+        assert!(
+            fs::read_to_string(&pki.service_account_pub)
+                .expect("pub")
+                .contains("PUBLIC KEY")
+        );
     }
 }

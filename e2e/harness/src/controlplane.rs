@@ -70,7 +70,12 @@ impl ControlPlaneOptions {
     }
 
     fn runtime_config(&self) -> String {
-        self.version.runtime_config().into_iter().chain(self.extra_runtime_config.iter().cloned()).collect::<Vec<_>>().join(",")
+        self.version
+            .runtime_config()
+            .into_iter()
+            .chain(self.extra_runtime_config.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -111,14 +116,29 @@ impl ControlPlane {
         let state = StateDir::create(&options.state_dir)?;
         let pki = Pki::generate(&state.pki())?;
         let ports = match free_ports(5)?.as_slice() {
-            &[etcd_client, etcd_peer, apiserver, controller_manager, scheduler] => {
-                Ports { etcd_client, etcd_peer, apiserver, controller_manager, scheduler }
-            }
+            &[
+                etcd_client,
+                etcd_peer,
+                apiserver,
+                controller_manager,
+                scheduler,
+            ] => Ports {
+                etcd_client,
+                etcd_peer,
+                apiserver,
+                controller_manager,
+                scheduler,
+            },
             other => unreachable!("free_ports(5) returned {} ports", other.len()),
         };
         let server = format!("https://127.0.0.1:{}", ports.apiserver);
         kubeconfig::write(&state.kubeconfig(), &server, &pki.ca_cert, &pki.admin)?;
-        kubeconfig::write(&state.component_kubeconfig("kube-scheduler"), &server, &pki.ca_cert, &pki.scheduler)?;
+        kubeconfig::write(
+            &state.component_kubeconfig("kube-scheduler"),
+            &server,
+            &pki.ca_cert,
+            &pki.scheduler,
+        )?;
         kubeconfig::write(
             &state.component_kubeconfig("kube-controller-manager"),
             &server,
@@ -147,13 +167,23 @@ impl ControlPlane {
         .await?;
         tracing::info!(ms = took.as_millis() as u64, "etcd is healthy");
 
-        processes.push(spawn("kube-apiserver", apiserver_args(&options, &state, &pki, ports))?);
+        processes.push(spawn(
+            "kube-apiserver",
+            apiserver_args(&options, &state, &pki, ports),
+        )?);
         let config = client_config(&state.kubeconfig()).await?;
-        let client = kube::Client::try_from(config.clone()).map_err(Error::kube("building the admin client"))?;
-        let took = wait_for("kube-apiserver /readyz", left(), &mut processes, APISERVER, || {
-            let client = client.clone();
-            async move { kube_get_ok(&client, "/readyz").await }
-        })
+        let client = kube::Client::try_from(config.clone())
+            .map_err(Error::kube("building the admin client"))?;
+        let took = wait_for(
+            "kube-apiserver /readyz",
+            left(),
+            &mut processes,
+            APISERVER,
+            || {
+                let client = client.clone();
+                async move { kube_get_ok(&client, "/readyz").await }
+            },
+        )
         .await?;
         tracing::info!(ms = took.as_millis() as u64, "kube-apiserver is ready");
 
@@ -161,8 +191,14 @@ impl ControlPlane {
             "kube-controller-manager",
             controller_manager_args(&options, &state, &pki, ports),
         )?);
-        processes.push(spawn("kube-scheduler", scheduler_args(&options, &state, &pki, ports))?);
-        for (index, port) in [(CONTROLLER_MANAGER, ports.controller_manager), (SCHEDULER, ports.scheduler)] {
+        processes.push(spawn(
+            "kube-scheduler",
+            scheduler_args(&options, &state, &pki, ports),
+        )?);
+        for (index, port) in [
+            (CONTROLLER_MANAGER, ports.controller_manager),
+            (SCHEDULER, ports.scheduler),
+        ] {
             let probe = health_client(&config, port)?;
             let what = format!("{} /healthz", processes[index].name());
             let took = wait_for(&what, left(), &mut processes, index, || {
@@ -170,7 +206,11 @@ impl ControlPlane {
                 async move { kube_get_ok(&probe, "/healthz").await }
             })
             .await?;
-            tracing::info!(component = processes[index].name(), ms = took.as_millis() as u64, "healthy");
+            tracing::info!(
+                component = processes[index].name(),
+                ms = took.as_millis() as u64,
+                "healthy"
+            );
         }
 
         let group_version = version.resource_group_version();
@@ -184,12 +224,22 @@ impl ControlPlane {
 
         // The controller-manager creates it; pods are rejected until it exists.
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-        wait_for("service account default/default", left(), &mut processes, CONTROLLER_MANAGER, || {
-            let accounts = accounts.clone();
-            async move {
-                accounts.get_opt("default").await.map(|sa| sa.is_some()).map_err(|e| e.to_string())
-            }
-        })
+        wait_for(
+            "service account default/default",
+            left(),
+            &mut processes,
+            CONTROLLER_MANAGER,
+            || {
+                let accounts = accounts.clone();
+                async move {
+                    accounts
+                        .get_opt("default")
+                        .await
+                        .map(|sa| sa.is_some())
+                        .map_err(|e| e.to_string())
+                }
+            },
+        )
         .await?;
 
         let started_in = began.elapsed();
@@ -220,7 +270,17 @@ impl ControlPlane {
         };
         state.write_record(&record)?;
 
-        Ok(ControlPlane { version, binaries, state, pki, processes, record, config, client, started_in })
+        Ok(ControlPlane {
+            version,
+            binaries,
+            state,
+            pki,
+            processes,
+            record,
+            config,
+            client,
+            started_in,
+        })
     }
 
     /// An admin client (system:masters).
@@ -269,7 +329,9 @@ impl ControlPlane {
 
     /// An error with the log tail of the first component that has exited, if any.
     pub fn check_running(&mut self) -> Result<()> {
-        self.processes.iter_mut().try_for_each(Process::check_running)
+        self.processes
+            .iter_mut()
+            .try_for_each(Process::check_running)
     }
 
     /// Stops everything: the three clients of etcd first, so that they do not
@@ -282,11 +344,13 @@ impl ControlPlane {
         if self.processes.is_empty() {
             return;
         }
+        let began = Instant::now();
         let grace = Duration::from_secs(10);
         let (etcd, clients) = self.processes.split_at_mut(APISERVER);
         stop_all(clients, grace);
         stop_all(etcd, grace);
         self.processes.clear();
+        tracing::info!(version = %self.version, ms = began.elapsed().as_millis() as u64, "control plane stopped");
     }
 
     /// Leaves the components running (for `tessera-cluster up`) and returns
@@ -306,7 +370,8 @@ impl Drop for ControlPlane {
 }
 
 async fn client_config(kubeconfig: &Path) -> Result<kube::Config> {
-    let parsed = Kubeconfig::read_from(kubeconfig).map_err(Error::kube(format!("reading {}", kubeconfig.display())))?;
+    let parsed = Kubeconfig::read_from(kubeconfig)
+        .map_err(Error::kube(format!("reading {}", kubeconfig.display())))?;
     kube::Config::from_custom_kubeconfig(parsed, &KubeConfigOptions::default())
         .await
         .map_err(Error::kube(format!("loading {}", kubeconfig.display())))
@@ -325,10 +390,22 @@ fn health_client(admin: &kube::Config, port: u16) -> Result<kube::Client> {
 }
 
 /// Whether discovery lists `group_version` with the DRA resources in it.
-async fn dra_api_served(client: &kube::Client, group_version: &str) -> std::result::Result<bool, String> {
-    let resources = client.list_api_group_resources(group_version).await.map_err(|e| e.to_string())?;
-    let names: Vec<&str> = resources.resources.iter().map(|r| r.name.as_str()).collect();
-    Ok(["resourceslices", "resourceclaims", "deviceclasses"].iter().all(|n| names.contains(n)))
+async fn dra_api_served(
+    client: &kube::Client,
+    group_version: &str,
+) -> std::result::Result<bool, String> {
+    let resources = client
+        .list_api_group_resources(group_version)
+        .await
+        .map_err(|e| e.to_string())?;
+    let names: Vec<&str> = resources
+        .resources
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    Ok(["resourceslices", "resourceclaims", "deviceclasses"]
+        .iter()
+        .all(|n| names.contains(n)))
 }
 
 fn arg(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
@@ -353,9 +430,17 @@ fn etcd_args(state: &StateDir, ports: Ports) -> Vec<OsString> {
     ]
 }
 
-fn apiserver_args(options: &ControlPlaneOptions, state: &StateDir, pki: &Pki, ports: Ports) -> Vec<OsString> {
+fn apiserver_args(
+    options: &ControlPlaneOptions,
+    state: &StateDir,
+    pki: &Pki,
+    ports: Ports,
+) -> Vec<OsString> {
     let mut args = vec![
-        arg("etcd-servers", format!("http://127.0.0.1:{}", ports.etcd_client)),
+        arg(
+            "etcd-servers",
+            format!("http://127.0.0.1:{}", ports.etcd_client),
+        ),
         arg("bind-address", "127.0.0.1"),
         arg("advertise-address", "127.0.0.1"),
         arg("secure-port", ports.apiserver.to_string()),
@@ -373,7 +458,10 @@ fn apiserver_args(options: &ControlPlaneOptions, state: &StateDir, pki: &Pki, po
         arg("proxy-client-key-file", &pki.front_proxy.key),
         // Unused (we pass certificates) but defaults to /var/run/kubernetes.
         arg("cert-dir", state.root().join("apiserver-certs")),
-        arg("service-account-issuer", "https://kubernetes.default.svc.cluster.local"),
+        arg(
+            "service-account-issuer",
+            "https://kubernetes.default.svc.cluster.local",
+        ),
         arg("service-account-key-file", &pki.service_account_pub),
         arg("service-account-signing-key-file", &pki.service_account_key),
         arg("service-cluster-ip-range", certs::SERVICE_CIDR),
@@ -416,9 +504,19 @@ fn component_common_args(
     ]
 }
 
-fn controller_manager_args(options: &ControlPlaneOptions, state: &StateDir, pki: &Pki, ports: Ports) -> Vec<OsString> {
-    let mut args =
-        component_common_args(options, state, pki, "kube-controller-manager", ports.controller_manager);
+fn controller_manager_args(
+    options: &ControlPlaneOptions,
+    state: &StateDir,
+    pki: &Pki,
+    ports: Ports,
+) -> Vec<OsString> {
+    let mut args = component_common_args(
+        options,
+        state,
+        pki,
+        "kube-controller-manager",
+        ports.controller_manager,
+    );
     args.extend([
         arg("service-account-private-key-file", &pki.service_account_key),
         arg("root-ca-file", &pki.ca_cert),
@@ -439,7 +537,12 @@ fn controller_manager_args(options: &ControlPlaneOptions, state: &StateDir, pki:
     args
 }
 
-fn scheduler_args(options: &ControlPlaneOptions, state: &StateDir, pki: &Pki, ports: Ports) -> Vec<OsString> {
+fn scheduler_args(
+    options: &ControlPlaneOptions,
+    state: &StateDir,
+    pki: &Pki,
+    ports: Ports,
+) -> Vec<OsString> {
     let mut args = component_common_args(options, state, pki, "kube-scheduler", ports.scheduler);
     // Level 2 logs each scheduling attempt and binding: what one reads first
     // when a pod stays pending.

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The binaries for a version are not built (or not where we look).
-    #[error("Kubernetes binaries for {version} not found in {dir}: {reason}\n  build them with: {hint}")]
+    #[error(
+        "Kubernetes binaries for {version} not found in {dir}: {reason}\n  build them with: {hint}"
+    )]
     MissingBinaries {
         version: String,
         dir: PathBuf,
@@ -59,15 +61,26 @@ pub enum Error {
     Version { input: String, reason: String },
 
     #[error("stopping {name} (pid {pid}): {reason}")]
-    Stop { name: String, pid: i32, reason: String },
+    Stop {
+        name: String,
+        pid: i32,
+        reason: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        context: &'static str,
+    ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { path, context, source }
+        move |source| Error::Io {
+            path,
+            context,
+            source,
+        }
     }
 
     pub(crate) fn kube<E>(context: impl Into<String>) -> impl FnOnce(E) -> Error
@@ -75,6 +88,9 @@ impl Error {
         E: std::error::Error + Send + Sync + 'static,
     {
         let context = context.into();
-        move |source| Error::Kube { context, source: Box::new(source) }
+        move |source| Error::Kube {
+            context,
+            source: Box::new(source),
+        }
     }
 }

@@ -52,8 +52,15 @@ mod tests {
 
     #[test]
     fn parses_back_with_kube() {
-        let client = CertFiles { cert: PathBuf::from("/s/pki/admin.crt"), key: PathBuf::from("/s dir/pki/admin.key") };
-        let text = render("https://127.0.0.1:6443", Path::new("/s/pki/ca.crt"), &client);
+        let client = CertFiles {
+            cert: PathBuf::from("/s/pki/admin.crt"),
+            key: PathBuf::from("/s dir/pki/admin.key"),
+        };
+        let text = render(
+            "https://127.0.0.1:6443",
+            Path::new("/s/pki/ca.crt"),
+            &client,
+        );
         let parsed = kube::config::Kubeconfig::from_yaml(&text).expect("valid kubeconfig");
         let cluster = parsed.clusters[0].cluster.as_ref().expect("cluster");
         assert_eq!(cluster.server.as_deref(), Some("https://127.0.0.1:6443"));

@@ -56,8 +56,11 @@ impl Process {
             .map(|a| a.to_string_lossy())
             .collect::<Vec<_>>()
             .join(" ");
-        writeln!(log, "=== tessera-e2e-harness: starting {command_line}").map_err(Error::io(&spec.log, "writing log"))?;
-        let stderr = log.try_clone().map_err(Error::io(&spec.log, "duplicating log handle"))?;
+        writeln!(log, "=== tessera-e2e-harness: starting {command_line}")
+            .map_err(Error::io(&spec.log, "writing log"))?;
+        let stderr = log
+            .try_clone()
+            .map_err(Error::io(&spec.log, "duplicating log handle"))?;
 
         let child = {
             use std::os::unix::process::CommandExt;
@@ -74,9 +77,17 @@ impl Process {
             dir: spec.pid_file.clone(),
             reason: format!("pid {} does not fit an i32", child.id()),
         })?;
-        let process = Process { name: spec.name, pid, child, log: spec.log, pid_file: spec.pid_file, done: false };
+        let process = Process {
+            name: spec.name,
+            pid,
+            child,
+            log: spec.log,
+            pid_file: spec.pid_file,
+            done: false,
+        };
         // Written after spawn: if this fails, Drop still stops the child.
-        fs::write(&process.pid_file, format!("{pid}\n")).map_err(Error::io(&process.pid_file, "writing pid file"))?;
+        fs::write(&process.pid_file, format!("{pid}\n"))
+            .map_err(Error::io(&process.pid_file, "writing pid file"))?;
         Ok(process)
     }
 
@@ -187,7 +198,12 @@ pub fn stop_all(processes: &mut [Process], grace: Duration) {
 /// `owner_marker` must occur in the process's command line (the state
 /// directory path does): a pid file outlives its process, and the pid may
 /// since belong to something else. Returns whether a process was stopped.
-pub fn stop_pid_file(name: &str, pid_file: &Path, owner_marker: &str, grace: Duration) -> Result<bool> {
+pub fn stop_pid_file(
+    name: &str,
+    pid_file: &Path,
+    owner_marker: &str,
+    grace: Duration,
+) -> Result<bool> {
     let text = match fs::read_to_string(pid_file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -202,7 +218,11 @@ pub fn stop_pid_file(name: &str, pid_file: &Path, owner_marker: &str, grace: Dur
         return Ok(false);
     }
     let group = Pid::from_raw(pid);
-    let stop_err = |reason: String| Error::Stop { name: name.to_owned(), pid, reason };
+    let stop_err = |reason: String| Error::Stop {
+        name: name.to_owned(),
+        pid,
+        reason,
+    };
     match killpg(group, Signal::SIGTERM) {
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(e) => return Err(stop_err(format!("SIGTERM: {e}"))),
@@ -232,7 +252,9 @@ pub fn is_alive(pid: i32) -> bool {
             // A zombie answers signals until its parent reaps it; a detached
             // component's parent is init, which may be slow to do so.
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
     }
@@ -259,7 +281,11 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
         Ok(text) => {
             let all: Vec<&str> = text.lines().collect();
             let start = all.len().saturating_sub(lines);
-            all[start..].iter().map(|l| format!("    | {l}")).collect::<Vec<_>>().join("\n")
+            all[start..]
+                .iter()
+                .map(|l| format!("    | {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
         }
         Err(e) => format!("    (cannot read {}: {e})", path.display()),
     }
@@ -284,7 +310,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         // The grandchild is what a naive kill(pid) would leave behind.
         let grandchild_file = dir.path().join("grandchild");
-        let script = format!("sleep 300 & echo $! > '{}'; wait", grandchild_file.display());
+        let script = format!(
+            "sleep 300 & echo $! > '{}'; wait",
+            grandchild_file.display()
+        );
         let p = Process::spawn(spec(dir.path(), "sleeper", &script)).expect("spawn");
         let leader = p.pid();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -292,7 +321,11 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(50));
-        let grandchild: i32 = fs::read_to_string(&grandchild_file).expect("pid").trim().parse().expect("number");
+        let grandchild: i32 = fs::read_to_string(&grandchild_file)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("number");
         assert!(is_alive(grandchild));
         drop(p);
         assert!(!is_alive(leader));
@@ -307,7 +340,12 @@ mod tests {
     #[test]
     fn early_exit_reports_the_log_tail() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut p = Process::spawn(spec(dir.path(), "failer", "echo 'unknown flag: --bogus' >&2; exit 3")).expect("spawn");
+        let mut p = Process::spawn(spec(
+            dir.path(),
+            "failer",
+            "echo 'unknown flag: --bogus' >&2; exit 3",
+        ))
+        .expect("spawn");
         assert!(p.wait_exit(Duration::from_secs(5)));
         let err = p.check_running().expect_err("exited");
         let text = err.to_string();
@@ -327,14 +365,24 @@ mod tests {
         while !cmdline(pid).contains(&marker) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(!stop_pid_file("detached", &pid_file, "/not/this/state", Duration::from_secs(1)).expect("stop"));
+        assert!(
+            !stop_pid_file(
+                "detached",
+                &pid_file,
+                "/not/this/state",
+                Duration::from_secs(1)
+            )
+            .expect("stop")
+        );
         // The wrong-owner check removed the file; write it back to stop for real.
         fs::write(&pid_file, format!("{pid}\n")).expect("pid file");
         // Our own child: reap it in the background so it does not linger as a zombie.
         let reaper = std::thread::spawn(move || {
             let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
         });
-        assert!(stop_pid_file("detached", &pid_file, &marker, Duration::from_secs(5)).expect("stop"));
+        assert!(
+            stop_pid_file("detached", &pid_file, &marker, Duration::from_secs(5)).expect("stop")
+        );
         reaper.join().expect("reaper");
         assert!(!is_alive(pid));
         assert!(!pid_file.exists());

@@ -39,12 +39,20 @@ where
             Err(e) => last_error = e,
         }
         if start.elapsed() >= timeout {
-            let log = watched.get(blame).map(|p| p.log().to_owned()).unwrap_or_default();
+            let log = watched
+                .get(blame)
+                .map(|p| p.log().to_owned())
+                .unwrap_or_default();
             let mut tail = log_tail(&log, 40);
             if !last_error.is_empty() {
                 tail = format!("{tail}\n  last probe error: {last_error}");
             }
-            return Err(Error::Timeout { what: what.to_owned(), seconds: timeout.as_secs(), log, tail });
+            return Err(Error::Timeout {
+                what: what.to_owned(),
+                seconds: timeout.as_secs(),
+                log,
+                tail,
+            });
         }
         tokio::time::sleep(INTERVAL).await;
     }
@@ -79,7 +87,9 @@ pub async fn http_get(port: u16, path: &str) -> std::result::Result<(u16, String
 
 /// GET `path` through a kube client, `Ok(true)` on a 2xx answer.
 pub async fn kube_get_ok(client: &kube::Client, path: &str) -> std::result::Result<bool, String> {
-    let request = http::Request::get(path).body(Vec::new()).map_err(|e| e.to_string())?;
+    let request = http::Request::get(path)
+        .body(Vec::new())
+        .map_err(|e| e.to_string())?;
     match client.request_text(request).await {
         Ok(_) => Ok(true),
         Err(e) => Err(e.to_string()),

@@ -29,17 +29,20 @@ impl StateDir {
     /// is handed to components and written into kubeconfigs.
     pub fn create(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root).map_err(Error::io(root, "creating state directory"))?;
-        let root = std::fs::canonicalize(root).map_err(Error::io(root, "resolving state directory"))?;
+        let root =
+            std::fs::canonicalize(root).map_err(Error::io(root, "resolving state directory"))?;
         let dir = StateDir { root };
         for sub in [dir.logs(), dir.run(), dir.pki(), dir.etcd()] {
-            std::fs::create_dir_all(&sub).map_err(Error::io(&sub, "creating state subdirectory"))?;
+            std::fs::create_dir_all(&sub)
+                .map_err(Error::io(&sub, "creating state subdirectory"))?;
         }
         Ok(dir)
     }
 
     /// Opens an existing state directory without creating anything.
     pub fn open(root: &Path) -> Result<Self> {
-        let root = std::fs::canonicalize(root).map_err(Error::io(root, "opening state directory"))?;
+        let root =
+            std::fs::canonicalize(root).map_err(Error::io(root, "opening state directory"))?;
         Ok(StateDir { root })
     }
 
@@ -91,7 +94,8 @@ impl StateDir {
 
     pub fn read_record(&self) -> Result<ClusterRecord> {
         let path = self.record();
-        let text = std::fs::read_to_string(&path).map_err(Error::io(&path, "reading (was `up` run here?)"))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(Error::io(&path, "reading (was `up` run here?)"))?;
         serde_json::from_str(&text).map_err(|e| Error::State {
             dir: self.root.clone(),
             reason: format!("cluster.json does not parse: {e}"),

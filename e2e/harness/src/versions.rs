@@ -69,7 +69,9 @@ impl K8sVersion {
     pub fn feature_gates(self) -> Vec<(&'static str, bool)> {
         WANTED_GATES
             .iter()
-            .filter(|(_, first, last)| self.minor >= *first && last.is_none_or(|last| self.minor <= last))
+            .filter(|(_, first, last)| {
+                self.minor >= *first && last.is_none_or(|last| self.minor <= last)
+            })
             .map(|(name, _, _)| (*name, true))
             .collect()
     }
@@ -95,7 +97,10 @@ impl FromStr for K8sVersion {
 
     /// Accepts `1.37`, `v1.37` and `v1.37.1` (the patch is ignored).
     fn from_str(input: &str) -> Result<Self> {
-        let bad = |reason: &str| Error::Version { input: input.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| Error::Version {
+            input: input.to_owned(),
+            reason: reason.to_owned(),
+        };
         let trimmed = input.trim().trim_start_matches('v');
         let mut parts = trimmed.split('.');
         let major = parts.next().ok_or_else(|| bad("empty"))?;
@@ -109,13 +114,17 @@ impl FromStr for K8sVersion {
             .map_err(|_| bad("minor is not a number"))?;
         if let Some(patch) = parts.next() {
             // Prerelease suffixes (1.38.0-alpha.1) are not something we pin.
-            patch.parse::<u32>().map_err(|_| bad("patch is not a number"))?;
+            patch
+                .parse::<u32>()
+                .map_err(|_| bad("patch is not a number"))?;
         }
         if parts.next().is_some() {
             return Err(bad("too many components"));
         }
         if minor < OLDEST {
-            return Err(bad("structured-parameters DRA needs Kubernetes 1.31 or newer"));
+            return Err(bad(
+                "structured-parameters DRA needs Kubernetes 1.31 or newer",
+            ));
         }
         Ok(K8sVersion { minor })
     }
@@ -143,7 +152,10 @@ mod tests {
     fn oldest_needs_alpha_api_and_gate() {
         let old = v("1.31");
         assert_eq!(old.resource_api_version(), "v1alpha3");
-        assert_eq!(old.feature_gates(), vec![("DynamicResourceAllocation", true)]);
+        assert_eq!(
+            old.feature_gates(),
+            vec![("DynamicResourceAllocation", true)]
+        );
         assert_eq!(old.runtime_config(), vec!["resource.k8s.io/v1alpha3=true"]);
     }
 
@@ -155,7 +167,12 @@ mod tests {
         let gates: Vec<_> = new.feature_gates().into_iter().map(|(g, _)| g).collect();
         assert_eq!(
             gates,
-            ["DRAPrioritizedList", "DRADeviceTaints", "DRAPartitionableDevices", "DRAConsumableCapacity"]
+            [
+                "DRAPrioritizedList",
+                "DRADeviceTaints",
+                "DRAPartitionableDevices",
+                "DRAConsumableCapacity"
+            ]
         );
     }
 

@@ -91,10 +91,18 @@ fn assert_allocated(claim: &Value) {
     assert_eq!(result["pool"], NODE);
     assert_eq!(result["request"], "gpu");
     let device = result["device"].as_str().unwrap_or_default();
-    assert!(DEVICES.contains(&device), "allocated device {device:?} is not one of ours");
-    let reserved = claim["status"]["reservedFor"].as_array().cloned().unwrap_or_default();
     assert!(
-        reserved.iter().any(|r| r["resource"] == "pods" && r["name"] == POD),
+        DEVICES.contains(&device),
+        "allocated device {device:?} is not one of ours"
+    );
+    let reserved = claim["status"]["reservedFor"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        reserved
+            .iter()
+            .any(|r| r["resource"] == "pods" && r["name"] == POD),
         "claim not reserved for the pod: {claim:#}"
     );
 }
@@ -105,23 +113,39 @@ async fn start(version: K8sVersion, test: &str) -> Option<(ControlPlane, common:
     let state = common::StateDir::new(test);
     let mut options = ControlPlaneOptions::new(version, state.path());
     options.binaries = Some(binaries);
-    let cp = ControlPlane::start(options).await.unwrap_or_else(|e| panic!("{test}: control plane: {e}"));
-    eprintln!("{test}: {} up in {:.1}s", cp.binaries().version_string, cp.started_in().as_secs_f64());
+    let cp = ControlPlane::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: control plane: {e}"));
+    eprintln!(
+        "{test}: {} up in {:.1}s",
+        cp.binaries().version_string,
+        cp.started_in().as_secs_f64()
+    );
     Some((cp, state))
 }
 
 /// Creates the pod and waits for the scheduler; returns the claim as JSON.
 async fn schedule_pod(cp: &ControlPlane) {
     let pods: Api<Pod> = Api::namespaced(cp.client(), "default");
-    pods.create(&PostParams::default(), &pod_with_claim(POD, CLAIM)).await.expect("creating pod");
-    let node = wait_for_binding(&cp.client(), POD, &cp.state().log("kube-scheduler"), BIND_TIMEOUT).await;
+    pods.create(&PostParams::default(), &pod_with_claim(POD, CLAIM))
+        .await
+        .expect("creating pod");
+    let node = wait_for_binding(
+        &cp.client(),
+        POD,
+        &cp.state().log("kube-scheduler"),
+        BIND_TIMEOUT,
+    )
+    .await;
     assert_eq!(node, NODE);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_allocates_claim_v1_37() {
     let test = "scheduler_allocates_claim_v1_37";
-    let Some((cp, _state)) = start("1.37".parse().expect("version"), test).await else { return };
+    let Some((cp, _state)) = start("1.37".parse().expect("version"), test).await else {
+        return;
+    };
     let client = cp.client();
     create_ready_node(&client, NODE).await;
 
@@ -129,11 +153,18 @@ async fn scheduler_allocates_claim_v1_37() {
     let slices: Api<dra::ResourceSlice> = Api::all(client.clone());
     let claims: Api<dra::ResourceClaim> = Api::namespaced(client.clone(), "default");
     let pp = PostParams::default();
-    let class: dra::DeviceClass = serde_json::from_value(device_class_json("resource.k8s.io/v1")).expect("class");
-    classes.create(&pp, &class).await.expect("creating DeviceClass");
+    let class: dra::DeviceClass =
+        serde_json::from_value(device_class_json("resource.k8s.io/v1")).expect("class");
+    classes
+        .create(&pp, &class)
+        .await
+        .expect("creating DeviceClass");
     let slice: dra::ResourceSlice =
         serde_json::from_value(slice_json("resource.k8s.io/v1", v1_devices())).expect("slice");
-    let created = slices.create(&pp, &slice).await.expect("creating ResourceSlice");
+    let created = slices
+        .create(&pp, &slice)
+        .await
+        .expect("creating ResourceSlice");
     // The apiserver drops fields whose gate is off; ours must all survive.
     assert_eq!(created.spec.devices.as_ref().map(Vec::len), Some(2));
     let claim: dra::ResourceClaim = serde_json::from_value(json!({
@@ -143,7 +174,10 @@ async fn scheduler_allocates_claim_v1_37() {
         "spec": { "devices": { "requests": [{ "name": "gpu", "exactly": { "deviceClassName": DEVICE_CLASS } }] } },
     }))
     .expect("claim");
-    claims.create(&pp, &claim).await.expect("creating ResourceClaim");
+    claims
+        .create(&pp, &claim)
+        .await
+        .expect("creating ResourceClaim");
 
     schedule_pod(&cp).await;
     let claim = claims.get(CLAIM).await.expect("reading claim");
@@ -154,7 +188,9 @@ async fn scheduler_allocates_claim_v1_37() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_allocates_claim_v1_31() {
     let test = "scheduler_allocates_claim_v1_31";
-    let Some((cp, _state)) = start("1.31".parse().expect("version"), test).await else { return };
+    let Some((cp, _state)) = start("1.31".parse().expect("version"), test).await else {
+        return;
+    };
     let client = cp.client();
     create_ready_node(&client, NODE).await;
 
@@ -168,19 +204,31 @@ async fn scheduler_allocates_claim_v1_31() {
     let pp = PostParams::default();
     let object = |v: Value| serde_json::from_value::<DynamicObject>(v).expect("object");
 
-    classes.create(&pp, &object(device_class_json("resource.k8s.io/v1alpha3"))).await.expect("creating DeviceClass");
+    classes
+        .create(&pp, &object(device_class_json("resource.k8s.io/v1alpha3")))
+        .await
+        .expect("creating DeviceClass");
     let created = slices
-        .create(&pp, &object(slice_json("resource.k8s.io/v1alpha3", v1alpha3_devices())))
+        .create(
+            &pp,
+            &object(slice_json("resource.k8s.io/v1alpha3", v1alpha3_devices())),
+        )
         .await
         .expect("creating ResourceSlice");
-    assert_eq!(created.data["spec"]["devices"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        created.data["spec"]["devices"].as_array().map(Vec::len),
+        Some(2)
+    );
     let claim = object(json!({
         "apiVersion": "resource.k8s.io/v1alpha3",
         "kind": "ResourceClaim",
         "metadata": { "name": CLAIM, "namespace": "default" },
         "spec": { "devices": { "requests": [{ "name": "gpu", "deviceClassName": DEVICE_CLASS }] } },
     }));
-    claims.create(&pp, &claim).await.expect("creating ResourceClaim");
+    claims
+        .create(&pp, &claim)
+        .await
+        .expect("creating ResourceClaim");
 
     schedule_pod(&cp).await;
     let claim = claims.get(CLAIM).await.expect("reading claim");

@@ -46,7 +46,9 @@ async fn start(test: &str) -> Option<(ControlPlane, common::StateDir)> {
     let state = common::StateDir::new(test);
     let mut options = ControlPlaneOptions::new(version, state.path());
     options.binaries = Some(binaries);
-    let cp = ControlPlane::start(options).await.unwrap_or_else(|e| panic!("{test}: control plane: {e}"));
+    let cp = ControlPlane::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: control plane: {e}"));
     Some((cp, state))
 }
 
@@ -55,14 +57,27 @@ async fn wait_unschedulable(pods: &Api<Pod>, pod: &str, timeout: Duration) -> St
     let start = Instant::now();
     loop {
         let p = pods.get(pod).await.expect("reading pod");
-        assert!(p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none(), "{pod} was bound but must not fit");
-        let unschedulable = p.status.and_then(|s| s.conditions).unwrap_or_default().into_iter().find(|c| {
-            c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
-        });
+        assert!(
+            p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none(),
+            "{pod} was bound but must not fit"
+        );
+        let unschedulable = p
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            });
         if let Some(c) = unschedulable {
             return c.message.unwrap_or_default();
         }
-        assert!(start.elapsed() < timeout, "{pod}: no scheduling verdict after {timeout:?}");
+        assert!(
+            start.elapsed() < timeout,
+            "{pod}: no scheduling verdict after {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -70,7 +85,9 @@ async fn wait_unschedulable(pods: &Api<Pod>, pod: &str, timeout: Duration) -> St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumable_capacity_shares_one_gpu() {
     let test = "consumable_capacity_shares_one_gpu";
-    let Some((cp, _state)) = start(test).await else { return };
+    let Some((cp, _state)) = start(test).await else {
+        return;
+    };
     let client = cp.client();
     create_ready_node(&client, NODE).await;
     let pp = PostParams::default();
@@ -106,36 +123,69 @@ async fn consumable_capacity_shares_one_gpu() {
             }],
         },
     }));
-    let created = slices.create(&pp, &slice).await.expect("creating ResourceSlice");
+    let created = slices
+        .create(&pp, &slice)
+        .await
+        .expect("creating ResourceSlice");
     let device = &created.spec.devices.as_ref().expect("devices")[0];
-    assert_eq!(device.allow_multiple_allocations, Some(true), "DRAConsumableCapacity is off: field dropped");
-    let memory = device.capacity.as_ref().and_then(|c| c.get("memory")).expect("memory capacity");
+    assert_eq!(
+        device.allow_multiple_allocations,
+        Some(true),
+        "DRAConsumableCapacity is off: field dropped"
+    );
+    let memory = device
+        .capacity
+        .as_ref()
+        .and_then(|c| c.get("memory"))
+        .expect("memory capacity");
     assert!(memory.request_policy.is_some(), "requestPolicy dropped");
 
     let claims: Api<dra::ResourceClaim> = Api::namespaced(client.clone(), "default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for (claim_name, memory) in [("share-a", "8Gi"), ("share-b", "8Gi"), ("too-big", "16Gi")] {
-        claims.create(&pp, &claim(claim_name, memory, "25")).await.expect("creating ResourceClaim");
+        claims
+            .create(&pp, &claim(claim_name, memory, "25"))
+            .await
+            .expect("creating ResourceClaim");
     }
     let scheduler_log = cp.state().log("kube-scheduler");
     let mut share_ids = Vec::new();
     for name in ["share-a", "share-b"] {
-        pods.create(&pp, &pod_with_claim(&format!("pod-{name}"), name)).await.expect("creating pod");
-        let node = wait_for_binding(&client, &format!("pod-{name}"), &scheduler_log, Duration::from_secs(90)).await;
+        pods.create(&pp, &pod_with_claim(&format!("pod-{name}"), name))
+            .await
+            .expect("creating pod");
+        let node = wait_for_binding(
+            &client,
+            &format!("pod-{name}"),
+            &scheduler_log,
+            Duration::from_secs(90),
+        )
+        .await;
         assert_eq!(node, NODE);
         let claim = claims.get(name).await.expect("claim");
         let allocation = claim.status.and_then(|s| s.allocation).expect("allocated");
-        let results = allocation.devices.and_then(|d| d.results).unwrap_or_default();
+        let results = allocation
+            .devices
+            .and_then(|d| d.results)
+            .unwrap_or_default();
         let result = results.first().expect("one allocated device");
         assert_eq!(result.device, "gpu-0");
-        let consumed = result.consumed_capacity.as_ref().expect("consumedCapacity set");
+        let consumed = result
+            .consumed_capacity
+            .as_ref()
+            .expect("consumedCapacity set");
         assert_eq!(consumed.get("memory").map(|q| q.0.as_str()), Some("8Gi"));
         share_ids.push(result.share_id.clone().expect("shareID set"));
     }
-    assert_ne!(share_ids[0], share_ids[1], "two shares of one device need distinct shareIDs");
+    assert_ne!(
+        share_ids[0], share_ids[1],
+        "two shares of one device need distinct shareIDs"
+    );
 
     // 8Gi + 8Gi + 16Gi > 24Gi: the third must not fit.
-    pods.create(&pp, &pod_with_claim("pod-too-big", "too-big")).await.expect("creating pod");
+    pods.create(&pp, &pod_with_claim("pod-too-big", "too-big"))
+        .await
+        .expect("creating pod");
     let message = wait_unschedulable(&pods, "pod-too-big", Duration::from_secs(60)).await;
     eprintln!("{test}: third claim refused as expected: {message}");
     cp.stop();
@@ -144,7 +194,9 @@ async fn consumable_capacity_shares_one_gpu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitionable_counters_survive() {
     let test = "partitionable_counters_survive";
-    let Some((cp, _state)) = start(test).await else { return };
+    let Some((cp, _state)) = start(test).await else {
+        return;
+    };
     let slices: Api<dra::ResourceSlice> = Api::all(cp.client());
     let pp = PostParams::default();
     let pool = json!({ "name": NODE, "generation": 1, "resourceSliceCount": 2 });
@@ -175,11 +227,25 @@ async fn partitionable_counters_survive() {
             "devices": halves,
         },
     }));
-    let counters = slices.create(&pp, &counters).await.expect("creating counter slice");
-    assert_eq!(counters.spec.shared_counters.map(|c| c.len()), Some(1), "DRAPartitionableDevices is off");
-    let devices = slices.create(&pp, &devices).await.expect("creating device slice");
+    let counters = slices
+        .create(&pp, &counters)
+        .await
+        .expect("creating counter slice");
+    assert_eq!(
+        counters.spec.shared_counters.map(|c| c.len()),
+        Some(1),
+        "DRAPartitionableDevices is off"
+    );
+    let devices = slices
+        .create(&pp, &devices)
+        .await
+        .expect("creating device slice");
     for device in devices.spec.devices.expect("devices") {
-        assert_eq!(device.consumes_counters.map(|c| c.len()), Some(1), "consumesCounters dropped");
+        assert_eq!(
+            device.consumes_counters.map(|c| c.len()),
+            Some(1),
+            "consumesCounters dropped"
+        );
     }
     cp.stop();
 }

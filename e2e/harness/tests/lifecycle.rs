@@ -15,15 +15,27 @@ async fn unknown_feature_gate_fails_with_the_apiserver_log() {
     let test = "unknown_feature_gate_fails_with_the_apiserver_log";
     init_tracing();
     let version = K8sVersion::newest();
-    let Some(binaries) = binaries_or_skip(version, test) else { return };
+    let Some(binaries) = binaries_or_skip(version, test) else {
+        return;
+    };
     let state = StateDir::new(test);
     let mut options = ControlPlaneOptions::new(version, state.path());
     options.binaries = Some(binaries);
-    options.extra_feature_gates.push(("TesseraNoSuchGate".to_owned(), true));
-    let Err(err) = ControlPlane::start(options).await else { panic!("started with an unknown feature gate") };
+    options
+        .extra_feature_gates
+        .push(("TesseraNoSuchGate".to_owned(), true));
+    let Err(err) = ControlPlane::start(options).await else {
+        panic!("started with an unknown feature gate")
+    };
     let text = err.to_string();
-    assert!(matches!(err, Error::ComponentExited { ref name, .. } if name == "kube-apiserver"), "{text}");
-    assert!(text.contains("TesseraNoSuchGate"), "log tail should name the gate: {text}");
+    assert!(
+        matches!(err, Error::ComponentExited { ref name, .. } if name == "kube-apiserver"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TesseraNoSuchGate"),
+        "log tail should name the gate: {text}"
+    );
     // etcd was started before the apiserver failed; the error path must stop it.
     let pid_file = state.path().join("run").join("etcd.pid");
     assert!(!pid_file.exists(), "etcd pid file left behind");
@@ -34,12 +46,18 @@ fn a_panicking_test_leaves_no_processes() {
     let test = "a_panicking_test_leaves_no_processes";
     init_tracing();
     let version = K8sVersion::newest();
-    let Some(binaries) = binaries_or_skip(version, test) else { return };
+    let Some(binaries) = binaries_or_skip(version, test) else {
+        return;
+    };
     let state = StateDir::new(test);
     let state_path = state.path().to_owned();
     let (tx, rx) = mpsc::channel();
     let panicking = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
         runtime.block_on(async move {
             let mut options = ControlPlaneOptions::new(version, &state_path);
             options.binaries = Some(binaries);

@@ -55,7 +55,10 @@ fn parse_args() -> anyhow::Result<Args> {
             _ => (arg.clone(), None),
         };
         let mut value = |name: &str| {
-            inline.clone().or_else(|| args.next()).with_context(|| format!("{name} needs a value\n{USAGE}"))
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
         };
         match flag.as_str() {
             "--k8s-version" => version = Some(value("--k8s-version")?.parse::<K8sVersion>()?),
@@ -70,15 +73,21 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     let command = command.with_context(|| format!("missing command\n{USAGE}"))?;
     let version = version.unwrap_or_else(K8sVersion::newest);
-    let state_dir = state_dir.unwrap_or_else(|| cache_root().join("clusters").join(version.dir_name()));
-    Ok(Args { command, version, state_dir })
+    let state_dir =
+        state_dir.unwrap_or_else(|| cache_root().join("clusters").join(version.dir_name()));
+    Ok(Args {
+        command,
+        version,
+        state_dir,
+    })
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(tessera_e2e_harness::DEFAULT_LOG_FILTER)),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(tessera_e2e_harness::DEFAULT_LOG_FILTER)
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -111,7 +120,11 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
     {
         let alive = record.components.iter().filter(|c| is_alive(c.pid)).count();
         if alive == record.components.len() {
-            eprintln!("already running ({}) in {}", record.version_string, state.root().display());
+            eprintln!(
+                "already running ({}) in {}",
+                record.version_string,
+                state.root().display()
+            );
             println!("export KUBECONFIG={}", record.kubeconfig.display());
             return Ok(ExitCode::SUCCESS);
         }
@@ -126,14 +139,24 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
     }
     clean_state_dir(&args.state_dir)?;
     let options = ControlPlaneOptions::new(args.version, &args.state_dir);
-    let cp = ControlPlane::start(options).await.context("starting the control plane")?;
+    let cp = ControlPlane::start(options)
+        .await
+        .context("starting the control plane")?;
     let took = cp.started_in();
     let record = cp.detach();
-    eprintln!("{} is up in {:.1}s: {}", record.version_string, took.as_secs_f64(), record.server);
+    eprintln!(
+        "{} is up in {:.1}s: {}",
+        record.version_string,
+        took.as_secs_f64(),
+        record.server
+    );
     for c in &record.components {
         eprintln!("  {:<24} pid {:<8} log {}", c.name, c.pid, c.log.display());
     }
-    eprintln!("stop with: tessera-cluster down --state-dir {}", args.state_dir.display());
+    eprintln!(
+        "stop with: tessera-cluster down --state-dir {}",
+        args.state_dir.display()
+    );
     println!("export KUBECONFIG={}", record.kubeconfig.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -141,11 +164,18 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
 fn clean_state_dir(dir: &Path) -> anyhow::Result<()> {
     for entry in OWNED_ENTRIES {
         let path = dir.join(entry);
-        let result = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
         match result {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {} from a previous run", path.display())),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("removing {} from a previous run", path.display()));
+            }
         }
     }
     Ok(())
@@ -162,32 +192,59 @@ fn down(dir: &Path) -> anyhow::Result<ExitCode> {
     let marker = state.owner_marker();
     // etcd last: its clients then shut down cleanly instead of retrying.
     let mut stopped = 0;
-    for name in ["kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"] {
-        if stop_pid_file(name, &state.pid_file(name), &marker, Duration::from_secs(10))? {
+    for name in [
+        "kube-scheduler",
+        "kube-controller-manager",
+        "kube-apiserver",
+        "etcd",
+    ] {
+        if stop_pid_file(
+            name,
+            &state.pid_file(name),
+            &marker,
+            Duration::from_secs(10),
+        )? {
             eprintln!("stopped {name}");
             stopped += 1;
         }
     }
     let _ = std::fs::remove_file(state.record());
-    eprintln!("{stopped} component(s) stopped; logs stay in {}", state.logs().display());
+    eprintln!(
+        "{stopped} component(s) stopped; logs stay in {}",
+        state.logs().display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 async fn status(dir: &Path) -> anyhow::Result<ExitCode> {
-    let state = StateDir::open(dir).with_context(|| format!("no control plane state in {}", dir.display()))?;
+    let state = StateDir::open(dir)
+        .with_context(|| format!("no control plane state in {}", dir.display()))?;
     let record = match state.read_record() {
         Ok(record) => record,
         Err(_) => {
-            println!("not running (no cluster.json in {})", state.root().display());
+            println!(
+                "not running (no cluster.json in {})",
+                state.root().display()
+            );
             return Ok(ExitCode::FAILURE);
         }
     };
-    println!("{} at {} (state {})", record.version_string, record.server, state.root().display());
+    println!(
+        "{} at {} (state {})",
+        record.version_string,
+        record.server,
+        state.root().display()
+    );
     let mut healthy = true;
     for c in &record.components {
         let alive = is_alive(c.pid);
         healthy &= alive;
-        println!("  {:<24} pid {:<8} {}", c.name, c.pid, if alive { "running" } else { "NOT RUNNING" });
+        println!(
+            "  {:<24} pid {:<8} {}",
+            c.name,
+            c.pid,
+            if alive { "running" } else { "NOT RUNNING" }
+        );
     }
     let ready = apiserver_ready(&record.kubeconfig).await;
     match &ready {
@@ -196,7 +253,11 @@ async fn status(dir: &Path) -> anyhow::Result<ExitCode> {
     }
     healthy &= ready.is_ok();
     println!("export KUBECONFIG={}", record.kubeconfig.display());
-    Ok(if healthy { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn apiserver_ready(kubeconfig: &Path) -> anyhow::Result<()> {

@@ -30,7 +30,9 @@ pub fn binaries_or_skip(version: K8sVersion, test: &str) -> Option<Binaries> {
         None => match Binaries::locate(version) {
             Ok(b) => Some(b),
             Err(e) => {
-                skip(&format!("SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make missing binaries a failure)"));
+                skip(&format!(
+                    "SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make missing binaries a failure)"
+                ));
                 None
             }
         },
@@ -45,9 +47,13 @@ fn skip(message: &str) {
 }
 
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(tessera_e2e_harness::DEFAULT_LOG_FILTER));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(tessera_e2e_harness::DEFAULT_LOG_FILTER)
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// A state directory under the system temp dir, removed afterwards unless
@@ -68,7 +74,10 @@ impl StateDir {
             eprintln!("{test}: keeping state directory {}", path.display());
             return StateDir { path, _temp: None };
         }
-        StateDir { path: temp.path().to_owned(), _temp: Some(temp) }
+        StateDir {
+            path: temp.path().to_owned(),
+            _temp: Some(temp),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -88,7 +97,10 @@ pub async fn create_ready_node(client: &kube::Client, name: &str) -> Node {
         "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
     }))
     .expect("node object");
-    nodes.create(&PostParams::default(), &node).await.expect("creating node");
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("creating node");
     let status = json!({
         "status": {
             "capacity": resources,
@@ -129,7 +141,12 @@ pub fn pod_with_claim(name: &str, claim: &str) -> Pod {
 /// Waits until the scheduler has bound the pod; returns the node name. On
 /// timeout the panic shows the scheduler's log tail and the pod's conditions,
 /// which is where the reason a pod stays pending is.
-pub async fn wait_for_binding(client: &kube::Client, name: &str, scheduler_log: &Path, timeout: Duration) -> String {
+pub async fn wait_for_binding(
+    client: &kube::Client,
+    name: &str,
+    scheduler_log: &Path,
+    timeout: Duration,
+) -> String {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let start = Instant::now();
     loop {
