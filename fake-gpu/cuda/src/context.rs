@@ -34,7 +34,11 @@ impl Context {
     }
 
     fn current(&self) -> Current {
-        Current { handle: self.handle, device: self.device, physical: self.physical }
+        Current {
+            handle: self.handle,
+            device: self.device,
+            physical: self.physical,
+        }
     }
 }
 
@@ -90,7 +94,9 @@ impl Contexts {
 
     /// Live contexts (primary and created) on a device, in this process.
     pub fn active_on(&self, device: usize) -> u32 {
-        self.active.get(device).map_or(0, |a| a.load(Ordering::Relaxed))
+        self.active
+            .get(device)
+            .map_or(0, |a| a.load(Ordering::Relaxed))
     }
 
     /// The context behind a handle, primary or created.
@@ -117,7 +123,10 @@ pub fn current(process: &Process) -> Result<Current> {
 fn activate(process: &Process, ctx: &Context) -> Result {
     let overhead = process.gpus[ctx.device].spec.context_memory;
     if overhead > 0 {
-        process.lease.reserve(ctx.physical, overhead).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)?;
+        process
+            .lease
+            .reserve(ctx.physical, overhead)
+            .map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)?;
     }
     if process.contexts.active[ctx.device].fetch_add(1, Ordering::Relaxed) == 0 {
         process.lease.set_device_open(ctx.physical, true);
@@ -257,7 +266,11 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxSetFlags_v2(dev: CUdevice, flags: c_u
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(dev: CUdevice, flags: *mut c_uint, active: *mut c_int) -> CUresult {
+pub unsafe extern "C" fn cuDevicePrimaryCtxGetState(
+    dev: CUdevice,
+    flags: *mut c_uint,
+    active: *mut c_int,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         process.gpu(dev)?;
@@ -295,7 +308,11 @@ fn create(pctx: *mut CUcontext, flags: c_uint, dev: CUdevice) -> Result {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut CUcontext, flags: c_uint, dev: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuCtxCreate_v2(
+    pctx: *mut CUcontext,
+    flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
     guard(|| create(pctx, flags, dev))
 }
 
@@ -333,7 +350,11 @@ pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CUresult {
         check(!ctx.is_null())?;
         let handle = from_ptr(ctx);
         // Primary contexts are released, never destroyed.
-        let ctx = process.contexts.created.remove(handle).ok_or(CUDA_ERROR_INVALID_CONTEXT)?;
+        let ctx = process
+            .contexts
+            .created
+            .remove(handle)
+            .ok_or(CUDA_ERROR_INVALID_CONTEXT)?;
         deactivate(process, &ctx);
         STACK.with(|stack| stack.borrow_mut().retain(|c| c.handle != handle));
         Ok(())
@@ -364,7 +385,9 @@ pub unsafe extern "C" fn cuCtxPushCurrent_v2(ctx: CUcontext) -> CUresult {
 pub unsafe extern "C" fn cuCtxPopCurrent_v2(pctx: *mut CUcontext) -> CUresult {
     guard(|| {
         process()?;
-        let popped = STACK.with(|stack| stack.borrow_mut().pop()).ok_or(CUDA_ERROR_INVALID_CONTEXT)?;
+        let popped = STACK
+            .with(|stack| stack.borrow_mut().pop())
+            .ok_or(CUDA_ERROR_INVALID_CONTEXT)?;
         if !pctx.is_null() {
             unsafe { put(pctx, to_ptr(popped.handle)) }?;
         }
@@ -395,7 +418,9 @@ pub unsafe extern "C" fn cuCtxSetCurrent(ctx: CUcontext) -> CUresult {
 pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut CUcontext) -> CUresult {
     guard(|| {
         process()?;
-        let top = STACK.with(|stack| stack.borrow().last().map(|c| c.handle)).unwrap_or(0);
+        let top = STACK
+            .with(|stack| stack.borrow().last().map(|c| c.handle))
+            .unwrap_or(0);
         unsafe { put(pctx, to_ptr(top)) }
     })
 }

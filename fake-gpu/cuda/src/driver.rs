@@ -32,7 +32,10 @@ pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
 /// libcudart reads NVIDIA-private tables through this to check that the driver is NVIDIA's. A
 /// fake cannot pass that check and does not try (see the README).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuGetExportTable(table: *mut *const c_void, _id: *const CUuuid) -> CUresult {
+pub unsafe extern "C" fn cuGetExportTable(
+    table: *mut *const c_void,
+    _id: *const CUuuid,
+) -> CUresult {
     guard(|| {
         if !table.is_null() {
             unsafe { put(table, std::ptr::null()) }?;
@@ -41,7 +44,11 @@ pub unsafe extern "C" fn cuGetExportTable(table: *mut *const c_void, _id: *const
     })
 }
 
-fn describe(error: CUresult, out: *mut *const c_char, pick: fn(&(CUresult, &'static CStr, &'static CStr)) -> &'static CStr) -> Result {
+fn describe(
+    error: CUresult,
+    out: *mut *const c_char,
+    pick: fn(&(CUresult, &'static CStr, &'static CStr)) -> &'static CStr,
+) -> Result {
     check(!out.is_null())?;
     match ERRORS.iter().find(|e| e.0 == error) {
         Some(entry) => unsafe { put(out, pick(entry).as_ptr()) },

@@ -28,7 +28,10 @@ pub struct Graphs {
 
 impl Graphs {
     pub fn new() -> Self {
-        Self { graphs: Registry::new(Kind::Graph), execs: Registry::new(Kind::GraphExec) }
+        Self {
+            graphs: Registry::new(Kind::Graph),
+            execs: Registry::new(Kind::GraphExec),
+        }
     }
 }
 
@@ -37,7 +40,9 @@ pub unsafe extern "C" fn cuGraphCreate(graph: *mut CUgraph, flags: c_uint) -> CU
     guard(|| {
         let process = process()?;
         check(!graph.is_null() && flags == 0)?;
-        let (handle, _) = process.graphs.graphs.insert_with(|_| Graph { nodes: Mutex::new(Vec::new()) });
+        let (handle, _) = process.graphs.graphs.insert_with(|_| Graph {
+            nodes: Mutex::new(Vec::new()),
+        });
         unsafe { put(graph, to_ptr(handle)) }
     })
 }
@@ -46,7 +51,12 @@ pub unsafe extern "C" fn cuGraphCreate(graph: *mut CUgraph, flags: c_uint) -> CU
 pub unsafe extern "C" fn cuGraphDestroy(graph: CUgraph) -> CUresult {
     guard(|| {
         let process = process()?;
-        process.graphs.graphs.remove(from_ptr(graph)).map(drop).ok_or(CUDA_ERROR_INVALID_VALUE)
+        process
+            .graphs
+            .graphs
+            .remove(from_ptr(graph))
+            .map(drop)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)
     })
 }
 
@@ -63,7 +73,11 @@ fn add_kernel_node(
     let process = process()?;
     check(!node.is_null() && kernel_known)?;
     shape.validate()?;
-    let graph = process.graphs.graphs.get(from_ptr(graph)).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    let graph = process
+        .graphs
+        .graphs
+        .get(from_ptr(graph))
+        .ok_or(CUDA_ERROR_INVALID_VALUE)?;
     let mut nodes = lock(&graph.nodes);
     if count > 0 {
         check(!dependencies.is_null())?;
@@ -111,7 +125,11 @@ pub unsafe extern "C" fn cuGraphAddKernelNode_v2(
             grid: [p.grid_dim_x, p.grid_dim_y, p.grid_dim_z],
             block: [p.block_dim_x, p.block_dim_y, p.block_dim_z],
         };
-        let known = if p.func.is_null() { !p.kern.is_null() } else { process.modules.is_function(p.func) };
+        let known = if p.func.is_null() {
+            !p.kern.is_null()
+        } else {
+            process.modules.is_function(p.func)
+        };
         add_kernel_node(node, graph, dependencies, count, shape, known)
     })
 }
@@ -119,7 +137,11 @@ pub unsafe extern "C" fn cuGraphAddKernelNode_v2(
 fn instantiate(exec: *mut CUgraphExec, graph: CUgraph) -> Result {
     let process = process()?;
     check(!exec.is_null())?;
-    let graph = process.graphs.graphs.get(from_ptr(graph)).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    let graph = process
+        .graphs
+        .graphs
+        .get(from_ptr(graph))
+        .ok_or(CUDA_ERROR_INVALID_VALUE)?;
     let kernels = lock(&graph.nodes).len() as u64;
     let (handle, _) = process.graphs.execs.insert_with(|_| GraphExec { kernels });
     unsafe { put(exec, to_ptr(handle)) }
@@ -148,7 +170,11 @@ pub unsafe extern "C" fn cuGraphInstantiate_v2(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuGraphInstantiateWithFlags(exec: *mut CUgraphExec, graph: CUgraph, _flags: c_ulonglong) -> CUresult {
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
+    exec: *mut CUgraphExec,
+    graph: CUgraph,
+    _flags: c_ulonglong,
+) -> CUresult {
     guard(|| instantiate(exec, graph))
 }
 
@@ -156,14 +182,23 @@ pub unsafe extern "C" fn cuGraphInstantiateWithFlags(exec: *mut CUgraphExec, gra
 pub unsafe extern "C" fn cuGraphExecDestroy(exec: CUgraphExec) -> CUresult {
     guard(|| {
         let process = process()?;
-        process.graphs.execs.remove(from_ptr(exec)).map(drop).ok_or(CUDA_ERROR_INVALID_VALUE)
+        process
+            .graphs
+            .execs
+            .remove(from_ptr(exec))
+            .map(drop)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)
     })
 }
 
 fn graph_launch(exec: CUgraphExec, stream: CUstream) -> Result {
     let process = process()?;
     check(!exec.is_null())?;
-    let exec = process.graphs.execs.get(from_ptr(exec)).ok_or(CUDA_ERROR_INVALID_HANDLE)?;
+    let exec = process
+        .graphs
+        .execs
+        .get(from_ptr(exec))
+        .ok_or(CUDA_ERROR_INVALID_HANDLE)?;
     validate_stream(process, stream)?;
     process.launches.graphs.add(1);
     process.launches.kernels.add(exec.kernels);

@@ -46,5 +46,9 @@ pub unsafe fn get<T: Copy>(ptr: *const T) -> Result<T> {
 
 /// Fails with `CUDA_ERROR_INVALID_VALUE` unless `ok`.
 pub fn check(ok: bool) -> Result {
-    if ok { Ok(()) } else { Err(CUDA_ERROR_INVALID_VALUE) }
+    if ok {
+        Ok(())
+    } else {
+        Err(CUDA_ERROR_INVALID_VALUE)
+    }
 }

@@ -92,7 +92,10 @@ pub struct Registry<T> {
 
 impl<T> Registry<T> {
     pub fn new(kind: Kind) -> Self {
-        Self { kind, shards: std::array::from_fn(|_| Padded(RwLock::new(IntMap::default()))) }
+        Self {
+            kind,
+            shards: std::array::from_fn(|_| Padded(RwLock::new(IntMap::default()))),
+        }
     }
 
     fn shard(&self, handle: u64) -> &RwLock<IntMap<Arc<T>>> {
@@ -188,7 +191,11 @@ unsafe impl<T: Send> Send for Slab<T> {}
 
 impl<T> Slab<T> {
     pub fn new(kind: Kind) -> Self {
-        Self { chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())), next: AtomicUsize::new(0), kind }
+        Self {
+            chunks: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            next: AtomicUsize::new(0),
+            kind,
+        }
     }
 
     fn chunk(&self, index: usize) -> *mut Entry<T> {
@@ -198,10 +205,18 @@ impl<T> Slab<T> {
             return existing;
         }
         let fresh: Box<[Entry<T>]> = (0..CHUNK)
-            .map(|_| Entry { state: AtomicU8::new(EMPTY), value: UnsafeCell::new(MaybeUninit::uninit()) })
+            .map(|_| Entry {
+                state: AtomicU8::new(EMPTY),
+                value: UnsafeCell::new(MaybeUninit::uninit()),
+            })
             .collect();
         let fresh = Box::into_raw(fresh).cast::<Entry<T>>();
-        match slot.compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+        match slot.compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
             Ok(_) => fresh,
             Err(winner) => {
                 // SAFETY: `fresh` came from `Box::into_raw` of a CHUNK-long slice just above and
@@ -255,7 +270,9 @@ impl<T> Slab<T> {
     /// Makes `handle` invalid from now on; the value stays allocated (see the type's note).
     pub fn kill(&self, handle: u64) {
         if let Some(entry) = self.entry(handle) {
-            let _ = entry.state.compare_exchange(LIVE, DEAD, Ordering::AcqRel, Ordering::Acquire);
+            let _ = entry
+                .state
+                .compare_exchange(LIVE, DEAD, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 }
@@ -296,7 +313,9 @@ static NEXT_CELL: AtomicUsize = AtomicUsize::new(0);
 
 impl Counter {
     pub fn new() -> Self {
-        Self { cells: std::array::from_fn(|_| Padded(AtomicU64::new(0))) }
+        Self {
+            cells: std::array::from_fn(|_| Padded(AtomicU64::new(0))),
+        }
     }
 
     pub fn add(&self, n: u64) {
@@ -333,7 +352,10 @@ mod tests {
         let (handle, value) = registry.insert_with(|_| 7);
         assert_eq!(*value, 7);
         assert_eq!(registry.get(handle).as_deref(), Some(&7));
-        assert!(registry.get(handle ^ (1 << KIND_SHIFT)).is_none(), "another kind's tag");
+        assert!(
+            registry.get(handle ^ (1 << KIND_SHIFT)).is_none(),
+            "another kind's tag"
+        );
         assert_eq!(registry.remove_where(|v| *v == 7).len(), 1);
         assert!(!registry.contains(handle));
     }
@@ -347,7 +369,10 @@ mod tests {
         slab.kill(a);
         assert!(slab.get(a).is_none());
         assert_eq!(slab.get(b).map(String::as_str), Some("b"));
-        assert!(slab.get(new_handle(Kind::Function) + 10_000_000).is_none(), "never issued");
+        assert!(
+            slab.get(new_handle(Kind::Function) + 10_000_000).is_none(),
+            "never issued"
+        );
         assert!(slab.get(b ^ (1 << KIND_SHIFT)).is_none());
     }
 
@@ -357,7 +382,11 @@ mod tests {
         let handles: Vec<Vec<u64>> = (0..4)
             .map(|t| {
                 let slab = Arc::clone(&slab);
-                std::thread::spawn(move || (0..1500).map(|i| slab.insert(t * 10_000 + i).unwrap()).collect())
+                std::thread::spawn(move || {
+                    (0..1500)
+                        .map(|i| slab.insert(t * 10_000 + i).unwrap())
+                        .collect()
+                })
             })
             .collect::<Vec<_>>()
             .into_iter()

@@ -12,7 +12,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use crate::process::{Gpu, Process, try_process};
 
 fn query(default: u64, body: impl FnOnce(&Process) -> Option<u64>) -> u64 {
-    catch_unwind(AssertUnwindSafe(|| try_process().and_then(body))).ok().flatten().unwrap_or(default)
+    catch_unwind(AssertUnwindSafe(|| try_process().and_then(body)))
+        .ok()
+        .flatten()
+        .unwrap_or(default)
 }
 
 fn gpu(process: &Process, ordinal: c_int) -> Option<&Gpu> {
@@ -22,25 +25,33 @@ fn gpu(process: &Process, ordinal: c_int) -> Option<&Gpu> {
 /// Device memory in use on the card by every process of the node (what bounds allocations).
 #[unsafe(no_mangle)]
 pub extern "C" fn fakegpu_device_memory_used(ordinal: c_int) -> u64 {
-    query(u64::MAX, |p| gpu(p, ordinal).map(|g| p.lease.region().used(g.physical)))
+    query(u64::MAX, |p| {
+        gpu(p, ordinal).map(|g| p.lease.region().used(g.physical))
+    })
 }
 
 /// Managed memory on the card's account, every process of the node (not limited by capacity).
 #[unsafe(no_mangle)]
 pub extern "C" fn fakegpu_managed_memory_used(ordinal: c_int) -> u64 {
-    query(u64::MAX, |p| gpu(p, ordinal).map(|g| p.lease.region().managed(g.physical)))
+    query(u64::MAX, |p| {
+        gpu(p, ordinal).map(|g| p.lease.region().managed(g.physical))
+    })
 }
 
 /// Device memory this process holds on the card.
 #[unsafe(no_mangle)]
 pub extern "C" fn fakegpu_process_memory_used(ordinal: c_int) -> u64 {
-    query(u64::MAX, |p| gpu(p, ordinal).map(|g| p.lease.used(g.physical)))
+    query(u64::MAX, |p| {
+        gpu(p, ordinal).map(|g| p.lease.used(g.physical))
+    })
 }
 
 /// Managed memory this process holds on the card's account.
 #[unsafe(no_mangle)]
 pub extern "C" fn fakegpu_process_managed_memory_used(ordinal: c_int) -> u64 {
-    query(u64::MAX, |p| gpu(p, ordinal).map(|g| p.lease.managed(g.physical)))
+    query(u64::MAX, |p| {
+        gpu(p, ordinal).map(|g| p.lease.managed(g.physical))
+    })
 }
 
 /// The card's capacity (what `cuDeviceTotalMem` answers without a shim).
@@ -77,5 +88,7 @@ pub extern "C" fn fakegpu_graph_launch_count() -> u64 {
 /// Live contexts (an active primary context and created ones) on a device, in this process.
 #[unsafe(no_mangle)]
 pub extern "C" fn fakegpu_context_count(ordinal: c_int) -> u64 {
-    query(0, |p| gpu(p, ordinal).map(|_| u64::from(p.contexts.active_on(ordinal as usize))))
+    query(0, |p| {
+        gpu(p, ordinal).map(|_| u64::from(p.contexts.active_on(ordinal as usize)))
+    })
 }

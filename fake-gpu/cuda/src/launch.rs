@@ -25,7 +25,11 @@ pub struct Launches {
 
 impl Launches {
     pub fn new() -> Self {
-        Self { kernels: Counter::new(), cooperative: Counter::new(), graphs: Counter::new() }
+        Self {
+            kernels: Counter::new(),
+            cooperative: Counter::new(),
+            graphs: Counter::new(),
+        }
     }
 }
 
@@ -44,7 +48,12 @@ impl Shape {
         let [bx, by, bz] = self.block;
         check(gx > 0 && gy > 0 && gz > 0 && bx > 0 && by > 0 && bz > 0)?;
         check(gx <= i32::MAX as c_uint && gy <= 65535 && gz <= 65535)?;
-        check(bx <= 1024 && by <= 1024 && bz <= 64 && u64::from(bx) * u64::from(by) * u64::from(bz) <= 1024)
+        check(
+            bx <= 1024
+                && by <= 1024
+                && bz <= 64
+                && u64::from(bx) * u64::from(by) * u64::from(bz) <= 1024,
+        )
     }
 
     fn blocks(&self) -> u64 {
@@ -59,7 +68,11 @@ impl Shape {
 fn launch(f: CUfunction, shape: Shape, stream: CUstream, cooperative: bool) -> Result {
     let process = process()?;
     check(!f.is_null())?;
-    process.modules.functions.get(from_ptr(f)).ok_or(CUDA_ERROR_INVALID_HANDLE)?;
+    process
+        .modules
+        .functions
+        .get(from_ptr(f))
+        .ok_or(CUDA_ERROR_INVALID_HANDLE)?;
     shape.validate()?;
     let ctx = current(process)?;
     validate_stream(process, stream)?;
@@ -92,9 +105,15 @@ unsafe fn wants_cooperative(config: &CUlaunchConfig) -> Result<bool> {
     }
     check(!config.attrs.is_null())?;
     // SAFETY: per the function's contract.
-    let attrs = unsafe { std::slice::from_raw_parts(config.attrs as *const CUlaunchAttribute, config.num_attrs as usize) };
+    let attrs = unsafe {
+        std::slice::from_raw_parts(
+            config.attrs as *const CUlaunchAttribute,
+            config.num_attrs as usize,
+        )
+    };
     Ok(attrs.iter().any(|a| {
-        a.id == CU_LAUNCH_ATTRIBUTE_COOPERATIVE && i32::from_ne_bytes([a.value[0], a.value[1], a.value[2], a.value[3]]) != 0
+        a.id == CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+            && i32::from_ne_bytes([a.value[0], a.value[1], a.value[2], a.value[3]]) != 0
     }))
 }
 

@@ -31,7 +31,10 @@ pub struct Modules {
 
 impl Modules {
     pub fn new() -> Self {
-        Self { modules: Registry::new(Kind::Module), functions: Slab::new(Kind::Function) }
+        Self {
+            modules: Registry::new(Kind::Module),
+            functions: Slab::new(Kind::Function),
+        }
     }
 
     /// Unloads a context's modules with it.
@@ -59,18 +62,28 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut CUmodule, image: *const c
         let process = process()?;
         check(!module.is_null() && !image.is_null())?;
         let ctx = current(process)?;
-        let (handle, _) =
-            process.modules.modules.insert_with(|_| Module { ctx: ctx.handle, functions: Mutex::new(HashMap::new()) });
+        let (handle, _) = process.modules.modules.insert_with(|_| Module {
+            ctx: ctx.handle,
+            functions: Mutex::new(HashMap::new()),
+        });
         unsafe { put(module, to_ptr(handle)) }
     })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuModuleGetFunction(function: *mut CUfunction, module: CUmodule, name: *const c_char) -> CUresult {
+pub unsafe extern "C" fn cuModuleGetFunction(
+    function: *mut CUfunction,
+    module: CUmodule,
+    name: *const c_char,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         check(!function.is_null() && !name.is_null())?;
-        let module = process.modules.modules.get(from_ptr(module)).ok_or(CUDA_ERROR_INVALID_HANDLE)?;
+        let module = process
+            .modules
+            .modules
+            .get(from_ptr(module))
+            .ok_or(CUDA_ERROR_INVALID_HANDLE)?;
         // SAFETY: a NUL-terminated kernel name, per the API.
         let name = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
         let mut functions = lock(&module.functions);
@@ -94,7 +107,11 @@ pub unsafe extern "C" fn cuModuleGetFunction(function: *mut CUfunction, module: 
 pub unsafe extern "C" fn cuModuleUnload(module: CUmodule) -> CUresult {
     guard(|| {
         let process = process()?;
-        let module = process.modules.modules.remove(from_ptr(module)).ok_or(CUDA_ERROR_INVALID_HANDLE)?;
+        let module = process
+            .modules
+            .modules
+            .remove(from_ptr(module))
+            .ok_or(CUDA_ERROR_INVALID_HANDLE)?;
         process.modules.kill_functions(&module);
         Ok(())
     })

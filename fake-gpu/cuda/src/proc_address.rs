@@ -85,7 +85,11 @@ fn resolve(
             unsafe { *status = result };
         }
     };
-    let known_flags = [CU_GET_PROC_ADDRESS_DEFAULT, CU_GET_PROC_ADDRESS_LEGACY_STREAM, CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM];
+    let known_flags = [
+        CU_GET_PROC_ADDRESS_DEFAULT,
+        CU_GET_PROC_ADDRESS_LEGACY_STREAM,
+        CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM,
+    ];
     if symbol.is_null() || !known_flags.contains(&flags) {
         report(CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND);
         return Err(CUDA_ERROR_INVALID_VALUE);
@@ -94,7 +98,9 @@ fn resolve(
     let name = unsafe { CStr::from_ptr(symbol) }.to_bytes();
     let answer = lookup(name, version, flags);
     report(answer.status());
-    let ProcLookup::Found(entry) = answer else { return Err(CUDA_ERROR_NOT_FOUND) };
+    let ProcLookup::Found(entry) = answer else {
+        return Err(CUDA_ERROR_NOT_FOUND);
+    };
     let function = exported(entry.symbol.as_bytes());
     if function.is_null() {
         // Every table symbol is exported (a unit test holds this); never hand out NULL as found.
@@ -135,7 +141,11 @@ mod tests {
     #[test]
     fn every_table_symbol_is_exported() {
         for entry in PROC_TABLE {
-            assert!(!exported(entry.symbol.as_bytes()).is_null(), "{} is not exported", entry.symbol);
+            assert!(
+                !exported(entry.symbol.as_bytes()).is_null(),
+                "{} is not exported",
+                entry.symbol
+            );
         }
     }
 
@@ -143,7 +153,10 @@ mod tests {
     fn every_export_is_in_the_table() {
         // Exports outside the table would be reachable by dlsym but not cuGetProcAddress.
         for name in EXPORTED {
-            assert!(PROC_TABLE.iter().any(|e| e.symbol == *name), "{name} is exported but not in PROC_TABLE");
+            assert!(
+                PROC_TABLE.iter().any(|e| e.symbol == *name),
+                "{name} is exported but not in PROC_TABLE"
+            );
         }
     }
 
@@ -151,20 +164,43 @@ mod tests {
     fn requests_resolve_to_the_variant_the_table_names() {
         let mut pfn = std::ptr::null_mut();
         let mut status = -1;
-        let rc = unsafe { cuGetProcAddress_v2(c"cuMemAlloc".as_ptr(), &mut pfn, 12090, 0, &mut status) };
+        let rc =
+            unsafe { cuGetProcAddress_v2(c"cuMemAlloc".as_ptr(), &mut pfn, 12090, 0, &mut status) };
         assert_eq!((rc, status), (CUDA_SUCCESS, CU_GET_PROC_ADDRESS_SUCCESS));
         assert_eq!(pfn, memory::cuMemAlloc_v2 as *mut c_void);
 
-        let rc = unsafe { cuGetProcAddress_v2(c"cuMemAlloc".as_ptr(), &mut pfn, 2000, 0, &mut status) };
-        assert_eq!((rc, status, pfn), (CUDA_ERROR_NOT_FOUND, CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT, std::ptr::null_mut()));
+        let rc =
+            unsafe { cuGetProcAddress_v2(c"cuMemAlloc".as_ptr(), &mut pfn, 2000, 0, &mut status) };
+        assert_eq!(
+            (rc, status, pfn),
+            (
+                CUDA_ERROR_NOT_FOUND,
+                CU_GET_PROC_ADDRESS_VERSION_NOT_SUFFICIENT,
+                std::ptr::null_mut()
+            )
+        );
 
         let rc = unsafe { cuGetProcAddress_v2(c"".as_ptr(), &mut pfn, 0, 0, &mut status) };
-        assert_eq!((rc, status, pfn), (CUDA_ERROR_NOT_FOUND, CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND, std::ptr::null_mut()));
+        assert_eq!(
+            (rc, status, pfn),
+            (
+                CUDA_ERROR_NOT_FOUND,
+                CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND,
+                std::ptr::null_mut()
+            )
+        );
 
         let rc = unsafe { cuGetProcAddress(c"cuLaunchKernel".as_ptr(), &mut pfn, 12000, 2) };
-        assert_eq!((rc, pfn), (CUDA_SUCCESS, launch::cuLaunchKernel_ptsz as *mut c_void));
+        assert_eq!(
+            (rc, pfn),
+            (CUDA_SUCCESS, launch::cuLaunchKernel_ptsz as *mut c_void)
+        );
 
         let rc = unsafe { cuGetProcAddress(c"cuInit".as_ptr(), &mut pfn, 12000, 7) };
-        assert_eq!((rc, pfn), (CUDA_ERROR_INVALID_VALUE, std::ptr::null_mut()), "unknown flags");
+        assert_eq!(
+            (rc, pfn),
+            (CUDA_ERROR_INVALID_VALUE, std::ptr::null_mut()),
+            "unknown flags"
+        );
     }
 }

@@ -54,7 +54,10 @@ pub struct Process {
 impl Process {
     /// The GPU with CUDA ordinal `device`, or `CUDA_ERROR_INVALID_DEVICE`.
     pub fn gpu(&self, device: CUdevice) -> Result<&Gpu> {
-        usize::try_from(device).ok().and_then(|d| self.gpus.get(d)).ok_or(CUDA_ERROR_INVALID_DEVICE)
+        usize::try_from(device)
+            .ok()
+            .and_then(|d| self.gpus.get(d))
+            .ok_or(CUDA_ERROR_INVALID_DEVICE)
     }
 }
 
@@ -84,9 +87,12 @@ pub fn try_process() -> Option<&'static Process> {
 
 /// The node's config, read once per process; a bad file is reported on stderr once.
 pub fn config() -> Result<&'static (Config, Option<PathBuf>)> {
-    static CONFIG: OnceLock<std::result::Result<(Config, Option<PathBuf>), String>> = OnceLock::new();
+    static CONFIG: OnceLock<std::result::Result<(Config, Option<PathBuf>), String>> =
+        OnceLock::new();
     static REPORTED: AtomicBool = AtomicBool::new(false);
-    match CONFIG.get_or_init(|| tessera_fake_gpu_model::config_from_env().map_err(|e| e.to_string())) {
+    match CONFIG
+        .get_or_init(|| tessera_fake_gpu_model::config_from_env().map_err(|e| e.to_string()))
+    {
         Ok(config) => Ok(config),
         Err(message) => {
             if !REPORTED.swap(true, Ordering::Relaxed) {
@@ -122,25 +128,40 @@ pub fn init() -> Result {
     Ok(())
 }
 
-fn build(config: &Config, config_path: Option<&std::path::Path>) -> std::result::Result<Process, (CUresult, String)> {
-    let visible_env = std::env::var_os("CUDA_VISIBLE_DEVICES").map(|v| v.to_string_lossy().into_owned());
+fn build(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+) -> std::result::Result<Process, (CUresult, String)> {
+    let visible_env =
+        std::env::var_os("CUDA_VISIBLE_DEVICES").map(|v| v.to_string_lossy().into_owned());
     let uuids: Vec<&str> = config.devices.iter().map(|d| d.uuid.as_str()).collect();
     let visible = tessera_fake_gpu_model::visible_devices(visible_env.as_deref(), &uuids);
     if visible.is_empty() {
         return Err((
             CUDA_ERROR_NO_DEVICE,
-            format!("no device is visible (CUDA_VISIBLE_DEVICES={:?})", visible_env.unwrap_or_default()),
+            format!(
+                "no device is visible (CUDA_VISIBLE_DEVICES={:?})",
+                visible_env.unwrap_or_default()
+            ),
         ));
     }
     let state_path = tessera_fake_gpu_model::state_path_from_env(config_path);
     let region = tessera_fake_gpu_model::open_region(&state_path, config)
         .map_err(|e| (CUDA_ERROR_OPERATING_SYSTEM, e.to_string()))?;
     let lease = region.claim().map_err(|source| {
-        let error = tessera_fake_gpu_model::Error::State { path: state_path.clone(), source };
+        let error = tessera_fake_gpu_model::Error::State {
+            path: state_path.clone(),
+            source,
+        };
         (CUDA_ERROR_OPERATING_SYSTEM, error.to_string())
     })?;
-    let gpus: Vec<Gpu> =
-        visible.iter().map(|&physical| Gpu { physical, spec: config.devices[physical].clone() }).collect();
+    let gpus: Vec<Gpu> = visible
+        .iter()
+        .map(|&physical| Gpu {
+            physical,
+            spec: config.devices[physical].clone(),
+        })
+        .collect();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     Ok(Process {
         generation,
@@ -176,7 +197,10 @@ struct InitLock;
 
 impl InitLock {
     fn acquire() -> Self {
-        while INITIALISING.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while INITIALISING
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             std::thread::yield_now();
         }
         InitLock

@@ -31,7 +31,10 @@ pub struct Streams {
 
 impl Streams {
     pub fn new() -> Self {
-        Self { streams: Registry::new(Kind::Stream), events: Registry::new(Kind::Event) }
+        Self {
+            streams: Registry::new(Kind::Stream),
+            events: Registry::new(Kind::Event),
+        }
     }
 
     /// Destroys a context's streams and events with it.
@@ -52,7 +55,12 @@ pub fn stream_target(process: &Process, stream: CUstream) -> Result<Current> {
     if is_default(stream) {
         return current(process);
     }
-    process.streams.streams.get(from_ptr(stream)).map(|s| s.ctx).ok_or(CUDA_ERROR_INVALID_HANDLE)
+    process
+        .streams
+        .streams
+        .get(from_ptr(stream))
+        .map(|s| s.ctx)
+        .ok_or(CUDA_ERROR_INVALID_HANDLE)
 }
 
 /// Checks a stream argument without needing its context (on the launch path: the default
@@ -81,7 +89,11 @@ pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, flags: c_uint) ->
 
 /// Priorities are accepted (any value is clamped by the real driver) and not simulated.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuStreamCreateWithPriority(stream: *mut CUstream, flags: c_uint, _priority: c_int) -> CUresult {
+pub unsafe extern "C" fn cuStreamCreateWithPriority(
+    stream: *mut CUstream,
+    flags: c_uint,
+    _priority: c_int,
+) -> CUresult {
     guard(|| create_stream(stream, flags))
 }
 
@@ -89,7 +101,12 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(stream: *mut CUstream, flags
 pub unsafe extern "C" fn cuStreamDestroy_v2(stream: CUstream) -> CUresult {
     guard(|| {
         let process = process()?;
-        process.streams.streams.remove(from_ptr(stream)).map(drop).ok_or(CUDA_ERROR_INVALID_HANDLE)
+        process
+            .streams
+            .streams
+            .remove(from_ptr(stream))
+            .map(drop)
+            .ok_or(CUDA_ERROR_INVALID_HANDLE)
     })
 }
 
@@ -128,8 +145,11 @@ pub unsafe extern "C" fn cuEventCreate(event: *mut CUevent, flags: c_uint) -> CU
         // An interprocess event must not time (the real driver's rule).
         check(flags & CU_EVENT_INTERPROCESS == 0 || flags & CU_EVENT_DISABLE_TIMING != 0)?;
         let ctx = current(process)?;
-        let (handle, _) =
-            process.streams.events.insert_with(|_| Event { ctx: ctx.handle, flags, recorded_ns: AtomicU64::new(0) });
+        let (handle, _) = process.streams.events.insert_with(|_| Event {
+            ctx: ctx.handle,
+            flags,
+            recorded_ns: AtomicU64::new(0),
+        });
         unsafe { put(event, to_ptr(handle)) }
     })
 }
@@ -138,13 +158,22 @@ pub unsafe extern "C" fn cuEventCreate(event: *mut CUevent, flags: c_uint) -> CU
 pub unsafe extern "C" fn cuEventDestroy_v2(event: CUevent) -> CUresult {
     guard(|| {
         let process = process()?;
-        process.streams.events.remove(from_ptr(event)).map(drop).ok_or(CUDA_ERROR_INVALID_HANDLE)
+        process
+            .streams
+            .events
+            .remove(from_ptr(event))
+            .map(drop)
+            .ok_or(CUDA_ERROR_INVALID_HANDLE)
     })
 }
 
 fn record(event: CUevent, stream: CUstream) -> Result {
     let process = process()?;
-    let event = process.streams.events.get(from_ptr(event)).ok_or(CUDA_ERROR_INVALID_HANDLE)?;
+    let event = process
+        .streams
+        .events
+        .get(from_ptr(event))
+        .ok_or(CUDA_ERROR_INVALID_HANDLE)?;
     validate_stream(process, stream)?;
     event.recorded_ns.store(now_ns(), Ordering::Release);
     Ok(())
@@ -167,7 +196,11 @@ fn event_done(event: CUevent) -> Result {
 }
 
 fn check_event(process: &Process, event: CUevent) -> Result {
-    if process.streams.events.contains(from_ptr(event)) { Ok(()) } else { Err(CUDA_ERROR_INVALID_HANDLE) }
+    if process.streams.events.contains(from_ptr(event)) {
+        Ok(())
+    } else {
+        Err(CUDA_ERROR_INVALID_HANDLE)
+    }
 }
 
 #[unsafe(no_mangle)]
@@ -185,7 +218,11 @@ fn elapsed(ms: *mut c_float, start: CUevent, end: CUevent) -> Result {
     let process = process()?;
     check(!ms.is_null())?;
     let times = [start, end].map(|e| {
-        let event = process.streams.events.get(from_ptr(e)).ok_or(CUDA_ERROR_INVALID_HANDLE)?;
+        let event = process
+            .streams
+            .events
+            .get(from_ptr(e))
+            .ok_or(CUDA_ERROR_INVALID_HANDLE)?;
         let at = event.recorded_ns.load(Ordering::Acquire);
         if event.flags & CU_EVENT_DISABLE_TIMING != 0 || at == 0 {
             return Err(CUDA_ERROR_INVALID_HANDLE);
@@ -199,11 +236,19 @@ fn elapsed(ms: *mut c_float, start: CUevent, end: CUevent) -> Result {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut c_float, start: CUevent, end: CUevent) -> CUresult {
+pub unsafe extern "C" fn cuEventElapsedTime(
+    ms: *mut c_float,
+    start: CUevent,
+    end: CUevent,
+) -> CUresult {
     guard(|| elapsed(ms, start, end))
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuEventElapsedTime_v2(ms: *mut c_float, start: CUevent, end: CUevent) -> CUresult {
+pub unsafe extern "C" fn cuEventElapsedTime_v2(
+    ms: *mut c_float,
+    start: CUevent,
+    end: CUevent,
+) -> CUresult {
     guard(|| elapsed(ms, start, end))
 }

@@ -35,7 +35,10 @@ fn a_program_linked_with_lcuda_runs_on_the_fake_driver() {
 
     if let Ok(output) = Command::new("readelf").arg("-d").arg(&program).output() {
         let dynamic = String::from_utf8_lossy(&output.stdout);
-        assert!(dynamic.contains("Shared library: [libcuda.so.1]"), "the program must need the soname:\n{dynamic}");
+        assert!(
+            dynamic.contains("Shared library: [libcuda.so.1]"),
+            "the program must need the soname:\n{dynamic}"
+        );
     }
 
     let output = Command::new(&program)
@@ -46,13 +49,22 @@ fn a_program_linked_with_lcuda_runs_on_the_fake_driver() {
         .output()
         .expect("run the program");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,
         [
             "driver 12080 devices 2 name NVIDIA GeForce RTX 4090 memory 4294967296",
-            &format!("used {} free {} total {}", 2 * MIB, 4 * GIB - 2 * MIB, 4 * GIB),
+            &format!(
+                "used {} free {} total {}",
+                2 * MIB,
+                4 * GIB - 2 * MIB,
+                4 * GIB
+            ),
             "launches 1",
             "used 0",
             "ok",

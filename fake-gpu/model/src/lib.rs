@@ -11,6 +11,9 @@ pub mod state;
 pub mod visible;
 
 pub use config::{Config, ConfigError, Device, MAX_DEVICES};
-pub use node::{CONFIG_ENV, DEFAULT_STATE_PATH, Error, STATE_ENV, config_from_env, open_region, state_path_from_env};
+pub use node::{
+    CONFIG_ENV, DEFAULT_STATE_PATH, Error, STATE_ENV, config_from_env, open_region,
+    state_path_from_env,
+};
 pub use state::{Lease, OutOfMemory, ProcessUsage, Region, StateError};
 pub use visible::visible_devices;

@@ -36,8 +36,10 @@ pub fn config_from_env() -> Result<(Config, Option<PathBuf>), Error> {
         None => Ok((Config::default(), None)),
         Some(path) => {
             let path = PathBuf::from(path);
-            let config = Config::from_file(&path)
-                .map_err(|source| Error::Config { path: path.clone(), source })?;
+            let config = Config::from_file(&path).map_err(|source| Error::Config {
+                path: path.clone(),
+                source,
+            })?;
             Ok((config, Some(path)))
         }
     }
@@ -60,5 +62,8 @@ pub fn state_path_from_env(config_path: Option<&Path>) -> PathBuf {
 
 /// Opens the state file for `config` at `path`.
 pub fn open_region(path: &Path, config: &Config) -> Result<Arc<Region>, Error> {
-    Region::open(path, config).map_err(|source| Error::State { path: path.to_owned(), source })
+    Region::open(path, config).map_err(|source| Error::State {
+        path: path.to_owned(),
+        source,
+    })
 }

@@ -46,7 +46,8 @@ fn resolve(entry: &str, uuids: &[&str]) -> Option<usize> {
 }
 
 fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
-    text.len() >= prefix.len() && text.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    text.len() >= prefix.len()
+        && text.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
 #[cfg(test)]
@@ -84,14 +85,25 @@ mod tests {
         assert_eq!(visible(Some("-1")), Vec::<usize>::new());
         assert_eq!(visible(Some("1,,2")), vec![1]);
         assert_eq!(visible(Some("1,x,2")), vec![1]);
-        assert_eq!(visible(Some("0,1,0,2")), vec![0, 1], "a repeated device ends the list");
+        assert_eq!(
+            visible(Some("0,1,0,2")),
+            vec![0, 1],
+            "a repeated device ends the list"
+        );
     }
 
     #[test]
     fn uuids_and_unambiguous_prefixes() {
-        assert_eq!(visible(Some("GPU-40540c5d-e6f7-4a8b-9c0d-1e2f3a4b5c6d")), vec![1]);
+        assert_eq!(
+            visible(Some("GPU-40540c5d-e6f7-4a8b-9c0d-1e2f3a4b5c6d")),
+            vec![1]
+        );
         assert_eq!(visible(Some("GPU-aaaa,GPU-4090")), vec![2, 0]);
-        assert_eq!(visible(Some("gpu-4090A1B2")), vec![0], "case does not matter");
+        assert_eq!(
+            visible(Some("gpu-4090A1B2")),
+            vec![0],
+            "case does not matter"
+        );
         assert_eq!(visible(Some("GPU-405")), vec![1]);
         // `GPU-40` fits both the 4090 and the L40S.
         assert_eq!(visible(Some("GPU-40,1")), Vec::<usize>::new());
@@ -102,11 +114,18 @@ mod tests {
     #[test]
     fn mixed_indices_and_uuids() {
         assert_eq!(visible(Some("2,GPU-4090a1b2")), vec![2, 0]);
-        assert_eq!(visible(Some("0,GPU-4090a1b2")), vec![0], "the same device twice");
+        assert_eq!(
+            visible(Some("0,GPU-4090a1b2")),
+            vec![0],
+            "the same device twice"
+        );
     }
 
     #[test]
     fn mig_uuids_are_not_simulated() {
-        assert_eq!(visible(Some("0,MIG-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b")), vec![0]);
+        assert_eq!(
+            visible(Some("0,MIG-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b")),
+            vec![0]
+        );
     }
 }

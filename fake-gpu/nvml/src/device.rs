@@ -49,7 +49,10 @@ pub fn resolve(device: nvmlDevice_t) -> Result<(Arc<Node>, usize)> {
 }
 
 /// Runs a query on the device a handle names.
-fn with_device(device: nvmlDevice_t, query: impl FnOnce(&Node, usize, &Device) -> Result) -> nvmlReturn_t {
+fn with_device(
+    device: nvmlDevice_t,
+    query: impl FnOnce(&Node, usize, &Device) -> Result,
+) -> nvmlReturn_t {
     guard(|| {
         let (node, index) = resolve(device)?;
         query(&node, index, &node.config.devices[index])
@@ -86,18 +89,27 @@ fn by_index(index: c_uint, out: *mut nvmlDevice_t) -> Result {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(
+    index: c_uint,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
     guard(|| by_index(index, device))
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    index: c_uint,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
     guard(|| by_index(index, device))
 }
 
 /// By full UUID (`GPU-…`, any case).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
+    uuid: *const c_char,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
     guard(|| {
         let node = node()?;
         check(!uuid.is_null() && !device.is_null())?;
@@ -118,41 +130,71 @@ fn by_pci_bus_id(bus_id: *const c_char, device: *mut nvmlDevice_t) -> Result {
     check(!bus_id.is_null() && !device.is_null())?;
     // SAFETY: NUL-terminated per the API.
     let text = unsafe { CStr::from_ptr(bus_id) }.to_string_lossy();
-    let wanted: PciAddress = text.trim().parse().map_err(|_| NVML_ERROR_INVALID_ARGUMENT)?;
-    let index = node.config.devices.iter().position(|d| d.pci == wanted).ok_or(NVML_ERROR_NOT_FOUND)?;
+    let wanted: PciAddress = text
+        .trim()
+        .parse()
+        .map_err(|_| NVML_ERROR_INVALID_ARGUMENT)?;
+    let index = node
+        .config
+        .devices
+        .iter()
+        .position(|d| d.pci == wanted)
+        .ok_or(NVML_ERROR_NOT_FOUND)?;
     unsafe { put(device, handle(index)) }
 }
 
 /// Accepts NVML's (`00000000:01:00.0`) and CUDA's (`0000:01:00.0`) forms.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId(bus_id: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId(
+    bus_id: *const c_char,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
     guard(|| by_pci_bus_id(bus_id, device))
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId_v2(bus_id: *const c_char, device: *mut nvmlDevice_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId_v2(
+    bus_id: *const c_char,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
     guard(|| by_pci_bus_id(bus_id, device))
 }
 
 // --- Identity ------------------------------------------------------------------------------------
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetUUID(device: nvmlDevice_t, uuid: *mut c_char, length: c_uint) -> nvmlReturn_t {
-    with_device(device, |_, _, d| unsafe { put_str(uuid, length, d.uuid.as_str()) })
+pub unsafe extern "C" fn nvmlDeviceGetUUID(
+    device: nvmlDevice_t,
+    uuid: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    with_device(device, |_, _, d| unsafe {
+        put_str(uuid, length, d.uuid.as_str())
+    })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetName(device: nvmlDevice_t, name: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetName(
+    device: nvmlDevice_t,
+    name: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     with_device(device, |_, _, d| unsafe { put_str(name, length, &d.name) })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetIndex(device: nvmlDevice_t, index: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetIndex(
+    device: nvmlDevice_t,
+    index: *mut c_uint,
+) -> nvmlReturn_t {
     with_device(device, |_, i, _| unsafe { put(index, i as c_uint) })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(device: nvmlDevice_t, minor: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(
+    device: nvmlDevice_t,
+    minor: *mut c_uint,
+) -> nvmlReturn_t {
     with_device(device, |_, _, d| unsafe { put(minor, d.minor_number) })
 }
 
@@ -181,28 +223,47 @@ fn legacy_pci_info(device: nvmlDevice_t, out: *mut nvmlPciInfo_t) -> nvmlReturn_
         let info = pci_info(d);
         let prefix = std::mem::offset_of!(nvmlPciInfo_t, bus_id);
         // SAFETY: `out` points to at least the legacy struct, which is `prefix` bytes long.
-        unsafe { std::ptr::copy_nonoverlapping((&info as *const nvmlPciInfo_t).cast::<u8>(), out.cast::<u8>(), prefix) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&info as *const nvmlPciInfo_t).cast::<u8>(),
+                out.cast::<u8>(),
+                prefix,
+            )
+        };
         Ok(())
     })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPciInfo(device: nvmlDevice_t, pci: *mut nvmlPciInfo_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo(
+    device: nvmlDevice_t,
+    pci: *mut nvmlPciInfo_t,
+) -> nvmlReturn_t {
     legacy_pci_info(device, pci)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v2(device: nvmlDevice_t, pci: *mut nvmlPciInfo_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v2(
+    device: nvmlDevice_t,
+    pci: *mut nvmlPciInfo_t,
+) -> nvmlReturn_t {
     legacy_pci_info(device, pci)
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(device: nvmlDevice_t, pci: *mut nvmlPciInfo_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
+    device: nvmlDevice_t,
+    pci: *mut nvmlPciInfo_t,
+) -> nvmlReturn_t {
     with_device(device, |_, _, d| unsafe { put(pci, pci_info(d)) })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(device: nvmlDevice_t, major: *mut c_int, minor: *mut c_int) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(
+    device: nvmlDevice_t,
+    major: *mut c_int,
+    minor: *mut c_int,
+) -> nvmlReturn_t {
     with_device(device, |_, _, d| {
         check(!major.is_null() && !minor.is_null())?;
         unsafe {
@@ -213,23 +274,40 @@ pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(device: nvmlDevice_t
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetArchitecture(device: nvmlDevice_t, arch: *mut nvmlDeviceArchitecture_t) -> nvmlReturn_t {
-    with_device(device, |_, _, d| unsafe { put(arch, d.architecture.nvml_value()) })
+pub unsafe extern "C" fn nvmlDeviceGetArchitecture(
+    device: nvmlDevice_t,
+    arch: *mut nvmlDeviceArchitecture_t,
+) -> nvmlReturn_t {
+    with_device(device, |_, _, d| unsafe {
+        put(arch, d.architecture.nvml_value())
+    })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetBrand(device: nvmlDevice_t, brand: *mut nvmlBrandType_t) -> nvmlReturn_t {
-    with_device(device, |_, _, d| unsafe { put(brand, d.brand.nvml_value()) })
+pub unsafe extern "C" fn nvmlDeviceGetBrand(
+    device: nvmlDevice_t,
+    brand: *mut nvmlBrandType_t,
+) -> nvmlReturn_t {
+    with_device(device, |_, _, d| unsafe {
+        put(brand, d.brand.nvml_value())
+    })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetNumGpuCores(device: nvmlDevice_t, cores: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetNumGpuCores(
+    device: nvmlDevice_t,
+    cores: *mut c_uint,
+) -> nvmlReturn_t {
     with_device(device, |_, _, d| unsafe { put(cores, d.cuda_cores) })
 }
 
 /// No fake device supports MIG (the product targets cards without it).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: nvmlDevice_t, _current: *mut c_uint, _pending: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+    device: nvmlDevice_t,
+    _current: *mut c_uint,
+    _pending: *mut c_uint,
+) -> nvmlReturn_t {
     with_device(device, |_, _, _| Err(NVML_ERROR_NOT_SUPPORTED))
 }
 
@@ -242,16 +320,31 @@ fn memory(node: &Node, index: usize) -> (u64, u64) {
 
 /// v1: `used` includes what NVML reserves, as in the real `nvmlMemory_t`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: nvmlDevice_t, out: *mut nvmlMemory_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    device: nvmlDevice_t,
+    out: *mut nvmlMemory_t,
+) -> nvmlReturn_t {
     with_device(device, |node, index, _| {
         let (total, used) = memory(node, index);
         let used = (used + RESERVED_BYTES).min(total);
-        unsafe { put(out, nvmlMemory_t { total, free: total - used, used }) }
+        unsafe {
+            put(
+                out,
+                nvmlMemory_t {
+                    total,
+                    free: total - used,
+                    used,
+                },
+            )
+        }
     })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, out: *mut nvmlMemory_v2_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: nvmlDevice_t,
+    out: *mut nvmlMemory_v2_t,
+) -> nvmlReturn_t {
     with_device(device, |node, index, _| {
         check(!out.is_null())?;
         // SAFETY: non-null; the caller sets `version` before the call.
@@ -261,12 +354,28 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, out: *
         let (total, used) = memory(node, index);
         let reserved = RESERVED_BYTES.min(total);
         let free = total.saturating_sub(reserved).saturating_sub(used);
-        unsafe { put(out, nvmlMemory_v2_t { version: NVML_MEMORY_V2, total, reserved, free, used }) }
+        unsafe {
+            put(
+                out,
+                nvmlMemory_v2_t {
+                    version: NVML_MEMORY_V2,
+                    total,
+                    reserved,
+                    free,
+                    used,
+                },
+            )
+        }
     })
 }
 
 /// Always idle: no kernel time is simulated yet.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: nvmlDevice_t, out: *mut nvmlUtilization_t) -> nvmlReturn_t {
-    with_device(device, |_, _, _| unsafe { put(out, nvmlUtilization_t { gpu: 0, memory: 0 }) })
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
+    device: nvmlDevice_t,
+    out: *mut nvmlUtilization_t,
+) -> nvmlReturn_t {
+    with_device(device, |_, _, _| unsafe {
+        put(out, nvmlUtilization_t { gpu: 0, memory: 0 })
+    })
 }

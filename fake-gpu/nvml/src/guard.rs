@@ -4,7 +4,10 @@
 use std::ffi::c_char;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use tessera_gpu_abi::nvml::{NVML_ERROR_INSUFFICIENT_SIZE, NVML_ERROR_INVALID_ARGUMENT, NVML_ERROR_UNKNOWN, NVML_SUCCESS, nvmlReturn_t};
+use tessera_gpu_abi::nvml::{
+    NVML_ERROR_INSUFFICIENT_SIZE, NVML_ERROR_INVALID_ARGUMENT, NVML_ERROR_UNKNOWN, NVML_SUCCESS,
+    nvmlReturn_t,
+};
 
 pub type Result<T = (), E = nvmlReturn_t> = std::result::Result<T, E>;
 
@@ -51,5 +54,9 @@ pub unsafe fn put_str(buffer: *mut c_char, len: u32, text: &str) -> Result {
 
 /// Fails with `NVML_ERROR_INVALID_ARGUMENT` unless `ok`.
 pub fn check(ok: bool) -> Result {
-    if ok { Ok(()) } else { Err(NVML_ERROR_INVALID_ARGUMENT) }
+    if ok {
+        Ok(())
+    } else {
+        Err(NVML_ERROR_INVALID_ARGUMENT)
+    }
 }

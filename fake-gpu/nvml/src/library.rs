@@ -25,7 +25,10 @@ struct Library {
     node: Option<Arc<Node>>,
 }
 
-static LIBRARY: Mutex<Library> = Mutex::new(Library { refs: 0, node: None });
+static LIBRARY: Mutex<Library> = Mutex::new(Library {
+    refs: 0,
+    node: None,
+});
 
 fn library() -> std::sync::MutexGuard<'static, Library> {
     LIBRARY.lock().unwrap_or_else(|e| e.into_inner())
@@ -37,9 +40,11 @@ pub fn node() -> Result<Arc<Node>> {
 }
 
 fn open_node() -> std::result::Result<Node, String> {
-    let (config, config_path) = tessera_fake_gpu_model::config_from_env().map_err(|e| e.to_string())?;
+    let (config, config_path) =
+        tessera_fake_gpu_model::config_from_env().map_err(|e| e.to_string())?;
     let state_path = tessera_fake_gpu_model::state_path_from_env(config_path.as_deref());
-    let region = tessera_fake_gpu_model::open_region(&state_path, &config).map_err(|e| e.to_string())?;
+    let region =
+        tessera_fake_gpu_model::open_region(&state_path, &config).map_err(|e| e.to_string())?;
     Ok(Node { config, region })
 }
 
@@ -131,7 +136,10 @@ pub extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     guard(|| {
         let node = node()?;
         unsafe { put_str(version, length, &node.config.driver_version) }
@@ -140,10 +148,17 @@ pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length
 
 /// NVML's version is the CUDA major version and the driver version, e.g. `12.570.86.15`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(version: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     guard(|| {
         let node = node()?;
-        let text = format!("{}.{}", node.config.cuda_driver_version / 1000, node.config.driver_version);
+        let text = format!(
+            "{}.{}",
+            node.config.cuda_driver_version / 1000,
+            node.config.driver_version
+        );
         unsafe { put_str(version, length, &text) }
     })
 }
@@ -165,11 +180,16 @@ pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(version: *mut c_int) 
 
 /// The process's command name from `/proc` (as seen from this PID namespace).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlSystemGetProcessName(pid: c_uint, name: *mut c_char, length: c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlSystemGetProcessName(
+    pid: c_uint,
+    name: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
     guard(|| {
         node()?;
         check(!name.is_null() && length > 0)?;
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).map_err(|_| NVML_ERROR_NOT_FOUND)?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map_err(|_| NVML_ERROR_NOT_FOUND)?;
         let comm = comm.trim_end();
         // Truncates to the buffer, as the real call does.
         let mut end = comm.len().min(length as usize - 1);

@@ -12,7 +12,12 @@ use crate::guard::{Result, check, guard, put};
 
 fn on_device(device: nvmlDevice_t) -> Result<(usize, Vec<ProcessUsage>)> {
     let (node, index) = resolve(device)?;
-    let processes = node.region.processes().into_iter().filter(|p| p.is_on(index)).collect();
+    let processes = node
+        .region
+        .processes()
+        .into_iter()
+        .filter(|p| p.is_on(index))
+        .collect();
     Ok((index, processes))
 }
 
@@ -58,7 +63,13 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
 ) -> nvmlReturn_t {
     guard(|| {
         let (index, processes) = on_device(device)?;
-        let items = processes.iter().map(|p| nvmlProcessInfo_v1_t { pid: p.pid, used_gpu_memory: p.used[index] }).collect();
+        let items = processes
+            .iter()
+            .map(|p| nvmlProcessInfo_v1_t {
+                pid: p.pid,
+                used_gpu_memory: p.used[index],
+            })
+            .collect();
         fill(count, out, items)
     })
 }
@@ -97,7 +108,11 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
             .map_or(0, |d| d.as_micros() as u64);
         let items = processes
             .iter()
-            .map(|p| nvmlProcessUtilizationSample_t { pid: p.pid, time_stamp: now_us, ..Default::default() })
+            .map(|p| nvmlProcessUtilizationSample_t {
+                pid: p.pid,
+                time_stamp: now_us,
+                ..Default::default()
+            })
             .collect();
         fill(count, samples, items)
     })

@@ -18,8 +18,10 @@ type SystemText = unsafe extern "C" fn(*mut c_char, c_uint) -> nvmlReturn_t;
 type Memory = unsafe extern "C" fn(nvmlDevice_t, *mut nvmlMemory_t) -> nvmlReturn_t;
 type MemoryV2 = unsafe extern "C" fn(nvmlDevice_t, *mut nvmlMemory_v2_t) -> nvmlReturn_t;
 type Pci = unsafe extern "C" fn(nvmlDevice_t, *mut nvmlPciInfo_t) -> nvmlReturn_t;
-type Processes = unsafe extern "C" fn(nvmlDevice_t, *mut c_uint, *mut nvmlProcessInfo_t) -> nvmlReturn_t;
-type ProcessesV1 = unsafe extern "C" fn(nvmlDevice_t, *mut c_uint, *mut nvmlProcessInfo_v1_t) -> nvmlReturn_t;
+type Processes =
+    unsafe extern "C" fn(nvmlDevice_t, *mut c_uint, *mut nvmlProcessInfo_t) -> nvmlReturn_t;
+type ProcessesV1 =
+    unsafe extern "C" fn(nvmlDevice_t, *mut c_uint, *mut nvmlProcessInfo_v1_t) -> nvmlReturn_t;
 type Uint = unsafe extern "C" fn(nvmlDevice_t, *mut c_uint) -> nvmlReturn_t;
 type Int = unsafe extern "C" fn(*mut c_int) -> nvmlReturn_t;
 type Mig = unsafe extern "C" fn(nvmlDevice_t, *mut c_uint, *mut c_uint) -> nvmlReturn_t;
@@ -74,11 +76,21 @@ fn cuda_holder() {
 fn exports_and_linkage() {
     let path = nvml_library();
     let nvml = Library::open(&path);
-    let missing: Vec<&&str> = EXPORTS.iter().filter(|s| nvml.try_sym(s).is_none()).collect();
+    let missing: Vec<&&str> = EXPORTS
+        .iter()
+        .filter(|s| nvml.try_sym(s).is_none())
+        .collect();
     assert!(missing.is_empty(), "not exported: {missing:?}");
-    if let Ok(output) = std::process::Command::new("readelf").arg("-d").arg(&path).output() {
+    if let Ok(output) = std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(&path)
+        .output()
+    {
         let text = String::from_utf8_lossy(&output.stdout);
-        assert!(text.contains("Library soname: [libnvidia-ml.so.1]"), "{text}");
+        assert!(
+            text.contains("Library soname: [libnvidia-ml.so.1]"),
+            "{text}"
+        );
         assert!(text.contains("SYMBOLIC"), "{text}");
     }
 }
@@ -86,7 +98,9 @@ fn exports_and_linkage() {
 fn text(f: impl FnOnce(*mut c_char, c_uint) -> nvmlReturn_t) -> String {
     let mut buffer = [0 as c_char; 96];
     assert_eq!(f(buffer.as_mut_ptr(), 96), NVML_SUCCESS);
-    unsafe { CStr::from_ptr(buffer.as_ptr()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(buffer.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -109,7 +123,12 @@ fn life_cycle_and_arguments() {
             let mut n = 0;
             assert_eq!(count(&mut n), NVML_ERROR_UNINITIALIZED);
             assert_eq!(shutdown(), NVML_ERROR_UNINITIALIZED);
-            assert_eq!(CStr::from_ptr(error_string(NVML_ERROR_INSUFFICIENT_SIZE)).to_str().unwrap(), "Insufficient Size");
+            assert_eq!(
+                CStr::from_ptr(error_string(NVML_ERROR_INSUFFICIENT_SIZE))
+                    .to_str()
+                    .unwrap(),
+                "Insufficient Size"
+            );
 
             // Reference-counted: two inits need two shutdowns.
             assert_eq!(init(), NVML_SUCCESS);
@@ -124,32 +143,62 @@ fn life_cycle_and_arguments() {
             assert_eq!(count(&mut n), NVML_ERROR_UNINITIALIZED);
             assert_eq!(minor(device, &mut n), NVML_ERROR_UNINITIALIZED);
             assert_eq!(init(), NVML_SUCCESS);
-            assert_eq!(minor(device, &mut n), NVML_SUCCESS, "handles survive re-initialisation");
+            assert_eq!(
+                minor(device, &mut n),
+                NVML_SUCCESS,
+                "handles survive re-initialisation"
+            );
             assert_eq!(n, 5);
 
             assert_eq!(text(|b, l| driver(b, l)), "570.86.15");
             let mut small = [0 as c_char; 5];
-            assert_eq!(driver(small.as_mut_ptr(), 5), NVML_ERROR_INSUFFICIENT_SIZE, "never truncated");
+            assert_eq!(
+                driver(small.as_mut_ptr(), 5),
+                NVML_ERROR_INSUFFICIENT_SIZE,
+                "never truncated"
+            );
             let mut version = 0;
             assert_eq!(cuda_version(&mut version), NVML_SUCCESS);
             assert_eq!(version, 12080);
 
-            assert_eq!(text(|b, l| uuid(device, b, l)), "GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee");
-            assert_eq!(uuid(device, small.as_mut_ptr(), 5), NVML_ERROR_INSUFFICIENT_SIZE);
+            assert_eq!(
+                text(|b, l| uuid(device, b, l)),
+                "GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
+            );
+            assert_eq!(
+                uuid(device, small.as_mut_ptr(), 5),
+                NVML_ERROR_INSUFFICIENT_SIZE
+            );
             let mut stranger = 7u64;
             let bogus = (&mut stranger as *mut u64).cast::<c_void>();
-            assert_eq!(uuid(bogus, small.as_mut_ptr(), 5), NVML_ERROR_INVALID_ARGUMENT, "not a handle");
-            assert_eq!(uuid(std::ptr::null_mut(), small.as_mut_ptr(), 5), NVML_ERROR_INVALID_ARGUMENT);
+            assert_eq!(
+                uuid(bogus, small.as_mut_ptr(), 5),
+                NVML_ERROR_INVALID_ARGUMENT,
+                "not a handle"
+            );
+            assert_eq!(
+                uuid(std::ptr::null_mut(), small.as_mut_ptr(), 5),
+                NVML_ERROR_INVALID_ARGUMENT
+            );
             assert_eq!(by_index(2, &mut device), NVML_ERROR_INVALID_ARGUMENT);
 
             let mut found = std::ptr::null_mut();
             assert_eq!(by_pci(c"0000:41:00.0".as_ptr(), &mut found), NVML_SUCCESS);
             assert_eq!(by_index(1, &mut device), NVML_SUCCESS);
             assert_eq!(found, device, "one handle per device");
-            assert_eq!(by_pci(c"00000000:02:00.0".as_ptr(), &mut found), NVML_ERROR_NOT_FOUND);
-            assert_eq!(by_pci(c"garbage".as_ptr(), &mut found), NVML_ERROR_INVALID_ARGUMENT);
+            assert_eq!(
+                by_pci(c"00000000:02:00.0".as_ptr(), &mut found),
+                NVML_ERROR_NOT_FOUND
+            );
+            assert_eq!(
+                by_pci(c"garbage".as_ptr(), &mut found),
+                NVML_ERROR_INVALID_ARGUMENT
+            );
             let (mut current, mut pending) = (0, 0);
-            assert_eq!(mig(device, &mut current, &mut pending), NVML_ERROR_NOT_SUPPORTED);
+            assert_eq!(
+                mig(device, &mut current, &mut pending),
+                NVML_ERROR_NOT_SUPPORTED
+            );
         }
     });
 }
@@ -171,13 +220,24 @@ fn memory_structs_and_versions() {
 
             let mut v1 = nvmlMemory_t::default();
             assert_eq!(memory(device, &mut v1), NVML_SUCCESS);
-            assert_eq!((v1.total, v1.used, v1.free), (GIB, 32 * MIB, GIB - 32 * MIB), "v1 counts NVML's reserve as used");
+            assert_eq!(
+                (v1.total, v1.used, v1.free),
+                (GIB, 32 * MIB, GIB - 32 * MIB),
+                "v1 counts NVML's reserve as used"
+            );
 
             let mut v2 = nvmlMemory_v2_t::default();
-            assert_eq!(memory_v2(device, &mut v2), NVML_ERROR_ARGUMENT_VERSION_MISMATCH, "version unset");
+            assert_eq!(
+                memory_v2(device, &mut v2),
+                NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
+                "version unset"
+            );
             v2.version = NVML_MEMORY_V2;
             assert_eq!(memory_v2(device, &mut v2), NVML_SUCCESS);
-            assert_eq!((v2.total, v2.reserved, v2.used, v2.free), (GIB, 32 * MIB, 0, GIB - 32 * MIB));
+            assert_eq!(
+                (v2.total, v2.reserved, v2.used, v2.free),
+                (GIB, 32 * MIB, 0, GIB - 32 * MIB)
+            );
 
             let sentinel = nvmlPciInfo_t {
                 bus_id_legacy: [0x55; 16],
@@ -190,13 +250,31 @@ fn memory_structs_and_versions() {
             };
             let mut legacy = sentinel;
             assert_eq!(pci_v1(device, &mut legacy), NVML_SUCCESS);
-            assert_eq!(CStr::from_bytes_until_nul(&legacy.bus_id_legacy).unwrap().to_str().unwrap(), "0000:41:00.0");
+            assert_eq!(
+                CStr::from_bytes_until_nul(&legacy.bus_id_legacy)
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                "0000:41:00.0"
+            );
             assert_eq!((legacy.domain, legacy.bus, legacy.device), (0, 0x41, 0));
-            assert_eq!(legacy.bus_id, [0x55; 32], "v1 writes only the fields its struct had");
+            assert_eq!(
+                legacy.bus_id, [0x55; 32],
+                "v1 writes only the fields its struct had"
+            );
             let mut full = sentinel;
             assert_eq!(pci_v3(device, &mut full), NVML_SUCCESS);
-            assert_eq!(CStr::from_bytes_until_nul(&full.bus_id).unwrap().to_str().unwrap(), "00000000:41:00.0");
-            assert_eq!(full.pci_device_id, 0x10de, "the vendor alone when the config gives no device id");
+            assert_eq!(
+                CStr::from_bytes_until_nul(&full.bus_id)
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                "00000000:41:00.0"
+            );
+            assert_eq!(
+                full.pci_device_id, 0x10de,
+                "the vendor alone when the config gives no device id"
+            );
         }
     });
 }
@@ -210,24 +288,38 @@ fn process_lists_follow_nvmls_count_protocol() {
         let by_index: ByIndex = nvml.func("nvmlDeviceGetHandleByIndex_v2");
         let v3: Processes = nvml.func("nvmlDeviceGetComputeRunningProcesses_v3");
         let v1: ProcessesV1 = nvml.func("nvmlDeviceGetComputeRunningProcesses");
-        let name: unsafe extern "C" fn(c_uint, *mut c_char, c_uint) -> nvmlReturn_t = nvml.func("nvmlSystemGetProcessName");
+        let name: unsafe extern "C" fn(c_uint, *mut c_char, c_uint) -> nvmlReturn_t =
+            nvml.func("nvmlSystemGetProcessName");
         unsafe {
             assert_eq!(init(), NVML_SUCCESS);
             let mut device = std::ptr::null_mut();
             assert_eq!(by_index(0, &mut device), NVML_SUCCESS);
             let mut count = 0;
-            assert_eq!(v3(device, &mut count, std::ptr::null_mut()), NVML_ERROR_INSUFFICIENT_SIZE);
+            assert_eq!(
+                v3(device, &mut count, std::ptr::null_mut()),
+                NVML_ERROR_INSUFFICIENT_SIZE
+            );
             assert_eq!(count, 1);
             let mut infos = [nvmlProcessInfo_t::default(); 4];
             count = 4;
             assert_eq!(v3(device, &mut count, infos.as_mut_ptr()), NVML_SUCCESS);
             assert_eq!(count, 1);
-            assert_eq!((infos[0].pid, infos[0].used_gpu_memory), (expected_pid, 300 * MIB));
-            assert_eq!((infos[0].gpu_instance_id, infos[0].compute_instance_id), (u32::MAX, u32::MAX), "no MIG");
+            assert_eq!(
+                (infos[0].pid, infos[0].used_gpu_memory),
+                (expected_pid, 300 * MIB)
+            );
+            assert_eq!(
+                (infos[0].gpu_instance_id, infos[0].compute_instance_id),
+                (u32::MAX, u32::MAX),
+                "no MIG"
+            );
             let mut old = [nvmlProcessInfo_v1_t::default(); 2];
             count = 2;
             assert_eq!(v1(device, &mut count, old.as_mut_ptr()), NVML_SUCCESS);
-            assert_eq!((count, old[0].pid, old[0].used_gpu_memory), (1, expected_pid, 300 * MIB));
+            assert_eq!(
+                (count, old[0].pid, old[0].used_gpu_memory),
+                (1, expected_pid, 300 * MIB)
+            );
             let mut buffer = [0 as c_char; 64];
             assert_eq!(name(expected_pid, buffer.as_mut_ptr(), 64), NVML_SUCCESS);
             assert!(!CStr::from_ptr(buffer.as_ptr()).to_bytes().is_empty());

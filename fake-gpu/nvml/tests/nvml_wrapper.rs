@@ -14,7 +14,10 @@ use support::*;
 
 fn nvml() -> Nvml {
     let path = nvml_library();
-    Nvml::builder().lib_path(OsStr::new(&path)).init().expect("Nvml::init against the fake")
+    Nvml::builder()
+        .lib_path(OsStr::new(&path))
+        .init()
+        .expect("Nvml::init against the fake")
 }
 
 #[test]
@@ -32,7 +35,10 @@ fn the_node_as_nvml_wrapper_sees_it() {
         assert_eq!(nvml.device_count().unwrap(), 2);
 
         let rtx = nvml.device_by_index(0).unwrap();
-        assert_eq!(rtx.uuid().unwrap(), "GPU-11111111-2222-4333-8444-555555555555");
+        assert_eq!(
+            rtx.uuid().unwrap(),
+            "GPU-11111111-2222-4333-8444-555555555555"
+        );
         assert_eq!(rtx.name().unwrap(), "NVIDIA GeForce RTX 4090");
         assert_eq!(rtx.index().unwrap(), 0);
         assert_eq!(rtx.minor_number().unwrap(), 0);
@@ -53,14 +59,28 @@ fn the_node_as_nvml_wrapper_sees_it() {
         assert!(rtx.running_compute_processes().unwrap().is_empty());
         assert!(rtx.process_utilization_stats(None).unwrap().is_empty());
 
-        let l40s = nvml.device_by_uuid("GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee").unwrap();
+        let l40s = nvml
+            .device_by_uuid("GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee")
+            .unwrap();
         assert_eq!(l40s.index().unwrap(), 1);
         assert_eq!(l40s.minor_number().unwrap(), 5);
         assert_eq!(l40s.brand().unwrap(), Brand::Nvidia);
         assert_eq!(l40s.memory_info().unwrap().total, GIB);
-        assert_eq!(nvml.device_by_pci_bus_id("00000000:41:00.0").unwrap().index().unwrap(), 1);
-        assert!(matches!(nvml.device_by_uuid("GPU-00000000-0000-4000-8000-000000000000"), Err(NvmlError::NotFound)));
-        assert!(matches!(nvml.device_by_index(2), Err(NvmlError::InvalidArg)));
+        assert_eq!(
+            nvml.device_by_pci_bus_id("00000000:41:00.0")
+                .unwrap()
+                .index()
+                .unwrap(),
+            1
+        );
+        assert!(matches!(
+            nvml.device_by_uuid("GPU-00000000-0000-4000-8000-000000000000"),
+            Err(NvmlError::NotFound)
+        ));
+        assert!(matches!(
+            nvml.device_by_index(2),
+            Err(NvmlError::InvalidArg)
+        ));
     });
 }
 
@@ -72,7 +92,11 @@ fn memory_and_processes_are_the_cuda_processes() {
         let rtx = nvml.device_by_index(0).unwrap();
         let l40s = nvml.device_by_index(1).unwrap();
         if expected_pid == 0 {
-            assert_eq!(rtx.memory_info().unwrap().used, 0, "a killed process's memory is gone");
+            assert_eq!(
+                rtx.memory_info().unwrap().used,
+                0,
+                "a killed process's memory is gone"
+            );
             assert!(rtx.running_compute_processes().unwrap().is_empty());
             assert!(l40s.running_compute_processes().unwrap().is_empty());
             return;
@@ -83,7 +107,10 @@ fn memory_and_processes_are_the_cuda_processes() {
         let mut processes = rtx.running_compute_processes().unwrap();
         processes.sort_by_key(|p| p.pid);
         assert_eq!(processes.len(), 2);
-        let holder = processes.iter().find(|p| p.pid == expected_pid).expect("the CUDA process is listed");
+        let holder = processes
+            .iter()
+            .find(|p| p.pid == expected_pid)
+            .expect("the CUDA process is listed");
         assert_eq!(holder.used_gpu_memory, UsedGpuMemory::Used(GIB));
         assert_eq!(rtx.running_compute_processes_count().unwrap(), 2);
         // On the other card it has a context and no memory: listed, using nothing.
@@ -91,7 +118,11 @@ fn memory_and_processes_are_the_cuda_processes() {
         assert!(on_l40s.iter().any(|p| p.pid == expected_pid));
         assert_eq!(l40s.memory_info().unwrap().used, 0);
         let samples = rtx.process_utilization_stats(None).unwrap();
-        assert!(samples.iter().any(|s| s.pid == expected_pid && s.sm_util == 0));
+        assert!(
+            samples
+                .iter()
+                .any(|s| s.pid == expected_pid && s.sm_util == 0)
+        );
         return;
     }
     if in_any_child() {
@@ -117,7 +148,10 @@ fn cuda_visible_devices_does_not_apply_to_nvml() {
         assert_eq!(std::env::var("CUDA_VISIBLE_DEVICES").as_deref(), Ok("1"));
         let nvml = nvml();
         assert_eq!(nvml.device_count().unwrap(), 2);
-        assert_eq!(nvml.device_by_index(0).unwrap().name().unwrap(), "NVIDIA GeForce RTX 4090");
+        assert_eq!(
+            nvml.device_by_index(0).unwrap().name().unwrap(),
+            "NVIDIA GeForce RTX 4090"
+        );
         return;
     }
     if in_any_child() {
@@ -133,14 +167,23 @@ fn a_bad_config_fails_init_naming_the_file() {
     if in_child("a_bad_config_fails_init_naming_the_file") {
         let path = nvml_library();
         let result = Nvml::builder().lib_path(OsStr::new(&path)).init();
-        assert!(matches!(result, Err(NvmlError::Unknown)), "{:?}", result.err());
+        assert!(
+            matches!(result, Err(NvmlError::Unknown)),
+            "{:?}",
+            result.err()
+        );
         return;
     }
     if in_any_child() {
         return;
     }
-    let node = Node::new(r#"{"devices": [{"uuid": "GPU-11111111-2222-4333-8444-555555555555", "name": "x", "memory": "4Gi"}]}"#);
+    let node = Node::new(
+        r#"{"devices": [{"uuid": "GPU-11111111-2222-4333-8444-555555555555", "name": "x", "memory": "4Gi"}]}"#,
+    );
     let stderr = node.run("a_bad_config_fails_init_naming_the_file");
-    assert!(stderr.contains(&node.config.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&node.config.display().to_string()),
+        "{stderr}"
+    );
     assert!(stderr.contains("memory: invalid type"), "{stderr}");
 }

@@ -24,19 +24,33 @@ pub struct Arrays {
 
 impl Arrays {
     pub fn new() -> Self {
-        Self { arrays: Registry::new(Kind::Array), mipmapped: Registry::new(Kind::MipmappedArray) }
+        Self {
+            arrays: Registry::new(Kind::Array),
+            mipmapped: Registry::new(Kind::MipmappedArray),
+        }
     }
 
     /// Gives back the memory of a context's arrays when the context goes.
     pub fn destroy_context(&self, process: &Process, ctx: u64) {
-        for array in self.arrays.remove_where(|a| a.ctx == ctx).into_iter().chain(self.mipmapped.remove_where(|a| a.ctx == ctx)) {
+        for array in self
+            .arrays
+            .remove_where(|a| a.ctx == ctx)
+            .into_iter()
+            .chain(self.mipmapped.remove_where(|a| a.ctx == ctx))
+        {
             process.lease.release(array.physical, array.bytes);
         }
     }
 }
 
 /// Bytes of one `w × h × d` level; zero height or depth means a 1D or 2D array.
-fn level_bytes(width: u64, height: u64, depth: u64, format: CUarray_format, channels: c_uint) -> Option<u64> {
+fn level_bytes(
+    width: u64,
+    height: u64,
+    depth: u64,
+    format: CUarray_format,
+    channels: c_uint,
+) -> Option<u64> {
     width
         .checked_mul(height.max(1))?
         .checked_mul(depth.max(1))?
@@ -48,12 +62,23 @@ fn validate(width: usize, format: CUarray_format, channels: c_uint) -> Result {
     check(width > 0 && format > 0 && matches!(channels, 1 | 2 | 4))
 }
 
-fn create(registry: &Registry<Array>, out: *mut *mut std::ffi::c_void, bytes: Option<u64>) -> Result {
+fn create(
+    registry: &Registry<Array>,
+    out: *mut *mut std::ffi::c_void,
+    bytes: Option<u64>,
+) -> Result {
     let process = process()?;
     let bytes = bytes.ok_or(CUDA_ERROR_INVALID_VALUE)?;
     let ctx = current(process)?;
-    process.lease.reserve(ctx.physical, bytes).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)?;
-    let (handle, _) = registry.insert_with(|_| Array { ctx: ctx.handle, physical: ctx.physical, bytes });
+    process
+        .lease
+        .reserve(ctx.physical, bytes)
+        .map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)?;
+    let (handle, _) = registry.insert_with(|_| Array {
+        ctx: ctx.handle,
+        physical: ctx.physical,
+        bytes,
+    });
     unsafe { put(out, to_ptr(handle)) }
 }
 
@@ -65,7 +90,10 @@ fn destroy(registry: &Registry<Array>, handle: u64) -> Result {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut CUarray, desc: *const CUDA_ARRAY_DESCRIPTOR) -> CUresult {
+pub unsafe extern "C" fn cuArrayCreate_v2(
+    handle: *mut CUarray,
+    desc: *const CUDA_ARRAY_DESCRIPTOR,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         check(!handle.is_null())?;
@@ -77,13 +105,22 @@ pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut CUarray, desc: *const CUD
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuArray3DCreate_v2(handle: *mut CUarray, desc: *const CUDA_ARRAY3D_DESCRIPTOR) -> CUresult {
+pub unsafe extern "C" fn cuArray3DCreate_v2(
+    handle: *mut CUarray,
+    desc: *const CUDA_ARRAY3D_DESCRIPTOR,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         check(!handle.is_null())?;
         let d = unsafe { get(desc) }?;
         validate(d.width, d.format, d.num_channels)?;
-        let bytes = level_bytes(d.width as u64, d.height as u64, d.depth as u64, d.format, d.num_channels);
+        let bytes = level_bytes(
+            d.width as u64,
+            d.height as u64,
+            d.depth as u64,
+            d.format,
+            d.num_channels,
+        );
         create(&process.arrays.arrays, handle, bytes)
     })
 }
@@ -109,9 +146,21 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
         let (w, h, depth) = (d.width as u64, d.height as u64, d.depth as u64);
         let largest = w.max(h).max(depth);
         check(levels >= 1 && levels <= 1 + largest.ilog2())?;
-        let shrink = |extent: u64, level: u32| if extent == 0 { 0 } else { (extent >> level).max(1) };
+        let shrink = |extent: u64, level: u32| {
+            if extent == 0 {
+                0
+            } else {
+                (extent >> level).max(1)
+            }
+        };
         let bytes = (0..levels).try_fold(0u64, |sum, level| {
-            let level = level_bytes(shrink(w, level), shrink(h, level), shrink(depth, level), d.format, d.num_channels)?;
+            let level = level_bytes(
+                shrink(w, level),
+                shrink(h, level),
+                shrink(depth, level),
+                d.format,
+                d.num_channels,
+            )?;
             sum.checked_add(level)
         });
         create(&process.arrays.mipmapped, handle, bytes)

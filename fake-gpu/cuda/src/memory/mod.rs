@@ -70,23 +70,44 @@ pub struct Memory {
 
 impl Memory {
     pub fn new() -> Self {
-        Self { shards: std::array::from_fn(|_| Padded(Mutex::new(IntMap::default()))), host_bytes: AtomicU64::new(0) }
+        Self {
+            shards: std::array::from_fn(|_| Padded(Mutex::new(IntMap::default()))),
+            host_bytes: AtomicU64::new(0),
+        }
     }
 
     fn shard(&self, ptr: u64) -> &Mutex<IntMap<Allocation>> {
+        // Addresses are 256-aligned and close together: multiply to spread them, then take high
+        // bits, where the product's entropy is.
         let mixed = (ptr >> 8).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        &self.shards[(mixed >> (64 - SHARDS.trailing_zeros())) as usize].0
+        &self.shards[(mixed >> 40) as usize % SHARDS].0
     }
 
     /// Charges and backs `len` bytes; returns the address.
-    pub fn allocate(&self, process: &Process, kind: AllocKind, len: u64, physical: usize, ctx: u64) -> Result<u64> {
+    pub fn allocate(
+        &self,
+        process: &Process,
+        kind: AllocKind,
+        len: u64,
+        physical: usize,
+        ctx: u64,
+    ) -> Result<u64> {
         check(len > 0)?;
         self.charge(process, kind, physical, len)?;
         let Some((ptr, backing)) = back(len) else {
             self.uncharge(process, kind, physical, len);
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         };
-        lock(self.shard(ptr)).insert(ptr, Allocation { len, kind, physical, ctx, backing });
+        lock(self.shard(ptr)).insert(
+            ptr,
+            Allocation {
+                len,
+                kind,
+                physical,
+                ctx,
+                backing,
+            },
+        );
         Ok(ptr)
     }
 
@@ -107,12 +128,20 @@ impl Memory {
 
     fn release(&self, process: &Process, ptr: u64, allocation: &Allocation) {
         unback(ptr, allocation.len, allocation.backing);
-        self.uncharge(process, allocation.kind, allocation.physical, allocation.len);
+        self.uncharge(
+            process,
+            allocation.kind,
+            allocation.physical,
+            allocation.len,
+        );
     }
 
     fn charge(&self, process: &Process, kind: AllocKind, physical: usize, len: u64) -> Result {
         match kind {
-            AllocKind::Device => process.lease.reserve(physical, len).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY),
+            AllocKind::Device => process
+                .lease
+                .reserve(physical, len)
+                .map_err(|_| CUDA_ERROR_OUT_OF_MEMORY),
             AllocKind::Managed => {
                 process.lease.add_managed(physical, len);
                 Ok(())
@@ -139,8 +168,14 @@ impl Memory {
         for shard in &self.shards {
             let doomed: Vec<(u64, Allocation)> = {
                 let mut map = lock(&shard.0);
-                let keys: Vec<u64> = map.iter().filter(|(_, a)| a.ctx == ctx).map(|(k, _)| *k).collect();
-                keys.into_iter().filter_map(|k| map.remove(&k).map(|a| (k, a))).collect()
+                let keys: Vec<u64> = map
+                    .iter()
+                    .filter(|(_, a)| a.ctx == ctx)
+                    .map(|(k, _)| *k)
+                    .collect();
+                keys.into_iter()
+                    .filter_map(|k| map.remove(&k).map(|a| (k, a)))
+                    .collect()
             };
             for (ptr, allocation) in doomed {
                 self.release(process, ptr, &allocation);
@@ -153,7 +188,9 @@ impl Memory {
         self.shards.iter().find_map(|shard| {
             lock(&shard.0)
                 .iter()
-                .find(|(base, a)| a.kind != AllocKind::Host && **base <= ptr && ptr < **base + a.len)
+                .find(|(base, a)| {
+                    a.kind != AllocKind::Host && **base <= ptr && ptr < **base + a.len
+                })
                 .map(|(base, a)| (*base, a.len))
         })
     }
@@ -221,7 +258,9 @@ fn alloc_in_current(dptr: *mut CUdeviceptr, bytes: u64, kind: AllocKind) -> Resu
     let process = process()?;
     check(!dptr.is_null() && bytes > 0)?;
     let ctx = current(process)?;
-    let ptr = process.memory.allocate(process, kind, bytes, ctx.physical, ctx.handle)?;
+    let ptr = process
+        .memory
+        .allocate(process, kind, bytes, ctx.physical, ctx.handle)?;
     unsafe { put(dptr, ptr) }
 }
 
@@ -244,7 +283,9 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
         check(!ppitch.is_null() && width_in_bytes > 0 && height > 0)?;
         check(matches!(element_size_bytes, 4 | 8 | 16))?;
         let pitch = (width_in_bytes as u64).div_ceil(PITCH_ALIGNMENT) * PITCH_ALIGNMENT;
-        let bytes = pitch.checked_mul(height as u64).ok_or(CUDA_ERROR_OUT_OF_MEMORY)?;
+        let bytes = pitch
+            .checked_mul(height as u64)
+            .ok_or(CUDA_ERROR_OUT_OF_MEMORY)?;
         alloc_in_current(dptr, bytes, AllocKind::Device)?;
         unsafe { put(ppitch, pitch as usize) }
     })
@@ -255,13 +296,19 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
 pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
     guard(|| {
         let process = process()?;
-        process.memory.free(process, dptr, &[AllocKind::Device, AllocKind::Managed])
+        process
+            .memory
+            .free(process, dptr, &[AllocKind::Device, AllocKind::Managed])
     })
 }
 
 /// Host-backed and counted apart from device memory (see the module note).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuMemAllocManaged(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    flags: c_uint,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         check(flags == CU_MEM_ATTACH_GLOBAL || flags == CU_MEM_ATTACH_HOST)?;
@@ -278,7 +325,13 @@ fn host_alloc(pp: *mut *mut c_void, bytes: usize) -> Result {
     let process = process()?;
     check(!pp.is_null() && bytes > 0)?;
     let ctx = current(process)?;
-    let ptr = process.memory.allocate(process, AllocKind::Host, bytes as u64, ctx.physical, ctx.handle)?;
+    let ptr = process.memory.allocate(
+        process,
+        AllocKind::Host,
+        bytes as u64,
+        ctx.physical,
+        ctx.handle,
+    )?;
     unsafe { put(pp, ptr as *mut c_void) }
 }
 
@@ -288,10 +341,15 @@ pub unsafe extern "C" fn cuMemAllocHost_v2(pp: *mut *mut c_void, bytesize: usize
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemHostAlloc(pp: *mut *mut c_void, bytesize: usize, flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuMemHostAlloc(
+    pp: *mut *mut c_void,
+    bytesize: usize,
+    flags: c_uint,
+) -> CUresult {
     guard(|| {
         process()?;
-        let known = CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP | CU_MEMHOSTALLOC_WRITECOMBINED;
+        let known =
+            CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP | CU_MEMHOSTALLOC_WRITECOMBINED;
         check(flags & !known == 0)?;
         host_alloc(pp, bytesize)
     })
@@ -307,7 +365,11 @@ pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
 
 /// Base and size of the allocation (or VMM mapping) containing `dptr`; either output may be NULL.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemGetAddressRange_v2(pbase: *mut CUdeviceptr, psize: *mut usize, dptr: CUdeviceptr) -> CUresult {
+pub unsafe extern "C" fn cuMemGetAddressRange_v2(
+    pbase: *mut CUdeviceptr,
+    psize: *mut usize,
+    dptr: CUdeviceptr,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         let (base, len) = process

@@ -28,14 +28,26 @@ pub struct Pools {
 impl Pools {
     pub fn new(gpus: &[Gpu]) -> Self {
         let pools = Registry::new(Kind::MemPool);
-        let defaults =
-            gpus.iter().map(|gpu| pools.insert_with(|_| Pool { physical: gpu.physical, is_default: true }).0).collect();
+        let defaults = gpus
+            .iter()
+            .map(|gpu| {
+                pools
+                    .insert_with(|_| Pool {
+                        physical: gpu.physical,
+                        is_default: true,
+                    })
+                    .0
+            })
+            .collect();
         Self { pools, defaults }
     }
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut CUmemoryPool, dev: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(
+    pool: *mut CUmemoryPool,
+    dev: CUdevice,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         process.gpu(dev)?;
@@ -44,7 +56,10 @@ pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut CUmemoryPool, dev:
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemPoolCreate(pool: *mut CUmemoryPool, props: *const CUmemPoolProps) -> CUresult {
+pub unsafe extern "C" fn cuMemPoolCreate(
+    pool: *mut CUmemoryPool,
+    props: *const CUmemPoolProps,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         check(!pool.is_null())?;
@@ -52,7 +67,10 @@ pub unsafe extern "C" fn cuMemPoolCreate(pool: *mut CUmemoryPool, props: *const 
         check(props.alloc_type == CU_MEM_ALLOCATION_TYPE_PINNED)?;
         check(props.location.type_ == CU_MEM_LOCATION_TYPE_DEVICE)?;
         let gpu = process.gpu(props.location.id)?;
-        let (handle, _) = process.pools.pools.insert_with(|_| Pool { physical: gpu.physical, is_default: false });
+        let (handle, _) = process.pools.pools.insert_with(|_| Pool {
+            physical: gpu.physical,
+            is_default: false,
+        });
         unsafe { put(pool, to_ptr(handle)) }
     })
 }
@@ -64,7 +82,11 @@ pub unsafe extern "C" fn cuMemPoolDestroy(pool: CUmemoryPool) -> CUresult {
     guard(|| {
         let process = process()?;
         let handle = from_ptr(pool);
-        let found = process.pools.pools.get(handle).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        let found = process
+            .pools
+            .pools
+            .get(handle)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)?;
         check(!found.is_default)?;
         process.pools.pools.remove(handle);
         Ok(())
@@ -73,22 +95,43 @@ pub unsafe extern "C" fn cuMemPoolDestroy(pool: CUmemoryPool) -> CUresult {
 
 /// Nothing is cached, so there is nothing to trim.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemPoolTrimTo(pool: CUmemoryPool, _min_bytes_to_keep: usize) -> CUresult {
+pub unsafe extern "C" fn cuMemPoolTrimTo(
+    pool: CUmemoryPool,
+    _min_bytes_to_keep: usize,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         check(process.pools.pools.contains(from_ptr(pool)))
     })
 }
 
-fn alloc_async(dptr: *mut CUdeviceptr, bytes: usize, pool: Option<CUmemoryPool>, stream: CUstream) -> Result {
+fn alloc_async(
+    dptr: *mut CUdeviceptr,
+    bytes: usize,
+    pool: Option<CUmemoryPool>,
+    stream: CUstream,
+) -> Result {
     let process = process()?;
     check(!dptr.is_null() && bytes > 0)?;
     let target = stream_target(process, stream)?;
     let physical = match pool {
         None => target.physical,
-        Some(pool) => process.pools.pools.get(from_ptr(pool)).ok_or(CUDA_ERROR_INVALID_VALUE)?.physical,
+        Some(pool) => {
+            process
+                .pools
+                .pools
+                .get(from_ptr(pool))
+                .ok_or(CUDA_ERROR_INVALID_VALUE)?
+                .physical
+        }
     };
-    let ptr = process.memory.allocate(process, AllocKind::Device, bytes as u64, physical, target.handle)?;
+    let ptr = process.memory.allocate(
+        process,
+        AllocKind::Device,
+        bytes as u64,
+        physical,
+        target.handle,
+    )?;
     unsafe { put(dptr, ptr) }
 }
 
@@ -99,12 +142,20 @@ fn free_async(dptr: CUdeviceptr, stream: CUstream) -> Result {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CUresult {
+pub unsafe extern "C" fn cuMemAllocAsync(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    stream: CUstream,
+) -> CUresult {
     guard(|| alloc_async(dptr, bytesize, None, stream))
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CUresult {
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    stream: CUstream,
+) -> CUresult {
     guard(|| alloc_async(dptr, bytesize, None, stream))
 }
 

@@ -56,7 +56,9 @@ pub struct Vmm {
 
 impl Vmm {
     pub fn new() -> Self {
-        Self { state: Mutex::new(State::default()) }
+        Self {
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// The mapping containing `ptr` (start, length).
@@ -81,7 +83,9 @@ impl State {
 
     /// One mapping fewer of `handle`; frees it if it was released and this was the last.
     fn drop_mapping(&mut self, process: &Process, handle: u64) {
-        let Some(physical) = self.handles.get_mut(&handle) else { return };
+        let Some(physical) = self.handles.get_mut(&handle) else {
+            return;
+        };
         physical.mappings = physical.mappings.saturating_sub(1);
         if physical.released && physical.mappings == 0 {
             self.forget(process, handle);
@@ -150,13 +154,25 @@ pub unsafe extern "C" fn cuMemCreate(
         let len = size as u64;
         check(len > 0 && aligned(len))?;
         let physical = process.gpus[device as usize].physical;
-        process.lease.reserve(physical, len).map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)?;
+        process
+            .lease
+            .reserve(physical, len)
+            .map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)?;
         let Some(memfd) = memfd(len) else {
             process.lease.release(physical, len);
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         };
         let id = new_handle(Kind::Allocation);
-        lock(&process.vmm.state).handles.insert(id, Physical { len, physical, memfd, released: false, mappings: 0 });
+        lock(&process.vmm.state).handles.insert(
+            id,
+            Physical {
+                len,
+                physical,
+                memfd,
+                released: false,
+                mappings: 0,
+            },
+        );
         unsafe { put(handle, id) }
     })
 }
@@ -166,7 +182,11 @@ pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> C
     guard(|| {
         let process = process()?;
         let mut state = lock(&process.vmm.state);
-        let physical = state.handles.get_mut(&handle).filter(|p| !p.released).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        let physical = state
+            .handles
+            .get_mut(&handle)
+            .filter(|p| !p.released)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)?;
         physical.released = true;
         if physical.mappings == 0 {
             state.forget(process, handle);
@@ -218,7 +238,13 @@ pub unsafe extern "C" fn cuMemAddressReserve(
                 libc::munmap(end as *mut c_void, (raw + span - end) as usize);
             }
         }
-        lock(&process.vmm.state).reservations.insert(start, Reservation { len, mappings: BTreeMap::new() });
+        lock(&process.vmm.state).reservations.insert(
+            start,
+            Reservation {
+                len,
+                mappings: BTreeMap::new(),
+            },
+        );
         unsafe { put(ptr, start) }
     })
 }
@@ -229,8 +255,16 @@ pub unsafe extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> CUre
     guard(|| {
         let process = process()?;
         let mut state = lock(&process.vmm.state);
-        check(state.reservations.get(&ptr).is_some_and(|r| r.len == size as u64))?;
-        let reservation = state.reservations.remove(&ptr).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        check(
+            state
+                .reservations
+                .get(&ptr)
+                .is_some_and(|r| r.len == size as u64),
+        )?;
+        let reservation = state
+            .reservations
+            .remove(&ptr)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)?;
         for mapping in reservation.mappings.values() {
             state.drop_mapping(process, mapping.handle);
         }
@@ -255,12 +289,26 @@ pub unsafe extern "C" fn cuMemMap(
         check(is_kind(handle, Kind::Allocation))?;
         let mut state = lock(&process.vmm.state);
         let fd = {
-            let physical = state.handles.get(&handle).filter(|p| !p.released).ok_or(CUDA_ERROR_INVALID_VALUE)?;
-            check(offset.checked_add(len).is_some_and(|end| end <= physical.len))?;
+            let physical = state
+                .handles
+                .get(&handle)
+                .filter(|p| !p.released)
+                .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+            check(
+                offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= physical.len),
+            )?;
             physical.memfd.as_raw_fd()
         };
-        let reservation = state.reservation_mut(ptr, len).ok_or(CUDA_ERROR_INVALID_VALUE)?;
-        let overlaps = reservation.mappings.range(..ptr + len).next_back().is_some_and(|(s, m)| s + m.len > ptr);
+        let reservation = state
+            .reservation_mut(ptr, len)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        let overlaps = reservation
+            .mappings
+            .range(..ptr + len)
+            .next_back()
+            .is_some_and(|(s, m)| s + m.len > ptr);
         check(!overlaps)?;
         // SAFETY: `[ptr, ptr + len)` lies in our reservation and is not mapped; the memfd is at
         // least `offset + len` long.
@@ -293,7 +341,9 @@ pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
         let len = size as u64;
         check(len > 0)?;
         let mut state = lock(&process.vmm.state);
-        let reservation = state.reservation_mut(ptr, len).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        let reservation = state
+            .reservation_mut(ptr, len)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)?;
         let mut cursor = ptr;
         let mut starts = Vec::new();
         for (start, mapping) in reservation.mappings.range(ptr..ptr + len) {
@@ -302,8 +352,11 @@ pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
             starts.push(*start);
         }
         check(cursor == ptr + len)?;
-        let handles: Vec<u64> =
-            starts.iter().filter_map(|start| reservation.mappings.remove(start)).map(|m| m.handle).collect();
+        let handles: Vec<u64> = starts
+            .iter()
+            .filter_map(|start| reservation.mappings.remove(start))
+            .map(|m| m.handle)
+            .collect();
         protect(ptr, len);
         for handle in handles {
             state.drop_mapping(process, handle);
@@ -314,7 +367,12 @@ pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
 
 /// Validates the range (it must be mapped) and descriptors; access is already granted.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemSetAccess(ptr: CUdeviceptr, size: usize, desc: *const CUmemAccessDesc, count: usize) -> CUresult {
+pub unsafe extern "C" fn cuMemSetAccess(
+    ptr: CUdeviceptr,
+    size: usize,
+    desc: *const CUmemAccessDesc,
+    count: usize,
+) -> CUresult {
     guard(|| {
         let process = process()?;
         check(!desc.is_null() && count > 0 && size > 0)?;
@@ -325,11 +383,15 @@ pub unsafe extern "C" fn cuMemSetAccess(ptr: CUdeviceptr, size: usize, desc: *co
             process.gpu(d.location.id)?;
             check(matches!(
                 d.flags,
-                CU_MEM_ACCESS_FLAGS_PROT_NONE | CU_MEM_ACCESS_FLAGS_PROT_READ | CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+                CU_MEM_ACCESS_FLAGS_PROT_NONE
+                    | CU_MEM_ACCESS_FLAGS_PROT_READ
+                    | CU_MEM_ACCESS_FLAGS_PROT_READWRITE
             ))?;
         }
         let mut state = lock(&process.vmm.state);
-        let reservation = state.reservation_mut(ptr, size as u64).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        let reservation = state
+            .reservation_mut(ptr, size as u64)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)?;
         let end = ptr + size as u64;
         let mut cursor = ptr;
         // Every byte of the range must be mapped.
@@ -354,7 +416,10 @@ pub unsafe extern "C" fn cuMemGetAllocationGranularity(
 ) -> CUresult {
     guard(|| {
         let process = process()?;
-        check(matches!(option, CU_MEM_ALLOC_GRANULARITY_MINIMUM | CU_MEM_ALLOC_GRANULARITY_RECOMMENDED))?;
+        check(matches!(
+            option,
+            CU_MEM_ALLOC_GRANULARITY_MINIMUM | CU_MEM_ALLOC_GRANULARITY_RECOMMENDED
+        ))?;
         let prop = unsafe { get(prop) }?;
         device_of(process, &prop)?;
         unsafe { put(granularity, GRANULARITY as usize) }

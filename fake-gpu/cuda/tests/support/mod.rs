@@ -15,7 +15,10 @@ pub const GIB: u64 = 1 << 30;
 /// `<target>/<profile>`: test executables live in its `deps/`, the cdylibs in it.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target profile directory").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .to_path_buf()
 }
 
 /// The built fake driver, or a failure saying how to build it. `cargo test` does not rebuild a
@@ -23,12 +26,28 @@ pub fn target_dir() -> PathBuf {
 /// silently testing yesterday's code.
 pub fn built_library(file: &str) -> PathBuf {
     let path = target_dir().join(file);
-    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| {
-        panic!("{} is missing: build the workspace first (`cargo build --workspace`)", path.display())
-    });
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: build the workspace first (`cargo build --workspace`)",
+                path.display()
+            )
+        });
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sources = [crate_dir.join("src"), crate_dir.join("build.rs"), crate_dir.join("../model/src"), crate_dir.join("../../gpu-abi/src")];
-    if let Some(newer) = sources.iter().filter_map(|s| newest_file(s)).filter(|(t, _)| *t > built).map(|(_, p)| p).next() {
+    let sources = [
+        crate_dir.join("src"),
+        crate_dir.join("build.rs"),
+        crate_dir.join("../model/src"),
+        crate_dir.join("../../gpu-abi/src"),
+    ];
+    if let Some(newer) = sources
+        .iter()
+        .filter_map(|s| newest_file(s))
+        .filter(|(t, _)| *t > built)
+        .map(|(_, p)| p)
+        .next()
+    {
         panic!(
             "{} is older than {}: rebuild it first (`cargo build --workspace`)",
             path.display(),
@@ -44,7 +63,10 @@ fn newest_file(path: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     if meta.is_file() {
         return Some((meta.modified().ok()?, path.to_owned()));
     }
-    std::fs::read_dir(path).ok()?.filter_map(|e| newest_file(&e.ok()?.path())).max_by_key(|(t, _)| *t)
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| newest_file(&e.ok()?.path()))
+        .max_by_key(|(t, _)| *t)
 }
 
 pub struct Library {
@@ -67,7 +89,10 @@ impl Library {
             let error = unsafe { std::ffi::CStr::from_ptr(libc::dlerror()) };
             panic!("dlopen {}: {}", path.display(), error.to_string_lossy());
         }
-        Library { handle, path: path.to_owned() }
+        Library {
+            handle,
+            path: path.to_owned(),
+        }
     }
 
     pub fn cuda() -> Library {
@@ -82,7 +107,8 @@ impl Library {
     }
 
     pub fn sym(&self, name: &str) -> *mut c_void {
-        self.try_sym(name).unwrap_or_else(|| panic!("{} does not export {name}", self.path.display()))
+        self.try_sym(name)
+            .unwrap_or_else(|| panic!("{} does not export {name}", self.path.display()))
     }
 }
 
@@ -256,27 +282,57 @@ impl Cuda {
     /// A loaded kernel to launch.
     pub fn kernel(&self) -> CUfunction {
         let (mut module, mut function) = (std::ptr::null_mut(), std::ptr::null_mut());
-        ok!((self.cuModuleLoadData)(&mut module, c"any image".as_ptr().cast()));
-        ok!((self.cuModuleGetFunction)(&mut function, module, c"kernel".as_ptr()));
+        ok!((self.cuModuleLoadData)(
+            &mut module,
+            c"any image".as_ptr().cast()
+        ));
+        ok!((self.cuModuleGetFunction)(
+            &mut function,
+            module,
+            c"kernel".as_ptr()
+        ));
         function
     }
 
     pub fn launch(&self, f: CUfunction, grid: u32, block: u32) -> CUresult {
         let null = std::ptr::null_mut();
-        unsafe { (self.cuLaunchKernel)(f, grid, 1, 1, block, 1, 1, 0, null, std::ptr::null_mut(), std::ptr::null_mut()) }
+        unsafe {
+            (self.cuLaunchKernel)(
+                f,
+                grid,
+                1,
+                1,
+                block,
+                1,
+                1,
+                0,
+                null,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        }
     }
 
     pub fn error_name(&self, rc: CUresult) -> String {
         let mut name = std::ptr::null();
         unsafe { (self.cuGetErrorName)(rc, &mut name) };
-        if name.is_null() { format!("{rc}") } else { unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned() }
+        if name.is_null() {
+            format!("{rc}")
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
+        }
     }
 }
 
 /// A device allocation property on `device`, as VMM calls take it.
 pub fn vmm_prop(device: c_int) -> CUmemAllocationProp {
     CUmemAllocationProp {
-        location: CUmemLocation { type_: CU_MEM_LOCATION_TYPE_DEVICE, id: device },
+        location: CUmemLocation {
+            type_: CU_MEM_LOCATION_TYPE_DEVICE,
+            id: device,
+        },
         ..Default::default()
     }
 }
@@ -310,7 +366,11 @@ impl Node {
         let path = dir.path().join("node.json");
         std::fs::write(&path, config).expect("write config");
         let state = dir.path().join("node.state");
-        Node { dir, config: path, state }
+        Node {
+            dir,
+            config: path,
+            state,
+        }
     }
 
     pub fn two_cards() -> Node {
@@ -390,7 +450,11 @@ impl Node {
             .expect("spawn agent");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut agent = Agent { child, stdin, stdout };
+        let mut agent = Agent {
+            child,
+            stdin,
+            stdout,
+        };
         assert_eq!(agent.reply(), "ready");
         agent
     }
@@ -464,7 +528,12 @@ pub fn agent_main() {
     for line in std::io::stdin().lock().lines() {
         let line = line.expect("agent input");
         let words: Vec<&str> = line.split_whitespace().collect();
-        let number = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
+        let number = |i: usize| {
+            words
+                .get(i)
+                .and_then(|w| w.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         match words.first().copied() {
             Some("alloc") => {
                 ok!((cuda.cuCtxSetCurrent)(contexts[number(1) as usize]));
@@ -476,8 +545,14 @@ pub fn agent_main() {
                     Err(rc) => say(format!("err {rc}")),
                 }
             }
-            Some("free") => say(format!("rc {}", rc!((cuda.cuMemFree_v2)(pointers[number(1) as usize])))),
-            Some("used") => say(format!("{}", rc!((cuda.fakegpu_device_memory_used)(number(1) as c_int)))),
+            Some("free") => say(format!(
+                "rc {}",
+                rc!((cuda.cuMemFree_v2)(pointers[number(1) as usize]))
+            )),
+            Some("used") => say(format!(
+                "{}",
+                rc!((cuda.fakegpu_device_memory_used)(number(1) as c_int))
+            )),
             Some("info") => {
                 ok!((cuda.cuCtxSetCurrent)(contexts[number(1) as usize]));
                 let (free, total) = cuda.mem_info();

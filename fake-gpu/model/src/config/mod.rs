@@ -24,7 +24,9 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into() }
+        Self {
+            message: message.into(),
+        }
     }
 }
 
@@ -228,7 +230,9 @@ field_parsers! {
 impl ConfigFile {
     fn resolve(self) -> Result<Config, ConfigError> {
         if self.devices.is_empty() {
-            return Err(ConfigError::new("devices: a fake node needs at least one device"));
+            return Err(ConfigError::new(
+                "devices: a fake node needs at least one device",
+            ));
         }
         if self.devices.len() > MAX_DEVICES {
             return Err(ConfigError::new(format!(
@@ -279,18 +283,26 @@ impl DeviceEntry {
             ConfigError::new(format!("devices[{index}].{field}: {message}"))
         };
         if self.name.is_empty() || self.name.len() >= 96 {
-            return Err(at("name", "must be 1 to 95 bytes (NVML's name buffer is 96)"));
+            return Err(at(
+                "name",
+                "must be 1 to 95 bytes (NVML's name buffer is 96)",
+            ));
         }
         if self.memory == 0 {
             return Err(at("memory", "must be a positive number of bytes"));
         }
-        let compute_capability = self.compute_capability.unwrap_or(ComputeCapability { major: 8, minor: 9 });
+        let compute_capability = self
+            .compute_capability
+            .unwrap_or(ComputeCapability { major: 8, minor: 9 });
         let architecture = match self.architecture {
             Some(a) => a,
             None => Architecture::for_compute_capability(compute_capability).ok_or_else(|| {
-                at("architecture", &format!(
-                    "cannot be derived from compute capability {compute_capability}; set it"
-                ))
+                at(
+                    "architecture",
+                    &format!(
+                        "cannot be derived from compute capability {compute_capability}; set it"
+                    ),
+                )
             })?,
         };
         let sm_count = self.sm_count.unwrap_or(128);
@@ -362,7 +374,8 @@ impl FromStr for DriverVersion {
     fn from_str(s: &str) -> Result<Self, String> {
         let well_formed = !s.is_empty()
             && s.len() < 80
-            && s.split('.').all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+            && s.split('.')
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
         if well_formed {
             Ok(Self(s.to_owned()))
         } else {
@@ -404,14 +417,27 @@ fn hex_value(b: u8) -> u8 {
 impl FromStr for Uuid {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let groups: Vec<&str> = s.strip_prefix("GPU-").map(|rest| rest.split('-').collect()).unwrap_or_default();
+        let groups: Vec<&str> = s
+            .strip_prefix("GPU-")
+            .map(|rest| rest.split('-').collect())
+            .unwrap_or_default();
         let lengths_ok = groups.len() == 5
-            && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n)
-            && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+            && groups
+                .iter()
+                .zip([8, 4, 4, 4, 12])
+                .all(|(g, n)| g.len() == n)
+            && groups
+                .iter()
+                .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
         if lengths_ok {
-            Ok(Self(format!("GPU-{}", groups.join("-").to_ascii_lowercase())))
+            Ok(Self(format!(
+                "GPU-{}",
+                groups.join("-").to_ascii_lowercase()
+            )))
         } else {
-            Err(format!("{s:?} is not a GPU UUID like \"GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b\""))
+            Err(format!(
+                "{s:?} is not a GPU UUID like \"GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b\""
+            ))
         }
     }
 }
@@ -436,17 +462,26 @@ pub struct PciAddress {
 impl PciAddress {
     /// CUDA's form, `0000:01:00.0` (what `cuDeviceGetPCIBusId` writes).
     pub fn cuda_form(&self) -> String {
-        format!("{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
+        format!(
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 
     /// NVML's form, `00000000:01:00.0` (`nvmlPciInfo_t.busId`).
     pub fn nvml_form(&self) -> String {
-        format!("{:08X}:{:02X}:{:02X}.{:X}", self.domain, self.bus, self.device, self.function)
+        format!(
+            "{:08X}:{:02X}:{:02X}.{:X}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 
     /// NVML's legacy form, `0000:01:00.0` (`nvmlPciInfo_t.busIdLegacy`).
     pub fn nvml_legacy_form(&self) -> String {
-        format!("{:04X}:{:02X}:{:02X}.{:X}", self.domain, self.bus, self.device, self.function)
+        format!(
+            "{:04X}:{:02X}:{:02X}.{:X}",
+            self.domain, self.bus, self.device, self.function
+        )
     }
 }
 
@@ -506,7 +541,10 @@ impl FromStr for ComputeCapability {
                 t.parse::<u32>().map_err(|_| bad())
             }
         };
-        let cc = Self { major: parse(major)?, minor: parse(minor)? };
+        let cc = Self {
+            major: parse(major)?,
+            minor: parse(minor)?,
+        };
         if cc.major < 3 {
             return Err(bad());
         }

@@ -33,7 +33,10 @@ fn optional_fields_take_documented_defaults() {
     assert_eq!(config.driver_version, "570.86.15");
     assert_eq!(config.cuda_driver_version, 12090);
     let device = &config.devices[0];
-    assert_eq!(device.compute_capability, ComputeCapability { major: 8, minor: 9 });
+    assert_eq!(
+        device.compute_capability,
+        ComputeCapability { major: 8, minor: 9 }
+    );
     assert_eq!(device.architecture, Architecture::Ada);
     assert_eq!(device.brand, Brand::Nvidia);
     assert_eq!(device.pci.cuda_form(), "0000:01:00.0", "bus = index + 1");
@@ -58,7 +61,10 @@ fn architecture_follows_compute_capability_unless_given() {
     assert_eq!(with("8.6", ""), Ok(Architecture::Ampere));
     assert_eq!(with("9.0", ""), Ok(Architecture::Hopper));
     assert_eq!(with("12.0", ""), Ok(Architecture::Blackwell));
-    assert_eq!(with("8.9", r#", "architecture": "Hopper""#), Ok(Architecture::Hopper));
+    assert_eq!(
+        with("8.9", r#", "architecture": "Hopper""#),
+        Ok(Architecture::Hopper)
+    );
     let err = with("11.0", "").unwrap_err();
     assert!(err.contains("devices[0].architecture"), "{err}");
 }
@@ -74,14 +80,19 @@ fn unknown_fields_are_rejected_by_name_with_their_line() {
     )
     .unwrap_err();
     assert!(err.contains("unknown field `smcount`"), "{err}");
-    assert!(err.contains("smCount"), "the message lists the expected names: {err}");
+    assert!(
+        err.contains("smCount"),
+        "the message lists the expected names: {err}"
+    );
     assert!(err.contains("line 4"), "{err}");
 }
 
 #[test]
 fn missing_required_fields_are_named() {
-    let err = parse(r#"{"devices": [{"uuid": "GPU-12345678-1234-1234-1234-123456789abc", "name": "x"}]}"#)
-        .unwrap_err();
+    let err = parse(
+        r#"{"devices": [{"uuid": "GPU-12345678-1234-1234-1234-123456789abc", "name": "x"}]}"#,
+    )
+    .unwrap_err();
     assert!(err.contains("missing field `memory`"), "{err}");
     let err = parse("{}").unwrap_err();
     assert!(err.contains("missing field `devices`"), "{err}");
@@ -93,7 +104,10 @@ fn type_errors_name_the_field_and_line() {
         "{\"devices\": [{\n\"uuid\": \"GPU-12345678-1234-1234-1234-123456789abc\",\n\"name\": \"x\",\n\"memory\": \"24Gi\"}]}",
     )
     .unwrap_err();
-    assert!(err.starts_with("memory: invalid type: string \"24Gi\""), "{err}");
+    assert!(
+        err.starts_with("memory: invalid type: string \"24Gi\""),
+        "{err}"
+    );
     assert!(err.contains("line 4"), "{err}");
 
     let err = parse(r#"{"cudaDriverVersion": "12.9", "devices": []}"#).unwrap_err();
@@ -115,16 +129,26 @@ fn malformed_values_are_explained() {
         .unwrap_err()
     };
     let err = device(r#""pciBusId": "01:00""#);
-    assert!(err.starts_with("pciBusId: \"01:00\" is not a PCI bus id"), "{err}");
+    assert!(
+        err.starts_with("pciBusId: \"01:00\" is not a PCI bus id"),
+        "{err}"
+    );
     let err = device(r#""computeCapability": "89""#);
     assert!(err.starts_with("computeCapability:"), "{err}");
     let err = device(r#""brand": "radeon""#);
-    assert!(err.starts_with("brand: \"radeon\" is not a brand (one of quadro, tesla"), "{err}");
+    assert!(
+        err.starts_with("brand: \"radeon\" is not a brand (one of quadro, tesla"),
+        "{err}"
+    );
     let err = device(r#""architecture": "fermi""#);
     assert!(err.starts_with("architecture:"), "{err}");
 
-    let err = parse(r#"{"devices": [{"uuid": "GPU-1234", "name": "x", "memory": 1}]}"#).unwrap_err();
-    assert!(err.starts_with("uuid: \"GPU-1234\" is not a GPU UUID"), "{err}");
+    let err =
+        parse(r#"{"devices": [{"uuid": "GPU-1234", "name": "x", "memory": 1}]}"#).unwrap_err();
+    assert!(
+        err.starts_with("uuid: \"GPU-1234\" is not a GPU UUID"),
+        "{err}"
+    );
     let err = parse(r#"{"driverVersion": "latest", "devices": []}"#).unwrap_err();
     assert!(err.starts_with("driverVersion:"), "{err}");
 }
@@ -132,7 +156,10 @@ fn malformed_values_are_explained() {
 #[test]
 fn whole_node_rules() {
     let err = parse(r#"{"devices": []}"#).unwrap_err();
-    assert!(err.starts_with("devices: a fake node needs at least one device"), "{err}");
+    assert!(
+        err.starts_with("devices: a fake node needs at least one device"),
+        "{err}"
+    );
 
     let err = parse(r#"{"devices": [{"uuid": "GPU-12345678-1234-1234-1234-123456789abc", "name": "x", "memory": 0}]}"#)
         .unwrap_err();
@@ -148,10 +175,18 @@ fn whole_node_rules() {
     let same_bus = r#"{"devices": [
         {"uuid": "GPU-12345678-1234-1234-1234-123456789abc", "name": "a", "memory": 1, "pciBusId": "0000:02:00.0"},
         {"uuid": "GPU-12345678-1234-1234-1234-123456789abd", "name": "b", "memory": 1, "pciBusId": "00000000:02:00.0"}]}"#;
-    assert!(parse(same_bus).unwrap_err().starts_with("devices[1].pciBusId:"));
+    assert!(
+        parse(same_bus)
+            .unwrap_err()
+            .starts_with("devices[1].pciBusId:")
+    );
 
     let many: Vec<String> = (0..=MAX_DEVICES)
-        .map(|i| format!(r#"{{"uuid": "GPU-12345678-1234-1234-1234-{i:012x}", "name": "g", "memory": 1}}"#))
+        .map(|i| {
+            format!(
+                r#"{{"uuid": "GPU-12345678-1234-1234-1234-{i:012x}", "name": "g", "memory": 1}}"#
+            )
+        })
         .collect();
     let err = parse(&format!(r#"{{"devices": [{}]}}"#, many.join(","))).unwrap_err();
     assert!(err.contains("at most 16"), "{err}");
@@ -169,10 +204,21 @@ fn uuids_are_normalised_and_convert_to_bytes() {
     assert_eq!(uuid.as_str(), "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b");
     assert_eq!(
         uuid.bytes(),
-        [0x40, 0x90, 0xa1, 0xb2, 0xc3, 0xd4, 0x4e, 0x5f, 0x8a, 0x6b, 0x7c, 0x8d, 0x9e, 0x0f, 0x1a, 0x2b]
+        [
+            0x40, 0x90, 0xa1, 0xb2, 0xc3, 0xd4, 0x4e, 0x5f, 0x8a, 0x6b, 0x7c, 0x8d, 0x9e, 0x0f,
+            0x1a, 0x2b
+        ]
     );
-    assert!("4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b".parse::<Uuid>().is_err());
-    assert!("GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2g".parse::<Uuid>().is_err());
+    assert!(
+        "4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b"
+            .parse::<Uuid>()
+            .is_err()
+    );
+    assert!(
+        "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2g"
+            .parse::<Uuid>()
+            .is_err()
+    );
 }
 
 #[test]
@@ -187,8 +233,18 @@ fn pci_addresses_in_cuda_and_nvml_forms() {
     assert_eq!(cuda.nvml_legacy_form(), "0000:41:00.0");
     let upper: PciAddress = "0000:AB:1F.7".parse().unwrap();
     assert_eq!(upper.cuda_form(), "0000:ab:1f.7");
-    for bad in ["", "0000:41:00", "0000:141:00.0", "0000:41:20.0", "0000:41:00.8", "x:41:00.0"] {
-        assert!(bad.parse::<PciAddress>().is_err(), "{bad:?} should not parse");
+    for bad in [
+        "",
+        "0000:41:00",
+        "0000:141:00.0",
+        "0000:41:20.0",
+        "0000:41:00.8",
+        "x:41:00.0",
+    ] {
+        assert!(
+            bad.parse::<PciAddress>().is_err(),
+            "{bad:?} should not parse"
+        );
     }
 }
 

@@ -46,7 +46,12 @@ fn lock_type(kind: LockKind) -> libc::c_short {
     }) as libc::c_short
 }
 
-fn fcntl_lock(fd: BorrowedFd<'_>, byte: i64, l_type: libc::c_short, cmd: libc::c_int) -> io::Result<()> {
+fn fcntl_lock(
+    fd: BorrowedFd<'_>,
+    byte: i64,
+    l_type: libc::c_short,
+    cmd: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `flock` is plain data; zero is a valid value for every field, and OFD locks
     // require `l_pid` to be 0.
     let mut request: libc::flock = unsafe { std::mem::zeroed() };
@@ -57,5 +62,9 @@ fn fcntl_lock(fd: BorrowedFd<'_>, byte: i64, l_type: libc::c_short, cmd: libc::c
     // SAFETY: `fd` is a live descriptor for the duration of the borrow and `request` is a valid
     // `flock` that outlives the call.
     let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, &mut request as *mut libc::flock) };
-    if rc == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

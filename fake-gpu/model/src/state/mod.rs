@@ -45,7 +45,9 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
-    #[error("{0}; it is in use by live processes, so it was not reset (stop them, or point FAKEGPU_STATE elsewhere)")]
+    #[error(
+        "{0}; it is in use by live processes, so it was not reset (stop them, or point FAKEGPU_STATE elsewhere)"
+    )]
     Incompatible(String),
     #[error("all {MAX_SLOTS} process slots are held by live processes")]
     SlotsExhausted,
@@ -80,7 +82,9 @@ pub struct ProcessUsage {
 impl ProcessUsage {
     /// Whether NVML should list the process on `device`: it has a context there or holds memory.
     pub fn is_on(&self, device: usize) -> bool {
-        self.devices_open & (1 << device) != 0 || self.used[device] != 0 || self.managed[device] != 0
+        self.devices_open & (1 << device) != 0
+            || self.used[device] != 0
+            || self.managed[device] != 0
     }
 }
 
@@ -117,8 +121,9 @@ impl Region {
         // Processes of other users (containers) share the node; the umask should not stop them.
         let _ = file.set_permissions(std::fs::Permissions::from_mode(0o666));
 
-        lock::lock(file.as_fd(), LOCK_INIT, LockKind::Exclusive)
-            .map_err(io_error("cannot lock it (does the filesystem support fcntl locks?)"))?;
+        lock::lock(file.as_fd(), LOCK_INIT, LockKind::Exclusive).map_err(io_error(
+            "cannot lock it (does the filesystem support fcntl locks?)",
+        ))?;
         let attached = Self::attach(&file, config);
         let _ = lock::unlock(file.as_fd(), LOCK_INIT);
         let base = attached?;
@@ -139,21 +144,32 @@ impl Region {
         if alone {
             // Truncating to zero first zeroes every record: all earlier users are gone.
             file.set_len(0).map_err(io_error("cannot reset it"))?;
-            file.set_len(FILE_SIZE as u64).map_err(io_error("cannot size it"))?;
+            file.set_len(FILE_SIZE as u64)
+                .map_err(io_error("cannot size it"))?;
             let base = map(file)?;
             // SAFETY: the mapping is FILE_SIZE bytes, page-aligned, and no other process has
             // it mapped (we hold the users lock exclusively).
             unsafe {
                 base.cast::<Header>()
                     .as_ptr()
-                    .write_volatile(Header::for_config(config.devices.len(), config.fingerprint()));
+                    .write_volatile(Header::for_config(
+                        config.devices.len(),
+                        config.fingerprint(),
+                    ));
             }
-            let region_view = RecordView { base, mapping: PhantomData };
+            let region_view = RecordView {
+                base,
+                mapping: PhantomData,
+            };
             for (index, device) in config.devices.iter().enumerate() {
-                region_view.device(index).capacity.store(device.memory, Ordering::Relaxed);
+                region_view
+                    .device(index)
+                    .capacity
+                    .store(device.memory, Ordering::Relaxed);
             }
             // Downgrading converts the lock in place; there is no window without it.
-            lock::lock(file.as_fd(), LOCK_USERS, LockKind::Shared).map_err(io_error("cannot lock it"))?;
+            lock::lock(file.as_fd(), LOCK_USERS, LockKind::Shared)
+                .map_err(io_error("cannot lock it"))?;
             return Ok(base);
         }
 
@@ -161,7 +177,9 @@ impl Region {
             .map_err(io_error("cannot lock it"))?;
         if !shared {
             // Only an initialiser holds it exclusively, and it also holds the init lock we have.
-            return Err(StateError::Incompatible("its users lock is held exclusively".into()));
+            return Err(StateError::Incompatible(
+                "its users lock is held exclusively".into(),
+            ));
         }
         let size = file.metadata().map_err(io_error("cannot stat it"))?.len();
         if size < FILE_SIZE as u64 {
@@ -203,7 +221,10 @@ impl Region {
     }
 
     fn view(&self) -> RecordView<'_> {
-        RecordView { base: self.base, mapping: PhantomData }
+        RecordView {
+            base: self.base,
+            mapping: PhantomData,
+        }
     }
 
     /// The card's memory.
@@ -230,7 +251,10 @@ impl Region {
 
     /// Returns the memory of every process that died to the devices; how many slots it drained.
     pub fn reclaim_dead(&self) -> usize {
-        let _serial = self.drain.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _serial = self
+            .drain
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let view = self.view();
         let mut drained = 0;
         for index in 0..MAX_SLOTS {
@@ -263,7 +287,10 @@ impl Region {
                     return None;
                 }
                 let per_device = |counters: &[AtomicU64]| {
-                    counters[..self.device_count].iter().map(|c| c.load(Ordering::Relaxed)).collect()
+                    counters[..self.device_count]
+                        .iter()
+                        .map(|c| c.load(Ordering::Relaxed))
+                        .collect()
                 };
                 Some(ProcessUsage {
                     slot: index,
@@ -289,7 +316,9 @@ impl Region {
         let view = self.view();
         for index in 0..MAX_SLOTS {
             let byte = LOCK_SLOT_BASE + index as i64;
-            if !lock::try_lock(file.as_fd(), byte, LockKind::Exclusive).map_err(io_error("cannot lock a slot"))? {
+            if !lock::try_lock(file.as_fd(), byte, LockKind::Exclusive)
+                .map_err(io_error("cannot lock a slot"))?
+            {
                 continue;
             }
             let slot = view.slot(index);
@@ -300,7 +329,11 @@ impl Region {
             slot.devices_open.store(0, Ordering::Relaxed);
             slot.generation.fetch_add(1, Ordering::Relaxed);
             slot.state.store(SLOT_ACTIVE, Ordering::Release);
-            return Ok(Lease { region: Arc::clone(self), index, file });
+            return Ok(Lease {
+                region: Arc::clone(self),
+                index,
+                file,
+            });
         }
         Err(StateError::SlotsExhausted)
     }
@@ -311,11 +344,23 @@ impl Region {
         let capacity = record.capacity.load(Ordering::Relaxed);
         let mut used = record.used.load(Ordering::Relaxed);
         loop {
-            let fits = used.checked_add(bytes).is_some_and(|total| total <= capacity);
+            let fits = used
+                .checked_add(bytes)
+                .is_some_and(|total| total <= capacity);
             if !fits {
-                return Err(OutOfMemory { device, requested: bytes, used, capacity });
+                return Err(OutOfMemory {
+                    device,
+                    requested: bytes,
+                    used,
+                    capacity,
+                });
             }
-            match record.used.compare_exchange_weak(used, used + bytes, Ordering::Relaxed, Ordering::Relaxed) {
+            match record.used.compare_exchange_weak(
+                used,
+                used + bytes,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(actual) => used = actual,
             }
@@ -345,13 +390,27 @@ impl<'a> RecordView<'a> {
         // SAFETY: the mapping is FILE_SIZE bytes and lives as long as the region that made
         // this view; records are 64-byte aligned in a page-aligned mapping and consist only of
         // atomics, so shared references to them are sound even while other processes write.
-        unsafe { &*self.base.as_ptr().add(DEVICES_OFFSET).cast::<DeviceRecord>().add(index) }
+        unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(DEVICES_OFFSET)
+                .cast::<DeviceRecord>()
+                .add(index)
+        }
     }
 
     fn slot(self, index: usize) -> &'a SlotRecord {
         assert!(index < MAX_SLOTS);
         // SAFETY: as for `device`.
-        unsafe { &*self.base.as_ptr().add(SLOTS_OFFSET).cast::<SlotRecord>().add(index) }
+        unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(SLOTS_OFFSET)
+                .cast::<SlotRecord>()
+                .add(index)
+        }
     }
 
     /// Gives a slot's memory back to the devices and frees it. The caller holds its lock.
@@ -359,7 +418,10 @@ impl<'a> RecordView<'a> {
         for device in 0..device_count {
             let record = self.device(device);
             saturating_sub(&record.used, slot.used[device].swap(0, Ordering::Relaxed));
-            saturating_sub(&record.managed, slot.managed[device].swap(0, Ordering::Relaxed));
+            saturating_sub(
+                &record.managed,
+                slot.managed[device].swap(0, Ordering::Relaxed),
+            );
         }
         slot.devices_open.store(0, Ordering::Relaxed);
         slot.pid.store(0, Ordering::Relaxed);
@@ -373,7 +435,19 @@ fn saturating_sub(counter: &AtomicU64, amount: u64) {
     if amount == 0 {
         return;
     }
-    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(amount)));
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(amount))
+    });
+}
+
+/// Gives back what a reservation took: one atomic subtraction, as this is on every free. A
+/// release never exceeds what was reserved, so the counter cannot go below zero; should a bug
+/// ever make it, the wrap is undone at once rather than left to fail every later allocation.
+fn release(counter: &AtomicU64, amount: u64) {
+    let before = counter.fetch_sub(amount, Ordering::Relaxed);
+    if before < amount {
+        counter.fetch_add(amount - before, Ordering::Relaxed);
+    }
 }
 
 fn map(file: &File) -> Result<NonNull<u8>, StateError> {
@@ -389,7 +463,10 @@ fn map(file: &File) -> Result<NonNull<u8>, StateError> {
         )
     };
     if ptr == libc::MAP_FAILED {
-        return Err(StateError::Io { what: "cannot map it", source: io::Error::last_os_error() });
+        return Err(StateError::Io {
+            what: "cannot map it",
+            source: io::Error::last_os_error(),
+        });
     }
     NonNull::new(ptr.cast()).ok_or(StateError::Io {
         what: "cannot map it",
@@ -453,19 +530,23 @@ impl Lease {
 
     /// Gives back device memory taken with [`Lease::reserve`].
     pub fn release(&self, device: usize, bytes: u64) {
-        saturating_sub(&self.slot().used[device], bytes);
-        saturating_sub(&self.region.view().device(device).used, bytes);
+        release(&self.slot().used[device], bytes);
+        release(&self.region.view().device(device).used, bytes);
     }
 
     /// Counts managed memory (no limit: it is host memory until prefetched).
     pub fn add_managed(&self, device: usize, bytes: u64) {
-        self.region.view().device(device).managed.fetch_add(bytes, Ordering::Relaxed);
+        self.region
+            .view()
+            .device(device)
+            .managed
+            .fetch_add(bytes, Ordering::Relaxed);
         self.slot().managed[device].fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn release_managed(&self, device: usize, bytes: u64) {
-        saturating_sub(&self.slot().managed[device], bytes);
-        saturating_sub(&self.region.view().device(device).managed, bytes);
+        release(&self.slot().managed[device], bytes);
+        release(&self.region.view().device(device).managed, bytes);
     }
 
     /// This process's device memory on `device`.
@@ -492,7 +573,9 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         // We hold the slot's lock, so nobody else is draining it.
-        self.region.view().drain(self.slot(), self.region.device_count);
+        self.region
+            .view()
+            .drain(self.slot(), self.region.device_count);
         // Closing `file` releases the lock.
     }
 }

@@ -35,9 +35,21 @@ fn processes_share_the_card_and_its_limit() {
     assert_ne!(a.slot_index(), b.slot_index());
 
     a.reserve(0, 3 * GIB).unwrap();
-    assert_eq!(second.used(0), 3 * GIB, "the second process sees the first one's memory");
+    assert_eq!(
+        second.used(0),
+        3 * GIB,
+        "the second process sees the first one's memory"
+    );
     let err = b.reserve(0, 2 * GIB).unwrap_err();
-    assert_eq!(err, OutOfMemory { device: 0, requested: 2 * GIB, used: 3 * GIB, capacity: 4 * GIB });
+    assert_eq!(
+        err,
+        OutOfMemory {
+            device: 0,
+            requested: 2 * GIB,
+            used: 3 * GIB,
+            capacity: 4 * GIB
+        }
+    );
     b.reserve(0, GIB).unwrap();
     assert_eq!(first.used(0), 4 * GIB);
     assert!(b.reserve(0, 1).is_err(), "the card is full");
@@ -73,7 +85,10 @@ fn dropping_a_lease_gives_everything_back() {
     lease.set_device_open(0, true);
     assert_eq!(region.processes().len(), 1);
     drop(lease);
-    assert_eq!((region.used(0), region.used(1), region.managed(0)), (0, 0, 0));
+    assert_eq!(
+        (region.used(0), region.used(1), region.managed(0)),
+        (0, 0, 0)
+    );
     assert!(region.processes().is_empty());
 }
 
@@ -104,7 +119,9 @@ fn reservations_from_many_threads_never_pass_the_card() {
     let granted: u64 = (0..8)
         .map(|_| {
             let lease = Arc::clone(&lease);
-            std::thread::spawn(move || (0..200).filter(|_| lease.reserve(1, chunk).is_ok()).count() as u64)
+            std::thread::spawn(move || {
+                (0..200).filter(|_| lease.reserve(1, chunk).is_ok()).count() as u64
+            })
         })
         .collect::<Vec<_>>()
         .into_iter()
@@ -130,7 +147,9 @@ fn a_sole_user_resets_the_file_and_a_newcomer_validates_it() {
     // While it is in use, a different device list is refused with a message saying why.
     let mut other = config.clone();
     other.devices[0].memory *= 2;
-    let err = Region::open(&path, &other).err().expect("a different config must be refused");
+    let err = Region::open(&path, &other)
+        .err()
+        .expect("a different config must be refused");
     let message = err.to_string();
     assert!(message.contains("different device list"), "{message}");
     assert!(message.contains("FAKEGPU_STATE"), "{message}");
@@ -148,7 +167,10 @@ fn a_foreign_file_in_use_is_refused_not_misread() {
     let holder = File::open(&path).unwrap();
     assert!(lock::try_lock(holder.as_fd(), LOCK_USERS, LockKind::Shared).unwrap());
     let err = Region::open(&path, &node()).err().expect("must refuse");
-    assert!(err.to_string().contains("not a fake GPU state file"), "{err}");
+    assert!(
+        err.to_string().contains("not a fake GPU state file"),
+        "{err}"
+    );
     drop(holder);
     Region::open(&path, &node()).unwrap();
 }
@@ -162,7 +184,9 @@ const READY: &str = "FAKEGPU-CHILD-READY";
 /// device 0 and waits to be killed.
 #[test]
 fn child_process_holding_memory() {
-    let Some(path) = std::env::var_os(CHILD_ENV) else { return };
+    let Some(path) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
     let region = Region::open(Path::new(&path), &node()).unwrap();
     let lease = region.claim().unwrap();
     lease.reserve(0, GIB).unwrap();
@@ -202,7 +226,12 @@ impl Drop for ChildProcess {
 
 fn spawn_child(path: &Path) -> ChildProcess {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "state::tests::child_process_holding_memory", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "state::tests::child_process_holding_memory",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, path)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -213,7 +242,10 @@ fn spawn_child(path: &Path) -> ChildProcess {
         let line = line.unwrap();
         // libtest prints the test's name on the same line first.
         if let Some((_, slot)) = line.split_once(READY) {
-            return ChildProcess { child, slot: slot.trim().parse().unwrap() };
+            return ChildProcess {
+                child,
+                slot: slot.trim().parse().unwrap(),
+            };
         }
     }
     let status = child.wait().unwrap();
@@ -255,7 +287,10 @@ fn a_reservation_that_does_not_fit_first_reclaims_the_dead() {
     let lease = region.claim().unwrap();
     let child = spawn_child(&path);
     lease.reserve(0, 3 * GIB).unwrap();
-    assert!(lease.reserve(0, GIB).is_err(), "the child holds the last GiB");
+    assert!(
+        lease.reserve(0, GIB).is_err(),
+        "the child holds the last GiB"
+    );
     child.kill();
     // No explicit reclaim: the failing reservation finds the dead child's memory itself.
     assert_eq!(region.used_now(0), 4 * GIB, "not yet drained");

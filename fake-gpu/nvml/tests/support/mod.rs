@@ -13,20 +13,42 @@ pub const GIB: u64 = 1 << 30;
 /// `<target>/<profile>`: test executables live in its `deps/`, the cdylibs in it.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target profile directory").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .to_path_buf()
 }
 
 /// A fake library of this workspace (`libnvidia_ml.so`, `libcuda.so`), failing with how to
 /// build it when it is missing or older than its sources (`cargo test` does not rebuild cdylibs).
 pub fn built_library(file: &str, crate_dir: &str) -> PathBuf {
     let path = target_dir().join(file);
-    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or_else(|_| {
-        panic!("{} is missing: build the workspace first (`cargo build --workspace`)", path.display())
-    });
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: build the workspace first (`cargo build --workspace`)",
+                path.display()
+            )
+        });
     let fake_gpu = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let sources = [fake_gpu.join(crate_dir).join("src"), fake_gpu.join("model/src"), fake_gpu.join("../gpu-abi/src")];
-    if let Some(newer) = sources.iter().filter_map(|s| newest_file(s)).filter(|(t, _)| *t > built).map(|(_, p)| p).next() {
-        panic!("{} is older than {}: rebuild it first (`cargo build --workspace`)", path.display(), newer.display());
+    let sources = [
+        fake_gpu.join(crate_dir).join("src"),
+        fake_gpu.join("model/src"),
+        fake_gpu.join("../gpu-abi/src"),
+    ];
+    if let Some(newer) = sources
+        .iter()
+        .filter_map(|s| newest_file(s))
+        .filter(|(t, _)| *t > built)
+        .map(|(_, p)| p)
+        .next()
+    {
+        panic!(
+            "{} is older than {}: rebuild it first (`cargo build --workspace`)",
+            path.display(),
+            newer.display()
+        );
     }
     path
 }
@@ -36,7 +58,10 @@ fn newest_file(path: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     if meta.is_file() {
         return Some((meta.modified().ok()?, path.to_owned()));
     }
-    std::fs::read_dir(path).ok()?.filter_map(|e| newest_file(&e.ok()?.path())).max_by_key(|(t, _)| *t)
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| newest_file(&e.ok()?.path()))
+        .max_by_key(|(t, _)| *t)
 }
 
 pub fn nvml_library() -> PathBuf {
@@ -58,7 +83,10 @@ impl Library {
         // SAFETY: plain dlopen; the handle is never closed.
         let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         assert!(!handle.is_null(), "dlopen {} failed", path.display());
-        Library { handle, path: path.to_owned() }
+        Library {
+            handle,
+            path: path.to_owned(),
+        }
     }
 
     pub fn try_sym(&self, name: &str) -> Option<*mut c_void> {
@@ -70,7 +98,9 @@ impl Library {
 
     /// The function `name`, typed as `F` (an `unsafe extern "C" fn` type).
     pub fn func<F: Copy>(&self, name: &str) -> F {
-        let ptr = self.try_sym(name).unwrap_or_else(|| panic!("{} does not export {name}", self.path.display()));
+        let ptr = self
+            .try_sym(name)
+            .unwrap_or_else(|| panic!("{} does not export {name}", self.path.display()));
         assert_eq!(size_of::<F>(), size_of::<*mut c_void>());
         // SAFETY: `F` is a function pointer type matching the C function `name`.
         unsafe { std::mem::transmute_copy::<*mut c_void, F>(&ptr) }
@@ -107,7 +137,11 @@ impl Node {
         let path = dir.path().join("node.json");
         std::fs::write(&path, config).expect("write config");
         let state = dir.path().join("node.state");
-        Node { dir, config: path, state }
+        Node {
+            dir,
+            config: path,
+            state,
+        }
     }
 
     pub fn two_cards() -> Node {
@@ -189,12 +223,18 @@ impl Node {
             .expect("spawn the CUDA process");
         let stdin = child.stdin.take().expect("stdin");
         let stdout: ChildStdout = child.stdout.take().expect("stdout");
-        let holding = BufReader::new(stdout).lines().map_while(|l| l.ok()).any(|l| l.contains("FAKEGPU-HOLDING"));
+        let holding = BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+            .any(|l| l.contains("FAKEGPU-HOLDING"));
         if !holding {
             let status = child.wait().expect("reap the CUDA process");
             panic!("the CUDA process exited ({status}) before allocating");
         }
-        CudaProcess { child, _stdin: stdin }
+        CudaProcess {
+            child,
+            _stdin: stdin,
+        }
     }
 }
 
@@ -249,7 +289,11 @@ pub fn cuda_holder_main() {
             let (device, bytes) = item.split_once(':').expect("device:bytes");
             assert_eq!(set_current(contexts[device.parse::<usize>().unwrap()]), 0);
             let mut ptr = 0;
-            assert_eq!(alloc(&mut ptr, bytes.parse().unwrap()), 0, "allocating {item}");
+            assert_eq!(
+                alloc(&mut ptr, bytes.parse().unwrap()),
+                0,
+                "allocating {item}"
+            );
         }
     }
     println!("FAKEGPU-HOLDING");
