@@ -32,11 +32,47 @@ fn require(path: PathBuf) -> PathBuf {
     path
 }
 
+/// Like [`require`], and refuses a library older than its sources: `cargo test` does not rebuild
+/// cdylibs, and a stale one would make the tests pass or fail for the wrong code.
+fn require_fresh(path: PathBuf, sources: &[&str]) -> PathBuf {
+    let path = require(path);
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("library mtime");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for source in sources {
+        if let Some(newer) = newest_file(&root.join(source)).filter(|(t, _)| *t > built) {
+            panic!(
+                "{} is older than {}: run `cargo build --workspace` (as `make test` does) first",
+                path.display(),
+                newer.1.display()
+            );
+        }
+    }
+    path
+}
+
+fn newest_file(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok().map(|t| (t, path))
+        };
+        if let Some(c) = candidate {
+            if newest.as_ref().is_none_or(|n| c.0 > n.0) {
+                newest = Some(c);
+            }
+        }
+    }
+    newest
+}
+
 /// The shim under test: `TESSERA_SHIM` (the shipping build) or this profile's debug build.
 pub fn shim_path() -> PathBuf {
     match std::env::var_os("TESSERA_SHIM") {
         Some(path) => require(PathBuf::from(path)),
-        None => require(target_dir().join("libtessera.so")),
+        None => require_fresh(target_dir().join("libtessera.so"), &["shim/src", "api/src"]),
     }
 }
 
@@ -53,8 +89,8 @@ pub fn fixture() -> &'static Fixture {
         let dir = target_dir().join(format!("shim-tests-{}", std::process::id()));
         let lib_dir = dir.join("lib");
         std::fs::create_dir_all(&lib_dir).expect("fixture dir");
-        let cuda = require(target_dir().join("libcuda.so"));
-        let nvml = require(target_dir().join("libnvidia_ml.so"));
+        let cuda = require_fresh(target_dir().join("libcuda.so"), &["fake-gpu/cuda/src", "fake-gpu/model/src"]);
+        let nvml = require_fresh(target_dir().join("libnvidia_ml.so"), &["fake-gpu/nvml/src", "fake-gpu/model/src"]);
         for (link, to) in [("libcuda.so.1", &cuda), ("libcuda.so", &cuda), ("libnvidia-ml.so.1", &nvml)] {
             let _ = std::fs::remove_file(lib_dir.join(link));
             std::os::unix::fs::symlink(to, lib_dir.join(link)).expect("symlink");
