@@ -58,7 +58,7 @@ impl DeviceName {
                 let (n, of) = shape.split_once("of").ok_or_else(|| err("slice without <n>of<m>"))?;
                 let (n, of) = (number(Some(n)), number(Some(of)));
                 match (n, of) {
-                    (Some(n), Some(of)) if of >= 1 && of <= 100 && n < of => DeviceName::Slice { index, n, of },
+                    (Some(n), Some(of)) if (1..=100).contains(&of) && n < of => DeviceName::Slice { index, n, of },
                     _ => return Err(err("slice needs 0 <= n < m <= 100")),
                 }
             }

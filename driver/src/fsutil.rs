@@ -4,12 +4,14 @@
 //! Two strengths. [`write_atomic`] is atomic against a crash of the writing process (the page
 //! cache outlives it), which is all that claim files need: a power loss means a reboot, after
 //! which the checkpoint's boot ID makes every claim be prepared afresh, and `/var/run/cdi` is
-//! gone anyway. [`write_durable`] also survives a power loss (fsync of the file and of the
-//! directory after the rename); the checkpoint's final state uses it, so a node never comes back
-//! with a checkpoint it cannot parse. Each fsync costs milliseconds on common disks, which is
-//! why claim files do without.
+//! gone anyway. [`write_durable`] also survives a power loss: the new file's data is fsynced
+//! before the rename, so after a power cut the name points at the old contents or the new ones,
+//! both complete. (The directory is not fsynced: that would only guarantee *which* of the two
+//! survives, and either is a valid state.) The checkpoint's final state uses it, so a node never
+//! comes back with a checkpoint it cannot parse. Each fsync costs milliseconds on common disks,
+//! which is why claim files do without.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -20,8 +22,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     write(path, bytes, mode, false)
 }
 
-/// Like [`write_atomic`], and durable: the file is fsynced before the rename and the directory
-/// after it, so the new contents survive a power cut.
+/// Like [`write_atomic`], and the data is on disk before the rename, so a power cut leaves the
+/// old or the new contents, never an empty file.
 pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     write(path, bytes, mode, true)
 }
@@ -40,11 +42,7 @@ fn write(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> 
         if durable {
             file.sync_all()?;
         }
-        fs::rename(&tmp, path)?;
-        if durable {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

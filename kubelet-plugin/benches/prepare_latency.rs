@@ -8,7 +8,7 @@
 //! idempotent path). Prints p50/p99 per claim.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::time::{Duration, Instant};

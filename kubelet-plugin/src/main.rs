@@ -2,6 +2,7 @@
 //! metrics endpoint, and runs until SIGTERM.
 
 use std::path::Path;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -13,14 +14,17 @@ use tessera_kubelet_plugin::metrics::Metrics;
 use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets, http, install};
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
-    if let Err(error) = run(args).await {
-        tracing::error!("{error:#}");
-        return Err(error);
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Once, through the logger, so JSON logs stay one object per line.
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
     }
-    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -49,14 +49,14 @@ async fn metrics_count_only_live_processes() {
     }
     std::fs::write(&path, &bytes).expect("charge");
     let owner = OpenOptions::new().read(true).write(true).open(&path).expect("open region");
-    let mut lock = nix::libc::flock {
+    let lock = nix::libc::flock {
         l_type: nix::libc::F_WRLCK as i16,
         l_whence: nix::libc::SEEK_SET as i16,
         l_start: slot_offset(0) as i64,
         l_len: SLOT_SIZE as i64,
         l_pid: 0,
     };
-    fcntl(owner.as_fd(), FcntlArg::F_OFD_SETLK(&mut lock)).expect("lock slot 0");
+    fcntl(owner.as_fd(), FcntlArg::F_OFD_SETLK(&lock)).expect("lock slot 0");
 
     let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
     let (status, text) = get(router.clone(), "/metrics").await;

@@ -48,6 +48,20 @@ impl ApiServer {
         self.lock().claims.insert((namespace, name), claim);
     }
 
+    /// Serves the same responses over HTTP on a loopback port (for the plugin binary, through a
+    /// kubeconfig), until the runtime ends.
+    pub async fn serve_tcp(&self) -> std::net::SocketAddr {
+        let state = self.state.clone();
+        let app = axum::Router::new().fallback(move |uri: http::Uri| {
+            let state = state.clone();
+            async move { respond(&state, uri.path()) }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        address
+    }
+
     pub fn delete(&self, namespace: &str, name: &str) {
         self.lock().claims.remove(&(namespace.to_string(), name.to_string()));
     }

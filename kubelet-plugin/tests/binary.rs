@@ -1,0 +1,119 @@
+//! The `tessera-kubelet-plugin` binary as a DaemonSet runs it: flags, a kubeconfig pointing at
+//! an API server (the mocked one, over loopback HTTP), the fake inventory file, JSON logs, both
+//! sockets, `/metrics`, and a clean stop on SIGTERM.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::kubelet::get_info;
+use support::*;
+
+const UID: &str = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a77";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
+async fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_registers_prepares_serves_metrics_and_stops_cleanly() {
+    let env = Env::new(&["v1beta1"]);
+    let address = env.api.serve_tcp().await;
+    let kubeconfig = env.path("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{address}\nusers:\n- name: plugin\n  user: {{}}\n\
+             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: plugin\ncurrent-context: mock\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let inventory = env.path("inventory.json");
+    std::fs::write(&inventory, inventory_json()).expect("inventory");
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
+        .arg("--node-name").arg(NODE)
+        .arg("--kubeconfig").arg(&kubeconfig)
+        .arg("--registrar-dir").arg(env.path("registry"))
+        .arg("--plugin-dir").arg(env.path("plugins/gpu.tessera.dev"))
+        .arg("--cdi-dir").arg(env.path("cdi"))
+        .arg("--state-dir").arg(env.path("state"))
+        .arg("--inventory").arg(&inventory)
+        // Any ELF file stands in for the shim here.
+        .arg("--shim-path").arg("/bin/true")
+        .arg("--metrics-address").arg(format!("127.0.0.1:{port}"))
+        .args(["--log-format", "json", "--instance-id", "pod-1"])
+        .env_remove("KUBECONFIG")
+        .env_remove("POD_UID")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the plugin");
+
+    let registration = env.path("registry/gpu.tessera.dev-pod-1-reg.sock");
+    wait_for(&registration).await;
+    let info = get_info(&registration).await;
+    assert_eq!(info.endpoint, env.path("plugins/gpu.tessera.dev/dra-pod-1.sock").display().to_string());
+    assert_eq!(std::fs::read_to_string(env.path("state/lib/ld.so.preload")).expect("preload"), "/usr/lib/tessera/libtessera.so\n");
+    assert_eq!(std::fs::read(env.path("state/lib/libtessera.so")).expect("shim copy"), std::fs::read("/bin/true").expect("/bin/true"));
+
+    env.api.put(claim("default", "c", UID, Some(vec![result("gpu", "gpu-1-slice-0of2")]), vec![]));
+    let kubelet = Kubelet::connect(Path::new(&info.endpoint)).await;
+    let devices = kubelet.prepare_ok(Version::V1beta1, &Claim::new("default", "c", UID)).await;
+    assert_eq!(devices[0].cdi_device_ids, vec![format!("gpu.tessera.dev/claim={UID}-gpu-1-slice-0of2"), format!("nvidia.com/gpu={GPU1}")]);
+    validate_spec(&env.spec_path(UID));
+
+    let metrics = http_get(port, "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains(&format!("tessera_claim_memory_limit_bytes{{namespace=\"default\",claim=\"c\",claim_uid=\"{UID}\",gpu_uuid=\"{GPU1}\"}} {}", 24 * GIB)), "{metrics}");
+    assert!(http_get(port, "/healthz").ends_with("ok\n"));
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let output = child.wait_with_output().expect("plugin exits");
+    let logs = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "exit {:?}:\n{logs}", output.status);
+    assert!(!registration.exists() && !env.path("plugins/gpu.tessera.dev/dra-pod-1.sock").exists(), "sockets removed");
+    for line in logs.lines() {
+        let parsed: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(parsed.get("level").is_some(), "{line}");
+    }
+    assert!(logs.contains("prepared claim") && logs.contains("resource.k8s.io/v1beta1"), "{logs}");
+    // The claim stays prepared across the restart of the plugin.
+    assert!(env.checkpoint().claims.contains_key(UID));
+}
+
+#[test]
+fn a_bad_inventory_stops_the_binary_with_the_field_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inventory = dir.path().join("inventory.json");
+    std::fs::write(&inventory, r#"{"devices":[{"uuid":"GPU-1","name":"x","memory":-1}]}"#).expect("inventory");
+    let output = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
+        .args(["--node-name", "n", "--kubeconfig", "/nonexistent", "--inventory"])
+        .arg(&inventory)
+        .arg("--state-dir").arg(dir.path().join("state"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("devices[0].memory") && stderr.contains("inventory.json"), "{stderr}");
+}
