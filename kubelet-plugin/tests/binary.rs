@@ -117,3 +117,34 @@ fn a_bad_inventory_stops_the_binary_with_the_field_named() {
     assert!(!output.status.success());
     assert!(stderr.contains("devices[0].memory") && stderr.contains("inventory.json"), "{stderr}");
 }
+
+/// Without `--inventory` the plugin asks NVML; here the fake NVML over the same node file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_inventory_file_the_gpus_come_from_nvml() {
+    let exe = std::env::current_exe().expect("test executable");
+    let nvml = exe.parent().and_then(Path::parent).expect("target dir").join("libnvidia_ml.so");
+    if !nvml.exists() {
+        assert_ne!(std::env::var("TESSERA_E2E").as_deref(), Ok("1"), "{} is not built (cargo build --workspace)", nvml.display());
+        eprintln!("SKIPPED: {} is not built (cargo build --workspace)", nvml.display());
+        return;
+    }
+    let env = Env::new(&["v1"]);
+    let node = env.path("fakegpu.json");
+    std::fs::write(&node, inventory_json()).expect("node file");
+    let child = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
+        .arg("--node-name").arg(NODE)
+        .arg("--kubeconfig").arg("/nonexistent/kubeconfig")
+        .arg("--nvml-library").arg(&nvml)
+        .arg("--state-dir").arg(env.path("state"))
+        .arg("--shim-path").arg("/bin/true")
+        .env("FAKEGPU_CONFIG", &node)
+        .env("FAKEGPU_STATE", env.path("fakegpu.state"))
+        .output()
+        .expect("run the plugin");
+    // It stops at the missing kubeconfig, after logging the GPUs NVML reported.
+    let logs = String::from_utf8_lossy(&child.stderr);
+    assert!(!child.status.success());
+    for expected in [GPU0, GPU1, "NVIDIA GeForce RTX 4090", "memory=25769803776", "kubeconfig"] {
+        assert!(logs.contains(expected), "{expected:?} not in:\n{logs}");
+    }
+}
