@@ -1,0 +1,212 @@
+//! Unit and property tests of slice building: limits never exceeded, names valid, devices
+//! conserved across slices, for every mode and version.
+
+use std::collections::BTreeSet;
+
+use proptest::prelude::*;
+use serde_json::Value;
+use tessera_driver::{DeviceName, Gpu, Inventory};
+
+use super::build::*;
+use super::model::*;
+use super::*;
+
+fn gpu(index: u32, memory: u64) -> Gpu {
+    Gpu {
+        uuid: format!("GPU-{index:08}-0000-4000-8000-000000000000"),
+        index,
+        minor: index,
+        product_name: "NVIDIA GeForce RTX 4090".into(),
+        memory,
+        brand: Some("geforce".into()),
+        architecture: Some("ada".into()),
+        cuda_compute_capability: Some("8.9".into()),
+        pci_bus_id: Some(format!("0000:{index:02X}:00.0")),
+    }
+}
+
+fn inventory(n: u32, memory: u64) -> Inventory {
+    Inventory { driver_version: Some("535.104.05".into()), gpus: (0..n).map(|i| gpu(i, memory)).collect() }
+}
+
+const MODES: [SharingMode; 5] = [
+    SharingMode::Consumable,
+    SharingMode::Partitioned,
+    SharingMode::Fixed { slices: 4 },
+    SharingMode::Fixed { slices: 100 },
+    SharingMode::Exclusive,
+];
+
+/// Everything the API server's validation checks that building controls.
+fn check_plan(inv: &Inventory, plan: &PoolPlan, layout: CounterLayout) {
+    let mut names = BTreeSet::new();
+    let sets: BTreeSet<_> = plan.slices.iter().flat_map(|s| s.counter_sets.iter().map(|c| c.name.clone())).collect();
+    for slice in &plan.slices {
+        let counters = slice.devices.iter().any(|d| !d.consumes_counters.is_empty());
+        let max = if counters { MAX_DEVICES_WITH_COUNTERS } else { MAX_DEVICES };
+        assert!(slice.devices.len() <= max, "{} devices > {max}", slice.devices.len());
+        assert!(slice.counter_sets.len() <= MAX_COUNTER_SETS);
+        assert!(!slice.devices.is_empty() || !slice.counter_sets.is_empty(), "empty slice");
+        if layout == CounterLayout::Separate {
+            assert!(slice.devices.is_empty() || slice.counter_sets.is_empty(), "devices and counters mixed");
+        }
+        for d in &slice.devices {
+            assert!(is_dns_label(&d.name), "{}", d.name);
+            assert!(names.insert(d.name.clone()), "duplicate {}", d.name);
+            assert!(d.attributes.len() + d.capacity.len() <= MAX_ATTRIBUTES_AND_CAPACITIES);
+            assert!(d.consumes_counters.len() <= 2);
+            // The name alone must give the capacity the slice publishes (prepare relies on it).
+            let parsed = DeviceName::parse(&d.name).expect("a Tessera device name");
+            let g = inv.by_index(parsed.gpu_index()).expect("GPU exists");
+            let share = parsed.limits(g).expect("fits");
+            assert_eq!(d.capacity["memory"].value, share.memory);
+            assert_eq!(d.capacity["cores"].value, u64::from(share.cores));
+            for c in &d.consumes_counters {
+                assert!(sets.contains(&c.counter_set), "unknown counter set {}", c.counter_set);
+                if layout == CounterLayout::Combined {
+                    assert!(slice.counter_sets.iter().any(|s| s.name == c.counter_set), "counter set not in the device's slice");
+                }
+            }
+            if let Some(p) = d.capacity["memory"].policy {
+                let value = d.capacity["memory"].value;
+                assert!(p.min <= p.default && p.default <= p.max && p.max <= value && p.min + p.step <= value);
+                assert_eq!((p.default - p.min) % p.step, 0);
+                assert_eq!((p.max - p.min) % p.step, 0);
+            }
+        }
+        for s in &slice.counter_sets {
+            assert!(is_dns_label(&s.name) && s.counters.len() <= 32);
+        }
+    }
+    // Conservation: exactly the devices the mode defines, each once.
+    let per_gpu = match plan.mode {
+        SharingMode::Consumable | SharingMode::Exclusive => 1,
+        SharingMode::Partitioned => LADDER.iter().sum::<u32>() as usize,
+        SharingMode::Fixed { slices } => slices as usize,
+    };
+    assert_eq!(names.len(), per_gpu * inv.gpus.len());
+    // Counters never promise more than a GPU has, per size.
+    for slice in &plan.slices {
+        for set in &slice.counter_sets {
+            assert!(set.counters["cores"] == 100);
+        }
+    }
+}
+
+fn check_rendered(plan: &PoolPlan, version: ApiVersion, objects: &[Value]) {
+    assert_eq!(objects.len(), plan.slices.len());
+    let devices: usize = objects.iter().map(|o| o["spec"]["devices"].as_array().map_or(0, Vec::len)).sum();
+    assert_eq!(devices, plan.devices().count(), "devices conserved across slices");
+    for (i, o) in objects.iter().enumerate() {
+        assert_eq!(o["apiVersion"], version.api_version());
+        assert!(is_dns_subdomain(o["metadata"]["name"].as_str().expect("name")));
+        assert_eq!(o["spec"]["driver"], "gpu.tessera.dev");
+        assert_eq!(o["spec"]["nodeName"], plan.node);
+        assert_eq!(o["spec"]["pool"]["resourceSliceCount"], objects.len());
+        assert_eq!(o["spec"]["pool"]["generation"], 7);
+        assert_eq!(o["metadata"]["name"], slice_name(&plan.node, i));
+        for d in o["spec"]["devices"].as_array().into_iter().flatten() {
+            let body = match version {
+                ApiVersion::V1beta1 | ApiVersion::V1alpha3 => &d["basic"],
+                _ => d,
+            };
+            let memory = &body["capacity"]["memory"];
+            match version {
+                ApiVersion::V1alpha3 => assert!(memory.is_string(), "v1alpha3 capacity is a plain quantity"),
+                _ => assert!(memory["value"].is_string()),
+            }
+            assert!(body["attributes"]["uuid"]["string"].is_string());
+            assert!(body["attributes"]["cudaComputeCapability"]["version"] == "8.9.0");
+            assert!(body["attributes"]["driverVersion"]["version"] == "535.104.5");
+        }
+    }
+}
+
+#[test]
+fn every_mode_and_version_renders_valid_slices() {
+    let inv = inventory(8, 24 << 30);
+    for mode in MODES {
+        for layout in [CounterLayout::Combined, CounterLayout::Separate] {
+            let plan = build_pool(&inv, "node-a", mode, layout).expect("builds");
+            check_plan(&inv, &plan, layout);
+            for version in ApiVersion::ALL.into_iter().filter(|v| v.supports(mode)) {
+                let objects = render_pool(&plan, version, &SliceMeta { generation: 7, node_uid: Some("uid-1") });
+                check_rendered(&plan, version, &objects);
+            }
+        }
+    }
+}
+
+#[test]
+fn consumable_has_request_policies_and_multiple_allocations() {
+    let plan = build_pool(&inventory(1, 24 << 30), "n", SharingMode::Consumable, CounterLayout::Separate).expect("builds");
+    let d = &plan.slices[0].devices[0];
+    assert_eq!(d.name, "gpu-0");
+    assert!(d.allow_multiple_allocations);
+    let p = d.capacity["memory"].policy.expect("policy");
+    assert_eq!((p.min, p.step, p.max), (256 << 20, 256 << 20, 24 << 30));
+    let objects = render_pool(&plan, ApiVersion::V1, &SliceMeta { generation: 1, node_uid: None });
+    assert_eq!(objects[0]["spec"]["devices"][0]["capacity"]["cores"]["requestPolicy"]["validRange"]["step"], "1");
+}
+
+#[test]
+fn partitioned_separate_layout_puts_counters_first() {
+    let plan = build_pool(&inventory(8, 80 << 30), "n", SharingMode::Partitioned, CounterLayout::Separate).expect("builds");
+    assert_eq!(plan.slices[0].counter_sets.len(), 8);
+    assert!(plan.slices[0].devices.is_empty());
+    // 15 devices per GPU, 64 per slice: 4 GPUs per slice.
+    assert_eq!(plan.slices.len(), 3);
+    let half = &plan.slices[1].devices[1];
+    assert_eq!(half.name, "gpu-0-slice-0of2");
+    assert_eq!(half.consumes_counters[0].counters["memory"], 40 << 30);
+}
+
+#[test]
+fn mode_refuses_gpus_too_small() {
+    let err = build_pool(&inventory(1, 256 << 20), "n", SharingMode::Consumable, CounterLayout::Separate).expect_err("too small");
+    assert!(err.to_string().contains("GPU 0"), "{err}");
+    assert_eq!(
+        build_pool(&inventory(1, 1 << 30), "n", SharingMode::Fixed { slices: 0 }, CounterLayout::Separate),
+        Err(BuildError::BadSliceCount(0))
+    );
+}
+
+#[test]
+fn long_node_names_give_valid_unique_slice_names() {
+    // A valid node name (labels ≤ 63) near the 253 limit.
+    let node = [&"a".repeat(60), &"b".repeat(60), &"c".repeat(60), &"d".repeat(60), "example"].join(".");
+    let (a, b) = (slice_name(&node, 0), slice_name(&node, 1));
+    assert!(is_dns_subdomain(&a) && is_dns_subdomain(&b) && a != b, "{a}");
+}
+
+#[test]
+fn semver_normalises_driver_versions() {
+    assert_eq!(semver("8.9").as_deref(), Some("8.9.0"));
+    assert_eq!(semver("535.104.05").as_deref(), Some("535.104.5"));
+    assert_eq!(semver("12"), Some("12.0.0".into()));
+    assert_eq!(semver("abc"), None);
+}
+
+fn any_mode() -> impl Strategy<Value = SharingMode> {
+    prop_oneof![
+        Just(SharingMode::Consumable),
+        Just(SharingMode::Partitioned),
+        Just(SharingMode::Exclusive),
+        (1u32..=100).prop_map(|slices| SharingMode::Fixed { slices }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn limits_hold_for_any_node(gpus in 1u32..=24, gib in 1u64..=192, mode in any_mode(), separate in any::<bool>(), version in 0usize..4) {
+        let inv = inventory(gpus, gib << 30);
+        let layout = if separate { CounterLayout::Separate } else { CounterLayout::Combined };
+        let plan = build_pool(&inv, "node-x", mode, layout).expect("builds");
+        check_plan(&inv, &plan, layout);
+        let version = ApiVersion::ALL[version];
+        if version.supports(mode) {
+            check_rendered(&plan, version, &render_pool(&plan, version, &SliceMeta { generation: 7, node_uid: None }));
+        }
+    }
+}
