@@ -1,1 +1,195 @@
-fn main(){}
+//! `tessera-controller`: the cluster-wide Deployment. With the lease held it keeps the generic
+//! DeviceClass and one per GPU model present in the slices; every replica serves the cluster's
+//! allocation metrics. Never exits on API server errors: it retries with backoff.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use kube::Client;
+use prometheus_client::registry::Registry;
+use tessera_controller::backoff::Backoff;
+use tessera_controller::cluster::{self, http, metrics::ClusterMetrics};
+use tessera_controller::discovery::ServerDra;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "tessera-controller", version, about = "Tessera's cluster controller: DeviceClasses per GPU model, cluster GPU metrics")]
+struct Args {
+    /// kubeconfig file; in-cluster configuration when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Address of /metrics and /healthz.
+    #[arg(long, env = "TESSERA_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Seconds between reconciles (each lists all ResourceSlices and ResourceClaims).
+    #[arg(long, env = "TESSERA_RESYNC_SECONDS", default_value_t = 30)]
+    resync_seconds: u64,
+    /// Take the Lease before managing DeviceClasses (off: this replica always manages them).
+    #[arg(long, env = "TESSERA_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
+    namespace: String,
+    /// This replica's identity in the Lease; the pod name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, default_value = "tessera-controller")]
+    lease_name: String,
+    #[arg(long, env = "TESSERA_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// One reconcile, printed as JSON, then exit (diagnostics).
+    #[arg(long)]
+    once: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    if let Err(e) = run(args).await {
+        tracing::error!("{e:#}");
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await.context("no --kubeconfig and no in-cluster configuration")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Discovery with backoff: an API server that is down is waited for, never a crash loop.
+async fn discover(client: &Client) -> ServerDra {
+    let mut backoff = Backoff::default();
+    loop {
+        match ServerDra::discover(client).await {
+            Ok(s) => return s,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "discovering resource.k8s.io");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let client = client(args.kubeconfig.as_ref()).await?;
+    if args.once {
+        let server = discover(&client).await;
+        let (view, report) = cluster::reconcile(&client, server.version, true).await?;
+        println!("{}", serde_json::json!({ "gpus": view.gpus.len(), "claims": view.claims.len(), "products": view.products, "classes": format!("{report:?}") }));
+        return Ok(());
+    }
+    let metrics = ClusterMetrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let server_task = tokio::spawn(http::serve(args.listen, Arc::new(registry)));
+
+    let mut leader = if args.leader_elect {
+        let identity = args.identity.clone().unwrap_or_else(|| format!("tessera-controller-{}", std::process::id()));
+        // build() talks to the API server: retried like everything else.
+        let mut backoff = Backoff::default();
+        let manager = loop {
+            match kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+                .with_namespace(&args.namespace)
+                .with_identity(&identity)
+                .with_duration(15)
+                .with_grace(5)
+                .build()
+                .await
+            {
+                Ok(m) => break m,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "setting up leader election");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        tracing::info!(%identity, lease = %args.lease_name, namespace = %args.namespace, "leader election");
+        Some(manager.watch().await)
+    } else {
+        None
+    };
+
+    let mut server = discover(&client).await;
+    tracing::info!(version = server.version.version(), "watching ResourceSlices and ResourceClaims");
+    let interval = Duration::from_secs(args.resync_seconds.max(1));
+    let mut backoff = Backoff::default();
+    loop {
+        let leading = leader.as_ref().is_none_or(|(rx, _)| *rx.borrow());
+        let start = Instant::now();
+        let wait = match cluster::reconcile(&client, server.version, leading).await {
+            Ok((view, report)) => {
+                metrics.update(&view);
+                metrics.last_reconcile_seconds.set(start.elapsed().as_secs_f64());
+                if let Some(r) = report.filter(|r| *r != Default::default()) {
+                    tracing::info!(created = ?r.created, updated = ?r.updated, deleted = ?r.deleted, "DeviceClasses");
+                }
+                backoff.reset();
+                interval
+            }
+            Err(e) => {
+                metrics.reconcile_errors.inc();
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "reconcile");
+                // A 404 may mean the served version changed (cluster upgrade): look again.
+                if matches!(&e, kube::Error::Api(s) if s.code == 404) {
+                    server = discover(&client).await;
+                }
+                delay
+            }
+        };
+        let leader_change = async {
+            match leader.as_mut() {
+                Some((rx, _)) => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = leader_change => tracing::info!(leading = leader.as_ref().is_some_and(|(rx, _)| *rx.borrow()), "leadership changed"),
+            _ = tokio::signal::ctrl_c() => break,
+            r = wait_task(&server_task) => { r?; }
+        }
+    }
+    // Dropping the receiver makes the lease manager release the Lease for a fast handover.
+    if let Some((rx, task)) = leader {
+        drop(rx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    Ok(())
+}
+
+async fn wait_task(task: &tokio::task::JoinHandle<std::io::Result<()>>) -> Result<()> {
+    while !task.is_finished() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    anyhow::bail!("the /metrics server stopped")
+}

@@ -54,12 +54,15 @@ pub struct Publisher {
     node: String,
     version: ApiVersion,
     api: Api<DynamicObject>,
+    /// The highest generation this publisher wrote: when all slices were deleted by someone
+    /// else, the next generation still goes up, so no consumer can confuse old and new.
+    last_generation: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Publisher {
     pub fn new(client: Client, node: &str, version: ApiVersion) -> Self {
         let api = Api::all_with(client.clone(), &slice_resource(version));
-        Publisher { client, node: node.to_string(), version, api }
+        Publisher { client, node: node.to_string(), version, api, last_generation: Default::default() }
     }
 
     pub fn version(&self) -> ApiVersion {
@@ -105,7 +108,8 @@ impl Publisher {
         if unchanged && current > 0 {
             return Ok(SyncReport { generation: current, ..SyncReport::default() });
         }
-        let generation = current + 1;
+        let generation = current.max(self.last_generation.load(std::sync::atomic::Ordering::Relaxed)) + 1;
+        self.last_generation.fetch_max(generation, std::sync::atomic::Ordering::Relaxed);
         let desired = render_pool(plan, self.version, &SliceMeta { generation, node_uid: uid.as_deref() });
         let mut report = SyncReport { generation, ..SyncReport::default() };
         let wanted: Vec<&str> = desired.iter().filter_map(|d| d["metadata"]["name"].as_str()).collect();

@@ -2,6 +2,7 @@
 //! allocation metrics, from all ResourceSlices and ResourceClaims.
 
 pub mod classes;
+pub mod http;
 pub mod metrics;
 pub mod view;
 
