@@ -117,10 +117,25 @@ impl Checkpoint {
         serde_json::from_slice(&bytes).map_err(|source| Error::Parse { path: display(), source })
     }
 
+    /// Like [`Checkpoint::load`], but an unreadable checkpoint last written before `booted_at`
+    /// counts as empty (the `bool` says so): the checkpoint is written without fsync (see
+    /// `fsutil`), so a power cut may leave it empty or torn, and after a reboot nothing in it
+    /// matters any more (every claim is prepared afresh, and unprepare works from the claim
+    /// UID). One written in this boot cannot be torn by a crash of the plugin, so it stays an
+    /// error there.
+    pub fn load_since_boot(path: &Path, booted_at: std::time::SystemTime) -> Result<(Checkpoint, bool)> {
+        match Checkpoint::load(path) {
+            Err(Error::Parse { .. }) if std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t < booted_at) => {
+                Ok((Checkpoint::default(), true))
+            }
+            other => other.map(|c| (c, false)),
+        }
+    }
+
     /// Writes the checkpoint atomically (mode 0600: it lists every claim on the node); with
-    /// `durable`, also fsynced (see `fsutil`): the state a call ends in must survive a power cut,
-    /// an intermediate `PrepareStarted` record need not (after a reboot every claim is prepared
-    /// afresh, and unprepare works from the claim UID).
+    /// `durable`, its data is also fsynced before the rename. The plugin writes without: a crash
+    /// of the plugin cannot tear an atomic rename, and a power cut is handled by
+    /// [`Checkpoint::load_since_boot`].
     pub fn save(&self, path: &Path, durable: bool) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
         let io_error = |source| Error::Io { path: path.display().to_string(), source };
@@ -197,5 +212,9 @@ mod tests {
         assert!(matches!(Checkpoint::load(&path), Err(Error::Version { found: 2, .. })));
         std::fs::write(&path, b"{\"vers").expect("write");
         assert!(matches!(Checkpoint::load(&path), Err(Error::Parse { .. })));
+        // Torn in an earlier boot: discarded; torn in this one: still an error.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        assert!(matches!(Checkpoint::load_since_boot(&path, later), Ok((c, true)) if c.claims.is_empty()));
+        assert!(Checkpoint::load_since_boot(&path, std::time::UNIX_EPOCH).is_err());
     }
 }

@@ -7,9 +7,10 @@
 //! gone anyway. [`write_durable`] also survives a power loss: the new file's data is fsynced
 //! before the rename, so after a power cut the name points at the old contents or the new ones,
 //! both complete. (The directory is not fsynced: that would only guarantee *which* of the two
-//! survives, and either is a valid state.) The checkpoint's final state uses it, so a node never
-//! comes back with a checkpoint it cannot parse. Each fsync costs milliseconds on common disks,
-//! which is why claim files do without.
+//! survives, and either is a valid state.) The plugin uses it only for the shim copy: each
+//! fsync costs milliseconds (and on ext4 a journal commit that waits for every dirty page of
+//! the file system), and the checkpoint copes with a power cut without it (see
+//! `Checkpoint::load_since_boot`).
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};

@@ -12,6 +12,10 @@ pub struct Args {
     /// This node's name (the pool name of its devices).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
+    /// How the node's GPUs are published as ResourceSlices: auto, consumable, partitioned, fixed,
+    /// fixed:<1-100>, exclusive, or off (publish nothing).
+    #[arg(long, env = "TESSERA_SHARING_MODE", default_value = "auto")]
+    pub sharing_mode: String,
     /// kubeconfig file; the in-cluster service account is used without it.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,

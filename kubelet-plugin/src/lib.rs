@@ -17,6 +17,7 @@ pub mod node;
 pub mod proto;
 pub mod regions;
 pub mod server;
+pub mod slices;
 
 pub use node::{ClaimRef, Node, NodeConfig, PreparedClaimResult, Step};
 pub use server::{Plugin, Sockets};

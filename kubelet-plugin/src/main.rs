@@ -61,13 +61,18 @@ async fn run(args: Args) -> Result<()> {
         driver_files,
         inventory,
         boot_id: boot_id(),
+        booted_at: booted_at(),
     };
     std::fs::create_dir_all(&config.cdi_dir).with_context(|| format!("creating {}", config.cdi_dir.display()))?;
     let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let inventory = config.inventory.clone();
     let metrics = Arc::new(Metrics::new(args.state_dir.clone()));
-    let node = Arc::new(Node::new(config, client, metrics.clone()));
+    let node = Arc::new(Node::new(config, client.clone(), metrics.clone()));
     let sockets = Sockets::new(&args.registrar_dir, &args.plugin_dir, args.instance_id.as_deref());
     let plugin = Plugin::start(node, sockets).await?;
+    // Slices only once the plugin is registered: the kubelet removes a node's slices of drivers
+    // it has no plugin for.
+    let slices = tessera_kubelet_plugin::slices::start(client.clone(), &args.node_name, &args.sharing_mode, inventory)?;
     let http = tokio::spawn(http::serve(args.metrics_address, metrics));
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -75,6 +80,7 @@ async fn run(args: Args) -> Result<()> {
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
         result = http => {
+            drop(slices);
             plugin.stop().await;
             match result {
                 Ok(Err(error)) => bail!("metrics server on {}: {error}", args.metrics_address),
@@ -82,6 +88,9 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     }
+    // The slice controller stops before the plugin unregisters: never re-create what the
+    // kubelet deletes for a departing plugin.
+    drop(slices);
     plugin.stop().await;
     Ok(())
 }
@@ -99,4 +108,13 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
 
 fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// When this boot began: `btime` of `/proc/stat` (the epoch if unknown, which makes every
+/// unreadable checkpoint an error rather than a discard).
+fn booted_at() -> std::time::SystemTime {
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+        stat.lines().find_map(|l| l.strip_prefix("btime ").and_then(|s| s.trim().parse::<u64>().ok()))
+    });
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(btime.unwrap_or(0))
 }

@@ -71,7 +71,8 @@ impl Plugin {
                 .add_service(v1alpha3::node_server::NodeServer::new(service))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(dra), until),
         );
-        let endpoint = sockets.dra.display().to_string();
+        // The kubelet dials the endpoint from its own working directory: always absolute.
+        let endpoint = std::path::absolute(&sockets.dra).unwrap_or_else(|_| sockets.dra.clone()).display().to_string();
         let registrar = Registration { endpoint, registered: registered.clone() };
         let reg = bind(&sockets.registration)?;
         let reg_server = tokio::spawn(

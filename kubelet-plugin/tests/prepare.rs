@@ -206,3 +206,27 @@ async fn a_reboot_prepares_claims_afresh() {
     assert_eq!(env.checkpoint().claims[&id].boot_id, "boot-2");
     instance.stop().await;
 }
+
+#[tokio::test]
+async fn a_prepared_claim_is_kept_when_the_plugin_would_now_prepare_it_differently() {
+    let env = Env::new(&["v1"]);
+    let id = uid(1);
+    env.api.put(claim(NS, "c", &id, Some(vec![result("gpu", "gpu-0-slice-0of2")]), vec![]));
+    let claim = Claim::new(NS, "c", &id);
+    let instance = env.start(None, None).await;
+    let first = instance.kubelet.prepare_ok(Version::V1, &claim).await;
+    instance.stop().await;
+    let config_before = std::fs::read(env.claim_dir(&id).join("config.json")).expect("config");
+    let region_before = std::fs::read(env.claim_dir(&id).join("region")).expect("region");
+    // An upgraded plugin sees a different card size: running containers keep what they got.
+    let mut config = env.node_config();
+    config.inventory.gpus[0].memory = 16 * GIB;
+    let instance = env.start_with(config, None, None).await;
+    let again = instance.kubelet.prepare_ok(Version::V1, &claim).await;
+    assert_eq!(again, first);
+    assert_eq!(std::fs::read(env.claim_dir(&id).join("config.json")).expect("config"), config_before);
+    assert_eq!(std::fs::read(env.claim_dir(&id).join("region")).expect("region"), region_before);
+    instance.kubelet.unprepare_ok(Version::V1, &claim).await;
+    env.assert_clean(&id);
+    instance.stop().await;
+}

@@ -5,13 +5,15 @@
 //! alone, so two plugin instances behave as one. A batch is recorded `PrepareStarted` in one
 //! checkpoint write before any of its files is written and `PrepareCompleted` in one write
 //! after, so a restart between any two steps is recoverable: see `tessera_driver::checkpoint`.
+//! Nothing is fsynced: every write is atomic against a crash of the plugin, and a power cut
+//! means a reboot, after which every claim is prepared afresh (see `Checkpoint::load_since_boot`).
 
 mod plan;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use tessera_driver::cdi::{CdiMode, DriverFiles};
 use tessera_driver::checkpoint::{self, Checkpoint, ClaimState, PreparedClaim, PreparedDevice};
@@ -35,11 +37,22 @@ pub struct NodeConfig {
     pub inventory: Inventory,
     /// This boot's `/proc/sys/kernel/random/boot_id`.
     pub boot_id: String,
+    /// When this boot began (`btime` of `/proc/stat`).
+    pub booted_at: SystemTime,
 }
 
 impl NodeConfig {
     pub fn checkpoint_path(&self) -> PathBuf {
         self.state_dir.join("checkpoint.json")
+    }
+
+    /// The checkpoint; one torn by a power cut before this boot is started afresh.
+    fn load_checkpoint(&self) -> Result<Checkpoint, CallError> {
+        let (checkpoint, discarded) = Checkpoint::load_since_boot(&self.checkpoint_path(), self.booted_at)?;
+        if discarded {
+            tracing::warn!(path = %self.checkpoint_path().display(), "checkpoint from before this boot is unreadable; starting afresh");
+        }
+        Ok(checkpoint)
     }
 }
 
@@ -143,7 +156,7 @@ impl Node {
         fetched: Vec<Result<claims::Claim, String>>,
     ) -> Result<BTreeMap<String, PreparedClaimResult>, CallError> {
         let path = self.config.checkpoint_path();
-        let mut checkpoint = Checkpoint::load(&path)?;
+        let mut checkpoint = self.config.load_checkpoint()?;
         let mut results = BTreeMap::new();
         let mut plans = Vec::new();
         for (claim, fetched) in claims.iter().zip(fetched) {
@@ -157,7 +170,14 @@ impl Node {
                     Some(done) if done.devices == plan.devices => {
                         results.insert(plan.uid.clone(), repair(&plan).map(|()| done.devices.clone()));
                     }
-                    _ => plans.push(plan),
+                    // Prepared, but the plugin would now prepare it differently (an upgrade, or a
+                    // changed inventory). Containers may be running with what was prepared and
+                    // charging its region, so that stands until the claim is unprepared.
+                    Some(done) => {
+                        tracing::warn!(claim_uid = %plan.uid, "claim would be prepared differently now; keeping what was prepared");
+                        results.insert(plan.uid.clone(), Ok(done.devices.clone()));
+                    }
+                    None => plans.push(plan),
                 },
             }
         }
@@ -179,7 +199,7 @@ impl Node {
             checkpoint.claims.insert(plan.uid.clone(), record(plan, ClaimState::PrepareCompleted, &self.config.boot_id));
             results.insert(plan.uid.clone(), Ok(plan.devices.clone()));
         }
-        checkpoint.save(&path, true)?;
+        checkpoint.save(&path, false)?;
         self.step(Step::Completed, &plans[0].uid)?;
         Ok(results)
     }
@@ -206,7 +226,7 @@ impl Node {
     pub async fn unprepare(&self, claims: &[ClaimRef]) -> Result<BTreeMap<String, Result<(), String>>, CallError> {
         let _lock = lock::acquire(&self.config.plugin_dir).await.map_err(CallError::Lock)?;
         let path = self.config.checkpoint_path();
-        let mut checkpoint = Checkpoint::load(&path)?;
+        let mut checkpoint = self.config.load_checkpoint()?;
         let mut results = BTreeMap::new();
         let mut changed = false;
         for claim in claims {
@@ -222,7 +242,7 @@ impl Node {
             results.insert(claim.uid.clone(), result);
         }
         if changed {
-            checkpoint.save(&path, true)?;
+            checkpoint.save(&path, false)?;
         }
         Ok(results)
     }

@@ -65,6 +65,7 @@ impl Env {
             driver_files: None,
             inventory: self.inventory.clone(),
             boot_id: "boot-1".into(),
+            booted_at: std::time::UNIX_EPOCH,
         }
     }
 
