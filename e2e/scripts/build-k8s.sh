@@ -49,7 +49,10 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=${BASH_REMATCH[1]} -X $pkg.gitMinor=${BASH_REMATCH[2]}"
   ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
-stamp_key=$( { cat "$src/go.mod" "$src/go.sum" "$src/main.go"; go version; echo "$ldflags CGO_ENABLED=$CGO_ENABLED"; } | sha256sum | cut -d' ' -f1)
+# -w drops DWARF at link time anyway; not generating it while compiling saves
+# ~5-15% of the CPU time of a cold build and a good part of the build cache.
+gcflags="all=-dwarf=false"
+stamp_key=$( { cat "$src/go.mod" "$src/go.sum" "$src/main.go"; go version; echo "$gcflags $ldflags CGO_ENABLED=$CGO_ENABLED"; } | sha256sum | cut -d' ' -f1)
 stamp=$out/.stamp
 
 mkdir -p "$out"
@@ -90,7 +93,7 @@ buildlog=$out/../build.log
 ) &
 ticker=$!
 trap 'kill $ticker 2>/dev/null || true' EXIT
-if ! (cd "$src" && go build -p "$parallel" -v -trimpath -ldflags="$ldflags" -o "$out/tessera-k8s.tmp" .) 2>"$buildlog"; then
+if ! (cd "$src" && go build -p "$parallel" -v -trimpath -gcflags="$gcflags" -ldflags="$ldflags" -o "$out/tessera-k8s.tmp" .) 2>"$buildlog"; then
   kill $ticker 2>/dev/null || true
   tail -n 40 "$buildlog" >&2
   die "go build failed; full log in $buildlog"
