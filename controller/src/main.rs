@@ -50,6 +50,37 @@ struct Args {
     /// One reconcile, printed as JSON, then exit (diagnostics).
     #[arg(long)]
     once: bool,
+    /// Print the ResourceSlices a node with this inventory file (the fake GPU node's JSON) would
+    /// publish, then exit; no API server needed. With --node, --mode, --api-version.
+    #[arg(long)]
+    render_inventory: Option<PathBuf>,
+    #[arg(long, default_value = "node-0")]
+    node: String,
+    /// consumable, partitioned, fixed, fixed:<n>, exclusive.
+    #[arg(long, default_value = "consumable")]
+    mode: String,
+    /// v1, v1beta2, v1beta1, v1alpha3.
+    #[arg(long, default_value = "v1")]
+    api_version: String,
+}
+
+/// `--render-inventory`: a bad inventory file is refused with the file and field named.
+fn render(args: &Args, path: &std::path::Path) -> Result<()> {
+    use tessera_controller::node::ModeSetting;
+    use tessera_controller::slices::{CounterLayout, SliceMeta, build_pool, render_pool};
+    let inventory = tessera_driver::Inventory::from_file(path)?;
+    let mode = match args.mode.parse::<ModeSetting>().map_err(anyhow::Error::msg)? {
+        ModeSetting::Mode(m) => m,
+        ModeSetting::Auto => anyhow::bail!("--mode auto needs an API server; name a mode"),
+    };
+    let version = tessera_controller::ApiVersion::parse(&args.api_version)
+        .with_context(|| format!("--api-version {:?}: expected v1, v1beta2, v1beta1 or v1alpha3", args.api_version))?;
+    anyhow::ensure!(version.supports(mode), "mode {} needs resource.k8s.io v1 or v1beta2", mode.name());
+    let plan = build_pool(&inventory, &args.node, mode, CounterLayout::Separate)?;
+    for slice in render_pool(&plan, version, &SliceMeta { generation: 1, node_uid: None }) {
+        println!("{}", serde_json::to_string_pretty(&slice)?);
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -95,6 +126,9 @@ async fn discover(client: &Client) -> ServerDra {
 }
 
 async fn run(args: Args) -> Result<()> {
+    if let Some(path) = &args.render_inventory {
+        return render(&args, path);
+    }
     let client = client(args.kubeconfig.as_ref()).await?;
     if args.once {
         let server = discover(&client).await;

@@ -33,3 +33,31 @@ pub fn router(registry: Arc<Registry>) -> Router {
             }),
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::metrics::ClusterMetrics;
+    use crate::cluster::view::{ClusterView, GpuView};
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn metrics_and_healthz() {
+        let metrics = ClusterMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut view = ClusterView::default();
+        let gpu = GpuView { node: "n".into(), uuid: "GPU-1".into(), product: "L40S".into(), memory_capacity_bytes: 48 << 30, shares: 2, memory_allocated_bytes: 1 << 30, cores_allocated: 20 };
+        view.gpus.insert(("n".into(), "GPU-1".into()), gpu);
+        metrics.update(&view);
+        let app = router(Arc::new(registry));
+        let get = |uri: &str| axum::http::Request::get(uri).body(axum::body::Body::empty()).expect("request");
+        let health = app.clone().oneshot(get("/healthz")).await.expect("healthz");
+        assert_eq!(health.status(), StatusCode::OK);
+        let response = app.oneshot(get("/metrics")).await.expect("metrics");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains(r#"tessera_gpu_shares_allocated{node="n",uuid="GPU-1",product="L40S"} 2"#), "{text}");
+        assert!(text.contains("tessera_gpu_memory_capacity_bytes{"), "{text}");
+    }
+}
