@@ -17,7 +17,9 @@ pub struct ServerDra {
 pub enum DiscoveryError {
     #[error("API server: {0}")]
     Api(#[from] kube::Error),
-    #[error("the API server serves no resource.k8s.io version with ResourceSlices (DRA is off; on 1.31-1.33 it needs --runtime-config and the DynamicResourceAllocation gate)")]
+    #[error(
+        "the API server serves no resource.k8s.io version with ResourceSlices (DRA is off; on 1.31-1.33 it needs --runtime-config and the DynamicResourceAllocation gate)"
+    )]
     NoDra,
 }
 
@@ -37,15 +39,25 @@ impl ServerDra {
                 continue;
             }
             // 1.33+ serve v1alpha3 only for DeviceTaintRule: the version must list resourceslices.
-            let resources = client.list_api_group_resources(&candidate.api_version()).await?;
-            if resources.resources.iter().any(|r| r.name == "resourceslices") {
+            let resources = client
+                .list_api_group_resources(&candidate.api_version())
+                .await?;
+            if resources
+                .resources
+                .iter()
+                .any(|r| r.name == "resourceslices")
+            {
                 version = Some(candidate);
                 break;
             }
         }
         let version = version.ok_or(DiscoveryError::NoDra)?;
         let info = client.apiserver_version().await?;
-        let minor = info.minor.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok();
+        let minor = info
+            .minor
+            .trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .ok();
         Ok(ServerDra { version, minor })
     }
 
@@ -60,9 +72,15 @@ impl ServerDra {
 
     /// The modes `auto` tries, best first, that this version can express at all.
     pub fn auto_candidates(&self, fixed_slices: u32) -> Vec<SharingMode> {
-        [SharingMode::Consumable, SharingMode::Partitioned, SharingMode::Fixed { slices: fixed_slices }]
-            .into_iter()
-            .filter(|m| self.version.supports(*m))
-            .collect()
+        [
+            SharingMode::Consumable,
+            SharingMode::Partitioned,
+            SharingMode::Fixed {
+                slices: fixed_slices,
+            },
+        ]
+        .into_iter()
+        .filter(|m| self.version.supports(*m))
+        .collect()
     }
 }

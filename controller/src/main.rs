@@ -22,7 +22,11 @@ enum LogFormat {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "tessera-controller", version, about = "Tessera's cluster controller: DeviceClasses per GPU model, cluster GPU metrics")]
+#[command(
+    name = "tessera-controller",
+    version,
+    about = "Tessera's cluster controller: DeviceClasses per GPU model, cluster GPU metrics"
+)]
 struct Args {
     /// kubeconfig file; in-cluster configuration when unset.
     #[arg(long, env = "KUBECONFIG")]
@@ -69,15 +73,34 @@ fn render(args: &Args, path: &std::path::Path) -> Result<()> {
     use tessera_controller::node::ModeSetting;
     use tessera_controller::slices::{CounterLayout, SliceMeta, build_pool, render_pool};
     let inventory = tessera_driver::Inventory::from_file(path)?;
-    let mode = match args.mode.parse::<ModeSetting>().map_err(anyhow::Error::msg)? {
+    let mode = match args
+        .mode
+        .parse::<ModeSetting>()
+        .map_err(anyhow::Error::msg)?
+    {
         ModeSetting::Mode(m) => m,
         ModeSetting::Auto => anyhow::bail!("--mode auto needs an API server; name a mode"),
     };
-    let version = tessera_controller::ApiVersion::parse(&args.api_version)
-        .with_context(|| format!("--api-version {:?}: expected v1, v1beta2, v1beta1 or v1alpha3", args.api_version))?;
-    anyhow::ensure!(version.supports(mode), "mode {} needs resource.k8s.io v1 or v1beta2", mode.name());
+    let version = tessera_controller::ApiVersion::parse(&args.api_version).with_context(|| {
+        format!(
+            "--api-version {:?}: expected v1, v1beta2, v1beta1 or v1alpha3",
+            args.api_version
+        )
+    })?;
+    anyhow::ensure!(
+        version.supports(mode),
+        "mode {} needs resource.k8s.io v1 or v1beta2",
+        mode.name()
+    );
     let plan = build_pool(&inventory, &args.node, mode, CounterLayout::Separate)?;
-    for slice in render_pool(&plan, version, &SliceMeta { generation: 1, node_uid: None }) {
+    for slice in render_pool(
+        &plan,
+        version,
+        &SliceMeta {
+            generation: 1,
+            node_uid: None,
+        },
+    ) {
         println!("{}", serde_json::to_string_pretty(&slice)?);
     }
     Ok(())
@@ -86,8 +109,11 @@ fn render(args: &Args, path: &std::path::Path) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -102,10 +128,14 @@ async fn main() -> Result<()> {
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
         }
-        None => kube::Config::infer().await.context("no --kubeconfig and no in-cluster configuration")?,
+        None => kube::Config::infer()
+            .await
+            .context("no --kubeconfig and no in-cluster configuration")?,
     };
     Ok(Client::try_from(config)?)
 }
@@ -133,7 +163,10 @@ async fn run(args: Args) -> Result<()> {
     if args.once {
         let server = discover(&client).await;
         let (view, report) = cluster::reconcile(&client, server.version, true).await?;
-        println!("{}", serde_json::json!({ "gpus": view.gpus.len(), "claims": view.claims.len(), "products": view.products, "classes": format!("{report:?}") }));
+        println!(
+            "{}",
+            serde_json::json!({ "gpus": view.gpus.len(), "claims": view.claims.len(), "products": view.products, "classes": format!("{report:?}") })
+        );
         return Ok(());
     }
     let metrics = ClusterMetrics::default();
@@ -142,7 +175,10 @@ async fn run(args: Args) -> Result<()> {
     let server_task = tokio::spawn(http::serve(args.listen, Arc::new(registry)));
 
     let mut leader = if args.leader_elect {
-        let identity = args.identity.clone().unwrap_or_else(|| format!("tessera-controller-{}", std::process::id()));
+        let identity = args
+            .identity
+            .clone()
+            .unwrap_or_else(|| format!("tessera-controller-{}", std::process::id()));
         // build() talks to the API server: retried like everything else.
         let mut backoff = Backoff::default();
         let manager = loop {
@@ -169,7 +205,10 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let mut server = discover(&client).await;
-    tracing::info!(version = server.version.version(), "watching ResourceSlices and ResourceClaims");
+    tracing::info!(
+        version = server.version.version(),
+        "watching ResourceSlices and ResourceClaims"
+    );
     let interval = Duration::from_secs(args.resync_seconds.max(1));
     let mut backoff = Backoff::default();
     loop {
@@ -178,7 +217,9 @@ async fn run(args: Args) -> Result<()> {
         let wait = match cluster::reconcile(&client, server.version, leading).await {
             Ok((view, report)) => {
                 metrics.update(&view);
-                metrics.last_reconcile_seconds.set(start.elapsed().as_secs_f64());
+                metrics
+                    .last_reconcile_seconds
+                    .set(start.elapsed().as_secs_f64());
                 if let Some(r) = report.filter(|r| *r != Default::default()) {
                     tracing::info!(created = ?r.created, updated = ?r.updated, deleted = ?r.deleted, "DeviceClasses");
                 }

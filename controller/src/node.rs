@@ -41,10 +41,18 @@ impl std::str::FromStr for ModeSetting {
             "consumable" => ModeSetting::Mode(SharingMode::Consumable),
             "partitioned" => ModeSetting::Mode(SharingMode::Partitioned),
             "exclusive" => ModeSetting::Mode(SharingMode::Exclusive),
-            "fixed" => ModeSetting::Mode(SharingMode::Fixed { slices: DEFAULT_FIXED_SLICES }),
+            "fixed" => ModeSetting::Mode(SharingMode::Fixed {
+                slices: DEFAULT_FIXED_SLICES,
+            }),
             other => match other.strip_prefix("fixed:").map(str::parse::<u32>) {
-                Some(Ok(n)) if (1..=100).contains(&n) => ModeSetting::Mode(SharingMode::Fixed { slices: n }),
-                _ => return Err(format!("sharing mode {other:?}: expected auto, consumable, partitioned, fixed, fixed:<1-100> or exclusive")),
+                Some(Ok(n)) if (1..=100).contains(&n) => {
+                    ModeSetting::Mode(SharingMode::Fixed { slices: n })
+                }
+                _ => {
+                    return Err(format!(
+                        "sharing mode {other:?}: expected auto, consumable, partitioned, fixed, fixed:<1-100> or exclusive"
+                    ));
+                }
             },
         })
     }
@@ -65,7 +73,12 @@ pub struct NodeControllerConfig {
 
 impl NodeControllerConfig {
     pub fn new(node: &str, mode: ModeSetting) -> Self {
-        NodeControllerConfig { node: node.to_string(), mode, resync: Duration::from_secs(600), reporter: "tessera-kubelet-plugin".into() }
+        NodeControllerConfig {
+            node: node.to_string(),
+            mode,
+            resync: Duration::from_secs(600),
+            reporter: "tessera-kubelet-plugin".into(),
+        }
     }
 }
 
@@ -89,11 +102,27 @@ pub struct NodeController {
 }
 
 impl NodeController {
-    pub fn new(client: Client, config: NodeControllerConfig, inventory: watch::Receiver<Inventory>) -> (Self, watch::Receiver<NodeStatus>) {
+    pub fn new(
+        client: Client,
+        config: NodeControllerConfig,
+        inventory: watch::Receiver<Inventory>,
+    ) -> (Self, watch::Receiver<NodeStatus>) {
         let (status, status_rx) = watch::channel(NodeStatus::default());
-        let reporter = Reporter { controller: config.reporter.clone(), instance: Some(config.node.clone()) };
+        let reporter = Reporter {
+            controller: config.reporter.clone(),
+            instance: Some(config.node.clone()),
+        };
         let recorder = Recorder::new(client.clone(), reporter);
-        (NodeController { client, config, inventory, status, recorder }, status_rx)
+        (
+            NodeController {
+                client,
+                config,
+                inventory,
+                status,
+                recorder,
+            },
+            status_rx,
+        )
     }
 
     /// Runs until the task is dropped or aborted.
@@ -115,16 +144,27 @@ impl NodeController {
             ModeSetting::Auto => server.auto_candidates(DEFAULT_FIXED_SLICES),
             ModeSetting::Mode(m) if server.version.supports(m) => vec![m],
             ModeSetting::Mode(m) => {
-                let why = format!("sharing mode {} needs resource.k8s.io v1 or v1beta2, the server serves {}; publishing fixed:{DEFAULT_FIXED_SLICES} instead", m.name(), server.version.version());
+                let why = format!(
+                    "sharing mode {} needs resource.k8s.io v1 or v1beta2, the server serves {}; publishing fixed:{DEFAULT_FIXED_SLICES} instead",
+                    m.name(),
+                    server.version.version()
+                );
                 tracing::error!("{why}");
-                self.event(EventType::Warning, "SharingModeUnsupported", &why).await;
-                vec![SharingMode::Fixed { slices: DEFAULT_FIXED_SLICES }]
+                self.event(EventType::Warning, "SharingModeUnsupported", &why)
+                    .await;
+                vec![SharingMode::Fixed {
+                    slices: DEFAULT_FIXED_SLICES,
+                }]
             }
         };
         tracing::info!(version = server.version.version(), minor = ?server.minor, modes = ?candidates, node = %self.config.node, "publishing ResourceSlices");
         let publisher = Publisher::new(self.client.clone(), &self.config.node, server.version);
         let (trigger_tx, mut trigger) = mpsc::channel::<()>(1);
-        let watch_task = tokio::spawn(watch_slices(self.client.clone(), publisher.clone(), trigger_tx));
+        let watch_task = tokio::spawn(watch_slices(
+            self.client.clone(),
+            publisher.clone(),
+            trigger_tx,
+        ));
         let _abort_watch = AbortOnDrop(watch_task);
         let mut pick = 0;
         loop {
@@ -141,12 +181,27 @@ impl NodeController {
                             "the API server dropped {} of sharing mode {} (feature gate off?): {}",
                             report.dropped.len(),
                             mode.name(),
-                            report.dropped.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                            report
+                                .dropped
+                                .iter()
+                                .take(3)
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         );
                         if pick + 1 < candidates.len() {
                             let next = candidates[pick + 1];
-                            tracing::warn!(from = mode.name(), to = next.name(), "{why}; falling back");
-                            self.event(EventType::Warning, "SharingModeFallback", &format!("{why}; falling back to {}", next.name())).await;
+                            tracing::warn!(
+                                from = mode.name(),
+                                to = next.name(),
+                                "{why}; falling back"
+                            );
+                            self.event(
+                                EventType::Warning,
+                                "SharingModeFallback",
+                                &format!("{why}; falling back to {}", next.name()),
+                            )
+                            .await;
                             pick += 1;
                             continue;
                         }
@@ -157,7 +212,14 @@ impl NodeController {
                     Ok(report) => {
                         backoff.reset();
                         if report.changed() {
-                            tracing::info!(mode = mode.name(), generation = report.generation, created = report.created, updated = report.updated, deleted = report.deleted, "ResourceSlices published");
+                            tracing::info!(
+                                mode = mode.name(),
+                                generation = report.generation,
+                                created = report.created,
+                                updated = report.updated,
+                                deleted = report.deleted,
+                                "ResourceSlices published"
+                            );
                         }
                         self.status.send_modify(|s| {
                             s.mode = Some(mode);
@@ -195,8 +257,19 @@ impl NodeController {
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: &str) {
-        let reference = ObjectReference { api_version: Some("v1".into()), kind: Some("Node".into()), name: Some(self.config.node.clone()), ..Default::default() };
-        let event = Event { type_, reason: reason.into(), note: Some(note.chars().take(1000).collect()), action: "PublishResourceSlices".into(), secondary: None };
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.config.node.clone()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "PublishResourceSlices".into(),
+            secondary: None,
+        };
         if let Err(e) = self.recorder.publish(&event, &reference).await {
             tracing::warn!(error = %e, reason, "cannot record Event");
         }

@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 
+use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::Client;
 use serde_json::Value;
 use tessera_api::names::DRIVER_NAME;
 
@@ -44,7 +44,10 @@ impl SyncReport {
 
 /// The ResourceSlice resource of one API version.
 pub fn slice_resource(version: ApiVersion) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("resource.k8s.io", version.version(), "ResourceSlice"), "resourceslices")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", version.version(), "ResourceSlice"),
+        "resourceslices",
+    )
 }
 
 /// Publishes the pool of one node through one API version.
@@ -62,7 +65,13 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(client: Client, node: &str, version: ApiVersion) -> Self {
         let api = Api::all_with(client.clone(), &slice_resource(version));
-        Publisher { client, node: node.to_string(), version, api, last_generation: Default::default() }
+        Publisher {
+            client,
+            node: node.to_string(),
+            version,
+            api,
+            last_generation: Default::default(),
+        }
     }
 
     pub fn version(&self) -> ApiVersion {
@@ -76,7 +85,10 @@ impl Publisher {
 
     /// The node's slices as JSON, by name.
     pub async fn existing(&self) -> Result<BTreeMap<String, Value>, PublishError> {
-        let list = self.api.list(&ListParams::default().fields(&self.field_selector())).await?;
+        let list = self
+            .api
+            .list(&ListParams::default().fields(&self.field_selector()))
+            .await?;
         let mut out = BTreeMap::new();
         for item in list.items {
             let value = serde_json::to_value(&item)?;
@@ -90,29 +102,61 @@ impl Publisher {
     /// The Node's UID for owner references; `None` if the Node does not exist (yet).
     async fn node_uid(&self) -> Result<Option<String>, PublishError> {
         let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
-        Ok(nodes.get_opt(&self.node).await?.and_then(|n| n.metadata.uid))
+        Ok(nodes
+            .get_opt(&self.node)
+            .await?
+            .and_then(|n| n.metadata.uid))
     }
 
     /// Makes the cluster hold exactly `plan`.
     pub async fn sync(&self, plan: &PoolPlan) -> Result<SyncReport, PublishError> {
         let existing = self.existing().await?;
-        let current = existing.values().filter_map(|o| o["spec"]["pool"]["generation"].as_i64()).max().unwrap_or(0);
+        let current = existing
+            .values()
+            .filter_map(|o| o["spec"]["pool"]["generation"].as_i64())
+            .max()
+            .unwrap_or(0);
         let uid = self.node_uid().await?;
-        let meta = SliceMeta { generation: current, node_uid: uid.as_deref() };
+        let meta = SliceMeta {
+            generation: current,
+            node_uid: uid.as_deref(),
+        };
         let desired = render_pool(plan, self.version, &meta);
         let unchanged = desired.len() == existing.len()
             && desired.iter().all(|d| {
                 let name = d["metadata"]["name"].as_str().unwrap_or_default();
-                existing.get(name).is_some_and(|e| same(&d["spec"], &e["spec"]) && owners_match(d, e))
+                existing
+                    .get(name)
+                    .is_some_and(|e| same(&d["spec"], &e["spec"]) && owners_match(d, e))
             });
         if unchanged && current > 0 {
-            return Ok(SyncReport { generation: current, ..SyncReport::default() });
+            return Ok(SyncReport {
+                generation: current,
+                ..SyncReport::default()
+            });
         }
-        let generation = current.max(self.last_generation.load(std::sync::atomic::Ordering::Relaxed)) + 1;
-        self.last_generation.fetch_max(generation, std::sync::atomic::Ordering::Relaxed);
-        let desired = render_pool(plan, self.version, &SliceMeta { generation, node_uid: uid.as_deref() });
-        let mut report = SyncReport { generation, ..SyncReport::default() };
-        let wanted: Vec<&str> = desired.iter().filter_map(|d| d["metadata"]["name"].as_str()).collect();
+        let generation = current.max(
+            self.last_generation
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ) + 1;
+        self.last_generation
+            .fetch_max(generation, std::sync::atomic::Ordering::Relaxed);
+        let desired = render_pool(
+            plan,
+            self.version,
+            &SliceMeta {
+                generation,
+                node_uid: uid.as_deref(),
+            },
+        );
+        let mut report = SyncReport {
+            generation,
+            ..SyncReport::default()
+        };
+        let wanted: Vec<&str> = desired
+            .iter()
+            .filter_map(|d| d["metadata"]["name"].as_str())
+            .collect();
         // Obsolete slices go first, so the pool never shows more slices than its count says.
         for name in existing.keys().filter(|n| !wanted.contains(&n.as_str())) {
             match self.api.delete(name, &DeleteParams::default()).await {
@@ -122,14 +166,20 @@ impl Publisher {
             }
         }
         for object in desired {
-            let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let name = object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let written = match existing.get(&name) {
                 Some(old) => {
                     let mut object = object.clone();
-                    object["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+                    object["metadata"]["resourceVersion"] =
+                        old["metadata"]["resourceVersion"].clone();
                     let obj: DynamicObject = serde_json::from_value(object)?;
                     report.updated += 1;
-                    self.api.replace(&name, &PostParams::default(), &obj).await?
+                    self.api
+                        .replace(&name, &PostParams::default(), &obj)
+                        .await?
                 }
                 None => {
                     let obj: DynamicObject = serde_json::from_value(object.clone())?;
@@ -138,7 +188,11 @@ impl Publisher {
                 }
             };
             let got = serde_json::to_value(&written)?;
-            report.dropped.extend(dropped_fields(&object["spec"], &got["spec"]).into_iter().map(|p| format!("{name}: spec.{p}")));
+            report.dropped.extend(
+                dropped_fields(&object["spec"], &got["spec"])
+                    .into_iter()
+                    .map(|p| format!("{name}: spec.{p}")),
+            );
         }
         Ok(report)
     }
@@ -157,6 +211,10 @@ impl Publisher {
 }
 
 fn owners_match(desired: &Value, existing: &Value) -> bool {
-    let uid = |v: &Value| v["metadata"]["ownerReferences"][0]["uid"].as_str().map(str::to_string);
+    let uid = |v: &Value| {
+        v["metadata"]["ownerReferences"][0]["uid"]
+            .as_str()
+            .map(str::to_string)
+    };
     uid(desired) == uid(existing)
 }

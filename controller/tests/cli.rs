@@ -13,27 +13,56 @@ fn run(file: &str, extra: &[&str]) -> (bool, String, String) {
         .args(extra)
         .output()
         .expect("run");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
 fn renders_slices_from_an_inventory_file() {
     let file = r#"{"driverVersion": "570.86.15", "devices": [{"uuid": "GPU-1", "name": "NVIDIA L40S", "memory": 51539607552, "computeCapability": "8.9"}]}"#;
-    let (ok, stdout, stderr) = run(file, &["--mode", "fixed:2", "--api-version", "v1alpha3", "--node", "n1"]);
+    let (ok, stdout, stderr) = run(
+        file,
+        &[
+            "--mode",
+            "fixed:2",
+            "--api-version",
+            "v1alpha3",
+            "--node",
+            "n1",
+        ],
+    );
     assert!(ok, "{stderr}");
     let slice: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON slice");
     assert_eq!(slice["apiVersion"], "resource.k8s.io/v1alpha3");
     assert_eq!(slice["spec"]["devices"][1]["name"], "gpu-0-slice-1of2");
-    assert_eq!(slice["spec"]["devices"][1]["basic"]["capacity"]["memory"], "25769803776");
+    assert_eq!(
+        slice["spec"]["devices"][1]["basic"]["capacity"]["memory"],
+        "25769803776"
+    );
 }
 
 #[test]
 fn bad_inventory_is_refused_with_the_field_named() {
-    let file = "{\"devices\": [\n  {\"uuid\": \"GPU-1\", \"name\": \"x\", \"memory\": \"lots\"}\n]}";
+    let file =
+        "{\"devices\": [\n  {\"uuid\": \"GPU-1\", \"name\": \"x\", \"memory\": \"lots\"}\n]}";
     let (ok, _, stderr) = run(file, &[]);
     assert!(!ok);
-    assert!(stderr.contains("inventory.json") && stderr.contains("devices[0].memory") && stderr.contains("line 2"), "{stderr}");
-    let (ok, _, stderr) = run(r#"{"devices": [{"uuid": "GPU-1", "name": "x", "memory": 1}]}"#, &["--mode", "consumable"]);
+    assert!(
+        stderr.contains("inventory.json")
+            && stderr.contains("devices[0].memory")
+            && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = run(
+        r#"{"devices": [{"uuid": "GPU-1", "name": "x", "memory": 1}]}"#,
+        &["--mode", "consumable"],
+    );
     assert!(!ok);
-    assert!(stderr.contains("GPU 0") && stderr.contains("too small"), "{stderr}");
+    assert!(
+        stderr.contains("GPU 0") && stderr.contains("too small"),
+        "{stderr}"
+    );
 }

@@ -31,22 +31,35 @@ struct State {
 type Shared = Arc<Mutex<State>>;
 
 fn respond(status: StatusCode, body: Value) -> Response<Body> {
-    Response::builder().status(status).header("content-type", "application/json").body(Body::from(serde_json::to_vec(&body).unwrap_or_default())).expect("response")
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap_or_default()))
+        .expect("response")
 }
 
 fn status(code: u16, reason: &str) -> Response<Body> {
-    respond(StatusCode::from_u16(code).expect("code"), json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason}))
+    respond(
+        StatusCode::from_u16(code).expect("code"),
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason}),
+    )
 }
 
 async fn handle(state: Shared, req: Request<Body>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
-    let bytes = http_body_util::BodyExt::collect(body).await.map(|c| c.to_bytes()).unwrap_or_default();
+    let bytes = http_body_util::BodyExt::collect(body)
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().unwrap_or_default().to_string();
     if query.contains("watch=true") {
         // No events: the watch ends, and the watcher re-lists after its backoff.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        return Ok(Response::builder().status(200).body(Body::from(Vec::new())).expect("response"));
+        return Ok(Response::builder()
+            .status(200)
+            .body(Body::from(Vec::new()))
+            .expect("response"));
     }
     let mut s = state.lock().expect("lock");
     s.requests.push(format!("{} {path}?{query}", parts.method));
@@ -56,15 +69,27 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response<Body>, Inf
     }
     const SLICES: &str = "/apis/resource.k8s.io/v1/resourceslices";
     let r = match (&parts.method, path.as_str()) {
-        (&Method::GET, "/apis") => respond(StatusCode::OK, json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-            {"name": "resource.k8s.io", "versions": [{"groupVersion": "resource.k8s.io/v1", "version": "v1"}], "preferredVersion": {"groupVersion": "resource.k8s.io/v1", "version": "v1"}}]})),
-        (&Method::GET, "/apis/resource.k8s.io/v1") => respond(StatusCode::OK, json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "resource.k8s.io/v1", "resources": [
-            {"name": "resourceslices", "singularName": "resourceslice", "namespaced": false, "kind": "ResourceSlice", "verbs": ["create", "delete", "get", "list", "update", "watch"]}]})),
-        (&Method::GET, "/version") => respond(StatusCode::OK, json!({"major": "1", "minor": "37", "gitVersion": "v1.37.1", "gitCommit": "", "gitTreeState": "", "buildDate": "", "goVersion": "", "compiler": "", "platform": ""})),
+        (&Method::GET, "/apis") => respond(
+            StatusCode::OK,
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": "resource.k8s.io", "versions": [{"groupVersion": "resource.k8s.io/v1", "version": "v1"}], "preferredVersion": {"groupVersion": "resource.k8s.io/v1", "version": "v1"}}]}),
+        ),
+        (&Method::GET, "/apis/resource.k8s.io/v1") => respond(
+            StatusCode::OK,
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "resource.k8s.io/v1", "resources": [
+            {"name": "resourceslices", "singularName": "resourceslice", "namespaced": false, "kind": "ResourceSlice", "verbs": ["create", "delete", "get", "list", "update", "watch"]}]}),
+        ),
+        (&Method::GET, "/version") => respond(
+            StatusCode::OK,
+            json!({"major": "1", "minor": "37", "gitVersion": "v1.37.1", "gitCommit": "", "gitTreeState": "", "buildDate": "", "goVersion": "", "compiler": "", "platform": ""}),
+        ),
         (&Method::GET, p) if p.starts_with("/api/v1/nodes/") => status(404, "NotFound"),
         (&Method::GET, SLICES) => {
             let items: Vec<Value> = s.slices.values().cloned().collect();
-            respond(StatusCode::OK, json!({"kind": "ResourceSliceList", "apiVersion": "resource.k8s.io/v1", "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}))
+            respond(
+                StatusCode::OK,
+                json!({"kind": "ResourceSliceList", "apiVersion": "resource.k8s.io/v1", "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+            )
         }
         (&Method::POST, SLICES) | (&Method::PUT, _) if path.starts_with(SLICES) => {
             let mut obj: Value = serde_json::from_slice(&bytes).unwrap_or_default();
@@ -78,14 +103,27 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response<Body>, Inf
             }
             s.rv += 1;
             obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-            let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             s.slices.insert(name, obj.clone());
-            respond(if parts.method == Method::POST { StatusCode::CREATED } else { StatusCode::OK }, obj)
+            respond(
+                if parts.method == Method::POST {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                obj,
+            )
         }
         (&Method::DELETE, p) if p.starts_with(SLICES) => {
             let name = p.rsplit('/').next().unwrap_or_default().to_string();
             match s.slices.remove(&name) {
-                Some(_) => respond(StatusCode::OK, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+                Some(_) => respond(
+                    StatusCode::OK,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                ),
                 None => status(404, "NotFound"),
             }
         }
@@ -138,16 +176,37 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 async fn publisher_creates_then_resync_is_a_noop_then_shrinks() {
     let state = Shared::default();
     let publisher = Publisher::new(client(&state), "node-a", ApiVersion::V1);
-    let plan = build_pool(&inventory(8), "node-a", SharingMode::Partitioned, CounterLayout::Separate).expect("plan");
+    let plan = build_pool(
+        &inventory(8),
+        "node-a",
+        SharingMode::Partitioned,
+        CounterLayout::Separate,
+    )
+    .expect("plan");
     let first = publisher.sync(&plan).await.expect("sync");
     assert_eq!((first.created, first.generation), (3, 1), "{first:?}");
     let again = publisher.sync(&plan).await.expect("sync");
     assert!(!again.changed(), "{again:?}");
-    let smaller = build_pool(&inventory(2), "node-a", SharingMode::Partitioned, CounterLayout::Separate).expect("plan");
+    let smaller = build_pool(
+        &inventory(2),
+        "node-a",
+        SharingMode::Partitioned,
+        CounterLayout::Separate,
+    )
+    .expect("plan");
     let shrink = publisher.sync(&smaller).await.expect("sync");
-    assert_eq!((shrink.deleted, shrink.updated, shrink.generation), (1, 2, 2), "{shrink:?}");
+    assert_eq!(
+        (shrink.deleted, shrink.updated, shrink.generation),
+        (1, 2, 2),
+        "{shrink:?}"
+    );
     let s = state.lock().expect("lock");
-    assert!(s.slices.values().all(|o| o["spec"]["pool"]["generation"] == 2 && o["spec"]["pool"]["resourceSliceCount"] == 2));
+    assert!(
+        s.slices
+            .values()
+            .all(|o| o["spec"]["pool"]["generation"] == 2
+                && o["spec"]["pool"]["resourceSliceCount"] == 2)
+    );
 }
 
 #[tokio::test]
@@ -155,14 +214,31 @@ async fn api_server_down_is_retried_with_backoff_then_published() {
     let state = Shared::default();
     state.lock().expect("lock").down_for = 4;
     let (_tx, rx) = tokio::sync::watch::channel(inventory(2));
-    let (controller, status) = NodeController::new(client(&state), NodeControllerConfig::new("node-a", ModeSetting::Auto), rx);
+    let (controller, status) = NodeController::new(
+        client(&state),
+        NodeControllerConfig::new("node-a", ModeSetting::Auto),
+        rx,
+    );
     let task = tokio::spawn(controller.run());
-    eventually("an error is reported while down", || status.borrow().last_error.is_some() || status.borrow().mode.is_some()).await;
-    eventually("published once the server is back", || status.borrow().mode == Some(SharingMode::Consumable)).await;
+    eventually("an error is reported while down", || {
+        status.borrow().last_error.is_some() || status.borrow().mode.is_some()
+    })
+    .await;
+    eventually("published once the server is back", || {
+        status.borrow().mode == Some(SharingMode::Consumable)
+    })
+    .await;
     assert!(!task.is_finished(), "the controller never exits");
     let s = state.lock().expect("lock");
     assert_eq!(s.slices.len(), 1);
-    assert!(s.requests.iter().filter(|r| r.starts_with("GET /apis?")).count() >= 2, "discovery was retried");
+    assert!(
+        s.requests
+            .iter()
+            .filter(|r| r.starts_with("GET /apis?"))
+            .count()
+            >= 2,
+        "discovery was retried"
+    );
     task.abort();
 }
 
@@ -172,18 +248,36 @@ async fn dropped_gated_fields_make_auto_fall_back_with_an_event() {
     // No DRAConsumableCapacity and no DRAPartitionableDevices: only fixed survives.
     state.lock().expect("lock").drop_fields = vec!["allowMultipleAllocations", "consumesCounters"];
     let (_tx, rx) = tokio::sync::watch::channel(inventory(1));
-    let (controller, status) = NodeController::new(client(&state), NodeControllerConfig::new("node-a", ModeSetting::Auto), rx);
+    let (controller, status) = NodeController::new(
+        client(&state),
+        NodeControllerConfig::new("node-a", ModeSetting::Auto),
+        rx,
+    );
     let task = tokio::spawn(controller.run());
-    eventually("fell back to fixed", || status.borrow().mode == Some(SharingMode::Fixed { slices: 4 })).await;
+    eventually("fell back to fixed", || {
+        status.borrow().mode == Some(SharingMode::Fixed { slices: 4 })
+    })
+    .await;
     let s = state.lock().expect("lock");
-    let reasons: Vec<_> = s.events.iter().map(|e| e["reason"].as_str().unwrap_or_default().to_string()).collect();
+    let reasons: Vec<_> = s
+        .events
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
     assert_eq!(reasons, ["SharingModeFallback"], "{:?}", s.events);
     // The second fallback (partitioned → fixed) is the same Event reason on the same Node: kube's
     // recorder sends it as a series update (PATCH) of the first.
     let writes = s.requests.iter().filter(|r| r.contains("/events")).count();
     assert_eq!(writes, 2, "{:?}", s.requests);
     let note = s.events[0]["note"].as_str().unwrap_or_default();
-    assert!(note.contains("allowMultipleAllocations") && note.contains("falling back to partitioned"), "{note}");
-    assert!(s.slices.values().all(|o| o["spec"]["devices"].as_array().is_some_and(|d| d.len() == 4)));
+    assert!(
+        note.contains("allowMultipleAllocations") && note.contains("falling back to partitioned"),
+        "{note}"
+    );
+    assert!(s.slices.values().all(|o| {
+        o["spec"]["devices"]
+            .as_array()
+            .is_some_and(|d| d.len() == 4)
+    }));
     task.abort();
 }

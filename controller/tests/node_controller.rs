@@ -16,7 +16,13 @@ use tokio::sync::watch;
 
 const NODE: &str = "gpu-node-auto";
 
-async fn run_auto(c: &Cluster) -> (watch::Receiver<NodeStatus>, watch::Sender<tessera_driver::Inventory>, tokio::task::JoinHandle<()>) {
+async fn run_auto(
+    c: &Cluster,
+) -> (
+    watch::Receiver<NodeStatus>,
+    watch::Sender<tessera_driver::Inventory>,
+    tokio::task::JoinHandle<()>,
+) {
     create_ready_node(&c.cp.client(), NODE).await;
     let (inv_tx, inv_rx) = watch::channel(inventory());
     let mut config = NodeControllerConfig::new(NODE, ModeSetting::Auto);
@@ -35,16 +41,26 @@ async fn wait_mode(status: &watch::Receiver<NodeStatus>, mode: SharingMode) -> N
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_37_auto_publishes_consumable_and_repairs() {
-    let Some(c) = start(37, "v1_37_auto", &[]).await else { return };
+    let Some(c) = start(37, "v1_37_auto", &[]).await else {
+        return;
+    };
     let (status, inv_tx, task) = run_auto(&c).await;
     let first = wait_mode(&status, SharingMode::Consumable).await;
     assert_eq!(first.version, Some(ApiVersion::V1));
     let publisher = Publisher::new(c.cp.client(), NODE, ApiVersion::V1);
     let api: Api<DynamicObject> = Api::all_with(c.cp.client(), &slice_resource(ApiVersion::V1));
-    let name = publisher.existing().await.expect("list").into_keys().next().expect("a slice");
+    let name = publisher
+        .existing()
+        .await
+        .expect("list")
+        .into_keys()
+        .next()
+        .expect("a slice");
 
     // Someone deletes our slice: it comes back.
-    api.delete(&name, &DeleteParams::default()).await.expect("delete");
+    api.delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete");
     eventually("slice re-created", Duration::from_secs(30), || {
         let api = api.clone();
         let name = name.clone();
@@ -55,7 +71,9 @@ async fn v1_37_auto_publishes_consumable_and_repairs() {
     // Someone edits a device's capacity: it is repaired, with a new generation.
     let before = status.borrow().generation;
     let patch = json!({ "spec": { "devices": [{ "name": "gpu-0", "capacity": { "memory": { "value": "1Gi" } } }] } });
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch");
     eventually("slice repaired", Duration::from_secs(30), || {
         let status = status.clone();
         let api = api.clone();
@@ -77,7 +95,10 @@ async fn v1_37_auto_publishes_consumable_and_repairs() {
         let publisher = publisher.clone();
         async move {
             let slices = publisher.existing().await.ok()?;
-            let devices: usize = slices.values().map(|s| s["spec"]["devices"].as_array().map_or(0, Vec::len)).sum();
+            let devices: usize = slices
+                .values()
+                .map(|s| s["spec"]["devices"].as_array().map_or(0, Vec::len))
+                .sum();
             (devices == 1).then_some(())
         }
     })
@@ -87,27 +108,37 @@ async fn v1_37_auto_publishes_consumable_and_repairs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_37_auto_falls_back_when_consumable_capacity_is_off() {
-    let Some(c) = start(37, "v1_37_fallback", &[("DRAConsumableCapacity", false)]).await else { return };
+    let Some(c) = start(37, "v1_37_fallback", &[("DRAConsumableCapacity", false)]).await else {
+        return;
+    };
     let (status, _inv, task) = run_auto(&c).await;
     wait_mode(&status, SharingMode::Partitioned).await;
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(c.cp.client(), "default");
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(c.cp.client(), "default");
     let fallback = eventually("fallback Event", Duration::from_secs(30), || {
         let events = events.clone();
         async move {
             let list = events.list(&ListParams::default()).await.ok()?;
-            list.items.into_iter().find(|e| e.reason.as_deref() == Some("SharingModeFallback"))
+            list.items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("SharingModeFallback"))
         }
     })
     .await;
     let note = fallback.note.unwrap_or_default();
     eprintln!("fallback Event: {note}");
-    assert!(note.contains("allowMultipleAllocations") && note.contains("partitioned"), "{note}");
+    assert!(
+        note.contains("allowMultipleAllocations") && note.contains("partitioned"),
+        "{note}"
+    );
     task.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_31_auto_publishes_fixed() {
-    let Some(c) = start(31, "v1_31_auto", &[]).await else { return };
+    let Some(c) = start(31, "v1_31_auto", &[]).await else {
+        return;
+    };
     let (status, _inv, task) = run_auto(&c).await;
     let s = wait_mode(&status, SharingMode::Fixed { slices: 4 }).await;
     assert_eq!(s.version, Some(ApiVersion::V1alpha3));

@@ -40,12 +40,18 @@ fn cel_string(s: &str) -> String {
 
 /// The DeviceClass resource of one API version.
 pub fn class_resource(version: ApiVersion) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("resource.k8s.io", version.version(), "DeviceClass"), "deviceclasses")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", version.version(), "DeviceClass"),
+        "deviceclasses",
+    )
 }
 
 /// Every class the cluster should have, by name. Two models mapping to one name (differing only
 /// in punctuation) share the class, which then selects both.
-pub fn desired_classes(products: &BTreeSet<String>, version: ApiVersion) -> BTreeMap<String, Value> {
+pub fn desired_classes(
+    products: &BTreeSet<String>,
+    version: ApiVersion,
+) -> BTreeMap<String, Value> {
     let driver = format!("device.driver == {}", cel_string(DRIVER_NAME));
     let mut by_name: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for p in products {
@@ -62,15 +68,28 @@ pub fn desired_classes(products: &BTreeSet<String>, version: ApiVersion) -> BTre
                 "spec": { "selectors": [{ "cel": { "expression": expression } }] } })
     };
     let mut out = BTreeMap::new();
-    out.insert(DRIVER_NAME.to_string(), class(DRIVER_NAME, driver.clone(), None));
+    out.insert(
+        DRIVER_NAME.to_string(),
+        class(DRIVER_NAME, driver.clone(), None),
+    );
     for (name, products) in by_name {
         let any = products
             .iter()
-            .map(|p| format!("device.attributes[{}].{} == {}", cel_string(DRIVER_NAME), attribute::PRODUCT_NAME, cel_string(p)))
+            .map(|p| {
+                format!(
+                    "device.attributes[{}].{} == {}",
+                    cel_string(DRIVER_NAME),
+                    attribute::PRODUCT_NAME,
+                    cel_string(p)
+                )
+            })
             .collect::<Vec<_>>()
             .join(" || ");
         let expression = format!("{driver} && ({any})");
-        out.insert(name.clone(), class(&name, expression, Some(products.join(", "))));
+        out.insert(
+            name.clone(),
+            class(&name, expression, Some(products.join(", "))),
+        );
     }
     out
 }
@@ -84,13 +103,21 @@ pub struct ClassReport {
 }
 
 /// Makes the cluster's managed DeviceClasses exactly `desired`.
-pub async fn reconcile_classes(client: &Client, version: ApiVersion, desired: &BTreeMap<String, Value>) -> Result<ClassReport, kube::Error> {
+pub async fn reconcile_classes(
+    client: &Client,
+    version: ApiVersion,
+    desired: &BTreeMap<String, Value>,
+) -> Result<ClassReport, kube::Error> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &class_resource(version));
     let mut report = ClassReport::default();
-    let existing = api.list(&ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1))).await?;
+    let existing = api
+        .list(&ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1)))
+        .await?;
     let mut seen = BTreeSet::new();
     for obj in existing.items {
-        let Some(name) = obj.metadata.name.clone() else { continue };
+        let Some(name) = obj.metadata.name.clone() else {
+            continue;
+        };
         match desired.get(&name) {
             None => {
                 api.delete(&name, &DeleteParams::default()).await?;
@@ -101,8 +128,10 @@ pub async fn reconcile_classes(client: &Client, version: ApiVersion, desired: &B
                 let have = serde_json::to_value(&obj).unwrap_or_default();
                 if !same(&want["spec"], &have["spec"]) {
                     let mut want = want.clone();
-                    want["metadata"]["resourceVersion"] = have["metadata"]["resourceVersion"].clone();
-                    let obj: DynamicObject = serde_json::from_value(want).map_err(kube::Error::SerdeError)?;
+                    want["metadata"]["resourceVersion"] =
+                        have["metadata"]["resourceVersion"].clone();
+                    let obj: DynamicObject =
+                        serde_json::from_value(want).map_err(kube::Error::SerdeError)?;
                     api.replace(&name, &PostParams::default(), &obj).await?;
                     report.updated.push(name);
                 }
@@ -110,11 +139,14 @@ pub async fn reconcile_classes(client: &Client, version: ApiVersion, desired: &B
         }
     }
     for (name, want) in desired.iter().filter(|(n, _)| !seen.contains(*n)) {
-        let obj: DynamicObject = serde_json::from_value(want.clone()).map_err(kube::Error::SerdeError)?;
+        let obj: DynamicObject =
+            serde_json::from_value(want.clone()).map_err(kube::Error::SerdeError)?;
         match api.create(&PostParams::default(), &obj).await {
             Ok(_) => report.created.push(name.clone()),
             // A class of that name made by someone else (an admin's own): leave it alone.
-            Err(kube::Error::Api(s)) if s.code == 409 => tracing::warn!(class = %name, "DeviceClass exists and is not managed by tessera-controller; leaving it"),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                tracing::warn!(class = %name, "DeviceClass exists and is not managed by tessera-controller; leaving it")
+            }
             Err(e) => return Err(e),
         }
     }
@@ -127,9 +159,18 @@ mod tests {
 
     #[test]
     fn class_names_from_products() {
-        assert_eq!(model_class_name("NVIDIA GeForce RTX 4090").as_deref(), Some("nvidia-geforce-rtx-4090.gpu.tessera.dev"));
-        assert_eq!(model_class_name("NVIDIA H100 80GB HBM3").as_deref(), Some("nvidia-h100-80gb-hbm3.gpu.tessera.dev"));
-        assert_eq!(model_class_name("  A100-SXM4-40GB (rev 2) ").as_deref(), Some("a100-sxm4-40gb-rev-2.gpu.tessera.dev"));
+        assert_eq!(
+            model_class_name("NVIDIA GeForce RTX 4090").as_deref(),
+            Some("nvidia-geforce-rtx-4090.gpu.tessera.dev")
+        );
+        assert_eq!(
+            model_class_name("NVIDIA H100 80GB HBM3").as_deref(),
+            Some("nvidia-h100-80gb-hbm3.gpu.tessera.dev")
+        );
+        assert_eq!(
+            model_class_name("  A100-SXM4-40GB (rev 2) ").as_deref(),
+            Some("a100-sxm4-40gb-rev-2.gpu.tessera.dev")
+        );
         assert_eq!(model_class_name("---"), None);
         let long = model_class_name(&"x".repeat(100)).expect("name");
         assert!(long.split('.').next().is_some_and(|l| l.len() == 63));
@@ -137,7 +178,10 @@ mod tests {
 
     #[test]
     fn desired_has_generic_and_one_per_model() {
-        let products = BTreeSet::from(["NVIDIA L40S".to_string(), "NVIDIA GeForce RTX 4090".to_string()]);
+        let products = BTreeSet::from([
+            "NVIDIA L40S".to_string(),
+            "NVIDIA GeForce RTX 4090".to_string(),
+        ]);
         let classes = desired_classes(&products, ApiVersion::V1);
         assert_eq!(classes.len(), 3);
         let l40s = &classes["nvidia-l40s.gpu.tessera.dev"];
@@ -145,6 +189,9 @@ mod tests {
             l40s["spec"]["selectors"][0]["cel"]["expression"],
             r#"device.driver == "gpu.tessera.dev" && (device.attributes["gpu.tessera.dev"].productName == "NVIDIA L40S")"#
         );
-        assert_eq!(classes["gpu.tessera.dev"]["spec"]["selectors"][0]["cel"]["expression"], r#"device.driver == "gpu.tessera.dev""#);
+        assert_eq!(
+            classes["gpu.tessera.dev"]["spec"]["selectors"][0]["cel"]["expression"],
+            r#"device.driver == "gpu.tessera.dev""#
+        );
     }
 }

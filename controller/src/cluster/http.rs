@@ -26,8 +26,17 @@ pub fn router(registry: Arc<Registry>) -> Router {
                 async move {
                     let mut text = String::new();
                     match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response(),
-                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                        Ok(()) => (
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            text,
+                        )
+                            .into_response(),
+                        Err(e) => {
+                            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                        }
                     }
                 }
             }),
@@ -47,17 +56,39 @@ mod tests {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         let mut view = ClusterView::default();
-        let gpu = GpuView { node: "n".into(), uuid: "GPU-1".into(), product: "L40S".into(), memory_capacity_bytes: 48 << 30, shares: 2, memory_allocated_bytes: 1 << 30, cores_allocated: 20 };
+        let gpu = GpuView {
+            node: "n".into(),
+            uuid: "GPU-1".into(),
+            product: "L40S".into(),
+            memory_capacity_bytes: 48 << 30,
+            shares: 2,
+            memory_allocated_bytes: 1 << 30,
+            cores_allocated: 20,
+        };
         view.gpus.insert(("n".into(), "GPU-1".into()), gpu);
         metrics.update(&view);
         let app = router(Arc::new(registry));
-        let get = |uri: &str| axum::http::Request::get(uri).body(axum::body::Body::empty()).expect("request");
+        let get = |uri: &str| {
+            axum::http::Request::get(uri)
+                .body(axum::body::Body::empty())
+                .expect("request")
+        };
         let health = app.clone().oneshot(get("/healthz")).await.expect("healthz");
         assert_eq!(health.status(), StatusCode::OK);
         let response = app.oneshot(get("/metrics")).await.expect("metrics");
-        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
         let text = String::from_utf8_lossy(&body);
-        assert!(text.contains(r#"tessera_gpu_shares_allocated{node="n",uuid="GPU-1",product="L40S"} 2"#), "{text}");
-        assert!(text.contains("tessera_gpu_memory_capacity_bytes{"), "{text}");
+        assert!(
+            text.contains(
+                r#"tessera_gpu_shares_allocated{node="n",uuid="GPU-1",product="L40S"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_gpu_memory_capacity_bytes{"),
+            "{text}"
+        );
     }
 }

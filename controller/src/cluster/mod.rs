@@ -18,7 +18,10 @@ pub use classes::{ClassReport, desired_classes, model_class_name, reconcile_clas
 pub use view::{ClusterView, build_view};
 
 fn claim_resource(version: ApiVersion) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("resource.k8s.io", version.version(), "ResourceClaim"), "resourceclaims")
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", version.version(), "ResourceClaim"),
+        "resourceclaims",
+    )
 }
 
 async fn list_all(client: &Client, resource: &ApiResource) -> Result<Vec<Value>, kube::Error> {
@@ -45,7 +48,11 @@ pub async fn observe(client: &Client, version: ApiVersion) -> Result<ClusterView
 }
 
 /// One full reconcile: observe, then (when leading) make the DeviceClasses match the models.
-pub async fn reconcile(client: &Client, version: ApiVersion, leading: bool) -> Result<(ClusterView, Option<ClassReport>), kube::Error> {
+pub async fn reconcile(
+    client: &Client,
+    version: ApiVersion,
+    leading: bool,
+) -> Result<(ClusterView, Option<ClassReport>), kube::Error> {
     let view = observe(client, version).await?;
     let report = if leading {
         Some(reconcile_classes(client, version, &desired_classes(&view.products, version)).await?)

@@ -59,21 +59,39 @@ pub fn build_view(slices: &[Value], claims: &[Value]) -> ClusterView {
     // Consumers use only a pool's newest generation.
     let mut newest: HashMap<&str, i64> = HashMap::new();
     for s in slices.iter().filter(|s| s["spec"]["driver"] == DRIVER_NAME) {
-        let (Some(pool), Some(g)) = (s["spec"]["pool"]["name"].as_str(), s["spec"]["pool"]["generation"].as_i64()) else { continue };
+        let (Some(pool), Some(g)) = (
+            s["spec"]["pool"]["name"].as_str(),
+            s["spec"]["pool"]["generation"].as_i64(),
+        ) else {
+            continue;
+        };
         let e = newest.entry(pool).or_insert(g);
         *e = (*e).max(g);
     }
     let mut devices: HashMap<(String, String), DeviceInfo> = HashMap::new();
     for s in slices.iter().filter(|s| s["spec"]["driver"] == DRIVER_NAME) {
-        let Some(pool) = s["spec"]["pool"]["name"].as_str() else { continue };
+        let Some(pool) = s["spec"]["pool"]["name"].as_str() else {
+            continue;
+        };
         if s["spec"]["pool"]["generation"].as_i64() != newest.get(pool).copied() {
             continue;
         }
         let node = s["spec"]["nodeName"].as_str().unwrap_or(pool);
         for d in s["spec"]["devices"].as_array().into_iter().flatten() {
-            let body = if d.get("basic").is_some() { &d["basic"] } else { d };
-            let (Some(name), Some(uuid)) = (d["name"].as_str(), body["attributes"][attribute::UUID]["string"].as_str()) else { continue };
-            let product = body["attributes"][attribute::PRODUCT_NAME]["string"].as_str().unwrap_or_default();
+            let body = if d.get("basic").is_some() {
+                &d["basic"]
+            } else {
+                d
+            };
+            let (Some(name), Some(uuid)) = (
+                d["name"].as_str(),
+                body["attributes"][attribute::UUID]["string"].as_str(),
+            ) else {
+                continue;
+            };
+            let product = body["attributes"][attribute::PRODUCT_NAME]["string"]
+                .as_str()
+                .unwrap_or_default();
             let memory = quantity(&body["capacity"][capacity::MEMORY]).unwrap_or(0);
             let cores = quantity(&body["capacity"][capacity::CORES]).unwrap_or(0);
             // The card's memory: a whole device shows it; an n-th slice shows about 1/n of it.
@@ -93,18 +111,38 @@ pub fn build_view(slices: &[Value], claims: &[Value]) -> ClusterView {
             if !product.is_empty() {
                 view.products.insert(product.to_string());
             }
-            devices.insert((pool.to_string(), name.to_string()), DeviceInfo { gpu: key, memory, cores });
+            devices.insert(
+                (pool.to_string(), name.to_string()),
+                DeviceInfo {
+                    gpu: key,
+                    memory,
+                    cores,
+                },
+            );
         }
     }
     for c in claims {
         let mut claim = ClaimView {
-            namespace: c["metadata"]["namespace"].as_str().unwrap_or_default().to_string(),
-            name: c["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+            namespace: c["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            name: c["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             ..ClaimView::default()
         };
         let results = c["status"]["allocation"]["devices"]["results"].as_array();
-        for r in results.into_iter().flatten().filter(|r| r["driver"] == DRIVER_NAME) {
-            let key = (r["pool"].as_str().unwrap_or_default().to_string(), r["device"].as_str().unwrap_or_default().to_string());
+        for r in results
+            .into_iter()
+            .flatten()
+            .filter(|r| r["driver"] == DRIVER_NAME)
+        {
+            let key = (
+                r["pool"].as_str().unwrap_or_default().to_string(),
+                r["device"].as_str().unwrap_or_default().to_string(),
+            );
             let Some(info) = devices.get(&key) else {
                 view.unknown_devices += 1;
                 continue;
@@ -144,11 +182,21 @@ mod tests {
             json!({"spec": {"driver": DRIVER_NAME, "nodeName": "n", "pool": {"name": "n", "generation": 1}, "devices": [
                 {"name": "gpu-0", "basic": {"attributes": {"uuid": {"string": "GPU-old"}}, "capacity": {"memory": "1Gi"}}}]}}),
         ];
-        let claim = |name: &str, mem: &str| json!({"metadata": {"namespace": "default", "name": name}, "status": {"allocation": {"devices": {"results": [
-            {"driver": DRIVER_NAME, "pool": "n", "device": "gpu-0", "consumedCapacity": {"memory": mem, "cores": "25"}}]}}}});
+        let claim = |name: &str, mem: &str| {
+            json!({"metadata": {"namespace": "default", "name": name}, "status": {"allocation": {"devices": {"results": [
+            {"driver": DRIVER_NAME, "pool": "n", "device": "gpu-0", "consumedCapacity": {"memory": mem, "cores": "25"}}]}}}})
+        };
         let view = build_view(&slices, &[claim("a", "8Gi"), claim("b", "4Gi")]);
         let gpu = &view.gpus[&("n".to_string(), "GPU-a".to_string())];
-        assert_eq!((gpu.shares, gpu.memory_allocated_bytes, gpu.cores_allocated, gpu.memory_capacity_bytes), (2, 12 << 30, 50, 48 << 30));
+        assert_eq!(
+            (
+                gpu.shares,
+                gpu.memory_allocated_bytes,
+                gpu.cores_allocated,
+                gpu.memory_capacity_bytes
+            ),
+            (2, 12 << 30, 50, 48 << 30)
+        );
         assert_eq!(view.gpus.len(), 1);
         assert_eq!(view.claims[1].memory_bytes, 4 << 30);
         assert_eq!(view.products, BTreeSet::from(["L40S".to_string()]));

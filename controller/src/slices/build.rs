@@ -32,8 +32,15 @@ pub const LADDER: [u32; 4] = [1, 2, 4, 8];
 /// Why a pool cannot be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BuildError {
-    #[error("GPU {index} ({uuid}): {memory} bytes of memory is too small for mode {mode} (each device needs at least 1 MiB, consumable at least 512 MiB)")]
-    TooSmall { index: u32, uuid: String, memory: u64, mode: &'static str },
+    #[error(
+        "GPU {index} ({uuid}): {memory} bytes of memory is too small for mode {mode} (each device needs at least 1 MiB, consumable at least 512 MiB)"
+    )]
+    TooSmall {
+        index: u32,
+        uuid: String,
+        memory: u64,
+        mode: &'static str,
+    },
     #[error("fixed mode needs 1 to 100 slices per GPU, not {0}")]
     BadSliceCount(u32),
     #[error("the inventory has no GPUs")]
@@ -41,7 +48,12 @@ pub enum BuildError {
 }
 
 /// Builds the pool of `node` for `mode`.
-pub fn build_pool(inventory: &Inventory, node: &str, mode: SharingMode, layout: CounterLayout) -> Result<PoolPlan, BuildError> {
+pub fn build_pool(
+    inventory: &Inventory,
+    node: &str,
+    mode: SharingMode,
+    layout: CounterLayout,
+) -> Result<PoolPlan, BuildError> {
     if inventory.gpus.is_empty() {
         return Err(BuildError::NoGpus);
     }
@@ -50,7 +62,12 @@ pub fn build_pool(inventory: &Inventory, node: &str, mode: SharingMode, layout: 
         units.push(gpu_unit(inventory, gpu, mode)?);
     }
     let slices = split(units, layout);
-    Ok(PoolPlan { pool: node.to_string(), node: node.to_string(), mode, slices })
+    Ok(PoolPlan {
+        pool: node.to_string(),
+        node: node.to_string(),
+        mode,
+        slices,
+    })
 }
 
 /// One GPU's share of the pool: its counter set (partitioned) and its devices.
@@ -60,7 +77,12 @@ struct Unit {
 }
 
 fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit, BuildError> {
-    let too_small = || BuildError::TooSmall { index: gpu.index, uuid: gpu.uuid.clone(), memory: gpu.memory, mode: mode.name() };
+    let too_small = || BuildError::TooSmall {
+        index: gpu.index,
+        uuid: gpu.uuid.clone(),
+        memory: gpu.memory,
+        mode: mode.name(),
+    };
     let attributes = attributes(inventory, gpu);
     let device = |name: DeviceName| -> Result<Device, BuildError> {
         let share = name.limits(gpu).ok_or_else(too_small)?;
@@ -69,8 +91,20 @@ fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit,
             gpu_index: gpu.index,
             attributes: attributes.clone(),
             capacity: BTreeMap::from([
-                (capacity::MEMORY.to_string(), Capacity { value: share.memory, policy: None }),
-                (capacity::CORES.to_string(), Capacity { value: share.cores.into(), policy: None }),
+                (
+                    capacity::MEMORY.to_string(),
+                    Capacity {
+                        value: share.memory,
+                        policy: None,
+                    },
+                ),
+                (
+                    capacity::CORES.to_string(),
+                    Capacity {
+                        value: share.cores.into(),
+                        policy: None,
+                    },
+                ),
             ]),
             consumes_counters: Vec::new(),
             allow_multiple_allocations: false,
@@ -78,13 +112,27 @@ fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit,
     };
     let index = gpu.index;
     match mode {
-        SharingMode::Exclusive => Ok(Unit { counter_set: None, devices: vec![device(DeviceName::Whole { index })?] }),
+        SharingMode::Exclusive => Ok(Unit {
+            counter_set: None,
+            devices: vec![device(DeviceName::Whole { index })?],
+        }),
         SharingMode::Fixed { slices } => {
             if !(1..=100).contains(&slices) {
                 return Err(BuildError::BadSliceCount(slices));
             }
-            let devices = (0..slices).map(|n| device(DeviceName::Slice { index, n, of: slices })).collect::<Result<_, _>>()?;
-            Ok(Unit { counter_set: None, devices })
+            let devices = (0..slices)
+                .map(|n| {
+                    device(DeviceName::Slice {
+                        index,
+                        n,
+                        of: slices,
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Unit {
+                counter_set: None,
+                devices,
+            })
         }
         SharingMode::Consumable => {
             if gpu.memory < 2 * MEMORY_STEP {
@@ -95,11 +143,30 @@ fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit,
             // max must be min + k·step and at most the card; the default (a request that names no
             // memory) is the whole usable card, so asking for nothing never oversubscribes.
             let max = MEMORY_STEP + (gpu.memory - MEMORY_STEP) / MEMORY_STEP * MEMORY_STEP;
-            let memory = Capacity { value: gpu.memory, policy: Some(RequestPolicy { default: max, min: MEMORY_STEP, max, step: MEMORY_STEP }) };
-            let cores = Capacity { value: 100, policy: Some(RequestPolicy { default: 100, min: 1, max: 100, step: 1 }) };
+            let memory = Capacity {
+                value: gpu.memory,
+                policy: Some(RequestPolicy {
+                    default: max,
+                    min: MEMORY_STEP,
+                    max,
+                    step: MEMORY_STEP,
+                }),
+            };
+            let cores = Capacity {
+                value: 100,
+                policy: Some(RequestPolicy {
+                    default: 100,
+                    min: 1,
+                    max: 100,
+                    step: 1,
+                }),
+            };
             d.capacity.insert(capacity::MEMORY.to_string(), memory);
             d.capacity.insert(capacity::CORES.to_string(), cores);
-            Ok(Unit { counter_set: None, devices: vec![d] })
+            Ok(Unit {
+                counter_set: None,
+                devices: vec![d],
+            })
         }
         SharingMode::Partitioned => {
             let set = counter_set_name(index);
@@ -110,16 +177,33 @@ fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit,
             let mut devices = Vec::new();
             for of in LADDER {
                 for n in 0..of {
-                    let name = if of == 1 { DeviceName::Whole { index } } else { DeviceName::Slice { index, n, of } };
+                    let name = if of == 1 {
+                        DeviceName::Whole { index }
+                    } else {
+                        DeviceName::Slice { index, n, of }
+                    };
                     let mut d = device(name)?;
                     // A device consumes exactly what it gives, so the scheduler never hands out
                     // more of a GPU than it has, whatever mix of sizes it picks.
-                    let consumed = d.capacity.iter().map(|(k, c)| (k.clone(), c.value)).collect();
-                    d.consumes_counters.push(CounterConsumption { counter_set: set.clone(), counters: consumed });
+                    let consumed = d
+                        .capacity
+                        .iter()
+                        .map(|(k, c)| (k.clone(), c.value))
+                        .collect();
+                    d.consumes_counters.push(CounterConsumption {
+                        counter_set: set.clone(),
+                        counters: consumed,
+                    });
                     devices.push(d);
                 }
             }
-            Ok(Unit { counter_set: Some(CounterSet { name: set, counters }), devices })
+            Ok(Unit {
+                counter_set: Some(CounterSet {
+                    name: set,
+                    counters,
+                }),
+                devices,
+            })
         }
     }
 }
@@ -141,15 +225,30 @@ fn attributes(inventory: &Inventory, gpu: &Gpu) -> BTreeMap<String, Attribute> {
     string(attribute::PRODUCT_NAME, Some(&gpu.product_name));
     string(attribute::BRAND, gpu.brand.as_deref());
     string(attribute::ARCHITECTURE, gpu.architecture.as_deref());
-    string(attribute::PCI_BUS_ID, gpu.pci_bus_id.as_deref().map(str::to_ascii_lowercase).as_deref());
+    string(
+        attribute::PCI_BUS_ID,
+        gpu.pci_bus_id
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+    );
     if let Some(v) = gpu.cuda_compute_capability.as_deref().and_then(semver) {
-        a.insert(attribute::CUDA_COMPUTE_CAPABILITY.to_string(), Attribute::Version(v));
+        a.insert(
+            attribute::CUDA_COMPUTE_CAPABILITY.to_string(),
+            Attribute::Version(v),
+        );
     }
     if let Some(v) = inventory.driver_version.as_deref().and_then(semver) {
         a.insert(attribute::DRIVER_VERSION.to_string(), Attribute::Version(v));
     }
-    a.insert(attribute::INDEX.to_string(), Attribute::Int(gpu.index.into()));
-    a.insert(attribute::MINOR.to_string(), Attribute::Int(gpu.minor.into()));
+    a.insert(
+        attribute::INDEX.to_string(),
+        Attribute::Int(gpu.index.into()),
+    );
+    a.insert(
+        attribute::MINOR.to_string(),
+        Attribute::Int(gpu.minor.into()),
+    );
     a
 }
 
@@ -171,7 +270,11 @@ pub fn semver(text: &str) -> Option<String> {
 /// and counter-set limits of each slice.
 fn split(units: Vec<Unit>, layout: CounterLayout) -> Vec<SliceContent> {
     let counters = units.iter().any(|u| u.counter_set.is_some());
-    let max_devices = if counters { MAX_DEVICES_WITH_COUNTERS } else { MAX_DEVICES };
+    let max_devices = if counters {
+        MAX_DEVICES_WITH_COUNTERS
+    } else {
+        MAX_DEVICES
+    };
     let mut slices = Vec::new();
     let mut counter_slices: Vec<SliceContent> = Vec::new();
     let mut current = SliceContent::default();
@@ -180,13 +283,18 @@ fn split(units: Vec<Unit>, layout: CounterLayout) -> Vec<SliceContent> {
             let target = match layout {
                 CounterLayout::Combined => {
                     // The set must sit with its devices: start a new slice if either would overflow.
-                    if current.counter_sets.len() == MAX_COUNTER_SETS || current.devices.len() + unit.devices.len() > max_devices {
+                    if current.counter_sets.len() == MAX_COUNTER_SETS
+                        || current.devices.len() + unit.devices.len() > max_devices
+                    {
                         slices.push(std::mem::take(&mut current));
                     }
                     &mut current
                 }
                 CounterLayout::Separate => {
-                    if counter_slices.last().is_none_or(|s| s.counter_sets.len() == MAX_COUNTER_SETS) {
+                    if counter_slices
+                        .last()
+                        .is_none_or(|s| s.counter_sets.len() == MAX_COUNTER_SETS)
+                    {
                         counter_slices.push(SliceContent::default());
                     }
                     counter_slices.last_mut().expect("just pushed")
@@ -194,10 +302,12 @@ fn split(units: Vec<Unit>, layout: CounterLayout) -> Vec<SliceContent> {
             };
             target.counter_sets.push(set);
         }
-        if layout == CounterLayout::Separate || !counters {
-            if !current.devices.is_empty() && current.devices.len() + unit.devices.len() > max_devices {
-                slices.push(std::mem::take(&mut current));
-            }
+        // Without counters in the slice, start a new slice rather than split a GPU's devices.
+        if (layout == CounterLayout::Separate || !counters)
+            && !current.devices.is_empty()
+            && current.devices.len() + unit.devices.len() > max_devices
+        {
+            slices.push(std::mem::take(&mut current));
         }
         for device in unit.devices {
             // Only a GPU with more devices than a slice holds is spread over several slices

@@ -21,7 +21,11 @@ fn walk(sent: &Value, got: &Value, path: String, out: &mut Vec<String>) {
                 if v.is_null() {
                     continue;
                 }
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match g.get(k) {
                     Some(gv) if !gv.is_null() => walk(v, gv, p, out),
                     _ => out.push(p),
@@ -45,16 +49,27 @@ fn walk(sent: &Value, got: &Value, path: String, out: &mut Vec<String>) {
 pub fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
-            let keys = x.iter().chain(y.iter()).filter(|(_, v)| !v.is_null()).map(|(k, _)| k);
+            let keys = x
+                .iter()
+                .chain(y.iter())
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k);
             for k in keys {
-                if !same(x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null)) {
+                if !same(
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                ) {
                     return false;
                 }
             }
             true
         }
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b)),
-        (Value::String(x), Value::String(y)) => x == y || quantity(x).is_some_and(|q| Some(q) == quantity(y)),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        (Value::String(x), Value::String(y)) => {
+            x == y || quantity(x).is_some_and(|q| Some(q) == quantity(y))
+        }
         (Value::Number(x), Value::String(y)) | (Value::String(y), Value::Number(x)) => {
             x.as_u64().is_some_and(|n| Some(n) == quantity(y))
         }
@@ -64,7 +79,9 @@ pub fn same(a: &Value, b: &Value) -> bool {
 
 fn quantity(text: &str) -> Option<u64> {
     // Only strings that look like quantities: a leading digit.
-    text.starts_with(|c: char| c.is_ascii_digit()).then(|| tessera_driver::quantity::parse(text).ok()).flatten()
+    text.starts_with(|c: char| c.is_ascii_digit())
+        .then(|| tessera_driver::quantity::parse(text).ok())
+        .flatten()
 }
 
 #[cfg(test)]
@@ -76,13 +93,22 @@ mod tests {
     fn finds_dropped_gated_fields() {
         let sent = json!({"devices": [{"name": "gpu-0", "allowMultipleAllocations": true, "capacity": {"memory": {"value": "1", "requestPolicy": {}}}}]});
         let got = json!({"devices": [{"name": "gpu-0", "capacity": {"memory": {"value": "1"}}}]});
-        assert_eq!(dropped_fields(&sent, &got), vec!["devices[0].allowMultipleAllocations", "devices[0].capacity.memory.requestPolicy"]);
+        assert_eq!(
+            dropped_fields(&sent, &got),
+            vec![
+                "devices[0].allowMultipleAllocations",
+                "devices[0].capacity.memory.requestPolicy"
+            ]
+        );
         assert!(dropped_fields(&sent, &sent).is_empty());
     }
 
     #[test]
     fn quantities_compare_by_value() {
-        assert!(same(&json!({"v": "25769803776", "n": null}), &json!({"v": "24Gi"})));
+        assert!(same(
+            &json!({"v": "25769803776", "n": null}),
+            &json!({"v": "24Gi"})
+        ));
         assert!(!same(&json!({"v": "25769803776"}), &json!({"v": "23Gi"})));
         assert!(!same(&json!({"a": "x"}), &json!({"a": "x", "b": 1})));
         assert!(same(&json!({"g": 3}), &json!({"g": 3})));

@@ -22,7 +22,12 @@ pub enum ApiVersion {
 
 impl ApiVersion {
     /// Newest first: the order in which a served version is preferred.
-    pub const ALL: [ApiVersion; 4] = [ApiVersion::V1, ApiVersion::V1beta2, ApiVersion::V1beta1, ApiVersion::V1alpha3];
+    pub const ALL: [ApiVersion; 4] = [
+        ApiVersion::V1,
+        ApiVersion::V1beta2,
+        ApiVersion::V1beta1,
+        ApiVersion::V1alpha3,
+    ];
 
     pub fn version(&self) -> &'static str {
         match self {
@@ -44,7 +49,9 @@ impl ApiVersion {
     /// Whether the version has the fields a mode needs at all (a gate may still drop them).
     pub fn supports(&self, mode: SharingMode) -> bool {
         match mode {
-            SharingMode::Consumable | SharingMode::Partitioned => matches!(self, ApiVersion::V1 | ApiVersion::V1beta2),
+            SharingMode::Consumable | SharingMode::Partitioned => {
+                matches!(self, ApiVersion::V1 | ApiVersion::V1beta2)
+            }
             SharingMode::Fixed { .. } | SharingMode::Exclusive => true,
         }
     }
@@ -70,9 +77,14 @@ pub fn slice_name(node: &str, i: usize) -> String {
     if node.len() + suffix.len() <= 253 {
         return format!("{node}{suffix}");
     }
-    let hash = node.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+    let hash = node.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
     let keep = 253 - suffix.len() - 17;
-    format!("{}-{hash:016x}{suffix}", node[..keep].trim_end_matches(['-', '.']))
+    format!(
+        "{}-{hash:016x}{suffix}",
+        node[..keep].trim_end_matches(['-', '.'])
+    )
 }
 
 /// Label on every slice, so tools can find Tessera's slices of a node cheaply.
@@ -81,10 +93,21 @@ pub const POOL_LABEL: &str = "gpu.tessera.dev/pool";
 /// All slice objects of the pool.
 pub fn render_pool(plan: &PoolPlan, version: ApiVersion, meta: &SliceMeta<'_>) -> Vec<Value> {
     let count = plan.slices.len();
-    plan.slices.iter().enumerate().map(|(i, s)| render_slice(plan, i, count, s, version, meta)).collect()
+    plan.slices
+        .iter()
+        .enumerate()
+        .map(|(i, s)| render_slice(plan, i, count, s, version, meta))
+        .collect()
 }
 
-fn render_slice(plan: &PoolPlan, i: usize, count: usize, slice: &SliceContent, version: ApiVersion, meta: &SliceMeta<'_>) -> Value {
+fn render_slice(
+    plan: &PoolPlan,
+    i: usize,
+    count: usize,
+    slice: &SliceContent,
+    version: ApiVersion,
+    meta: &SliceMeta<'_>,
+) -> Value {
     let mut metadata = json!({ "name": slice_name(&plan.node, i) });
     if plan.pool.len() <= 63 {
         metadata["labels"] = json!({ POOL_LABEL: plan.pool });
@@ -107,13 +130,21 @@ fn render_slice(plan: &PoolPlan, i: usize, count: usize, slice: &SliceContent, v
             .collect();
     }
     if !slice.devices.is_empty() {
-        spec["devices"] = slice.devices.iter().map(|d| render_device(d, version)).collect();
+        spec["devices"] = slice
+            .devices
+            .iter()
+            .map(|d| render_device(d, version))
+            .collect();
     }
     json!({ "apiVersion": version.api_version(), "kind": "ResourceSlice", "metadata": metadata, "spec": spec })
 }
 
 fn counters(counters: &std::collections::BTreeMap<String, u64>) -> Value {
-    counters.iter().map(|(k, v)| (k.clone(), json!({ "value": v.to_string() }))).collect::<Map<_, _>>().into()
+    counters
+        .iter()
+        .map(|(k, v)| (k.clone(), json!({ "value": v.to_string() })))
+        .collect::<Map<_, _>>()
+        .into()
 }
 
 fn render_device(device: &Device, version: ApiVersion) -> Value {

@@ -26,7 +26,10 @@ fn gpu(index: u32, memory: u64) -> Gpu {
 }
 
 fn inventory(n: u32, memory: u64) -> Inventory {
-    Inventory { driver_version: Some("535.104.05".into()), gpus: (0..n).map(|i| gpu(i, memory)).collect() }
+    Inventory {
+        driver_version: Some("535.104.05".into()),
+        gpus: (0..n).map(|i| gpu(i, memory)).collect(),
+    }
 }
 
 const MODES: [SharingMode; 5] = [
@@ -40,15 +43,36 @@ const MODES: [SharingMode; 5] = [
 /// Everything the API server's validation checks that building controls.
 fn check_plan(inv: &Inventory, plan: &PoolPlan, layout: CounterLayout) {
     let mut names = BTreeSet::new();
-    let sets: BTreeSet<_> = plan.slices.iter().flat_map(|s| s.counter_sets.iter().map(|c| c.name.clone())).collect();
+    let sets: BTreeSet<_> = plan
+        .slices
+        .iter()
+        .flat_map(|s| s.counter_sets.iter().map(|c| c.name.clone()))
+        .collect();
     for slice in &plan.slices {
-        let counters = slice.devices.iter().any(|d| !d.consumes_counters.is_empty());
-        let max = if counters { MAX_DEVICES_WITH_COUNTERS } else { MAX_DEVICES };
-        assert!(slice.devices.len() <= max, "{} devices > {max}", slice.devices.len());
+        let counters = slice
+            .devices
+            .iter()
+            .any(|d| !d.consumes_counters.is_empty());
+        let max = if counters {
+            MAX_DEVICES_WITH_COUNTERS
+        } else {
+            MAX_DEVICES
+        };
+        assert!(
+            slice.devices.len() <= max,
+            "{} devices > {max}",
+            slice.devices.len()
+        );
         assert!(slice.counter_sets.len() <= MAX_COUNTER_SETS);
-        assert!(!slice.devices.is_empty() || !slice.counter_sets.is_empty(), "empty slice");
+        assert!(
+            !slice.devices.is_empty() || !slice.counter_sets.is_empty(),
+            "empty slice"
+        );
         if layout == CounterLayout::Separate {
-            assert!(slice.devices.is_empty() || slice.counter_sets.is_empty(), "devices and counters mixed");
+            assert!(
+                slice.devices.is_empty() || slice.counter_sets.is_empty(),
+                "devices and counters mixed"
+            );
         }
         for d in &slice.devices {
             assert!(is_dns_label(&d.name), "{}", d.name);
@@ -62,14 +86,26 @@ fn check_plan(inv: &Inventory, plan: &PoolPlan, layout: CounterLayout) {
             assert_eq!(d.capacity["memory"].value, share.memory);
             assert_eq!(d.capacity["cores"].value, u64::from(share.cores));
             for c in &d.consumes_counters {
-                assert!(sets.contains(&c.counter_set), "unknown counter set {}", c.counter_set);
+                assert!(
+                    sets.contains(&c.counter_set),
+                    "unknown counter set {}",
+                    c.counter_set
+                );
                 if layout == CounterLayout::Combined {
-                    assert!(slice.counter_sets.iter().any(|s| s.name == c.counter_set), "counter set not in the device's slice");
+                    assert!(
+                        slice.counter_sets.iter().any(|s| s.name == c.counter_set),
+                        "counter set not in the device's slice"
+                    );
                 }
             }
             if let Some(p) = d.capacity["memory"].policy {
                 let value = d.capacity["memory"].value;
-                assert!(p.min <= p.default && p.default <= p.max && p.max <= value && p.min + p.step <= value);
+                assert!(
+                    p.min <= p.default
+                        && p.default <= p.max
+                        && p.max <= value
+                        && p.min + p.step <= value
+                );
                 assert_eq!((p.default - p.min) % p.step, 0);
                 assert_eq!((p.max - p.min) % p.step, 0);
             }
@@ -95,11 +131,20 @@ fn check_plan(inv: &Inventory, plan: &PoolPlan, layout: CounterLayout) {
 
 fn check_rendered(plan: &PoolPlan, version: ApiVersion, objects: &[Value]) {
     assert_eq!(objects.len(), plan.slices.len());
-    let devices: usize = objects.iter().map(|o| o["spec"]["devices"].as_array().map_or(0, Vec::len)).sum();
-    assert_eq!(devices, plan.devices().count(), "devices conserved across slices");
+    let devices: usize = objects
+        .iter()
+        .map(|o| o["spec"]["devices"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(
+        devices,
+        plan.devices().count(),
+        "devices conserved across slices"
+    );
     for (i, o) in objects.iter().enumerate() {
         assert_eq!(o["apiVersion"], version.api_version());
-        assert!(is_dns_subdomain(o["metadata"]["name"].as_str().expect("name")));
+        assert!(is_dns_subdomain(
+            o["metadata"]["name"].as_str().expect("name")
+        ));
         assert_eq!(o["spec"]["driver"], "gpu.tessera.dev");
         assert_eq!(o["spec"]["nodeName"], plan.node);
         assert_eq!(o["spec"]["pool"]["resourceSliceCount"], objects.len());
@@ -112,7 +157,9 @@ fn check_rendered(plan: &PoolPlan, version: ApiVersion, objects: &[Value]) {
             };
             let memory = &body["capacity"]["memory"];
             match version {
-                ApiVersion::V1alpha3 => assert!(memory.is_string(), "v1alpha3 capacity is a plain quantity"),
+                ApiVersion::V1alpha3 => {
+                    assert!(memory.is_string(), "v1alpha3 capacity is a plain quantity")
+                }
                 _ => assert!(memory["value"].is_string()),
             }
             assert!(body["attributes"]["uuid"]["string"].is_string());
@@ -130,7 +177,14 @@ fn every_mode_and_version_renders_valid_slices() {
             let plan = build_pool(&inv, "node-a", mode, layout).expect("builds");
             check_plan(&inv, &plan, layout);
             for version in ApiVersion::ALL.into_iter().filter(|v| v.supports(mode)) {
-                let objects = render_pool(&plan, version, &SliceMeta { generation: 7, node_uid: Some("uid-1") });
+                let objects = render_pool(
+                    &plan,
+                    version,
+                    &SliceMeta {
+                        generation: 7,
+                        node_uid: Some("uid-1"),
+                    },
+                );
                 check_rendered(&plan, version, &objects);
             }
         }
@@ -139,19 +193,41 @@ fn every_mode_and_version_renders_valid_slices() {
 
 #[test]
 fn consumable_has_request_policies_and_multiple_allocations() {
-    let plan = build_pool(&inventory(1, 24 << 30), "n", SharingMode::Consumable, CounterLayout::Separate).expect("builds");
+    let plan = build_pool(
+        &inventory(1, 24 << 30),
+        "n",
+        SharingMode::Consumable,
+        CounterLayout::Separate,
+    )
+    .expect("builds");
     let d = &plan.slices[0].devices[0];
     assert_eq!(d.name, "gpu-0");
     assert!(d.allow_multiple_allocations);
     let p = d.capacity["memory"].policy.expect("policy");
     assert_eq!((p.min, p.step, p.max), (256 << 20, 256 << 20, 24 << 30));
-    let objects = render_pool(&plan, ApiVersion::V1, &SliceMeta { generation: 1, node_uid: None });
-    assert_eq!(objects[0]["spec"]["devices"][0]["capacity"]["cores"]["requestPolicy"]["validRange"]["step"], "1");
+    let objects = render_pool(
+        &plan,
+        ApiVersion::V1,
+        &SliceMeta {
+            generation: 1,
+            node_uid: None,
+        },
+    );
+    assert_eq!(
+        objects[0]["spec"]["devices"][0]["capacity"]["cores"]["requestPolicy"]["validRange"]["step"],
+        "1"
+    );
 }
 
 #[test]
 fn partitioned_separate_layout_puts_counters_first() {
-    let plan = build_pool(&inventory(8, 80 << 30), "n", SharingMode::Partitioned, CounterLayout::Separate).expect("builds");
+    let plan = build_pool(
+        &inventory(8, 80 << 30),
+        "n",
+        SharingMode::Partitioned,
+        CounterLayout::Separate,
+    )
+    .expect("builds");
     assert_eq!(plan.slices[0].counter_sets.len(), 8);
     assert!(plan.slices[0].devices.is_empty());
     // 15 devices per GPU, 64 per slice: 4 GPUs per slice.
@@ -163,10 +239,21 @@ fn partitioned_separate_layout_puts_counters_first() {
 
 #[test]
 fn mode_refuses_gpus_too_small() {
-    let err = build_pool(&inventory(1, 256 << 20), "n", SharingMode::Consumable, CounterLayout::Separate).expect_err("too small");
+    let err = build_pool(
+        &inventory(1, 256 << 20),
+        "n",
+        SharingMode::Consumable,
+        CounterLayout::Separate,
+    )
+    .expect_err("too small");
     assert!(err.to_string().contains("GPU 0"), "{err}");
     assert_eq!(
-        build_pool(&inventory(1, 1 << 30), "n", SharingMode::Fixed { slices: 0 }, CounterLayout::Separate),
+        build_pool(
+            &inventory(1, 1 << 30),
+            "n",
+            SharingMode::Fixed { slices: 0 },
+            CounterLayout::Separate
+        ),
         Err(BuildError::BadSliceCount(0))
     );
 }
@@ -174,9 +261,19 @@ fn mode_refuses_gpus_too_small() {
 #[test]
 fn long_node_names_give_valid_unique_slice_names() {
     // A valid node name (labels ≤ 63) near the 253 limit.
-    let node = [&"a".repeat(60), &"b".repeat(60), &"c".repeat(60), &"d".repeat(60), "example"].join(".");
+    let node = [
+        &"a".repeat(60),
+        &"b".repeat(60),
+        &"c".repeat(60),
+        &"d".repeat(60),
+        "example",
+    ]
+    .join(".");
     let (a, b) = (slice_name(&node, 0), slice_name(&node, 1));
-    assert!(is_dns_subdomain(&a) && is_dns_subdomain(&b) && a != b, "{a}");
+    assert!(
+        is_dns_subdomain(&a) && is_dns_subdomain(&b) && a != b,
+        "{a}"
+    );
 }
 
 #[test]

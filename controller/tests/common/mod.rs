@@ -21,11 +21,17 @@ pub fn binaries_or_skip(version: K8sVersion, test: &str) -> Option<Binaries> {
             let _ = writeln!(std::io::stderr(), "SKIP {test}: TESSERA_E2E=0");
             None
         }
-        Some(_) => Some(Binaries::locate(version).unwrap_or_else(|e| panic!("TESSERA_E2E is set, so {test} must run, but: {e}"))),
+        Some(_) => Some(
+            Binaries::locate(version)
+                .unwrap_or_else(|e| panic!("TESSERA_E2E is set, so {test} must run, but: {e}")),
+        ),
         None => match Binaries::locate(version) {
             Ok(b) => Some(b),
             Err(e) => {
-                let _ = writeln!(std::io::stderr(), "SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make missing binaries a failure)");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make missing binaries a failure)"
+                );
                 None
             }
         },
@@ -39,16 +45,27 @@ pub struct Cluster {
 
 pub async fn start(minor: u32, test: &str, gates: &[(&str, bool)]) -> Option<Cluster> {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| tessera_e2e_harness::DEFAULT_LOG_FILTER.into()))
+        .with_env_filter(
+            std::env::var("RUST_LOG")
+                .unwrap_or_else(|_| tessera_e2e_harness::DEFAULT_LOG_FILTER.into()),
+        )
         .with_test_writer()
         .try_init();
-    let version = tessera_e2e_harness::versions::PINNED.into_iter().find(|v| v.minor() == minor).expect("pinned version");
+    let version = tessera_e2e_harness::versions::PINNED
+        .into_iter()
+        .find(|v| v.minor() == minor)
+        .expect("pinned version");
     let binaries = binaries_or_skip(version, test)?;
-    let state = tempfile::Builder::new().prefix(&format!("tessera-ctrl-{test}-")).tempdir().expect("temp dir");
+    let state = tempfile::Builder::new()
+        .prefix(&format!("tessera-ctrl-{test}-"))
+        .tempdir()
+        .expect("temp dir");
     let mut options = ControlPlaneOptions::new(version, state.path());
     options.binaries = Some(binaries);
     options.extra_feature_gates = gates.iter().map(|(g, on)| (g.to_string(), *on)).collect();
-    let cp = ControlPlane::start(options).await.unwrap_or_else(|e| panic!("{test}: control plane: {e}"));
+    let cp = ControlPlane::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: control plane: {e}"));
     Some(Cluster { cp, _state: state })
 }
 
@@ -67,8 +84,18 @@ pub fn inventory() -> Inventory {
     Inventory {
         driver_version: Some("570.86.15".into()),
         gpus: vec![
-            gpu(0, "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b", "NVIDIA GeForce RTX 4090", 24),
-            gpu(1, "GPU-40540c5d-e6f7-4a8b-9c0d-1e2f3a4b5c6d", "NVIDIA L40S", 48),
+            gpu(
+                0,
+                "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b",
+                "NVIDIA GeForce RTX 4090",
+                24,
+            ),
+            gpu(
+                1,
+                "GPU-40540c5d-e6f7-4a8b-9c0d-1e2f3a4b5c6d",
+                "NVIDIA L40S",
+                48,
+            ),
         ],
     }
 }
@@ -81,10 +108,16 @@ pub async fn create_ready_node(client: &kube::Client, name: &str) -> Node {
         "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
     }))
     .expect("node object");
-    nodes.create(&PostParams::default(), &node).await.expect("creating node");
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("creating node");
     let status = json!({ "status": { "capacity": resources, "allocatable": resources,
         "conditions": [{ "type": "Ready", "status": "True", "reason": "KubeletReady", "message": "simulated" }] } });
-    nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("node status")
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("node status")
 }
 
 pub fn pod_with_claim(name: &str, claim: &str) -> Pod {
@@ -109,7 +142,10 @@ pub async fn wait_for_binding(cp: &ControlPlane, name: &str, timeout: Duration) 
         }
         if start.elapsed() > timeout {
             let conditions = pod.status.and_then(|s| s.conditions).unwrap_or_default();
-            panic!("pod {name} not bound after {timeout:?}; conditions: {conditions:#?}\nscheduler log:\n{}", log_tail(&cp.state().log("kube-scheduler"), 60));
+            panic!(
+                "pod {name} not bound after {timeout:?}; conditions: {conditions:#?}\nscheduler log:\n{}",
+                log_tail(&cp.state().log("kube-scheduler"), 60)
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
