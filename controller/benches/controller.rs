@@ -1,4 +1,4 @@
-//! Whole-process timings (no criterion: the numbers go to docs/benchmarks-controller.md):
+//! Whole-process timings (no criterion: the numbers go to docs/benchmarks.md):
 //! 1. building and rendering a node's slices for 8 GPUs, every mode and version;
 //! 2. publishing them to the real v1.37 kube-apiserver (first sync, and the no-op re-sync),
 //!    when the e2e binaries are built;
