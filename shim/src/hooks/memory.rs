@@ -317,6 +317,16 @@ fn array_bytes(width: usize, height: usize, depth: usize, format: c_int, channel
         .checked_mul(array_format_bytes(format))
 }
 
+/// Charges an array of `bytes` (`None`: no descriptor, which the driver itself rejects;
+/// `Some(None)`: a size that overflows, which cannot fit any limit) around `create`.
+fn array_charged(enforcer: &Enforcer, handle: *mut CUarray, bytes: Option<Option<u64>>, create: impl FnOnce() -> CUresult) -> CUresult {
+    let Some(bytes) = bytes else { return create() };
+    let Some(bytes) = bytes else { return CUDA_ERROR_OUT_OF_MEMORY };
+    let grant = try_cu!(current_grant(enforcer));
+    // SAFETY: the driver wrote the handle on success.
+    charged(enforcer, grant, bytes, &enforcer.arrays, create, || unsafe { read_handle(handle) }, destroy_array)
+}
+
 fn destroy_array(array: u64) {
     if let Some(destroy) = real::cuArrayDestroy.get() {
         unsafe { destroy(array as CUarray) };
@@ -330,15 +340,9 @@ pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut CUarray, desc: *const CUD
             &real::cuArrayCreate_v2,
             |f| unsafe { f(handle, desc) },
             |e, f| {
-                if desc.is_null() {
-                    return unsafe { f(handle, desc) };
-                }
-                let d = unsafe { *desc };
-                let Some(bytes) = array_bytes(d.width, d.height, 1, d.format, d.num_channels) else {
-                    return CUDA_ERROR_OUT_OF_MEMORY;
-                };
-                let grant = try_cu!(current_grant(e));
-                charged(e, grant, bytes, &e.arrays, || unsafe { f(handle, desc) }, || unsafe { read_handle(handle) }, destroy_array)
+                // SAFETY: the driver's contract: NULL or a valid descriptor.
+                let bytes = unsafe { desc.as_ref() }.map(|d| array_bytes(d.width, d.height, 1, d.format, d.num_channels));
+                array_charged(e, handle, bytes, || unsafe { f(handle, desc) })
             },
         )
     })
@@ -351,15 +355,9 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(handle: *mut CUarray, desc: *const C
             &real::cuArray3DCreate_v2,
             |f| unsafe { f(handle, desc) },
             |e, f| {
-                if desc.is_null() {
-                    return unsafe { f(handle, desc) };
-                }
-                let d = unsafe { *desc };
-                let Some(bytes) = array_bytes(d.width, d.height, d.depth, d.format, d.num_channels) else {
-                    return CUDA_ERROR_OUT_OF_MEMORY;
-                };
-                let grant = try_cu!(current_grant(e));
-                charged(e, grant, bytes, &e.arrays, || unsafe { f(handle, desc) }, || unsafe { read_handle(handle) }, destroy_array)
+                // SAFETY: the driver's contract: NULL or a valid descriptor.
+                let bytes = unsafe { desc.as_ref() }.map(|d| array_bytes(d.width, d.height, d.depth, d.format, d.num_channels));
+                array_charged(e, handle, bytes, || unsafe { f(handle, desc) })
             },
         )
     })
