@@ -74,7 +74,11 @@ pub enum Error {
     #[error("device {device:?}: GPU index {index} is not on this node")]
     UnknownGpu { device: String, index: u32 },
     #[error("device {device:?} does not fit GPU {uuid} ({memory} bytes)")]
-    DoesNotFit { device: String, uuid: String, memory: u64 },
+    DoesNotFit {
+        device: String,
+        uuid: String,
+        memory: u64,
+    },
     #[error("device {device:?}: consumedCapacity.{capacity}: {source}")]
     Quantity {
         device: String,
@@ -120,7 +124,10 @@ pub fn claim_limits(results: &[DeviceResult], inventory: &Inventory) -> Result<C
     if gpus.len() > tessera_api::region::MAX_DEVICES {
         return Err(Error::TooManyGpus(gpus.len()));
     }
-    Ok(ClaimLimits { devices, gpus: gpus.into_values().collect() })
+    Ok(ClaimLimits {
+        devices,
+        gpus: gpus.into_values().collect(),
+    })
 }
 
 fn resolve(result: &DeviceResult, inventory: &Inventory) -> Result<AllocatedDevice> {
@@ -128,17 +135,26 @@ fn resolve(result: &DeviceResult, inventory: &Inventory) -> Result<AllocatedDevi
     let device = || result.device.clone();
     let gpu = inventory
         .by_index(name.gpu_index())
-        .ok_or_else(|| Error::UnknownGpu { device: device(), index: name.gpu_index() })?;
-    let share = name
-        .limits(gpu)
-        .ok_or_else(|| Error::DoesNotFit { device: device(), uuid: gpu.uuid.clone(), memory: gpu.memory })?;
+        .ok_or_else(|| Error::UnknownGpu {
+            device: device(),
+            index: name.gpu_index(),
+        })?;
+    let share = name.limits(gpu).ok_or_else(|| Error::DoesNotFit {
+        device: device(),
+        uuid: gpu.uuid.clone(),
+        memory: gpu.memory,
+    })?;
     let consumed = |capacity: &str| -> Result<Option<u64>> {
         result
             .consumed_capacity
             .get(capacity)
             .map(|q| quantity::parse(q))
             .transpose()
-            .map_err(|source| Error::Quantity { device: device(), capacity: capacity.to_string(), source })
+            .map_err(|source| Error::Quantity {
+                device: device(),
+                capacity: capacity.to_string(),
+                source,
+            })
     };
     let memory = match consumed(capacity::MEMORY)? {
         Some(0) => return Err(Error::NoMemory { device: device() }),
@@ -150,7 +166,12 @@ fn resolve(result: &DeviceResult, inventory: &Inventory) -> Result<AllocatedDevi
         Some(cores) => cores.clamp(1, u64::from(share.cores)) as u32,
         None => share.cores,
     };
-    let request = result.request.split('/').next().unwrap_or_default().to_string();
+    let request = result
+        .request
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     Ok(AllocatedDevice {
         request,
         pool: result.pool.clone(),
@@ -181,7 +202,10 @@ mod tests {
             cuda_compute_capability: None,
             pci_bus_id: None,
         };
-        Inventory { driver_version: None, gpus: vec![gpu(0, 24 << 30), gpu(1, 48 << 30)] }
+        Inventory {
+            driver_version: None,
+            gpus: vec![gpu(0, 24 << 30), gpu(1, 48 << 30)],
+        }
     }
 
     fn result(device: &str) -> DeviceResult {
@@ -197,33 +221,57 @@ mod tests {
     fn share(device: &str, id: &str, memory: &str, cores: &str) -> DeviceResult {
         DeviceResult {
             share_id: Some(id.into()),
-            consumed_capacity: [("memory".to_string(), memory.to_string()), ("cores".to_string(), cores.to_string())]
-                .into_iter()
-                .collect(),
+            consumed_capacity: [
+                ("memory".to_string(), memory.to_string()),
+                ("cores".to_string(), cores.to_string()),
+            ]
+            .into_iter()
+            .collect(),
             ..result(device)
         }
     }
 
     #[test]
     fn consumable_shares_take_the_consumed_capacity() {
-        let limits = claim_limits(&[share("gpu-1", "s1", "2Gi", "25")], &inventory()).expect("valid");
-        assert_eq!(limits.gpus, vec![GpuLimit { uuid: "GPU-1".into(), index: 1, minor: 11, memory_limit: 2 << 30, cores: 25 }]);
+        let limits =
+            claim_limits(&[share("gpu-1", "s1", "2Gi", "25")], &inventory()).expect("valid");
+        assert_eq!(
+            limits.gpus,
+            vec![GpuLimit {
+                uuid: "GPU-1".into(),
+                index: 1,
+                minor: 11,
+                memory_limit: 2 << 30,
+                cores: 25
+            }]
+        );
         assert_eq!(limits.devices[0].share_id.as_deref(), Some("s1"));
     }
 
     #[test]
     fn fixed_and_exclusive_devices_take_their_own_share() {
-        let limits = claim_limits(&[result("gpu-0-slice-2of4"), result("gpu-1")], &inventory()).expect("valid");
-        let got: Vec<_> = limits.gpus.iter().map(|g| (g.index, g.memory_limit, g.cores)).collect();
+        let limits = claim_limits(&[result("gpu-0-slice-2of4"), result("gpu-1")], &inventory())
+            .expect("valid");
+        let got: Vec<_> = limits
+            .gpus
+            .iter()
+            .map(|g| (g.index, g.memory_limit, g.cores))
+            .collect();
         assert_eq!(got, vec![(0, 6 << 30, 25), (1, 48 << 30, 100)]);
     }
 
     #[test]
     fn two_results_on_one_gpu_add_up_to_at_most_the_card() {
-        let results = [share("gpu-0", "a", "20Gi", "60"), share("gpu-0", "b", "20Gi", "60")];
+        let results = [
+            share("gpu-0", "a", "20Gi", "60"),
+            share("gpu-0", "b", "20Gi", "60"),
+        ];
         let limits = claim_limits(&results, &inventory()).expect("valid");
         assert_eq!(limits.devices.len(), 2);
-        assert_eq!((limits.gpus[0].memory_limit, limits.gpus[0].cores), (24 << 30, 100));
+        assert_eq!(
+            (limits.gpus[0].memory_limit, limits.gpus[0].cores),
+            (24 << 30, 100)
+        );
     }
 
     #[test]
@@ -237,12 +285,19 @@ mod tests {
         assert_eq!(limits.devices[0].request, "gpu");
         let mut only_theirs = result("gpu-0");
         only_theirs.driver = "other".into();
-        assert!(matches!(claim_limits(&[only_theirs], &inventory()), Err(Error::NoDevices)));
+        assert!(matches!(
+            claim_limits(&[only_theirs], &inventory()),
+            Err(Error::NoDevices)
+        ));
     }
 
     #[test]
     fn errors_name_device_and_field() {
-        let err = |r: DeviceResult| claim_limits(&[r], &inventory()).expect_err("invalid").to_string();
+        let err = |r: DeviceResult| {
+            claim_limits(&[r], &inventory())
+                .expect_err("invalid")
+                .to_string()
+        };
         assert!(err(result("gpu-7")).contains("GPU index 7"));
         assert!(err(result("tpu-0")).contains("tpu-0"));
         assert!(err(share("gpu-0", "s", "lots", "1")).contains("consumedCapacity.memory"));

@@ -39,7 +39,10 @@ pub struct Checkpoint {
 
 impl Default for Checkpoint {
     fn default() -> Self {
-        Checkpoint { version: CHECKPOINT_VERSION, claims: BTreeMap::new() }
+        Checkpoint {
+            version: CHECKPOINT_VERSION,
+            claims: BTreeMap::new(),
+        }
     }
 }
 
@@ -89,7 +92,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    #[error("checkpoint {path} has version {found}; this plugin reads version {CHECKPOINT_VERSION} (downgrade across a format change?)")]
+    #[error(
+        "checkpoint {path} has version {found}; this plugin reads version {CHECKPOINT_VERSION} (downgrade across a format change?)"
+    )]
     Version { path: String, found: u32 },
 }
 
@@ -102,7 +107,12 @@ impl Checkpoint {
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Checkpoint::default()),
-            Err(source) => return Err(Error::Io { path: display(), source }),
+            Err(source) => {
+                return Err(Error::Io {
+                    path: display(),
+                    source,
+                });
+            }
         };
         // Check the version before the shape, so a newer format is reported as such.
         #[derive(Deserialize)]
@@ -110,11 +120,20 @@ impl Checkpoint {
             version: u32,
         }
         let versioned: Versioned =
-            serde_json::from_slice(&bytes).map_err(|source| Error::Parse { path: display(), source })?;
+            serde_json::from_slice(&bytes).map_err(|source| Error::Parse {
+                path: display(),
+                source,
+            })?;
         if versioned.version != CHECKPOINT_VERSION {
-            return Err(Error::Version { path: display(), found: versioned.version });
+            return Err(Error::Version {
+                path: display(),
+                found: versioned.version,
+            });
         }
-        serde_json::from_slice(&bytes).map_err(|source| Error::Parse { path: display(), source })
+        serde_json::from_slice(&bytes).map_err(|source| Error::Parse {
+            path: display(),
+            source,
+        })
     }
 
     /// Like [`Checkpoint::load`], but an unreadable checkpoint last written before `booted_at`
@@ -123,9 +142,16 @@ impl Checkpoint {
     /// matters any more (every claim is prepared afresh, and unprepare works from the claim
     /// UID). One written in this boot cannot be torn by a crash of the plugin, so it stays an
     /// error there.
-    pub fn load_since_boot(path: &Path, booted_at: std::time::SystemTime) -> Result<(Checkpoint, bool)> {
+    pub fn load_since_boot(
+        path: &Path,
+        booted_at: std::time::SystemTime,
+    ) -> Result<(Checkpoint, bool)> {
         match Checkpoint::load(path) {
-            Err(Error::Parse { .. }) if std::fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t < booted_at) => {
+            Err(Error::Parse { .. })
+                if std::fs::metadata(path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < booted_at) =>
+            {
                 Ok((Checkpoint::default(), true))
             }
             other => other.map(|c| (c, false)),
@@ -138,17 +164,26 @@ impl Checkpoint {
     /// [`Checkpoint::load_since_boot`].
     pub fn save(&self, path: &Path, durable: bool) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
-        let io_error = |source| Error::Io { path: path.display().to_string(), source };
+        let io_error = |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_error)?;
         }
-        let write = if durable { fsutil::write_durable } else { fsutil::write_atomic };
+        let write = if durable {
+            fsutil::write_durable
+        } else {
+            fsutil::write_atomic
+        };
         write(path, &bytes, 0o600).map_err(io_error)
     }
 
     /// The completed record of `uid` if it was prepared in boot `boot_id`.
     pub fn completed(&self, uid: &str, boot_id: &str) -> Option<&PreparedClaim> {
-        self.claims.get(uid).filter(|c| c.state == ClaimState::PrepareCompleted && c.boot_id == boot_id)
+        self.claims
+            .get(uid)
+            .filter(|c| c.state == ClaimState::PrepareCompleted && c.boot_id == boot_id)
     }
 }
 
@@ -173,22 +208,40 @@ mod tests {
             name: "inference".into(),
             state: ClaimState::PrepareCompleted,
             boot_id: "boot-1".into(),
-            devices: vec![PreparedDevice { device, cdi_device_ids: vec!["gpu.tessera.dev/claim=u-gpu-0".into()] }],
-            gpus: vec![GpuLimit { uuid: "GPU-1".into(), index: 0, minor: 0, memory_limit: 2 << 30, cores: 25 }],
+            devices: vec![PreparedDevice {
+                device,
+                cdi_device_ids: vec!["gpu.tessera.dev/claim=u-gpu-0".into()],
+            }],
+            gpus: vec![GpuLimit {
+                uuid: "GPU-1".into(),
+                index: 0,
+                minor: 0,
+                memory_limit: 2 << 30,
+                cores: 25,
+            }],
         };
-        Checkpoint { version: CHECKPOINT_VERSION, claims: [("u".to_string(), claim)].into_iter().collect() }
+        Checkpoint {
+            version: CHECKPOINT_VERSION,
+            claims: [("u".to_string(), claim)].into_iter().collect(),
+        }
     }
 
     #[test]
     fn round_trips_through_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("checkpoint.json");
-        assert_eq!(Checkpoint::load(&path).expect("missing is empty"), Checkpoint::default());
+        assert_eq!(
+            Checkpoint::load(&path).expect("missing is empty"),
+            Checkpoint::default()
+        );
         let checkpoint = sample();
         checkpoint.save(&path, true).expect("save");
         assert_eq!(Checkpoint::load(&path).expect("load"), checkpoint);
         assert!(checkpoint.completed("u", "boot-1").is_some());
-        assert!(checkpoint.completed("u", "boot-2").is_none(), "a reboot invalidates the record");
+        assert!(
+            checkpoint.completed("u", "boot-2").is_none(),
+            "a reboot invalidates the record"
+        );
     }
 
     #[test]
@@ -199,8 +252,14 @@ mod tests {
         assert_eq!(json["version"], 1);
         assert_eq!(claim["state"], "PrepareCompleted");
         assert_eq!(claim["bootId"], "boot-1");
-        assert_eq!(claim["devices"][0]["shareId"], "9f0c4c4e-0000-4000-8000-000000000001");
-        assert_eq!(claim["devices"][0]["cdiDeviceIds"][0], "gpu.tessera.dev/claim=u-gpu-0");
+        assert_eq!(
+            claim["devices"][0]["shareId"],
+            "9f0c4c4e-0000-4000-8000-000000000001"
+        );
+        assert_eq!(
+            claim["devices"][0]["cdiDeviceIds"][0],
+            "gpu.tessera.dev/claim=u-gpu-0"
+        );
         assert_eq!(claim["gpus"][0]["memoryLimit"], 2u64 << 30);
     }
 
@@ -209,12 +268,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("checkpoint.json");
         std::fs::write(&path, br#"{"version": 2, "claims": {}, "new": true}"#).expect("write");
-        assert!(matches!(Checkpoint::load(&path), Err(Error::Version { found: 2, .. })));
+        assert!(matches!(
+            Checkpoint::load(&path),
+            Err(Error::Version { found: 2, .. })
+        ));
         std::fs::write(&path, b"{\"vers").expect("write");
         assert!(matches!(Checkpoint::load(&path), Err(Error::Parse { .. })));
         // Torn in an earlier boot: discarded; torn in this one: still an error.
         let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
-        assert!(matches!(Checkpoint::load_since_boot(&path, later), Ok((c, true)) if c.claims.is_empty()));
+        assert!(
+            matches!(Checkpoint::load_since_boot(&path, later), Ok((c, true)) if c.claims.is_empty())
+        );
         assert!(Checkpoint::load_since_boot(&path, std::time::UNIX_EPOCH).is_err());
     }
 }

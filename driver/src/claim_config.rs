@@ -36,8 +36,15 @@ pub struct ConfigEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("config[{index}] ({from:?} config for driver {DRIVER_NAME}): {field}: {message}")]
-    Invalid { index: usize, from: ConfigSource, field: String, message: String },
-    #[error("requests {first:?} and {second:?} resolve to different GpuConfig settings, but a claim has one shim config; give them the same config")]
+    Invalid {
+        index: usize,
+        from: ConfigSource,
+        field: String,
+        message: String,
+    },
+    #[error(
+        "requests {first:?} and {second:?} resolve to different GpuConfig settings, but a claim has one shim config; give them the same config"
+    )]
     Conflict { first: String, second: String },
 }
 
@@ -45,14 +52,27 @@ pub enum Error {
 pub fn parse_parameters(parameters: &Value) -> Result<GpuConfig, (String, String)> {
     let parsed: GpuConfig = serde_path_to_error::deserialize(parameters).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() { "GpuConfig".to_string() } else { path };
+        let field = if path == "." || path.is_empty() {
+            "GpuConfig".to_string()
+        } else {
+            path
+        };
         (field, e.inner().to_string())
     })?;
     if parsed.api_version != CONFIG_API_VERSION {
-        return Err(("apiVersion".into(), format!("is {:?}, expected {CONFIG_API_VERSION:?}", parsed.api_version)));
+        return Err((
+            "apiVersion".into(),
+            format!(
+                "is {:?}, expected {CONFIG_API_VERSION:?}",
+                parsed.api_version
+            ),
+        ));
     }
     if parsed.kind != CONFIG_KIND {
-        return Err(("kind".into(), format!("is {:?}, expected {CONFIG_KIND:?}", parsed.kind)));
+        return Err((
+            "kind".into(),
+            format!("is {:?}, expected {CONFIG_KIND:?}", parsed.kind),
+        ));
     }
     Ok(parsed)
 }
@@ -63,18 +83,27 @@ pub fn merge(entries: &[ConfigEntry], requests: &[&str]) -> Result<GpuConfig, Er
     // Validate every entry of ours first, so a bad config fails the claim even when another
     // entry would have won.
     let mut ours = Vec::new();
-    for (index, entry) in entries.iter().enumerate().filter(|(_, e)| e.driver == DRIVER_NAME) {
-        let config = parse_parameters(&entry.parameters).map_err(|(field, message)| Error::Invalid {
-            index,
-            from: entry.source,
-            field,
-            message,
-        })?;
+    for (index, entry) in entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.driver == DRIVER_NAME)
+    {
+        let config =
+            parse_parameters(&entry.parameters).map_err(|(field, message)| Error::Invalid {
+                index,
+                from: entry.source,
+                field,
+                message,
+            })?;
         ours.push((entry, index, config));
     }
     // Highest precedence last: class before claim, then position.
     ours.sort_by_key(|(entry, index, _)| (entry.source, *index));
-    let default = GpuConfig { api_version: CONFIG_API_VERSION.into(), kind: CONFIG_KIND.into(), ..GpuConfig::default() };
+    let default = GpuConfig {
+        api_version: CONFIG_API_VERSION.into(),
+        kind: CONFIG_KIND.into(),
+        ..GpuConfig::default()
+    };
     let mut chosen: Option<(&str, GpuConfig)> = None;
     for request in requests {
         let main = request.split('/').next().unwrap_or_default();
@@ -89,7 +118,10 @@ pub fn merge(entries: &[ConfigEntry], requests: &[&str]) -> Result<GpuConfig, Er
             .unwrap_or_else(|| default.clone());
         match &chosen {
             Some((first, settled)) if *settled != config => {
-                return Err(Error::Conflict { first: first.to_string(), second: request.to_string() });
+                return Err(Error::Conflict {
+                    first: first.to_string(),
+                    second: request.to_string(),
+                });
             }
             Some(_) => {}
             None => chosen = Some((request, config)),
@@ -124,9 +156,18 @@ mod tests {
             entry(ConfigSource::Class, &[], config("high")),
             entry(ConfigSource::Claim, &["gpu"], config("normal")),
         ];
-        assert_eq!(merge(&entries, &["gpu"]).expect("valid").priority, Priority::Normal);
-        assert_eq!(merge(&entries[..2], &["gpu"]).expect("valid").priority, Priority::Low);
-        assert_eq!(merge(&entries[1..2], &["gpu/big"]).expect("valid").priority, Priority::High);
+        assert_eq!(
+            merge(&entries, &["gpu"]).expect("valid").priority,
+            Priority::Normal
+        );
+        assert_eq!(
+            merge(&entries[..2], &["gpu"]).expect("valid").priority,
+            Priority::Low
+        );
+        assert_eq!(
+            merge(&entries[1..2], &["gpu/big"]).expect("valid").priority,
+            Priority::High
+        );
     }
 
     #[test]
@@ -134,13 +175,18 @@ mod tests {
         let mut theirs = entry(ConfigSource::Claim, &[], json!({"whatever": true}));
         theirs.driver = "gpu.nvidia.com".into();
         let merged = merge(&[theirs], &["gpu"]).expect("valid");
-        assert_eq!((merged.priority, merged.core_policy, merged.oversubscribe), (Priority::Normal, CorePolicy::Default, false));
+        assert_eq!(
+            (merged.priority, merged.core_policy, merged.oversubscribe),
+            (Priority::Normal, CorePolicy::Default, false)
+        );
     }
 
     #[test]
     fn requests_that_disagree_are_refused() {
         let entries = vec![entry(ConfigSource::Claim, &["a"], config("high"))];
-        let err = merge(&entries, &["a", "b"]).expect_err("conflict").to_string();
+        let err = merge(&entries, &["a", "b"])
+            .expect_err("conflict")
+            .to_string();
         assert!(err.contains("\"a\"") && err.contains("\"b\""), "{err}");
     }
 
@@ -148,17 +194,32 @@ mod tests {
     fn bad_configs_name_the_field() {
         let cases = [
             (config("urgent"), "priority"),
-            (json!({"apiVersion": CONFIG_API_VERSION, "kind": CONFIG_KIND, "oversubscribe": "yes"}), "oversubscribe"),
-            (json!({"apiVersion": CONFIG_API_VERSION, "kind": CONFIG_KIND, "prio": "high"}), "prio"),
-            (json!({"apiVersion": "v1", "kind": CONFIG_KIND}), "apiVersion"),
-            (json!({"apiVersion": CONFIG_API_VERSION, "kind": "Other"}), "kind"),
+            (
+                json!({"apiVersion": CONFIG_API_VERSION, "kind": CONFIG_KIND, "oversubscribe": "yes"}),
+                "oversubscribe",
+            ),
+            (
+                json!({"apiVersion": CONFIG_API_VERSION, "kind": CONFIG_KIND, "prio": "high"}),
+                "prio",
+            ),
+            (
+                json!({"apiVersion": "v1", "kind": CONFIG_KIND}),
+                "apiVersion",
+            ),
+            (
+                json!({"apiVersion": CONFIG_API_VERSION, "kind": "Other"}),
+                "kind",
+            ),
             (json!({"kind": CONFIG_KIND}), "apiVersion"),
         ];
         for (parameters, field) in cases {
             // A bad entry fails the claim even if it does not apply to any of its requests.
             let entries = vec![entry(ConfigSource::Class, &["other"], parameters)];
             let err = merge(&entries, &["gpu"]).expect_err(field).to_string();
-            assert!(err.contains(field) && err.contains("config[0]"), "{err} should name {field}");
+            assert!(
+                err.contains(field) && err.contains("config[0]"),
+                "{err} should name {field}"
+            );
         }
     }
 }

@@ -39,7 +39,9 @@ pub struct DeviceShare {
 
 /// A name that is not one of Tessera's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("device name {name:?} is not a Tessera device name (gpu-<i>, gpu-<i>-slice-<n>of<m>, gpu-<i>-mem-<MiB>mi-<n>): {why}")]
+#[error(
+    "device name {name:?} is not a Tessera device name (gpu-<i>, gpu-<i>-slice-<n>of<m>, gpu-<i>-mem-<MiB>mi-<n>): {why}"
+)]
 pub struct ParseError {
     pub name: String,
     pub why: &'static str,
@@ -48,24 +50,37 @@ pub struct ParseError {
 impl DeviceName {
     /// Parses a device name.
     pub fn parse(name: &str) -> Result<DeviceName, ParseError> {
-        let err = |why| ParseError { name: name.to_string(), why };
-        let rest = name.strip_prefix("gpu-").ok_or_else(|| err("no gpu- prefix"))?;
+        let err = |why| ParseError {
+            name: name.to_string(),
+            why,
+        };
+        let rest = name
+            .strip_prefix("gpu-")
+            .ok_or_else(|| err("no gpu- prefix"))?;
         let mut parts = rest.split('-');
         let index = number(parts.next()).ok_or_else(|| err("bad GPU index"))?;
         let parsed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
             (None, ..) => DeviceName::Whole { index },
             (Some("slice"), Some(shape), None, _) => {
-                let (n, of) = shape.split_once("of").ok_or_else(|| err("slice without <n>of<m>"))?;
+                let (n, of) = shape
+                    .split_once("of")
+                    .ok_or_else(|| err("slice without <n>of<m>"))?;
                 let (n, of) = (number(Some(n)), number(Some(of)));
                 match (n, of) {
-                    (Some(n), Some(of)) if (1..=100).contains(&of) && n < of => DeviceName::Slice { index, n, of },
+                    (Some(n), Some(of)) if (1..=100).contains(&of) && n < of => {
+                        DeviceName::Slice { index, n, of }
+                    }
                     _ => return Err(err("slice needs 0 <= n < m <= 100")),
                 }
             }
             (Some("mem"), Some(size), Some(n), None) => {
                 let mib = size.strip_suffix("mi").and_then(|s| number(Some(s)));
                 match (mib, number(Some(n))) {
-                    (Some(mib), Some(n)) if mib > 0 => DeviceName::Memory { index, mib: mib.into(), n },
+                    (Some(mib), Some(n)) if mib > 0 => DeviceName::Memory {
+                        index,
+                        mib: mib.into(),
+                        n,
+                    },
                     _ => return Err(err("mem needs <MiB>mi-<n> with MiB > 0")),
                 }
             }
@@ -81,7 +96,9 @@ impl DeviceName {
     /// The GPU index the device lives on.
     pub fn gpu_index(&self) -> u32 {
         match *self {
-            DeviceName::Whole { index } | DeviceName::Slice { index, .. } | DeviceName::Memory { index, .. } => index,
+            DeviceName::Whole { index }
+            | DeviceName::Slice { index, .. }
+            | DeviceName::Memory { index, .. } => index,
         }
     }
 
@@ -89,15 +106,23 @@ impl DeviceName {
     /// (a `mem` device larger than the card).
     pub fn limits(&self, gpu: &Gpu) -> Option<DeviceShare> {
         match *self {
-            DeviceName::Whole { .. } => Some(DeviceShare { memory: gpu.memory, cores: 100 }),
+            DeviceName::Whole { .. } => Some(DeviceShare {
+                memory: gpu.memory,
+                cores: 100,
+            }),
             DeviceName::Slice { of, .. } => {
                 let memory = gpu.memory / u64::from(of) / MIB * MIB;
-                (memory > 0).then_some(DeviceShare { memory, cores: (100 / of).max(1) })
+                (memory > 0).then_some(DeviceShare {
+                    memory,
+                    cores: (100 / of).max(1),
+                })
             }
             DeviceName::Memory { mib, .. } => {
                 let memory = mib.checked_mul(MIB).filter(|m| *m <= gpu.memory)?;
                 // Cores in proportion to memory, rounded up so a small slice still runs.
-                let cores = (memory as u128 * 100).div_ceil(gpu.memory as u128).clamp(1, 100) as u32;
+                let cores = (memory as u128 * 100)
+                    .div_ceil(gpu.memory as u128)
+                    .clamp(1, 100) as u32;
                 Some(DeviceShare { memory, cores })
             }
         }
@@ -143,16 +168,44 @@ mod tests {
 
     #[test]
     fn parses_every_shape() {
-        assert_eq!(DeviceName::parse("gpu-3"), Ok(DeviceName::Whole { index: 3 }));
-        assert_eq!(DeviceName::parse("gpu-0-slice-1of4"), Ok(DeviceName::Slice { index: 0, n: 1, of: 4 }));
-        assert_eq!(DeviceName::parse("gpu-1-mem-4096mi-2"), Ok(DeviceName::Memory { index: 1, mib: 4096, n: 2 }));
+        assert_eq!(
+            DeviceName::parse("gpu-3"),
+            Ok(DeviceName::Whole { index: 3 })
+        );
+        assert_eq!(
+            DeviceName::parse("gpu-0-slice-1of4"),
+            Ok(DeviceName::Slice {
+                index: 0,
+                n: 1,
+                of: 4
+            })
+        );
+        assert_eq!(
+            DeviceName::parse("gpu-1-mem-4096mi-2"),
+            Ok(DeviceName::Memory {
+                index: 1,
+                mib: 4096,
+                n: 2
+            })
+        );
     }
 
     #[test]
     fn refuses_foreign_and_odd_names() {
-        for name in ["gpu", "gpu-", "cpu-0", "gpu-a", "gpu-01", "gpu-0-slice-4of4", "gpu-0-slice-0of0",
-            "gpu-0-slice-1of200", "gpu-0-mem-0mi-0", "gpu-0-mem-10-0", "gpu-0-part-1", "gpu-0-slice-1of2-x"]
-        {
+        for name in [
+            "gpu",
+            "gpu-",
+            "cpu-0",
+            "gpu-a",
+            "gpu-01",
+            "gpu-0-slice-4of4",
+            "gpu-0-slice-0of0",
+            "gpu-0-slice-1of200",
+            "gpu-0-mem-0mi-0",
+            "gpu-0-mem-10-0",
+            "gpu-0-part-1",
+            "gpu-0-slice-1of2-x",
+        ] {
             assert!(DeviceName::parse(name).is_err(), "{name} should be refused");
         }
     }
@@ -161,14 +214,56 @@ mod tests {
     fn limits_follow_the_table() {
         let card = gpu(24 << 30);
         let whole = DeviceName::Whole { index: 0 }.limits(&card);
-        assert_eq!(whole, Some(DeviceShare { memory: 24 << 30, cores: 100 }));
-        let quarter = DeviceName::Slice { index: 0, n: 0, of: 4 }.limits(&card);
-        assert_eq!(quarter, Some(DeviceShare { memory: 6 << 30, cores: 25 }));
-        let third = DeviceName::Slice { index: 0, n: 0, of: 3 }.limits(&card).expect("fits");
+        assert_eq!(
+            whole,
+            Some(DeviceShare {
+                memory: 24 << 30,
+                cores: 100
+            })
+        );
+        let quarter = DeviceName::Slice {
+            index: 0,
+            n: 0,
+            of: 4,
+        }
+        .limits(&card);
+        assert_eq!(
+            quarter,
+            Some(DeviceShare {
+                memory: 6 << 30,
+                cores: 25
+            })
+        );
+        let third = DeviceName::Slice {
+            index: 0,
+            n: 0,
+            of: 3,
+        }
+        .limits(&card)
+        .expect("fits");
         assert_eq!((third.memory % MIB, third.cores), (0, 33));
-        let small = DeviceName::Memory { index: 0, mib: 1024, n: 0 }.limits(&card);
-        assert_eq!(small, Some(DeviceShare { memory: 1 << 30, cores: 5 }));
-        assert_eq!(DeviceName::Memory { index: 0, mib: 25 << 10, n: 0 }.limits(&card), None);
+        let small = DeviceName::Memory {
+            index: 0,
+            mib: 1024,
+            n: 0,
+        }
+        .limits(&card);
+        assert_eq!(
+            small,
+            Some(DeviceShare {
+                memory: 1 << 30,
+                cores: 5
+            })
+        );
+        assert_eq!(
+            DeviceName::Memory {
+                index: 0,
+                mib: 25 << 10,
+                n: 0
+            }
+            .limits(&card),
+            None
+        );
     }
 
     proptest! {

@@ -30,13 +30,26 @@ pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 }
 
 fn write(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     // A leading dot keeps half-written files out of directory watchers that skip dotfiles (the
     // CDI cache ignores names that do not end in .json/.yaml; the pid keeps instances apart).
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
-        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
         // The umask may have cleared bits of `mode` (0666 regions must stay world-writable).
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
@@ -78,7 +91,10 @@ mod tests {
         write_atomic(&path, b"first", 0o666).expect("write");
         write_durable(&path, b"second", 0o666).expect("rewrite");
         assert_eq!(fs::read(&path).expect("read"), b"second");
-        assert_eq!(fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o666);
+        assert_eq!(
+            fs::metadata(&path).expect("stat").permissions().mode() & 0o777,
+            0o666
+        );
         let leftovers: Vec<_> = fs::read_dir(dir.path()).expect("list").collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
         remove_file(&path).expect("remove");

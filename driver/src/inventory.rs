@@ -62,7 +62,11 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("inventory file {path}: {field}: {message}")]
-    Invalid { path: String, field: String, message: String },
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+    },
     #[error("NVML: {0}")]
     Nvml(String),
 }
@@ -77,32 +81,55 @@ impl Inventory {
 
     /// Reads a fake inventory file (the fake GPU node's config format).
     pub fn from_file(path: &Path) -> Result<Inventory> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_json(&text).map_err(|e| match e {
-            Error::Invalid { field, message, .. } => {
-                Error::Invalid { path: path.display().to_string(), field, message }
-            }
+            Error::Invalid { field, message, .. } => Error::Invalid {
+                path: path.display().to_string(),
+                field,
+                message,
+            },
             other => other,
         })
     }
 
     /// Parses a fake inventory document; errors carry an empty path.
     pub fn from_json(text: &str) -> Result<Inventory> {
-        let invalid = |field: String, message: String| Error::Invalid { path: String::new(), field, message };
-        let file: InventoryFile = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
-            .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+        let invalid = |field: String, message: String| Error::Invalid {
+            path: String::new(),
+            field,
+            message,
+        };
+        let file: InventoryFile =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
         if file.devices.is_empty() {
-            return Err(invalid("devices".into(), "a node needs at least one device".into()));
+            return Err(invalid(
+                "devices".into(),
+                "a node needs at least one device".into(),
+            ));
         }
         let mut gpus = Vec::with_capacity(file.devices.len());
         for (index, entry) in file.devices.into_iter().enumerate() {
             let at = |field: &str| format!("devices[{index}].{field}");
-            if !entry.uuid.starts_with("GPU-") || entry.uuid.len() >= tessera_api::region::UUID_BYTES {
-                return Err(invalid(at("uuid"), format!("{:?} must start with \"GPU-\" and be at most 63 bytes", entry.uuid)));
+            if !entry.uuid.starts_with("GPU-")
+                || entry.uuid.len() >= tessera_api::region::UUID_BYTES
+            {
+                return Err(invalid(
+                    at("uuid"),
+                    format!(
+                        "{:?} must start with \"GPU-\" and be at most 63 bytes",
+                        entry.uuid
+                    ),
+                ));
             }
             if gpus.iter().any(|g: &Gpu| g.uuid == entry.uuid) {
-                return Err(invalid(at("uuid"), format!("{:?} appears twice", entry.uuid)));
+                return Err(invalid(
+                    at("uuid"),
+                    format!("{:?} appears twice", entry.uuid),
+                ));
             }
             if entry.memory == 0 {
                 return Err(invalid(at("memory"), "must be greater than 0".into()));
@@ -119,7 +146,10 @@ impl Inventory {
                 pci_bus_id: entry.pci_bus_id,
             });
         }
-        Ok(Inventory { driver_version: file.driver_version, gpus })
+        Ok(Inventory {
+            driver_version: file.driver_version,
+            gpus,
+        })
     }
 }
 
@@ -180,15 +210,18 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let err = Inventory::from_json(r#"{"devices":[{"uuid":"GPU-a","name":"x","memory":"big"}]}"#)
-            .expect_err("bad memory")
-            .to_string();
+        let err =
+            Inventory::from_json(r#"{"devices":[{"uuid":"GPU-a","name":"x","memory":"big"}]}"#)
+                .expect_err("bad memory")
+                .to_string();
         assert!(err.contains("devices[0].memory"), "{err}");
         let err = Inventory::from_json(r#"{"devices":[{"uuid":"a","name":"x","memory":1}]}"#)
             .expect_err("bad uuid")
             .to_string();
         assert!(err.contains("devices[0].uuid"), "{err}");
-        let err = Inventory::from_json(r#"{"devices":[]}"#).expect_err("empty").to_string();
+        let err = Inventory::from_json(r#"{"devices":[]}"#)
+            .expect_err("empty")
+            .to_string();
         assert!(err.contains("devices"), "{err}");
     }
 
@@ -197,7 +230,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("inventory.json");
         std::fs::write(&path, r#"{"devices":[{"uuid":"GPU-a","name":"x"}]}"#).expect("write");
-        let err = Inventory::from_file(&path).expect_err("missing memory").to_string();
-        assert!(err.contains("inventory.json") && err.contains("memory"), "{err}");
+        let err = Inventory::from_file(&path)
+            .expect_err("missing memory")
+            .to_string();
+        assert!(
+            err.contains("inventory.json") && err.contains("memory"),
+            "{err}"
+        );
     }
 }

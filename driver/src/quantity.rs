@@ -14,7 +14,9 @@ pub fn parse(text: &str) -> Result<u64, QuantityError> {
     let err = || QuantityError(text.to_string());
     let text_trim = text.trim();
     let body = text_trim.strip_prefix('+').unwrap_or(text_trim);
-    let number_end = body.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(body.len());
+    let number_end = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
     let (number, suffix) = body.split_at(number_end);
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     if whole.is_empty() && fraction.is_empty() || fraction.contains('.') || fraction.len() > 30 {
@@ -50,11 +52,18 @@ pub fn parse(text: &str) -> Result<u64, QuantityError> {
             (0, exponent)
         }
     };
-    numerator = numerator.checked_shl(binary).filter(|_| digits.leading_zeros() > binary).ok_or_else(err)?;
+    numerator = numerator
+        .checked_shl(binary)
+        .filter(|_| digits.leading_zeros() > binary)
+        .ok_or_else(err)?;
     if decimal_exp >= 0 {
-        numerator = numerator.checked_mul(10u128.pow(decimal_exp as u32)).ok_or_else(err)?;
+        numerator = numerator
+            .checked_mul(10u128.pow(decimal_exp as u32))
+            .ok_or_else(err)?;
     } else {
-        denominator = denominator.checked_mul(10u128.pow((-decimal_exp) as u32)).ok_or_else(err)?;
+        denominator = denominator
+            .checked_mul(10u128.pow((-decimal_exp) as u32))
+            .ok_or_else(err)?;
     }
     u64::try_from(numerator.div_ceil(denominator)).map_err(|_| err())
 }
@@ -86,7 +95,17 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        for text in ["", "-1", "Gi", "1..0", "1.2.3", "12X", "1e99", "99999999999Ei", "1 Gi"] {
+        for text in [
+            "",
+            "-1",
+            "Gi",
+            "1..0",
+            "1.2.3",
+            "12X",
+            "1e99",
+            "99999999999Ei",
+            "1 Gi",
+        ] {
             assert!(parse(text).is_err(), "{text:?} should be refused");
         }
     }

@@ -36,24 +36,51 @@ fn report(name: &str, per_claim: &mut [Duration], calls: usize) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let env = Env::new(&["v1"]);
         let instance = env.start(None, None).await;
-        let share = |n: u32| support::share("gpu", &format!("gpu-{}", n % 2), &format!("9f0c4c4e-1111-4000-8000-{n:012x}"), "1Gi", "10");
+        let share = |n: u32| {
+            support::share(
+                "gpu",
+                &format!("gpu-{}", n % 2),
+                &format!("9f0c4c4e-1111-4000-8000-{n:012x}"),
+                "1Gi",
+                "10",
+            )
+        };
 
         // Warm-up: discovery, connections, directories.
         for n in 0..20 {
             let id = uid(9, n);
-            env.api.put(claim("bench", &format!("w{n}"), &id, Some(vec![share(n)]), vec![]));
-            instance.kubelet.prepare_ok(Version::V1, &Claim::new("bench", &format!("w{n}"), &id)).await;
+            env.api.put(claim(
+                "bench",
+                &format!("w{n}"),
+                &id,
+                Some(vec![share(n)]),
+                vec![],
+            ));
+            instance
+                .kubelet
+                .prepare_ok(Version::V1, &Claim::new("bench", &format!("w{n}"), &id))
+                .await;
         }
 
         let single = 300;
         let mut times = Vec::with_capacity(single);
         for n in 0..single as u32 {
             let id = uid(1, n);
-            env.api.put(claim("bench", &format!("s{n}"), &id, Some(vec![share(n)]), vec![]));
+            env.api.put(claim(
+                "bench",
+                &format!("s{n}"),
+                &id,
+                Some(vec![share(n)]),
+                vec![],
+            ));
             let claim = Claim::new("bench", &format!("s{n}"), &id);
             let start = Instant::now();
             instance.kubelet.prepare_ok(Version::V1, &claim).await;
@@ -69,22 +96,37 @@ fn main() {
                 .map(|i| {
                     let n = batch * 50 + i;
                     let id = uid(2, n);
-                    env.api.put(claim("bench", &format!("b{n}"), &id, Some(vec![share(n)]), vec![]));
+                    env.api.put(claim(
+                        "bench",
+                        &format!("b{n}"),
+                        &id,
+                        Some(vec![share(n)]),
+                        vec![],
+                    ));
                     Claim::new("bench", &format!("b{n}"), &id)
                 })
                 .collect();
             let start = Instant::now();
-            let answer = instance.kubelet.prepare(Version::V1, &claims).await.expect("prepare");
+            let answer = instance
+                .kubelet
+                .prepare(Version::V1, &claims)
+                .await
+                .expect("prepare");
             let elapsed = start.elapsed();
             assert!(answer.values().all(|a| a.error.is_empty()), "{answer:?}");
             per_claim.push(elapsed / 50);
-            instance.kubelet.unprepare(Version::V1, &claims).await.expect("unprepare");
+            instance
+                .kubelet
+                .unprepare(Version::V1, &claims)
+                .await
+                .expect("unprepare");
         }
         report("50 claims in one call (call / 50)", &mut per_claim, batches);
 
         let again = 300;
         let id = uid(3, 0);
-        env.api.put(claim("bench", "again", &id, Some(vec![share(0)]), vec![]));
+        env.api
+            .put(claim("bench", "again", &id, Some(vec![share(0)]), vec![]));
         let claim = Claim::new("bench", "again", &id);
         instance.kubelet.prepare_ok(Version::V1, &claim).await;
         let mut times = Vec::with_capacity(again);

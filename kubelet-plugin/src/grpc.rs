@@ -16,7 +16,12 @@ use crate::proto::{registration, v1, v1alpha3, v1beta1};
 /// A 1.31 kubelet instead parses every entry as a version number and needs one `1.x`: the
 /// service names fail to parse and are skipped, `1.0.0` registers the plugin, and the 1.31
 /// kubelet then speaks `v1alpha3.Node`, which is served too.
-pub const SUPPORTED_VERSIONS: [&str; 4] = ["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha3.Node", "1.0.0"];
+pub const SUPPORTED_VERSIONS: [&str; 4] = [
+    "v1.DRAPlugin",
+    "v1beta1.DRAPlugin",
+    "v1alpha3.Node",
+    "1.0.0",
+];
 
 /// `pluginregistration.Registration`.
 pub struct Registration {
@@ -27,7 +32,10 @@ pub struct Registration {
 
 #[tonic::async_trait]
 impl registration::registration_server::Registration for Registration {
-    async fn get_info(&self, _: Request<registration::InfoRequest>) -> Result<Response<registration::PluginInfo>, Status> {
+    async fn get_info(
+        &self,
+        _: Request<registration::InfoRequest>,
+    ) -> Result<Response<registration::PluginInfo>, Status> {
         // Called periodically by the plugin watcher: keep it cheap and always answering.
         Ok(Response::new(registration::PluginInfo {
             r#type: "DRAPlugin".into(),
@@ -42,7 +50,8 @@ impl registration::registration_server::Registration for Registration {
         request: Request<registration::RegistrationStatus>,
     ) -> Result<Response<registration::RegistrationStatusResponse>, Status> {
         let status = request.into_inner();
-        self.registered.store(status.plugin_registered, Ordering::Relaxed);
+        self.registered
+            .store(status.plugin_registered, Ordering::Relaxed);
         if status.plugin_registered {
             tracing::info!("registered with the kubelet");
         } else {
@@ -64,12 +73,20 @@ struct Answer {
 }
 
 impl DraService {
-    async fn prepare(&self, claims: Vec<ClaimRef>) -> Result<BTreeMap<String, Result<Answer, String>>, Status> {
+    async fn prepare(
+        &self,
+        claims: Vec<ClaimRef>,
+    ) -> Result<BTreeMap<String, Result<Answer, String>>, Status> {
         let results = match self.node.prepare(&claims).await {
             Ok(results) => results,
             Err(error) => whole_call_failed(&claims, error)?,
         };
-        Ok(results.into_iter().map(|(uid, r): (String, PreparedClaimResult)| (uid, r.map(|devices| Answer { devices }))).collect())
+        Ok(results
+            .into_iter()
+            .map(|(uid, r): (String, PreparedClaimResult)| {
+                (uid, r.map(|devices| Answer { devices }))
+            })
+            .collect())
     }
 
     async fn unprepare(&self, claims: Vec<ClaimRef>) -> Result<BTreeMap<String, String>, Status> {
@@ -77,18 +94,27 @@ impl DraService {
             Ok(results) => results,
             Err(error) => whole_call_failed(&claims, error)?,
         };
-        Ok(results.into_iter().map(|(uid, r)| (uid, r.err().unwrap_or_default())).collect())
+        Ok(results
+            .into_iter()
+            .map(|(uid, r)| (uid, r.err().unwrap_or_default()))
+            .collect())
     }
 }
 
 /// A failure of the whole call becomes each claim's error, so the pod's events say why; a
 /// simulated crash is a transport-level failure, as a real one would be.
-fn whole_call_failed<T>(claims: &[ClaimRef], error: CallError) -> Result<BTreeMap<String, Result<T, String>>, Status> {
+fn whole_call_failed<T>(
+    claims: &[ClaimRef],
+    error: CallError,
+) -> Result<BTreeMap<String, Result<T, String>>, Status> {
     if let CallError::Crashed(_) = error {
         return Err(Status::unavailable(error.to_string()));
     }
     tracing::error!(%error, "call failed");
-    Ok(claims.iter().map(|c| (c.uid.clone(), Err(error.to_string()))).collect())
+    Ok(claims
+        .iter()
+        .map(|c| (c.uid.clone(), Err(error.to_string())))
+        .collect())
 }
 
 /// Generates the service trait impl of one DRA version: the messages differ only in `share_id`.

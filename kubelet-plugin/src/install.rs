@@ -10,17 +10,25 @@ use tessera_driver::{cdi, fsutil};
 /// that names it inside containers. The copy is replaced atomically and only when it changed:
 /// running containers keep the inode they mounted.
 pub fn install_shim(shim: &Path, state_dir: &Path) -> io::Result<()> {
-    let context = |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let context =
+        |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     let host = cdi::HostPaths::new(state_dir, "_");
-    let bytes = std::fs::read(shim).map_err(context(format!("reading the shim --shim-path {}", shim.display())))?;
+    let bytes = std::fs::read(shim).map_err(context(format!(
+        "reading the shim --shim-path {}",
+        shim.display()
+    )))?;
     if !bytes.starts_with(b"\x7fELF") {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("--shim-path {} is not a shared library", shim.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("--shim-path {} is not a shared library", shim.display()),
+        ));
     }
     if let Some(lib) = host.shim.parent() {
         std::fs::create_dir_all(lib).map_err(context(format!("creating {}", lib.display())))?;
     }
     if std::fs::read(&host.shim).ok().as_deref() != Some(bytes.as_slice()) {
-        fsutil::write_durable(&host.shim, &bytes, 0o755).map_err(context(format!("installing {}", host.shim.display())))?;
+        fsutil::write_durable(&host.shim, &bytes, 0o755)
+            .map_err(context(format!("installing {}", host.shim.display())))?;
         tracing::info!(path = %host.shim.display(), "installed the shim");
     }
     fsutil::write_atomic(&host.preload, cdi::preload_file().as_bytes(), 0o644)

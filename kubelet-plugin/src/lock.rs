@@ -21,7 +21,11 @@ pub fn lock_path(plugin_dir: &Path) -> PathBuf {
 pub async fn acquire(plugin_dir: &Path) -> io::Result<CallLock> {
     let path = lock_path(plugin_dir);
     tokio::task::spawn_blocking(move || {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
         // flock: held per open file description, released by the kernel if the process dies.
         file.lock()?;
         Ok(CallLock { _file: file })

@@ -28,10 +28,14 @@ async fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // Colours only for a person at a terminal, never into a log collector's file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -50,7 +54,10 @@ async fn run(args: Args) -> Result<()> {
     install::install_shim(&args.shim_path, &args.state_dir)?;
     let (cdi_mode, driver_files) = match args.cdi_mode {
         CdiModeArg::Toolkit => (CdiMode::Toolkit, None),
-        CdiModeArg::Standalone => (CdiMode::Standalone, Some(DriverFiles::discover(&args.driver_root, &args.dev_root)?)),
+        CdiModeArg::Standalone => (
+            CdiMode::Standalone,
+            Some(DriverFiles::discover(&args.driver_root, &args.dev_root)?),
+        ),
     };
     let config = NodeConfig {
         node_name: args.node_name.clone(),
@@ -63,16 +70,26 @@ async fn run(args: Args) -> Result<()> {
         boot_id: boot_id(),
         booted_at: booted_at(),
     };
-    std::fs::create_dir_all(&config.cdi_dir).with_context(|| format!("creating {}", config.cdi_dir.display()))?;
+    std::fs::create_dir_all(&config.cdi_dir)
+        .with_context(|| format!("creating {}", config.cdi_dir.display()))?;
     let client = kube_client(args.kubeconfig.as_deref()).await?;
     let inventory = config.inventory.clone();
     let metrics = Arc::new(Metrics::new(args.state_dir.clone()));
     let node = Arc::new(Node::new(config, client.clone(), metrics.clone()));
-    let sockets = Sockets::new(&args.registrar_dir, &args.plugin_dir, args.instance_id.as_deref());
+    let sockets = Sockets::new(
+        &args.registrar_dir,
+        &args.plugin_dir,
+        args.instance_id.as_deref(),
+    );
     let plugin = Plugin::start(node, sockets).await?;
     // Slices only once the plugin is registered: the kubelet removes a node's slices of drivers
     // it has no plugin for.
-    let slices = tessera_kubelet_plugin::slices::start(client.clone(), &args.node_name, &args.sharing_mode, inventory)?;
+    let slices = tessera_kubelet_plugin::slices::start(
+        client.clone(),
+        &args.node_name,
+        &args.sharing_mode,
+        inventory,
+    )?;
     let http = tokio::spawn(http::serve(args.metrics_address, metrics));
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -98,23 +115,32 @@ async fn run(args: Args) -> Result<()> {
 async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await?
         }
-        None => kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?,
+        None => {
+            kube::Config::incluster().context("no --kubeconfig and not running in a cluster")?
+        }
     };
     Ok(kube::Client::try_from(config)?)
 }
 
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// When this boot began: `btime` of `/proc/stat` (the epoch if unknown, which makes every
 /// unreadable checkpoint an error rather than a discard).
 fn booted_at() -> std::time::SystemTime {
     let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
-        stat.lines().find_map(|l| l.strip_prefix("btime ").and_then(|s| s.trim().parse::<u64>().ok()))
+        stat.lines().find_map(|l| {
+            l.strip_prefix("btime ")
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        })
     });
     std::time::UNIX_EPOCH + std::time::Duration::from_secs(btime.unwrap_or(0))
 }

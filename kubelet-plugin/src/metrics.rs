@@ -48,7 +48,9 @@ impl Metrics {
     pub fn new(state_dir: PathBuf) -> Metrics {
         let mut registry = Registry::with_prefix("tessera");
         // 0.5 ms … 4 s: prepare is milliseconds unless the API server or the disk is slow.
-        let prepare_duration = Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 4.0]);
+        let prepare_duration = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 4.0,
+        ]);
         registry.register_with_unit(
             "prepare_duration",
             "Duration of NodePrepareResources calls",
@@ -56,15 +58,38 @@ impl Metrics {
             prepare_duration.clone(),
         );
         let prepared = Counter::default();
-        registry.register("prepared_claims", "Claims prepared successfully", prepared.clone());
+        registry.register(
+            "prepared_claims",
+            "Claims prepared successfully",
+            prepared.clone(),
+        );
         let prepare_errors = Counter::default();
-        registry.register("prepare_errors", "Claims whose preparation failed", prepare_errors.clone());
+        registry.register(
+            "prepare_errors",
+            "Claims whose preparation failed",
+            prepare_errors.clone(),
+        );
         let unprepared = Counter::default();
-        registry.register("unprepared_claims", "Claims unprepared successfully", unprepared.clone());
+        registry.register(
+            "unprepared_claims",
+            "Claims unprepared successfully",
+            unprepared.clone(),
+        );
         let unprepare_errors = Counter::default();
-        registry.register("unprepare_errors", "Claims whose unpreparation failed", unprepare_errors.clone());
+        registry.register(
+            "unprepare_errors",
+            "Claims whose unpreparation failed",
+            unprepare_errors.clone(),
+        );
         registry.register_collector(Box::new(ClaimCollector { state_dir }));
-        Metrics { registry, prepare_duration, prepared, prepare_errors, unprepared, unprepare_errors }
+        Metrics {
+            registry,
+            prepare_duration,
+            prepared,
+            prepare_errors,
+            unprepared,
+            unprepare_errors,
+        }
     }
 
     pub fn observe_prepare(&self, duration: Duration, ok: usize, failed: usize) {
@@ -74,7 +99,11 @@ impl Metrics {
     }
 
     pub fn observe_unprepare(&self, ok: bool) {
-        if ok { self.unprepared.inc() } else { self.unprepare_errors.inc() };
+        if ok {
+            self.unprepared.inc()
+        } else {
+            self.unprepare_errors.inc()
+        };
     }
 
     /// The OpenMetrics text of every metric.
@@ -122,14 +151,22 @@ impl Collector for ClaimCollector {
         let cores: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let processes: Family<ClaimLabels, U64Gauge> = Family::default();
         let mut prepared = 0u64;
-        for (uid, claim) in checkpoint.claims.iter().filter(|(_, c)| c.state == ClaimState::PrepareCompleted) {
+        for (uid, claim) in checkpoint
+            .claims
+            .iter()
+            .filter(|(_, c)| c.state == ClaimState::PrepareCompleted)
+        {
             prepared += 1;
             let region = tessera_driver::cdi::HostPaths::new(&self.state_dir, uid).region;
             let usage = regions::read_usage(&region);
             if let Err(error) = &usage {
                 tracing::debug!(claim_uid = %uid, %error, "metrics: region unreadable");
             }
-            let claim_labels = ClaimLabels { namespace: claim.namespace.clone(), claim: claim.name.clone(), claim_uid: uid.clone() };
+            let claim_labels = ClaimLabels {
+                namespace: claim.namespace.clone(),
+                claim: claim.name.clone(),
+                claim_uid: uid.clone(),
+            };
             let (devices, live) = usage.unwrap_or_default();
             processes.get_or_create(&claim_labels).set(live as u64);
             for gpu in &claim.gpus {
@@ -139,7 +176,10 @@ impl Collector for ClaimCollector {
                     claim_uid: uid.clone(),
                     gpu_uuid: gpu.uuid.clone(),
                 };
-                let in_use = devices.iter().find(|d| d.uuid == gpu.uuid).map_or(0, |d| d.memory_used);
+                let in_use = devices
+                    .iter()
+                    .find(|d| d.uuid == gpu.uuid)
+                    .map_or(0, |d| d.memory_used);
                 used.get_or_create(&labels).set(in_use);
                 limit.get_or_create(&labels).set(gpu.memory_limit);
                 cores.get_or_create(&labels).set(u64::from(gpu.cores));
@@ -147,7 +187,12 @@ impl Collector for ClaimCollector {
         }
         let count: U64Gauge = Gauge::default();
         count.set(prepared);
-        count.encode(encoder.encode_descriptor("claims_prepared", "Claims prepared on this node", None, MetricType::Gauge)?)?;
+        count.encode(encoder.encode_descriptor(
+            "claims_prepared",
+            "Claims prepared on this node",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let bytes = Unit::Bytes;
         let percent = Unit::Other("percent".into());
         used.encode(encoder.encode_descriptor(
@@ -156,14 +201,24 @@ impl Collector for ClaimCollector {
             Some(&bytes),
             MetricType::Gauge,
         )?)?;
-        limit.encode(encoder.encode_descriptor("claim_memory_limit", "GPU memory limit of a claim", Some(&bytes), MetricType::Gauge)?)?;
+        limit.encode(encoder.encode_descriptor(
+            "claim_memory_limit",
+            "GPU memory limit of a claim",
+            Some(&bytes),
+            MetricType::Gauge,
+        )?)?;
         cores.encode(encoder.encode_descriptor(
             "claim_cores_limit",
             "Compute share of a claim on a GPU (100 = the whole GPU)",
             Some(&percent),
             MetricType::Gauge,
         )?)?;
-        processes.encode(encoder.encode_descriptor("claim_processes", "Live processes using a claim", None, MetricType::Gauge)?)?;
+        processes.encode(encoder.encode_descriptor(
+            "claim_processes",
+            "Live processes using a claim",
+            None,
+            MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }

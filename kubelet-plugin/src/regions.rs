@@ -26,9 +26,13 @@ pub fn read_usage(path: &Path) -> std::io::Result<(Vec<DeviceUsage>, usize)> {
     let mut file = File::open(path)?;
     let mut bytes = Vec::with_capacity(REGION_SIZE);
     file.read_to_end(&mut bytes)?;
-    let snapshot = RegionSnapshot::parse(&bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let live: Vec<bool> = (0..snapshot.slots.len()).map(|i| slot_is_live(&file, i)).collect();
-    let is_live = |slot: &tessera_api::region::SlotSnapshot| live.get(slot.index).copied().unwrap_or(false);
+    let snapshot = RegionSnapshot::parse(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let live: Vec<bool> = (0..snapshot.slots.len())
+        .map(|i| slot_is_live(&file, i))
+        .collect();
+    let is_live =
+        |slot: &tessera_api::region::SlotSnapshot| live.get(slot.index).copied().unwrap_or(false);
     let usage = snapshot
         .devices
         .iter()
@@ -39,7 +43,11 @@ pub fn read_usage(path: &Path) -> std::io::Result<(Vec<DeviceUsage>, usize)> {
             memory_limit: device.memory_limit,
         })
         .collect();
-    let processes = snapshot.slots.iter().filter(|s| s.state == tessera_api::region::SLOT_ACTIVE && is_live(s)).count();
+    let processes = snapshot
+        .slots
+        .iter()
+        .filter(|s| s.state == tessera_api::region::SLOT_ACTIVE && is_live(s))
+        .count();
     Ok((usage, processes))
 }
 

@@ -67,21 +67,39 @@ impl Plugin {
         let dra_server = tokio::spawn(
             Server::builder()
                 .add_service(v1::dra_plugin_server::DraPluginServer::new(service.clone()))
-                .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(service.clone()))
+                .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(
+                    service.clone(),
+                ))
                 .add_service(v1alpha3::node_server::NodeServer::new(service))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(dra), until),
         );
         // The kubelet dials the endpoint from its own working directory: always absolute.
-        let endpoint = std::path::absolute(&sockets.dra).unwrap_or_else(|_| sockets.dra.clone()).display().to_string();
-        let registrar = Registration { endpoint, registered: registered.clone() };
+        let endpoint = std::path::absolute(&sockets.dra)
+            .unwrap_or_else(|_| sockets.dra.clone())
+            .display()
+            .to_string();
+        let registrar = Registration {
+            endpoint,
+            registered: registered.clone(),
+        };
         let reg = bind(&sockets.registration)?;
         let reg_server = tokio::spawn(
             Server::builder()
-                .add_service(registration::registration_server::RegistrationServer::new(registrar))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(reg), shutdown_signal(signal)),
+                .add_service(registration::registration_server::RegistrationServer::new(
+                    registrar,
+                ))
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(reg),
+                    shutdown_signal(signal),
+                ),
         );
         tracing::info!(registration = %sockets.registration.display(), dra = %sockets.dra.display(), "serving");
-        Ok(Plugin { sockets, registered, shutdown, servers: vec![dra_server, reg_server] })
+        Ok(Plugin {
+            sockets,
+            registered,
+            shutdown,
+            servers: vec![dra_server, reg_server],
+        })
     }
 
     /// Stops serving: the registration socket goes first, so the kubelet stops routing calls here
@@ -108,7 +126,10 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
     if path.as_os_str().len() > UNIX_PATH_MAX {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("socket path {} is longer than {UNIX_PATH_MAX} bytes", path.display()),
+            format!(
+                "socket path {} is longer than {UNIX_PATH_MAX} bytes",
+                path.display()
+            ),
         ));
     }
     if let Some(dir) = path.parent() {
@@ -119,5 +140,6 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    UnixListener::bind(path).map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))
+    UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))
 }

@@ -25,13 +25,27 @@ impl Drop for SliceController {
 
 /// `mode`: `off` publishes nothing (slices come from elsewhere); otherwise a
 /// [`ModeSetting`] (`auto`, `consumable`, `partitioned`, `fixed`, `fixed:<n>`, `exclusive`).
-pub fn start(client: kube::Client, node: &str, mode: &str, inventory: Inventory) -> anyhow::Result<SliceController> {
+pub fn start(
+    client: kube::Client,
+    node: &str,
+    mode: &str,
+    inventory: Inventory,
+) -> anyhow::Result<SliceController> {
     let (tx, rx) = tokio::sync::watch::channel(inventory);
     if mode == "off" {
         tracing::info!("--sharing-mode off: not publishing ResourceSlices");
-        return Ok(SliceController { task: None, inventory: tx });
+        return Ok(SliceController {
+            task: None,
+            inventory: tx,
+        });
     }
-    let mode: ModeSetting = mode.parse().map_err(|e: String| anyhow::anyhow!("--sharing-mode: {e}"))?;
-    let (controller, _status) = NodeController::new(client, NodeControllerConfig::new(node, mode), rx);
-    Ok(SliceController { task: Some(tokio::spawn(controller.run())), inventory: tx })
+    let mode: ModeSetting = mode
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--sharing-mode: {e}"))?;
+    let (controller, _status) =
+        NodeController::new(client, NodeControllerConfig::new(node, mode), rx);
+    Ok(SliceController {
+        task: Some(tokio::spawn(controller.run())),
+        inventory: tx,
+    })
 }

@@ -17,12 +17,19 @@ use support::*;
 const UID: &str = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a77";
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn http_get(port: u16, path: &str) -> String {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("request");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("response");
     response
@@ -31,7 +38,11 @@ fn http_get(port: u16, path: &str) -> String {
 async fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -53,16 +64,25 @@ async fn the_binary_registers_prepares_serves_metrics_and_stops_cleanly() {
     std::fs::write(&inventory, inventory_json()).expect("inventory");
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
-        .arg("--node-name").arg(NODE)
-        .arg("--kubeconfig").arg(&kubeconfig)
-        .arg("--registrar-dir").arg(env.path("registry"))
-        .arg("--plugin-dir").arg(env.path("plugins/gpu.tessera.dev"))
-        .arg("--cdi-dir").arg(env.path("cdi"))
-        .arg("--state-dir").arg(env.path("state"))
-        .arg("--inventory").arg(&inventory)
+        .arg("--node-name")
+        .arg(NODE)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--registrar-dir")
+        .arg(env.path("registry"))
+        .arg("--plugin-dir")
+        .arg(env.path("plugins/gpu.tessera.dev"))
+        .arg("--cdi-dir")
+        .arg(env.path("cdi"))
+        .arg("--state-dir")
+        .arg(env.path("state"))
+        .arg("--inventory")
+        .arg(&inventory)
         // Any ELF file stands in for the shim here.
-        .arg("--shim-path").arg("/bin/true")
-        .arg("--metrics-address").arg(format!("127.0.0.1:{port}"))
+        .arg("--shim-path")
+        .arg("/bin/true")
+        .arg("--metrics-address")
+        .arg(format!("127.0.0.1:{port}"))
         .args(["--log-format", "json", "--instance-id", "pod-1"])
         .env_remove("KUBECONFIG")
         .env_remove("POD_UID")
@@ -73,14 +93,39 @@ async fn the_binary_registers_prepares_serves_metrics_and_stops_cleanly() {
     let registration = env.path("registry/gpu.tessera.dev-pod-1-reg.sock");
     wait_for(&registration).await;
     let info = get_info(&registration).await;
-    assert_eq!(info.endpoint, env.path("plugins/gpu.tessera.dev/dra-pod-1.sock").display().to_string());
-    assert_eq!(std::fs::read_to_string(env.path("state/lib/ld.so.preload")).expect("preload"), "/usr/lib/tessera/libtessera.so\n");
-    assert_eq!(std::fs::read(env.path("state/lib/libtessera.so")).expect("shim copy"), std::fs::read("/bin/true").expect("/bin/true"));
+    assert_eq!(
+        info.endpoint,
+        env.path("plugins/gpu.tessera.dev/dra-pod-1.sock")
+            .display()
+            .to_string()
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.path("state/lib/ld.so.preload")).expect("preload"),
+        "/usr/lib/tessera/libtessera.so\n"
+    );
+    assert_eq!(
+        std::fs::read(env.path("state/lib/libtessera.so")).expect("shim copy"),
+        std::fs::read("/bin/true").expect("/bin/true")
+    );
 
-    env.api.put(claim("default", "c", UID, Some(vec![result("gpu", "gpu-1-slice-0of2")]), vec![]));
+    env.api.put(claim(
+        "default",
+        "c",
+        UID,
+        Some(vec![result("gpu", "gpu-1-slice-0of2")]),
+        vec![],
+    ));
     let kubelet = Kubelet::connect(Path::new(&info.endpoint)).await;
-    let devices = kubelet.prepare_ok(Version::V1beta1, &Claim::new("default", "c", UID)).await;
-    assert_eq!(devices[0].cdi_device_ids, vec![format!("gpu.tessera.dev/claim={UID}-gpu-1-slice-0of2"), format!("nvidia.com/gpu={GPU1}")]);
+    let devices = kubelet
+        .prepare_ok(Version::V1beta1, &Claim::new("default", "c", UID))
+        .await;
+    assert_eq!(
+        devices[0].cdi_device_ids,
+        vec![
+            format!("gpu.tessera.dev/claim={UID}-gpu-1-slice-0of2"),
+            format!("nvidia.com/gpu={GPU1}")
+        ]
+    );
     validate_spec(&env.spec_path(UID));
 
     let metrics = http_get(port, "/metrics");
@@ -92,12 +137,19 @@ async fn the_binary_registers_prepares_serves_metrics_and_stops_cleanly() {
     let output = child.wait_with_output().expect("plugin exits");
     let logs = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "exit {:?}:\n{logs}", output.status);
-    assert!(!registration.exists() && !env.path("plugins/gpu.tessera.dev/dra-pod-1.sock").exists(), "sockets removed");
+    assert!(
+        !registration.exists() && !env.path("plugins/gpu.tessera.dev/dra-pod-1.sock").exists(),
+        "sockets removed"
+    );
     for line in logs.lines() {
-        let parsed: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        let parsed: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
         assert!(parsed.get("level").is_some(), "{line}");
     }
-    assert!(logs.contains("prepared claim") && logs.contains("resource.k8s.io/v1beta1"), "{logs}");
+    assert!(
+        logs.contains("prepared claim") && logs.contains("resource.k8s.io/v1beta1"),
+        "{logs}"
+    );
     // The claim stays prepared across the restart of the plugin.
     assert!(env.checkpoint().claims.contains_key(UID));
 }
@@ -106,37 +158,68 @@ async fn the_binary_registers_prepares_serves_metrics_and_stops_cleanly() {
 fn a_bad_inventory_stops_the_binary_with_the_field_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let inventory = dir.path().join("inventory.json");
-    std::fs::write(&inventory, r#"{"devices":[{"uuid":"GPU-1","name":"x","memory":-1}]}"#).expect("inventory");
+    std::fs::write(
+        &inventory,
+        r#"{"devices":[{"uuid":"GPU-1","name":"x","memory":-1}]}"#,
+    )
+    .expect("inventory");
     let output = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
-        .args(["--node-name", "n", "--kubeconfig", "/nonexistent", "--inventory"])
+        .args([
+            "--node-name",
+            "n",
+            "--kubeconfig",
+            "/nonexistent",
+            "--inventory",
+        ])
         .arg(&inventory)
-        .arg("--state-dir").arg(dir.path().join("state"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("devices[0].memory") && stderr.contains("inventory.json"), "{stderr}");
+    assert!(
+        stderr.contains("devices[0].memory") && stderr.contains("inventory.json"),
+        "{stderr}"
+    );
 }
 
 /// Without `--inventory` the plugin asks NVML; here the fake NVML over the same node file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_inventory_file_the_gpus_come_from_nvml() {
     let exe = std::env::current_exe().expect("test executable");
-    let nvml = exe.parent().and_then(Path::parent).expect("target dir").join("libnvidia_ml.so");
+    let nvml = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("libnvidia_ml.so");
     if !nvml.exists() {
-        assert_ne!(std::env::var("TESSERA_E2E").as_deref(), Ok("1"), "{} is not built (cargo build --workspace)", nvml.display());
-        eprintln!("SKIPPED: {} is not built (cargo build --workspace)", nvml.display());
+        assert_ne!(
+            std::env::var("TESSERA_E2E").as_deref(),
+            Ok("1"),
+            "{} is not built (cargo build --workspace)",
+            nvml.display()
+        );
+        eprintln!(
+            "SKIPPED: {} is not built (cargo build --workspace)",
+            nvml.display()
+        );
         return;
     }
     let env = Env::new(&["v1"]);
     let node = env.path("fakegpu.json");
     std::fs::write(&node, inventory_json()).expect("node file");
     let child = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
-        .arg("--node-name").arg(NODE)
-        .arg("--kubeconfig").arg("/nonexistent/kubeconfig")
-        .arg("--nvml-library").arg(&nvml)
-        .arg("--state-dir").arg(env.path("state"))
-        .arg("--shim-path").arg("/bin/true")
+        .arg("--node-name")
+        .arg(NODE)
+        .arg("--kubeconfig")
+        .arg("/nonexistent/kubeconfig")
+        .arg("--nvml-library")
+        .arg(&nvml)
+        .arg("--state-dir")
+        .arg(env.path("state"))
+        .arg("--shim-path")
+        .arg("/bin/true")
         .env("FAKEGPU_CONFIG", &node)
         .env("FAKEGPU_STATE", env.path("fakegpu.state"))
         .output()
@@ -144,7 +227,13 @@ async fn without_an_inventory_file_the_gpus_come_from_nvml() {
     // It stops at the missing kubeconfig, after logging the GPUs NVML reported.
     let logs = String::from_utf8_lossy(&child.stderr);
     assert!(!child.status.success());
-    for expected in [GPU0, GPU1, "NVIDIA GeForce RTX 4090", "memory=25769803776", "kubeconfig"] {
+    for expected in [
+        GPU0,
+        GPU1,
+        "NVIDIA GeForce RTX 4090",
+        "memory=25769803776",
+        "kubeconfig",
+    ] {
         assert!(logs.contains(expected), "{expected:?} not in:\n{logs}");
     }
 }

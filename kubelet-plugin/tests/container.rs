@@ -35,13 +35,21 @@ fn require(ok: bool, reason: impl FnOnce() -> String) -> Option<()> {
 }
 
 fn on_path(tool: &str) -> bool {
-    Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// `<target>/debug`, where `cargo build --workspace` puts the cdylibs.
 fn build_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
-    exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile dir")
+        .to_path_buf()
 }
 
 fn exports(library: &Path, symbol: &str) -> bool {
@@ -49,18 +57,38 @@ fn exports(library: &Path, symbol: &str) -> bool {
         .args(["-D", "--defined-only"])
         .arg(library)
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.ends_with(&format!(" {symbol}"))))
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.ends_with(&format!(" {symbol}")))
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_wall_holds_inside_a_podman_container() {
     let libs = build_dir();
-    let (cuda, nvml, shim) = (libs.join("libcuda.so"), libs.join("libnvidia_ml.so"), libs.join("libtessera.so"));
-    let Some(()) = require(on_path("podman") && on_path("runc"), || "podman or runc is not installed (scripts/install-podman.sh)".into()) else { return };
-    let Some(()) = require(nix::unistd::geteuid().is_root(), || "not root".into()) else { return };
-    let Some(()) = require(shim.exists() && exports(&cuda, "cuInit") && nvml.exists(), || {
-        format!("the fake driver or the shim is not built in {} (cargo build --workspace)", libs.display())
+    let (cuda, nvml, shim) = (
+        libs.join("libcuda.so"),
+        libs.join("libnvidia_ml.so"),
+        libs.join("libtessera.so"),
+    );
+    let Some(()) = require(on_path("podman") && on_path("runc"), || {
+        "podman or runc is not installed (scripts/install-podman.sh)".into()
     }) else {
+        return;
+    };
+    let Some(()) = require(nix::unistd::geteuid().is_root(), || "not root".into()) else {
+        return;
+    };
+    let Some(()) = require(
+        shim.exists() && exports(&cuda, "cuInit") && nvml.exists(),
+        || {
+            format!(
+                "the fake driver or the shim is not built in {} (cargo build --workspace)",
+                libs.display()
+            )
+        },
+    ) else {
         return;
     };
 
@@ -80,7 +108,11 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
             nix::sys::stat::Mode::from_bits_truncate(0o666),
             nix::sys::stat::makedev(1, 3),
         );
-        let Some(()) = require(made.is_ok(), || format!("cannot create device node {node}: {made:?}")) else { return };
+        let Some(()) = require(made.is_ok(), || {
+            format!("cannot create device node {node}: {made:?}")
+        }) else {
+            return;
+        };
     }
     let inventory = env.path("inventory.json");
     std::fs::write(&inventory, inventory_json()).expect("inventory");
@@ -96,20 +128,46 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
     assert!(cc.success(), "compiling {}", source.display());
 
     // Podman 4.3 reads CDI specs only from /etc/cdi and /var/run/cdi; newer ones take a flag.
-    let help = Command::new("podman").arg("--help").output().expect("podman --help");
+    let help = Command::new("podman")
+        .arg("--help")
+        .output()
+        .expect("podman --help");
     let spec_dir_flag = String::from_utf8_lossy(&help.stdout).contains("--cdi-spec-dir");
     let mut config = env.node_config();
-    config.cdi_dir = if spec_dir_flag { env.path("cdi") } else { PathBuf::from("/var/run/cdi") };
+    config.cdi_dir = if spec_dir_flag {
+        env.path("cdi")
+    } else {
+        PathBuf::from("/var/run/cdi")
+    };
     config.cdi_mode = CdiMode::Standalone;
-    config.driver_files = Some(DriverFiles::discover(&env.path("driver"), &env.path("devroot")).expect("fake driver found"));
+    config.driver_files = Some(
+        DriverFiles::discover(&env.path("driver"), &env.path("devroot"))
+            .expect("fake driver found"),
+    );
     tessera_kubelet_plugin::install::install_shim(&shim, &config.state_dir).expect("install shim");
     let cdi_dir = config.cdi_dir.clone();
     let instance = env.start_with(config, None, None).await;
 
-    env.api.put(claim("default", "wall", UID, Some(vec![share("gpu", "gpu-0", "9f0c4c4e-1111-4000-8000-00000000c0de", "1Gi", "50")]), vec![]));
+    env.api.put(claim(
+        "default",
+        "wall",
+        UID,
+        Some(vec![share(
+            "gpu",
+            "gpu-0",
+            "9f0c4c4e-1111-4000-8000-00000000c0de",
+            "1Gi",
+            "50",
+        )]),
+        vec![],
+    ));
     let claim_ref = Claim::new("default", "wall", UID);
     let devices = instance.kubelet.prepare_ok(Version::V1, &claim_ref).await;
-    assert_eq!(devices[0].cdi_device_ids.len(), 1, "standalone mode returns only Tessera's IDs");
+    assert_eq!(
+        devices[0].cdi_device_ids.len(),
+        1,
+        "standalone mode returns only Tessera's IDs"
+    );
     let device_id = devices[0].cdi_device_ids[0].clone();
 
     let podman = |args: &[&str]| {
@@ -119,10 +177,24 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
             command.arg("--cdi-spec-dir").arg(&cdi_dir);
         }
         // Every flag before --rootfs: podman takes the first positional argument as the rootfs.
-        command.args(["run", "--rm", "-i", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000", "--network=none"]);
+        command.args([
+            "run",
+            "--rm",
+            "-i",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1000:1000",
+            "--network=none",
+        ]);
         command.args(["--device", &device_id]);
-        command.arg("-e").arg(format!("FAKEGPU_CONFIG={}", inventory.display()));
-        command.arg("-e").arg(format!("FAKEGPU_STATE={}", env.path("fakegpu.state").display()));
+        command
+            .arg("-e")
+            .arg(format!("FAKEGPU_CONFIG={}", inventory.display()));
+        command.arg("-e").arg(format!(
+            "FAKEGPU_STATE={}",
+            env.path("fakegpu.state").display()
+        ));
         command.args(["--rootfs", "/:O"]).args(args);
         command
     };
@@ -133,8 +205,18 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
         .output()
         .expect("run podman");
     let out = String::from_utf8_lossy(&probe.stdout);
-    assert!(probe.status.success(), "podman failed: {}\n{out}", String::from_utf8_lossy(&probe.stderr));
-    for expected in ["preload=[]", "/usr/lib/tessera/libtessera.so", "config=/etc/tessera/config.json", "/dev/nvidia0", "config-read-only"] {
+    assert!(
+        probe.status.success(),
+        "podman failed: {}\n{out}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    for expected in [
+        "preload=[]",
+        "/usr/lib/tessera/libtessera.so",
+        "config=/etc/tessera/config.json",
+        "/dev/nvidia0",
+        "config-read-only",
+    ] {
         assert!(out.contains(expected), "{expected:?} not in:\n{out}");
     }
 
@@ -159,20 +241,41 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
     assert_eq!(ask(""), vec!["ready"]);
     assert_eq!(ask("init 0"), vec!["init", "0"]);
     let info = ask("info");
-    assert_eq!((info[1].as_str(), info[3].as_str()), ("0", (1024 * MIB).to_string().as_str()), "the slice, not the card: {info:?}");
+    assert_eq!(
+        (info[1].as_str(), info[3].as_str()),
+        ("0", (1024 * MIB).to_string().as_str()),
+        "the slice, not the card: {info:?}"
+    );
     assert_eq!(ask(&format!("alloc {}", 768 * MIB))[1], "0");
     // Seen from the host while the process lives: the region the container charges.
-    let (usage, processes) = tessera_kubelet_plugin::regions::read_usage(&env.claim_dir(UID).join("region")).expect("region");
+    let (usage, processes) =
+        tessera_kubelet_plugin::regions::read_usage(&env.claim_dir(UID).join("region"))
+            .expect("region");
     assert_eq!((usage[0].memory_used, processes), (768 * MIB, 1));
-    assert_eq!(ask(&format!("alloc {}", 512 * MIB))[1], CUDA_ERROR_OUT_OF_MEMORY, "past the wall");
-    assert_eq!(ask(&format!("alloc {}", 256 * MIB))[1], "0", "up to the wall");
+    assert_eq!(
+        ask(&format!("alloc {}", 512 * MIB))[1],
+        CUDA_ERROR_OUT_OF_MEMORY,
+        "past the wall"
+    );
+    assert_eq!(
+        ask(&format!("alloc {}", 256 * MIB))[1],
+        "0",
+        "up to the wall"
+    );
     writeln!(stdin, "quit").expect("quit");
     drop(stdin);
     let output = child.wait_with_output().expect("podman exits");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     instance.kubelet.unprepare_ok(Version::V1, &claim_ref).await;
-    assert!(!cdi_dir.join(format!("tessera-{UID}.json")).exists(), "spec removed");
+    assert!(
+        !cdi_dir.join(format!("tessera-{UID}.json")).exists(),
+        "spec removed"
+    );
     env.assert_clean(UID);
     instance.stop().await;
 }

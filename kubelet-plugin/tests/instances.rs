@@ -20,7 +20,9 @@ fn uid(instance: u32, n: u32) -> String {
 /// interleave if the lock did not hold them apart.
 fn recorder(instance: u32, log: Arc<Mutex<Vec<(u32, Step, Instant)>>>) -> FaultHook {
     Arc::new(move |step, _uid| {
-        log.lock().unwrap_or_else(|p| p.into_inner()).push((instance, step, Instant::now()));
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((instance, step, Instant::now()));
         std::thread::sleep(Duration::from_millis(2));
         false
     })
@@ -30,8 +32,12 @@ fn recorder(instance: u32, log: Arc<Mutex<Vec<(u32, Step, Instant)>>>) -> FaultH
 async fn two_instances_serialise_their_calls() {
     let env = Env::new(&["v1"]);
     let log = Arc::new(Mutex::new(Vec::new()));
-    let a = env.start(Some("pod-a"), Some(recorder(1, log.clone()))).await;
-    let b = env.start(Some("pod-b"), Some(recorder(2, log.clone()))).await;
+    let a = env
+        .start(Some("pod-a"), Some(recorder(1, log.clone())))
+        .await;
+    let b = env
+        .start(Some("pod-b"), Some(recorder(2, log.clone())))
+        .await;
     assert_ne!(a.sockets.dra, b.sockets.dra);
     assert_ne!(a.sockets.registration, b.sockets.registration);
 
@@ -40,12 +46,22 @@ async fn two_instances_serialise_their_calls() {
     for instance in [1, 2] {
         for n in 0..10 {
             let id = uid(instance, n);
-            env.api.put(claim(NS, &format!("c-{instance}-{n}"), &id, Some(vec![result("gpu", &format!("gpu-{}-slice-{n}of10", n % 2))]), vec![]));
+            env.api.put(claim(
+                NS,
+                &format!("c-{instance}-{n}"),
+                &id,
+                Some(vec![result("gpu", &format!("gpu-{}-slice-{n}of10", n % 2))]),
+                vec![],
+            ));
             claims.push((instance, Claim::new(NS, &format!("c-{instance}-{n}"), &id)));
         }
     }
     let calls = claims.iter().map(|(instance, claim)| {
-        let kubelet = if *instance == 1 { a.kubelet.clone() } else { b.kubelet.clone() };
+        let kubelet = if *instance == 1 {
+            a.kubelet.clone()
+        } else {
+            b.kubelet.clone()
+        };
         let claim = claim.clone();
         async move { kubelet.prepare_ok(Version::V1, &claim).await }
     });
@@ -62,18 +78,32 @@ async fn two_instances_serialise_their_calls() {
     for (instance, step, _) in &log {
         match (step, current) {
             (Step::Started, None) => current = Some(*instance),
-            (Step::Started, Some(other)) => panic!("instance {instance} started while {other} was mid-call"),
+            (Step::Started, Some(other)) => {
+                panic!("instance {instance} started while {other} was mid-call")
+            }
             (Step::Completed, Some(owner)) if owner == *instance => current = None,
-            (_, Some(owner)) => assert_eq!(owner, *instance, "instance {instance} ran {step:?} inside another call"),
+            (_, Some(owner)) => assert_eq!(
+                owner, *instance,
+                "instance {instance} ran {step:?} inside another call"
+            ),
             (_, None) => panic!("{step:?} outside a call"),
         }
     }
 
     // The same claim through both at once: one preparation, the same answer twice.
     let id = uid(3, 0);
-    env.api.put(claim(NS, "shared", &id, Some(vec![result("gpu", "gpu-1")]), vec![]));
+    env.api.put(claim(
+        NS,
+        "shared",
+        &id,
+        Some(vec![result("gpu", "gpu-1")]),
+        vec![],
+    ));
     let shared = Claim::new(NS, "shared", &id);
-    let (x, y) = tokio::join!(a.kubelet.prepare_ok(Version::V1, &shared), b.kubelet.prepare_ok(Version::V1beta1, &shared));
+    let (x, y) = tokio::join!(
+        a.kubelet.prepare_ok(Version::V1, &shared),
+        b.kubelet.prepare_ok(Version::V1beta1, &shared)
+    );
     assert_eq!(x[0].cdi_device_ids, y[0].cdi_device_ids);
     a.stop().await;
     // The old instance is gone; the new one serves everything, unprepare included.

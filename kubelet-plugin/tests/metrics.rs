@@ -24,11 +24,20 @@ fn put_u64(bytes: &mut [u8], at: usize, v: u64) {
 
 async fn get(router: axum::Router, path: &str) -> (u16, String) {
     let response = router
-        .oneshot(http::Request::get(path).body(axum::body::Body::empty()).expect("request"))
+        .oneshot(
+            http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .expect("request"),
+        )
         .await
         .expect("response");
     let status = response.status().as_u16();
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -36,8 +45,23 @@ async fn get(router: axum::Router, path: &str) -> (u16, String) {
 async fn metrics_count_only_live_processes() {
     let env = Env::new(&["v1"]);
     let instance = env.start(None, None).await;
-    env.api.put(claim("team-a", "train", UID, Some(vec![share("gpu", "gpu-0", "9f0c4c4e-1111-4000-8000-000000000001", "8Gi", "50")]), vec![]));
-    instance.kubelet.prepare_ok(Version::V1, &Claim::new("team-a", "train", UID)).await;
+    env.api.put(claim(
+        "team-a",
+        "train",
+        UID,
+        Some(vec![share(
+            "gpu",
+            "gpu-0",
+            "9f0c4c4e-1111-4000-8000-000000000001",
+            "8Gi",
+            "50",
+        )]),
+        vec![],
+    ));
+    instance
+        .kubelet
+        .prepare_ok(Version::V1, &Claim::new("team-a", "train", UID))
+        .await;
 
     // Two processes charged the region: slot 0's owner is alive (holds its lock), slot 1's died.
     let path = env.claim_dir(UID).join("region");
@@ -48,7 +72,11 @@ async fn metrics_count_only_live_processes() {
         put_u64(&mut bytes, slot_offset(slot) + 64, used);
     }
     std::fs::write(&path, &bytes).expect("charge");
-    let owner = OpenOptions::new().read(true).write(true).open(&path).expect("open region");
+    let owner = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open region");
     let lock = nix::libc::flock {
         l_type: nix::libc::F_WRLCK as i16,
         l_whence: nix::libc::SEEK_SET as i16,
@@ -61,21 +89,30 @@ async fn metrics_count_only_live_processes() {
     let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
     let (status, text) = get(router.clone(), "/metrics").await;
     assert_eq!(status, 200);
-    let labels = format!("namespace=\"team-a\",claim=\"train\",claim_uid=\"{UID}\",gpu_uuid=\"{GPU0}\"");
+    let labels =
+        format!("namespace=\"team-a\",claim=\"train\",claim_uid=\"{UID}\",gpu_uuid=\"{GPU0}\"");
     for line in [
         format!("tessera_claim_memory_used_bytes{{{labels}}} {}", 3 * GIB),
         format!("tessera_claim_memory_limit_bytes{{{labels}}} {}", 8 * GIB),
         format!("tessera_claim_cores_limit_percent{{{labels}}} 50"),
-        format!("tessera_claim_processes{{namespace=\"team-a\",claim=\"train\",claim_uid=\"{UID}\"}} 1"),
+        format!(
+            "tessera_claim_processes{{namespace=\"team-a\",claim=\"train\",claim_uid=\"{UID}\"}} 1"
+        ),
         "tessera_claims_prepared 1".to_string(),
         "tessera_prepared_claims_total 1".to_string(),
         "tessera_prepare_duration_seconds_count 1".to_string(),
     ] {
-        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
     }
     drop(owner);
     let (_, text) = get(router.clone(), "/metrics").await;
-    assert!(text.contains(&format!("tessera_claim_memory_used_bytes{{{labels}}} 0")), "the owner died: {text}");
+    assert!(
+        text.contains(&format!("tessera_claim_memory_used_bytes{{{labels}}} 0")),
+        "the owner died: {text}"
+    );
     assert_eq!(get(router, "/healthz").await, (200, "ok\n".to_string()));
     instance.stop().await;
 }

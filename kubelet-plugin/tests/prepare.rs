@@ -27,29 +27,78 @@ async fn every_kubelet_version_against_every_api_version() {
             let results = if api == "v1alpha3" {
                 vec![result("gpu", "gpu-0-slice-1of4")]
             } else {
-                vec![share("gpu", "gpu-1", "9f0c4c4e-1111-4000-8000-000000000001", "2Gi", "25")]
+                vec![share(
+                    "gpu",
+                    "gpu-1",
+                    "9f0c4c4e-1111-4000-8000-000000000001",
+                    "2Gi",
+                    "25",
+                )]
             };
-            env.api.put(claim(NS, "inference", &id, Some(results), vec![]));
+            env.api
+                .put(claim(NS, "inference", &id, Some(results), vec![]));
             let claim = Claim::new(NS, "inference", &id);
             let devices = instance.kubelet.prepare_ok(version, &claim).await;
             assert_eq!(devices.len(), 1, "{api} {version:?}");
             let device = &devices[0];
-            assert_eq!((device.pool_name.as_str(), device.request_names.clone()), (NODE, vec!["gpu".to_string()]));
+            assert_eq!(
+                (device.pool_name.as_str(), device.request_names.clone()),
+                (NODE, vec!["gpu".to_string()])
+            );
             let config = env.assert_prepared(&id);
             assert_eq!(config.region, "/etc/tessera/region");
             if api == "v1alpha3" {
                 assert_eq!(device.device_name, "gpu-0-slice-1of4");
-                assert_eq!((config.devices[0].uuid.as_str(), config.devices[0].memory_limit, config.devices[0].cores), (GPU0, 6 * GIB, 25));
-                assert_eq!(device.cdi_device_ids, vec![format!("gpu.tessera.dev/claim={id}-gpu-0-slice-1of4"), format!("nvidia.com/gpu={GPU0}")]);
+                assert_eq!(
+                    (
+                        config.devices[0].uuid.as_str(),
+                        config.devices[0].memory_limit,
+                        config.devices[0].cores
+                    ),
+                    (GPU0, 6 * GIB, 25)
+                );
+                assert_eq!(
+                    device.cdi_device_ids,
+                    vec![
+                        format!("gpu.tessera.dev/claim={id}-gpu-0-slice-1of4"),
+                        format!("nvidia.com/gpu={GPU0}")
+                    ]
+                );
             } else {
-                assert_eq!((config.devices[0].uuid.as_str(), config.devices[0].memory_limit, config.devices[0].cores), (GPU1, 2 * GIB, 25));
-                let expected_share = (version == Version::V1).then(|| "9f0c4c4e-1111-4000-8000-000000000001".to_string());
+                assert_eq!(
+                    (
+                        config.devices[0].uuid.as_str(),
+                        config.devices[0].memory_limit,
+                        config.devices[0].cores
+                    ),
+                    (GPU1, 2 * GIB, 25)
+                );
+                let expected_share = (version == Version::V1)
+                    .then(|| "9f0c4c4e-1111-4000-8000-000000000001".to_string());
                 assert_eq!(device.share_id, expected_share, "share_id is a v1 field");
-                assert_eq!(device.cdi_device_ids[0], format!("gpu.tessera.dev/claim={id}-gpu-1-9f0c4c4e-1111-4000-8000-000000000001"));
+                assert_eq!(
+                    device.cdi_device_ids[0],
+                    format!(
+                        "gpu.tessera.dev/claim={id}-gpu-1-9f0c4c4e-1111-4000-8000-000000000001"
+                    )
+                );
             }
             let region = env.claim_dir(&id).join("region");
-            assert_eq!(std::fs::metadata(&region).expect("region").permissions().mode() & 0o777, 0o666);
-            assert!(env.api.requests().iter().any(|p| p.starts_with(&format!("/apis/resource.k8s.io/{api}/"))), "read in {api}");
+            assert_eq!(
+                std::fs::metadata(&region)
+                    .expect("region")
+                    .permissions()
+                    .mode()
+                    & 0o777,
+                0o666
+            );
+            assert!(
+                env.api
+                    .requests()
+                    .iter()
+                    .any(|p| p.starts_with(&format!("/apis/resource.k8s.io/{api}/"))),
+                "read in {api}"
+            );
 
             instance.kubelet.unprepare_ok(version, &claim).await;
             env.assert_clean(&id);
@@ -62,28 +111,80 @@ async fn every_kubelet_version_against_every_api_version() {
 async fn registration_advertises_every_version_newest_first() {
     let env = Env::new(&["v1"]);
     let instance = env.start(Some("pod-uid-1"), None).await;
-    assert!(instance.sockets.registration.ends_with("gpu.tessera.dev-pod-uid-1-reg.sock"));
+    assert!(
+        instance
+            .sockets
+            .registration
+            .ends_with("gpu.tessera.dev-pod-uid-1-reg.sock")
+    );
     assert!(instance.sockets.dra.ends_with("dra-pod-uid-1.sock"));
     let info = get_info(&instance.sockets.registration).await;
     assert_eq!(info.r#type, "DRAPlugin");
     assert_eq!(info.name, "gpu.tessera.dev");
     assert_eq!(info.endpoint, instance.sockets.dra.display().to_string());
-    assert_eq!(info.supported_versions, vec!["v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha3.Node", "1.0.0"]);
+    assert_eq!(
+        info.supported_versions,
+        vec![
+            "v1.DRAPlugin",
+            "v1beta1.DRAPlugin",
+            "v1alpha3.Node",
+            "1.0.0"
+        ]
+    );
     instance.stop().await;
-    assert!(!env.path("registry/gpu.tessera.dev-pod-uid-1-reg.sock").exists(), "sockets removed on stop");
+    assert!(
+        !env.path("registry/gpu.tessera.dev-pod-uid-1-reg.sock")
+            .exists(),
+        "sockets removed on stop"
+    );
 }
 
 #[tokio::test]
 async fn every_error_is_reported_per_claim_and_names_its_cause() {
     let env = Env::new(&["v1"]);
     let instance = env.start(None, None).await;
-    let theirs = json!({"request": "gpu", "driver": "gpu.nvidia.com", "pool": NODE, "device": "gpu-0"});
-    env.api.put(claim(NS, "good", &uid(1), Some(vec![theirs.clone(), result("gpu", "gpu-0")]), vec![]));
-    env.api.put(claim(NS, "replaced", "ffffffff-0000-4000-8000-000000000000", Some(vec![result("gpu", "gpu-0")]), vec![]));
+    let theirs =
+        json!({"request": "gpu", "driver": "gpu.nvidia.com", "pool": NODE, "device": "gpu-0"});
+    env.api.put(claim(
+        NS,
+        "good",
+        &uid(1),
+        Some(vec![theirs.clone(), result("gpu", "gpu-0")]),
+        vec![],
+    ));
+    env.api.put(claim(
+        NS,
+        "replaced",
+        "ffffffff-0000-4000-8000-000000000000",
+        Some(vec![result("gpu", "gpu-0")]),
+        vec![],
+    ));
     env.api.put(claim(NS, "pending", &uid(3), None, vec![]));
-    env.api.put(claim(NS, "bad-config", &uid(4), Some(vec![result("gpu", "gpu-1")]), vec![config_entry("FromClaim", &["gpu"], json!({"priority": "urgent"}))]));
-    env.api.put(claim(NS, "only-theirs", &uid(6), Some(vec![theirs]), vec![]));
-    env.api.put(claim(NS, "unknown-gpu", &uid(7), Some(vec![result("gpu", "gpu-9")]), vec![]));
+    env.api.put(claim(
+        NS,
+        "bad-config",
+        &uid(4),
+        Some(vec![result("gpu", "gpu-1")]),
+        vec![config_entry(
+            "FromClaim",
+            &["gpu"],
+            json!({"priority": "urgent"}),
+        )],
+    ));
+    env.api.put(claim(
+        NS,
+        "only-theirs",
+        &uid(6),
+        Some(vec![theirs]),
+        vec![],
+    ));
+    env.api.put(claim(
+        NS,
+        "unknown-gpu",
+        &uid(7),
+        Some(vec![result("gpu", "gpu-9")]),
+        vec![],
+    ));
     let claims = [
         Claim::new(NS, "good", &uid(1)),
         Claim::new(NS, "replaced", &uid(2)),
@@ -95,23 +196,51 @@ async fn every_error_is_reported_per_claim_and_names_its_cause() {
         Claim::new(NS, "evil", "../../etc"),
     ];
     for version in ALL_VERSIONS {
-        let answer = instance.kubelet.prepare(version, &claims).await.expect("call succeeds");
+        let answer = instance
+            .kubelet
+            .prepare(version, &claims)
+            .await
+            .expect("call succeeds");
         assert_eq!(answer.len(), claims.len(), "an entry for every claim");
         let error = |n: u32| answer[&uid(n)].error.clone();
         assert_eq!(error(1), "");
-        assert_eq!(answer[&uid(1)].devices.len(), 1, "the other driver's result is not ours");
-        assert!(error(2).contains("replaced") && error(2).contains(&uid(2)), "{}", error(2));
+        assert_eq!(
+            answer[&uid(1)].devices.len(),
+            1,
+            "the other driver's result is not ours"
+        );
+        assert!(
+            error(2).contains("replaced") && error(2).contains(&uid(2)),
+            "{}",
+            error(2)
+        );
         assert!(error(3).contains("not allocated"), "{}", error(3));
-        assert!(error(4).contains("priority") && error(4).contains("urgent"), "{}", error(4));
-        assert!(error(5).contains("team-a/missing not found"), "{}", error(5));
-        assert!(error(6).contains("no devices of driver gpu.tessera.dev"), "{}", error(6));
+        assert!(
+            error(4).contains("priority") && error(4).contains("urgent"),
+            "{}",
+            error(4)
+        );
+        assert!(
+            error(5).contains("team-a/missing not found"),
+            "{}",
+            error(5)
+        );
+        assert!(
+            error(6).contains("no devices of driver gpu.tessera.dev"),
+            "{}",
+            error(6)
+        );
         assert!(error(7).contains("GPU index 9"), "{}", error(7));
         assert!(answer["../../etc"].error.contains("not a Kubernetes UID"));
     }
     for n in [2, 3, 4, 5, 6, 7] {
         env.assert_clean(&uid(n));
     }
-    let unprepared = instance.kubelet.unprepare(Version::V1, &claims).await.expect("call succeeds");
+    let unprepared = instance
+        .kubelet
+        .unprepare(Version::V1, &claims)
+        .await
+        .expect("call succeeds");
     assert!(unprepared["../../etc"].contains("not a Kubernetes UID"));
     instance.stop().await;
 }
@@ -121,16 +250,48 @@ async fn claim_and_class_config_reach_the_shim_config() {
     let env = Env::new(&["v1"]);
     let instance = env.start(None, None).await;
     let config = vec![
-        config_entry("FromClass", &[], json!({"priority": "low", "corePolicy": "force"})),
-        config_entry("FromClaim", &["gpu"], json!({"priority": "high", "oversubscribe": true})),
+        config_entry(
+            "FromClass",
+            &[],
+            json!({"priority": "low", "corePolicy": "force"}),
+        ),
+        config_entry(
+            "FromClaim",
+            &["gpu"],
+            json!({"priority": "high", "oversubscribe": true}),
+        ),
     ];
-    env.api.put(claim(NS, "tuned", &uid(1), Some(vec![result("gpu", "gpu-0"), result("gpu", "gpu-1-mem-4096mi-0")]), config));
-    instance.kubelet.prepare_ok(Version::V1, &Claim::new(NS, "tuned", &uid(1))).await;
+    env.api.put(claim(
+        NS,
+        "tuned",
+        &uid(1),
+        Some(vec![
+            result("gpu", "gpu-0"),
+            result("gpu", "gpu-1-mem-4096mi-0"),
+        ]),
+        config,
+    ));
+    instance
+        .kubelet
+        .prepare_ok(Version::V1, &Claim::new(NS, "tuned", &uid(1)))
+        .await;
     let shim = env.assert_prepared(&uid(1));
-    assert_eq!(shim.priority, tessera_api::Priority::High, "the claim's entry wins");
+    assert_eq!(
+        shim.priority,
+        tessera_api::Priority::High,
+        "the claim's entry wins"
+    );
     assert!(shim.oversubscribe);
-    assert_eq!(shim.core_policy, tessera_api::CorePolicy::Default, "whole entries win, not fields");
-    let limits: Vec<_> = shim.devices.iter().map(|d| (d.uuid.as_str(), d.memory_limit, d.cores)).collect();
+    assert_eq!(
+        shim.core_policy,
+        tessera_api::CorePolicy::Default,
+        "whole entries win, not fields"
+    );
+    let limits: Vec<_> = shim
+        .devices
+        .iter()
+        .map(|d| (d.uuid.as_str(), d.memory_limit, d.cores))
+        .collect();
     assert_eq!(limits, vec![(GPU0, 24 * GIB, 100), (GPU1, 4 * GIB, 9)]);
     instance.stop().await;
 }
@@ -140,7 +301,19 @@ async fn prepare_and_unprepare_are_idempotent() {
     let env = Env::new(&["v1"]);
     let instance = env.start(None, None).await;
     let id = uid(1);
-    env.api.put(claim(NS, "c", &id, Some(vec![share("gpu", "gpu-0", "9f0c4c4e-1111-4000-8000-000000000001", "1Gi", "10")]), vec![]));
+    env.api.put(claim(
+        NS,
+        "c",
+        &id,
+        Some(vec![share(
+            "gpu",
+            "gpu-0",
+            "9f0c4c4e-1111-4000-8000-000000000001",
+            "1Gi",
+            "10",
+        )]),
+        vec![],
+    ));
     let claim = Claim::new(NS, "c", &id);
     let first = instance.kubelet.prepare_ok(Version::V1, &claim).await;
     // A process of the claim has charged the region; preparing again must not reset it.
@@ -151,10 +324,21 @@ async fn prepare_and_unprepare_are_idempotent() {
     let checkpoint = std::fs::read(env.path("state/checkpoint.json")).expect("checkpoint");
     for version in ALL_VERSIONS {
         let again = instance.kubelet.prepare_ok(version, &claim).await;
-        assert_eq!(again.iter().map(|d| &d.cdi_device_ids).collect::<Vec<_>>(), first.iter().map(|d| &d.cdi_device_ids).collect::<Vec<_>>());
+        assert_eq!(
+            again.iter().map(|d| &d.cdi_device_ids).collect::<Vec<_>>(),
+            first.iter().map(|d| &d.cdi_device_ids).collect::<Vec<_>>()
+        );
     }
-    assert_eq!(std::fs::read(&region).expect("region"), bytes, "the region was not rewritten");
-    assert_eq!(std::fs::read(env.path("state/checkpoint.json")).expect("checkpoint"), checkpoint, "nothing rewritten");
+    assert_eq!(
+        std::fs::read(&region).expect("region"),
+        bytes,
+        "the region was not rewritten"
+    );
+    assert_eq!(
+        std::fs::read(env.path("state/checkpoint.json")).expect("checkpoint"),
+        checkpoint,
+        "nothing rewritten"
+    );
 
     // A lost CDI spec (say /var/run/cdi emptied) is restored, the region still kept.
     std::fs::remove_file(env.spec_path(&id)).expect("remove spec");
@@ -163,8 +347,14 @@ async fn prepare_and_unprepare_are_idempotent() {
     assert_eq!(std::fs::read(&region).expect("region"), bytes);
 
     instance.kubelet.unprepare_ok(Version::V1, &claim).await;
-    instance.kubelet.unprepare_ok(Version::V1beta1, &claim).await;
-    instance.kubelet.unprepare_ok(Version::V1alpha3, &Claim::new(NS, "never", &uid(9))).await;
+    instance
+        .kubelet
+        .unprepare_ok(Version::V1beta1, &claim)
+        .await;
+    instance
+        .kubelet
+        .unprepare_ok(Version::V1alpha3, &Claim::new(NS, "never", &uid(9)))
+        .await;
     env.assert_clean(&id);
     instance.stop().await;
 }
@@ -174,13 +364,23 @@ async fn unprepare_works_after_the_claim_is_deleted() {
     let env = Env::new(&["v1"]);
     let instance = env.start(None, None).await;
     let id = uid(1);
-    env.api.put(claim(NS, "gone", &id, Some(vec![result("gpu", "gpu-1")]), vec![]));
+    env.api.put(claim(
+        NS,
+        "gone",
+        &id,
+        Some(vec![result("gpu", "gpu-1")]),
+        vec![],
+    ));
     let claim = Claim::new(NS, "gone", &id);
     instance.kubelet.prepare_ok(Version::V1, &claim).await;
     env.api.delete(NS, "gone");
     let requests = env.api.requests().len();
     instance.kubelet.unprepare_ok(Version::V1, &claim).await;
-    assert_eq!(env.api.requests().len(), requests, "unprepare does not ask the API server");
+    assert_eq!(
+        env.api.requests().len(),
+        requests,
+        "unprepare does not ask the API server"
+    );
     env.assert_clean(&id);
     instance.stop().await;
 }
@@ -189,7 +389,13 @@ async fn unprepare_works_after_the_claim_is_deleted() {
 async fn a_reboot_prepares_claims_afresh() {
     let env = Env::new(&["v1"]);
     let id = uid(1);
-    env.api.put(claim(NS, "c", &id, Some(vec![result("gpu", "gpu-0")]), vec![]));
+    env.api.put(claim(
+        NS,
+        "c",
+        &id,
+        Some(vec![result("gpu", "gpu-0")]),
+        vec![],
+    ));
     let claim = Claim::new(NS, "c", &id);
     let instance = env.start(None, None).await;
     instance.kubelet.prepare_ok(Version::V1, &claim).await;
@@ -211,7 +417,13 @@ async fn a_reboot_prepares_claims_afresh() {
 async fn a_prepared_claim_is_kept_when_the_plugin_would_now_prepare_it_differently() {
     let env = Env::new(&["v1"]);
     let id = uid(1);
-    env.api.put(claim(NS, "c", &id, Some(vec![result("gpu", "gpu-0-slice-0of2")]), vec![]));
+    env.api.put(claim(
+        NS,
+        "c",
+        &id,
+        Some(vec![result("gpu", "gpu-0-slice-0of2")]),
+        vec![],
+    ));
     let claim = Claim::new(NS, "c", &id);
     let instance = env.start(None, None).await;
     let first = instance.kubelet.prepare_ok(Version::V1, &claim).await;
@@ -224,8 +436,14 @@ async fn a_prepared_claim_is_kept_when_the_plugin_would_now_prepare_it_different
     let instance = env.start_with(config, None, None).await;
     let again = instance.kubelet.prepare_ok(Version::V1, &claim).await;
     assert_eq!(again, first);
-    assert_eq!(std::fs::read(env.claim_dir(&id).join("config.json")).expect("config"), config_before);
-    assert_eq!(std::fs::read(env.claim_dir(&id).join("region")).expect("region"), region_before);
+    assert_eq!(
+        std::fs::read(env.claim_dir(&id).join("config.json")).expect("config"),
+        config_before
+    );
+    assert_eq!(
+        std::fs::read(env.claim_dir(&id).join("region")).expect("region"),
+        region_before
+    );
     instance.kubelet.unprepare_ok(Version::V1, &claim).await;
     env.assert_clean(&id);
     instance.stop().await;

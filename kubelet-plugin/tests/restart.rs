@@ -14,28 +14,59 @@ const UID: &str = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a77";
 
 fn setup() -> (Env, Claim) {
     let env = Env::new(&["v1"]);
-    let results = vec![share("gpu", "gpu-0", "9f0c4c4e-1111-4000-8000-000000000001", "3Gi", "30")];
+    let results = vec![share(
+        "gpu",
+        "gpu-0",
+        "9f0c4c4e-1111-4000-8000-000000000001",
+        "3Gi",
+        "30",
+    )];
     env.api.put(claim(NS, "c", UID, Some(results), vec![]));
     (env, Claim::new(NS, "c", UID))
 }
 
-const PREPARE_STEPS: [Step; 5] = [Step::Started, Step::ConfigWritten, Step::RegionWritten, Step::SpecWritten, Step::Completed];
+const PREPARE_STEPS: [Step; 5] = [
+    Step::Started,
+    Step::ConfigWritten,
+    Step::RegionWritten,
+    Step::SpecWritten,
+    Step::Completed,
+];
 
 #[tokio::test]
 async fn a_crash_at_any_prepare_step_is_completed_by_the_next_prepare() {
     for step in PREPARE_STEPS {
         let (env, claim) = setup();
         let crashing = env.start(None, Some(crash_at(step))).await;
-        let error = crashing.kubelet.prepare(Version::V1, std::slice::from_ref(&claim)).await.expect_err("crashed");
-        assert!(error.message().contains("simulated crash"), "{step:?}: {error}");
+        let error = crashing
+            .kubelet
+            .prepare(Version::V1, std::slice::from_ref(&claim))
+            .await
+            .expect_err("crashed");
+        assert!(
+            error.message().contains("simulated crash"),
+            "{step:?}: {error}"
+        );
         crashing.stop().await;
-        let record = env.checkpoint().claims.get(UID).cloned().expect("recorded before any file");
-        let expected = if step == Step::Completed { ClaimState::PrepareCompleted } else { ClaimState::PrepareStarted };
+        let record = env
+            .checkpoint()
+            .claims
+            .get(UID)
+            .cloned()
+            .expect("recorded before any file");
+        let expected = if step == Step::Completed {
+            ClaimState::PrepareCompleted
+        } else {
+            ClaimState::PrepareStarted
+        };
         assert_eq!(record.state, expected, "{step:?}");
 
         let restarted = env.start(None, None).await;
         let devices = restarted.kubelet.prepare_ok(Version::V1, &claim).await;
-        assert_eq!(devices[0].cdi_device_ids[0], format!("gpu.tessera.dev/claim={UID}-gpu-0-9f0c4c4e-1111-4000-8000-000000000001"));
+        assert_eq!(
+            devices[0].cdi_device_ids[0],
+            format!("gpu.tessera.dev/claim={UID}-gpu-0-9f0c4c4e-1111-4000-8000-000000000001")
+        );
         let config = env.assert_prepared(UID);
         assert_eq!(config.devices[0].memory_limit, 3 * GIB, "{step:?}");
         restarted.kubelet.unprepare_ok(Version::V1, &claim).await;
@@ -49,7 +80,11 @@ async fn a_half_prepared_claim_is_cleaned_up_by_unprepare() {
     for step in PREPARE_STEPS {
         let (env, claim) = setup();
         let crashing = env.start(None, Some(crash_at(step))).await;
-        crashing.kubelet.prepare(Version::V1, std::slice::from_ref(&claim)).await.expect_err("crashed");
+        crashing
+            .kubelet
+            .prepare(Version::V1, std::slice::from_ref(&claim))
+            .await
+            .expect_err("crashed");
         crashing.stop().await;
         if step == Step::ConfigWritten {
             // The case the issue names: config written, no CDI spec yet.
@@ -59,7 +94,10 @@ async fn a_half_prepared_claim_is_cleaned_up_by_unprepare() {
         // The claim is gone by the time the kubelet gives up on it.
         env.api.delete(NS, "c");
         let restarted = env.start(None, None).await;
-        restarted.kubelet.unprepare_ok(Version::V1beta1, &claim).await;
+        restarted
+            .kubelet
+            .unprepare_ok(Version::V1beta1, &claim)
+            .await;
         env.assert_clean(UID);
         restarted.stop().await;
     }
@@ -73,9 +111,16 @@ async fn a_crash_during_unprepare_is_finished_by_the_next_unprepare() {
         first.kubelet.prepare_ok(Version::V1, &claim).await;
         first.stop().await;
         let crashing = env.start(None, Some(crash_at(step))).await;
-        crashing.kubelet.unprepare(Version::V1, std::slice::from_ref(&claim)).await.expect_err("crashed");
+        crashing
+            .kubelet
+            .unprepare(Version::V1, std::slice::from_ref(&claim))
+            .await
+            .expect_err("crashed");
         crashing.stop().await;
-        assert!(env.checkpoint().claims.contains_key(UID), "{step:?}: the record outlives the files");
+        assert!(
+            env.checkpoint().claims.contains_key(UID),
+            "{step:?}: the record outlives the files"
+        );
         let restarted = env.start(None, None).await;
         restarted.kubelet.unprepare_ok(Version::V1, &claim).await;
         env.assert_clean(UID);

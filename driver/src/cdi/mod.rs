@@ -102,7 +102,12 @@ pub fn device_ids(claim_uid: &str, device: &AllocatedDevice, mode: CdiMode) -> V
 }
 
 /// The spec of a claim. `driver` is `Some` in standalone mode.
-pub fn claim_spec(claim_uid: &str, devices: &[AllocatedDevice], host: &HostPaths, driver: Option<&DriverFiles>) -> Spec {
+pub fn claim_spec(
+    claim_uid: &str,
+    devices: &[AllocatedDevice],
+    host: &HostPaths,
+    driver: Option<&DriverFiles>,
+) -> Spec {
     let path = |p: &Path| p.display().to_string();
     let mut common = ContainerEdits {
         env: vec![format!("{SHIM_CONFIG_ENV}={CONTAINER_CONFIG}")],
@@ -115,7 +120,9 @@ pub fn claim_spec(claim_uid: &str, devices: &[AllocatedDevice], host: &HostPaths
         ],
     };
     if let Some(driver) = driver {
-        common.device_nodes.extend(driver.control_nodes.iter().cloned());
+        common
+            .device_nodes
+            .extend(driver.control_nodes.iter().cloned());
         common.mounts.extend(driver.mounts.iter().cloned());
     }
     let devices = devices
@@ -124,16 +131,27 @@ pub fn claim_spec(claim_uid: &str, devices: &[AllocatedDevice], host: &HostPaths
             // Each CDI device needs an edit of its own (runtimes refuse empty devices): the
             // GPU's node in standalone mode, and in both modes a variable naming the GPU.
             let mut edits = ContainerEdits {
-                env: vec![format!("TESSERA_GPU_{}={}", device.gpu_index, device.gpu_uuid)],
+                env: vec![format!(
+                    "TESSERA_GPU_{}={}",
+                    device.gpu_index, device.gpu_uuid
+                )],
                 ..ContainerEdits::default()
             };
             if let Some(driver) = driver {
                 edits.device_nodes.push(driver.gpu_node(device.gpu_minor));
             }
-            Device { name: device_name(claim_uid, device), container_edits: edits }
+            Device {
+                name: device_name(claim_uid, device),
+                container_edits: edits,
+            }
         })
         .collect();
-    let mut spec = Spec { cdi_version: String::new(), kind: kind(), devices, container_edits: common };
+    let mut spec = Spec {
+        cdi_version: String::new(),
+        kind: kind(),
+        devices,
+        container_edits: common,
+    };
     spec.cdi_version = spec.minimum_version().to_string();
     spec
 }

@@ -92,10 +92,20 @@ impl Spec {
     /// `type` needs 0.4.0; device names starting with a digit (claim UIDs do) and
     /// `deviceNodes[].hostPath` need 0.5.0.
     pub fn minimum_version(&self) -> &'static str {
-        let edits = || std::iter::once(&self.container_edits).chain(self.devices.iter().map(|d| &d.container_edits));
-        let digit_name = self.devices.iter().any(|d| d.name.starts_with(|c: char| c.is_ascii_digit()));
+        let edits = || {
+            std::iter::once(&self.container_edits)
+                .chain(self.devices.iter().map(|d| &d.container_edits))
+        };
+        let digit_name = self
+            .devices
+            .iter()
+            .any(|d| d.name.starts_with(|c: char| c.is_ascii_digit()));
         let host_path = edits().any(|e| e.device_nodes.iter().any(|n| n.host_path.is_some()));
-        let mount_type = edits().any(|e| e.mounts.iter().any(|m| m.r#type.as_deref().is_some_and(|t| !t.is_empty())));
+        let mount_type = edits().any(|e| {
+            e.mounts
+                .iter()
+                .any(|m| m.r#type.as_deref().is_some_and(|t| !t.is_empty()))
+        });
         if digit_name || host_path {
             "0.5.0"
         } else if mount_type {

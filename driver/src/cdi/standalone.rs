@@ -68,10 +68,15 @@ impl DriverFiles {
                 let candidate = driver_root.join(dir).join(soname);
                 // canonicalize resolves the soname link to the versioned file (and fails for a
                 // dangling link, which is skipped like an absent one).
-                candidate.canonicalize().ok().map(|real| (format!("/{dir}/{soname}"), real))
+                candidate
+                    .canonicalize()
+                    .ok()
+                    .map(|real| (format!("/{dir}/{soname}"), real))
             });
             match found {
-                Some((container, real)) => mounts.push(Mount::read_only(real.display().to_string(), container)),
+                Some((container, real)) => {
+                    mounts.push(Mount::read_only(real.display().to_string(), container))
+                }
                 None if *soname == "libcuda.so.1" => {
                     return Err(StandaloneError::NoDriver(driver_root.display().to_string()));
                 }
@@ -80,23 +85,39 @@ impl DriverFiles {
         }
         for binary in BINARIES {
             if let Ok(real) = driver_root.join(binary).canonicalize() {
-                mounts.push(Mount::read_only(real.display().to_string(), format!("/{binary}")));
+                mounts.push(Mount::read_only(
+                    real.display().to_string(),
+                    format!("/{binary}"),
+                ));
             }
         }
-        let files = DriverFiles { dev_root: dev_root.to_path_buf(), control_nodes: Vec::new(), mounts };
+        let files = DriverFiles {
+            dev_root: dev_root.to_path_buf(),
+            control_nodes: Vec::new(),
+            mounts,
+        };
         let control_nodes = CONTROL_NODES
             .iter()
             .filter(|path| files.host_node(path).exists())
             .map(|path| files.node(path))
             .collect();
-        Ok(DriverFiles { control_nodes, ..files })
+        Ok(DriverFiles {
+            control_nodes,
+            ..files
+        })
     }
 
     /// Checks that the GPU node for `minor` exists, so a missing node fails the prepare call
     /// with its name instead of the container start with a runtime error.
     pub fn check_gpu_node(&self, minor: u32) -> Result<(), StandaloneError> {
         let path = format!("/dev/nvidia{minor}");
-        if self.host_node(&path).exists() { Ok(()) } else { Err(StandaloneError::NoDeviceNode(self.host_node(&path).display().to_string())) }
+        if self.host_node(&path).exists() {
+            Ok(())
+        } else {
+            Err(StandaloneError::NoDeviceNode(
+                self.host_node(&path).display().to_string(),
+            ))
+        }
     }
 
     /// `/dev/nvidia<minor>`.
@@ -110,7 +131,12 @@ impl DriverFiles {
 
     fn node(&self, path: &str) -> DeviceNode {
         // hostPath only when it differs: it raises the spec's minimum CDI version to 0.5.0.
-        let host_path = (self.dev_root != Path::new("/")).then(|| self.host_node(path).display().to_string());
-        DeviceNode { path: path.to_string(), host_path, permissions: Some("rw".into()) }
+        let host_path =
+            (self.dev_root != Path::new("/")).then(|| self.host_node(path).display().to_string());
+        DeviceNode {
+            path: path.to_string(),
+            host_path,
+            permissions: Some("rw".into()),
+        }
     }
 }

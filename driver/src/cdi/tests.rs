@@ -28,8 +28,11 @@ fn device(name: &str, share: Option<&str>, index: u32) -> AllocatedDevice {
 fn load_with_cdi_crate(dir: &Path, spec: &Spec) -> cdi_crate::spec::Spec {
     let path: PathBuf = dir.join(spec_file_name(UID));
     std::fs::write(&path, spec.to_json()).expect("write spec");
-    let mut loaded = cdi_crate::spec::read_spec(&path, 0).unwrap_or_else(|e| panic!("CDI crate refused the spec: {e:?}"));
-    loaded.validate().unwrap_or_else(|e| panic!("CDI crate validation failed: {e:?}"));
+    let mut loaded = cdi_crate::spec::read_spec(&path, 0)
+        .unwrap_or_else(|e| panic!("CDI crate refused the spec: {e:?}"));
+    loaded
+        .validate()
+        .unwrap_or_else(|e| panic!("CDI crate validation failed: {e:?}"));
     let raw = cdi_crate::spec::parse_spec(&path).expect("parse");
     let required = cdi_crate::version::minimum_required_version(&raw).expect("minimum version");
     assert!(
@@ -47,35 +50,67 @@ fn host(state: &Path) -> HostPaths {
 #[test]
 fn toolkit_spec_preloads_the_shim_and_mounts_the_config_read_only() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let devices = [device("gpu-0", Some("9f0c4c4e-1111-4000-8000-000000000001"), 0), device("gpu-1-slice-0of2", None, 1)];
+    let devices = [
+        device("gpu-0", Some("9f0c4c4e-1111-4000-8000-000000000001"), 0),
+        device("gpu-1-slice-0of2", None, 1),
+    ];
     let spec = claim_spec(UID, &devices, &host(Path::new("/var/lib/tessera")), None);
     let mut loaded = load_with_cdi_crate(dir.path(), &spec);
     assert_eq!(loaded.get_vendor(), DRIVER_NAME);
     assert_eq!(loaded.get_class(), CLASS);
     let names: Vec<_> = loaded.get_devices().keys().cloned().collect();
-    assert_eq!(names, vec![
-        format!("{UID}-gpu-0-9f0c4c4e-1111-4000-8000-000000000001"),
-        format!("{UID}-gpu-1-slice-0of2"),
-    ]);
-    assert_eq!(spec.cdi_version, "0.5.0", "claim UIDs may start with a digit");
+    assert_eq!(
+        names,
+        vec![
+            format!("{UID}-gpu-0-9f0c4c4e-1111-4000-8000-000000000001"),
+            format!("{UID}-gpu-1-slice-0of2"),
+        ]
+    );
+    assert_eq!(
+        spec.cdi_version, "0.5.0",
+        "claim UIDs may start with a digit"
+    );
     assert!(loaded.edits().is_some());
 
     let mounts = &spec.container_edits.mounts;
-    let find = |path: &str| mounts.iter().find(|m| m.container_path == path).unwrap_or_else(|| panic!("no mount at {path}"));
-    assert_eq!(find(CONTAINER_SHIM).host_path, "/var/lib/tessera/lib/libtessera.so");
+    let find = |path: &str| {
+        mounts
+            .iter()
+            .find(|m| m.container_path == path)
+            .unwrap_or_else(|| panic!("no mount at {path}"))
+    };
+    assert_eq!(
+        find(CONTAINER_SHIM).host_path,
+        "/var/lib/tessera/lib/libtessera.so"
+    );
     assert!(find(CONTAINER_SHIM).options.contains(&"ro".to_string()));
     assert!(find(CONTAINER_PRELOAD).options.contains(&"ro".to_string()));
-    assert_eq!(find(CONTAINER_CONFIG).host_path, format!("/var/lib/tessera/claims/{UID}/config.json"));
-    assert!(find(CONTAINER_CONFIG).options.contains(&"ro".to_string()), "a container must not raise its limit");
+    assert_eq!(
+        find(CONTAINER_CONFIG).host_path,
+        format!("/var/lib/tessera/claims/{UID}/config.json")
+    );
+    assert!(
+        find(CONTAINER_CONFIG).options.contains(&"ro".to_string()),
+        "a container must not raise its limit"
+    );
     assert!(find(CONTAINER_REGION).options.contains(&"rw".to_string()));
-    assert_eq!(spec.container_edits.env, vec!["TESSERA_CONFIG=/etc/tessera/config.json".to_string()]);
-    assert!(spec.container_edits.device_nodes.is_empty(), "the toolkit brings device nodes");
+    assert_eq!(
+        spec.container_edits.env,
+        vec!["TESSERA_CONFIG=/etc/tessera/config.json".to_string()]
+    );
+    assert!(
+        spec.container_edits.device_nodes.is_empty(),
+        "the toolkit brings device nodes"
+    );
 
     let ids = device_ids(UID, &devices[0], CdiMode::Toolkit);
-    assert_eq!(ids, vec![
-        format!("gpu.tessera.dev/claim={UID}-gpu-0-9f0c4c4e-1111-4000-8000-000000000001"),
-        format!("nvidia.com/gpu={}", devices[0].gpu_uuid),
-    ]);
+    assert_eq!(
+        ids,
+        vec![
+            format!("gpu.tessera.dev/claim={UID}-gpu-0-9f0c4c4e-1111-4000-8000-000000000001"),
+            format!("nvidia.com/gpu={}", devices[0].gpu_uuid),
+        ]
+    );
     assert_eq!(device_ids(UID, &devices[1], CdiMode::Standalone).len(), 1);
 }
 
@@ -86,7 +121,8 @@ fn standalone_spec_carries_device_nodes_and_driver_libraries() {
     let lib = root.join("usr/lib/x86_64-linux-gnu");
     std::fs::create_dir_all(&lib).expect("lib dir");
     std::fs::write(lib.join("libcuda.so.570.86.15"), b"elf").expect("lib");
-    std::os::unix::fs::symlink("libcuda.so.570.86.15", lib.join("libcuda.so.1")).expect("soname link");
+    std::os::unix::fs::symlink("libcuda.so.570.86.15", lib.join("libcuda.so.1"))
+        .expect("soname link");
     std::fs::write(lib.join("libnvidia-ml.so.1"), b"elf").expect("nvml");
     let dev = dir.path().join("dev-root/dev");
     std::fs::create_dir_all(&dev).expect("dev");
@@ -95,16 +131,45 @@ fn standalone_spec_carries_device_nodes_and_driver_libraries() {
     }
     let files = DriverFiles::discover(&root, &dir.path().join("dev-root")).expect("driver found");
     files.check_gpu_node(0).expect("gpu 0 exists");
-    assert!(files.check_gpu_node(1).expect_err("gpu 1 missing").to_string().contains("nvidia1"));
-    let spec = claim_spec(UID, &[device("gpu-0", None, 0)], &host(Path::new("/var/lib/tessera")), Some(&files));
+    assert!(
+        files
+            .check_gpu_node(1)
+            .expect_err("gpu 1 missing")
+            .to_string()
+            .contains("nvidia1")
+    );
+    let spec = claim_spec(
+        UID,
+        &[device("gpu-0", None, 0)],
+        &host(Path::new("/var/lib/tessera")),
+        Some(&files),
+    );
 
-    let cuda = spec.container_edits.mounts.iter().find(|m| m.container_path == "/usr/lib/x86_64-linux-gnu/libcuda.so.1").expect("libcuda mount");
-    assert!(cuda.host_path.ends_with("libcuda.so.570.86.15"), "the soname link is resolved: {}", cuda.host_path);
-    let nodes: Vec<_> = spec.container_edits.device_nodes.iter().map(|n| n.path.as_str()).collect();
+    let cuda = spec
+        .container_edits
+        .mounts
+        .iter()
+        .find(|m| m.container_path == "/usr/lib/x86_64-linux-gnu/libcuda.so.1")
+        .expect("libcuda mount");
+    assert!(
+        cuda.host_path.ends_with("libcuda.so.570.86.15"),
+        "the soname link is resolved: {}",
+        cuda.host_path
+    );
+    let nodes: Vec<_> = spec
+        .container_edits
+        .device_nodes
+        .iter()
+        .map(|n| n.path.as_str())
+        .collect();
     assert_eq!(nodes, vec!["/dev/nvidiactl", "/dev/nvidia-uvm"]);
-    assert_eq!(spec.devices[0].container_edits.device_nodes[0].path, "/dev/nvidia0");
+    assert_eq!(
+        spec.devices[0].container_edits.device_nodes[0].path,
+        "/dev/nvidia0"
+    );
     // The CDI crate stats device nodes, so check the format only.
-    let raw: cdi_crate::specs::config::Spec = serde_json::from_slice(&spec.to_json()).expect("CDI crate parses it");
+    let raw: cdi_crate::specs::config::Spec =
+        serde_json::from_slice(&spec.to_json()).expect("CDI crate parses it");
     cdi_crate::spec::validate_spec(&raw).expect("schema-valid");
 
     let empty = tempfile::tempdir().expect("tempdir");

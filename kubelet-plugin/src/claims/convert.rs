@@ -13,14 +13,26 @@ use tessera_driver::claim_config::{ConfigEntry, ConfigSource};
 use super::{Allocation, ApiVersion, Claim, Error, GROUP, Result};
 
 /// Reads one claim; `Ok(None)` when it does not exist.
-pub async fn get(client: &Client, version: ApiVersion, namespace: &str, name: &str) -> Result<Option<Claim>> {
+pub async fn get(
+    client: &Client,
+    version: ApiVersion,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Claim>> {
     use k8s_openapi::api::resource::{v1, v1beta1, v1beta2};
-    let api_error = |source| Error::Api { namespace: namespace.into(), name: name.into(), version: version.as_str(), source };
+    let api_error = |source| Error::Api {
+        namespace: namespace.into(),
+        name: name.into(),
+        version: version.as_str(),
+        source,
+    };
     // The three typed versions share field names, so one macro body converts them all.
     macro_rules! typed {
         ($module:ident) => {{
             let api: Api<$module::ResourceClaim> = Api::namespaced(client.clone(), namespace);
-            let Some(object) = api.get_opt(name).await.map_err(api_error)? else { return Ok(None) };
+            let Some(object) = api.get_opt(name).await.map_err(api_error)? else {
+                return Ok(None);
+            };
             let allocation = object.status.and_then(|s| s.allocation).map(|allocation| {
                 let devices = allocation.devices.unwrap_or_default();
                 let results = devices
@@ -33,7 +45,12 @@ pub async fn get(client: &Client, version: ApiVersion, namespace: &str, name: &s
                         pool: r.pool,
                         device: r.device,
                         share_id: r.share_id,
-                        consumed_capacity: r.consumed_capacity.unwrap_or_default().into_iter().map(|(k, q)| (k, q.0)).collect(),
+                        consumed_capacity: r
+                            .consumed_capacity
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, q)| (k, q.0))
+                            .collect(),
                     })
                     .collect();
                 let config = devices
@@ -42,7 +59,12 @@ pub async fn get(client: &Client, version: ApiVersion, namespace: &str, name: &s
                     .into_iter()
                     .filter_map(|c| {
                         let opaque = c.opaque?;
-                        Some(config_entry(&c.source, c.requests.unwrap_or_default(), opaque.driver, opaque.parameters.0))
+                        Some(config_entry(
+                            &c.source,
+                            c.requests.unwrap_or_default(),
+                            opaque.driver,
+                            opaque.parameters.0,
+                        ))
                     })
                     .collect();
                 Allocation { results, config }
@@ -62,8 +84,11 @@ pub async fn get(client: &Client, version: ApiVersion, namespace: &str, name: &s
         ApiVersion::V1alpha3 => {
             let gvk = GroupVersionKind::gvk(GROUP, "v1alpha3", "ResourceClaim");
             let resource = ApiResource::from_gvk_with_plural(&gvk, "resourceclaims");
-            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
-            let Some(object) = api.get_opt(name).await.map_err(api_error)? else { return Ok(None) };
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), namespace, &resource);
+            let Some(object) = api.get_opt(name).await.map_err(api_error)? else {
+                return Ok(None);
+            };
             let status: Option<alpha::Status> = object
                 .data
                 .get("status")
@@ -80,17 +105,33 @@ pub async fn get(client: &Client, version: ApiVersion, namespace: &str, name: &s
                 namespace: namespace.into(),
                 name: name.into(),
                 uid: object.metadata.uid.unwrap_or_default(),
-                allocation: status.and_then(|s| s.allocation).map(alpha::Allocation::into_allocation),
+                allocation: status
+                    .and_then(|s| s.allocation)
+                    .map(alpha::Allocation::into_allocation),
             }
         }
     };
     Ok(Some(claim))
 }
 
-fn config_entry(source: &str, requests: Vec<String>, driver: String, parameters: serde_json::Value) -> ConfigEntry {
+fn config_entry(
+    source: &str,
+    requests: Vec<String>,
+    driver: String,
+    parameters: serde_json::Value,
+) -> ConfigEntry {
     // "FromClass" is the only lower-precedence source; anything else counts as the claim's.
-    let source = if source == "FromClass" { ConfigSource::Class } else { ConfigSource::Claim };
-    ConfigEntry { source, requests, driver, parameters }
+    let source = if source == "FromClass" {
+        ConfigSource::Class
+    } else {
+        ConfigSource::Claim
+    };
+    ConfigEntry {
+        source,
+        requests,
+        driver,
+        parameters,
+    }
 }
 
 /// `resource.k8s.io/v1alpha3` (Kubernetes 1.31), only the status fields the plugin reads.
@@ -161,7 +202,12 @@ mod alpha {
                     .into_iter()
                     .filter_map(|c| {
                         let opaque = c.opaque?;
-                        Some(config_entry(&c.source, c.requests, opaque.driver, opaque.parameters))
+                        Some(config_entry(
+                            &c.source,
+                            c.requests,
+                            opaque.driver,
+                            opaque.parameters,
+                        ))
                     })
                     .collect(),
             }

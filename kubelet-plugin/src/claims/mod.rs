@@ -31,7 +31,12 @@ pub enum ApiVersion {
 }
 
 impl ApiVersion {
-    pub const ALL: [ApiVersion; 4] = [ApiVersion::V1, ApiVersion::V1beta2, ApiVersion::V1beta1, ApiVersion::V1alpha3];
+    pub const ALL: [ApiVersion; 4] = [
+        ApiVersion::V1,
+        ApiVersion::V1beta2,
+        ApiVersion::V1beta1,
+        ApiVersion::V1alpha3,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -65,11 +70,20 @@ pub struct Allocation {
 pub enum Error {
     #[error("ResourceClaim {namespace}/{name} not found")]
     NotFound { namespace: String, name: String },
-    #[error("ResourceClaim {namespace}/{name} has UID {found}, expected {expected}: the claim was deleted and replaced")]
-    Replaced { namespace: String, name: String, found: String, expected: String },
+    #[error(
+        "ResourceClaim {namespace}/{name} has UID {found}, expected {expected}: the claim was deleted and replaced"
+    )]
+    Replaced {
+        namespace: String,
+        name: String,
+        found: String,
+        expected: String,
+    },
     #[error("ResourceClaim {namespace}/{name} is not allocated")]
     NotAllocated { namespace: String, name: String },
-    #[error("the API server serves no resource.k8s.io version this plugin reads (v1, v1beta2, v1beta1, v1alpha3); served: {0:?}")]
+    #[error(
+        "the API server serves no resource.k8s.io version this plugin reads (v1, v1beta2, v1beta1, v1alpha3); served: {0:?}"
+    )]
     NoVersion(Vec<String>),
     #[error("reading ResourceClaim {namespace}/{name} ({version}): {source}")]
     Api {
@@ -82,7 +96,12 @@ pub enum Error {
     #[error("discovering resource.k8s.io versions: {0}")]
     Discovery(#[source] kube::Error),
     #[error("ResourceClaim {namespace}/{name} ({version}) could not be decoded: {message}")]
-    Decode { namespace: String, name: String, version: &'static str, message: String },
+    Decode {
+        namespace: String,
+        name: String,
+        version: &'static str,
+        message: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -95,7 +114,10 @@ pub struct ClaimReader {
 
 impl ClaimReader {
     pub fn new(client: Client) -> ClaimReader {
-        ClaimReader { client, version: Mutex::new(None) }
+        ClaimReader {
+            client,
+            version: Mutex::new(None),
+        }
     }
 
     /// The version claims are read in, discovering it when unknown or stale.
@@ -109,13 +131,21 @@ impl ClaimReader {
         let request = http::Request::get(format!("/apis/{GROUP}"))
             .body(Vec::new())
             .map_err(|e| Error::Discovery(kube::Error::HttpError(e)))?;
-        let group: APIGroup = self.client.request(request).await.map_err(Error::Discovery)?;
+        let group: APIGroup = self
+            .client
+            .request(request)
+            .await
+            .map_err(Error::Discovery)?;
         let served: Vec<String> = group.versions.iter().map(|v| v.version.clone()).collect();
         let version = ApiVersion::ALL
             .into_iter()
             .find(|v| served.iter().any(|s| s == v.as_str()))
             .ok_or(Error::NoVersion(served))?;
-        tracing::info!(version = version.as_str(), "reading ResourceClaims as {GROUP}/{}", version.as_str());
+        tracing::info!(
+            version = version.as_str(),
+            "reading ResourceClaims as {GROUP}/{}",
+            version.as_str()
+        );
         *cached = Some((version, Instant::now()));
         Ok(version)
     }
@@ -124,7 +154,10 @@ impl ClaimReader {
     pub async fn get(&self, namespace: &str, name: &str, uid: &str) -> Result<Claim> {
         let version = self.version().await?;
         let claim = convert::get(&self.client, version, namespace, name).await?;
-        let claim = claim.ok_or_else(|| Error::NotFound { namespace: namespace.into(), name: name.into() })?;
+        let claim = claim.ok_or_else(|| Error::NotFound {
+            namespace: namespace.into(),
+            name: name.into(),
+        })?;
         if claim.uid != uid {
             return Err(Error::Replaced {
                 namespace: namespace.into(),
@@ -134,7 +167,10 @@ impl ClaimReader {
             });
         }
         if claim.allocation.is_none() {
-            return Err(Error::NotAllocated { namespace: namespace.into(), name: name.into() });
+            return Err(Error::NotAllocated {
+                namespace: namespace.into(),
+                name: name.into(),
+            });
         }
         Ok(claim)
     }

@@ -48,7 +48,8 @@ impl NodeConfig {
 
     /// The checkpoint; one torn by a power cut before this boot is started afresh.
     fn load_checkpoint(&self) -> Result<Checkpoint, CallError> {
-        let (checkpoint, discarded) = Checkpoint::load_since_boot(&self.checkpoint_path(), self.booted_at)?;
+        let (checkpoint, discarded) =
+            Checkpoint::load_since_boot(&self.checkpoint_path(), self.booted_at)?;
         if discarded {
             tracing::warn!(path = %self.checkpoint_path().display(), "checkpoint from before this boot is unreadable; starting afresh");
         }
@@ -106,7 +107,12 @@ pub struct Node {
 
 impl Node {
     pub fn new(config: NodeConfig, client: kube::Client, metrics: Arc<Metrics>) -> Node {
-        Node { config, reader: ClaimReader::new(client), metrics, fault: None }
+        Node {
+            config,
+            reader: ClaimReader::new(client),
+            metrics,
+            fault: None,
+        }
     }
 
     /// Installs a fault hook (tests).
@@ -127,22 +133,33 @@ impl Node {
     }
 
     /// Prepares `claims`; every claim gets an entry.
-    pub async fn prepare(&self, claims: &[ClaimRef]) -> Result<BTreeMap<String, PreparedClaimResult>, CallError> {
+    pub async fn prepare(
+        &self,
+        claims: &[ClaimRef],
+    ) -> Result<BTreeMap<String, PreparedClaimResult>, CallError> {
         let start = Instant::now();
         let fetches = claims.iter().map(|c| async move {
             check_uid(&c.uid)?;
-            self.reader.get(&c.namespace, &c.name, &c.uid).await.map_err(|e| e.to_string())
+            self.reader
+                .get(&c.namespace, &c.name, &c.uid)
+                .await
+                .map_err(|e| e.to_string())
         });
         let fetched: Vec<Result<claims::Claim, String>> = futures::future::join_all(fetches).await;
-        let _lock = lock::acquire(&self.config.plugin_dir).await.map_err(CallError::Lock)?;
+        let _lock = lock::acquire(&self.config.plugin_dir)
+            .await
+            .map_err(CallError::Lock)?;
         let result = self.prepare_locked(claims, fetched);
         let elapsed = start.elapsed();
         if let Ok(results) = &result {
             let failed = results.values().filter(|r| r.is_err()).count();
-            self.metrics.observe_prepare(elapsed, results.len() - failed, failed);
+            self.metrics
+                .observe_prepare(elapsed, results.len() - failed, failed);
             for (uid, result) in results {
                 match result {
-                    Ok(devices) => tracing::info!(claim_uid = %uid, devices = devices.len(), "prepared claim"),
+                    Ok(devices) => {
+                        tracing::info!(claim_uid = %uid, devices = devices.len(), "prepared claim")
+                    }
                     Err(error) => tracing::warn!(claim_uid = %uid, %error, "claim not prepared"),
                 }
             }
@@ -168,7 +185,10 @@ impl Node {
                 Ok(plan) => match checkpoint.completed(&plan.uid, &self.config.boot_id) {
                     // Already prepared: make sure nothing was lost, answer as before.
                     Some(done) if done.devices == plan.devices => {
-                        results.insert(plan.uid.clone(), repair(&plan).map(|()| done.devices.clone()));
+                        results.insert(
+                            plan.uid.clone(),
+                            repair(&plan).map(|()| done.devices.clone()),
+                        );
                     }
                     // Prepared, but the plugin would now prepare it differently (an upgrade, or a
                     // changed inventory). Containers may be running with what was prepared and
@@ -185,7 +205,10 @@ impl Node {
             return Ok(results);
         }
         for plan in &plans {
-            checkpoint.claims.insert(plan.uid.clone(), record(plan, ClaimState::PrepareStarted, &self.config.boot_id));
+            checkpoint.claims.insert(
+                plan.uid.clone(),
+                record(plan, ClaimState::PrepareStarted, &self.config.boot_id),
+            );
         }
         checkpoint.save(&path, false)?;
         self.step(Step::Started, &plans[0].uid)?;
@@ -193,10 +216,16 @@ impl Node {
             let written = self.write(plan)?;
             if let Err(error) = &written {
                 // Left `PrepareStarted`: the next prepare retries, an unprepare removes it all.
-                results.insert(plan.uid.clone(), Err(format!("writing claim files: {error}")));
+                results.insert(
+                    plan.uid.clone(),
+                    Err(format!("writing claim files: {error}")),
+                );
                 continue;
             }
-            checkpoint.claims.insert(plan.uid.clone(), record(plan, ClaimState::PrepareCompleted, &self.config.boot_id));
+            checkpoint.claims.insert(
+                plan.uid.clone(),
+                record(plan, ClaimState::PrepareCompleted, &self.config.boot_id),
+            );
             results.insert(plan.uid.clone(), Ok(plan.devices.clone()));
         }
         checkpoint.save(&path, false)?;
@@ -223,8 +252,13 @@ impl Node {
 
     /// Unprepares `claims`: removes the CDI spec, then the claim directory, then the record.
     /// Works from the UID alone, so a claim deleted from the API server is no obstacle.
-    pub async fn unprepare(&self, claims: &[ClaimRef]) -> Result<BTreeMap<String, Result<(), String>>, CallError> {
-        let _lock = lock::acquire(&self.config.plugin_dir).await.map_err(CallError::Lock)?;
+    pub async fn unprepare(
+        &self,
+        claims: &[ClaimRef],
+    ) -> Result<BTreeMap<String, Result<(), String>>, CallError> {
+        let _lock = lock::acquire(&self.config.plugin_dir)
+            .await
+            .map_err(CallError::Lock)?;
         let path = self.config.checkpoint_path();
         let mut checkpoint = self.config.load_checkpoint()?;
         let mut results = BTreeMap::new();
@@ -236,7 +270,9 @@ impl Node {
             }
             match &result {
                 Ok(()) => tracing::info!(claim_uid = %claim.uid, "unprepared claim"),
-                Err(error) => tracing::warn!(claim_uid = %claim.uid, %error, "claim not unprepared"),
+                Err(error) => {
+                    tracing::warn!(claim_uid = %claim.uid, %error, "claim not unprepared")
+                }
             }
             self.metrics.observe_unprepare(result.is_ok());
             results.insert(claim.uid.clone(), result);
@@ -251,14 +287,20 @@ impl Node {
         if let Err(e) = check_uid(uid) {
             return Ok(Err(e));
         }
-        let spec = self.config.cdi_dir.join(tessera_driver::cdi::spec_file_name(uid));
+        let spec = self
+            .config
+            .cdi_dir
+            .join(tessera_driver::cdi::spec_file_name(uid));
         if let Err(e) = fsutil::remove_file(&spec) {
             return Ok(Err(format!("removing CDI spec {}: {e}", spec.display())));
         }
         self.step(Step::SpecRemoved, uid)?;
         let dir = tessera_driver::cdi::claim_dir(&self.config.state_dir, uid);
         if let Err(e) = fsutil::remove_dir_all(&dir) {
-            return Ok(Err(format!("removing claim directory {}: {e}", dir.display())));
+            return Ok(Err(format!(
+                "removing claim directory {}: {e}",
+                dir.display()
+            )));
         }
         self.step(Step::ClaimDirRemoved, uid)?;
         Ok(Ok(()))

@@ -66,7 +66,12 @@ impl Plan {
             devices: limits
                 .gpus
                 .iter()
-                .map(|g| ShimDevice { uuid: g.uuid.clone(), memory_limit: g.memory_limit, cores: g.cores, context_overhead: 0 })
+                .map(|g| ShimDevice {
+                    uuid: g.uuid.clone(),
+                    memory_limit: g.memory_limit,
+                    cores: g.cores,
+                    context_overhead: 0,
+                })
                 .collect(),
             priority: settings.priority,
             oversubscribe: settings.oversubscribe,
@@ -74,11 +79,19 @@ impl Plan {
         };
         shim_config.validate()?;
         let host = HostPaths::new(&config.state_dir, &claim.uid);
-        let spec = cdi::claim_spec(&claim.uid, &limits.devices, &host, config.driver_files.as_ref());
+        let spec = cdi::claim_spec(
+            &claim.uid,
+            &limits.devices,
+            &host,
+            config.driver_files.as_ref(),
+        );
         let devices = limits
             .devices
             .iter()
-            .map(|d| PreparedDevice { device: d.clone(), cdi_device_ids: cdi::device_ids(&claim.uid, d, config.cdi_mode) })
+            .map(|d| PreparedDevice {
+                device: d.clone(),
+                cdi_device_ids: cdi::device_ids(&claim.uid, d, config.cdi_mode),
+            })
             .collect();
         Ok(Plan {
             uid: claim.uid.clone(),
@@ -100,9 +113,15 @@ impl Plan {
             .limits
             .gpus
             .iter()
-            .map(|g| RegionDeviceSpec { uuid: g.uuid.clone(), memory_limit: g.memory_limit, cores: g.cores, context_overhead: 0 })
+            .map(|g| RegionDeviceSpec {
+                uuid: g.uuid.clone(),
+                memory_limit: g.memory_limit,
+                cores: g.cores,
+                context_overhead: 0,
+            })
             .collect();
-        region::encode_new(&devices).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        region::encode_new(&devices)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
     pub fn write_config(&self) -> std::io::Result<()> {
@@ -125,11 +144,20 @@ impl Plan {
 
 fn create_claim_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
 }
 
 /// Claim UIDs become path components: refuse anything that could leave the state directory.
 pub fn check_uid(uid: &str) -> Result<(), String> {
-    let ok = !uid.is_empty() && uid.len() <= 128 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    if ok { Ok(()) } else { Err(format!("claim UID {uid:?} is not a Kubernetes UID")) }
+    let ok = !uid.is_empty()
+        && uid.len() <= 128
+        && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("claim UID {uid:?} is not a Kubernetes UID"))
+    }
 }

@@ -27,8 +27,13 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn new(served: &[&str]) -> ApiServer {
-        let state = State { served: served.iter().map(|s| s.to_string()).collect(), ..State::default() };
-        ApiServer { state: Arc::new(Mutex::new(state)) }
+        let state = State {
+            served: served.iter().map(|s| s.to_string()).collect(),
+            ..State::default()
+        };
+        ApiServer {
+            state: Arc::new(Mutex::new(state)),
+        }
     }
 
     /// A client whose requests this server answers.
@@ -43,8 +48,14 @@ impl ApiServer {
 
     /// Adds or replaces a claim.
     pub fn put(&self, claim: Value) {
-        let namespace = claim["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-        let name = claim["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let namespace = claim["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = claim["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         self.lock().claims.insert((namespace, name), claim);
     }
 
@@ -56,14 +67,18 @@ impl ApiServer {
             let state = state.clone();
             async move { respond(&state, uri.path()) }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let address = listener.local_addr().expect("address");
         tokio::spawn(async move { axum::serve(listener, app).await });
         address
     }
 
     pub fn delete(&self, namespace: &str, name: &str) {
-        self.lock().claims.remove(&(namespace.to_string(), name.to_string()));
+        self.lock()
+            .claims
+            .remove(&(namespace.to_string(), name.to_string()));
     }
 
     pub fn requests(&self) -> Vec<String> {
@@ -71,21 +86,39 @@ impl ApiServer {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 fn respond(state: &Mutex<State>, path: &str) -> http::Response<Full<Bytes>> {
-    let mut state = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut state = state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     state.requests.push(path.to_string());
     if path == "/apis/resource.k8s.io" {
-        let versions: Vec<Value> =
-            state.served.iter().map(|v| json!({"groupVersion": format!("resource.k8s.io/{v}"), "version": v})).collect();
+        let versions: Vec<Value> = state
+            .served
+            .iter()
+            .map(|v| json!({"groupVersion": format!("resource.k8s.io/{v}"), "version": v}))
+            .collect();
         let preferred = versions.first().cloned().unwrap_or(Value::Null);
-        return reply(200, json!({"kind": "APIGroup", "apiVersion": "v1", "name": "resource.k8s.io", "versions": versions, "preferredVersion": preferred}));
+        return reply(
+            200,
+            json!({"kind": "APIGroup", "apiVersion": "v1", "name": "resource.k8s.io", "versions": versions, "preferredVersion": preferred}),
+        );
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    if let ["apis", "resource.k8s.io", version, "namespaces", namespace, "resourceclaims", name] = parts[..]
+    if let [
+        "apis",
+        "resource.k8s.io",
+        version,
+        "namespaces",
+        namespace,
+        "resourceclaims",
+        name,
+    ] = parts[..]
         && state.served.iter().any(|v| v == version)
         && let Some(claim) = state.claims.get(&(namespace.to_string(), name.to_string()))
     {
@@ -93,8 +126,11 @@ fn respond(state: &Mutex<State>, path: &str) -> http::Response<Full<Bytes>> {
         claim["apiVersion"] = json!(format!("resource.k8s.io/{version}"));
         return reply(200, claim);
     }
-    reply(404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
-        "message": format!("{path} not found")}))
+    reply(
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+        "message": format!("{path} not found")}),
+    )
 }
 
 fn reply(code: u16, body: Value) -> http::Response<Full<Bytes>> {
@@ -107,7 +143,13 @@ fn reply(code: u16, body: Value) -> http::Response<Full<Bytes>> {
 
 /// A claim; `allocation` `None` leaves it unallocated. Every served version reads this shape
 /// (v1alpha3 results simply lack `shareID`/`consumedCapacity`).
-pub fn claim(namespace: &str, name: &str, uid: &str, results: Option<Vec<Value>>, config: Vec<Value>) -> Value {
+pub fn claim(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    results: Option<Vec<Value>>,
+    config: Vec<Value>,
+) -> Value {
     let mut claim = json!({
         "kind": "ResourceClaim",
         "metadata": {"namespace": namespace, "name": name, "uid": uid},

@@ -32,7 +32,11 @@ pub struct Claim {
 
 impl Claim {
     pub fn new(namespace: &str, name: &str, uid: &str) -> Claim {
-        Claim { namespace: namespace.into(), name: name.into(), uid: uid.into() }
+        Claim {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+        }
     }
 }
 
@@ -61,7 +65,11 @@ pub async fn channel(socket: &Path) -> Channel {
         .expect("endpoint")
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
         }))
         .await
         .expect("connect to the plugin socket")
@@ -76,8 +84,18 @@ pub struct Kubelet {
 macro_rules! call {
     ($module:ident, $client:ty, $channel:expr, $claims:expr, prepare, $share:expr) => {{
         let mut client = <$client>::new($channel);
-        let claims = $claims.iter().map(|c| $module::Claim { namespace: c.namespace.clone(), uid: c.uid.clone(), name: c.name.clone() }).collect();
-        let response = client.node_prepare_resources($module::NodePrepareResourcesRequest { claims }).await?.into_inner();
+        let claims = $claims
+            .iter()
+            .map(|c| $module::Claim {
+                namespace: c.namespace.clone(),
+                uid: c.uid.clone(),
+                name: c.name.clone(),
+            })
+            .collect();
+        let response = client
+            .node_prepare_resources($module::NodePrepareResourcesRequest { claims })
+            .await?
+            .into_inner();
         response
             .claims
             .into_iter()
@@ -93,60 +111,147 @@ macro_rules! call {
                         cdi_device_ids: d.cdi_device_ids,
                     })
                     .collect();
-                (uid, Prepared { devices, error: r.error })
+                (
+                    uid,
+                    Prepared {
+                        devices,
+                        error: r.error,
+                    },
+                )
             })
             .collect()
     }};
     ($module:ident, $client:ty, $channel:expr, $claims:expr, unprepare) => {{
         let mut client = <$client>::new($channel);
-        let claims = $claims.iter().map(|c| $module::Claim { namespace: c.namespace.clone(), uid: c.uid.clone(), name: c.name.clone() }).collect();
-        let response = client.node_unprepare_resources($module::NodeUnprepareResourcesRequest { claims }).await?.into_inner();
-        response.claims.into_iter().map(|(uid, r)| (uid, r.error)).collect()
+        let claims = $claims
+            .iter()
+            .map(|c| $module::Claim {
+                namespace: c.namespace.clone(),
+                uid: c.uid.clone(),
+                name: c.name.clone(),
+            })
+            .collect();
+        let response = client
+            .node_unprepare_resources($module::NodeUnprepareResourcesRequest { claims })
+            .await?
+            .into_inner();
+        response
+            .claims
+            .into_iter()
+            .map(|(uid, r)| (uid, r.error))
+            .collect()
     }};
 }
 
 impl Kubelet {
     pub async fn connect(socket: &Path) -> Kubelet {
-        Kubelet { channel: channel(socket).await }
+        Kubelet {
+            channel: channel(socket).await,
+        }
     }
 
     /// NodePrepareResources in `version`.
-    pub async fn prepare(&self, version: Version, claims: &[Claim]) -> Result<BTreeMap<String, Prepared>, Status> {
+    pub async fn prepare(
+        &self,
+        version: Version,
+        claims: &[Claim],
+    ) -> Result<BTreeMap<String, Prepared>, Status> {
         let channel = self.channel.clone();
         Ok(match version {
-            Version::V1 => call!(v1, v1::dra_plugin_client::DraPluginClient<Channel>, channel, claims, prepare, |d: &v1::Device| d.share_id.clone()),
-            Version::V1beta1 => call!(v1beta1, v1beta1::dra_plugin_client::DraPluginClient<Channel>, channel, claims, prepare, |_: &v1beta1::Device| None),
-            Version::V1alpha3 => call!(v1alpha3, v1alpha3::node_client::NodeClient<Channel>, channel, claims, prepare, |_: &v1alpha3::Device| None),
+            Version::V1 => call!(
+                v1,
+                v1::dra_plugin_client::DraPluginClient<Channel>,
+                channel,
+                claims,
+                prepare,
+                |d: &v1::Device| d.share_id.clone()
+            ),
+            Version::V1beta1 => call!(
+                v1beta1,
+                v1beta1::dra_plugin_client::DraPluginClient<Channel>,
+                channel,
+                claims,
+                prepare,
+                |_: &v1beta1::Device| None
+            ),
+            Version::V1alpha3 => call!(
+                v1alpha3,
+                v1alpha3::node_client::NodeClient<Channel>,
+                channel,
+                claims,
+                prepare,
+                |_: &v1alpha3::Device| None
+            ),
         })
     }
 
     /// NodeUnprepareResources in `version`; claim UID → error ("" is success).
-    pub async fn unprepare(&self, version: Version, claims: &[Claim]) -> Result<BTreeMap<String, String>, Status> {
+    pub async fn unprepare(
+        &self,
+        version: Version,
+        claims: &[Claim],
+    ) -> Result<BTreeMap<String, String>, Status> {
         let channel = self.channel.clone();
         Ok(match version {
-            Version::V1 => call!(v1, v1::dra_plugin_client::DraPluginClient<Channel>, channel, claims, unprepare),
-            Version::V1beta1 => call!(v1beta1, v1beta1::dra_plugin_client::DraPluginClient<Channel>, channel, claims, unprepare),
-            Version::V1alpha3 => call!(v1alpha3, v1alpha3::node_client::NodeClient<Channel>, channel, claims, unprepare),
+            Version::V1 => call!(
+                v1,
+                v1::dra_plugin_client::DraPluginClient<Channel>,
+                channel,
+                claims,
+                unprepare
+            ),
+            Version::V1beta1 => call!(
+                v1beta1,
+                v1beta1::dra_plugin_client::DraPluginClient<Channel>,
+                channel,
+                claims,
+                unprepare
+            ),
+            Version::V1alpha3 => call!(
+                v1alpha3,
+                v1alpha3::node_client::NodeClient<Channel>,
+                channel,
+                claims,
+                unprepare
+            ),
         })
     }
 
     /// Prepares one claim and returns its successful answer.
     pub async fn prepare_ok(&self, version: Version, claim: &Claim) -> Vec<Device> {
-        let answer = self.prepare(version, std::slice::from_ref(claim)).await.expect("prepare call");
-        let prepared = answer.get(&claim.uid).unwrap_or_else(|| panic!("no entry for {}", claim.uid));
+        let answer = self
+            .prepare(version, std::slice::from_ref(claim))
+            .await
+            .expect("prepare call");
+        let prepared = answer
+            .get(&claim.uid)
+            .unwrap_or_else(|| panic!("no entry for {}", claim.uid));
         assert_eq!(prepared.error, "", "prepare of {} failed", claim.uid);
         prepared.devices.clone()
     }
 
     /// Unprepares one claim and asserts success.
     pub async fn unprepare_ok(&self, version: Version, claim: &Claim) {
-        let answer = self.unprepare(version, std::slice::from_ref(claim)).await.expect("unprepare call");
-        assert_eq!(answer.get(&claim.uid).map(String::as_str), Some(""), "unprepare of {} failed: {answer:?}", claim.uid);
+        let answer = self
+            .unprepare(version, std::slice::from_ref(claim))
+            .await
+            .expect("unprepare call");
+        assert_eq!(
+            answer.get(&claim.uid).map(String::as_str),
+            Some(""),
+            "unprepare of {} failed: {answer:?}",
+            claim.uid
+        );
     }
 }
 
 /// The plugin watcher's view: GetInfo on the registration socket.
 pub async fn get_info(socket: &Path) -> registration::PluginInfo {
-    let mut client = registration::registration_client::RegistrationClient::new(channel(socket).await);
-    client.get_info(registration::InfoRequest {}).await.expect("GetInfo").into_inner()
+    let mut client =
+        registration::registration_client::RegistrationClient::new(channel(socket).await);
+    client
+        .get_info(registration::InfoRequest {})
+        .await
+        .expect("GetInfo")
+        .into_inner()
 }

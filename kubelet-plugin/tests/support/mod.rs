@@ -46,9 +46,16 @@ pub struct Env {
 impl Env {
     /// An environment whose API server serves `resource.k8s.io` in `served` versions.
     pub fn new(served: &[&str]) -> Env {
-        let dir = tempfile::Builder::new().prefix("tkp").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("tkp")
+            .tempdir()
+            .expect("tempdir");
         let inventory = Inventory::from_json(&inventory_json()).expect("inventory");
-        Env { dir, api: ApiServer::new(served), inventory }
+        Env {
+            dir,
+            api: ApiServer::new(served),
+            inventory,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -74,17 +81,33 @@ impl Env {
         self.start_with(self.node_config(), instance, fault).await
     }
 
-    pub async fn start_with(&self, config: NodeConfig, instance: Option<&str>, fault: Option<FaultHook>) -> Instance {
+    pub async fn start_with(
+        &self,
+        config: NodeConfig,
+        instance: Option<&str>,
+        fault: Option<FaultHook>,
+    ) -> Instance {
         std::fs::create_dir_all(&config.plugin_dir).expect("plugin dir");
         let metrics = Arc::new(Metrics::new(config.state_dir.clone()));
         let mut node = Node::new(config, self.api.client(), metrics.clone());
         if let Some(hook) = fault {
             node = node.with_fault_hook(hook);
         }
-        let sockets = Sockets::new(&self.path("registry"), &self.path("plugins/gpu.tessera.dev"), instance);
-        let plugin = Plugin::start(Arc::new(node), sockets.clone()).await.expect("plugin starts");
+        let sockets = Sockets::new(
+            &self.path("registry"),
+            &self.path("plugins/gpu.tessera.dev"),
+            instance,
+        );
+        let plugin = Plugin::start(Arc::new(node), sockets.clone())
+            .await
+            .expect("plugin starts");
         let kubelet = Kubelet::connect(&sockets.dra).await;
-        Instance { plugin, sockets, kubelet, metrics }
+        Instance {
+            plugin,
+            sockets,
+            kubelet,
+            metrics,
+        }
     }
 
     pub fn claim_dir(&self, uid: &str) -> PathBuf {
@@ -96,14 +119,24 @@ impl Env {
     }
 
     pub fn checkpoint(&self) -> tessera_driver::checkpoint::Checkpoint {
-        tessera_driver::checkpoint::Checkpoint::load(&self.path("state/checkpoint.json")).expect("checkpoint")
+        tessera_driver::checkpoint::Checkpoint::load(&self.path("state/checkpoint.json"))
+            .expect("checkpoint")
     }
 
     /// Asserts that nothing of claim `uid` is left on disk.
     pub fn assert_clean(&self, uid: &str) {
-        assert!(!self.claim_dir(uid).exists(), "claim dir of {uid} left behind");
-        assert!(!self.spec_path(uid).exists(), "CDI spec of {uid} left behind");
-        assert!(!self.checkpoint().claims.contains_key(uid), "checkpoint still lists {uid}");
+        assert!(
+            !self.claim_dir(uid).exists(),
+            "claim dir of {uid} left behind"
+        );
+        assert!(
+            !self.spec_path(uid).exists(),
+            "CDI spec of {uid} left behind"
+        );
+        assert!(
+            !self.checkpoint().claims.contains_key(uid),
+            "checkpoint still lists {uid}"
+        );
     }
 
     /// Asserts that claim `uid` is fully prepared on disk and returns its parsed config.
@@ -114,8 +147,16 @@ impl Env {
         let region = std::fs::read(dir.join("region")).expect("region");
         tessera_api::region::RegionSnapshot::parse(&region).expect("a valid region");
         validate_spec(&self.spec_path(uid));
-        let record = self.checkpoint().claims.get(uid).cloned().expect("checkpoint record");
-        assert_eq!(record.state, tessera_driver::checkpoint::ClaimState::PrepareCompleted);
+        let record = self
+            .checkpoint()
+            .claims
+            .get(uid)
+            .cloned()
+            .expect("checkpoint record");
+        assert_eq!(
+            record.state,
+            tessera_driver::checkpoint::ClaimState::PrepareCompleted
+        );
         config
     }
 }
@@ -124,7 +165,8 @@ impl Env {
 pub fn validate_spec(path: &Path) {
     let mut spec = container_device_interface::spec::read_spec(&path.to_path_buf(), 0)
         .unwrap_or_else(|e| panic!("CDI crate refused {}: {e:?}", path.display()));
-    spec.validate().unwrap_or_else(|e| panic!("CDI crate validation of {} failed: {e:?}", path.display()));
+    spec.validate()
+        .unwrap_or_else(|e| panic!("CDI crate validation of {} failed: {e:?}", path.display()));
 }
 
 /// A running plugin instance with a connected kubelet stand-in.
