@@ -44,7 +44,10 @@ pub fn grant(ordinal: i32, uuids: &[String]) -> Grant {
 }
 
 fn map_one(ordinal: i32, uuids: &[String]) -> u8 {
-    let Some(get_uuid) = real::cuda::cuDeviceGetUuid.get() else { return UNMAPPED };
+    // The v2 call is CUDA 13's only spelling; the v1 symbol is kept for older drivers.
+    let Some(get_uuid) = real::cuda::cuDeviceGetUuid_v2.get().or_else(|| real::cuda::cuDeviceGetUuid.get()) else {
+        return UNMAPPED;
+    };
     let mut uuid = CUuuid::default();
     // SAFETY: real driver call with a valid out-pointer; the CUdevice of ordinal N is N.
     if unsafe { get_uuid(&mut uuid, ordinal) } != CUDA_SUCCESS {

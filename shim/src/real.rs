@@ -85,6 +85,7 @@ pub mod cuda {
         cuDeviceGetCount: fn(*mut c_int) -> CUresult;
         cuDeviceGet: fn(*mut CUdevice, c_int) -> CUresult;
         cuDeviceGetUuid: fn(*mut CUuuid, CUdevice) -> CUresult;
+        cuDeviceGetUuid_v2: fn(*mut CUuuid, CUdevice) -> CUresult;
         cuDeviceTotalMem_v2: fn(*mut usize, CUdevice) -> CUresult;
         cuCtxGetDevice: fn(*mut CUdevice) -> CUresult;
         cuDevicePrimaryCtxRetain: fn(*mut CUcontext, CUdevice) -> CUresult;
