@@ -59,21 +59,31 @@ fn slice_of(enforcer: &Enforcer, device: nvmlDevice_t, card_total: u64) -> (u64,
     }
 }
 
+/// Runs a memory query and, under a claim, rewrites the answer NVML filled in to the slice.
+fn slice_query<F: Copy, T>(
+    real: &crate::real::RealFn<F>,
+    call: impl FnOnce(F) -> nvmlReturn_t,
+    memory: *mut T,
+    rewrite: impl FnOnce(&Enforcer, &mut T),
+) -> nvmlReturn_t {
+    nvml_dispatch(real, |f, enforcer| {
+        let result = call(f);
+        if let (NVML_SUCCESS, Some(e)) = (result, enforcer) {
+            // SAFETY: NVML filled the struct it was given (NULL was rejected before success).
+            if let Some(m) = unsafe { memory.as_mut() } {
+                rewrite(e, m);
+            }
+        }
+        result
+    })
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: nvmlDevice_t, memory: *mut nvmlMemory_t) -> nvmlReturn_t {
     guard(NVML_ERROR_UNKNOWN, || {
-        nvml_dispatch(&real::nvmlDeviceGetMemoryInfo, |f, enforcer| {
-            let result = unsafe { f(device, memory) };
-            if let (NVML_SUCCESS, Some(e)) = (result, enforcer) {
-                if memory.is_null() {
-                    return result;
-                }
-                // SAFETY: NVML filled the struct.
-                let m = unsafe { &mut *memory };
-                let (total, used) = slice_of(e, device, m.total);
-                *m = nvmlMemory_t { total, used, free: total - used };
-            }
-            result
+        slice_query(&real::nvmlDeviceGetMemoryInfo, |f| unsafe { f(device, memory) }, memory, |e, m| {
+            let (total, used) = slice_of(e, device, m.total);
+            *m = nvmlMemory_t { total, used, free: total - used };
         })
     })
 }
@@ -81,22 +91,13 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: nvmlDevice_t, memory: *
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, memory: *mut nvmlMemory_v2_t) -> nvmlReturn_t {
     guard(NVML_ERROR_UNKNOWN, || {
-        nvml_dispatch(&real::nvmlDeviceGetMemoryInfo_v2, |f, enforcer| {
-            let result = unsafe { f(device, memory) };
-            if let (NVML_SUCCESS, Some(e)) = (result, enforcer) {
-                if memory.is_null() {
-                    return result;
-                }
-                // SAFETY: NVML filled the struct.
-                let m = unsafe { &mut *memory };
-                let (total, used) = slice_of(e, device, m.total);
-                // The driver's reserved memory belongs to the card, not the slice.
-                m.total = total;
-                m.reserved = 0;
-                m.used = used;
-                m.free = total - used;
-            }
-            result
+        slice_query(&real::nvmlDeviceGetMemoryInfo_v2, |f| unsafe { f(device, memory) }, memory, |e, m| {
+            let (total, used) = slice_of(e, device, m.total);
+            // The driver's reserved memory belongs to the card, not the slice.
+            m.total = total;
+            m.reserved = 0;
+            m.used = used;
+            m.free = total - used;
         })
     })
 }
