@@ -5,15 +5,12 @@
 //! Run with `make bench` (after `cargo build --workspace --release`-level builds of the fakes
 //! are present in the same target profile as this bench).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-const RUNS: usize = 7;
+use tessera_built_libs::target_dir;
 
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench path");
-    exe.parent().and_then(Path::parent).expect("profile dir").to_path_buf()
-}
+const RUNS: usize = 7;
 
 fn main() {
     let target = target_dir();

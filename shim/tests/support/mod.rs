@@ -16,63 +16,18 @@ pub const CUDA_ERROR_NOT_PERMITTED: i64 = 800;
 pub const GPU0: &str = "GPU-11111111-2222-3333-4444-555555555555";
 pub const GPU1: &str = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
-/// The build output directory holding the workspace's cdylibs.
-pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // <target>/<profile>/deps/<test-binary>
-    exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
-}
+pub use tessera_built_libs::target_dir;
 
 fn require(path: PathBuf) -> PathBuf {
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace first (`cargo build --workspace`, which `make test` does)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: build the workspace first (`cargo build --workspace`, which `make test` does)", path.display());
     path
-}
-
-/// Like [`require`], and refuses a library older than its sources: `cargo test` does not rebuild
-/// cdylibs, and a stale one would make the tests pass or fail for the wrong code.
-fn require_fresh(path: PathBuf, sources: &[&str]) -> PathBuf {
-    let path = require(path);
-    let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("library mtime");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for source in sources {
-        if let Some(newer) = newest_file(&root.join(source)).filter(|(t, _)| *t > built) {
-            panic!(
-                "{} is older than {}: run `cargo build --workspace` (as `make test` does) first",
-                path.display(),
-                newer.1.display()
-            );
-        }
-    }
-    path
-}
-
-fn newest_file(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
-    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let candidate = if path.is_dir() {
-            newest_file(&path)
-        } else {
-            entry.metadata().and_then(|m| m.modified()).ok().map(|t| (t, path))
-        };
-        if let Some(c) = candidate {
-            if newest.as_ref().is_none_or(|n| c.0 > n.0) {
-                newest = Some(c);
-            }
-        }
-    }
-    newest
 }
 
 /// The shim under test: `TESSERA_SHIM` (the shipping build) or this profile's debug build.
 pub fn shim_path() -> PathBuf {
     match std::env::var_os("TESSERA_SHIM") {
         Some(path) => require(PathBuf::from(path)),
-        None => require_fresh(target_dir().join("libtessera.so"), &["shim/src", "api/src"]),
+        None => tessera_built_libs::built("libtessera.so", &["shim/src", "api/src"]),
     }
 }
 
@@ -89,8 +44,8 @@ pub fn fixture() -> &'static Fixture {
         let dir = target_dir().join(format!("shim-tests-{}", std::process::id()));
         let lib_dir = dir.join("lib");
         std::fs::create_dir_all(&lib_dir).expect("fixture dir");
-        let cuda = require_fresh(target_dir().join("libcuda.so"), &["fake-gpu/cuda/src", "fake-gpu/model/src"]);
-        let nvml = require_fresh(target_dir().join("libnvidia_ml.so"), &["fake-gpu/nvml/src", "fake-gpu/model/src"]);
+        let cuda = tessera_built_libs::built("libcuda.so", &["fake-gpu/cuda/src", "fake-gpu/model/src"]);
+        let nvml = tessera_built_libs::built("libnvidia_ml.so", &["fake-gpu/nvml/src", "fake-gpu/model/src"]);
         for (link, to) in [("libcuda.so.1", &cuda), ("libcuda.so", &cuda), ("libnvidia-ml.so.1", &nvml)] {
             let _ = std::fs::remove_file(lib_dir.join(link));
             std::os::unix::fs::symlink(to, lib_dir.join(link)).expect("symlink");

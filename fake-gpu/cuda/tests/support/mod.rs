@@ -12,61 +12,11 @@ pub use tessera_gpu_abi::cuda::*;
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
-/// `<target>/<profile>`: test executables live in its `deps/`, the cdylibs in it.
-pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target profile directory")
-        .to_path_buf()
-}
 
-/// The built fake driver, or a failure saying how to build it. `cargo test` does not rebuild a
-/// cdylib (tests cannot link one), so a library older than its sources fails too, rather than
-/// silently testing yesterday's code.
+/// The built fake driver, or a failure saying how to build it (missing, or older than its
+/// sources).
 pub fn built_library(file: &str) -> PathBuf {
-    let path = target_dir().join(file);
-    let built = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| {
-            panic!(
-                "{} is missing: build the workspace first (`cargo build --workspace`)",
-                path.display()
-            )
-        });
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sources = [
-        crate_dir.join("src"),
-        crate_dir.join("build.rs"),
-        crate_dir.join("../model/src"),
-        crate_dir.join("../../gpu-abi/src"),
-    ];
-    if let Some(newer) = sources
-        .iter()
-        .filter_map(|s| newest_file(s))
-        .filter(|(t, _)| *t > built)
-        .map(|(_, p)| p)
-        .next()
-    {
-        panic!(
-            "{} is older than {}: rebuild it first (`cargo build --workspace`)",
-            path.display(),
-            newer.display()
-        );
-    }
-    path
-}
-
-/// The most recently modified file under `path`.
-fn newest_file(path: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
-    let meta = std::fs::metadata(path).ok()?;
-    if meta.is_file() {
-        return Some((meta.modified().ok()?, path.to_owned()));
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| newest_file(&e.ok()?.path()))
-        .max_by_key(|(t, _)| *t)
+    tessera_built_libs::built(file, &["fake-gpu/cuda/src", "fake-gpu/cuda/build.rs", "fake-gpu/model/src", "gpu-abi/src"])
 }
 
 pub struct Library {

@@ -10,58 +10,12 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
-/// `<target>/<profile>`: test executables live in its `deps/`, the cdylibs in it.
-pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target profile directory")
-        .to_path_buf()
-}
 
 /// A fake library of this workspace (`libnvidia_ml.so`, `libcuda.so`), failing with how to
-/// build it when it is missing or older than its sources (`cargo test` does not rebuild cdylibs).
+/// build it when it is missing or older than its sources.
 pub fn built_library(file: &str, crate_dir: &str) -> PathBuf {
-    let path = target_dir().join(file);
-    let built = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| {
-            panic!(
-                "{} is missing: build the workspace first (`cargo build --workspace`)",
-                path.display()
-            )
-        });
-    let fake_gpu = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let sources = [
-        fake_gpu.join(crate_dir).join("src"),
-        fake_gpu.join("model/src"),
-        fake_gpu.join("../gpu-abi/src"),
-    ];
-    if let Some(newer) = sources
-        .iter()
-        .filter_map(|s| newest_file(s))
-        .filter(|(t, _)| *t > built)
-        .map(|(_, p)| p)
-        .next()
-    {
-        panic!(
-            "{} is older than {}: rebuild it first (`cargo build --workspace`)",
-            path.display(),
-            newer.display()
-        );
-    }
-    path
-}
-
-fn newest_file(path: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
-    let meta = std::fs::metadata(path).ok()?;
-    if meta.is_file() {
-        return Some((meta.modified().ok()?, path.to_owned()));
-    }
-    std::fs::read_dir(path)
-        .ok()?
-        .filter_map(|e| newest_file(&e.ok()?.path()))
-        .max_by_key(|(t, _)| *t)
+    let own = format!("fake-gpu/{crate_dir}/src");
+    tessera_built_libs::built(file, &[&own, "fake-gpu/model/src", "gpu-abi/src"])
 }
 
 pub fn nvml_library() -> PathBuf {
