@@ -1,18 +1,53 @@
-//! Time as the fake device sees it.
+//! Time as the fake device sees it: the node's virtual clock (the model's `state::clock`).
 //!
-//! Today this is the host's monotonic clock, so events measure real elapsed time. It is the one
-//! place a virtual clock (simulated kernel durations, per-device busy time) will plug in.
+//! Kernels take simulated time, waits move the process's clock, and events record virtual
+//! times, so anything measured against this clock — a compute limiter's accuracy above all —
+//! does not depend on how loaded the host is.
 
-/// Nanoseconds on the device clock; never 0 (0 means "not recorded" to callers).
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
+use std::sync::atomic::Ordering;
+
+use tessera_fake_gpu_model::Device;
+
+use crate::launch::Shape;
+use crate::process::Process;
+
+/// Time one wave of blocks holds the SMs.
+pub const WAVE_NS: u64 = 100_000;
+/// Resident blocks per SM at most (the hardware's limit on recent GPUs).
+const MAX_BLOCKS_PER_SM: u64 = 32;
+
+/// How long a kernel of `shape` holds `device`: its blocks run in waves of (SMs × resident
+/// blocks per SM), each wave `WAVE_NS`. The SMs are what kernels contend for.
+pub fn kernel_ns(device: &Device, shape: &Shape) -> u64 {
+    let per_sm = (u64::from(device.max_threads_per_sm) / shape.threads_per_block().max(1))
+        .clamp(1, MAX_BLOCKS_PER_SM);
+    let per_wave = (per_sm * u64::from(device.sm_count)).max(1);
+    shape.blocks().div_ceil(per_wave).max(1) * WAVE_NS
+}
+
+/// The process's virtual present; never 0 (0 means "not recorded" to callers).
+pub fn now_ns(process: &Process) -> u64 {
+    process.lease.clock_now().max(1)
+}
+
+/// When everything the process has queued so far is done.
+pub fn work_done_ns(process: &Process) -> u64 {
+    now_ns(process).max(process.launches.pending_until.load(Ordering::Acquire))
+}
+
+/// Runs a kernel of `duration` on the process's CUDA device `ordinal`.
+pub fn run(process: &Process, ordinal: usize, duration: u64) {
+    let Some(gpu) = process.gpus.get(ordinal) else {
+        return;
     };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(ts.tv_nsec as u64)
-        .max(1)
+    let placement = process.lease.run_kernel(gpu.physical, duration);
+    process
+        .launches
+        .pending_until
+        .fetch_max(placement.end, Ordering::AcqRel);
+}
+
+/// Waits (in virtual time) for everything the process has queued.
+pub fn synchronise(process: &Process) {
+    process.lease.advance_to(work_done_ns(process));
 }

@@ -439,7 +439,9 @@ pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
     guard(|| {
-        current(process()?)?;
+        let process = process()?;
+        current(process)?;
+        crate::clock::synchronise(process);
         Ok(())
     })
 }

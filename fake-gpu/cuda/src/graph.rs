@@ -10,15 +10,16 @@ use crate::guard::{Result, check, get, guard, put};
 use crate::handles::{Kind, Registry, from_ptr, lock, new_handle, to_ptr};
 use crate::launch::Shape;
 use crate::process::process;
-use crate::stream::validate_stream;
+use crate::stream::stream_target;
 
 pub struct Graph {
-    /// Kernel node handles, in the order added.
-    nodes: Mutex<Vec<u64>>,
+    /// Kernel node handles and shapes, in the order added.
+    nodes: Mutex<Vec<(u64, Shape)>>,
 }
 
 pub struct GraphExec {
-    kernels: u64,
+    /// The shapes of its kernel nodes, run one after another when the graph is launched.
+    shapes: Vec<Shape>,
 }
 
 pub struct Graphs {
@@ -83,10 +84,13 @@ fn add_kernel_node(
         check(!dependencies.is_null())?;
         // SAFETY: the caller passes `count` node handles.
         let deps = unsafe { std::slice::from_raw_parts(dependencies, count) };
-        check(deps.iter().all(|d| nodes.contains(&from_ptr(*d))))?;
+        check(
+            deps.iter()
+                .all(|d| nodes.iter().any(|(n, _)| *n == from_ptr(*d))),
+        )?;
     }
     let handle = new_handle(Kind::GraphNode);
-    nodes.push(handle);
+    nodes.push((handle, shape));
     unsafe { put(node, to_ptr(handle)) }
 }
 
@@ -142,8 +146,8 @@ fn instantiate(exec: *mut CUgraphExec, graph: CUgraph) -> Result {
         .graphs
         .get(from_ptr(graph))
         .ok_or(CUDA_ERROR_INVALID_VALUE)?;
-    let kernels = lock(&graph.nodes).len() as u64;
-    let (handle, _) = process.graphs.execs.insert_with(|_| GraphExec { kernels });
+    let shapes = lock(&graph.nodes).iter().map(|(_, shape)| *shape).collect();
+    let (handle, _) = process.graphs.execs.insert_with(|_| GraphExec { shapes });
     unsafe { put(exec, to_ptr(handle)) }
 }
 
@@ -199,9 +203,16 @@ fn graph_launch(exec: CUgraphExec, stream: CUstream) -> Result {
         .execs
         .get(from_ptr(exec))
         .ok_or(CUDA_ERROR_INVALID_HANDLE)?;
-    validate_stream(process, stream)?;
+    let ctx = stream_target(process, stream)?;
     process.launches.graphs.add(1);
-    process.launches.kernels.add(exec.kernels);
+    process.launches.kernels.add(exec.shapes.len() as u64);
+    let spec = &process.gpus[ctx.device].spec;
+    let duration = exec
+        .shapes
+        .iter()
+        .map(|shape| crate::clock::kernel_ns(spec, shape))
+        .sum();
+    crate::clock::run(process, ctx.device, duration);
     Ok(())
 }
 

@@ -92,3 +92,54 @@ pub extern "C" fn fakegpu_context_count(ordinal: c_int) -> u64 {
         gpu(p, ordinal).map(|_| u64::from(p.contexts.active_on(ordinal as usize)))
     })
 }
+
+// --- The virtual clock ----------------------------------------------------------------------------
+//
+// Also how a compute limiter running over the fake driver keeps time: a limiter that finds
+// `fakegpu_clock_ns` and `fakegpu_clock_sleep_until_ns` in the driver waits on the virtual clock
+// instead of the host's, so its accuracy can be measured independently of host load.
+
+/// The calling process's virtual time in ns (0 before `cuInit`).
+#[unsafe(no_mangle)]
+pub extern "C" fn fakegpu_clock_ns() -> u64 {
+    query(0, |p| Some(crate::clock::now_ns(p)))
+}
+
+/// Sleeps until the calling process's virtual clock reaches `until_ns` (at once if it has).
+/// Returns 0, or -1 before `cuInit`.
+#[unsafe(no_mangle)]
+pub extern "C" fn fakegpu_clock_sleep_until_ns(until_ns: u64) -> c_int {
+    catch_unwind(AssertUnwindSafe(|| match try_process() {
+        Some(p) => {
+            p.lease.advance_to(until_ns);
+            0
+        }
+        None => -1,
+    }))
+    .unwrap_or(-1)
+}
+
+/// Stops the calling process holding other processes' clocks back until it next runs a kernel
+/// or waits (call it before sitting idle).
+#[unsafe(no_mangle)]
+pub extern "C" fn fakegpu_clock_leave() {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        if let Some(p) = try_process() {
+            p.lease.leave_lockstep();
+        }
+    }));
+}
+
+/// Kernel time (virtual ns) the calling process ran on the device.
+#[unsafe(no_mangle)]
+pub extern "C" fn fakegpu_process_busy_ns(ordinal: c_int) -> u64 {
+    query(0, |p| gpu(p, ordinal).map(|g| p.lease.busy(g.physical)))
+}
+
+/// Kernel time (virtual ns) the device ran, every process.
+#[unsafe(no_mangle)]
+pub extern "C" fn fakegpu_device_busy_ns(ordinal: c_int) -> u64 {
+    query(0, |p| {
+        gpu(p, ordinal).map(|g| p.lease.region().device_busy(g.physical))
+    })
+}

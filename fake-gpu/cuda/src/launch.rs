@@ -1,12 +1,13 @@
 //! Kernel launches: validated as the real driver validates them, counted, and otherwise
 //! instantaneous (there is no device code to run).
 //!
-//! The path is kept free of locks and shared writes — a thread-local context check, a lock-free
-//! function lookup, a per-thread counter cell — because the shim's benchmark measures its own
-//! overhead against this path from many threads. A virtual clock (simulated kernel durations
-//! per device and process, for measuring the shim's compute limiter) would hook in here.
+//! The path is kept free of locks — a thread-local context check, a lock-free function lookup, a
+//! per-thread counter cell, one atomic update of the device's timeline — because the shim's
+//! benchmark measures its own overhead against this path from many threads. Each kernel takes
+//! simulated time on the virtual clock ([`crate::clock`]).
 
 use std::ffi::{c_uint, c_void};
+use std::sync::atomic::AtomicU64;
 
 use tessera_gpu_abi::cuda::*;
 
@@ -21,6 +22,8 @@ pub struct Launches {
     pub kernels: Counter,
     pub cooperative: Counter,
     pub graphs: Counter,
+    /// Virtual time at which the last kernel this process queued ends.
+    pub pending_until: AtomicU64,
 }
 
 impl Launches {
@@ -29,6 +32,7 @@ impl Launches {
             kernels: Counter::new(),
             cooperative: Counter::new(),
             graphs: Counter::new(),
+            pending_until: AtomicU64::new(0),
         }
     }
 }
@@ -56,11 +60,11 @@ impl Shape {
         )
     }
 
-    fn blocks(&self) -> u64 {
+    pub fn blocks(&self) -> u64 {
         self.grid.iter().map(|d| u64::from(*d)).product()
     }
 
-    fn threads_per_block(&self) -> u64 {
+    pub fn threads_per_block(&self) -> u64 {
         self.block.iter().map(|d| u64::from(*d)).product()
     }
 }
@@ -81,6 +85,8 @@ fn launch(f: CUfunction, shape: Shape, stream: CUstream, cooperative: bool) -> R
         process.launches.cooperative.add(1);
     }
     process.launches.kernels.add(1);
+    let duration = crate::clock::kernel_ns(&process.gpus[ctx.device].spec, &shape);
+    crate::clock::run(process, ctx.device, duration);
     Ok(())
 }
 

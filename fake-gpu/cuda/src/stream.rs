@@ -1,13 +1,15 @@
-//! Streams and events. Work completes when it is issued (no timing simulation yet), so streams
-//! are always idle and synchronising returns at once; events record the device clock
-//! ([`crate::clock`]) when recorded, so elapsed times are real host time between records.
+//! Streams and events, on the virtual clock ([`crate::clock`]). Synchronising waits (in virtual
+//! time) until everything the process queued is done; an event records the virtual time at which
+//! the work queued before it completes, so elapsed times are simulated kernel time. Queries
+//! always answer "complete": a poll loop would otherwise spin without moving virtual time.
+//! Completion is tracked per process, not per stream.
 
 use std::ffi::{c_float, c_int, c_uint};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tessera_gpu_abi::cuda::*;
 
-use crate::clock::now_ns;
+use crate::clock::{synchronise, work_done_ns};
 use crate::context::{Current, current};
 use crate::guard::{Result, check, guard, put};
 use crate::handles::{Kind, Registry, from_ptr, to_ptr};
@@ -114,14 +116,21 @@ fn stream_idle(stream: CUstream) -> Result {
     stream_target(process()?, stream).map(drop)
 }
 
+fn stream_synchronise(stream: CUstream) -> Result {
+    let process = process()?;
+    stream_target(process, stream)?;
+    synchronise(process);
+    Ok(())
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
-    guard(|| stream_idle(stream))
+    guard(|| stream_synchronise(stream))
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuStreamSynchronize_ptsz(stream: CUstream) -> CUresult {
-    guard(|| stream_idle(stream))
+    guard(|| stream_synchronise(stream))
 }
 
 #[unsafe(no_mangle)]
@@ -175,7 +184,9 @@ fn record(event: CUevent, stream: CUstream) -> Result {
         .get(from_ptr(event))
         .ok_or(CUDA_ERROR_INVALID_HANDLE)?;
     validate_stream(process, stream)?;
-    event.recorded_ns.store(now_ns(), Ordering::Release);
+    event
+        .recorded_ns
+        .store(work_done_ns(process), Ordering::Release);
     Ok(())
 }
 
@@ -210,7 +221,18 @@ pub unsafe extern "C" fn cuEventQuery(event: CUevent) -> CUresult {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuEventSynchronize(event: CUevent) -> CUresult {
-    guard(|| event_done(event))
+    guard(|| {
+        let process = process()?;
+        let at = process
+            .streams
+            .events
+            .get(from_ptr(event))
+            .ok_or(CUDA_ERROR_INVALID_HANDLE)?
+            .recorded_ns
+            .load(Ordering::Acquire);
+        process.lease.advance_to(at);
+        Ok(())
+    })
 }
 
 /// Milliseconds between two records; both must have been recorded with timing enabled.

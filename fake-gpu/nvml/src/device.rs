@@ -369,13 +369,22 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     })
 }
 
-/// Always idle: no kernel time is simulated yet.
+/// The share of virtual time the device ran kernels since this client last asked (see
+/// `utilisation`); memory utilisation is not simulated.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     device: nvmlDevice_t,
     out: *mut nvmlUtilization_t,
 ) -> nvmlReturn_t {
-    with_device(device, |_, _, _| unsafe {
-        put(out, nvmlUtilization_t { gpu: 0, memory: 0 })
+    with_device(device, |node, index, _| {
+        let region = &node.region;
+        let gpu = crate::utilisation::percent(
+            index,
+            crate::utilisation::DEVICE,
+            0,
+            region.device_busy(index),
+            region.clock_now(),
+        );
+        unsafe { put(out, nvmlUtilization_t { gpu, memory: 0 }) }
     })
 }

@@ -15,3 +15,4 @@ mod device;
 mod guard;
 mod library;
 mod processes;
+mod utilisation;

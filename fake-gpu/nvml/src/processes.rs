@@ -102,15 +102,15 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     _last_seen_timestamp: u64,
 ) -> nvmlReturn_t {
     guard(|| {
+        let (node, index) = resolve(device)?;
         let (_, processes) = on_device(device)?;
-        let now_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
+        let now = node.region.clock_now();
         let items = processes
             .iter()
             .map(|p| nvmlProcessUtilizationSample_t {
                 pid: p.pid,
-                time_stamp: now_us,
+                time_stamp: now / 1000,
+                sm_util: crate::utilisation::percent(index, p.slot, p.pid, p.busy[index], now),
                 ..Default::default()
             })
             .collect();

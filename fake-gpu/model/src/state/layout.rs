@@ -10,10 +10,10 @@
 //! header is written once, by the first process, while it holds the file alone (see
 //! `super::Region::open`), and only read afterwards.
 //!
-//! Room for later: a virtual-clock kernel simulation will need per-device and per-process compute
-//! time. A layout version 2 can add a section at `Header::clock_offset` (0 now), or use the
-//! `reserved` words that every record carries; a process that finds a version it does not know
-//! refuses the file with a message rather than misreading it.
+//! Layout version 2 added the virtual clock (see `super::clock`): per device, where its queued
+//! kernels end and how much kernel time it ran; per process, its virtual time, its lockstep
+//! horizon and heartbeat, and its kernel time per device. A process that finds a version it does
+//! not know refuses the file with a message rather than misreading it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
@@ -21,7 +21,7 @@ use crate::config::MAX_DEVICES;
 
 pub const MAGIC: [u8; 8] = *b"FAKEGPU\0";
 /// Bump when any offset or record changes meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Processes that can use one fake node at the same time.
 pub const MAX_SLOTS: usize = 1024;
 
@@ -89,7 +89,14 @@ pub struct DeviceRecord {
     pub used: AtomicU64,
     /// Managed (unified) memory in use; host-backed, not limited by `capacity`.
     pub managed: AtomicU64,
-    pub reserved: [AtomicU64; 13],
+    /// Virtual time at which the last kernel queued on the device ends: kernels run one after
+    /// another, each holding the SMs for its duration.
+    pub busy_until: AtomicU64,
+    /// Kernel time the device has run, every process.
+    pub busy_total: AtomicU64,
+    /// The latest virtual time any process has reached (a newcomer starts there).
+    pub frontier: AtomicU64,
+    pub reserved: [AtomicU64; 10],
 }
 
 /// Slot states.
@@ -108,15 +115,25 @@ pub struct SlotRecord {
     pub generation: AtomicU64,
     /// Bit `d` set while the process has an active context on device `d` (NVML lists it).
     pub devices_open: AtomicU64,
-    pub reserved: [AtomicU64; 5],
+    /// The process's virtual time (host code takes none; kernels, synchronisation and sleeps
+    /// move it).
+    pub clock: AtomicU64,
+    /// The virtual time before which the process will do nothing: its clock while it runs, the
+    /// time it waits for while it waits. Others may run up to it (see `super::clock`).
+    pub horizon: AtomicU64,
+    /// Monotonic wall-clock milliseconds of its last clock activity; 0 = not in the lockstep.
+    pub heartbeat: AtomicU64,
+    pub reserved: [AtomicU64; 2],
     pub used: [AtomicU64; MAX_DEVICES],
     pub managed: [AtomicU64; MAX_DEVICES],
+    /// Kernel time this process ran, per device.
+    pub busy: [AtomicU64; MAX_DEVICES],
 }
 
 const _: () = {
     assert!(size_of::<Header>() <= HEADER_SIZE);
     assert!(size_of::<DeviceRecord>() == 128);
-    assert!(size_of::<SlotRecord>() == 320);
+    assert!(size_of::<SlotRecord>() == 448);
     assert!(SLOTS_OFFSET.is_multiple_of(64));
     assert!(MAX_DEVICES <= 64, "devices_open is a 64-bit mask");
 };

@@ -16,6 +16,7 @@
 //! any drift a crash left behind; a process that finds other users validates the header and
 //! refuses a file created for another layout or another device list.
 
+pub mod clock;
 pub mod layout;
 mod lock;
 
@@ -77,6 +78,8 @@ pub struct ProcessUsage {
     pub managed: Vec<u64>,
     /// Bit `d` set while the process has an active context on device `d`.
     pub devices_open: u64,
+    /// Kernel time (virtual ns) per device.
+    pub busy: Vec<u64>,
 }
 
 impl ProcessUsage {
@@ -298,6 +301,7 @@ impl Region {
                     used: per_device(&slot.used),
                     managed: per_device(&slot.managed),
                     devices_open: slot.devices_open.load(Ordering::Relaxed),
+                    busy: per_device(&slot.busy),
                 })
             })
             .collect()
@@ -327,6 +331,7 @@ impl Region {
             }
             slot.pid.store(std::process::id(), Ordering::Relaxed);
             slot.devices_open.store(0, Ordering::Relaxed);
+            view.start_clock(slot, self.device_count);
             slot.generation.fetch_add(1, Ordering::Relaxed);
             slot.state.store(SLOT_ACTIVE, Ordering::Release);
             return Ok(Lease {
@@ -424,6 +429,7 @@ impl<'a> RecordView<'a> {
             );
         }
         slot.devices_open.store(0, Ordering::Relaxed);
+        slot.heartbeat.store(0, Ordering::Relaxed);
         slot.pid.store(0, Ordering::Relaxed);
         slot.state.store(SLOT_FREE, Ordering::Release);
     }
