@@ -5,6 +5,9 @@
 //! use, summed over live processes only), so a plugin restart loses nothing and two plugin
 //! instances report the same values.
 //!
+//! Names follow Prometheus conventions (base units `_bytes`, `_seconds`, `_ratio`; counters end in
+//! `_total`); the reference is `docs/reference/metrics.md`.
+//!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `tessera_prepare_duration_seconds` | histogram | — (one NodePrepareResources call) |
@@ -13,7 +16,7 @@
 //! | `tessera_claims_prepared` | gauge | — |
 //! | `tessera_claim_memory_used_bytes` | gauge | namespace, claim, claim_uid, gpu_uuid |
 //! | `tessera_claim_memory_limit_bytes` | gauge | same |
-//! | `tessera_claim_cores_limit_percent` | gauge | same |
+//! | `tessera_claim_cores_limit_ratio` | gauge | same (1 = the whole GPU) |
 //! | `tessera_claim_processes` | gauge | namespace, claim, claim_uid |
 
 use std::path::PathBuf;
@@ -136,6 +139,7 @@ struct ClaimCollector {
 }
 
 type U64Gauge = Gauge<u64, AtomicU64>;
+type RatioGauge = Gauge<f64, AtomicU64>;
 
 impl Collector for ClaimCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -148,7 +152,7 @@ impl Collector for ClaimCollector {
         };
         let used: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let limit: Family<ClaimGpuLabels, U64Gauge> = Family::default();
-        let cores: Family<ClaimGpuLabels, U64Gauge> = Family::default();
+        let cores: Family<ClaimGpuLabels, RatioGauge> = Family::default();
         let processes: Family<ClaimLabels, U64Gauge> = Family::default();
         let mut prepared = 0u64;
         for (uid, claim) in checkpoint
@@ -182,7 +186,10 @@ impl Collector for ClaimCollector {
                     .map_or(0, |d| d.memory_used);
                 used.get_or_create(&labels).set(in_use);
                 limit.get_or_create(&labels).set(gpu.memory_limit);
-                cores.get_or_create(&labels).set(u64::from(gpu.cores));
+                // `cores` is out of 100 per GPU.
+                cores
+                    .get_or_create(&labels)
+                    .set(f64::from(gpu.cores) / 100.0);
             }
         }
         let count: U64Gauge = Gauge::default();
@@ -194,7 +201,7 @@ impl Collector for ClaimCollector {
             MetricType::Gauge,
         )?)?;
         let bytes = Unit::Bytes;
-        let percent = Unit::Other("percent".into());
+        let ratio = Unit::Other("ratio".into());
         used.encode(encoder.encode_descriptor(
             "claim_memory_used",
             "GPU memory held by the live processes of a claim",
@@ -209,8 +216,8 @@ impl Collector for ClaimCollector {
         )?)?;
         cores.encode(encoder.encode_descriptor(
             "claim_cores_limit",
-            "Compute share of a claim on a GPU (100 = the whole GPU)",
-            Some(&percent),
+            "Compute share of a claim on a GPU (1 = the whole GPU)",
+            Some(&ratio),
             MetricType::Gauge,
         )?)?;
         processes.encode(encoder.encode_descriptor(

@@ -94,7 +94,7 @@ async fn metrics_count_only_live_processes() {
     for line in [
         format!("tessera_claim_memory_used_bytes{{{labels}}} {}", 3 * GIB),
         format!("tessera_claim_memory_limit_bytes{{{labels}}} {}", 8 * GIB),
-        format!("tessera_claim_cores_limit_percent{{{labels}}} 50"),
+        format!("tessera_claim_cores_limit_ratio{{{labels}}} 0.5"),
         format!(
             "tessera_claim_processes{{namespace=\"team-a\",claim=\"train\",claim_uid=\"{UID}\"}} 1"
         ),

@@ -82,12 +82,22 @@ mod tests {
         let text = String::from_utf8_lossy(&body);
         assert!(
             text.contains(
-                r#"tessera_gpu_shares_allocated{node="n",uuid="GPU-1",product="L40S"} 2"#
+                r#"tessera_gpu_shares_allocated{node="n",gpu_uuid="GPU-1",product="L40S"} 2"#
             ),
             "{text}"
         );
         assert!(
             text.contains("tessera_gpu_memory_capacity_bytes{"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tessera_gpu_cores_allocated_ratio{node="n",gpu_uuid="GPU-1",product="L40S"} 0.2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_controller_reconcile_errors_total 0"),
             "{text}"
         );
     }

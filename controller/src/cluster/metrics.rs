@@ -1,5 +1,7 @@
 //! `/metrics` of the cluster controller: per GPU and per claim gauges from the [`ClusterView`].
-//! Units are in the names (`_bytes`, `_percent`); cores are percent of one GPU.
+//! Prometheus conventions: base units in the names (`_bytes`, `_seconds`, `_ratio`), counters end
+//! in `_total`; compute is a ratio of one GPU (1 = the whole GPU, DRA's `cores` capacity / 100).
+//! The GPU label is `gpu_uuid`, as in the kubelet plugin's per-claim metrics, so the two join.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -11,7 +13,7 @@ use super::view::ClusterView;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GpuLabels {
     pub node: String,
-    pub uuid: String,
+    pub gpu_uuid: String,
     pub product: String,
 }
 
@@ -21,14 +23,16 @@ pub struct ClaimLabels {
     pub claim: String,
 }
 
+type RatioGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 #[derive(Clone, Default)]
 pub struct ClusterMetrics {
     pub gpu_memory_capacity: Family<GpuLabels, Gauge>,
     pub gpu_memory_allocated: Family<GpuLabels, Gauge>,
-    pub gpu_cores_allocated: Family<GpuLabels, Gauge>,
+    pub gpu_cores_allocated: Family<GpuLabels, RatioGauge>,
     pub gpu_shares: Family<GpuLabels, Gauge>,
     pub claim_memory: Family<ClaimLabels, Gauge>,
-    pub claim_cores: Family<ClaimLabels, Gauge>,
+    pub claim_cores: Family<ClaimLabels, RatioGauge>,
     pub claim_devices: Family<ClaimLabels, Gauge>,
     pub reconcile_errors: prometheus_client::metrics::counter::Counter,
     pub last_reconcile_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -48,8 +52,8 @@ impl ClusterMetrics {
             self.gpu_memory_allocated.clone(),
         );
         r.register(
-            "gpu_cores_allocated_percent",
-            "Compute held by allocated claims, percent of one GPU",
+            "gpu_cores_allocated_ratio",
+            "Compute held by allocated claims, ratio of the GPU (1 = all of it)",
             self.gpu_cores_allocated.clone(),
         );
         r.register(
@@ -63,8 +67,8 @@ impl ClusterMetrics {
             self.claim_memory.clone(),
         );
         r.register(
-            "claim_cores_percent",
-            "Compute a claim holds, percent of one GPU",
+            "claim_cores_ratio",
+            "Compute a claim holds, in GPUs (0.25 = a quarter of one GPU)",
             self.claim_cores.clone(),
         );
         r.register(
@@ -89,19 +93,22 @@ impl ClusterMetrics {
         for f in [
             &self.gpu_memory_capacity,
             &self.gpu_memory_allocated,
-            &self.gpu_cores_allocated,
             &self.gpu_shares,
         ] {
             f.clear();
         }
-        for f in [&self.claim_memory, &self.claim_cores, &self.claim_devices] {
+        self.gpu_cores_allocated.clear();
+        for f in [&self.claim_memory, &self.claim_devices] {
             f.clear();
         }
+        self.claim_cores.clear();
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        // `cores` capacity is out of 100 per GPU.
+        let ratio = |cores: u64| cores as f64 / 100.0;
         for gpu in view.gpus.values() {
             let l = GpuLabels {
                 node: gpu.node.clone(),
-                uuid: gpu.uuid.clone(),
+                gpu_uuid: gpu.uuid.clone(),
                 product: gpu.product.clone(),
             };
             self.gpu_memory_capacity
@@ -112,7 +119,7 @@ impl ClusterMetrics {
                 .set(g(gpu.memory_allocated_bytes));
             self.gpu_cores_allocated
                 .get_or_create(&l)
-                .set(g(gpu.cores_allocated));
+                .set(ratio(gpu.cores_allocated));
             self.gpu_shares.get_or_create(&l).set(g(gpu.shares));
         }
         for c in &view.claims {
@@ -121,7 +128,7 @@ impl ClusterMetrics {
                 claim: c.name.clone(),
             };
             self.claim_memory.get_or_create(&l).set(g(c.memory_bytes));
-            self.claim_cores.get_or_create(&l).set(g(c.cores));
+            self.claim_cores.get_or_create(&l).set(ratio(c.cores));
             self.claim_devices.get_or_create(&l).set(g(c.devices));
         }
     }
