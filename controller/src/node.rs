@@ -89,6 +89,8 @@ pub struct NodeStatus {
     pub version: Option<crate::ApiVersion>,
     pub generation: i64,
     pub last_error: Option<String>,
+    /// Devices in the published pool (0: the node's slices were deleted, no GPU to offer).
+    pub devices: usize,
     /// How many syncs wrote something.
     pub writes: u64,
 }
@@ -170,73 +172,106 @@ impl NodeController {
         loop {
             let inventory = self.inventory.borrow_and_update().clone();
             let mode = candidates[pick];
-            match build_pool(&inventory, &self.config.node, mode, server.counter_layout()) {
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot build the node's pool");
-                    self.set_error(e.to_string());
-                }
-                Ok(plan) => match publisher.sync(&plan).await {
-                    Ok(report) if !report.dropped.is_empty() => {
-                        let why = format!(
-                            "the API server dropped {} of sharing mode {} (feature gate off?): {}",
-                            report.dropped.len(),
-                            mode.name(),
-                            report
-                                .dropped
-                                .iter()
-                                .take(3)
-                                .cloned()
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        );
-                        if pick + 1 < candidates.len() {
-                            let next = candidates[pick + 1];
-                            tracing::warn!(
-                                from = mode.name(),
-                                to = next.name(),
-                                "{why}; falling back"
-                            );
-                            self.event(
-                                EventType::Warning,
-                                "SharingModeFallback",
-                                &format!("{why}; falling back to {}", next.name()),
-                            )
-                            .await;
-                            pick += 1;
-                            continue;
-                        }
-                        tracing::error!("{why}; no mode left to fall back to");
-                        self.event(EventType::Warning, "FieldsDropped", &why).await;
-                        self.set_error(why);
-                    }
-                    Ok(report) => {
+            if inventory.gpus.is_empty() {
+                // Nothing to offer (every GPU gone or unhealthy): the node's slices go, so the
+                // scheduler stops placing claims here; they come back with a GPU.
+                match publisher.delete_all().await {
+                    Ok(deleted) => {
                         backoff.reset();
-                        if report.changed() {
-                            tracing::info!(
-                                mode = mode.name(),
-                                generation = report.generation,
-                                created = report.created,
-                                updated = report.updated,
-                                deleted = report.deleted,
-                                "ResourceSlices published"
+                        if deleted > 0 {
+                            tracing::warn!(
+                                deleted,
+                                node = %self.config.node,
+                                "no GPU to offer: deleted the node's ResourceSlices"
                             );
                         }
                         self.status.send_modify(|s| {
                             s.mode = Some(mode);
                             s.version = Some(server.version);
-                            s.generation = report.generation;
+                            s.devices = 0;
                             s.last_error = None;
-                            s.writes += u64::from(report.changed());
+                            s.writes += u64::from(deleted > 0);
                         });
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
-                        tracing::warn!(error = %e, retry_in = ?delay, "publishing ResourceSlices");
+                        tracing::warn!(error = %e, retry_in = ?delay, "deleting ResourceSlices");
                         self.set_error(e.to_string());
                         tokio::time::sleep(delay).await;
                         continue;
                     }
-                },
+                }
+            } else {
+                match build_pool(&inventory, &self.config.node, mode, server.counter_layout()) {
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build the node's pool");
+                        self.set_error(e.to_string());
+                    }
+                    Ok(plan) => match publisher.sync(&plan).await {
+                        Ok(report) if !report.dropped.is_empty() => {
+                            let why = format!(
+                                "the API server dropped {} of sharing mode {} (feature gate off?): {}",
+                                report.dropped.len(),
+                                mode.name(),
+                                report
+                                    .dropped
+                                    .iter()
+                                    .take(3)
+                                    .cloned()
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            );
+                            if pick + 1 < candidates.len() {
+                                let next = candidates[pick + 1];
+                                tracing::warn!(
+                                    from = mode.name(),
+                                    to = next.name(),
+                                    "{why}; falling back"
+                                );
+                                self.event(
+                                    EventType::Warning,
+                                    "SharingModeFallback",
+                                    &format!("{why}; falling back to {}", next.name()),
+                                )
+                                .await;
+                                pick += 1;
+                                continue;
+                            }
+                            tracing::error!("{why}; no mode left to fall back to");
+                            self.event(EventType::Warning, "FieldsDropped", &why).await;
+                            self.set_error(why);
+                        }
+                        Ok(report) => {
+                            backoff.reset();
+                            if report.changed() {
+                                tracing::info!(
+                                    mode = mode.name(),
+                                    generation = report.generation,
+                                    created = report.created,
+                                    updated = report.updated,
+                                    deleted = report.deleted,
+                                    "ResourceSlices published"
+                                );
+                            }
+                            let devices = plan.devices().count();
+                            self.status.send_modify(|s| {
+                                s.mode = Some(mode);
+                                s.version = Some(server.version);
+                                s.devices = devices;
+                                s.generation = report.generation;
+                                s.last_error = None;
+                                s.writes += u64::from(report.changed());
+                            });
+                        }
+                        Err(e) => {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(error = %e, retry_in = ?delay, "publishing ResourceSlices");
+                            self.set_error(e.to_string());
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
+                    },
+                }
             }
             tokio::select! {
                 changed = self.inventory.changed() => if changed.is_err() {

@@ -197,16 +197,19 @@ impl Publisher {
         Ok(report)
     }
 
-    /// Deletes all of this node's slices (mode change to nothing, tests).
+    /// Deletes all of this node's slices (no GPU left to offer, tests); returns how many it
+    /// deleted. A slice already gone is not an error.
     pub async fn delete_all(&self) -> Result<usize, PublishError> {
         let existing = self.existing().await?;
+        let mut deleted = 0;
         for name in existing.keys() {
             match self.api.delete(name, &DeleteParams::default()).await {
-                Ok(_) | Err(kube::Error::Api(_)) => {}
+                Ok(_) => deleted += 1,
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(existing.len())
+        Ok(deleted)
     }
 }
 

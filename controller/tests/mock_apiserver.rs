@@ -281,3 +281,54 @@ async fn dropped_gated_fields_make_auto_fall_back_with_an_event() {
     }));
     task.abort();
 }
+
+#[tokio::test]
+async fn an_empty_inventory_deletes_the_slices_and_a_gpu_back_republishes() {
+    let state = Shared::default();
+    let (tx, rx) = tokio::sync::watch::channel(inventory(2));
+    let (controller, status) = NodeController::new(
+        client(&state),
+        NodeControllerConfig::new("node-a", ModeSetting::Mode(SharingMode::Exclusive)),
+        rx,
+    );
+    let task = tokio::spawn(controller.run());
+    eventually("published", || status.borrow().devices == 2).await;
+    let first = status.borrow().generation;
+    assert_eq!(state.lock().expect("lock").slices.len(), 1);
+
+    // Every GPU gone or unhealthy: the slices go, the controller keeps running.
+    tx.send(Inventory {
+        driver_version: None,
+        gpus: Vec::new(),
+    })
+    .expect("send");
+    eventually("slices deleted", || {
+        state.lock().expect("lock").slices.is_empty() && status.borrow().devices == 0
+    })
+    .await;
+    assert!(
+        status.borrow().last_error.is_none(),
+        "{:?}",
+        status.borrow()
+    );
+    assert!(
+        state
+            .lock()
+            .expect("lock")
+            .requests
+            .iter()
+            .any(|r| r.starts_with("DELETE /apis/resource.k8s.io/v1/resourceslices/")),
+    );
+
+    // A GPU comes back: published again, with a newer generation than anything before.
+    let mut one = inventory(2);
+    one.gpus.remove(0);
+    tx.send(one).expect("send");
+    eventually("re-published", || status.borrow().devices == 1).await;
+    let s = state.lock().expect("lock");
+    let slice = s.slices.values().next().expect("a slice");
+    assert_eq!(slice["spec"]["devices"][0]["name"], "gpu-1", "index kept");
+    assert!(slice["spec"]["pool"]["generation"].as_i64() > Some(first));
+    assert!(!task.is_finished());
+    task.abort();
+}

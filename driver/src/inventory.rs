@@ -13,10 +13,17 @@
 //!
 //! Only the fields the plugin publishes or needs are read; the fake node's simulation fields
 //! (`smCount`, `clockRateKhz`, …) are accepted and ignored, so the two formats cannot drift apart.
+//!
+//! Health, for fake nodes: a device may carry `"health": "healthy"` (the default) or
+//! `"unhealthy"`, with an optional `"healthReason"`; the plugin re-reads the file while it runs
+//! ([`Inventory::observe_file`]), so editing it withdraws and restores GPUs, and a device removed
+//! from the file (or an empty `devices` list) counts as gone.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::health::{Health, Observation};
 
 /// One physical GPU.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,14 +104,7 @@ impl Inventory {
 
     /// Parses a fake inventory document; errors carry an empty path.
     pub fn from_json(text: &str) -> Result<Inventory> {
-        let invalid = |field: String, message: String| Error::Invalid {
-            path: String::new(),
-            field,
-            message,
-        };
-        let file: InventoryFile =
-            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
-                .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+        let file = parse(text)?;
         if file.devices.is_empty() {
             return Err(invalid(
                 "devices".into(),
@@ -151,7 +151,68 @@ impl Inventory {
             gpus,
         })
     }
+
+    /// One look at a fake node: the GPUs its inventory file lists now, with their `health`.
+    /// Unlike [`Inventory::from_file`] an empty `devices` list is accepted (every GPU gone).
+    pub fn observe_file(path: &Path) -> Result<Observation> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::observe_json(&text).map_err(|e| match e {
+            Error::Invalid { field, message, .. } => Error::Invalid {
+                path: path.display().to_string(),
+                field,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// [`Inventory::observe_file`] of a document; errors carry an empty path.
+    pub fn observe_json(text: &str) -> Result<Observation> {
+        let file = parse(text)?;
+        let seen = file
+            .devices
+            .into_iter()
+            .map(|d| {
+                let health = d.health();
+                (d.uuid, health)
+            })
+            .collect();
+        Ok(Observation { seen })
+    }
 }
+
+fn invalid(field: String, message: String) -> Error {
+    Error::Invalid {
+        path: String::new(),
+        field,
+        message,
+    }
+}
+
+/// Parses the file and checks the fields every use needs (`health`).
+fn parse(text: &str) -> Result<InventoryFile> {
+    let file: InventoryFile =
+        serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+            .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+    for (index, entry) in file.devices.iter().enumerate() {
+        if let Some(health) = &entry.health
+            && health != HEALTHY
+            && health != UNHEALTHY
+        {
+            return Err(invalid(
+                format!("devices[{index}].health"),
+                format!("{health:?}: expected \"{HEALTHY}\" or \"{UNHEALTHY}\""),
+            ));
+        }
+    }
+    Ok(file)
+}
+
+const HEALTHY: &str = "healthy";
+const UNHEALTHY: &str = "unhealthy";
 
 /// The fake GPU node's config, reduced to what the plugin uses.
 #[derive(Deserialize)]
@@ -178,6 +239,23 @@ struct DeviceEntry {
     brand: Option<String>,
     #[serde(default)]
     minor_number: Option<u32>,
+    /// `healthy` (the default) or `unhealthy`.
+    #[serde(default)]
+    health: Option<String>,
+    #[serde(default)]
+    health_reason: Option<String>,
+}
+
+impl DeviceEntry {
+    fn health(&self) -> Health {
+        match self.health.as_deref() {
+            Some(UNHEALTHY) => Health::Unhealthy(match &self.health_reason {
+                Some(reason) => format!("marked unhealthy in the inventory file: {reason}"),
+                None => "marked unhealthy in the inventory file".into(),
+            }),
+            _ => Health::Healthy,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +301,40 @@ mod tests {
             .expect_err("empty")
             .to_string();
         assert!(err.contains("devices"), "{err}");
+    }
+
+    #[test]
+    fn health_is_read_while_running() {
+        let look = Inventory::observe_json(
+            r#"{"devices":[
+                {"uuid":"GPU-a","name":"x","memory":1},
+                {"uuid":"GPU-b","name":"x","memory":1,"health":"unhealthy","healthReason":"XID 79"},
+                {"uuid":"GPU-c","name":"x","memory":1,"health":"healthy"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(look.seen["GPU-a"], Health::Healthy);
+        assert_eq!(look.seen["GPU-c"], Health::Healthy);
+        assert_eq!(
+            look.seen["GPU-b"],
+            Health::Unhealthy("marked unhealthy in the inventory file: XID 79".into())
+        );
+        let empty = Inventory::observe_json(r#"{"devices":[]}"#).expect("empty is a look too");
+        assert!(empty.seen.is_empty());
+        let err = Inventory::observe_json(
+            r#"{"devices":[{"uuid":"GPU-a","name":"x","memory":1,"health":"sick"}]}"#,
+        )
+        .expect_err("bad health")
+        .to_string();
+        assert!(
+            err.contains("devices[0].health") && err.contains("sick"),
+            "{err}"
+        );
+        // The start-up inventory lists unhealthy GPUs too: they are known, then withdrawn.
+        let all = Inventory::from_json(
+            r#"{"devices":[{"uuid":"GPU-a","name":"x","memory":1,"health":"unhealthy"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(all.gpus.len(), 1);
     }
 
     #[test]

@@ -10,9 +10,11 @@
 pub mod allocation;
 pub mod cdi;
 pub mod checkpoint;
+pub mod claim_files;
 pub mod claim_config;
 pub mod device_name;
 pub mod fsutil;
+pub mod health;
 pub mod inventory;
 #[cfg(feature = "nvml")]
 pub mod nvml;

@@ -34,6 +34,10 @@ pub struct Args {
     /// A fake inventory file (the fake GPU node's JSON) instead of asking NVML.
     #[arg(long)]
     pub inventory: Option<PathBuf>,
+    /// Seconds between looks at the GPUs' health (NVML, or the --inventory file); 0 turns
+    /// health checks off (GPUs are never withdrawn).
+    #[arg(long, default_value_t = 5)]
+    pub health_interval: u64,
     /// Load NVML from this file instead of the default `libnvidia-ml.so.1`.
     #[arg(long)]
     pub nvml_library: Option<PathBuf>,

@@ -11,6 +11,7 @@ use tessera_driver::Inventory;
 use tessera_driver::cdi::{CdiMode, DriverFiles};
 use tessera_kubelet_plugin::cli::{Args, CdiModeArg, LogFormat};
 use tessera_kubelet_plugin::metrics::Metrics;
+use tessera_kubelet_plugin::node::health::{HealthConfig, HealthSource};
 use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets, http, install};
 
 #[tokio::main]
@@ -84,11 +85,20 @@ async fn run(args: Args) -> Result<()> {
     let plugin = Plugin::start(node, sockets).await?;
     // Slices only once the plugin is registered: the kubelet removes a node's slices of drivers
     // it has no plugin for.
+    let health = HealthConfig {
+        source: match (&args.inventory, args.health_interval) {
+            (_, 0) => HealthSource::Off,
+            (Some(path), _) => HealthSource::File(path.clone()),
+            (None, _) => HealthSource::Nvml(args.nvml_library.clone()),
+        },
+        interval: std::time::Duration::from_secs(args.health_interval),
+    };
     let slices = tessera_kubelet_plugin::slices::start(
         client.clone(),
         &args.node_name,
         &args.sharing_mode,
         inventory,
+        health,
     )?;
     let http = tokio::spawn(http::serve(args.metrics_address, metrics));
 

@@ -1,23 +1,29 @@
 //! Starts `tessera-controller`'s per-node slice controller inside the plugin (issue 4): the
-//! node's GPUs are published as ResourceSlices in the configured sharing mode.
+//! node's GPUs are published as ResourceSlices in the configured sharing mode, and the GPU
+//! health watcher (`node::health`) keeps them to the healthy ones.
 //!
 //! The returned guard aborts the controller when dropped; `main` drops it before the plugin
 //! unregisters, so the controller can never re-create slices the kubelet removes for a plugin
 //! that is going away.
 
-use tessera_controller::node::{ModeSetting, NodeController, NodeControllerConfig};
+use tessera_controller::node::{ModeSetting, NodeController, NodeControllerConfig, NodeStatus};
 use tessera_driver::Inventory;
 
-/// Aborts the slice controller on drop.
+use crate::node::health::{self, HealthConfig, NodeEvents};
+
+/// Aborts the slice controller and the health watcher on drop.
 pub struct SliceController {
     task: Option<tokio::task::JoinHandle<()>>,
-    /// Keeps the inventory channel open; later inventory/health updates go through it.
-    pub inventory: tokio::sync::watch::Sender<Inventory>,
+    health: Option<tokio::task::JoinHandle<()>>,
+    /// The inventory being published (the healthy GPUs).
+    pub inventory: tokio::sync::watch::Receiver<Inventory>,
+    /// What the controller last published (`None` with `--sharing-mode off`).
+    pub status: Option<tokio::sync::watch::Receiver<NodeStatus>>,
 }
 
 impl Drop for SliceController {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        for task in [self.task.take(), self.health.take()].into_iter().flatten() {
             task.abort();
         }
     }
@@ -25,27 +31,35 @@ impl Drop for SliceController {
 
 /// `mode`: `off` publishes nothing (slices come from elsewhere); otherwise a
 /// [`ModeSetting`] (`auto`, `consumable`, `partitioned`, `fixed`, `fixed:<n>`, `exclusive`).
+/// `inventory` is the start-up inventory; `health` says how GPUs are withdrawn and restored.
 pub fn start(
     client: kube::Client,
     node: &str,
     mode: &str,
     inventory: Inventory,
+    health: HealthConfig,
 ) -> anyhow::Result<SliceController> {
-    let (tx, rx) = tokio::sync::watch::channel(inventory);
+    let (tx, rx) = tokio::sync::watch::channel(inventory.clone());
     if mode == "off" {
         tracing::info!("--sharing-mode off: not publishing ResourceSlices");
         return Ok(SliceController {
             task: None,
-            inventory: tx,
+            health: None,
+            inventory: rx,
+            status: None,
         });
     }
     let mode: ModeSetting = mode
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--sharing-mode: {e}"))?;
-    let (controller, _status) =
-        NodeController::new(client, NodeControllerConfig::new(node, mode), rx);
+    let events = NodeEvents::new(client.clone(), node);
+    let health = tokio::spawn(health::run(health, inventory, tx, Some(events)));
+    let (controller, status) =
+        NodeController::new(client, NodeControllerConfig::new(node, mode), rx.clone());
     Ok(SliceController {
         task: Some(tokio::spawn(controller.run())),
-        inventory: tx,
+        health: Some(health),
+        inventory: rx,
+        status: Some(status),
     })
 }

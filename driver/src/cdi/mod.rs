@@ -108,6 +108,50 @@ pub fn claim_spec(
     host: &HostPaths,
     driver: Option<&DriverFiles>,
 ) -> Spec {
+    let named = devices
+        .iter()
+        .map(|device| (device_name(claim_uid, device), std::slice::from_ref(device)))
+        .collect();
+    build_spec(kind(), named, host, driver)
+}
+
+/// CDI class of the standalone CLI's slices: kind `gpu.tessera.dev/slice`.
+pub const SLICE_CLASS: &str = "slice";
+
+/// The CDI kind of slices written by the standalone `tessera` CLI.
+pub fn slice_kind() -> String {
+    format!("{DRIVER_NAME}/{SLICE_CLASS}")
+}
+
+/// `tessera-slice-<name>.json`.
+pub fn slice_spec_file_name(name: &str) -> String {
+    format!("tessera-slice-{name}.json")
+}
+
+/// The spec of a slice made without Kubernetes (`tessera cdi generate`): one CDI device,
+/// `gpu.tessera.dev/slice=<name>`, with the same claim-wide edits as a claim's spec and the
+/// edits of every GPU in `devices`.
+pub fn slice_spec(
+    name: &str,
+    devices: &[AllocatedDevice],
+    host: &HostPaths,
+    driver: Option<&DriverFiles>,
+) -> Spec {
+    build_spec(
+        slice_kind(),
+        vec![(name.to_string(), devices)],
+        host,
+        driver,
+    )
+}
+
+/// A spec of `kind` with one CDI device per entry, each carrying the edits of its GPUs.
+fn build_spec(
+    kind: String,
+    named: Vec<(String, &[AllocatedDevice])>,
+    host: &HostPaths,
+    driver: Option<&DriverFiles>,
+) -> Spec {
     let path = |p: &Path| p.display().to_string();
     let mut common = ContainerEdits {
         env: vec![format!("{SHIM_CONFIG_ENV}={CONTAINER_CONFIG}")],
@@ -125,30 +169,33 @@ pub fn claim_spec(
             .extend(driver.control_nodes.iter().cloned());
         common.mounts.extend(driver.mounts.iter().cloned());
     }
-    let devices = devices
-        .iter()
-        .map(|device| {
+    let devices = named
+        .into_iter()
+        .map(|(name, gpus)| {
             // Each CDI device needs an edit of its own (runtimes refuse empty devices): the
             // GPU's node in standalone mode, and in both modes a variable naming the GPU.
-            let mut edits = ContainerEdits {
-                env: vec![format!(
-                    "TESSERA_GPU_{}={}",
-                    device.gpu_index, device.gpu_uuid
-                )],
-                ..ContainerEdits::default()
-            };
-            if let Some(driver) = driver {
-                edits.device_nodes.push(driver.gpu_node(device.gpu_minor));
+            let mut edits = ContainerEdits::default();
+            for device in gpus {
+                let env = format!("TESSERA_GPU_{}={}", device.gpu_index, device.gpu_uuid);
+                if !edits.env.contains(&env) {
+                    edits.env.push(env);
+                }
+                if let Some(driver) = driver {
+                    let node = driver.gpu_node(device.gpu_minor);
+                    if !edits.device_nodes.contains(&node) {
+                        edits.device_nodes.push(node);
+                    }
+                }
             }
             Device {
-                name: device_name(claim_uid, device),
+                name,
                 container_edits: edits,
             }
         })
         .collect();
     let mut spec = Spec {
         cdi_version: String::new(),
-        kind: kind(),
+        kind,
         devices,
         container_edits: common,
     };

@@ -8,6 +8,7 @@
 //! Nothing is fsynced: every write is atomic against a crash of the plugin, and a power cut
 //! means a reboot, after which every claim is prepared afresh (see `Checkpoint::load_since_boot`).
 
+pub mod health;
 mod plan;
 
 use std::collections::BTreeMap;

@@ -3,14 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use tessera_api::region::{self, RegionDeviceSpec};
-use tessera_api::shim_config::SHIM_CONFIG_VERSION;
-use tessera_api::{ShimConfig, ShimDevice};
 use tessera_driver::allocation::{self, ClaimLimits};
 use tessera_driver::cdi::{self, HostPaths, Spec};
 use tessera_driver::checkpoint::PreparedDevice;
-use tessera_driver::claim_config;
-use tessera_driver::fsutil;
+use tessera_driver::{claim_config, claim_files, fsutil};
 
 use super::NodeConfig;
 use crate::claims::Claim;
@@ -59,25 +55,7 @@ impl Plan {
                 files.check_gpu_node(gpu.minor)?;
             }
         }
-        let shim_config = ShimConfig {
-            version: SHIM_CONFIG_VERSION,
-            claim_uid: claim.uid.clone(),
-            region: cdi::CONTAINER_REGION.to_string(),
-            devices: limits
-                .gpus
-                .iter()
-                .map(|g| ShimDevice {
-                    uuid: g.uuid.clone(),
-                    memory_limit: g.memory_limit,
-                    cores: g.cores,
-                    context_overhead: 0,
-                })
-                .collect(),
-            priority: settings.priority,
-            oversubscribe: settings.oversubscribe,
-            core_policy: settings.core_policy,
-        };
-        shim_config.validate()?;
+        let shim_config = claim_files::shim_config(&claim.uid, &limits.gpus, &settings)?;
         let host = HostPaths::new(&config.state_dir, &claim.uid);
         let spec = cdi::claim_spec(
             &claim.uid,
@@ -109,45 +87,21 @@ impl Plan {
 
     /// The region's device table, written fresh.
     pub fn region_bytes(&self) -> std::io::Result<Vec<u8>> {
-        let devices: Vec<RegionDeviceSpec> = self
-            .limits
-            .gpus
-            .iter()
-            .map(|g| RegionDeviceSpec {
-                uuid: g.uuid.clone(),
-                memory_limit: g.memory_limit,
-                cores: g.cores,
-                context_overhead: 0,
-            })
-            .collect();
-        region::encode_new(&devices)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        claim_files::region_bytes(&self.limits.gpus)
     }
 
     pub fn write_config(&self) -> std::io::Result<()> {
-        create_claim_dir(&self.claim_dir)?;
-        // Readable by containers of any user; only the plugin (root) can change it.
-        fsutil::write_atomic(&self.host.config, &self.config_json, 0o644)
+        claim_files::write_config(&self.host, &self.config_json)
     }
 
     pub fn write_region(&self) -> std::io::Result<()> {
-        create_claim_dir(&self.claim_dir)?;
-        // World-writable: processes of non-root containers charge it.
-        fsutil::write_atomic(&self.host.region, &self.region_bytes()?, 0o666)
+        claim_files::write_region(&self.host, &self.region_bytes()?)
     }
 
     pub fn write_spec(&self) -> std::io::Result<()> {
         std::fs::create_dir_all(self.spec_path.parent().unwrap_or(Path::new("/")))?;
         fsutil::write_atomic(&self.spec_path, &self.spec.to_json(), 0o644)
     }
-}
-
-fn create_claim_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
 }
 
 /// Claim UIDs become path components: refuse anything that could leave the state directory.

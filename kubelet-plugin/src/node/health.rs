@@ -1,0 +1,319 @@
+//! Watches the health of the node's GPUs and keeps the slice controller's inventory to the GPUs
+//! that can be offered: an unhealthy or vanished GPU is withdrawn from the node's ResourceSlices
+//! (a log line and a Node Event name it and the reason) and offered again once healthy.
+//!
+//! Sources: NVML (a look every interval: a GPU NVML no longer finds is gone, one it reports lost
+//! is unhealthy; and critical XID events, which withdraw a GPU until the plugin restarts) or,
+//! for fake nodes, the inventory file, re-read every interval (`health` per device). Withdrawal
+//! rather than DeviceTaints: it works on every Kubernetes version Tessera supports (1.31+), while
+//! taints need the `DRADeviceTaints` gate and an API server without it silently drops them.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tessera_driver::Inventory;
+use tessera_driver::health::{Change, HealthTracker, Observation, xid_is_critical};
+use tokio::sync::{mpsc, watch};
+
+/// Where GPU health comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthSource {
+    /// Re-read this fake inventory file.
+    File(PathBuf),
+    /// Ask NVML, loaded from this library (`None`: `libnvidia-ml.so.1` from the loader path).
+    Nvml(Option<PathBuf>),
+    /// Never withdraw a GPU.
+    Off,
+}
+
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    pub source: HealthSource,
+    /// How often the node is looked at.
+    pub interval: Duration,
+}
+
+/// What the watcher hears from its source.
+#[derive(Debug)]
+enum Input {
+    Look(Observation),
+    Xid { uuid: String, xid: u64 },
+}
+
+/// Records health changes as Events on the Node.
+#[derive(Clone)]
+pub struct NodeEvents {
+    recorder: Recorder,
+    node: String,
+}
+
+impl NodeEvents {
+    pub fn new(client: kube::Client, node: &str) -> NodeEvents {
+        let reporter = Reporter {
+            controller: "tessera-kubelet-plugin".into(),
+            instance: Some(node.to_string()),
+        };
+        NodeEvents {
+            recorder: Recorder::new(client, reporter),
+            node: node.to_string(),
+        }
+    }
+
+    async fn publish(&self, type_: EventType, reason: &str, note: String) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.clone()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "CheckGpuHealth".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason, "cannot record Event");
+        }
+    }
+}
+
+/// Event reasons.
+pub const REASON_UNHEALTHY: &str = "GpuUnhealthy";
+pub const REASON_HEALTHY: &str = "GpuHealthy";
+pub const REASON_NOT_OFFERED: &str = "GpuNotOffered";
+
+/// Watches until `offered` has no receiver left. `offered` gets the inventory to publish after
+/// every change; `known` is the start-up inventory.
+pub async fn run(
+    config: HealthConfig,
+    known: Inventory,
+    offered: watch::Sender<Inventory>,
+    events: Option<NodeEvents>,
+) {
+    let (tx, mut rx) = mpsc::channel(16);
+    match &config.source {
+        HealthSource::Off => return,
+        HealthSource::File(path) => {
+            tokio::spawn(read_file(path.clone(), config.interval, tx));
+        }
+        HealthSource::Nvml(library) => {
+            let (library, known, interval) = (library.clone(), known.clone(), config.interval);
+            std::thread::Builder::new()
+                .name("gpu-health".into())
+                .spawn(move || ask_nvml(library, known, interval, tx))
+                .map(drop)
+                .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the GPU health thread; GPUs are never withdrawn"));
+        }
+    }
+    let mut tracker = HealthTracker::new(known);
+    while let Some(input) = rx.recv().await {
+        if offered.is_closed() {
+            return;
+        }
+        let changes = match input {
+            Input::Look(look) => tracker.observe(look),
+            Input::Xid { uuid, xid } if xid_is_critical(xid) => tracker.mark(
+                &uuid,
+                &format!(
+                    "critical XID {xid} (withdrawn until the plugin restarts, after a GPU reset)"
+                ),
+            ),
+            Input::Xid { uuid, xid } => {
+                tracing::info!(gpu = %uuid, xid, "application XID; the GPU stays offered");
+                Vec::new()
+            }
+        };
+        if changes.is_empty() {
+            continue;
+        }
+        let inventory = tracker.offered();
+        offered.send_if_modified(|current| {
+            let modified = *current != inventory;
+            *current = inventory;
+            modified
+        });
+        for change in changes {
+            report(&change, events.as_ref()).await;
+        }
+    }
+}
+
+async fn report(change: &Change, events: Option<&NodeEvents>) {
+    let (type_, reason, note) = match change {
+        Change::Withdrawn {
+            uuid,
+            index,
+            reason,
+        } => {
+            tracing::warn!(gpu = %uuid, index, %reason, "GPU unhealthy: withdrawn from the node's ResourceSlices");
+            (
+                EventType::Warning,
+                REASON_UNHEALTHY,
+                format!("GPU {index} ({uuid}) withdrawn from the node's ResourceSlices: {reason}"),
+            )
+        }
+        Change::Restored { uuid, index } => {
+            tracing::info!(gpu = %uuid, index, "GPU healthy again: offered in the node's ResourceSlices");
+            (
+                EventType::Normal,
+                REASON_HEALTHY,
+                format!(
+                    "GPU {index} ({uuid}) is healthy again and offered in the node's ResourceSlices"
+                ),
+            )
+        }
+        Change::Unknown { uuid } => {
+            tracing::warn!(gpu = %uuid, "a GPU appeared after the plugin started; restart the plugin to offer it");
+            (
+                EventType::Warning,
+                REASON_NOT_OFFERED,
+                format!(
+                    "GPU {uuid} appeared after tessera-kubelet-plugin started; restart the plugin to offer it"
+                ),
+            )
+        }
+    };
+    if let Some(events) = events {
+        events.publish(type_, reason, note).await;
+    }
+}
+
+/// The fake node: re-reads the inventory file every `interval`. An unreadable or invalid file
+/// changes nothing (it may be half-written) and is logged once until it is readable again.
+async fn read_file(path: PathBuf, interval: Duration, tx: mpsc::Sender<Input>) {
+    let mut last_error: Option<String> = None;
+    loop {
+        match tessera_driver::Inventory::observe_file(&path) {
+            Ok(look) => {
+                last_error = None;
+                if tx.send(Input::Look(look)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "cannot read GPU health from the inventory file; keeping the last state");
+                    last_error = Some(e);
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// NVML, on a thread of its own (its calls block): XID events as they come, and a look every
+/// `interval`.
+fn ask_nvml(
+    library: Option<PathBuf>,
+    known: Inventory,
+    interval: Duration,
+    tx: mpsc::Sender<Input>,
+) {
+    let probe =
+        match tessera_driver::nvml::HealthProbe::open(library.as_deref().map(|p| p.as_os_str())) {
+            Ok(probe) => probe,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch GPU health; GPUs are never withdrawn");
+                return;
+            }
+        };
+    let xids = match probe.xid_events(&known) {
+        Ok(xids) => Some(xids),
+        Err(e) => {
+            tracing::warn!(error = %e, "no XID events from NVML; GPU health is polled only");
+            None
+        }
+    };
+    let mut looked = Instant::now() - interval;
+    loop {
+        if looked.elapsed() >= interval {
+            looked = Instant::now();
+            if tx
+                .blocking_send(Input::Look(probe.observe(&known)))
+                .is_err()
+            {
+                return;
+            }
+        }
+        let wait = interval.saturating_sub(looked.elapsed());
+        match xids.as_ref().map(|x| x.wait(wait)) {
+            Some(Ok(Some((uuid, xid)))) => {
+                if tx.blocking_send(Input::Xid { uuid, xid }).is_err() {
+                    return;
+                }
+            }
+            Some(Ok(None)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "waiting for XID events");
+                std::thread::sleep(wait);
+            }
+            None => std::thread::sleep(wait),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(devices: &[(&str, &str)]) -> String {
+        let devices: Vec<_> = devices
+            .iter()
+            .map(|(uuid, health)| serde_json::json!({"uuid": uuid, "name": "NVIDIA L40S", "memory": 48u64 << 30, "health": health}))
+            .collect();
+        serde_json::json!({ "devices": devices }).to_string()
+    }
+
+    async fn offered(rx: &mut watch::Receiver<Inventory>) -> Vec<u32> {
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("a change within 10 s")
+            .expect("sender alive");
+        rx.borrow_and_update()
+            .gpus
+            .iter()
+            .map(|g| g.index)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_inventory_file_withdraws_and_restores_gpus() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("inventory.json");
+        let write = |text: String| {
+            let tmp = dir.path().join("tmp");
+            std::fs::write(&tmp, text).expect("write");
+            std::fs::rename(&tmp, &path).expect("rename");
+        };
+        write(file(&[("GPU-a", "healthy"), ("GPU-b", "healthy")]));
+        let known = Inventory::from_file(&path).expect("inventory");
+        let (tx, mut rx) = watch::channel(known.clone());
+        let config = HealthConfig {
+            source: HealthSource::File(path.clone()),
+            interval: Duration::from_millis(20),
+        };
+        let task = tokio::spawn(run(config, known, tx, None));
+        write(file(&[("GPU-a", "healthy"), ("GPU-b", "unhealthy")]));
+        assert_eq!(offered(&mut rx).await, [0]);
+        // Half-written: nothing changes.
+        write("{\"devices\": [".into());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!rx.has_changed().expect("alive"));
+        write(file(&[("GPU-a", "healthy"), ("GPU-b", "healthy")]));
+        assert_eq!(offered(&mut rx).await, [0, 1]);
+        write(file(&[]));
+        assert_eq!(offered(&mut rx).await, Vec::<u32>::new());
+        write(file(&[("GPU-b", "healthy")]));
+        assert_eq!(offered(&mut rx).await, [1]);
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the watcher ends with its receiver")
+            .expect("no panic");
+    }
+}
