@@ -1,0 +1,463 @@
+//! The rendered chart against the real kube-apiserver of each pinned version (e2e harness):
+//! every object of the default and a non-default set of values passes a server-side dry run
+//! (with the prometheus-operator CRDs' minimal copies applied first, so the monitors are checked
+//! too); the RBAC grants exactly what the reference says (SubjectAccessReview); and the admission
+//! policy really stops a plugin from writing another node's ResourceSlices, with a service
+//! account token bound to a pod on its node.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+use tessera_chart_tests::{
+    Apply, CLUSTER_OBJECT_KINDS, Capabilities, Helm, Release, apply, ensure_namespace, install,
+    monitoring_crds,
+};
+use tessera_e2e_harness::binaries::Binaries;
+use tessera_e2e_harness::{ControlPlane, ControlPlaneOptions, K8sVersion};
+
+struct Cluster {
+    cp: ControlPlane,
+    helm: Helm,
+    _state: tempfile::TempDir,
+}
+
+async fn start(minor: u32, test: &str) -> Option<Cluster> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG")
+                .unwrap_or_else(|_| tessera_e2e_harness::DEFAULT_LOG_FILTER.into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let helm = helm_or_skip(test)?;
+    let version = tessera_e2e_harness::versions::PINNED
+        .into_iter()
+        .find(|v| v.minor() == minor)
+        .expect("pinned version");
+    let binaries = binaries_or_skip(version, test)?;
+    let state = tempfile::Builder::new()
+        .prefix(&format!("tessera-chart-{test}-"))
+        .tempdir()
+        .expect("temp dir");
+    let mut options = ControlPlaneOptions::new(version, state.path());
+    options.binaries = Some(binaries);
+    let cp = ControlPlane::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: control plane: {e}"));
+    Some(Cluster {
+        cp,
+        helm,
+        _state: state,
+    })
+}
+
+fn binaries_or_skip(version: K8sVersion, test: &str) -> Option<Binaries> {
+    use std::io::Write;
+    match std::env::var("TESSERA_E2E").ok().as_deref() {
+        Some("0") => None,
+        Some(_) => Some(
+            Binaries::locate(version)
+                .unwrap_or_else(|e| panic!("TESSERA_E2E is set, so {test} must run, but: {e}")),
+        ),
+        None => match Binaries::locate(version) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "SKIP {test}: {e}");
+                None
+            }
+        },
+    }
+}
+
+/// Applies the monitoring CRDs and waits until discovery serves them.
+async fn with_monitoring_crds(client: &kube::Client) -> Capabilities {
+    apply(client, &monitoring_crds().expect("crds"), Apply::Create)
+        .await
+        .expect("applying the monitoring CRDs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let caps = Capabilities::discover(client).await.expect("discovery");
+        if caps
+            .api_versions
+            .contains("monitoring.coreos.com/v1/PodMonitor")
+            && caps
+                .api_versions
+                .contains("monitoring.coreos.com/v1/ServiceMonitor")
+        {
+            return caps;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the monitoring CRDs were never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const NON_DEFAULT: &str = r#"
+sharingMode: "fixed:8"
+defaults: {corePolicy: force, priority: low}
+deviceClass:
+  extra:
+    - name: l40s.example.com
+      cel: device.attributes["gpu.tessera.dev"].productName == "NVIDIA L40S"
+nodeSelection:
+  nfd: false
+  extraTerms:
+    - - {key: example.com/accelerator, operator: In, values: [nvidia]}
+kubeletPlugin:
+  driverRoot: /run/nvidia/driver
+  cdiMode: standalone
+  rollingUpdate: replace
+controller:
+  replicas: 3
+  leaderElection: false
+monitoring:
+  labels: {release: kube-prometheus-stack}
+"#;
+
+async fn dry_run(minor: u32, test: &str) {
+    let Some(cluster) = start(minor, test).await else {
+        return;
+    };
+    let client = cluster.cp.client();
+    let caps = with_monitoring_crds(&client).await;
+    let served = cluster.cp.version().resource_group_version();
+    ensure_namespace(&client, NAMESPACE)
+        .await
+        .expect("namespace");
+    for (label, values) in [("default", ""), ("non-default", NON_DEFAULT)] {
+        let objects = cluster
+            .helm
+            .render(&Release::new(RELEASE, NAMESPACE).values(values), &caps)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let k = kinds(&objects);
+        for want in [
+            "DaemonSet",
+            "Deployment",
+            "DeviceClass",
+            "PodMonitor",
+            "ServiceMonitor",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ] {
+            assert!(
+                k.contains(&want.to_string()),
+                "{label}: {want} not rendered: {k:?}"
+            );
+        }
+        for class in objects.iter().filter(|o| o["kind"] == "DeviceClass") {
+            assert_eq!(class["apiVersion"], served.as_str(), "{label}: {class}");
+        }
+        let answers = apply(&client, &objects, Apply::DryRun)
+            .await
+            .unwrap_or_else(|e| panic!("v1.{minor} {label}: the API server refused: {e}"));
+        assert_eq!(answers.len(), objects.len());
+        // Defaulted by the server, so it really went through validation and defaulting.
+        let ds = answers
+            .iter()
+            .find(|a| a["kind"] == "DaemonSet")
+            .expect("daemonset answer");
+        assert_eq!(
+            ds["spec"]["template"]["spec"]["dnsPolicy"], "ClusterFirst",
+            "{ds}"
+        );
+        eprintln!(
+            "v1.{minor} {label}: {} objects accepted by a server-side dry run",
+            answers.len()
+        );
+    }
+    // A dry run stores nothing.
+    let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
+    assert!(
+        ds.get_opt(PLUGIN).await.expect("get").is_none(),
+        "dry run stored the DaemonSet"
+    );
+    // And a broken object is refused, so the dry run can fail.
+    let mut objects = cluster
+        .helm
+        .render(&Release::new(RELEASE, NAMESPACE), &caps)
+        .expect("render");
+    let pm = objects
+        .iter_mut()
+        .find(|o| o["kind"] == "PodMonitor")
+        .expect("podmonitor");
+    pm["spec"]["podMetricsEndpoints"][0]["scrapeEvery"] = json!("30s");
+    let err = apply(&client, &objects, Apply::DryRun)
+        .await
+        .expect_err("an unknown field must be refused");
+    assert!(err.to_string().contains("scrapeEvery"), "{err}");
+    cluster.cp.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_v1_37() {
+    dry_run(37, "dry_run_v1_37").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_v1_31() {
+    dry_run(31, "dry_run_v1_31").await;
+}
+
+/// Asks the authorizer whether `user` may do `verb` on `resource`, until RBAC has caught up
+/// with the bindings just written (its informers lag by milliseconds).
+async fn allowed(
+    client: &kube::Client,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> bool {
+    let api: Api<SubjectAccessReview> = Api::all(client.clone());
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{NAMESPACE}"), "system:authenticated"],
+            "resourceAttributes": { "verb": verb, "group": group, "resource": resource,
+                                    "namespace": namespace, "name": name }
+        }
+    }))
+    .expect("review");
+    let answer = api
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SubjectAccessReview");
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+async fn wait_allowed(client: &kube::Client, user: &str, verb: &str, group: &str, resource: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !allowed(client, user, verb, group, resource, None, None).await {
+        assert!(Instant::now() < deadline, "{user} never got {verb} {resource}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn slice_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", version, "ResourceSlice"),
+        "resourceslices",
+    )
+}
+
+fn slice(version: &str, name: &str, node: Option<&str>) -> DynamicObject {
+    let mut spec = json!({
+        "driver": "gpu.tessera.dev",
+        "pool": { "name": node.unwrap_or("shared"), "generation": 1, "resourceSliceCount": 1 },
+    });
+    match node {
+        Some(n) => spec["nodeName"] = json!(n),
+        None => spec["allNodes"] = json!(true),
+    }
+    serde_json::from_value(json!({
+        "apiVersion": format!("resource.k8s.io/{version}"), "kind": "ResourceSlice",
+        "metadata": { "name": name }, "spec": spec,
+    }))
+    .expect("slice")
+}
+
+/// A client authenticated as the plugin's service account, with a token bound to `pod`.
+async fn plugin_client(cp: &ControlPlane, pod: &Pod) -> kube::Client {
+    let sas: Api<ServiceAccount> = Api::namespaced(cp.client(), NAMESPACE);
+    let request = json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": { "expirationSeconds": 600, "boundObjectRef": {
+            "apiVersion": "v1", "kind": "Pod",
+            "name": pod.metadata.name, "uid": pod.metadata.uid } }
+    });
+    let answer: Value = sas
+        .create_subresource(
+            "token",
+            PLUGIN,
+            &PostParams::default(),
+            &request,
+        )
+        .await
+        .expect("TokenRequest");
+    let token = answer["status"]["token"].as_str().expect("token");
+    let kubeconfig = Kubeconfig::read_from(cp.kubeconfig()).expect("kubeconfig");
+    let mut raw = serde_json::to_value(&kubeconfig).expect("kubeconfig json");
+    for user in raw["users"].as_array_mut().expect("users") {
+        user["user"] = json!({ "token": token });
+    }
+    let kubeconfig: Kubeconfig = serde_json::from_value(raw).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    kube::Client::try_from(config).expect("client")
+}
+
+async fn admission_policy(minor: u32, test: &str) {
+    let Some(cluster) = start(minor, test).await else {
+        return;
+    };
+    let cp = &cluster.cp;
+    let client = cp.client();
+    let version = cp.version().resource_api_version();
+    install(
+        &client,
+        &cluster.helm,
+        &Release::new(RELEASE, NAMESPACE),
+        Some(CLUSTER_OBJECT_KINDS),
+    )
+    .await
+    .expect("installing the chart's cluster objects");
+
+    // RBAC: what the reference says, nothing more.
+    let plugin = format!("system:serviceaccount:{NAMESPACE}:{PLUGIN}");
+    let controller = format!("system:serviceaccount:{NAMESPACE}:{CONTROLLER}");
+    wait_allowed(&client, &plugin, "create", "resource.k8s.io", "resourceslices").await;
+    wait_allowed(&client, &controller, "create", "resource.k8s.io", "deviceclasses").await;
+    for (user, verb, group, resource, ns, name, want) in [
+        (&plugin, "get", "resource.k8s.io", "resourceclaims", Some("team-a"), None, true),
+        (&plugin, "list", "resource.k8s.io", "resourceclaims", Some("team-a"), None, false),
+        (&plugin, "watch", "resource.k8s.io", "resourceslices", None, None, true),
+        (&plugin, "get", "", "nodes", None, Some("node-a"), true),
+        (&plugin, "update", "", "nodes", None, Some("node-a"), false),
+        (&plugin, "create", "events.k8s.io", "events", Some("default"), None, true),
+        (&plugin, "list", "", "secrets", Some(NAMESPACE), None, false),
+        (&plugin, "create", "resource.k8s.io", "deviceclasses", None, None, false),
+        (&controller, "list", "resource.k8s.io", "resourceslices", None, None, true),
+        (&controller, "create", "resource.k8s.io", "resourceslices", None, None, false),
+        (&controller, "delete", "resource.k8s.io", "deviceclasses", None, Some("x"), true),
+        (&controller, "patch", "coordination.k8s.io", "leases", Some(NAMESPACE), Some(CONTROLLER), true),
+        (&controller, "patch", "coordination.k8s.io", "leases", Some(NAMESPACE), Some("other"), false),
+        (&controller, "create", "coordination.k8s.io", "leases", Some("kube-system"), None, false),
+        (&controller, "get", "", "secrets", Some(NAMESPACE), None, false),
+    ] {
+        assert_eq!(
+            allowed(&client, user, verb, group, resource, ns, name).await,
+            want,
+            "v1.{minor}: {user} {verb} {group}/{resource} ns={ns:?} name={name:?}"
+        );
+    }
+
+    // The plugin's pod on node-a, and a token bound to it.
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in ["node-a", "node-b"] {
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": { "name": n }
+        }))
+        .expect("node");
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("node");
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "plugin-on-node-a" },
+        "spec": { "nodeName": "node-a", "serviceAccountName": PLUGIN,
+                  "containers": [{ "name": "plugin", "image": "example.invalid/tessera-kubelet-plugin" }] }
+    }))
+    .expect("pod");
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let as_plugin = plugin_client(cp, &pod).await;
+    let admin_slices: Api<DynamicObject> = Api::all_with(client.clone(), &slice_resource(version));
+    let plugin_slices: Api<DynamicObject> =
+        Api::all_with(as_plugin.clone(), &slice_resource(version));
+    let pp = PostParams::default();
+
+    // The policy is loaded asynchronously: wait until it refuses node-b, with its own message.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let denial = loop {
+        match plugin_slices
+            .create(&pp, &slice(version, "node-b-slice", Some("node-b")))
+            .await
+        {
+            Err(kube::Error::Api(s))
+                if s.message.contains("may not write ResourceSlices of node node-b") =>
+            {
+                break s;
+            }
+            Ok(_) => {
+                // Not loaded yet: undo and retry.
+                admin_slices
+                    .delete("node-b-slice", &DeleteParams::default())
+                    .await
+                    .expect("delete");
+            }
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "v1.{minor}: never denied by the policy; last: {e}"
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "v1.{minor}: the plugin on node-a could still write node-b's slices"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(denial.code, 403, "{denial:?}");
+    assert!(
+        denial
+            .message
+            .contains(&format!("{PLUGIN}-resourceslices")),
+        "the denial names the policy: {denial:?}"
+    );
+
+    // Its own node: create, update, delete all allowed.
+    let mine = plugin_slices
+        .create(&pp, &slice(version, "node-a-slice", Some("node-a")))
+        .await
+        .unwrap_or_else(|e| panic!("v1.{minor}: the plugin on node-a may write its own slice: {e}"));
+    let mut changed = mine.clone();
+    changed.data["spec"]["pool"]["generation"] = json!(2);
+    plugin_slices
+        .replace("node-a-slice", &pp, &changed)
+        .await
+        .expect("update own slice");
+    // A slice for all nodes is not its to write either.
+    let err = plugin_slices
+        .create(&pp, &slice(version, "cluster-slice", None))
+        .await
+        .expect_err("a node's plugin may not write a cluster-wide slice");
+    assert!(
+        err.to_string().contains("may not write ResourceSlices without a node"),
+        "{err}"
+    );
+    // Someone else's slice (written by an admin, whom the policy does not match) cannot be
+    // deleted by the plugin.
+    admin_slices
+        .create(&pp, &slice(version, "node-b-slice", Some("node-b")))
+        .await
+        .expect("the admin is not restricted");
+    let err = plugin_slices
+        .delete("node-b-slice", &DeleteParams::default())
+        .await
+        .expect_err("deleting node-b's slice");
+    assert!(err.to_string().contains("of node node-b"), "{err}");
+    plugin_slices
+        .delete("node-a-slice", &DeleteParams::default())
+        .await
+        .expect("delete own slice");
+    cluster.cp.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_policy_v1_37() {
+    admission_policy(37, "admission_policy_v1_37").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_policy_v1_31() {
+    admission_policy(31, "admission_policy_v1_31").await;
+}
