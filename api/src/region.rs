@@ -52,7 +52,12 @@ pub struct RegionDevice {
     pub cores: u32,
     pub _pad: u32,
     pub context_overhead: u64,
-    pub _reserved: [u8; 40],
+    /// The compute limiter's theoretical arrival time (ns on the limiter's clock): the claim's
+    /// launches so far, each charged its kernel time ÷ share, end here. Shared by every process
+    /// of the claim. Zero in a new file, which is the right start, so it lives in what was
+    /// reserved space in version 1 without a version change.
+    pub compute_tat: AtomicU64,
+    pub _reserved: [u8; 32],
 }
 
 /// The first page of the file.
@@ -94,6 +99,7 @@ const _: () = {
     assert!(core::mem::size_of::<RegionHeader>() == HEADER_SIZE);
     assert!(core::mem::offset_of!(RegionHeader, slots_high_water) == 32);
     assert!(core::mem::offset_of!(RegionHeader, devices) == 64);
+    assert!(core::mem::offset_of!(RegionDevice, compute_tat) == 88);
     assert!(core::mem::size_of::<RegionSlot>() == 384);
     assert!(core::mem::offset_of!(RegionSlot, memory_used) == 64);
     assert!(core::mem::offset_of!(RegionSlot, memory_spilled) == 192);

@@ -13,6 +13,7 @@ use tessera_api::names::{SHIM_CONFIG_DEFAULT_PATH, SHIM_CONFIG_ENV};
 use tessera_api::region::{MAX_DEVICES, RegionDeviceSpec};
 use tessera_api::shim_config::ShimConfig;
 
+use crate::compute::Limiter;
 use crate::devices::{self, Grant};
 use crate::ledger::Ledger;
 use crate::ptr_table::PtrTable;
@@ -44,6 +45,8 @@ pub struct Enforcer {
     pub arrays: PtrTable,
     /// Contexts made with `cuCtxCreate` → charge.
     pub contexts: PtrTable,
+    /// The compute share.
+    pub compute: Limiter,
 }
 
 static MODE: OnceLock<Mode> = OnceLock::new();
@@ -85,6 +88,7 @@ fn initialise_once() -> Mode {
     let nvml = real::load(c"libnvidia-ml.so.1", real::nvml::ALL);
     remember_base(0, cuda, real::cuda::cuInit.address());
     remember_base(1, nvml, real::nvml::nvmlInit_v2.address());
+    crate::compute::clock::detect(cuda);
     register_fork_handler();
 
     let Some(path) = config_path() else { return Mode::Passthrough };
@@ -114,6 +118,22 @@ fn config_path() -> Option<String> {
         .then(|| SHIM_CONFIG_DEFAULT_PATH.to_string())
 }
 
+/// Where the GPUs' boards are (see `compute::board`): `TESSERA_BOARD` if set and non-empty,
+/// else the default directory if it exists; none means neighbours cannot be seen.
+fn board_dir() -> Option<String> {
+    // SAFETY: getenv with a constant name; the value is copied at once.
+    let value = unsafe { libc::getenv(c"TESSERA_BOARD".as_ptr()) };
+    if !value.is_null() {
+        // SAFETY: getenv returned a NUL-terminated string.
+        let dir = unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned();
+        if !dir.is_empty() {
+            return Some(dir);
+        }
+    }
+    let default = crate::compute::BOARD_DIR_DEFAULT;
+    std::path::Path::new(default).is_dir().then(|| default.to_string())
+}
+
 impl Enforcer {
     fn from_file(path: &str) -> Result<Enforcer, String> {
         let raw = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
@@ -133,6 +153,7 @@ impl Enforcer {
             handles: table(HANDLE_CAPACITY)?,
             arrays: table(HANDLE_CAPACITY)?,
             contexts: table(HANDLE_CAPACITY)?,
+            compute: Limiter::new(&config, board_dir().as_deref()),
         })
     }
 
@@ -179,6 +200,7 @@ fn register_fork_handler() {
         crate::ledger::forget_slot_after_fork();
         devices::reset();
         crate::hooks::context::forget_after_fork();
+        crate::compute::forget_after_fork();
         if let Some(Mode::Enforcing(enforcer)) = MODE.get() {
             enforcer.pointers.clear();
             enforcer.handles.clear();

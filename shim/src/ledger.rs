@@ -125,6 +125,12 @@ impl Ledger {
         Ok(Ledger { path: c_path, base: base.cast(), limits })
     }
 
+    /// The claim's compute-limiter arrival time on `device` (see `compute`).
+    #[inline(always)]
+    pub fn compute_tat(&self, device: usize) -> &std::sync::atomic::AtomicU64 {
+        &self.header().devices[device.min(MAX_DEVICES - 1)].compute_tat
+    }
+
     fn header(&self) -> &RegionHeader {
         // SAFETY: the mapping starts with a RegionHeader and lives as long as self.
         unsafe { &*self.base.cast::<RegionHeader>() }

@@ -12,6 +12,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![allow(non_snake_case)]
 
+mod compute;
 mod devices;
 mod dlsym;
 mod enforcer;

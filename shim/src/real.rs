@@ -4,7 +4,7 @@
 //! Each [`RealFn`] is an atomic pointer: resolving writes it once at initialisation, and every
 //! call after that is one load and an indirect call.
 
-use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
+use std::ffi::{CStr, c_char, c_float, c_int, c_uint, c_void};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -124,6 +124,13 @@ pub mod cuda {
         cuLaunchCooperativeKernel_ptsz: fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void) -> CUresult;
         cuGraphLaunch: fn(CUgraphExec, CUstream) -> CUresult;
         cuGraphLaunch_ptsz: fn(CUgraphExec, CUstream) -> CUresult;
+        cuCtxGetCurrent: fn(*mut CUcontext) -> CUresult;
+        cuEventCreate: fn(*mut CUevent, c_uint) -> CUresult;
+        cuEventDestroy_v2: fn(CUevent) -> CUresult;
+        cuEventRecord: fn(CUevent, CUstream) -> CUresult;
+        cuEventRecord_ptsz: fn(CUevent, CUstream) -> CUresult;
+        cuEventQuery: fn(CUevent) -> CUresult;
+        cuEventElapsedTime: fn(*mut c_float, CUevent, CUevent) -> CUresult;
     }
 }
 

@@ -229,3 +229,105 @@ impl StderrOf for Child {
         err
     }
 }
+
+/// The compute workload (`programs/compute_app.c`), compiled once per test binary.
+pub fn compute_app() -> &'static Path {
+    static APP: OnceLock<PathBuf> = OnceLock::new();
+    APP.get_or_init(|| {
+        let fixture = fixture();
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/compute_app.c");
+        let app = fixture.app.with_file_name("compute_app");
+        compile(&source, &app, &[]);
+        app
+    })
+}
+
+/// A claim's compute settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Share {
+    pub cores: u32,
+    pub priority: &'static str,
+    pub policy: &'static str,
+}
+
+impl Share {
+    /// A hard cap of `cores` at normal priority.
+    pub fn force(cores: u32) -> Share {
+        Share { cores, priority: "normal", policy: "force" }
+    }
+}
+
+impl Scene {
+    /// Writes a claim config for GPU0 with `share` and returns its path.
+    pub fn compute_claim(&self, name: &str, share: Share) -> PathBuf {
+        let config = serde_json::json!({
+            "version": 1,
+            "claimUid": format!("uid-{name}"),
+            "region": self.region(name),
+            "devices": [{"uuid": GPU0, "memoryLimit": 4 * GIB, "cores": share.cores}],
+            "priority": share.priority,
+            "corePolicy": share.policy,
+        });
+        let path = self.dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, config.to_string()).expect("claim config");
+        path
+    }
+
+    /// Starts the compute workload reaching the driver `way` (`dlsym` or `procaddr`) under the
+    /// shim with `config`, sharing the scene's GPU boards, and initialises device 0.
+    pub fn start_compute(&self, way: &str, config: Option<&Path>) -> App {
+        let fixture = fixture();
+        let board = self.dir.path().join("board");
+        std::fs::create_dir_all(&board).expect("board dir");
+        let mut command = Command::new(compute_app());
+        command
+            .arg(way)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("LD_LIBRARY_PATH", &fixture.lib_dir)
+            .env("FAKEGPU_CONFIG", &self.fake_config)
+            .env("FAKEGPU_STATE", self.dir.path().join("fakegpu.state"))
+            .env("TESSERA_BOARD", &board)
+            .env("LD_PRELOAD", shim_path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(config) = config {
+            command.env("TESSERA_CONFIG", config);
+        }
+        let mut child = command.spawn().expect("spawn compute_app");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut app = App { child, stdin, stdout };
+        assert_eq!(app.read_line(), "ready", "compute_app did not start");
+        assert_eq!(app.rc("init 0"), 0, "compute_app init");
+        app
+    }
+}
+
+/// A `run` reply: utilisation per window (per mille) and the launch count.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub windows: Vec<i64>,
+    pub launches: i64,
+}
+
+impl App {
+    /// Starts a `run` without waiting for its reply (see [`App::run_reply`]).
+    pub fn start_run(&mut self, kind: &str, grid: u32, span_ms: u64, window_ms: u64) {
+        self.send_lines(&[format!("run {kind} {grid} 256 {span_ms} {window_ms}")]);
+    }
+
+    pub fn run_reply(&mut self) -> Run {
+        let reply = self.read_line();
+        let mut numbers: Vec<i64> = reply
+            .split_whitespace()
+            .skip(1)
+            .map(|w| w.parse().unwrap_or_else(|_| panic!("bad number in {reply:?}")))
+            .collect();
+        assert!(reply.starts_with("run ") && numbers.len() >= 2, "bad run reply {reply:?}");
+        assert!(numbers.iter().all(|n| *n >= 0), "a launch failed: {reply:?}");
+        let launches = numbers.pop().unwrap_or_default();
+        Run { windows: numbers, launches }
+    }
+}

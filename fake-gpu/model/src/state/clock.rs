@@ -15,7 +15,8 @@
 //!   The process waiting for the earliest time can always go, so there is no deadlock, and the
 //!   interleaving of processes in virtual time does not depend on how the host schedules them
 //!   beyond `LOOKAHEAD`.
-//! - A process takes part from its first kernel or wait until it leaves
+//! - A process takes part from its first kernel or wait (starting at the node's present) until
+//!   it leaves
 //!   ([`Lease::leave_lockstep`]) or shows no clock activity for `STALE_MS` of wall time (it exited,
 //!   or sits idle), so an idle process cannot stop the others for long.
 
@@ -28,7 +29,7 @@ use super::{Lease, RecordView, Region};
 /// How far (virtual ns) a process may run ahead of the slowest other one.
 pub const LOOKAHEAD_NS: u64 = 100_000;
 /// Wall-clock silence after which a process no longer holds the others back.
-pub const STALE_MS: u64 = 500;
+pub const STALE_MS: u64 = 2000;
 
 /// Where a kernel landed on the device's timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,9 +111,18 @@ impl Lease {
         self.slot().busy[device].load(Ordering::Relaxed)
     }
 
+    /// Marks the process as taking part in the lockstep. One that was not (new, idle, left, or
+    /// unscheduled past `STALE_MS`) was not holding the others back, so it comes back at the
+    /// node's present, as if it had sat idle meanwhile.
     fn beat(&self) -> u64 {
         let wall = wall_ms();
-        self.slot().heartbeat.store(wall, Ordering::Release);
+        let slot = self.slot();
+        let before = slot.heartbeat.swap(wall, Ordering::AcqRel);
+        if before == 0 || wall.saturating_sub(before) > STALE_MS {
+            let present = self.region.view().frontier(self.region.device_count);
+            slot.clock.fetch_max(present, Ordering::AcqRel);
+            slot.horizon.fetch_max(present, Ordering::AcqRel);
+        }
         wall
     }
 

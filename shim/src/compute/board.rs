@@ -1,0 +1,142 @@
+//! The GPU's board: which claims on one GPU are active, at what priority — how a claim learns
+//! that a higher-priority neighbour wants the GPU, or that the GPU is otherwise idle.
+//!
+//! One small file per GPU, `<board dir>/<GPU UUID>`, mapped by every process of every claim on
+//! the GPU on this node. A claim takes an entry (by a hash of its UID) and, while it launches,
+//! stamps it with the limiter's clock. Nothing here is a limit: a claim that does not stamp (an
+//! old shim) is simply invisible, and a forged entry can only make its neighbours yield, which
+//! is why the directory is the kubelet plugin's to create and mount.
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+const ENTRIES: usize = 64;
+const FILE_SIZE: usize = ENTRIES * size_of::<Entry>();
+/// An entry not stamped for this long (ns) may be taken by another claim.
+const ABANDONED_NS: u64 = 60_000_000_000;
+
+#[repr(C, align(64))]
+struct Entry {
+    claim: AtomicU64,
+    /// Priority rank + 1 (0 = not yet written).
+    rank: AtomicU32,
+    cores: AtomicU32,
+    last_active: AtomicU64,
+    _reserved: [u64; 5],
+}
+
+const _: () = assert!(size_of::<Entry>() == 64);
+
+/// What the other claims on the GPU are doing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Neighbours {
+    /// A claim of higher priority was active within the window.
+    pub higher: bool,
+    /// A claim of the same or higher priority was active within the window.
+    pub peer_or_higher: bool,
+}
+
+pub struct Board {
+    base: *mut Entry,
+    mine: usize,
+    claim: u64,
+}
+
+// SAFETY: a shared mapping accessed only through atomics.
+unsafe impl Send for Board {}
+unsafe impl Sync for Board {}
+
+impl Board {
+    /// Maps (creating it if absent) the board of `uuid` in `dir` and takes an entry for `claim`.
+    /// `None` when the board cannot be used: the limiter then assumes neighbours it cannot see.
+    pub fn open(dir: &str, uuid: &str, claim: u64, now: u64) -> Option<Board> {
+        let path = CString::new(format!("{dir}/{uuid}")).ok()?;
+        // SAFETY: a NUL-terminated path; the descriptor is closed below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o666) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: our descriptor. Growing a file others map only adds zero bytes.
+        unsafe { libc::fchmod(fd, 0o666) };
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        let sized = unsafe { libc::fstat(fd, &mut stat) } == 0
+            && (stat.st_size as usize >= FILE_SIZE || unsafe { libc::ftruncate(fd, FILE_SIZE as libc::off_t) } == 0);
+        let base = if sized {
+            // SAFETY: a shared mapping of FILE_SIZE bytes of a file at least that long.
+            unsafe {
+                libc::mmap(std::ptr::null_mut(), FILE_SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+            }
+        } else {
+            libc::MAP_FAILED
+        };
+        // SAFETY: our descriptor; the mapping stays valid after close.
+        unsafe { libc::close(fd) };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        let mut board = Board { base: base.cast(), mine: 0, claim };
+        board.mine = board.take_entry(claim, now)?;
+        Some(board)
+    }
+
+    fn entry(&self, index: usize) -> &Entry {
+        // SAFETY: index < ENTRIES, inside the mapping, which lives as long as self.
+        unsafe { &*self.base.add(index.min(ENTRIES - 1)) }
+    }
+
+    fn take_entry(&self, claim: u64, now: u64) -> Option<usize> {
+        if let Some(index) = (0..ENTRIES).find(|&i| self.entry(i).claim.load(Ordering::Acquire) == claim) {
+            return Some(index);
+        }
+        for index in 0..ENTRIES {
+            let entry = self.entry(index);
+            let current = entry.claim.load(Ordering::Acquire);
+            let free = current == 0
+                || now.saturating_sub(entry.last_active.load(Ordering::Acquire)) > ABANDONED_NS;
+            if free && entry.claim.compare_exchange(current, claim, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                entry.last_active.store(0, Ordering::Release);
+                return Some(index);
+            }
+        }
+        None
+    }
+
+    /// Stamps the claim active at `now`.
+    pub fn publish(&self, now: u64, rank: u32, cores: u32) {
+        let entry = self.entry(self.mine);
+        if entry.claim.load(Ordering::Relaxed) != self.claim {
+            return;
+        }
+        entry.rank.store(rank + 1, Ordering::Relaxed);
+        entry.cores.store(cores, Ordering::Relaxed);
+        entry.last_active.fetch_max(now.max(1), Ordering::Release);
+    }
+
+    /// The other claims active within `window` ns before `now`, relative to `rank`.
+    pub fn neighbours(&self, now: u64, window: u64, rank: u32) -> Neighbours {
+        let mut seen = Neighbours::default();
+        for index in (0..ENTRIES).filter(|&i| i != self.mine) {
+            let entry = self.entry(index);
+            let claim = entry.claim.load(Ordering::Acquire);
+            let stamp = entry.last_active.load(Ordering::Acquire);
+            let their_rank = entry.rank.load(Ordering::Relaxed);
+            if claim == 0 || claim == self.claim || stamp == 0 || their_rank == 0 {
+                continue;
+            }
+            if stamp.saturating_add(window) < now {
+                continue;
+            }
+            let their_rank = their_rank - 1;
+            seen.higher |= their_rank > rank;
+            seen.peer_or_higher |= their_rank >= rank;
+        }
+        seen
+    }
+}
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in open.
+        unsafe { libc::munmap(self.base.cast(), FILE_SIZE) };
+    }
+}

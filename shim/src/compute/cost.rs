@@ -1,0 +1,239 @@
+//! What a launch costs in GPU time, learned by timing sampled launches with CUDA events.
+//!
+//! The limiter charges every launch before the GPU has run it, so it needs an estimate: the
+//! duration of the last launches of the same kernel with the same grid. At most every
+//! `SAMPLE_EVERY_NS` per thread, a launch is bracketed by
+//! two events on its own stream; the next launch on that thread reads their elapsed time if the
+//! GPU is done with them, and never waits for it. Events are what every CUDA driver offers for
+//! timing and cost a few hundred nanoseconds, paid on one launch in thousands.
+//!
+//! The estimate is the smallest of the last `ROUND` samples (and follows a smaller one at once):
+//! a sample can only be inflated (another context's kernels or time slice between the two
+//! events), never deflated, so the low samples are the truthful ones; taking a fresh minimum
+//! every round lets a kernel that really grew be charged its new cost within a round.
+
+use std::cell::Cell;
+use std::ffi::c_float;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tessera_gpu_abi::cuda::*;
+
+use crate::real::cuda as real;
+
+/// How often a thread times a launch, on the limiter's clock.
+const SAMPLE_EVERY_NS: u64 = 2_000_000;
+/// Kernel shapes remembered per process.
+const ENTRIES: usize = 4096;
+const PROBES: usize = 16;
+
+/// Samples per round of the minimum.
+const ROUND: u64 = 16;
+
+struct Entry {
+    key: AtomicU64,
+    cost: AtomicU64,
+    /// The smallest sample of the round in progress (0 = none yet).
+    round_min: AtomicU64,
+    round_count: AtomicU64,
+}
+
+static TABLE: [Entry; ENTRIES] = [const {
+    Entry { key: AtomicU64::new(0), cost: AtomicU64::new(0), round_min: AtomicU64::new(0), round_count: AtomicU64::new(0) }
+}; ENTRIES];
+/// The latest sample of any kernel: the estimate for one not timed yet (or not in the table).
+static FALLBACK: AtomicU64 = AtomicU64::new(0);
+
+/// A kernel shape's key: the function (or graph) and its block count. Never 0.
+#[inline(always)]
+pub fn key(handle: usize, blocks: u64) -> u64 {
+    let mixed = (handle as u64 ^ blocks.rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    mixed | 1
+}
+
+#[inline(always)]
+fn probe(key: u64) -> impl Iterator<Item = &'static Entry> {
+    let start = (key >> 20) as usize;
+    (0..PROBES).map(move |i| &TABLE[(start + i) % ENTRIES])
+}
+
+/// The cost (ns) to charge for a launch of `key`; 0 while nothing has been timed.
+#[inline(always)]
+pub fn estimate(key: u64) -> u64 {
+    for entry in probe(key) {
+        match entry.key.load(Ordering::Acquire) {
+            0 => break,
+            k if k == key => return entry.cost.load(Ordering::Relaxed),
+            _ => {}
+        }
+    }
+    FALLBACK.load(Ordering::Relaxed)
+}
+
+fn learn(key: u64, sample: u64) {
+    if sample == 0 {
+        return;
+    }
+    FALLBACK.store(sample, Ordering::Relaxed);
+    for entry in probe(key) {
+        let current = entry.key.load(Ordering::Acquire);
+        let mine = current == key
+            || (current == 0
+                && match entry.key.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => true,
+                    Err(actual) => actual == key,
+                });
+        if mine {
+            // Races between threads can lose a sample or mix two rounds; both are harmless.
+            let low = entry.round_min.load(Ordering::Relaxed);
+            let low = if low == 0 { sample } else { low.min(sample) };
+            entry.round_min.store(low, Ordering::Relaxed);
+            let cost = entry.cost.load(Ordering::Relaxed);
+            if cost == 0 || sample < cost {
+                entry.cost.store(sample, Ordering::Relaxed);
+            }
+            if entry.round_count.fetch_add(1, Ordering::Relaxed) + 1 >= ROUND {
+                entry.cost.store(low, Ordering::Relaxed);
+                entry.round_min.store(0, Ordering::Relaxed);
+                entry.round_count.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+    }
+}
+
+/// One thread's timing in progress.
+#[derive(Clone, Copy)]
+struct Sampler {
+    ctx: CUcontext,
+    start: CUevent,
+    end: CUevent,
+    /// The key being timed; 0 = none in flight.
+    pending: u64,
+    next_at: u64,
+}
+
+impl Sampler {
+    const IDLE: Sampler = Sampler {
+        ctx: std::ptr::null_mut(),
+        start: std::ptr::null_mut(),
+        end: std::ptr::null_mut(),
+        pending: 0,
+        next_at: 0,
+    };
+}
+
+thread_local! {
+    static SAMPLER: Cell<Sampler> = const { Cell::new(Sampler::IDLE) };
+}
+
+/// Whether this launch should be timed; if so, its start event is recorded on `stream`.
+#[inline(always)]
+pub fn begin(now: u64, key: u64, stream: CUstream, per_thread: bool) -> bool {
+    let sampler = SAMPLER.with(Cell::get);
+    if sampler.pending == 0 && now < sampler.next_at {
+        return false;
+    }
+    begin_slow(sampler, now, key, stream, per_thread)
+}
+
+#[cold]
+fn begin_slow(mut sampler: Sampler, now: u64, key: u64, stream: CUstream, per_thread: bool) -> bool {
+    if sampler.pending != 0 {
+        resolve(&mut sampler);
+        if sampler.pending != 0 {
+            SAMPLER.with(|s| s.set(sampler));
+            return false;
+        }
+    }
+    let started = events_for_current_context(&mut sampler) && record(sampler.start, stream, per_thread);
+    if started {
+        sampler.pending = key;
+        sampler.next_at = now.saturating_add(SAMPLE_EVERY_NS);
+    }
+    SAMPLER.with(|s| s.set(sampler));
+    started
+}
+
+/// Records the end event of a launch [`begin`] started timing.
+pub fn end(stream: CUstream, per_thread: bool) {
+    let mut sampler = SAMPLER.with(Cell::get);
+    if !record(sampler.end, stream, per_thread) {
+        sampler.pending = 0;
+    }
+    SAMPLER.with(|s| s.set(sampler));
+}
+
+/// Drops a timing whose launch failed.
+pub fn abandon() {
+    SAMPLER.with(|s| {
+        let mut sampler = s.get();
+        sampler.pending = 0;
+        s.set(sampler);
+    });
+}
+
+/// In a fork child: the events belong to the parent's driver state.
+pub fn forget_after_fork() {
+    SAMPLER.with(|s| s.set(Sampler::IDLE));
+}
+
+fn record(event: CUevent, stream: CUstream, per_thread: bool) -> bool {
+    let f = if per_thread { real::cuEventRecord_ptsz.get() } else { real::cuEventRecord.get() };
+    // SAFETY: real driver call with an event this thread created in the current context.
+    f.is_some_and(|f| unsafe { f(event, stream) } == CUDA_SUCCESS)
+}
+
+/// Reads a finished timing into the table; leaves it pending while the GPU is not there yet.
+fn resolve(sampler: &mut Sampler) {
+    let (Some(query), Some(elapsed)) = (real::cuEventQuery.get(), real::cuEventElapsedTime.get()) else {
+        sampler.pending = 0;
+        return;
+    };
+    // SAFETY: real driver calls on events this thread created.
+    match unsafe { query(sampler.end) } {
+        CUDA_ERROR_NOT_READY => return,
+        CUDA_SUCCESS => {
+            let mut ms: c_float = 0.0;
+            if unsafe { elapsed(&mut ms, sampler.start, sampler.end) } == CUDA_SUCCESS && ms > 0.0 {
+                learn(sampler.pending, (f64::from(ms) * 1e6) as u64);
+            }
+        }
+        _ => {}
+    }
+    sampler.pending = 0;
+}
+
+/// Makes sure the thread's two events belong to its current context (events cannot be recorded
+/// on another context's streams).
+fn events_for_current_context(sampler: &mut Sampler) -> bool {
+    let (Some(get_current), Some(create)) = (real::cuCtxGetCurrent.get(), real::cuEventCreate.get()) else {
+        return false;
+    };
+    let mut ctx: CUcontext = std::ptr::null_mut();
+    // SAFETY: real driver call with a valid out-pointer.
+    if unsafe { get_current(&mut ctx) } != CUDA_SUCCESS || ctx.is_null() {
+        return false;
+    }
+    if ctx == sampler.ctx && !sampler.start.is_null() {
+        return true;
+    }
+    if let Some(destroy) = real::cuEventDestroy_v2.get() {
+        for event in [sampler.start, sampler.end] {
+            if !event.is_null() {
+                // SAFETY: an event this thread created; failure (context gone) leaves nothing to do.
+                unsafe { destroy(event) };
+            }
+        }
+    }
+    *sampler = Sampler { ctx, ..Sampler::IDLE };
+    let mut start: CUevent = std::ptr::null_mut();
+    let mut end: CUevent = std::ptr::null_mut();
+    // SAFETY: real driver calls with valid out-pointers, in the current context.
+    let made = unsafe { create(&mut start, CU_EVENT_DEFAULT) == CUDA_SUCCESS && create(&mut end, CU_EVENT_DEFAULT) == CUDA_SUCCESS };
+    if !made {
+        return false;
+    }
+    sampler.start = start;
+    sampler.end = end;
+    true
+}

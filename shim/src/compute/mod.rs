@@ -1,0 +1,196 @@
+//! The compute limiter: each claim gets its `cores` share of the GPU's time, on every launch
+//! path, across all of its processes. See `docs/compute.md` for the design and why.
+//!
+//! In one sentence: every launch reserves its kernel's measured GPU time divided by the share in
+//! a claim-wide schedule in the region (a "theoretical arrival time", GCRA: a token bucket
+//! counted in nanoseconds), and waits if its place is more than a small burst ahead of the clock.
+//! The hot path under the share is a clock read, a table lookup and one atomic update.
+
+pub mod board;
+pub mod clock;
+mod cost;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use tessera_api::claim_config::{CorePolicy, Priority};
+use tessera_api::region::MAX_DEVICES;
+use tessera_api::shim_config::ShimConfig;
+use tessera_gpu_abi::cuda::*;
+
+use crate::enforcer::Enforcer;
+use board::Board;
+
+pub use cost::key;
+
+/// How far ahead of the clock a claim's charges may run: the burst it may launch at once, and
+/// the finest grain at which its share holds.
+const BURST_NS: u64 = 5_000_000;
+/// How often (limiter clock) a process re-reads its neighbours and stamps its own activity.
+const REFRESH_NS: u64 = 10_000_000;
+/// A claim that stamped within this window counts as active.
+const ACTIVE_NS: u64 = 50_000_000;
+/// What a claim keeps while a higher-priority one is active: enough to make progress, little
+/// enough to leave the GPU to the other.
+const YIELD_SHARE: u32 = 1;
+/// The share meaning "no limit".
+const UNLIMITED: u32 = 100;
+
+/// Where the GPU boards live: `TESSERA_BOARD` (tests), else this path if it exists.
+pub const BOARD_DIR_DEFAULT: &str = "/run/tessera/board";
+
+pub struct Limiter {
+    device_count: usize,
+    cores: [u32; MAX_DEVICES],
+    rank: u32,
+    policy: CorePolicy,
+    boards: Vec<Option<Board>>,
+    /// The share in force per device, percent; `UNLIMITED` skips the limiter.
+    share: [AtomicU32; MAX_DEVICES],
+    next_refresh: [AtomicU64; MAX_DEVICES],
+}
+
+impl Limiter {
+    pub fn new(config: &ShimConfig, board_dir: Option<&str>) -> Limiter {
+        let mut cores = [UNLIMITED; MAX_DEVICES];
+        for (slot, device) in cores.iter_mut().zip(&config.devices) {
+            *slot = device.cores.clamp(1, UNLIMITED);
+        }
+        let claim = claim_key(&config.claim_uid);
+        let now = clock::now();
+        let boards = config
+            .devices
+            .iter()
+            .map(|d| board_dir.and_then(|dir| Board::open(dir, &d.uuid, claim, now)))
+            .collect();
+        Limiter {
+            device_count: config.devices.len(),
+            cores,
+            rank: match config.priority {
+                Priority::Low => 0,
+                Priority::Normal => 1,
+                Priority::High => 2,
+            },
+            policy: config.core_policy,
+            boards,
+            share: std::array::from_fn(|d| AtomicU32::new(cores[d])),
+            next_refresh: [const { AtomicU64::new(0) }; MAX_DEVICES],
+        }
+    }
+
+    /// Re-reads the neighbours and stamps this claim active, at most once per `REFRESH_NS` per
+    /// device (whichever thread wins the compare-and-swap does it).
+    #[inline(always)]
+    fn refresh_if_due(&self, enforcer: &Enforcer, device: usize, now: u64) {
+        let due = &self.next_refresh[device];
+        let at = due.load(Ordering::Relaxed);
+        if now < at {
+            return;
+        }
+        if due.compare_exchange(at, now.saturating_add(REFRESH_NS), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            self.refresh(enforcer, device, now);
+        }
+    }
+
+    #[cold]
+    fn refresh(&self, enforcer: &Enforcer, device: usize, now: u64) {
+        let cores = self.cores[device];
+        let share = match self.boards.get(device).and_then(Option::as_ref) {
+            Some(board) => {
+                board.publish(now, self.rank, cores);
+                let around = board.neighbours(now, ACTIVE_NS, self.rank);
+                if around.higher {
+                    cores.min(YIELD_SHARE)
+                } else if !around.peer_or_higher && self.policy == CorePolicy::Default {
+                    UNLIMITED
+                } else {
+                    cores
+                }
+            }
+            // Without a board the neighbours are unknown: the share is a cap.
+            None => cores,
+        };
+        let before = self.share[device].swap(share, Ordering::Relaxed);
+        if share > before {
+            // Debts run up at a smaller share are forgiven: the claim has the GPU back now.
+            enforcer.ledger.compute_tat(device).fetch_min(now.saturating_add(BURST_NS), Ordering::Relaxed);
+        }
+    }
+
+    /// The claim device the calling thread launches on.
+    #[inline(always)]
+    fn device(&self, enforcer: &Enforcer) -> Option<usize> {
+        if self.device_count == 1 {
+            return Some(0);
+        }
+        match crate::hooks::current_device() {
+            Ok(ordinal) => match enforcer.grant(ordinal) {
+                crate::devices::Grant::Claim(index) => Some(index),
+                crate::devices::Grant::NotGranted => None,
+            },
+            Err(_) => None,
+        }
+    }
+}
+
+/// A claim UID's key on the boards; never 0.
+fn claim_key(uid: &str) -> u64 {
+    // FNV-1a: stable across processes and builds, which is all that is needed.
+    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    hash | 1
+}
+
+/// Runs one launch under the claim's share: waits while the claim is ahead of it, forwards,
+/// and charges what the launch will cost.
+#[inline(always)]
+pub fn launch(
+    enforcer: &Enforcer,
+    key: u64,
+    stream: CUstream,
+    per_thread: bool,
+    forward: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let limiter = &enforcer.compute;
+    let Some(device) = limiter.device(enforcer) else { return forward() };
+    let mut now = clock::now();
+    limiter.refresh_if_due(enforcer, device, now);
+    let mut share = limiter.share[device].load(Ordering::Relaxed);
+    if share >= UNLIMITED {
+        return forward();
+    }
+    // Reserve this launch's place in the claim's schedule first, then wait for it: launches of
+    // the claim's processes are served in the order they asked, never by who wakes first.
+    let tat = enforcer.ledger.compute_tat(device);
+    let charge = cost::estimate(key).saturating_mul(u64::from(UNLIMITED)) / u64::from(share.max(1));
+    let mut slot = now;
+    if charge > 0 {
+        if let Ok(before) = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.max(now).saturating_add(charge))) {
+            slot = before.max(now);
+        }
+    }
+    while slot > now.saturating_add(BURST_NS) {
+        // Wake at least every refresh to notice a neighbour leaving (a share going up).
+        clock::sleep_until((slot - BURST_NS).min(now.saturating_add(REFRESH_NS)));
+        now = clock::now();
+        limiter.refresh_if_due(enforcer, device, now);
+        share = limiter.share[device].load(Ordering::Relaxed);
+        if share >= UNLIMITED || tat.load(Ordering::Relaxed) < slot {
+            // Unlimited now, or the debt this place was behind has been forgiven.
+            break;
+        }
+    }
+    let timed = cost::begin(now, key, stream, per_thread);
+    let result = forward();
+    if timed {
+        if result == CUDA_SUCCESS {
+            cost::end(stream, per_thread);
+        } else {
+            cost::abandon();
+        }
+    }
+    result
+}
+
+/// In a fork child.
+pub fn forget_after_fork() {
+    cost::forget_after_fork();
+}
