@@ -145,6 +145,16 @@ fn default_values() {
         .expect("driver-root mount");
     assert_eq!(driver["mountPath"], "/host");
     assert_eq!(driver["readOnly"], true);
+    assert!(
+        c["env"]
+            .as_array()
+            .expect("env")
+            .contains(&json!({"name": "TESSERA_DRIVER_ROOT", "value": "/host"})),
+        "{}",
+        c["env"]
+    );
+    assert!(!c["env"].to_string().contains("LD_LIBRARY_PATH"), "the host's libc must not leak in");
+    nvml_search_finds_the_library(c);
     // 1.33+: surge updates with per-pod instance IDs.
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
     let env: Vec<&str> = c["env"]
@@ -339,6 +349,7 @@ fn non_default_values() {
         .expect("driver-root");
     assert_eq!(mount["mountPath"], "/run/nvidia/driver");
     assert_eq!(mount["mountPropagation"], "HostToContainer");
+    assert!(c["command"].is_null(), "nvmlLibrary given: no search");
     // replace: no second instance, no instance ID.
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
     assert!(!c["env"].to_string().contains("POD_UID"));
@@ -378,6 +389,50 @@ fn non_default_values() {
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
     let svc = find(&objects, "Service", CONTROLLER);
     assert_eq!(sm["spec"]["selector"]["matchLabels"], svc["spec"]["selector"]);
+}
+
+/// Runs the container's start script (with `echo` for the plugin) over fake driver roots.
+fn nvml_search_finds_the_library(container: &Value) {
+    let command = container["command"].as_array().expect("command");
+    assert_eq!(command[0], "/bin/sh");
+    assert_eq!(command[1], "-c");
+    let script = command[2].as_str().expect("script");
+    assert!(script.contains("exec /usr/bin/tessera-kubelet-plugin \"$@\""), "{script}");
+    let script = script.replace("exec /usr/bin/tessera-kubelet-plugin", "echo");
+    let run = |root: &std::path::Path| {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .arg("tessera-kubelet-plugin")
+            .arg("--node-name=n")
+            .env("TESSERA_DRIVER_ROOT", root)
+            .output()
+            .expect("sh");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    assert_eq!(run(root.path()), "--node-name=n", "no NVML: the plugin's own search");
+    for dir in ["usr/lib/x86_64-linux-gnu", "usr/lib64"] {
+        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+        std::fs::write(root.path().join(dir).join("libnvidia-ml.so.1"), b"").expect("lib");
+    }
+    // RHEL's lib64 is looked at first; Debian's multiarch directory when there is no lib64.
+    assert_eq!(
+        run(root.path()),
+        format!(
+            "--nvml-library={}/usr/lib64/libnvidia-ml.so.1 --node-name=n",
+            root.path().display()
+        )
+    );
+    std::fs::remove_dir_all(root.path().join("usr/lib64")).expect("rm");
+    assert_eq!(
+        run(root.path()),
+        format!(
+            "--nvml-library={}/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1 --node-name=n",
+            root.path().display()
+        )
+    );
 }
 
 #[test]
