@@ -406,6 +406,7 @@ async fn admission_policy(minor: u32, test: &str) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    eprintln!("v1.{minor}: refused as it should be: {}", denial.message);
     assert_eq!(denial.code, 403, "{denial:?}");
     assert!(
         denial
