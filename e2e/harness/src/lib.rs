@@ -9,13 +9,14 @@
 //! - [`process`]: one component as a child in its own process group, with its log;
 //! - [`controlplane`]: starts, checks and stops the whole control plane.
 //!
-//! Simulated nodes, the kubelet plugin and the kubelet stand-in are meant to be
-//! further modules on top of [`controlplane::ControlPlane`], each a [`process`]
-//! or an in-process task against [`controlplane::ControlPlane::client`].
+//! - [`cluster`]: the control plane plus simulated GPU nodes (a kubelet plugin and a
+//!   kubelet stand-in each, on a fake GPU inventory) and `tessera-controller`.
 
 pub mod binaries;
 pub mod certs;
+pub mod cluster;
 pub mod controlplane;
+pub mod demo;
 pub mod error;
 pub mod kubeconfig;
 pub mod ports;
@@ -23,6 +24,7 @@ pub mod process;
 pub mod readiness;
 pub mod state;
 pub mod versions;
+pub mod workloads;
 
 pub use controlplane::{ControlPlane, ControlPlaneOptions};
 pub use error::{Error, Result};

@@ -103,6 +103,10 @@ impl Process {
         &self.log
     }
 
+    pub fn pid_file(&self) -> &Path {
+        &self.pid_file
+    }
+
     /// `Some(status)` once the process has exited.
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
         match self.child.try_wait() {

@@ -1,13 +1,18 @@
 //! `tessera-cluster`: a real control plane for hands-on work and scripts.
 //!
 //! ```text
-//! tessera-cluster up     [--k8s-version 1.37] [--state-dir DIR]   # last line: export KUBECONFIG=...
+//! tessera-cluster up     [--k8s-version 1.37] [--state-dir DIR] [--nodes DIR | --control-plane-only]
 //! tessera-cluster status [--k8s-version 1.37] [--state-dir DIR]   # exit 0 only if all is up
 //! tessera-cluster down   [--k8s-version 1.37] [--state-dir DIR]
+//! tessera-cluster demo   [--k8s-version 1.37] [--state-dir DIR] [--nodes DIR]
 //! ```
 //!
-//! `up` leaves the components running after it exits (each in its own
-//! process group, pids under `DIR/run/`); `down` stops exactly those.
+//! `up` starts the control plane and, unless `--control-plane-only`, one simulated GPU node
+//! per fake inventory in `--nodes` (a kubelet plugin and a kubelet stand-in each) and
+//! tessera-controller; its last line is `export KUBECONFIG=...`. The components keep running
+//! after it exits (each in its own process group, pids under `DIR/run/`); `down` stops
+//! exactly those, and the containers the stand-ins started. `demo` starts a simulated cluster,
+//! runs the two-workers scenario (see `tessera_e2e_harness::demo`) and stops it again.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,12 +20,17 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tessera_e2e_harness::binaries::cache_root;
+use tessera_e2e_harness::cluster::{
+    ClusterOptions, SimCluster, container_prefix, remove_containers,
+};
 use tessera_e2e_harness::process::{is_alive, stop_pid_file};
 use tessera_e2e_harness::state::StateDir;
 use tessera_e2e_harness::{ControlPlane, ControlPlaneOptions, K8sVersion};
 
-const USAGE: &str = "usage: tessera-cluster {up|down|status} [--k8s-version 1.37] [--state-dir DIR]
+const USAGE: &str = "usage: tessera-cluster {up|down|status|demo} [--k8s-version 1.37] [--state-dir DIR] [--nodes DIR] [--control-plane-only]
   --k8s-version   a pinned Kubernetes minor (default: the newest pinned)
+  --nodes         a directory of fake GPU inventories, one simulated node per *.json (default: e2e/nodes)
+  --control-plane-only  no nodes, no Tessera: the upstream components only
   --state-dir     where certificates, etcd data, logs and pids live
                   (default: $TESSERA_CACHE/clusters/<version>, TESSERA_CACHE defaults to ~/.cache/tessera)";
 
@@ -36,12 +46,15 @@ const OWNED_ENTRIES: &[&str] = &[
     "logs",
     "run",
     "apiserver-certs",
+    "nodes",
 ];
 
 struct Args {
     command: String,
     version: K8sVersion,
     state_dir: PathBuf,
+    nodes: PathBuf,
+    control_plane_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -49,6 +62,8 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut command = None;
     let mut version = None;
     let mut state_dir = None;
+    let mut nodes = PathBuf::from("e2e/nodes");
+    let mut control_plane_only = false;
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
@@ -63,22 +78,32 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--k8s-version" => version = Some(value("--k8s-version")?.parse::<K8sVersion>()?),
             "--state-dir" => state_dir = Some(PathBuf::from(value("--state-dir")?)),
+            "--nodes" => nodes = PathBuf::from(value("--nodes")?),
+            "--control-plane-only" => control_plane_only = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "up" | "down" | "status" if command.is_none() => command = Some(flag),
+            "up" | "down" | "status" | "demo" if command.is_none() => command = Some(flag),
             other => bail!("unexpected argument {other:?}\n{USAGE}"),
         }
     }
     let command = command.with_context(|| format!("missing command\n{USAGE}"))?;
     let version = version.unwrap_or_else(K8sVersion::newest);
-    let state_dir =
-        state_dir.unwrap_or_else(|| cache_root().join("clusters").join(version.dir_name()));
+    let state_dir = state_dir.unwrap_or_else(|| {
+        let name = if command == "demo" {
+            format!("demo-{}", version.dir_name())
+        } else {
+            version.dir_name()
+        };
+        cache_root().join("clusters").join(name)
+    });
     Ok(Args {
         command,
         version,
         state_dir,
+        nodes,
+        control_plane_only,
     })
 }
 
@@ -101,6 +126,7 @@ fn main() -> ExitCode {
             match args.command.as_str() {
                 "up" => up(&args).await,
                 "down" => down(&args.state_dir),
+                "demo" => demo(&args).await,
                 _ => status(&args.state_dir).await,
             }
         })
@@ -138,12 +164,24 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     clean_state_dir(&args.state_dir)?;
-    let options = ControlPlaneOptions::new(args.version, &args.state_dir);
-    let cp = ControlPlane::start(options)
-        .await
-        .context("starting the control plane")?;
-    let took = cp.started_in();
-    let record = cp.detach();
+    let began = std::time::Instant::now();
+    let record = if args.control_plane_only {
+        let options = ControlPlaneOptions::new(args.version, &args.state_dir);
+        let cp = ControlPlane::start(options)
+            .await
+            .context("starting the control plane")?;
+        cp.detach()
+    } else {
+        let state_dir = std::path::absolute(&args.state_dir).context("resolving --state-dir")?;
+        let nodes = std::path::absolute(&args.nodes).context("resolving --nodes")?;
+        let options = ClusterOptions::new(args.version, &state_dir, &nodes)
+            .context("preparing the simulated cluster")?;
+        let cluster = SimCluster::start(options)
+            .await
+            .context("starting the simulated cluster")?;
+        cluster.detach()
+    };
+    let took = began.elapsed();
     eprintln!(
         "{} is up in {:.1}s: {}",
         record.version_string,
@@ -159,6 +197,65 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
     );
     println!("export KUBECONFIG={}", record.kubeconfig.display());
     Ok(ExitCode::SUCCESS)
+}
+
+async fn demo(args: &Args) -> anyhow::Result<ExitCode> {
+    if let Ok(state) = StateDir::open(&args.state_dir)
+        && let Ok(record) = state.read_record()
+        && record.components.iter().any(|c| is_alive(c.pid))
+    {
+        bail!(
+            "{} holds a running cluster; run `tessera-cluster down --state-dir {}` first",
+            state.root().display(),
+            state.root().display()
+        );
+    }
+    clean_state_dir(&args.state_dir)?;
+    let state_dir = std::path::absolute(&args.state_dir).context("resolving --state-dir")?;
+    let nodes = std::path::absolute(&args.nodes).context("resolving --nodes")?;
+    println!(
+        "== Starting a simulated cluster: {} (state and logs in {})",
+        args.version,
+        state_dir.display()
+    );
+    let began = std::time::Instant::now();
+    let options = ClusterOptions::new(args.version, &state_dir, &nodes)
+        .context("preparing the simulated cluster")?;
+    let mut cluster = SimCluster::start(options)
+        .await
+        .context("starting the simulated cluster")?;
+    println!(
+        "   {} is up in {:.1}s with {} simulated GPU nodes: {}",
+        cluster.control_plane().record().version_string,
+        began.elapsed().as_secs_f64(),
+        cluster.nodes.len(),
+        cluster
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut stdout = std::io::stdout();
+    let result = tessera_e2e_harness::demo::two_workers(&mut cluster, &mut stdout).await;
+    println!(
+        "\n== Stopping the cluster (logs stay in {})",
+        state_dir.join("logs").display()
+    );
+    drop(cluster);
+    let outcome = result.context("the two-workers scenario")?;
+    let a_failed = tessera_e2e_harness::workloads::phase(&outcome.worker_a) == "Failed";
+    let b_done = tessera_e2e_harness::workloads::phase(&outcome.worker_b) == "Succeeded";
+    if a_failed && b_done && outcome.worker_a_log.contains("CUDA_ERROR_OUT_OF_MEMORY") {
+        println!("== Done: worker-a hit its memory wall, worker-b finished beside it");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "== Unexpected outcome: worker-a {}, worker-b {}",
+            a_failed, b_done
+        );
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 fn clean_state_dir(dir: &Path) -> anyhow::Result<()> {
@@ -190,24 +287,33 @@ fn down(dir: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     let marker = state.owner_marker();
-    // etcd last: its clients then shut down cleanly instead of retrying.
+    // In reverse start order: Tessera's processes before the control plane, etcd last, so
+    // every client shuts down cleanly instead of retrying.
+    let mut components: Vec<(String, PathBuf)> = match state.read_record() {
+        Ok(record) => record
+            .components
+            .into_iter()
+            .map(|c| (c.name, c.pid_file))
+            .collect(),
+        Err(_) => [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+        ]
+        .into_iter()
+        .map(|name| (name.to_owned(), state.pid_file(name)))
+        .collect(),
+    };
+    components.reverse();
     let mut stopped = 0;
-    for name in [
-        "kube-scheduler",
-        "kube-controller-manager",
-        "kube-apiserver",
-        "etcd",
-    ] {
-        if stop_pid_file(
-            name,
-            &state.pid_file(name),
-            &marker,
-            Duration::from_secs(10),
-        )? {
+    for (name, pid_file) in components {
+        if stop_pid_file(&name, &pid_file, &marker, Duration::from_secs(10))? {
             eprintln!("stopped {name}");
             stopped += 1;
         }
     }
+    remove_containers(&container_prefix(state.root()));
     let _ = std::fs::remove_file(state.record());
     eprintln!(
         "{stopped} component(s) stopped; logs stay in {}",

@@ -1,0 +1,352 @@
+//! The kubelet's plugin watcher, and the DRA gRPC client of the registered plugin.
+//!
+//! Like the kubelet, the stand-in polls the registration directory for sockets, asks each new
+//! one `GetInfo`, accepts a `DRAPlugin` offering the DRA API version it speaks, tells it so with
+//! `NotifyRegistrationStatus`, and from then on calls the endpoint the plugin named. A socket
+//! that is replaced (a restarted plugin makes a new one) is registered again; one that vanishes
+//! unregisters the plugin.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tessera_kubelet_plugin::proto::{registration, v1, v1alpha3, v1beta1};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+const DRIVER: &str = "gpu.tessera.dev";
+const POLL: Duration = Duration::from_millis(300);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The DRA gRPC API a kubelet release speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DraApi {
+    /// `k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin` (kubelet 1.34+).
+    V1,
+    /// `k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin` (kubelet 1.32+).
+    V1beta1,
+    /// `v1alpha3.Node` (kubelet 1.31).
+    V1alpha3,
+}
+
+impl DraApi {
+    /// The entry of GetInfo's `supported_versions` that offers this API.
+    fn advertised_as(self) -> &'static str {
+        match self {
+            DraApi::V1 => "v1.DRAPlugin",
+            DraApi::V1beta1 => "v1beta1.DRAPlugin",
+            DraApi::V1alpha3 => "v1alpha3.Node",
+        }
+    }
+}
+
+/// A claim as the kubelet names it to the plugin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// One device of a prepare answer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedDevice {
+    pub request_names: Vec<String>,
+    pub device_name: String,
+    pub cdi_device_ids: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no {DRIVER} plugin is registered on this node")]
+    NotRegistered,
+    #[error("the plugin's gRPC call failed: {0}")]
+    Grpc(#[from] tonic::Status),
+    #[error("connecting to the plugin at {path}: {source}")]
+    Connect {
+        path: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the plugin did not answer within {CALL_TIMEOUT:?}")]
+    Timeout,
+    #[error("the plugin's answer has no entry for claim {0}")]
+    Missing(String),
+    #[error("the plugin refused claim {uid}: {message}")]
+    Refused { uid: String, message: String },
+}
+
+/// The registered plugin, if any.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub endpoint: PathBuf,
+    api: DraApi,
+}
+
+/// The plugin watcher's published view.
+#[derive(Clone)]
+pub struct Watcher {
+    current: watch::Receiver<Option<Registered>>,
+}
+
+impl Watcher {
+    pub fn start(dir: PathBuf, api: DraApi) -> Watcher {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(watch_registrations(dir, api, tx));
+        Watcher { current: rx }
+    }
+
+    fn registered(&self) -> Option<Registered> {
+        self.current.borrow().clone()
+    }
+
+    /// Prepares one claim; the CDI devices of every device of ours on success.
+    pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<PreparedDevice>, CallError> {
+        let plugin = self.registered().ok_or(CallError::NotRegistered)?;
+        let answer = tokio::time::timeout(CALL_TIMEOUT, prepare(&plugin, claim))
+            .await
+            .map_err(|_| CallError::Timeout)??;
+        answer
+    }
+
+    /// Unprepares one claim.
+    pub async fn unprepare(&self, claim: &ClaimRef) -> Result<(), CallError> {
+        let plugin = self.registered().ok_or(CallError::NotRegistered)?;
+        tokio::time::timeout(CALL_TIMEOUT, unprepare(&plugin, claim))
+            .await
+            .map_err(|_| CallError::Timeout)?
+    }
+}
+
+async fn connect(socket: &Path) -> Result<Channel, CallError> {
+    let path = socket.to_path_buf();
+    // The URI is required by tonic and ignored by the connector.
+    let endpoint = Endpoint::from_static("http://[::1]:0");
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|source| CallError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })
+}
+
+/// Registration sockets seen, by path, with the inode they had (a restarted plugin's new socket
+/// has a new inode).
+type Seen = BTreeMap<PathBuf, u64>;
+
+async fn watch_registrations(
+    dir: PathBuf,
+    api: DraApi,
+    current: watch::Sender<Option<Registered>>,
+) {
+    let mut seen: Seen = BTreeMap::new();
+    // Which registration socket the current registration came from.
+    let mut source: Option<PathBuf> = None;
+    loop {
+        let sockets = list_sockets(&dir);
+        if let Some(path) = &source
+            && !sockets.contains_key(path)
+        {
+            tracing::warn!(socket = %path.display(), "the plugin's registration socket is gone; plugin unregistered");
+            current.send_replace(None);
+            source = None;
+        }
+        seen.retain(|path, _| sockets.contains_key(path));
+        for (path, inode) in sockets {
+            if seen.get(&path) == Some(&inode) {
+                continue;
+            }
+            match register(&path, api).await {
+                Ok(Some(registered)) => {
+                    tracing::info!(socket = %path.display(), endpoint = %registered.endpoint.display(), "registered plugin {DRIVER}");
+                    current.send_replace(Some(registered));
+                    source = Some(path.clone());
+                    seen.insert(path, inode);
+                }
+                Ok(None) => {
+                    seen.insert(path, inode);
+                }
+                // A socket that does not answer yet is tried again on the next poll.
+                Err(e) => {
+                    tracing::debug!(socket = %path.display(), "registration not possible yet: {e}")
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn list_sockets(dir: &Path) -> BTreeMap<PathBuf, u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sock"))
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.ino())))
+        .collect()
+}
+
+/// GetInfo and NotifyRegistrationStatus; `None` for a plugin that is not ours.
+async fn register(socket: &Path, api: DraApi) -> Result<Option<Registered>, CallError> {
+    let mut client =
+        registration::registration_client::RegistrationClient::new(connect(socket).await?);
+    let info = client
+        .get_info(registration::InfoRequest {})
+        .await?
+        .into_inner();
+    if info.r#type != "DRAPlugin" || info.name != DRIVER {
+        tracing::info!(socket = %socket.display(), kind = %info.r#type, name = %info.name, "ignoring a plugin that is not {DRIVER}");
+        return Ok(None);
+    }
+    if !info
+        .supported_versions
+        .iter()
+        .any(|v| v == api.advertised_as())
+    {
+        let error = format!(
+            "plugin supports {:?}, this kubelet speaks {}",
+            info.supported_versions,
+            api.advertised_as()
+        );
+        let _ = client
+            .notify_registration_status(registration::RegistrationStatus {
+                plugin_registered: false,
+                error: error.clone(),
+            })
+            .await;
+        tracing::error!(socket = %socket.display(), "{error}");
+        return Ok(None);
+    }
+    client
+        .notify_registration_status(registration::RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await?;
+    Ok(Some(Registered {
+        endpoint: PathBuf::from(info.endpoint),
+        api,
+    }))
+}
+
+macro_rules! prepare_in {
+    ($module:ident, $client:ty, $channel:expr, $claim:expr) => {{
+        let mut client = <$client>::new($channel);
+        let request = $module::NodePrepareResourcesRequest {
+            claims: vec![$module::Claim {
+                namespace: $claim.namespace.clone(),
+                uid: $claim.uid.clone(),
+                name: $claim.name.clone(),
+            }],
+        };
+        let mut answer = client.node_prepare_resources(request).await?.into_inner();
+        let response = answer
+            .claims
+            .remove(&$claim.uid)
+            .ok_or_else(|| CallError::Missing($claim.uid.clone()))?;
+        if !response.error.is_empty() {
+            return Ok(Err(CallError::Refused {
+                uid: $claim.uid.clone(),
+                message: response.error,
+            }));
+        }
+        response
+            .devices
+            .into_iter()
+            .map(|d| PreparedDevice {
+                request_names: d.request_names,
+                device_name: d.device_name,
+                cdi_device_ids: d.cdi_device_ids,
+            })
+            .collect()
+    }};
+}
+
+macro_rules! unprepare_in {
+    ($module:ident, $client:ty, $channel:expr, $claim:expr) => {{
+        let mut client = <$client>::new($channel);
+        let request = $module::NodeUnprepareResourcesRequest {
+            claims: vec![$module::Claim {
+                namespace: $claim.namespace.clone(),
+                uid: $claim.uid.clone(),
+                name: $claim.name.clone(),
+            }],
+        };
+        let mut answer = client.node_unprepare_resources(request).await?.into_inner();
+        let response = answer
+            .claims
+            .remove(&$claim.uid)
+            .ok_or_else(|| CallError::Missing($claim.uid.clone()))?;
+        response.error
+    }};
+}
+
+/// The outer error is the call's; the inner one the plugin's answer for the claim.
+async fn prepare(
+    plugin: &Registered,
+    claim: &ClaimRef,
+) -> Result<Result<Vec<PreparedDevice>, CallError>, CallError> {
+    let channel = connect(&plugin.endpoint).await?;
+    let devices = match plugin.api {
+        DraApi::V1 => prepare_in!(
+            v1,
+            v1::dra_plugin_client::DraPluginClient<Channel>,
+            channel,
+            claim
+        ),
+        DraApi::V1beta1 => prepare_in!(
+            v1beta1,
+            v1beta1::dra_plugin_client::DraPluginClient<Channel>,
+            channel,
+            claim
+        ),
+        DraApi::V1alpha3 => prepare_in!(
+            v1alpha3,
+            v1alpha3::node_client::NodeClient<Channel>,
+            channel,
+            claim
+        ),
+    };
+    Ok(Ok(devices))
+}
+
+async fn unprepare(plugin: &Registered, claim: &ClaimRef) -> Result<(), CallError> {
+    let channel = connect(&plugin.endpoint).await?;
+    let error = match plugin.api {
+        DraApi::V1 => unprepare_in!(
+            v1,
+            v1::dra_plugin_client::DraPluginClient<Channel>,
+            channel,
+            claim
+        ),
+        DraApi::V1beta1 => unprepare_in!(
+            v1beta1,
+            v1beta1::dra_plugin_client::DraPluginClient<Channel>,
+            channel,
+            claim
+        ),
+        DraApi::V1alpha3 => unprepare_in!(
+            v1alpha3,
+            v1alpha3::node_client::NodeClient<Channel>,
+            channel,
+            claim
+        ),
+    };
+    if error.is_empty() {
+        Ok(())
+    } else {
+        Err(CallError::Refused {
+            uid: claim.uid.clone(),
+            message: error,
+        })
+    }
+}
