@@ -241,8 +241,21 @@ async fn classes_and_scheduling(
     assert_eq!(view.claims.len(), 3);
 }
 
+/// Every folder of `docs/examples/` with a `claim-template.yaml`.
+fn example_folders() -> Vec<String> {
+    let dir = format!("{}/../docs/examples", env!("CARGO_MANIFEST_DIR"));
+    let mut folders: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("claim-template.yaml").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    folders.sort();
+    folders
+}
+
 /// The docs' ResourceClaimTemplate examples are accepted by the server.
-async fn apply_examples(cp: &ControlPlane, modes: &[&str]) {
+async fn apply_examples(cp: &ControlPlane, modes: &[String]) {
     let api: Api<DynamicObject> = Api::namespaced_with(
         cp.client(),
         "default",
@@ -281,7 +294,21 @@ async fn v1_37_every_mode_classes_and_scheduling() {
     ];
     publish_every_mode(&c.cp, ApiVersion::V1, &modes).await;
     classes_and_scheduling(&c.cp, ApiVersion::V1, true, None).await;
-    apply_examples(&c.cp, &["consumable", "partitioned", "fixed", "exclusive"]).await;
+    let examples = example_folders();
+    for expected in [
+        "consumable",
+        "partitioned",
+        "fixed",
+        "exclusive",
+        "by-model",
+        "by-uuid",
+    ] {
+        assert!(
+            examples.iter().any(|e| e == expected),
+            "{expected} missing: {examples:?}"
+        );
+    }
+    apply_examples(&c.cp, &examples).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
