@@ -213,10 +213,7 @@ impl Capabilities {
     /// What `helm install` would see on this cluster: its version and every served
     /// `group/version` and `group/version/Kind`.
     pub async fn discover(client: &Client) -> Result<Capabilities> {
-        let version = client
-            .apiserver_version()
-            .await
-            .map_err(Error::Discovery)?;
+        let version = client.apiserver_version().await.map_err(Error::Discovery)?;
         let mut api_versions = BTreeSet::new();
         let core = client
             .list_core_api_versions()
@@ -232,10 +229,7 @@ impl Capabilities {
                 api_versions.insert(format!("{v}/{}", r.kind));
             }
         }
-        let groups = client
-            .list_api_groups()
-            .await
-            .map_err(Error::Discovery)?;
+        let groups = client.list_api_groups().await.map_err(Error::Discovery)?;
         for g in groups.groups {
             for gv in g.versions {
                 let resources = client
@@ -302,7 +296,9 @@ pub async fn apply(client: &Client, objects: &[Value], mode: Apply) -> Result<Ve
             .map_err(api_error)?;
         let api: Api<DynamicObject> = match caps.scope {
             Scope::Namespaced => {
-                let namespace = object["metadata"]["namespace"].as_str().unwrap_or("default");
+                let namespace = object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default");
                 Api::namespaced_with(client.clone(), namespace, &resource)
             }
             Scope::Cluster => Api::all_with(client.clone(), &resource),

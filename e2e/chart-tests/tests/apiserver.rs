@@ -3,7 +3,8 @@
 //! (with the prometheus-operator CRDs' minimal copies applied first, so the monitors are checked
 //! too); the RBAC grants exactly what the reference says (SubjectAccessReview); and the admission
 //! policy really stops a plugin from writing another node's ResourceSlices, with a service
-//! account token bound to a pod on its node.
+//! account token bound to a pod on its node; and the plugin's slice publisher and the
+//! controller's reconcile and leader election work with exactly the chart's RBAC.
 
 mod common;
 
@@ -20,6 +21,10 @@ use tessera_chart_tests::{
     Apply, CLUSTER_OBJECT_KINDS, Capabilities, Helm, Release, apply, ensure_namespace, install,
     monitoring_crds,
 };
+use tessera_controller::SharingMode;
+use tessera_controller::publish::Publisher;
+use tessera_controller::slices::build_pool;
+use tessera_driver::Inventory;
 use tessera_e2e_harness::binaries::Binaries;
 use tessera_e2e_harness::{ControlPlane, ControlPlaneOptions, K8sVersion};
 
@@ -238,9 +243,24 @@ async fn allowed(
 }
 
 async fn wait_allowed(client: &kube::Client, user: &str, verb: &str, group: &str, resource: &str) {
+    wait_allowed_in(client, user, verb, group, resource, None, None).await;
+}
+
+async fn wait_allowed_in(
+    client: &kube::Client,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !allowed(client, user, verb, group, resource, None, None).await {
-        assert!(Instant::now() < deadline, "{user} never got {verb} {resource}");
+    while !allowed(client, user, verb, group, resource, namespace, name).await {
+        assert!(
+            Instant::now() < deadline,
+            "{user} never got {verb} {resource}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -268,8 +288,35 @@ fn slice(version: &str, name: &str, node: Option<&str>) -> DynamicObject {
     .expect("slice")
 }
 
-/// A client authenticated as the plugin's service account, with a token bound to `pod`.
-async fn plugin_client(cp: &ControlPlane, pod: &Pod) -> kube::Client {
+/// A pod of the service account `sa` bound to `node` (never started: there is no kubelet).
+async fn create_pod(client: &kube::Client, name: &str, node: &str, sa: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name },
+        "spec": { "nodeName": node, "serviceAccountName": sa,
+                  "containers": [{ "name": "main", "image": "example.invalid/tessera" }] }
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod")
+}
+
+async fn create_node(client: &kube::Client, name: &str) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": { "name": name }
+    }))
+    .expect("node");
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("node");
+}
+
+/// A client authenticated as the service account `sa`, with a token bound to `pod`.
+async fn token_client(cp: &ControlPlane, sa: &str, pod: &Pod) -> kube::Client {
     let sas: Api<ServiceAccount> = Api::namespaced(cp.client(), NAMESPACE);
     let request = json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
@@ -278,12 +325,7 @@ async fn plugin_client(cp: &ControlPlane, pod: &Pod) -> kube::Client {
             "name": pod.metadata.name, "uid": pod.metadata.uid } }
     });
     let answer: Value = sas
-        .create_subresource(
-            "token",
-            PLUGIN,
-            &PostParams::default(),
-            &request,
-        )
+        .create_subresource("token", sa, &PostParams::default(), &request)
         .await
         .expect("TokenRequest");
     let token = answer["status"]["token"].as_str().expect("token");
@@ -318,24 +360,145 @@ async fn admission_policy(minor: u32, test: &str) {
     // RBAC: what the reference says, nothing more.
     let plugin = format!("system:serviceaccount:{NAMESPACE}:{PLUGIN}");
     let controller = format!("system:serviceaccount:{NAMESPACE}:{CONTROLLER}");
-    wait_allowed(&client, &plugin, "create", "resource.k8s.io", "resourceslices").await;
-    wait_allowed(&client, &controller, "create", "resource.k8s.io", "deviceclasses").await;
+    wait_allowed(
+        &client,
+        &plugin,
+        "create",
+        "resource.k8s.io",
+        "resourceslices",
+    )
+    .await;
+    wait_allowed(
+        &client,
+        &controller,
+        "create",
+        "resource.k8s.io",
+        "deviceclasses",
+    )
+    .await;
+    // The Role's binding is a separate object: wait for it too.
+    wait_allowed_in(
+        &client,
+        &controller,
+        "patch",
+        "coordination.k8s.io",
+        "leases",
+        Some(NAMESPACE),
+        Some(CONTROLLER),
+    )
+    .await;
     for (user, verb, group, resource, ns, name, want) in [
-        (&plugin, "get", "resource.k8s.io", "resourceclaims", Some("team-a"), None, true),
-        (&plugin, "list", "resource.k8s.io", "resourceclaims", Some("team-a"), None, false),
-        (&plugin, "watch", "resource.k8s.io", "resourceslices", None, None, true),
+        (
+            &plugin,
+            "get",
+            "resource.k8s.io",
+            "resourceclaims",
+            Some("team-a"),
+            None,
+            true,
+        ),
+        (
+            &plugin,
+            "list",
+            "resource.k8s.io",
+            "resourceclaims",
+            Some("team-a"),
+            None,
+            false,
+        ),
+        (
+            &plugin,
+            "watch",
+            "resource.k8s.io",
+            "resourceslices",
+            None,
+            None,
+            true,
+        ),
         (&plugin, "get", "", "nodes", None, Some("node-a"), true),
         (&plugin, "update", "", "nodes", None, Some("node-a"), false),
-        (&plugin, "create", "events.k8s.io", "events", Some("default"), None, true),
+        (
+            &plugin,
+            "create",
+            "events.k8s.io",
+            "events",
+            Some("default"),
+            None,
+            true,
+        ),
         (&plugin, "list", "", "secrets", Some(NAMESPACE), None, false),
-        (&plugin, "create", "resource.k8s.io", "deviceclasses", None, None, false),
-        (&controller, "list", "resource.k8s.io", "resourceslices", None, None, true),
-        (&controller, "create", "resource.k8s.io", "resourceslices", None, None, false),
-        (&controller, "delete", "resource.k8s.io", "deviceclasses", None, Some("x"), true),
-        (&controller, "patch", "coordination.k8s.io", "leases", Some(NAMESPACE), Some(CONTROLLER), true),
-        (&controller, "patch", "coordination.k8s.io", "leases", Some(NAMESPACE), Some("other"), false),
-        (&controller, "create", "coordination.k8s.io", "leases", Some("kube-system"), None, false),
-        (&controller, "get", "", "secrets", Some(NAMESPACE), None, false),
+        (
+            &plugin,
+            "create",
+            "resource.k8s.io",
+            "deviceclasses",
+            None,
+            None,
+            false,
+        ),
+        (
+            &controller,
+            "list",
+            "resource.k8s.io",
+            "resourceslices",
+            None,
+            None,
+            true,
+        ),
+        (
+            &controller,
+            "create",
+            "resource.k8s.io",
+            "resourceslices",
+            None,
+            None,
+            false,
+        ),
+        (
+            &controller,
+            "delete",
+            "resource.k8s.io",
+            "deviceclasses",
+            None,
+            Some("x"),
+            true,
+        ),
+        (
+            &controller,
+            "patch",
+            "coordination.k8s.io",
+            "leases",
+            Some(NAMESPACE),
+            Some(CONTROLLER),
+            true,
+        ),
+        (
+            &controller,
+            "patch",
+            "coordination.k8s.io",
+            "leases",
+            Some(NAMESPACE),
+            Some("other"),
+            false,
+        ),
+        (
+            &controller,
+            "create",
+            "coordination.k8s.io",
+            "leases",
+            Some("kube-system"),
+            None,
+            false,
+        ),
+        (
+            &controller,
+            "get",
+            "",
+            "secrets",
+            Some(NAMESPACE),
+            None,
+            false,
+        ),
     ] {
         assert_eq!(
             allowed(&client, user, verb, group, resource, ns, name).await,
@@ -345,30 +508,11 @@ async fn admission_policy(minor: u32, test: &str) {
     }
 
     // The plugin's pod on node-a, and a token bound to it.
-    let nodes: Api<Node> = Api::all(client.clone());
     for n in ["node-a", "node-b"] {
-        let node: Node = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Node", "metadata": { "name": n }
-        }))
-        .expect("node");
-        nodes
-            .create(&PostParams::default(), &node)
-            .await
-            .expect("node");
+        create_node(&client, n).await;
     }
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": "plugin-on-node-a" },
-        "spec": { "nodeName": "node-a", "serviceAccountName": PLUGIN,
-                  "containers": [{ "name": "plugin", "image": "example.invalid/tessera-kubelet-plugin" }] }
-    }))
-    .expect("pod");
-    let pod = pods
-        .create(&PostParams::default(), &pod)
-        .await
-        .expect("pod");
-    let as_plugin = plugin_client(cp, &pod).await;
+    let pod = create_pod(&client, "plugin-on-node-a", "node-a", PLUGIN).await;
+    let as_plugin = token_client(cp, PLUGIN, &pod).await;
     let admin_slices: Api<DynamicObject> = Api::all_with(client.clone(), &slice_resource(version));
     let plugin_slices: Api<DynamicObject> =
         Api::all_with(as_plugin.clone(), &slice_resource(version));
@@ -382,7 +526,8 @@ async fn admission_policy(minor: u32, test: &str) {
             .await
         {
             Err(kube::Error::Api(s))
-                if s.message.contains("may not write ResourceSlices of node node-b") =>
+                if s.message
+                    .contains("may not write ResourceSlices of node node-b") =>
             {
                 break s;
             }
@@ -409,9 +554,7 @@ async fn admission_policy(minor: u32, test: &str) {
     eprintln!("v1.{minor}: refused as it should be: {}", denial.message);
     assert_eq!(denial.code, 403, "{denial:?}");
     assert!(
-        denial
-            .message
-            .contains(&format!("{PLUGIN}-resourceslices")),
+        denial.message.contains(&format!("{PLUGIN}-resourceslices")),
         "the denial names the policy: {denial:?}"
     );
 
@@ -419,7 +562,9 @@ async fn admission_policy(minor: u32, test: &str) {
     let mine = plugin_slices
         .create(&pp, &slice(version, "node-a-slice", Some("node-a")))
         .await
-        .unwrap_or_else(|e| panic!("v1.{minor}: the plugin on node-a may write its own slice: {e}"));
+        .unwrap_or_else(|e| {
+            panic!("v1.{minor}: the plugin on node-a may write its own slice: {e}")
+        });
     let mut changed = mine.clone();
     changed.data["spec"]["pool"]["generation"] = json!(2);
     plugin_slices
@@ -432,7 +577,8 @@ async fn admission_policy(minor: u32, test: &str) {
         .await
         .expect_err("a node's plugin may not write a cluster-wide slice");
     assert!(
-        err.to_string().contains("may not write ResourceSlices without a node"),
+        err.to_string()
+            .contains("may not write ResourceSlices without a node"),
         "{err}"
     );
     // Someone else's slice (written by an admin, whom the policy does not match) cannot be
@@ -461,4 +607,178 @@ async fn admission_policy_v1_37() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_policy_v1_31() {
     admission_policy(31, "admission_policy_v1_31").await;
+}
+
+/// The project's own code paths, run with the identities and RBAC the chart gives them: the
+/// plugin's slice publisher (through the admission policy too) and the controller's reconcile
+/// and leader election.
+async fn code_under_chart_rbac(minor: u32, test: &str) {
+    let Some(cluster) = start(minor, test).await else {
+        return;
+    };
+    let cp = &cluster.cp;
+    let client = cp.client();
+    install(
+        &client,
+        &cluster.helm,
+        &Release::new(RELEASE, NAMESPACE),
+        Some(CLUSTER_OBJECT_KINDS),
+    )
+    .await
+    .expect("installing the chart's cluster objects");
+    let controller = format!("system:serviceaccount:{NAMESPACE}:{CONTROLLER}");
+    wait_allowed(
+        &client,
+        &controller,
+        "create",
+        "resource.k8s.io",
+        "deviceclasses",
+    )
+    .await;
+    wait_allowed_in(
+        &client,
+        &controller,
+        "patch",
+        "coordination.k8s.io",
+        "leases",
+        Some(NAMESPACE),
+        Some(CONTROLLER),
+    )
+    .await;
+    wait_allowed(
+        &client,
+        &format!("system:serviceaccount:{NAMESPACE}:{PLUGIN}"),
+        "create",
+        "resource.k8s.io",
+        "resourceslices",
+    )
+    .await;
+    const NODE: &str = "gpu-node-0";
+    create_node(&client, NODE).await;
+    let plugin_pod = create_pod(&client, "plugin", NODE, PLUGIN).await;
+    let controller_pod = create_pod(&client, "controller", NODE, CONTROLLER).await;
+    let as_plugin = token_client(cp, PLUGIN, &plugin_pod).await;
+    let as_controller = token_client(cp, CONTROLLER, &controller_pod).await;
+
+    // The plugin publishes its node's pool, as tessera-kubelet-plugin does.
+    let server = tessera_controller::discovery::ServerDra::discover(&as_plugin)
+        .await
+        .expect("discovery as the plugin");
+    let mode = if minor >= 34 {
+        SharingMode::Consumable
+    } else {
+        SharingMode::Fixed { slices: 4 }
+    };
+    let plan = build_pool(&inventory(), NODE, mode, server.counter_layout()).expect("plan");
+    let publisher = Publisher::new(as_plugin.clone(), NODE, server.version);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        // RBAC and the policy are loaded asynchronously.
+        match publisher.sync(&plan).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("v1.{minor}: publishing as the plugin, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("v1.{minor}: the plugin cannot publish under the chart's RBAC: {e}"),
+        }
+    };
+    assert!(report.changed(), "{report:?}");
+    assert!(report.dropped.is_empty(), "{report:?}");
+    let published = publisher.existing().await.expect("list as the plugin");
+    assert!(!published.is_empty());
+    for s in published.values() {
+        assert!(
+            !s["metadata"]["ownerReferences"][0]["uid"].is_null(),
+            "the plugin read its Node for the owner reference: {s}"
+        );
+    }
+
+    // The controller lists slices and claims and keeps the per-model classes; the chart's
+    // generic class is not its own and stays as the chart made it.
+    let (view, classes) =
+        tessera_controller::cluster::reconcile(&as_controller, server.version, true)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("v1.{minor}: the controller's reconcile under the chart's RBAC: {e}")
+            });
+    assert_eq!(view.gpus.len(), 2, "{view:?}");
+    let classes = classes.expect("leading");
+    let mut created = classes.created.clone();
+    created.sort();
+    assert_eq!(
+        created,
+        [
+            "nvidia-geforce-rtx-4090.gpu.tessera.dev",
+            "nvidia-l40s.gpu.tessera.dev"
+        ],
+        "{classes:?}"
+    );
+    let class_api: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("resource.k8s.io", server.version.version(), "DeviceClass"),
+            "deviceclasses",
+        ),
+    );
+    let generic = class_api
+        .get("gpu.tessera.dev")
+        .await
+        .expect("generic class");
+    assert_eq!(
+        generic
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("app.kubernetes.io/managed-by")),
+        Some(&"Helm".to_string())
+    );
+    assert_eq!(
+        generic.data["spec"]["config"][0]["opaque"]["parameters"]["kind"], "GpuConfig",
+        "{:?}",
+        generic.data
+    );
+
+    // Leader election with the Role's lease verbs, as tessera-controller sets it up.
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(as_controller.clone(), CONTROLLER)
+        .with_namespace(NAMESPACE)
+        .with_identity("controller")
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("v1.{minor}: lease manager under the chart's Role: {e}"));
+    let (mut leader, task) = manager.watch().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !*leader.borrow_and_update() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "v1.{minor}: never took the Lease");
+        let _ = tokio::time::timeout(left, leader.changed()).await;
+    }
+    drop(leader);
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    cluster.cp.stop();
+}
+
+fn inventory() -> Inventory {
+    serde_json::from_value(json!({
+        "driverVersion": "570.86.15",
+        "gpus": [
+            { "uuid": "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b", "index": 0, "minor": 0,
+              "productName": "NVIDIA GeForce RTX 4090", "memory": 24u64 << 30 },
+            { "uuid": "GPU-40540c5d-e6f7-4a8b-9c0d-1e2f3a4b5c6d", "index": 1, "minor": 1,
+              "productName": "NVIDIA L40S", "memory": 48u64 << 30 },
+        ]
+    }))
+    .expect("inventory")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_under_chart_rbac_v1_37() {
+    code_under_chart_rbac(37, "code_under_chart_rbac_v1_37").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_under_chart_rbac_v1_31() {
+    code_under_chart_rbac(31, "code_under_chart_rbac_v1_31").await;
 }

@@ -23,7 +23,11 @@ fn rules(role: &Value) -> BTreeSet<String> {
     let list = |v: &Value| {
         let mut items: Vec<String> = v
             .as_array()
-            .map(|a| a.iter().map(|x| x.as_str().unwrap_or("?").to_string()).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap_or("?").to_string())
+                    .collect()
+            })
             .unwrap_or_default();
         items.sort();
         items.join(",")
@@ -80,7 +84,10 @@ fn default_values() {
         if o["metadata"]["namespace"].is_string() {
             assert_eq!(o["metadata"]["namespace"], NAMESPACE, "{o}");
         }
-        assert_eq!(o["metadata"]["labels"]["app.kubernetes.io/instance"], RELEASE);
+        assert_eq!(
+            o["metadata"]["labels"]["app.kubernetes.io/instance"],
+            RELEASE
+        );
     }
 
     // The kubelet plugin: GPU nodes found by the GPU Operator's or NFD's labels, opt-out label.
@@ -109,7 +116,9 @@ fn default_values() {
         assert_eq!(exprs[0]["operator"], "In");
         assert_eq!(exprs[0]["values"], json!(["true"]));
         assert!(
-            exprs.contains(&json!({"key": "gpu.tessera.dev/enabled", "operator": "NotIn", "values": ["false"]})),
+            exprs.contains(
+                &json!({"key": "gpu.tessera.dev/enabled", "operator": "NotIn", "values": ["false"]})
+            ),
             "every term honours the opt-out label: {t}"
         );
     }
@@ -153,7 +162,10 @@ fn default_values() {
         "{}",
         c["env"]
     );
-    assert!(!c["env"].to_string().contains("LD_LIBRARY_PATH"), "the host's libc must not leak in");
+    assert!(
+        !c["env"].to_string().contains("LD_LIBRARY_PATH"),
+        "the host's libc must not leak in"
+    );
     nvml_search_finds_the_library(c);
     // 1.33+: surge updates with per-pod instance IDs.
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
@@ -163,7 +175,10 @@ fn default_values() {
         .iter()
         .filter_map(|e| e["name"].as_str())
         .collect();
-    assert!(env.contains(&"NODE_NAME") && env.contains(&"POD_UID"), "{env:?}");
+    assert!(
+        env.contains(&"NODE_NAME") && env.contains(&"POD_UID"),
+        "{env:?}"
+    );
 
     // The controller: 2 replicas, leader election, its Lease name matches its Role.
     let deploy = find(&objects, "Deployment", CONTROLLER);
@@ -242,9 +257,7 @@ fn default_values() {
         .as_str()
         .expect("matchCondition");
     assert!(
-        condition.contains(&format!(
-            "\"system:serviceaccount:{NAMESPACE}:{PLUGIN}\""
-        )),
+        condition.contains(&format!("\"system:serviceaccount:{NAMESPACE}:{PLUGIN}\"")),
         "{condition}"
     );
     let variables = vap["spec"]["variables"].to_string();
@@ -316,7 +329,10 @@ fn non_default_values() {
     };
     let objects = render(&helm, NON_DEFAULT, &newest());
     let k = kinds(&objects);
-    assert!(!k.contains(&"ValidatingAdmissionPolicy".to_string()), "{k:?}");
+    assert!(
+        !k.contains(&"ValidatingAdmissionPolicy".to_string()),
+        "{k:?}"
+    );
     assert!(!k.contains(&"ConfigMap".to_string()), "{k:?}");
 
     let ds = find(&objects, "DaemonSet", PLUGIN);
@@ -324,8 +340,14 @@ fn non_default_values() {
     let terms = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         ["nodeSelectorTerms"];
     assert_eq!(terms.as_array().map(Vec::len), Some(2), "{terms}");
-    assert_eq!(terms[0]["matchExpressions"][0]["key"], "nvidia.com/gpu.present");
-    assert_eq!(terms[1]["matchExpressions"][0]["key"], "example.com/accelerator");
+    assert_eq!(
+        terms[0]["matchExpressions"][0]["key"],
+        "nvidia.com/gpu.present"
+    );
+    assert_eq!(
+        terms[1]["matchExpressions"][0]["key"],
+        "example.com/accelerator"
+    );
     let c = &pod["containers"][0];
     assert_eq!(
         c["image"],
@@ -356,8 +378,10 @@ fn non_default_values() {
 
     let deploy = find(&objects, "Deployment", CONTROLLER);
     assert_eq!(deploy["spec"]["replicas"], 3);
-    assert!(args(&deploy["spec"]["template"]["spec"]["containers"][0])
-        .contains(&"--leader-elect=false".to_string()));
+    assert!(
+        args(&deploy["spec"]["template"]["spec"]["containers"][0])
+            .contains(&"--leader-elect=false".to_string())
+    );
 
     let class = find(&objects, "DeviceClass", "gpu.tessera.dev");
     assert_eq!(
@@ -388,7 +412,10 @@ fn non_default_values() {
     let sm = find(&objects, "ServiceMonitor", CONTROLLER);
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
     let svc = find(&objects, "Service", CONTROLLER);
-    assert_eq!(sm["spec"]["selector"]["matchLabels"], svc["spec"]["selector"]);
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"],
+        svc["spec"]["selector"]
+    );
 }
 
 /// Runs the container's start script (with `echo` for the plugin) over fake driver roots.
@@ -397,7 +424,10 @@ fn nvml_search_finds_the_library(container: &Value) {
     assert_eq!(command[0], "/bin/sh");
     assert_eq!(command[1], "-c");
     let script = command[2].as_str().expect("script");
-    assert!(script.contains("exec /usr/bin/tessera-kubelet-plugin \"$@\""), "{script}");
+    assert!(
+        script.contains("exec /usr/bin/tessera-kubelet-plugin \"$@\""),
+        "{script}"
+    );
     let script = script.replace("exec /usr/bin/tessera-kubelet-plugin", "echo");
     let run = |root: &std::path::Path| {
         let out = std::process::Command::new("/bin/sh")
@@ -412,7 +442,11 @@ fn nvml_search_finds_the_library(container: &Value) {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let root = tempfile::tempdir().expect("tempdir");
-    assert_eq!(run(root.path()), "--node-name=n", "no NVML: the plugin's own search");
+    assert_eq!(
+        run(root.path()),
+        "--node-name=n",
+        "no NVML: the plugin's own search"
+    );
     for dir in ["usr/lib/x86_64-linux-gnu", "usr/lib64"] {
         std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
         std::fs::write(root.path().join(dir).join("libnvidia-ml.so.1"), b"").expect("lib");
@@ -464,7 +498,10 @@ fn api_versions_follow_the_cluster() {
         let class = find(&objects, "DeviceClass", "gpu.tessera.dev");
         let ds = find(&objects, "DaemonSet", PLUGIN);
         (
-            class["apiVersion"].as_str().expect("apiVersion").to_string(),
+            class["apiVersion"]
+                .as_str()
+                .expect("apiVersion")
+                .to_string(),
             ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"].clone(),
         )
     };
@@ -486,7 +523,10 @@ fn api_versions_follow_the_cluster() {
     assert_eq!(
         class_version(&Capabilities::offline(
             "v1.33.2",
-            &["resource.k8s.io/v1beta2", "resource.k8s.io/v1beta2/DeviceClass"]
+            &[
+                "resource.k8s.io/v1beta2",
+                "resource.k8s.io/v1beta2/DeviceClass"
+            ]
         ))
         .0,
         "resource.k8s.io/v1beta2"
@@ -497,15 +537,25 @@ fn api_versions_follow_the_cluster() {
         "",
         &Capabilities::offline(
             "v1.37.1",
-            &["monitoring.coreos.com/v1", "monitoring.coreos.com/v1/ServiceMonitor"],
+            &[
+                "monitoring.coreos.com/v1",
+                "monitoring.coreos.com/v1/ServiceMonitor",
+            ],
         ),
     );
     find(&objects, "PodMonitor", PLUGIN);
     find(&objects, "ServiceMonitor", CONTROLLER);
-    let objects = render(&helm, "monitoring: {enabled: false}\n", &Capabilities::offline(
-        "v1.37.1",
-        &["monitoring.coreos.com/v1", "monitoring.coreos.com/v1/ServiceMonitor"],
-    ));
+    let objects = render(
+        &helm,
+        "monitoring: {enabled: false}\n",
+        &Capabilities::offline(
+            "v1.37.1",
+            &[
+                "monitoring.coreos.com/v1",
+                "monitoring.coreos.com/v1/ServiceMonitor",
+            ],
+        ),
+    );
     assert!(!kinds(&objects).contains(&"PodMonitor".to_string()));
 }
 
@@ -521,12 +571,24 @@ fn bad_values_are_refused_with_the_reason() {
         )
     };
     for (values, reason) in [
-        ("kubeletPlugin: {cdiMode: nvidia}\n", "kubeletPlugin.cdiMode must be"),
+        (
+            "kubeletPlugin: {cdiMode: nvidia}\n",
+            "kubeletPlugin.cdiMode must be",
+        ),
         ("sharingMode: shared\n", "sharingMode must be"),
         ("sharingMode: \"fixed:x\"\n", "sharingMode must be"),
-        ("kubeletPlugin: {cdiMode: standalone}\n", "cdiMode=standalone needs the driver"),
-        ("monitoring: {enabled: maybe}\n", "monitoring.enabled must be"),
-        ("kubeletPlugin: {rollingUpdate: fast}\n", "rollingUpdate must be"),
+        (
+            "kubeletPlugin: {cdiMode: standalone}\n",
+            "cdiMode=standalone needs the driver",
+        ),
+        (
+            "monitoring: {enabled: maybe}\n",
+            "monitoring.enabled must be",
+        ),
+        (
+            "kubeletPlugin: {rollingUpdate: fast}\n",
+            "rollingUpdate must be",
+        ),
         (
             "nodeSelection: {gpuOperator: false, nfd: false, manualLabel: false}\n",
             "selects no node",
@@ -588,8 +650,14 @@ fn dashboard_uses_real_metric_names() {
         ("claim_cores_limit", "_ratio"),
         ("claim_processes", ""),
     ] {
-        assert!(plugin.contains(&format!("\"{name}\"")), "plugin registers {name}");
-        assert!(documented.contains(&format!("tessera_{name}{suffix}")), "{name}{suffix}");
+        assert!(
+            plugin.contains(&format!("\"{name}\"")),
+            "plugin registers {name}"
+        );
+        assert!(
+            documented.contains(&format!("tessera_{name}{suffix}")),
+            "{name}{suffix}"
+        );
     }
     for name in [
         "gpu_memory_capacity_bytes",
@@ -601,7 +669,10 @@ fn dashboard_uses_real_metric_names() {
         "claim_devices",
         "controller_reconcile_duration_seconds",
     ] {
-        assert!(controller.contains(&format!("\"{name}\"")), "controller registers {name}");
+        assert!(
+            controller.contains(&format!("\"{name}\"")),
+            "controller registers {name}"
+        );
         assert!(documented.contains(&format!("tessera_{name}")), "{name}");
     }
     assert!(controller.contains("\"controller_reconcile_errors\""));
@@ -618,7 +689,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
         while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
             end += 1;
         }
-        let before_ok = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let before_ok =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         if before_ok {
             out.insert(text[start..end].trim_end_matches('_').to_string());
         }

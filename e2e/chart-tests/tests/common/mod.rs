@@ -62,6 +62,10 @@ pub fn kinds(objects: &[Value]) -> Vec<String> {
 pub fn args(container: &Value) -> Vec<String> {
     container["args"]
         .as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
