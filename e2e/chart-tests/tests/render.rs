@@ -717,3 +717,34 @@ fn collect_exprs(v: &Value, out: &mut String) {
         _ => {}
     }
 }
+
+/// `helm lint --strict` (warnings are errors) with the default and the non-default values.
+#[test]
+fn lint_strict() {
+    let Some(helm) = helm("lint_strict") else {
+        return;
+    };
+    let values = tempfile::NamedTempFile::new().expect("values file");
+    std::fs::write(values.path(), NON_DEFAULT).expect("values");
+    for extra in [None, Some(values.path())] {
+        let mut cmd = std::process::Command::new(helm.path());
+        cmd.arg("lint")
+            .arg("--strict")
+            .arg(tessera_chart_tests::chart_dir())
+            .arg("--namespace")
+            .arg(NAMESPACE)
+            .env("HELM_CACHE_HOME", std::env::temp_dir())
+            .env("HELM_CONFIG_HOME", std::env::temp_dir())
+            .env("HELM_DATA_HOME", std::env::temp_dir());
+        if let Some(v) = extra {
+            cmd.arg("--values").arg(v);
+        }
+        let out = cmd.output().expect("helm lint");
+        assert!(
+            out.status.success(),
+            "helm lint --strict ({extra:?}):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
