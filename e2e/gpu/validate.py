@@ -9,9 +9,15 @@ simulate:
   2. PyTorch allocates 75 % of the slice, and fails past the slice with an out-of-memory error;
   3. CuPy (which reaches the driver through cudart's cuGetProcAddress too) is limited the same;
   4. two processes share one claim; SIGKILL of one gives its memory back to the other;
-  5. overhead against no shim: cudaMalloc/cudaFree pairs (caching allocator off) and a matmul loop.
+  5. overhead against no shim: cudaMalloc/cudaFree pairs (caching allocator off) and a matmul loop;
+  6. compute shares (unless --no-compute), with fp16 matmul loops: one claim at 10, 25, 50, 75 and 90
+     cores reaches that share of the GPU's solo throughput within ±3 points after 1 s; claims at 25
+     and 40 side by side run 25:40 within 10 %; a high-priority claim keeps ≥ 95 % of its solo
+     throughput beside two saturating low-priority ones, and they get the GPU back when it stops;
+     a CUDA-graph replay loop is limited too.
 
 Usage: python3 e2e/gpu/validate.py --shim /path/to/libtessera.so [--limit-gib 2] [--json out.json]
+       [--no-compute] [--span 6]
 Exit status 0 when every check passed. Results are printed as a Markdown table for
 docs/benchmarks.md. Never asks for managed memory, and never more device memory than the limit
 plus one allocation, so it is safe on a shared GPU.
@@ -38,14 +44,16 @@ def gpu0_uuid():
     return out
 
 
-def write_claim(directory, uuid, limit):
+def write_claim(directory, uuid, limit, name="gpu-validation", cores=100, priority="normal", policy="default"):
     config = {
         "version": 1,
-        "claimUid": "gpu-validation",
-        "region": os.path.join(directory, "region"),
-        "devices": [{"uuid": uuid, "memoryLimit": limit, "cores": 100}],
+        "claimUid": name,
+        "region": os.path.join(directory, f"{name}.region"),
+        "devices": [{"uuid": uuid, "memoryLimit": limit, "cores": cores}],
+        "priority": priority,
+        "corePolicy": policy,
     }
-    path = os.path.join(directory, "config.json")
+    path = os.path.join(directory, f"{name}.json")
     with open(path, "w") as f:
         json.dump(config, f)
     return path
@@ -137,11 +145,129 @@ print(json.dumps({{"matmul_ms": matmul_ms, "alloc_free_us": alloc_us}}))
 """
 
 
+# A compute workload: fp16 matmuls (or replays of a CUDA graph of them) for `span` seconds,
+# reporting matmuls per second in each `window` (synchronising at each window's end).
+MATMUL_LOOP = """
+import json, sys, time, torch
+span, window, graph = {span}, {window}, {graph}
+a = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+b = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+for _ in range(10):
+    a @ b
+torch.cuda.synchronize()
+if graph:
+    stream = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(g):
+            for _ in range(4):
+                c = a @ b
+    torch.cuda.synchronize()
+    step, per_step = g.replay, 4
+else:
+    step, per_step = (lambda: a @ b), 1
+print("ready", flush=True)
+sys.stdin.readline()
+rates, start = [], time.perf_counter()
+mark, count = start, 0
+while True:
+    step()
+    count += per_step
+    if count % 8 == 0:
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        if now - mark >= window:
+            rates.append(count / (now - mark))
+            mark, count = now, 0
+            if now - start >= span:
+                break
+print(json.dumps({{"rates": rates}}))
+"""
+
+
+def run_loops(envs, span, window=0.25, graph=False, spans=None):
+    """Starts one matmul loop per environment, releases them together, returns their rates."""
+    procs = []
+    for i, env in enumerate(envs):
+        code = textwrap.dedent(MATMUL_LOOP.format(span=(spans or [span] * len(envs))[i], window=window, graph=graph))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"loop did not start: {line!r} {p.stderr.read()}")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=span * 4 + 120)
+        lines = [l for l in stdout.splitlines() if l.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"loop failed: {stderr}")
+        out.append(json.loads(lines[-1])["rates"])
+    return out
+
+
+def steady(rates, window=0.25, settle=1.0):
+    """Windows after the settling time, less the last one."""
+    skip = int(settle / window)
+    return rates[skip:-1] if len(rates) > skip + 1 else rates
+
+
+def mean(values):
+    return sum(values) / len(values) if values else float("nan")
+
+
+def compute_checks(check, results, directory, uuid, limit, shim, span):
+    board = os.path.join(directory, "board")
+    os.makedirs(board, exist_ok=True)
+
+    def env_for(name, cores, priority="normal", policy="force"):
+        config = write_claim(directory, uuid, limit, name=name, cores=cores, priority=priority, policy=policy)
+        return dict(os.environ, LD_PRELOAD=shim, TESSERA_CONFIG=config, TESSERA_BOARD=board)
+
+    bare = dict(os.environ)
+    bare.pop("LD_PRELOAD", None)
+    solo = mean(steady(run_loops([bare], span)[0]))
+    results["compute"] = {"solo_matmuls_per_s": solo, "shares": {}}
+    for cores in (10, 25, 50, 75, 90):
+        rates = run_loops([env_for(f"share-{cores}", cores)], span)[0]
+        windows = [100 * r / solo for r in steady(rates)]
+        results["compute"]["shares"][cores] = {"mean": mean(windows), "windows": windows}
+        check(f"cores {cores}: every window after 1 s within ±3 points",
+              all(abs(w - cores) <= 3 for w in windows), {"mean": round(mean(windows), 1), "min": round(min(windows), 1), "max": round(max(windows), 1)})
+
+    graph_solo = mean(steady(run_loops([bare], span, graph=True)[0]))
+    graph = [100 * r / graph_solo for r in steady(run_loops([env_for("graph-30", 30)], span, graph=True)[0])]
+    results["compute"]["graph_30"] = mean(graph)
+    check("CUDA graph replays at cores 30 within ±3 points", abs(mean(graph) - 30) <= 3, {"mean": round(mean(graph), 1)})
+
+    pair = run_loops([env_for("pair-25", 25, policy="default"), env_for("pair-40", 40, policy="default")], span)
+    a, b = mean(steady(pair[0])), mean(steady(pair[1]))
+    results["compute"]["pair_25_40"] = {"a": 100 * a / solo, "b": 100 * b / solo, "ratio": a / b}
+    check("claims at 25 and 40 run 25:40 within 10 %", abs((a / b) / 0.625 - 1) <= 0.10, {"ratio": round(a / b, 3)})
+
+    high = env_for("high", 100, priority="high", policy="default")
+    high_solo = mean(steady(run_loops([high], span)[0]))
+    lows = [env_for(f"low-{i}", 100, priority="low", policy="default") for i in (1, 2)]
+    trio = run_loops([high] + lows, span, spans=[span, 2 * span, 2 * span])
+    beside = mean(steady(trio[0]))
+    results["compute"]["priority"] = {"high_solo": high_solo, "high_beside_lows": beside}
+    check("high priority keeps ≥ 95 % of its solo throughput beside two low", beside >= 0.95 * high_solo,
+          {"kept_percent": round(100 * beside / high_solo, 1)})
+    after = [mean(r[int((span + 1.0) / 0.25):-1]) for r in trio[1:]]
+    check("low-priority claims get the GPU back when the high one stops", sum(after) >= 0.9 * solo,
+          {"low_after_percent": [round(100 * x / solo, 1) for x in after]})
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shim", required=True)
     parser.add_argument("--limit-gib", type=float, default=2.0)
     parser.add_argument("--json")
+    parser.add_argument("--no-compute", action="store_true", help="skip the compute-share checks")
+    parser.add_argument("--span", type=float, default=6.0, help="seconds per compute run")
     args = parser.parse_args()
     limit = int(args.limit_gib * GIB)
     uuid = gpu0_uuid()
@@ -190,6 +316,9 @@ def main():
         with_shim = last_json(run_python(OVERHEAD, env_no_cache(shimmed)))
         results["overhead"] = {"bare": base, "shim": with_shim}
 
+        if not args.no_compute:
+            compute_checks(check, results, directory, uuid, limit, os.path.abspath(args.shim), args.span)
+
     print("| check | result | detail |\n|---|---|---|")
     for c in results["checks"]:
         print(f"| {c['check']} | {'pass' if c['passed'] else 'FAIL'} | `{json.dumps(c['detail'])[:120]}` |")
@@ -197,6 +326,16 @@ def main():
     print(f"\n| measure | no shim | shim |\n|---|---|---|")
     print(f"| fp16 4096² matmul (ms) | {o['bare']['matmul_ms']:.3f} | {o['shim']['matmul_ms']:.3f} |")
     print(f"| 1 MiB alloc+free, caching off (µs) | {o['bare']['alloc_free_us']:.1f} | {o['shim']['alloc_free_us']:.1f} |")
+    if "compute" in results:
+        c = results["compute"]
+        print(f"\n| cores | achieved (% of solo throughput, mean after 1 s) |\n|---|---|")
+        for cores, r in c["shares"].items():
+            print(f"| {cores} | {r['mean']:.1f} |")
+        print(f"| 30 (CUDA graph) | {c['graph_30']:.1f} |")
+        p = c["pair_25_40"]
+        print(f"\n25 + 40 side by side: {p['a']:.1f} % and {p['b']:.1f} %, ratio {p['ratio']:.3f} (0.625 asked)")
+        q = c["priority"]
+        print(f"high priority beside two low: {100 * q['high_beside_lows'] / q['high_solo']:.1f} % of its solo throughput")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -11,18 +11,16 @@ use tessera_fake_gpu_model::Device;
 use crate::launch::Shape;
 use crate::process::Process;
 
-/// Time one wave of blocks holds the SMs.
-pub const WAVE_NS: u64 = 100_000;
 /// Resident blocks per SM at most (the hardware's limit on recent GPUs).
 const MAX_BLOCKS_PER_SM: u64 = 32;
 
 /// How long a kernel of `shape` holds `device`: its blocks run in waves of (SMs × resident
-/// blocks per SM), each wave `WAVE_NS`. The SMs are what kernels contend for.
+/// blocks per SM), each wave the device's `wave_ns` (100 µs unless configured). The SMs are what kernels contend for.
 pub fn kernel_ns(device: &Device, shape: &Shape) -> u64 {
     let per_sm = (u64::from(device.max_threads_per_sm) / shape.threads_per_block().max(1))
         .clamp(1, MAX_BLOCKS_PER_SM);
     let per_wave = (per_sm * u64::from(device.sm_count)).max(1);
-    shape.blocks().div_ceil(per_wave).max(1) * WAVE_NS
+    shape.blocks().div_ceil(per_wave).max(1) * device.wave_ns
 }
 
 /// The process's virtual present; never 0 (0 means "not recorded" to callers).

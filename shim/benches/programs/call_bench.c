@@ -32,19 +32,28 @@ static pthread_barrier_t start, middle;
 
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1e9 + t.tv_nsec; }
 
+/* Each thread times its own loops: a main thread descheduled between a barrier and its clock
+ * read (a loaded machine) must not shorten or lengthen what is measured. */
+static double spent[256][2];
+
 static void *worker(void *arg) {
-    (void)arg;
+    long index = (long)arg;
     CUcontext ctx;
     if (retain(&ctx, 0) || set_current(ctx)) { fprintf(stderr, "context failed\n"); exit(1); }
     pthread_barrier_wait(&start);
+    double t0 = now();
     for (long i = 0; i < iterations; i++) {
         uint64_t p;
         if (mem_alloc(&p, 4096) || mem_free(p)) { fprintf(stderr, "alloc/free failed\n"); exit(1); }
     }
+    double t1 = now();
     pthread_barrier_wait(&middle);
+    double t2 = now();
     for (long i = 0; i < iterations; i++) {
         if (launch(kernel, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL)) { fprintf(stderr, "launch failed\n"); exit(1); }
     }
+    spent[index][0] = t1 - t0;
+    spent[index][1] = now() - t2;
     return NULL;
 }
 
@@ -69,13 +78,16 @@ int main(int argc, char **argv) {
     pthread_barrier_init(&start, NULL, threads + 1);
     pthread_barrier_init(&middle, NULL, threads + 1);
     pthread_t ids[256];
-    for (int t = 0; t < threads; t++) pthread_create(&ids[t], NULL, worker, NULL);
+    if (threads < 1 || threads > 256) { fprintf(stderr, "1 to 256 threads\n"); return 1; }
+    for (long t = 0; t < threads; t++) pthread_create(&ids[t], NULL, worker, (void *)t);
     pthread_barrier_wait(&start);
-    double t0 = now();
     pthread_barrier_wait(&middle);
-    double t1 = now();
-    for (int t = 0; t < threads; t++) pthread_join(ids[t], NULL);
-    double t2 = now();
-    printf("alloc_free %.1f\nlaunch %.1f\n", (t1 - t0) / iterations, (t2 - t1) / iterations);
+    double alloc = 0, launched = 0;
+    for (int t = 0; t < threads; t++) {
+        pthread_join(ids[t], NULL);
+        alloc += spent[t][0];
+        launched += spent[t][1];
+    }
+    printf("alloc_free %.1f\nlaunch %.1f\n", alloc / threads / iterations, launched / threads / iterations);
     return 0;
 }

@@ -140,7 +140,7 @@ pub fn begin(now: u64, key: u64, stream: CUstream, per_thread: bool) -> bool {
 fn begin_slow(mut sampler: Sampler, now: u64, key: u64, stream: CUstream, per_thread: bool) -> bool {
     if sampler.pending != 0 {
         resolve(&mut sampler);
-        if sampler.pending != 0 {
+        if sampler.pending != 0 || now < sampler.next_at {
             SAMPLER.with(|s| s.set(sampler));
             return false;
         }

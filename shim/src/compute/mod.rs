@@ -32,6 +32,10 @@ const ACTIVE_NS: u64 = 50_000_000;
 /// What a claim keeps while a higher-priority one is active: enough to make progress, little
 /// enough to leave the GPU to the other.
 const YIELD_SHARE: u32 = 1;
+/// A schedule further ahead of the clock than this cannot be a debt the claim ran up (its
+/// clock went back: a region that outlived a reboot, or a fake GPU that was reset); it is
+/// dropped rather than waited out.
+const IMPLAUSIBLE_NS: u64 = 10_000_000_000;
 /// The share meaning "no limit".
 const UNLIMITED: u32 = 100;
 
@@ -151,7 +155,7 @@ pub fn launch(
 ) -> CUresult {
     let limiter = &enforcer.compute;
     let Some(device) = limiter.device(enforcer) else { return forward() };
-    let mut now = clock::now();
+    let mut now = clock::coarse();
     limiter.refresh_if_due(enforcer, device, now);
     let mut share = limiter.share[device].load(Ordering::Relaxed);
     if share >= UNLIMITED {
@@ -166,6 +170,14 @@ pub fn launch(
         if let Ok(before) = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.max(now).saturating_add(charge))) {
             slot = before.max(now);
         }
+    }
+    if slot > now.saturating_add(BURST_NS) {
+        // Ahead of the coarse clock: look at the precise one before deciding to wait.
+        now = clock::now();
+    }
+    if slot > now.saturating_add(IMPLAUSIBLE_NS) {
+        tat.store(now.saturating_add(charge), Ordering::Relaxed);
+        slot = now;
     }
     while slot > now.saturating_add(BURST_NS) {
         // Wake at least every refresh to notice a neighbour leaving (a share going up).

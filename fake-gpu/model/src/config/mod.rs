@@ -65,6 +65,8 @@ pub struct Device {
     pub context_memory: u64,
     /// `CU_DEVICE_ATTRIBUTE_CLOCK_RATE`, in kHz.
     pub clock_rate_khz: u32,
+    /// Virtual time one wave of blocks holds the SMs (the fake's unit of kernel time).
+    pub wave_ns: u64,
 }
 
 impl Config {
@@ -187,6 +189,8 @@ struct DeviceEntry {
     context_memory: Option<u64>,
     #[serde(default, deserialize_with = "clock_rate_khz")]
     clock_rate_khz: Option<u32>,
+    #[serde(default, deserialize_with = "wave_ns")]
+    wave_ns: Option<u64>,
 }
 
 /// Deserializes one field through a `Value` so the error can carry the field's name.
@@ -225,6 +229,7 @@ field_parsers! {
     minor_number: Option<u32> => "minorNumber";
     context_memory: Option<u64> => "contextMemory";
     clock_rate_khz: Option<u32> => "clockRateKhz";
+    wave_ns: Option<u64> => "waveNs";
 }
 
 impl ConfigFile {
@@ -338,6 +343,7 @@ impl DeviceEntry {
             minor_number: self.minor_number.unwrap_or(index as u32),
             context_memory: self.context_memory.unwrap_or(0),
             clock_rate_khz: self.clock_rate_khz.unwrap_or(2_520_000),
+            wave_ns: self.wave_ns.unwrap_or(100_000).max(1),
         })
     }
 }
