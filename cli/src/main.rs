@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tessera_api::GpuConfig;
 use tessera_api::names::{CONFIG_API_VERSION, CONFIG_KIND};
+use tessera_api::{CorePolicy, GpuConfig, Priority};
 use tessera_cli::slice::{self, GpuFiles, Paths, Request};
 use tessera_driver::Inventory;
 
@@ -67,6 +67,12 @@ struct Generate {
     /// The compute share, in percent of the GPU (1-100).
     #[arg(long, default_value_t = 100)]
     cores: u32,
+    /// Priority between slices sharing the GPU: high, normal or low.
+    #[arg(long, default_value = "normal", value_parser = config_value::<Priority>)]
+    priority: Priority,
+    /// default: the cores share is guaranteed, an idle GPU may be used beyond it; force: a cap.
+    #[arg(long, default_value = "default", value_parser = config_value::<CorePolicy>)]
+    core_policy: CorePolicy,
     /// Describe the GPUs with this fake inventory file instead of asking NVML.
     #[arg(long)]
     inventory: Option<PathBuf>,
@@ -101,6 +107,11 @@ impl Dirs {
             state_dir: self.state_dir.clone(),
         }
     }
+}
+
+/// Parses a `GpuConfig` field's value as the claim config spells it (`high`, `force`).
+fn config_value<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -168,7 +179,9 @@ fn generate(args: Generate) -> Result<()> {
         settings: GpuConfig {
             api_version: CONFIG_API_VERSION.into(),
             kind: CONFIG_KIND.into(),
-            ..GpuConfig::default()
+            priority: args.priority,
+            oversubscribe: false,
+            core_policy: args.core_policy,
         },
     };
     let files = if args.toolkit {

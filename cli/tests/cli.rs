@@ -136,7 +136,46 @@ fn generate_list_remove() {
         (GPU1, 4 * GIB, 25)
     );
 
-    // By UUID, a second slice; the same name again is refused.
+    assert_eq!(config.priority, tessera_api::Priority::Normal);
+
+    // By UUID, with a priority and a core policy; the same name again is refused.
+    ok(&host.generate(&[
+        "--name",
+        "capped",
+        "--gpu",
+        GPU0,
+        "--memory",
+        "1Gi",
+        "--cores",
+        "10",
+        "--priority",
+        "low",
+        "--core-policy",
+        "force",
+    ]));
+    let capped = tessera_api::ShimConfig::from_json(
+        &std::fs::read(host.path("state/slices/capped/config.json")).expect("config"),
+    )
+    .expect("a valid shim config");
+    assert_eq!(
+        (capped.priority, capped.core_policy),
+        (tessera_api::Priority::Low, tessera_api::CorePolicy::Force)
+    );
+    ok(&host.tessera(&["cdi", "remove", "--name", "capped"]));
+    let err = fails(&host.generate(&[
+        "--name",
+        "x",
+        "--gpu",
+        "0",
+        "--memory",
+        "1Gi",
+        "--priority",
+        "urgent",
+    ]));
+    assert!(
+        err.contains("--priority") && err.contains("urgent"),
+        "{err}"
+    );
     ok(&host.generate(&["--name", "batch", "--gpu", GPU0, "--memory", "512Mi"]));
     let err = fails(&host.generate(&["--name", "web", "--gpu", "0", "--memory", "1Gi"]));
     assert!(

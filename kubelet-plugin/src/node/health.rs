@@ -94,7 +94,7 @@ pub async fn run(
     offered: watch::Sender<Inventory>,
     events: Option<NodeEvents>,
 ) {
-    let (tx, mut rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(16);
     match &config.source {
         HealthSource::Off => return,
         HealthSource::File(path) => {
@@ -109,7 +109,16 @@ pub async fn run(
                 .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the GPU health thread; GPUs are never withdrawn"));
         }
     }
-    let mut tracker = HealthTracker::new(known);
+    follow(rx, HealthTracker::new(known), offered, events).await;
+}
+
+/// Applies what the source reports until it or `offered`'s receivers are gone.
+async fn follow(
+    mut rx: mpsc::Receiver<Input>,
+    mut tracker: HealthTracker,
+    offered: watch::Sender<Inventory>,
+    events: Option<NodeEvents>,
+) {
     while let Some(input) = rx.recv().await {
         if offered.is_closed() {
             return;
@@ -279,6 +288,51 @@ mod tests {
             .iter()
             .map(|g| g.index)
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_critical_xid_withdraws_a_gpu_until_restart_an_application_xid_does_not() {
+        let known = Inventory::from_json(&file(&[("GPU-a", "healthy"), ("GPU-b", "healthy")]))
+            .expect("inventory");
+        let (offered_tx, mut offered_rx) = watch::channel(known.clone());
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(follow(
+            rx,
+            HealthTracker::new(known.clone()),
+            offered_tx,
+            None,
+        ));
+        // XID 13 (an application's graphics exception): nothing changes.
+        tx.send(Input::Xid {
+            uuid: "GPU-b".into(),
+            xid: 13,
+        })
+        .await
+        .expect("send");
+        tx.send(Input::Look(Observation::all_healthy(&known)))
+            .await
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!offered_rx.has_changed().expect("alive"));
+        // XID 79 (fallen off the bus): withdrawn, and a healthy look does not bring it back.
+        tx.send(Input::Xid {
+            uuid: "GPU-b".into(),
+            xid: 79,
+        })
+        .await
+        .expect("send");
+        assert_eq!(offered(&mut offered_rx).await, [0]);
+        tx.send(Input::Look(Observation::all_healthy(&known)))
+            .await
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!offered_rx.has_changed().expect("alive"));
+        assert_eq!(offered_rx.borrow().gpus.len(), 1);
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("ends with its source")
+            .expect("no panic");
     }
 
     #[tokio::test]
