@@ -129,10 +129,7 @@ monitoring:
   labels: {release: kube-prometheus-stack}
 "#;
 
-async fn dry_run(minor: u32, test: &str) {
-    let Some(cluster) = start(minor, test).await else {
-        return;
-    };
+async fn dry_run(cluster: &Cluster, minor: u32) {
     let client = cluster.cp.client();
     let caps = with_monitoring_crds(&client).await;
     let served = cluster.cp.version().resource_group_version();
@@ -200,17 +197,6 @@ async fn dry_run(minor: u32, test: &str) {
         .await
         .expect_err("an unknown field must be refused");
     assert!(err.to_string().contains("scrapeEvery"), "{err}");
-    cluster.cp.stop();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dry_run_v1_37() {
-    dry_run(37, "dry_run_v1_37").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dry_run_v1_31() {
-    dry_run(31, "dry_run_v1_31").await;
 }
 
 /// Asks the authorizer whether `user` may do `verb` on `resource`, until RBAC has caught up
@@ -341,10 +327,7 @@ async fn token_client(cp: &ControlPlane, sa: &str, pod: &Pod) -> kube::Client {
     kube::Client::try_from(config).expect("client")
 }
 
-async fn admission_policy(minor: u32, test: &str) {
-    let Some(cluster) = start(minor, test).await else {
-        return;
-    };
+async fn admission_policy(cluster: &Cluster, minor: u32) {
     let cp = &cluster.cp;
     let client = cp.client();
     let version = cp.version().resource_api_version();
@@ -596,26 +579,12 @@ async fn admission_policy(minor: u32, test: &str) {
         .delete("node-a-slice", &DeleteParams::default())
         .await
         .expect("delete own slice");
-    cluster.cp.stop();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admission_policy_v1_37() {
-    admission_policy(37, "admission_policy_v1_37").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admission_policy_v1_31() {
-    admission_policy(31, "admission_policy_v1_31").await;
 }
 
 /// The project's own code paths, run with the identities and RBAC the chart gives them: the
 /// plugin's slice publisher (through the admission policy too) and the controller's reconcile
 /// and leader election.
-async fn code_under_chart_rbac(minor: u32, test: &str) {
-    let Some(cluster) = start(minor, test).await else {
-        return;
-    };
+async fn code_under_chart_rbac(cluster: &Cluster, minor: u32) {
     let cp = &cluster.cp;
     let client = cp.client();
     install(
@@ -757,7 +726,6 @@ async fn code_under_chart_rbac(minor: u32, test: &str) {
     }
     drop(leader);
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-    cluster.cp.stop();
 }
 
 fn inventory() -> Inventory {
@@ -773,12 +741,25 @@ fn inventory() -> Inventory {
     .expect("inventory")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn code_under_chart_rbac_v1_37() {
-    code_under_chart_rbac(37, "code_under_chart_rbac_v1_37").await;
+/// One control plane per version for all three scenarios, in an order where none disturbs the
+/// next: the dry run stores nothing but the monitoring CRDs; the policy scenario uses nodes
+/// node-a/node-b, the code scenario gpu-node-0.
+async fn chart_on(minor: u32, test: &str) {
+    let Some(cluster) = start(minor, test).await else {
+        return;
+    };
+    dry_run(&cluster, minor).await;
+    admission_policy(&cluster, minor).await;
+    code_under_chart_rbac(&cluster, minor).await;
+    cluster.cp.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn code_under_chart_rbac_v1_31() {
-    code_under_chart_rbac(31, "code_under_chart_rbac_v1_31").await;
+async fn chart_on_v1_37() {
+    chart_on(37, "chart_on_v1_37").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_on_v1_31() {
+    chart_on(31, "chart_on_v1_31").await;
 }
