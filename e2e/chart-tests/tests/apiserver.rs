@@ -52,11 +52,21 @@ async fn start(minor: u32, test: &str) -> Option<Cluster> {
         .prefix(&format!("tessera-chart-{test}-"))
         .tempdir()
         .expect("temp dir");
-    let mut options = ControlPlaneOptions::new(version, state.path());
-    options.binaries = Some(binaries);
-    let cp = ControlPlane::start(options)
-        .await
-        .unwrap_or_else(|e| panic!("{test}: control plane: {e}"));
+    // The harness picks free ports, then starts the components: on a busy machine another
+    // process can take a port in between. Only that is retried.
+    let mut attempt = 0;
+    let cp = loop {
+        attempt += 1;
+        let mut options = ControlPlaneOptions::new(version, state.path().join(attempt.to_string()));
+        options.binaries = Some(binaries.clone());
+        match ControlPlane::start(options).await {
+            Ok(cp) => break cp,
+            Err(e) if attempt < 3 && e.to_string().contains("address already in use") => {
+                eprintln!("{test}: a port was taken during start-up, starting again: {e}");
+            }
+            Err(e) => panic!("{test}: control plane: {e}"),
+        }
+    };
     Some(Cluster {
         cp,
         helm,
