@@ -104,7 +104,7 @@ const _: () = {
     assert!(core::mem::offset_of!(RegionSlot, memory_used) == 64);
     assert!(core::mem::offset_of!(RegionSlot, memory_spilled) == 192);
     assert!(core::mem::offset_of!(RegionSlot, contexts) == 320);
-    assert!(HEADER_SIZE % 64 == 0);
+    assert!(HEADER_SIZE.is_multiple_of(64));
     assert!(cfg!(target_endian = "little"));
 };
 
@@ -230,15 +230,23 @@ impl RegionSnapshot {
                     state: get_u32(bytes, base),
                     pid: get_u32(bytes, base + 4),
                     generation: get_u64(bytes, base + 8),
-                    memory_used: (0..device_count).map(|d| get_u64(bytes, base + 64 + d * 8)).collect(),
+                    memory_used: (0..device_count)
+                        .map(|d| get_u64(bytes, base + 64 + d * 8))
+                        .collect(),
                     memory_spilled: (0..device_count)
                         .map(|d| get_u64(bytes, base + 192 + d * 8))
                         .collect(),
-                    contexts: (0..device_count).map(|d| get_u32(bytes, base + 320 + d * 4)).collect(),
+                    contexts: (0..device_count)
+                        .map(|d| get_u32(bytes, base + 320 + d * 4))
+                        .collect(),
                 }
             })
             .collect();
-        Ok(RegionSnapshot { devices, slots_high_water, slots })
+        Ok(RegionSnapshot {
+            devices,
+            slots_high_water,
+            slots,
+        })
     }
 
     /// Device memory charged on device `index`, summed over `slots` that `is_live` accepts.
@@ -265,7 +273,11 @@ pub fn check_header(bytes: &[u8]) -> Result<u32, RegionError> {
     }
     let (header, slot, count) = (get_u32(bytes, 12), get_u32(bytes, 16), get_u32(bytes, 20));
     if (header as usize, slot as usize, count as usize) != (HEADER_SIZE, SLOT_SIZE, SLOT_COUNT) {
-        return Err(RegionError::Geometry { header, slot, count });
+        return Err(RegionError::Geometry {
+            header,
+            slot,
+            count,
+        });
     }
     let devices = get_u32(bytes, 24);
     if devices as usize > MAX_DEVICES {
@@ -299,7 +311,12 @@ mod tests {
     use super::*;
 
     fn spec(uuid: &str, limit: u64) -> RegionDeviceSpec {
-        RegionDeviceSpec { uuid: uuid.into(), memory_limit: limit, cores: 30, context_overhead: 7 }
+        RegionDeviceSpec {
+            uuid: uuid.into(),
+            memory_limit: limit,
+            cores: 30,
+            context_overhead: 7,
+        }
     }
 
     #[test]
@@ -317,7 +334,10 @@ mod tests {
     fn sums_only_live_active_slots() {
         let mut bytes = encode_new(&[spec("GPU-a", 1 << 30)]).expect("encodes");
         put_u32(&mut bytes, 32, 3);
-        for (i, (state, used)) in [(SLOT_ACTIVE, 100u64), (SLOT_FREE, 50), (SLOT_ACTIVE, 7)].iter().enumerate() {
+        for (i, (state, used)) in [(SLOT_ACTIVE, 100u64), (SLOT_FREE, 50), (SLOT_ACTIVE, 7)]
+            .iter()
+            .enumerate()
+        {
             put_u32(&mut bytes, slot_offset(i), *state);
             put_u64(&mut bytes, slot_offset(i) + 64, *used);
         }
@@ -328,11 +348,20 @@ mod tests {
 
     #[test]
     fn refuses_foreign_bytes() {
-        assert_eq!(RegionSnapshot::parse(&[0u8; 10]), Err(RegionError::Size { found: 10 }));
-        assert_eq!(RegionSnapshot::parse(&vec![0u8; REGION_SIZE]), Err(RegionError::Magic));
+        assert_eq!(
+            RegionSnapshot::parse(&[0u8; 10]),
+            Err(RegionError::Size { found: 10 })
+        );
+        assert_eq!(
+            RegionSnapshot::parse(&vec![0u8; REGION_SIZE]),
+            Err(RegionError::Magic)
+        );
         let mut bytes = encode_new(&[]).expect("encodes");
         put_u32(&mut bytes, 8, 9);
-        assert_eq!(RegionSnapshot::parse(&bytes), Err(RegionError::Version { found: 9 }));
+        assert_eq!(
+            RegionSnapshot::parse(&bytes),
+            Err(RegionError::Version { found: 9 })
+        );
         assert!(encode_new(&[spec(&"x".repeat(UUID_BYTES), 1)]).is_err());
     }
 }

@@ -102,16 +102,25 @@ impl ShimConfig {
         }
         for (index, device) in self.devices.iter().enumerate() {
             if !device.uuid.starts_with("GPU-") || device.uuid.len() >= UUID_BYTES {
-                return Err(ShimConfigError::Uuid { index, uuid: device.uuid.clone() });
+                return Err(ShimConfigError::Uuid {
+                    index,
+                    uuid: device.uuid.clone(),
+                });
             }
             if self.devices[..index].iter().any(|d| d.uuid == device.uuid) {
-                return Err(ShimConfigError::DuplicateUuid { index, uuid: device.uuid.clone() });
+                return Err(ShimConfigError::DuplicateUuid {
+                    index,
+                    uuid: device.uuid.clone(),
+                });
             }
             if device.memory_limit == 0 {
                 return Err(ShimConfigError::MemoryLimit { index });
             }
             if !(1..=100).contains(&device.cores) {
-                return Err(ShimConfigError::Cores { index, cores: device.cores });
+                return Err(ShimConfigError::Cores {
+                    index,
+                    cores: device.cores,
+                });
             }
         }
         Ok(())
@@ -149,7 +158,10 @@ mod tests {
     #[test]
     fn round_trips() {
         let config = valid();
-        assert_eq!(ShimConfig::from_json(&config.to_json()).expect("valid"), config);
+        assert_eq!(
+            ShimConfig::from_json(&config.to_json()).expect("valid"),
+            config
+        );
     }
 
     #[test]
@@ -161,25 +173,40 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut ShimConfig)>, &str)> = vec![
+        type Breaks = Box<dyn Fn(&mut ShimConfig)>;
+        let cases: Vec<(Breaks, &str)> = vec![
             (Box::new(|c| c.version = 2), "version 2"),
             (Box::new(|c| c.claim_uid.clear()), "claimUid"),
             (Box::new(|c| c.region = "relative".into()), "region"),
             (Box::new(|c| c.devices.clear()), "devices is empty"),
-            (Box::new(|c| c.devices[0].uuid = "0".into()), "devices[0].uuid"),
-            (Box::new(|c| c.devices[0].memory_limit = 0), "devices[0].memoryLimit"),
+            (
+                Box::new(|c| c.devices[0].uuid = "0".into()),
+                "devices[0].uuid",
+            ),
+            (
+                Box::new(|c| c.devices[0].memory_limit = 0),
+                "devices[0].memoryLimit",
+            ),
             (Box::new(|c| c.devices[0].cores = 101), "devices[0].cores"),
-            (Box::new(|c| c.devices.push(c.devices[0].clone())), "appears twice"),
+            (
+                Box::new(|c| c.devices.push(c.devices[0].clone())),
+                "appears twice",
+            ),
         ];
         for (mutate, expected) in cases {
             let mut config = valid();
             mutate(&mut config);
             let err = config.validate().expect_err(expected).to_string();
-            assert!(err.contains(expected), "{err:?} should mention {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{err:?} should mention {expected:?}"
+            );
         }
-        let err = ShimConfig::from_json(br#"{"version":1,"claimUid":"a","region":"/r","devices":[],"memoryLimit":1}"#)
-            .expect_err("unknown field")
-            .to_string();
+        let err = ShimConfig::from_json(
+            br#"{"version":1,"claimUid":"a","region":"/r","devices":[],"memoryLimit":1}"#,
+        )
+        .expect_err("unknown field")
+        .to_string();
         assert!(err.contains("memoryLimit"), "{err}");
     }
 

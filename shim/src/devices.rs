@@ -30,8 +30,12 @@ pub enum Grant {
 
 /// The claim device for `ordinal`, mapping it on first use. `uuids` are the claim's devices.
 pub fn grant(ordinal: i32, uuids: &[String]) -> Grant {
-    let Ok(slot) = usize::try_from(ordinal) else { return Grant::NotGranted };
-    let Some(entry) = ORDINALS.get(slot) else { return Grant::NotGranted };
+    let Ok(slot) = usize::try_from(ordinal) else {
+        return Grant::NotGranted;
+    };
+    let Some(entry) = ORDINALS.get(slot) else {
+        return Grant::NotGranted;
+    };
     let mut value = entry.load(Ordering::Relaxed);
     if value == UNMAPPED {
         value = map_one(ordinal, uuids);
@@ -45,7 +49,10 @@ pub fn grant(ordinal: i32, uuids: &[String]) -> Grant {
 
 fn map_one(ordinal: i32, uuids: &[String]) -> u8 {
     // The v2 call is CUDA 13's only spelling; the v1 symbol is kept for older drivers.
-    let Some(get_uuid) = real::cuda::cuDeviceGetUuid_v2.get().or_else(|| real::cuda::cuDeviceGetUuid.get()) else {
+    let Some(get_uuid) = real::cuda::cuDeviceGetUuid_v2
+        .get()
+        .or_else(|| real::cuda::cuDeviceGetUuid.get())
+    else {
         return UNMAPPED;
     };
     let mut uuid = CUuuid::default();
@@ -71,8 +78,20 @@ pub fn reset() {
 /// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as `nvidia-smi` and NVML print it.
 pub fn format_uuid(uuid: &CUuuid) -> String {
     let b = &uuid.bytes;
-    let hex = |range: std::ops::Range<usize>| b[range].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
+    let hex = |range: std::ops::Range<usize>| {
+        b[range]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    };
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        hex(0..4),
+        hex(4..6),
+        hex(6..8),
+        hex(8..10),
+        hex(10..16)
+    )
 }
 
 #[cfg(test)]
@@ -81,7 +100,14 @@ mod tests {
 
     #[test]
     fn formats_like_nvml() {
-        let uuid = CUuuid { bytes: [0x8e, 0x1b, 0x1c, 0x4f, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0xa, 0xb] };
-        assert_eq!(format_uuid(&uuid), "GPU-8e1b1c4f-0001-0203-0405-060708090a0b");
+        let uuid = CUuuid {
+            bytes: [
+                0x8e, 0x1b, 0x1c, 0x4f, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0xa, 0xb,
+            ],
+        };
+        assert_eq!(
+            format_uuid(&uuid),
+            "GPU-8e1b1c4f-0001-0203-0405-060708090a0b"
+        );
     }
 }

@@ -56,7 +56,11 @@ pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_voi
 
 /// The shim's answer for `name`, or NULL to let the real `dlsym` answer. Called by the
 /// trampoline with the caller's return address.
-extern "C" fn lookup(_handle: *mut c_void, name: *const c_char, caller: *const c_void) -> *mut c_void {
+extern "C" fn lookup(
+    _handle: *mut c_void,
+    name: *const c_char,
+    caller: *const c_void,
+) -> *mut c_void {
     crate::guard::guard(std::ptr::null_mut(), || {
         // Resolve the real dlsym before answering, so the trampoline's jump has a target.
         if real_dlsym_address() == 0 || name.is_null() {

@@ -91,7 +91,9 @@ fn initialise_once() -> Mode {
     crate::compute::clock::detect(cuda);
     register_fork_handler();
 
-    let Some(path) = config_path() else { return Mode::Passthrough };
+    let Some(path) = config_path() else {
+        return Mode::Passthrough;
+    };
     match Enforcer::from_file(&path) {
         Ok(enforcer) => Mode::Enforcing(Box::new(enforcer)),
         Err(problem) => {
@@ -108,7 +110,9 @@ fn config_path() -> Option<String> {
     debug_assert_eq!(SHIM_CONFIG_ENV, "TESSERA_CONFIG");
     if !value.is_null() {
         // SAFETY: getenv returned a NUL-terminated string.
-        let path = unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned();
+        let path = unsafe { CStr::from_ptr(value) }
+            .to_string_lossy()
+            .into_owned();
         if !path.is_empty() {
             return Some(path);
         }
@@ -125,13 +129,17 @@ fn board_dir() -> Option<String> {
     let value = unsafe { libc::getenv(c"TESSERA_BOARD".as_ptr()) };
     if !value.is_null() {
         // SAFETY: getenv returned a NUL-terminated string.
-        let dir = unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned();
+        let dir = unsafe { CStr::from_ptr(value) }
+            .to_string_lossy()
+            .into_owned();
         if !dir.is_empty() {
             return Some(dir);
         }
     }
     let default = crate::compute::BOARD_DIR_DEFAULT;
-    std::path::Path::new(default).is_dir().then(|| default.to_string())
+    std::path::Path::new(default)
+        .is_dir()
+        .then(|| default.to_string())
 }
 
 impl Enforcer {
@@ -140,7 +148,9 @@ impl Enforcer {
         let config = ShimConfig::from_json(&raw).map_err(|e| e.to_string())?;
         let devices = RegionDeviceSpec::from_config(&config);
         let ledger = Ledger::open(&config.region, &devices).map_err(|e| e.to_string())?;
-        let table = |capacity| PtrTable::new(capacity).ok_or_else(|| "cannot reserve tracking tables".to_string());
+        let table = |capacity| {
+            PtrTable::new(capacity).ok_or_else(|| "cannot reserve tracking tables".to_string())
+        };
         let mut context_overhead = [0u64; MAX_DEVICES];
         for (slot, device) in context_overhead.iter_mut().zip(&config.devices) {
             *slot = device.context_overhead;
@@ -182,7 +192,10 @@ fn remember_base(which: usize, handle: *mut c_void, symbol: *mut c_void) {
 
 /// Whether `address` lies in the real driver or NVML (their own `dlsym` calls are not ours).
 pub fn is_driver_address(address: *const c_void) -> bool {
-    let bases = [DRIVER_BASES[0].load(Ordering::Acquire), DRIVER_BASES[1].load(Ordering::Acquire)];
+    let bases = [
+        DRIVER_BASES[0].load(Ordering::Acquire),
+        DRIVER_BASES[1].load(Ordering::Acquire),
+    ];
     if address.is_null() || bases == [0, 0] {
         return false;
     }

@@ -32,12 +32,31 @@ static LOCK_FD: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// Why the region could not be used; printed on the refusal line.
 #[derive(Debug)]
 pub enum LedgerError {
-    Open { path: String, error: std::io::Error },
-    Lock { path: String, error: std::io::Error },
-    Create { path: String, error: std::io::Error },
-    Map { path: String, error: std::io::Error },
-    Invalid { path: String, error: region::RegionError },
-    Mismatch { path: String, region: Vec<String>, config: Vec<String> },
+    Open {
+        path: String,
+        error: std::io::Error,
+    },
+    Lock {
+        path: String,
+        error: std::io::Error,
+    },
+    Create {
+        path: String,
+        error: std::io::Error,
+    },
+    Map {
+        path: String,
+        error: std::io::Error,
+    },
+    Invalid {
+        path: String,
+        error: region::RegionError,
+    },
+    Mismatch {
+        path: String,
+        region: Vec<String>,
+        config: Vec<String>,
+    },
 }
 
 impl fmt::Display for LedgerError {
@@ -45,10 +64,18 @@ impl fmt::Display for LedgerError {
         match self {
             LedgerError::Open { path, error } => write!(f, "cannot open region {path}: {error}"),
             LedgerError::Lock { path, error } => write!(f, "cannot lock region {path}: {error}"),
-            LedgerError::Create { path, error } => write!(f, "cannot initialise region {path}: {error}"),
+            LedgerError::Create { path, error } => {
+                write!(f, "cannot initialise region {path}: {error}")
+            }
             LedgerError::Map { path, error } => write!(f, "cannot map region {path}: {error}"),
-            LedgerError::Invalid { path, error } => write!(f, "region {path} is not usable: {error}"),
-            LedgerError::Mismatch { path, region, config } => write!(
+            LedgerError::Invalid { path, error } => {
+                write!(f, "region {path} is not usable: {error}")
+            }
+            LedgerError::Mismatch {
+                path,
+                region,
+                config,
+            } => write!(
                 f,
                 "region {path} was created for devices {region:?} but the config names {config:?}"
             ),
@@ -73,7 +100,10 @@ impl Ledger {
             path: path.into(),
             error: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"),
         })?;
-        let fd = open_region(&c_path).map_err(|error| LedgerError::Open { path: path.into(), error })?;
+        let fd = open_region(&c_path).map_err(|error| LedgerError::Open {
+            path: path.into(),
+            error,
+        })?;
         let result = Self::map_checked(fd, path, c_path.clone(), devices);
         // SAFETY: our descriptor; slot locks use a descriptor of their own.
         unsafe { libc::close(fd) };
@@ -86,22 +116,34 @@ impl Ledger {
         c_path: CString,
         devices: &[RegionDeviceSpec],
     ) -> Result<Ledger, LedgerError> {
-        ofd_lock(fd, CREATE_LOCK.0, CREATE_LOCK.1, true)
-            .map_err(|error| LedgerError::Lock { path: path.into(), error })?;
+        ofd_lock(fd, CREATE_LOCK.0, CREATE_LOCK.1, true).map_err(|error| LedgerError::Lock {
+            path: path.into(),
+            error,
+        })?;
         let created = initialise_if_empty(fd, devices);
         ofd_unlock(fd, CREATE_LOCK.0, CREATE_LOCK.1);
-        created.map_err(|error| LedgerError::Create { path: path.into(), error })?;
+        created.map_err(|error| LedgerError::Create {
+            path: path.into(),
+            error,
+        })?;
 
         let mut bytes = vec![0u8; REGION_SIZE];
         // SAFETY: reading into a buffer of exactly REGION_SIZE bytes.
         let read = unsafe { libc::pread(fd, bytes.as_mut_ptr().cast(), REGION_SIZE, 0) };
         bytes.truncate(read.max(0) as usize);
-        let snapshot = region::RegionSnapshot::parse(&bytes)
-            .map_err(|error| LedgerError::Invalid { path: path.into(), error })?;
+        let snapshot =
+            region::RegionSnapshot::parse(&bytes).map_err(|error| LedgerError::Invalid {
+                path: path.into(),
+                error,
+            })?;
         let found: Vec<String> = snapshot.devices.iter().map(|d| d.uuid.clone()).collect();
         let wanted: Vec<String> = devices.iter().map(|d| d.uuid.clone()).collect();
         if found != wanted {
-            return Err(LedgerError::Mismatch { path: path.into(), region: found, config: wanted });
+            return Err(LedgerError::Mismatch {
+                path: path.into(),
+                region: found,
+                config: wanted,
+            });
         }
 
         // SAFETY: shared mapping of a file of exactly REGION_SIZE bytes (checked by parse).
@@ -116,13 +158,20 @@ impl Ledger {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(LedgerError::Map { path: path.into(), error: std::io::Error::last_os_error() });
+            return Err(LedgerError::Map {
+                path: path.into(),
+                error: std::io::Error::last_os_error(),
+            });
         }
         let mut limits = [0u64; MAX_DEVICES];
         for (limit, device) in limits.iter_mut().zip(devices) {
             *limit = device.memory_limit;
         }
-        Ok(Ledger { path: c_path, base: base.cast(), limits })
+        Ok(Ledger {
+            path: c_path,
+            base: base.cast(),
+            limits,
+        })
     }
 
     /// The claim's compute-limiter arrival time on `device` (see `compute`).
@@ -139,7 +188,12 @@ impl Ledger {
     fn slot(&self, index: usize) -> &RegionSlot {
         debug_assert!(index < SLOT_COUNT);
         // SAFETY: index < SLOT_COUNT keeps the slot inside the mapping; slots are 64-aligned.
-        unsafe { &*self.base.add(region::slot_offset(index)).cast::<RegionSlot>() }
+        unsafe {
+            &*self
+                .base
+                .add(region::slot_offset(index))
+                .cast::<RegionSlot>()
+        }
     }
 
     fn high_water(&self) -> usize {
@@ -160,7 +214,8 @@ impl Ledger {
         }
         let mut total = 0u64;
         for index in 0..self.high_water() {
-            total = total.saturating_add(self.slot(index).memory_used[device].load(Ordering::SeqCst));
+            total =
+                total.saturating_add(self.slot(index).memory_used[device].load(Ordering::SeqCst));
         }
         total
     }
@@ -172,7 +227,9 @@ impl Ledger {
         if bytes > limit {
             return false;
         }
-        let Some(mine) = self.my_slot() else { return false };
+        let Some(mine) = self.my_slot() else {
+            return false;
+        };
         let counter = &self.slot(mine).memory_used[device];
         for attempt in 0..=RACE_RETRIES {
             counter.fetch_add(bytes, Ordering::SeqCst);
@@ -201,7 +258,9 @@ impl Ledger {
         }
         let counter = &self.slot(mine).memory_used[device];
         // Saturating: a counter never wraps below zero, whatever a caller does.
-        let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(bytes)));
+        let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+            Some(v.saturating_sub(bytes))
+        });
     }
 
     /// Counts a context this process created on `device` (for metrics).
@@ -211,7 +270,9 @@ impl Ledger {
             return;
         }
         let counter = &self.slot(mine).contexts[device];
-        let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_add_signed(delta)));
+        let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+            Some(v.saturating_add_signed(delta))
+        });
     }
 
     /// This process's slot, claiming one on first use.
@@ -260,7 +321,9 @@ impl Ledger {
             slot.pid.store(std::process::id(), Ordering::SeqCst);
             slot.generation.fetch_add(1, Ordering::SeqCst);
             slot.state.store(SLOT_ACTIVE, Ordering::SeqCst);
-            self.header().slots_high_water.fetch_max(index as u32 + 1, Ordering::SeqCst);
+            self.header()
+                .slots_high_water
+                .fetch_max(index as u32 + 1, Ordering::SeqCst);
             LOCK_FD.store(fd as usize, Ordering::Release);
             return Some(index);
         }
@@ -277,7 +340,9 @@ impl Ledger {
     /// Frees the counters of slots whose owner died. True if any bytes came back.
     #[cold]
     fn reclaim_dead(&self, mine: usize) -> bool {
-        let Ok(fd) = open_region(&self.path) else { return false };
+        let Ok(fd) = open_region(&self.path) else {
+            return false;
+        };
         let mut reclaimed = false;
         for index in 0..self.high_water() {
             let slot = self.slot(index);
@@ -288,7 +353,10 @@ impl Ledger {
             if ofd_lock(fd, offset, SLOT_SIZE, false).is_err() {
                 continue; // alive
             }
-            reclaimed |= slot.memory_used.iter().any(|c| c.load(Ordering::SeqCst) != 0);
+            reclaimed |= slot
+                .memory_used
+                .iter()
+                .any(|c| c.load(Ordering::SeqCst) != 0);
             zero_slot(slot);
             slot.state.store(SLOT_FREE, Ordering::SeqCst);
             ofd_unlock(fd, offset, SLOT_SIZE);
@@ -322,8 +390,18 @@ fn zero_slot(slot: &RegionSlot) {
 
 fn open_region(path: &CString) -> std::io::Result<i32> {
     // SAFETY: NUL-terminated path; flags are plain constants.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o666) };
-    if fd < 0 { Err(std::io::Error::last_os_error()) } else { Ok(fd) }
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
+            0o666,
+        )
+    };
+    if fd < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(fd)
+    }
 }
 
 /// Writes a fresh region into an empty file; leaves an existing one alone.
@@ -342,7 +420,12 @@ fn initialise_if_empty(fd: i32, devices: &[RegionDeviceSpec]) -> std::io::Result
     while written < bytes.len() {
         // SAFETY: writing from a live buffer within its bounds.
         let n = unsafe {
-            libc::pwrite(fd, bytes[written..].as_ptr().cast(), bytes.len() - written, written as libc::off_t)
+            libc::pwrite(
+                fd,
+                bytes[written..].as_ptr().cast(),
+                bytes.len() - written,
+                written as libc::off_t,
+            )
         };
         if n <= 0 {
             let error = std::io::Error::last_os_error();
@@ -369,7 +452,11 @@ fn flock(kind: i32, offset: usize, len: usize) -> libc::flock {
 /// Takes a write lock owned by `fd`'s open file description; `wait` blocks until it is free.
 fn ofd_lock(fd: i32, offset: usize, len: usize, wait: bool) -> std::io::Result<()> {
     let lock = flock(libc::F_WRLCK, offset, len);
-    let cmd = if wait { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK };
+    let cmd = if wait {
+        libc::F_OFD_SETLKW
+    } else {
+        libc::F_OFD_SETLK
+    };
     loop {
         // SAFETY: fcntl with a valid flock.
         if unsafe { libc::fcntl(fd, cmd, &lock) } == 0 {

@@ -37,7 +37,10 @@ impl Charge {
     }
 
     fn unpack(value: u64) -> Charge {
-        Charge { bytes: value & ((1 << BYTES_BITS) - 1), device: (value >> BYTES_BITS) as usize }
+        Charge {
+            bytes: value & ((1 << BYTES_BITS) - 1),
+            device: (value >> BYTES_BITS) as usize,
+        }
     }
 }
 
@@ -69,7 +72,10 @@ impl PtrTable {
         if ptr == libc::MAP_FAILED {
             return None;
         }
-        Some(PtrTable { entries: ptr.cast(), capacity })
+        Some(PtrTable {
+            entries: ptr.cast(),
+            capacity,
+        })
     }
 
     #[inline(always)]
@@ -87,7 +93,9 @@ impl PtrTable {
     /// Records `charge` for `key`. False when the key is not representable or the table is full.
     #[inline]
     pub fn insert(&self, key: u64, charge: Charge) -> bool {
-        let Some(value) = charge.pack() else { return false };
+        let Some(value) = charge.pack() else {
+            return false;
+        };
         if key == EMPTY || key == TOMBSTONE {
             return false;
         }
@@ -167,7 +175,11 @@ mod tests {
         assert!(table.insert(0x7f00_0000_0000, charge(4096)));
         assert!(table.insert(0x7f00_0020_0000, charge(1)));
         assert_eq!(table.remove(0x7f00_0000_0000), Some(charge(4096)));
-        assert_eq!(table.remove(0x7f00_0000_0000), None, "second free is unknown");
+        assert_eq!(
+            table.remove(0x7f00_0000_0000),
+            None,
+            "second free is unknown"
+        );
         assert_eq!(table.remove(0x1234), None, "never allocated");
         assert_eq!(table.remove(0x7f00_0020_0000), Some(charge(1)));
     }
@@ -201,8 +213,20 @@ mod tests {
     #[test]
     fn unrepresentable_charges_are_refused() {
         let table = PtrTable::new(16).expect("mmap");
-        assert!(!table.insert(0x1000, Charge { bytes: 1 << 60, device: 0 }));
-        assert!(!table.insert(0x1000, Charge { bytes: 1, device: 300 }));
+        assert!(!table.insert(
+            0x1000,
+            Charge {
+                bytes: 1 << 60,
+                device: 0
+            }
+        ));
+        assert!(!table.insert(
+            0x1000,
+            Charge {
+                bytes: 1,
+                device: 300
+            }
+        ));
     }
 
     #[test]

@@ -25,7 +25,11 @@ unsafe impl<F> Sync for RealFn<F> {}
 
 impl<F: Copy> RealFn<F> {
     pub const fn new(name: &'static CStr) -> Self {
-        Self { name, ptr: AtomicPtr::new(std::ptr::null_mut()), _type: PhantomData }
+        Self {
+            name,
+            ptr: AtomicPtr::new(std::ptr::null_mut()),
+            _type: PhantomData,
+        }
     }
 
     /// The real function, once resolved.

@@ -29,14 +29,22 @@ fn every_allocating_call_is_charged_and_refused_past_the_limit() {
             assert_eq!(reply[0], 0, "{way}: {allocate}");
             let id = reply[1];
             assert_eq!(used(&mut app), big as i64, "{way}: {allocate} is charged");
-            assert_eq!(app.run(&allocate)[0], CUDA_ERROR_OUT_OF_MEMORY, "{way}: {allocate} twice exceeds 1 GiB");
+            assert_eq!(
+                app.run(&allocate)[0],
+                CUDA_ERROR_OUT_OF_MEMORY,
+                "{way}: {allocate} twice exceeds 1 GiB"
+            );
             assert_eq!(app.rc(&format!("{free} {id}")), 0);
             assert_eq!(used(&mut app), 0, "{way}: {free} gives it back");
         }
         // Pitch: charged the driver's real pitch × height.
         let reply = app.run("pitch 1000 1000");
         assert_eq!(reply[0], 0);
-        assert_eq!(used(&mut app), reply[2] * 1000, "{way}: pitched allocation charged pitch × height");
+        assert_eq!(
+            used(&mut app),
+            reply[2] * 1000,
+            "{way}: pitched allocation charged pitch × height"
+        );
         assert_eq!(app.rc(&format!("free {}", reply[1])), 0);
         // Arrays: 8192 × 8192 floats = 256 MiB each.
         let reply = app.run("array 8192 8192");
@@ -48,7 +56,11 @@ fn every_allocating_call_is_charged_and_refused_past_the_limit() {
             assert_eq!(reply[0], 0);
             arrays.push(reply[1]);
         }
-        assert_eq!(app.run("array 8192 8192")[0], CUDA_ERROR_OUT_OF_MEMORY, "{way}: a fifth array");
+        assert_eq!(
+            app.run("array 8192 8192")[0],
+            CUDA_ERROR_OUT_OF_MEMORY,
+            "{way}: a fifth array"
+        );
         for id in arrays {
             assert_eq!(app.rc(&format!("arrayfree {id}")), 0);
         }
@@ -66,8 +78,15 @@ fn vmm_allocations_are_charged_to_the_device_they_name() {
     let mut app = scene.start("procaddr", Some(&config));
     assert_eq!(app.rc("init 0"), 0);
     assert_eq!(app.run(&format!("vmm {} 1", 400 * MIB))[0], 0);
-    assert_eq!(app.run(&format!("vmm {} 1", 400 * MIB))[0], CUDA_ERROR_OUT_OF_MEMORY);
-    assert_eq!(app.run(&format!("vmm {} 0", 900 * MIB))[0], 0, "device 0 untouched by device 1's use");
+    assert_eq!(
+        app.run(&format!("vmm {} 1", 400 * MIB))[0],
+        CUDA_ERROR_OUT_OF_MEMORY
+    );
+    assert_eq!(
+        app.run(&format!("vmm {} 0", 900 * MIB))[0],
+        0,
+        "device 0 untouched by device 1's use"
+    );
     app.finish();
 }
 
@@ -79,9 +98,17 @@ fn unknown_and_double_frees_pass_through_without_underflow() {
     assert_eq!(app.rc("init 0"), 0);
     assert_eq!(app.run(&format!("alloc {}", 100 * MIB))[0], 0);
     // A pointer the shim never saw goes to the driver, which answers as it would.
-    assert_eq!(app.rc("free 123456789"), 1, "CUDA_ERROR_INVALID_VALUE from the driver");
+    assert_eq!(
+        app.rc("free 123456789"),
+        1,
+        "CUDA_ERROR_INVALID_VALUE from the driver"
+    );
     assert_eq!(app.rc("free 0"), 0);
-    assert_eq!(app.rc("free 0"), 1, "double free: the driver's answer, no second uncharge");
+    assert_eq!(
+        app.rc("free 0"),
+        1,
+        "double free: the driver's answer, no second uncharge"
+    );
     assert_eq!(used(&mut app), 0);
     let nvml = app.run("nvml");
     assert_eq!(nvml[2], 0, "no underflowed 'used' in NVML either");
@@ -98,9 +125,16 @@ fn context_overhead_is_charged_per_context() {
     let ctx = app.run("ctx 0");
     assert_eq!(ctx[0], 0);
     assert_eq!(used(&mut app), 200 * MIB as i64, "a created context");
-    assert_eq!(app.run(&format!("alloc {}", 900 * MIB))[0], CUDA_ERROR_OUT_OF_MEMORY);
+    assert_eq!(
+        app.run(&format!("alloc {}", 900 * MIB))[0],
+        CUDA_ERROR_OUT_OF_MEMORY
+    );
     assert_eq!(app.rc(&format!("ctxdestroy {}", ctx[1])), 0);
-    assert_eq!(app.run(&format!("alloc {}", 900 * MIB))[0], 0, "destroying a context gives its share back");
+    assert_eq!(
+        app.run(&format!("alloc {}", 900 * MIB))[0],
+        0,
+        "destroying a context gives its share back"
+    );
     app.finish();
 }
 

@@ -23,11 +23,26 @@ fn refused(config_text: Option<&str>, expected: &[&str]) {
     }
     for way in ["direct", "procaddr", "cudart"] {
         let mut app = scene.start(way, Some(&path));
-        assert_eq!(app.rc("init 0"), CUDA_ERROR_NOT_PERMITTED, "{way}: cuInit must refuse the GPU");
-        assert_eq!(app.rc("alloc 1"), CUDA_ERROR_NOT_PERMITTED, "{way}: and allocations");
-        assert_eq!(app.run("nvml")[0], 4, "{way}: NVML refuses too (NVML_ERROR_NO_PERMISSION)");
+        assert_eq!(
+            app.rc("init 0"),
+            CUDA_ERROR_NOT_PERMITTED,
+            "{way}: cuInit must refuse the GPU"
+        );
+        assert_eq!(
+            app.rc("alloc 1"),
+            CUDA_ERROR_NOT_PERMITTED,
+            "{way}: and allocations"
+        );
+        assert_eq!(
+            app.run("nvml")[0],
+            4,
+            "{way}: NVML refuses too (NVML_ERROR_NO_PERMISSION)"
+        );
         let stderr = app.finish();
-        assert!(stderr.contains(&path.display().to_string()), "names the file: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "names the file: {stderr}"
+        );
         for word in expected {
             assert!(stderr.contains(word), "{stderr:?} should mention {word:?}");
         }
@@ -59,7 +74,10 @@ fn unusable_region_fails_closed() {
     let mut app = scene.start("dlsym", Some(&config));
     assert_eq!(app.rc("init 0"), CUDA_ERROR_NOT_PERMITTED);
     let stderr = app.finish();
-    assert!(stderr.contains("region") && stderr.contains("bytes"), "{stderr}");
+    assert!(
+        stderr.contains("region") && stderr.contains("bytes"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -70,7 +88,11 @@ fn gpus_outside_the_claim_get_nothing() {
     assert_eq!(app.rc("init 0"), 0, "device 0 is visible but not granted");
     assert_eq!(app.rc("alloc 1"), CUDA_ERROR_OUT_OF_MEMORY);
     assert_eq!(app.run("info")[1..], [0, 0]);
-    assert_eq!(app.run("total 1"), [0, GIB as i64], "device 1 is the claim's");
+    assert_eq!(
+        app.run("total 1"),
+        [0, GIB as i64],
+        "device 1 is the claim's"
+    );
     app.finish();
 }
 
@@ -98,6 +120,12 @@ fn cuda_visible_devices_reordering_keeps_uuids_straight() {
     drop(stdin);
     let output = child.wait_with_output().expect("output");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains(&format!("total 0 {}", GIB)), "ordinal 0 = GPU1 = 1 GiB: {stdout}");
-    assert!(stdout.contains(&format!("total 0 {}", 2 * GIB)), "ordinal 1 = GPU0 = 2 GiB: {stdout}");
+    assert!(
+        stdout.contains(&format!("total 0 {}", GIB)),
+        "ordinal 0 = GPU1 = 1 GiB: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("total 0 {}", 2 * GIB)),
+        "ordinal 1 = GPU0 = 2 GiB: {stdout}"
+    );
 }

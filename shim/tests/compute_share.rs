@@ -17,7 +17,10 @@ const SETTLE_WINDOWS: usize = 4;
 
 /// Per-mille utilisation in every window after the first second.
 fn steady(run: &Run) -> &[i64] {
-    assert!(run.windows.len() > SETTLE_WINDOWS + 4, "too few windows: {run:?}");
+    assert!(
+        run.windows.len() > SETTLE_WINDOWS + 4,
+        "too few windows: {run:?}"
+    );
     // The last window is cut short by the end of the span.
     &run.windows[SETTLE_WINDOWS..run.windows.len() - 1]
 }
@@ -45,7 +48,11 @@ fn assert_holds(run: &Run, cores: u32, what: &str) {
             i + SETTLE_WINDOWS
         );
     }
-    eprintln!("{what}: cores {cores} → steady mean {:.1}‰ (windows {:?})", mean(steady(run)), run.windows);
+    eprintln!(
+        "{what}: cores {cores} → steady mean {:.1}‰ (windows {:?})",
+        mean(steady(run)),
+        run.windows
+    );
 }
 
 #[test]
@@ -83,7 +90,10 @@ fn every_launch_path_is_limited() {
 fn the_share_is_the_claims_across_its_processes() {
     let scene = Scene::new();
     let config = scene.compute_claim("c", Share::force(50));
-    let mut apps = [scene.start_compute("dlsym", Some(&config)), scene.start_compute("procaddr", Some(&config))];
+    let mut apps = [
+        scene.start_compute("dlsym", Some(&config)),
+        scene.start_compute("procaddr", Some(&config)),
+    ];
     for app in &mut apps {
         assert_eq!(app.rc("join"), 0);
     }
@@ -93,8 +103,15 @@ fn the_share_is_the_claims_across_its_processes() {
     let runs: Vec<Run> = apps.iter_mut().map(App::run_reply).collect();
     eprintln!("one claim, two processes: {runs:?}");
     let total = mean(steady(&runs[0])) + mean(steady(&runs[1]));
-    eprintln!("one claim at 50, two processes: {:.1}‰ + {:.1}‰ = {total:.1}‰", mean(steady(&runs[0])), mean(steady(&runs[1])));
-    assert!((total - 500.0).abs() <= 30.0, "claim total {total}‰: {runs:?}");
+    eprintln!(
+        "one claim at 50, two processes: {:.1}‰ + {:.1}‰ = {total:.1}‰",
+        mean(steady(&runs[0])),
+        mean(steady(&runs[1]))
+    );
+    assert!(
+        (total - 500.0).abs() <= 30.0,
+        "claim total {total}‰: {runs:?}"
+    );
     for app in apps {
         app.finish();
     }
@@ -103,9 +120,26 @@ fn the_share_is_the_claims_across_its_processes() {
 #[test]
 fn two_claims_at_25_and_40_share_the_gpu_25_to_40() {
     let scene = Scene::new();
-    let small = scene.compute_claim("small", Share { cores: 25, priority: "normal", policy: "default" });
-    let large = scene.compute_claim("large", Share { cores: 40, priority: "normal", policy: "default" });
-    let mut apps = [scene.start_compute("dlsym", Some(&small)), scene.start_compute("procaddr", Some(&large))];
+    let small = scene.compute_claim(
+        "small",
+        Share {
+            cores: 25,
+            priority: "normal",
+            policy: "default",
+        },
+    );
+    let large = scene.compute_claim(
+        "large",
+        Share {
+            cores: 40,
+            priority: "normal",
+            policy: "default",
+        },
+    );
+    let mut apps = [
+        scene.start_compute("dlsym", Some(&small)),
+        scene.start_compute("procaddr", Some(&large)),
+    ];
     for app in &mut apps {
         assert_eq!(app.rc("join"), 0);
     }
@@ -116,7 +150,10 @@ fn two_claims_at_25_and_40_share_the_gpu_25_to_40() {
     let (a, b) = (mean(steady(&runs[0])), mean(steady(&runs[1])));
     let ratio = a / b;
     eprintln!("claims at 25 and 40: {a:.1}‰ and {b:.1}‰, ratio {ratio:.3} (25:40 = 0.625)");
-    assert!((ratio / 0.625 - 1.0).abs() <= 0.10, "ratio {ratio}: {runs:?}");
+    assert!(
+        (ratio / 0.625 - 1.0).abs() <= 0.10,
+        "ratio {ratio}: {runs:?}"
+    );
     for app in apps {
         app.finish();
     }
@@ -124,8 +161,16 @@ fn two_claims_at_25_and_40_share_the_gpu_25_to_40() {
 
 #[test]
 fn a_high_priority_claim_keeps_its_speed_beside_two_saturating_low_ones() {
-    let high = Share { cores: 100, priority: "high", policy: "default" };
-    let low = Share { cores: 100, priority: "low", policy: "default" };
+    let high = Share {
+        cores: 100,
+        priority: "high",
+        policy: "default",
+    };
+    let low = Share {
+        cores: 100,
+        priority: "low",
+        policy: "default",
+    };
 
     let scene = Scene::new();
     let config = scene.compute_claim("high", high);
@@ -135,8 +180,15 @@ fn a_high_priority_claim_keeps_its_speed_beside_two_saturating_low_ones() {
     alone.finish();
 
     let scene = Scene::new();
-    let configs = [scene.compute_claim("high", high), scene.compute_claim("low1", low), scene.compute_claim("low2", low)];
-    let mut apps: Vec<App> = configs.iter().map(|c| scene.start_compute("procaddr", Some(c))).collect();
+    let configs = [
+        scene.compute_claim("high", high),
+        scene.compute_claim("low1", low),
+        scene.compute_claim("low2", low),
+    ];
+    let mut apps: Vec<App> = configs
+        .iter()
+        .map(|c| scene.start_compute("procaddr", Some(c)))
+        .collect();
     for app in &mut apps {
         assert_eq!(app.rc("join"), 0);
     }
@@ -148,14 +200,29 @@ fn a_high_priority_claim_keeps_its_speed_beside_two_saturating_low_ones() {
     assert_eq!(apps[0].rc("leave"), 0);
     let lows = [apps[1].run_reply(), apps[2].run_reply()];
     let beside = mean(steady(&high_run));
-    eprintln!("high priority: alone {solo:.1}‰, beside two low {beside:.1}‰ ({:.1}%)", beside / solo * 100.0);
-    assert!(beside >= 0.95 * solo, "high kept {beside}‰ of {solo}‰: {high_run:?}");
+    eprintln!(
+        "high priority: alone {solo:.1}‰, beside two low {beside:.1}‰ ({:.1}%)",
+        beside / solo * 100.0
+    );
+    assert!(
+        beside >= 0.95 * solo,
+        "high kept {beside}‰ of {solo}‰: {high_run:?}"
+    );
 
     // Once the high claim is gone, the low ones get the GPU back (windows after 4 s: past the
     // high claim's end at ~3 s plus settling).
-    let after: Vec<f64> = lows.iter().map(|r| mean(&r.windows[16..r.windows.len() - 1])).collect();
-    eprintln!("low claims after the high one left: {after:?} ‰ (windows {:?} / {:?})", lows[0].windows, lows[1].windows);
-    assert!(after[0] + after[1] >= 950.0, "the low claims did not get the GPU back: {lows:?}");
+    let after: Vec<f64> = lows
+        .iter()
+        .map(|r| mean(&r.windows[16..r.windows.len() - 1]))
+        .collect();
+    eprintln!(
+        "low claims after the high one left: {after:?} ‰ (windows {:?} / {:?})",
+        lows[0].windows, lows[1].windows
+    );
+    assert!(
+        after[0] + after[1] >= 950.0,
+        "the low claims did not get the GPU back: {lows:?}"
+    );
     for app in apps {
         app.finish();
     }
@@ -164,11 +231,21 @@ fn a_high_priority_claim_keeps_its_speed_beside_two_saturating_low_ones() {
 #[test]
 fn under_the_default_policy_an_idle_gpu_is_used_and_force_keeps_the_cap() {
     let scene = Scene::new();
-    let config = scene.compute_claim("c", Share { cores: 25, priority: "normal", policy: "default" });
+    let config = scene.compute_claim(
+        "c",
+        Share {
+            cores: 25,
+            priority: "normal",
+            policy: "default",
+        },
+    );
     let mut app = scene.start_compute("dlsym", Some(&config));
     app.start_run("plain", GRID, 3000, WINDOW_MS);
     let run = app.run_reply();
-    assert!(mean(steady(&run)) >= 990.0, "alone on the GPU, the default policy uses it: {run:?}");
+    assert!(
+        mean(steady(&run)) >= 990.0,
+        "alone on the GPU, the default policy uses it: {run:?}"
+    );
     app.finish();
     let forced = solo("dlsym", "plain", GRID, 25);
     assert_holds(&forced, 25, "force, alone");

@@ -20,7 +20,11 @@ fn two_processes_share_one_limit_and_a_killed_one_gives_its_memory_back() {
         "the second process sees the first's usage"
     );
     let info = second.run("info");
-    assert_eq!(info[1], (GIB - 600 * MIB) as i64, "cuMemGetInfo counts the other process");
+    assert_eq!(
+        info[1],
+        (GIB - 600 * MIB) as i64,
+        "cuMemGetInfo counts the other process"
+    );
     first.kill();
     assert_eq!(
         second.run(&format!("alloc {}", 600 * MIB))[0],
@@ -37,9 +41,21 @@ fn fork_children_work_and_share_the_limit() {
     let mut app = scene.start("dlsym", Some(&config));
     assert_eq!(app.rc("init 0"), 0);
     assert_eq!(app.run(&format!("alloc {}", 600 * MIB))[0], 0);
-    assert_eq!(app.rc(&format!("fork {}", 300 * MIB)), 0, "the child allocates within what is left");
-    assert_eq!(app.rc(&format!("fork {}", 600 * MIB)), CUDA_ERROR_OUT_OF_MEMORY, "the parent's usage counts");
-    assert_eq!(app.run("info")[1], (GIB - 600 * MIB) as i64, "the child's exit left the parent's charge alone");
+    assert_eq!(
+        app.rc(&format!("fork {}", 300 * MIB)),
+        0,
+        "the child allocates within what is left"
+    );
+    assert_eq!(
+        app.rc(&format!("fork {}", 600 * MIB)),
+        CUDA_ERROR_OUT_OF_MEMORY,
+        "the parent's usage counts"
+    );
+    assert_eq!(
+        app.run("info")[1],
+        (GIB - 600 * MIB) as i64,
+        "the child's exit left the parent's charge alone"
+    );
     app.finish();
 }
 
@@ -47,7 +63,9 @@ fn fork_children_work_and_share_the_limit() {
 fn racing_processes_never_overshoot() {
     let scene = Scene::new();
     let config = scene.claim("c", &[(GPU0, GIB, 0)]);
-    let mut apps: Vec<App> = (0..6).map(|_| scene.start("procaddr", Some(&config))).collect();
+    let mut apps: Vec<App> = (0..6)
+        .map(|_| scene.start("procaddr", Some(&config)))
+        .collect();
     for app in &mut apps {
         assert_eq!(app.rc("init 0"), 0);
     }
@@ -65,11 +83,17 @@ fn racing_processes_never_overshoot() {
     drop(sender);
     let results: Vec<(App, Vec<String>)> = receiver.iter().collect();
     assert_eq!(results.len(), 6);
-    let granted: usize = results.iter().map(|(_, replies)| replies.iter().filter(|l| l.starts_with("alloc 0 ")).count()).sum();
+    let granted: usize = results
+        .iter()
+        .map(|(_, replies)| replies.iter().filter(|l| l.starts_with("alloc 0 ")).count())
+        .sum();
     for (app, _) in results {
         app.finish();
     }
-    assert!((1..=3).contains(&granted), "{granted} × 300 MiB granted on a 1 GiB claim");
+    assert!(
+        (1..=3).contains(&granted),
+        "{granted} × 300 MiB granted on a 1 GiB claim"
+    );
 }
 
 #[test]
@@ -82,7 +106,8 @@ fn the_region_records_each_process_by_slot() {
     assert_eq!(b.rc("init 0"), 0);
     assert_eq!(a.run(&format!("alloc {}", 100 * MIB))[0], 0);
     assert_eq!(b.run(&format!("alloc {}", 200 * MIB))[0], 0);
-    let snapshot = RegionSnapshot::parse(&std::fs::read(scene.region("c")).expect("region")).expect("parse");
+    let snapshot =
+        RegionSnapshot::parse(&std::fs::read(scene.region("c")).expect("region")).expect("parse");
     assert_eq!(snapshot.devices[0].uuid, GPU0);
     assert_eq!(snapshot.devices[0].memory_limit, GIB);
     let mut used: Vec<u64> = snapshot.slots.iter().map(|s| s.memory_used[0]).collect();

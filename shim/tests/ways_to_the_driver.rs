@@ -8,20 +8,48 @@ fn wall_holds(way: &str) {
     let claim = scene.claim("c", &[(GPU0, GIB, 0)]);
     let mut app = scene.start(way, Some(&claim));
     assert_eq!(app.rc("init 0"), 0, "{way}: init");
-    assert_eq!(app.run(&format!("alloc {}", 600 * MIB)), [0, 0], "{way}: first 600 MiB fits");
+    assert_eq!(
+        app.run(&format!("alloc {}", 600 * MIB)),
+        [0, 0],
+        "{way}: first 600 MiB fits"
+    );
     let physical = app.run("physical 0")[0];
     assert_eq!(
         app.rc(&format!("alloc {}", 600 * MIB)),
         CUDA_ERROR_OUT_OF_MEMORY,
         "{way}: 1200 MiB must not fit a 1 GiB claim"
     );
-    assert_eq!(app.run("physical 0")[0], physical, "{way}: a refused allocation allocates nothing");
-    assert_eq!(app.run("info"), [0, (GIB - 600 * MIB) as i64, GIB as i64], "{way}: cuMemGetInfo shows the slice");
-    assert_eq!(app.run("total 0"), [0, GIB as i64], "{way}: cuDeviceTotalMem shows the slice");
+    assert_eq!(
+        app.run("physical 0")[0],
+        physical,
+        "{way}: a refused allocation allocates nothing"
+    );
+    assert_eq!(
+        app.run("info"),
+        [0, (GIB - 600 * MIB) as i64, GIB as i64],
+        "{way}: cuMemGetInfo shows the slice"
+    );
+    assert_eq!(
+        app.run("total 0"),
+        [0, GIB as i64],
+        "{way}: cuDeviceTotalMem shows the slice"
+    );
     assert_eq!(app.rc("free 0"), 0);
-    assert_eq!(app.run("info"), [0, GIB as i64, GIB as i64], "{way}: free gives it back");
-    assert_eq!(app.run(&format!("alloc {}", GIB)), [0, 1], "{way}: the whole slice is usable");
-    assert_eq!(app.rc("alloc 1"), CUDA_ERROR_OUT_OF_MEMORY, "{way}: not one byte more");
+    assert_eq!(
+        app.run("info"),
+        [0, GIB as i64, GIB as i64],
+        "{way}: free gives it back"
+    );
+    assert_eq!(
+        app.run(&format!("alloc {}", GIB)),
+        [0, 1],
+        "{way}: the whole slice is usable"
+    );
+    assert_eq!(
+        app.rc("alloc 1"),
+        CUDA_ERROR_OUT_OF_MEMORY,
+        "{way}: not one byte more"
+    );
     app.finish();
 }
 
@@ -52,7 +80,10 @@ fn cudart_keeps_using_the_shims_get_proc_address() {
     let fixture = fixture();
     let output = std::process::Command::new(&fixture.app)
         .arg("cudart")
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/libcudart-12.9-driver-requests.txt"))
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/libcudart-12.9-driver-requests.txt"),
+        )
         .env("LD_LIBRARY_PATH", &fixture.lib_dir)
         .env("LD_PRELOAD", shim_path())
         .env("TESSERA_CONFIG", &claim)
@@ -61,9 +92,15 @@ fn cudart_keeps_using_the_shims_get_proc_address() {
         .output()
         .expect("run app");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("replayed 419 "), "all 419 requests replayed: {stdout}");
+    assert!(
+        stdout.contains("replayed 419 "),
+        "all 419 requests replayed: {stdout}"
+    );
     // Without the shim the same replay ends on the driver's own cuGetProcAddress (the control).
-    assert!(stdout.contains("getproc-is-shim 1"), "cudart's cuGetProcAddress must be the shim's: {stdout}");
+    assert!(
+        stdout.contains("getproc-is-shim 1"),
+        "cudart's cuGetProcAddress must be the shim's: {stdout}"
+    );
 }
 
 #[test]

@@ -135,7 +135,16 @@ fn build(
     let visible_env =
         std::env::var_os("CUDA_VISIBLE_DEVICES").map(|v| v.to_string_lossy().into_owned());
     let uuids: Vec<&str> = config.devices.iter().map(|d| d.uuid.as_str()).collect();
-    let visible = tessera_fake_gpu_model::visible_devices(visible_env.as_deref(), &uuids);
+    let mut visible = tessera_fake_gpu_model::visible_devices(visible_env.as_deref(), &uuids);
+    // In a container the real driver can open only the device nodes the runtime gave it: with
+    // FAKEGPU_DEVICE_NODES=<dir>, a GPU without `<dir>/nvidia<minor>` is not enumerated.
+    if let Some(dir) = std::env::var_os("FAKEGPU_DEVICE_NODES") {
+        let dir = std::path::Path::new(&dir);
+        visible.retain(|&i| {
+            dir.join(format!("nvidia{}", config.devices[i].minor_number))
+                .exists()
+        });
+    }
     if visible.is_empty() {
         return Err((
             CUDA_ERROR_NO_DEVICE,

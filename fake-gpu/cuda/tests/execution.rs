@@ -470,3 +470,49 @@ fn threads_launch_at_once() {
         assert_eq!(rc!((cuda.fakegpu_launch_count)()), 80_000);
     });
 }
+
+#[test]
+fn kernels_take_virtual_time_on_the_sms() {
+    scenario("kernels_take_virtual_time_on_the_sms", |cuda| {
+        cuda.init_device(0);
+        let f = cuda.kernel();
+        let clock = || unsafe { (cuda.fakegpu_clock_ns)() };
+        let t0 = clock();
+        let (mut start, mut end) = (null(), null());
+        ok!((cuda.cuEventCreate)(&mut start, CU_EVENT_DEFAULT));
+        ok!((cuda.cuEventCreate)(&mut end, CU_EVENT_DEFAULT));
+        ok!((cuda.cuEventRecord)(start, null()));
+        // 7,680 blocks of 256 threads: 6 resident per SM × 128 SMs = 768 a wave; 10 waves of
+        // 100 µs.
+        assert_eq!(cuda.launch(f, 7680, 256), CUDA_SUCCESS);
+        ok!((cuda.cuEventRecord)(end, null()));
+        assert_eq!(clock(), t0, "launching takes no virtual time");
+        let mut ms = 0.0f32;
+        ok!((cuda.cuEventElapsedTime)(&mut ms, start, end));
+        assert!((ms - 1.0).abs() < 1e-6, "{ms} ms");
+        ok!((cuda.cuStreamSynchronize)(null()));
+        assert_eq!(
+            clock(),
+            t0 + 1_000_000,
+            "synchronising waits for the kernel"
+        );
+        // A partial wave holds the SMs for a whole wave.
+        assert_eq!(cuda.launch(f, 1, 32), CUDA_SUCCESS);
+        ok!((cuda.cuEventRecord)(end, null()));
+        ok!((cuda.cuEventSynchronize)(end));
+        assert_eq!(clock(), t0 + 1_100_000);
+        assert_eq!(unsafe { (cuda.fakegpu_process_busy_ns)(0) }, 1_100_000);
+        assert_eq!(unsafe { (cuda.fakegpu_device_busy_ns)(0) }, 1_100_000);
+        assert_eq!(
+            unsafe { (cuda.fakegpu_clock_sleep_until_ns)(t0 + 5_000_000) },
+            0
+        );
+        assert_eq!(
+            clock(),
+            t0 + 5_000_000,
+            "sleeping moves the clock, not the GPU"
+        );
+        assert_eq!(unsafe { (cuda.fakegpu_process_busy_ns)(0) }, 1_100_000);
+        unsafe { (cuda.fakegpu_clock_leave)() };
+    });
+}

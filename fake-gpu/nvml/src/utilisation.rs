@@ -5,8 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-/// What was seen at the previous query, per (device, slot, pid); slot `usize::MAX` is the device.
-static SEEN: Mutex<BTreeMap<(usize, usize, u32), (u64, u64)>> = Mutex::new(BTreeMap::new());
+/// (device, slot, pid); slot [`DEVICE`] stands for the whole device.
+type Key = (usize, usize, u32);
+/// (cumulative busy ns, virtual ns) when last asked.
+type Seen = (u64, u64);
+
+/// What was seen at the previous query of each key.
+static SEEN: Mutex<BTreeMap<Key, Seen>> = Mutex::new(BTreeMap::new());
 
 pub const DEVICE: usize = usize::MAX;
 

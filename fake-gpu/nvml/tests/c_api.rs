@@ -336,3 +336,106 @@ fn process_lists_follow_nvmls_count_protocol() {
         c.env("EXPECT_PID", &pid);
     });
 }
+
+#[test]
+fn utilisation_follows_the_virtual_clock() {
+    scenario("utilisation_follows_the_virtual_clock", || {
+        type CuInit = unsafe extern "C" fn(c_uint) -> c_int;
+        type Retain = unsafe extern "C" fn(*mut *mut c_void, c_int) -> c_int;
+        type SetCurrent = unsafe extern "C" fn(*mut c_void) -> c_int;
+        type Load = unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> c_int;
+        type GetFunction =
+            unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> c_int;
+        type Launch = unsafe extern "C" fn(
+            *mut c_void,
+            c_uint,
+            c_uint,
+            c_uint,
+            c_uint,
+            c_uint,
+            c_uint,
+            c_uint,
+            *mut c_void,
+            *mut *mut c_void,
+            *mut *mut c_void,
+        ) -> c_int;
+        type Sync = unsafe extern "C" fn(*mut c_void) -> c_int;
+        type Now = unsafe extern "C" fn() -> u64;
+        type Sleep = unsafe extern "C" fn(u64) -> c_int;
+        type ProcessUtilisation = unsafe extern "C" fn(
+            nvmlDevice_t,
+            *mut nvmlProcessUtilizationSample_t,
+            *mut c_uint,
+            u64,
+        ) -> nvmlReturn_t;
+        type Utilisation =
+            unsafe extern "C" fn(nvmlDevice_t, *mut nvmlUtilization_t) -> nvmlReturn_t;
+        let cuda = Library::open(&cuda_library());
+        let nvml = Library::open(&nvml_library());
+        let launch: Launch = cuda.func("cuLaunchKernel");
+        let sync: Sync = cuda.func("cuStreamSynchronize");
+        let now: Now = cuda.func("fakegpu_clock_ns");
+        let sleep_until: Sleep = cuda.func("fakegpu_clock_sleep_until_ns");
+        let per_process: ProcessUtilisation = nvml.func("nvmlDeviceGetProcessUtilization");
+        let device_wide: Utilisation = nvml.func("nvmlDeviceGetUtilizationRates");
+        unsafe {
+            let (mut ctx, mut module, mut function) = (
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            assert_eq!(cuda.func::<CuInit>("cuInit")(0), 0);
+            assert_eq!(
+                cuda.func::<Retain>("cuDevicePrimaryCtxRetain")(&mut ctx, 0),
+                0
+            );
+            assert_eq!(cuda.func::<SetCurrent>("cuCtxSetCurrent")(ctx), 0);
+            assert_eq!(
+                cuda.func::<Load>("cuModuleLoadData")(&mut module, c"image".as_ptr().cast()),
+                0
+            );
+            assert_eq!(
+                cuda.func::<GetFunction>("cuModuleGetFunction")(
+                    &mut function,
+                    module,
+                    c"k".as_ptr()
+                ),
+                0
+            );
+            assert_eq!(nvml.func::<Init>("nvmlInit_v2")(), NVML_SUCCESS);
+            let mut device = std::ptr::null_mut();
+            assert_eq!(
+                nvml.func::<ByIndex>("nvmlDeviceGetHandleByIndex_v2")(0, &mut device),
+                NVML_SUCCESS
+            );
+            let sample = |device| {
+                let mut samples = [nvmlProcessUtilizationSample_t::default(); 4];
+                let mut count = 4;
+                assert_eq!(
+                    per_process(device, samples.as_mut_ptr(), &mut count, 0),
+                    NVML_SUCCESS
+                );
+                assert_eq!((count, samples[0].pid), (1, std::process::id()));
+                let mut rates = nvmlUtilization_t::default();
+                assert_eq!(device_wide(device, &mut rates), NVML_SUCCESS);
+                (samples[0].sm_util, rates.gpu)
+            };
+            assert_eq!(sample(device), (0, 0), "no window before the first query");
+            let start = now();
+            // Ten 1 ms kernels, then idle until 20 ms: half the time busy.
+            for _ in 0..10 {
+                let null = std::ptr::null_mut::<c_void>();
+                let no_params = std::ptr::null_mut::<*mut c_void>();
+                assert_eq!(
+                    launch(
+                        function, 7680, 1, 1, 256, 1, 1, 0, null, no_params, no_params
+                    ),
+                    0
+                );
+                assert_eq!(sync(null), 0);
+            }
+            assert_eq!(sleep_until(start + 20_000_000), 0);
+            assert_eq!(sample(device), (50, 50));
+        }
+    });
+}

@@ -52,7 +52,13 @@ impl Board {
     pub fn open(dir: &str, uuid: &str, claim: u64, now: u64) -> Option<Board> {
         let path = CString::new(format!("{dir}/{uuid}")).ok()?;
         // SAFETY: a NUL-terminated path; the descriptor is closed below.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC, 0o666) };
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
+                0o666,
+            )
+        };
         if fd < 0 {
             return None;
         }
@@ -60,11 +66,19 @@ impl Board {
         unsafe { libc::fchmod(fd, 0o666) };
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
         let sized = unsafe { libc::fstat(fd, &mut stat) } == 0
-            && (stat.st_size as usize >= FILE_SIZE || unsafe { libc::ftruncate(fd, FILE_SIZE as libc::off_t) } == 0);
+            && (stat.st_size as usize >= FILE_SIZE
+                || unsafe { libc::ftruncate(fd, FILE_SIZE as libc::off_t) } == 0);
         let base = if sized {
             // SAFETY: a shared mapping of FILE_SIZE bytes of a file at least that long.
             unsafe {
-                libc::mmap(std::ptr::null_mut(), FILE_SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    FILE_SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
             }
         } else {
             libc::MAP_FAILED
@@ -74,7 +88,11 @@ impl Board {
         if base == libc::MAP_FAILED {
             return None;
         }
-        let mut board = Board { base: base.cast(), mine: 0, claim };
+        let mut board = Board {
+            base: base.cast(),
+            mine: 0,
+            claim,
+        };
         board.mine = board.take_entry(claim, now)?;
         Some(board)
     }
@@ -85,7 +103,9 @@ impl Board {
     }
 
     fn take_entry(&self, claim: u64, now: u64) -> Option<usize> {
-        if let Some(index) = (0..ENTRIES).find(|&i| self.entry(i).claim.load(Ordering::Acquire) == claim) {
+        if let Some(index) =
+            (0..ENTRIES).find(|&i| self.entry(i).claim.load(Ordering::Acquire) == claim)
+        {
             return Some(index);
         }
         for index in 0..ENTRIES {
@@ -93,7 +113,12 @@ impl Board {
             let current = entry.claim.load(Ordering::Acquire);
             let free = current == 0
                 || now.saturating_sub(entry.last_active.load(Ordering::Acquire)) > ABANDONED_NS;
-            if free && entry.claim.compare_exchange(current, claim, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            if free
+                && entry
+                    .claim
+                    .compare_exchange(current, claim, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
                 entry.last_active.store(0, Ordering::Release);
                 return Some(index);
             }

@@ -38,7 +38,12 @@ struct Entry {
 }
 
 static TABLE: [Entry; ENTRIES] = [const {
-    Entry { key: AtomicU64::new(0), cost: AtomicU64::new(0), round_min: AtomicU64::new(0), round_count: AtomicU64::new(0) }
+    Entry {
+        key: AtomicU64::new(0),
+        cost: AtomicU64::new(0),
+        round_min: AtomicU64::new(0),
+        round_count: AtomicU64::new(0),
+    }
 }; ENTRIES];
 /// The latest sample of any kernel: the estimate for one not timed yet (or not in the table).
 static FALLBACK: AtomicU64 = AtomicU64::new(0);
@@ -78,7 +83,10 @@ fn learn(key: u64, sample: u64) {
         let current = entry.key.load(Ordering::Acquire);
         let mine = current == key
             || (current == 0
-                && match entry.key.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
+                && match entry
+                    .key
+                    .compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire)
+                {
                     Ok(_) => true,
                     Err(actual) => actual == key,
                 });
@@ -137,7 +145,13 @@ pub fn begin(now: u64, key: u64, stream: CUstream, per_thread: bool) -> bool {
 }
 
 #[cold]
-fn begin_slow(mut sampler: Sampler, now: u64, key: u64, stream: CUstream, per_thread: bool) -> bool {
+fn begin_slow(
+    mut sampler: Sampler,
+    now: u64,
+    key: u64,
+    stream: CUstream,
+    per_thread: bool,
+) -> bool {
     if sampler.pending != 0 {
         resolve(&mut sampler);
         if sampler.pending != 0 || now < sampler.next_at {
@@ -145,7 +159,8 @@ fn begin_slow(mut sampler: Sampler, now: u64, key: u64, stream: CUstream, per_th
             return false;
         }
     }
-    let started = events_for_current_context(&mut sampler) && record(sampler.start, stream, per_thread);
+    let started =
+        events_for_current_context(&mut sampler) && record(sampler.start, stream, per_thread);
     if started {
         sampler.pending = key;
         sampler.next_at = now.saturating_add(SAMPLE_EVERY_NS);
@@ -178,14 +193,19 @@ pub fn forget_after_fork() {
 }
 
 fn record(event: CUevent, stream: CUstream, per_thread: bool) -> bool {
-    let f = if per_thread { real::cuEventRecord_ptsz.get() } else { real::cuEventRecord.get() };
+    let f = if per_thread {
+        real::cuEventRecord_ptsz.get()
+    } else {
+        real::cuEventRecord.get()
+    };
     // SAFETY: real driver call with an event this thread created in the current context.
     f.is_some_and(|f| unsafe { f(event, stream) } == CUDA_SUCCESS)
 }
 
 /// Reads a finished timing into the table; leaves it pending while the GPU is not there yet.
 fn resolve(sampler: &mut Sampler) {
-    let (Some(query), Some(elapsed)) = (real::cuEventQuery.get(), real::cuEventElapsedTime.get()) else {
+    let (Some(query), Some(elapsed)) = (real::cuEventQuery.get(), real::cuEventElapsedTime.get())
+    else {
         sampler.pending = 0;
         return;
     };
@@ -206,7 +226,9 @@ fn resolve(sampler: &mut Sampler) {
 /// Makes sure the thread's two events belong to its current context (events cannot be recorded
 /// on another context's streams).
 fn events_for_current_context(sampler: &mut Sampler) -> bool {
-    let (Some(get_current), Some(create)) = (real::cuCtxGetCurrent.get(), real::cuEventCreate.get()) else {
+    let (Some(get_current), Some(create)) =
+        (real::cuCtxGetCurrent.get(), real::cuEventCreate.get())
+    else {
         return false;
     };
     let mut ctx: CUcontext = std::ptr::null_mut();
@@ -225,11 +247,17 @@ fn events_for_current_context(sampler: &mut Sampler) -> bool {
             }
         }
     }
-    *sampler = Sampler { ctx, ..Sampler::IDLE };
+    *sampler = Sampler {
+        ctx,
+        ..Sampler::IDLE
+    };
     let mut start: CUevent = std::ptr::null_mut();
     let mut end: CUevent = std::ptr::null_mut();
     // SAFETY: real driver calls with valid out-pointers, in the current context.
-    let made = unsafe { create(&mut start, CU_EVENT_DEFAULT) == CUDA_SUCCESS && create(&mut end, CU_EVENT_DEFAULT) == CUDA_SUCCESS };
+    let made = unsafe {
+        create(&mut start, CU_EVENT_DEFAULT) == CUDA_SUCCESS
+            && create(&mut end, CU_EVENT_DEFAULT) == CUDA_SUCCESS
+    };
     if !made {
         return false;
     }

@@ -90,7 +90,15 @@ impl Limiter {
         if now < at {
             return;
         }
-        if due.compare_exchange(at, now.saturating_add(REFRESH_NS), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if due
+            .compare_exchange(
+                at,
+                now.saturating_add(REFRESH_NS),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
             self.refresh(enforcer, device, now);
         }
     }
@@ -116,7 +124,10 @@ impl Limiter {
         let before = self.share[device].swap(share, Ordering::Relaxed);
         if share > before {
             // Debts run up at a smaller share are forgiven: the claim has the GPU back now.
-            enforcer.ledger.compute_tat(device).fetch_min(now.saturating_add(BURST_NS), Ordering::Relaxed);
+            enforcer
+                .ledger
+                .compute_tat(device)
+                .fetch_min(now.saturating_add(BURST_NS), Ordering::Relaxed);
         }
     }
 
@@ -139,7 +150,9 @@ impl Limiter {
 /// A claim UID's key on the boards; never 0.
 fn claim_key(uid: &str) -> u64 {
     // FNV-1a: stable across processes and builds, which is all that is needed.
-    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     hash | 1
 }
 
@@ -154,7 +167,9 @@ pub fn launch(
     forward: impl FnOnce() -> CUresult,
 ) -> CUresult {
     let limiter = &enforcer.compute;
-    let Some(device) = limiter.device(enforcer) else { return forward() };
+    let Some(device) = limiter.device(enforcer) else {
+        return forward();
+    };
     let mut now = clock::coarse();
     limiter.refresh_if_due(enforcer, device, now);
     let mut share = limiter.share[device].load(Ordering::Relaxed);
@@ -166,10 +181,12 @@ pub fn launch(
     let tat = enforcer.ledger.compute_tat(device);
     let charge = cost::estimate(key).saturating_mul(u64::from(UNLIMITED)) / u64::from(share.max(1));
     let mut slot = now;
-    if charge > 0 {
-        if let Ok(before) = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.max(now).saturating_add(charge))) {
-            slot = before.max(now);
-        }
+    if charge > 0
+        && let Ok(before) = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+            Some(t.max(now).saturating_add(charge))
+        })
+    {
+        slot = before.max(now);
     }
     if slot > now.saturating_add(BURST_NS) {
         // Ahead of the coarse clock: look at the precise one before deciding to wait.

@@ -27,7 +27,11 @@ pub fn forget_after_fork() {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
-        dispatch(&real::cuInit, |f| unsafe { f(flags) }, |_, f| unsafe { f(flags) })
+        dispatch(
+            &real::cuInit,
+            |f| unsafe { f(flags) },
+            |_, f| unsafe { f(flags) },
+        )
     })
 }
 
@@ -39,21 +43,26 @@ fn overhead(enforcer: &Enforcer, device: CUdevice) -> Option<(usize, u64)> {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, device: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(
+    pctx: *mut CUcontext,
+    device: CUdevice,
+) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
         dispatch(
             &real::cuDevicePrimaryCtxRetain,
             |f| unsafe { f(pctx, device) },
             |e, f| {
-                let flag = usize::try_from(device).ok().and_then(|d| PRIMARY_CHARGED.get(d));
+                let flag = usize::try_from(device)
+                    .ok()
+                    .and_then(|d| PRIMARY_CHARGED.get(d));
                 let charge = match (overhead(e, device), flag) {
                     (Some(charge), Some(flag)) if !flag.load(Ordering::Acquire) => Some(charge),
                     _ => None,
                 };
-                if let Some((index, bytes)) = charge {
-                    if !e.ledger.reserve(index, bytes) {
-                        return CUDA_ERROR_OUT_OF_MEMORY;
-                    }
+                if let Some((index, bytes)) = charge
+                    && !e.ledger.reserve(index, bytes)
+                {
+                    return CUDA_ERROR_OUT_OF_MEMORY;
                 }
                 let result = unsafe { f(pctx, device) };
                 if let (Some((index, bytes)), Some(flag)) = (charge, flag) {
@@ -72,18 +81,25 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, device: 
 
 /// After a primary context may have gone away, give its charge back if it did.
 fn settle_primary(enforcer: &Enforcer, device: CUdevice) {
-    let Some(flag) = usize::try_from(device).ok().and_then(|d| PRIMARY_CHARGED.get(d)) else { return };
-    let Some(get_state) = real::cuDevicePrimaryCtxGetState.get() else { return };
+    let Some(flag) = usize::try_from(device)
+        .ok()
+        .and_then(|d| PRIMARY_CHARGED.get(d))
+    else {
+        return;
+    };
+    let Some(get_state) = real::cuDevicePrimaryCtxGetState.get() else {
+        return;
+    };
     let (mut flags, mut active): (c_uint, c_int) = (0, 0);
     // SAFETY: real driver call with valid out-pointers.
     if unsafe { get_state(device, &mut flags, &mut active) } != CUDA_SUCCESS || active != 0 {
         return;
     }
-    if flag.swap(false, Ordering::AcqRel) {
-        if let Some((index, bytes)) = overhead(enforcer, device) {
-            enforcer.ledger.release(index, bytes);
-            enforcer.ledger.count_context(index, -1);
-        }
+    if flag.swap(false, Ordering::AcqRel)
+        && let Some((index, bytes)) = overhead(enforcer, device)
+    {
+        enforcer.ledger.release(index, bytes);
+        enforcer.ledger.count_context(index, -1);
     }
 }
 
@@ -113,8 +129,15 @@ primary_release!(cuDevicePrimaryCtxReset);
 primary_release!(cuDevicePrimaryCtxReset_v2);
 
 /// Charges a new context's overhead around `create`, recording the context for its destroy.
-fn created(enforcer: &Enforcer, pctx: *mut CUcontext, device: CUdevice, create: impl FnOnce() -> CUresult) -> CUresult {
-    let Some((index, bytes)) = overhead(enforcer, device) else { return create() };
+fn created(
+    enforcer: &Enforcer,
+    pctx: *mut CUcontext,
+    device: CUdevice,
+    create: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let Some((index, bytes)) = overhead(enforcer, device) else {
+        return create();
+    };
     if !enforcer.ledger.reserve(index, bytes) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -125,7 +148,13 @@ fn created(enforcer: &Enforcer, pctx: *mut CUcontext, device: CUdevice, create: 
     }
     // SAFETY: the driver wrote the new context on success.
     let ctx = unsafe { *pctx };
-    if !enforcer.contexts.insert(ctx as u64, Charge { bytes, device: index }) {
+    if !enforcer.contexts.insert(
+        ctx as u64,
+        Charge {
+            bytes,
+            device: index,
+        },
+    ) {
         if let Some(destroy) = real::cuCtxDestroy_v2.get() {
             unsafe { destroy(ctx) };
         }
@@ -137,7 +166,11 @@ fn created(enforcer: &Enforcer, pctx: *mut CUcontext, device: CUdevice, create: 
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut CUcontext, flags: c_uint, device: CUdevice) -> CUresult {
+pub unsafe extern "C" fn cuCtxCreate_v2(
+    pctx: *mut CUcontext,
+    flags: c_uint,
+    device: CUdevice,
+) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
         dispatch(
             &real::cuCtxCreate_v2,
@@ -159,7 +192,11 @@ pub unsafe extern "C" fn cuCtxCreate_v3(
         dispatch(
             &real::cuCtxCreate_v3,
             |f| unsafe { f(pctx, params, num_params, flags, device) },
-            |e, f| created(e, pctx, device, || unsafe { f(pctx, params, num_params, flags, device) }),
+            |e, f| {
+                created(e, pctx, device, || unsafe {
+                    f(pctx, params, num_params, flags, device)
+                })
+            },
         )
     })
 }
@@ -175,7 +212,11 @@ pub unsafe extern "C" fn cuCtxCreate_v4(
         dispatch(
             &real::cuCtxCreate_v4,
             |f| unsafe { f(pctx, params, flags, device) },
-            |e, f| created(e, pctx, device, || unsafe { f(pctx, params, flags, device) }),
+            |e, f| {
+                created(e, pctx, device, || unsafe {
+                    f(pctx, params, flags, device)
+                })
+            },
         )
     })
 }

@@ -38,7 +38,19 @@ macro_rules! launch_kernel {
             extra: *mut *mut c_void,
         ) -> CUresult {
             guard(CUDA_ERROR_UNKNOWN, || {
-                let call = |r: unsafe extern "C" fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void, *mut *mut c_void) -> CUresult| unsafe {
+                let call = |r: unsafe extern "C" fn(
+                    CUfunction,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    CUstream,
+                    *mut *mut c_void,
+                    *mut *mut c_void,
+                ) -> CUresult| unsafe {
                     r(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra)
                 };
                 dispatch(&real::$name, call, |enforcer, r| {
@@ -62,13 +74,19 @@ macro_rules! launch_kernel_ex {
             extra: *mut *mut c_void,
         ) -> CUresult {
             guard(CUDA_ERROR_UNKNOWN, || {
-                let call = |r: unsafe extern "C" fn(*const CUlaunchConfig, CUfunction, *mut *mut c_void, *mut *mut c_void) -> CUresult| unsafe {
-                    r(config, f, params, extra)
-                };
+                let call = |r: unsafe extern "C" fn(
+                    *const CUlaunchConfig,
+                    CUfunction,
+                    *mut *mut c_void,
+                    *mut *mut c_void,
+                ) -> CUresult| unsafe { r(config, f, params, extra) };
                 dispatch(&real::$name, call, |enforcer, r| {
                     // SAFETY: the caller passes a valid config or NULL (which the driver refuses).
-                    let Some(c) = (unsafe { config.as_ref() }) else { return call(r) };
-                    let key = compute::key(f as usize, blocks(c.grid_dim_x, c.grid_dim_y, c.grid_dim_z));
+                    let Some(c) = (unsafe { config.as_ref() }) else {
+                        return call(r);
+                    };
+                    let key =
+                        compute::key(f as usize, blocks(c.grid_dim_x, c.grid_dim_y, c.grid_dim_z));
                     compute::launch(enforcer, key, c.h_stream, $per_thread, || call(r))
                 })
             })
@@ -94,7 +112,18 @@ macro_rules! launch_cooperative {
             params: *mut *mut c_void,
         ) -> CUresult {
             guard(CUDA_ERROR_UNKNOWN, || {
-                let call = |r: unsafe extern "C" fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void) -> CUresult| unsafe {
+                let call = |r: unsafe extern "C" fn(
+                    CUfunction,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    c_uint,
+                    CUstream,
+                    *mut *mut c_void,
+                ) -> CUresult| unsafe {
                     r(f, gx, gy, gz, bx, by, bz, shared, stream, params)
                 };
                 dispatch(&real::$name, call, |enforcer, r| {
@@ -113,7 +142,9 @@ macro_rules! graph_launch {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(exec: CUgraphExec, stream: CUstream) -> CUresult {
             guard(CUDA_ERROR_UNKNOWN, || {
-                let call = |r: unsafe extern "C" fn(CUgraphExec, CUstream) -> CUresult| unsafe { r(exec, stream) };
+                let call = |r: unsafe extern "C" fn(CUgraphExec, CUstream) -> CUresult| unsafe {
+                    r(exec, stream)
+                };
                 dispatch(&real::$name, call, |enforcer, r| {
                     let key = compute::key(exec as usize, GRAPH);
                     compute::launch(enforcer, key, stream, $per_thread, || call(r))

@@ -28,7 +28,9 @@ fn charged(
     handle: impl FnOnce() -> u64,
     undo: impl FnOnce(u64),
 ) -> CUresult {
-    let Grant::Claim(device) = grant else { return CUDA_ERROR_OUT_OF_MEMORY };
+    let Grant::Claim(device) = grant else {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    };
     if !enforcer.ledger.reserve(device, bytes) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -48,7 +50,12 @@ fn charged(
 
 /// Forgets `key`'s charge, runs `free`, and gives the bytes back if the driver freed it. An
 /// unknown key is forwarded untouched and uncharges nothing.
-fn uncharged(enforcer: &Enforcer, table: &PtrTable, key: u64, free: impl FnOnce() -> CUresult) -> CUresult {
+fn uncharged(
+    enforcer: &Enforcer,
+    table: &PtrTable,
+    key: u64,
+    free: impl FnOnce() -> CUresult,
+) -> CUresult {
     let charge = table.remove(key);
     let result = free();
     if let Some(charge) = charge {
@@ -79,13 +86,21 @@ macro_rules! try_cu {
 /// which the driver rejects before this is reached).
 unsafe fn read_out<T: Copy + Into<u64>>(ptr: *const T) -> u64 {
     // SAFETY: only called after the driver succeeded writing `ptr`.
-    if ptr.is_null() { 0 } else { unsafe { *ptr }.into() }
+    if ptr.is_null() {
+        0
+    } else {
+        unsafe { *ptr }.into()
+    }
 }
 
 /// [`read_out`] for handles that are pointers.
 unsafe fn read_handle<T>(ptr: *const *mut T) -> u64 {
     // SAFETY: as for read_out.
-    if ptr.is_null() { 0 } else { (unsafe { *ptr }) as u64 }
+    if ptr.is_null() {
+        0
+    } else {
+        (unsafe { *ptr }) as u64
+    }
 }
 
 fn alloc_into(
@@ -103,7 +118,7 @@ fn alloc_into(
         call,
         // SAFETY: the driver wrote `*dptr` on success.
         || unsafe { read_out(dptr) },
-        |ptr| free_device_pointer(ptr),
+        free_device_pointer,
     )
 }
 
@@ -127,7 +142,11 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) 
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuMemAllocManaged(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    flags: c_uint,
+) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
         dispatch(
             &real::cuMemAllocManaged,
@@ -150,7 +169,9 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
             &real::cuMemAllocPitch_v2,
             |f| unsafe { f(dptr, pitch, width, height, element_size) },
             |e, f| {
-                let Grant::Claim(device) = try_cu!(current_grant(e)) else { return CUDA_ERROR_OUT_OF_MEMORY };
+                let Grant::Claim(device) = try_cu!(current_grant(e)) else {
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                };
                 // The driver chooses the pitch; reserve for an aligned row, then settle on the
                 // real size.
                 let Some(estimate) = (width as u64)
@@ -178,7 +199,13 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
                 if actual < estimate {
                     e.ledger.release(device, estimate - actual);
                 }
-                if !e.pointers.insert(ptr, Charge { bytes: actual, device }) {
+                if !e.pointers.insert(
+                    ptr,
+                    Charge {
+                        bytes: actual,
+                        device,
+                    },
+                ) {
                     free_device_pointer(ptr);
                     e.ledger.release(device, actual);
                     return CUDA_ERROR_OUT_OF_MEMORY;
@@ -203,7 +230,11 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
 macro_rules! alloc_async {
     ($name:ident) => {
         #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CUresult {
+        pub unsafe extern "C" fn $name(
+            dptr: *mut CUdeviceptr,
+            bytesize: usize,
+            stream: CUstream,
+        ) -> CUresult {
             guard(CUDA_ERROR_UNKNOWN, || {
                 dispatch(
                     &real::$name,
@@ -230,7 +261,11 @@ macro_rules! alloc_from_pool {
                 dispatch(
                     &real::$name,
                     |f| unsafe { f(dptr, bytesize, pool, stream) },
-                    |e, f| alloc_into(e, dptr, bytesize, || unsafe { f(dptr, bytesize, pool, stream) }),
+                    |e, f| {
+                        alloc_into(e, dptr, bytesize, || unsafe {
+                            f(dptr, bytesize, pool, stream)
+                        })
+                    },
                 )
             })
         }
@@ -309,7 +344,13 @@ pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> C
 }
 
 /// Bytes of a `width × height × depth` array (zero dimensions count as one).
-fn array_bytes(width: usize, height: usize, depth: usize, format: c_int, channels: c_uint) -> Option<u64> {
+fn array_bytes(
+    width: usize,
+    height: usize,
+    depth: usize,
+    format: c_int,
+    channels: c_uint,
+) -> Option<u64> {
     (width as u64)
         .checked_mul(height.max(1) as u64)?
         .checked_mul(depth.max(1) as u64)?
@@ -319,12 +360,27 @@ fn array_bytes(width: usize, height: usize, depth: usize, format: c_int, channel
 
 /// Charges an array of `bytes` (`None`: no descriptor, which the driver itself rejects;
 /// `Some(None)`: a size that overflows, which cannot fit any limit) around `create`.
-fn array_charged(enforcer: &Enforcer, handle: *mut CUarray, bytes: Option<Option<u64>>, create: impl FnOnce() -> CUresult) -> CUresult {
+fn array_charged(
+    enforcer: &Enforcer,
+    handle: *mut CUarray,
+    bytes: Option<Option<u64>>,
+    create: impl FnOnce() -> CUresult,
+) -> CUresult {
     let Some(bytes) = bytes else { return create() };
-    let Some(bytes) = bytes else { return CUDA_ERROR_OUT_OF_MEMORY };
+    let Some(bytes) = bytes else {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    };
     let grant = try_cu!(current_grant(enforcer));
     // SAFETY: the driver wrote the handle on success.
-    charged(enforcer, grant, bytes, &enforcer.arrays, create, || unsafe { read_handle(handle) }, destroy_array)
+    charged(
+        enforcer,
+        grant,
+        bytes,
+        &enforcer.arrays,
+        create,
+        || unsafe { read_handle(handle) },
+        destroy_array,
+    )
 }
 
 fn destroy_array(array: u64) {
@@ -334,14 +390,18 @@ fn destroy_array(array: u64) {
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut CUarray, desc: *const CUDA_ARRAY_DESCRIPTOR) -> CUresult {
+pub unsafe extern "C" fn cuArrayCreate_v2(
+    handle: *mut CUarray,
+    desc: *const CUDA_ARRAY_DESCRIPTOR,
+) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
         dispatch(
             &real::cuArrayCreate_v2,
             |f| unsafe { f(handle, desc) },
             |e, f| {
                 // SAFETY: the driver's contract: NULL or a valid descriptor.
-                let bytes = unsafe { desc.as_ref() }.map(|d| array_bytes(d.width, d.height, 1, d.format, d.num_channels));
+                let bytes = unsafe { desc.as_ref() }
+                    .map(|d| array_bytes(d.width, d.height, 1, d.format, d.num_channels));
                 array_charged(e, handle, bytes, || unsafe { f(handle, desc) })
             },
         )
@@ -349,14 +409,18 @@ pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut CUarray, desc: *const CUD
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuArray3DCreate_v2(handle: *mut CUarray, desc: *const CUDA_ARRAY3D_DESCRIPTOR) -> CUresult {
+pub unsafe extern "C" fn cuArray3DCreate_v2(
+    handle: *mut CUarray,
+    desc: *const CUDA_ARRAY3D_DESCRIPTOR,
+) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
         dispatch(
             &real::cuArray3DCreate_v2,
             |f| unsafe { f(handle, desc) },
             |e, f| {
                 // SAFETY: the driver's contract: NULL or a valid descriptor.
-                let bytes = unsafe { desc.as_ref() }.map(|d| array_bytes(d.width, d.height, d.depth, d.format, d.num_channels));
+                let bytes = unsafe { desc.as_ref() }
+                    .map(|d| array_bytes(d.width, d.height, d.depth, d.format, d.num_channels));
                 array_charged(e, handle, bytes, || unsafe { f(handle, desc) })
             },
         )
@@ -390,17 +454,27 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
                 }
                 let d = unsafe { *desc };
                 let mut total = Some(0u64);
-                for level in 0..levels.max(1).min(32) {
+                for level in 0..levels.clamp(1, 32) {
                     let level_bytes = array_bytes(
                         (d.width >> level).max(1),
-                        if d.height == 0 { 0 } else { (d.height >> level).max(1) },
-                        if d.depth == 0 { 0 } else { (d.depth >> level).max(1) },
+                        if d.height == 0 {
+                            0
+                        } else {
+                            (d.height >> level).max(1)
+                        },
+                        if d.depth == 0 {
+                            0
+                        } else {
+                            (d.depth >> level).max(1)
+                        },
                         d.format,
                         d.num_channels,
                     );
                     total = total.zip(level_bytes).and_then(|(a, b)| a.checked_add(b));
                 }
-                let Some(bytes) = total else { return CUDA_ERROR_OUT_OF_MEMORY };
+                let Some(bytes) = total else {
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                };
                 let grant = try_cu!(current_grant(e));
                 charged(
                     e,
@@ -437,7 +511,9 @@ fn slice_view(enforcer: &Enforcer, grant: Grant, real_free: u64, real_total: u64
     match grant {
         Grant::Claim(device) => {
             let total = enforcer.ledger.limit(device).min(real_total);
-            let free = total.saturating_sub(enforcer.ledger.used(device)).min(real_free);
+            let free = total
+                .saturating_sub(enforcer.ledger.used(device))
+                .min(real_free);
             (free, total)
         }
         Grant::NotGranted => (0, 0),
@@ -457,7 +533,8 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
                     return result;
                 }
                 let grant = try_cu!(current_grant(e));
-                let (slice_free, slice_total) = slice_view(e, grant, real_free as u64, real_total as u64);
+                let (slice_free, slice_total) =
+                    slice_view(e, grant, real_free as u64, real_total as u64);
                 // SAFETY: the caller's out-pointers, written only if non-null.
                 unsafe {
                     if !free.is_null() {
@@ -518,13 +595,18 @@ macro_rules! v1_refused {
 
 fn v1_forward(name: &str, call: impl FnOnce(*mut std::ffi::c_void) -> CUresult) -> CUresult {
     // SAFETY: a NUL-terminated name looked up in the already loaded driver.
-    let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+    let handle =
+        unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
     if handle.is_null() {
         return CUDA_ERROR_NOT_FOUND;
     }
     let f = unsafe { crate::dlsym::real_dlsym(handle, name.as_ptr().cast()) };
     unsafe { libc::dlclose(handle) };
-    if f.is_null() { CUDA_ERROR_NOT_FOUND } else { call(f) }
+    if f.is_null() {
+        CUDA_ERROR_NOT_FOUND
+    } else {
+        call(f)
+    }
 }
 
 v1_refused! {

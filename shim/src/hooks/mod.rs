@@ -86,7 +86,9 @@ pub(crate) fn dispatch<F: Copy>(
     enforce: impl FnOnce(&Enforcer, F) -> CUresult,
 ) -> CUresult {
     let mode = mode();
-    let Some(f) = real.get() else { return CUDA_ERROR_NOT_FOUND };
+    let Some(f) = real.get() else {
+        return CUDA_ERROR_NOT_FOUND;
+    };
     match mode {
         Mode::Passthrough => pass(f),
         Mode::Enforcing(enforcer) => enforce(enforcer, f),
@@ -97,7 +99,9 @@ pub(crate) fn dispatch<F: Copy>(
 /// The device of the calling thread's current context.
 #[inline(always)]
 pub(crate) fn current_device() -> Result<CUdevice, CUresult> {
-    let Some(get) = crate::real::cuda::cuCtxGetDevice.get() else { return Err(CUDA_ERROR_NOT_FOUND) };
+    let Some(get) = crate::real::cuda::cuCtxGetDevice.get() else {
+        return Err(CUDA_ERROR_NOT_FOUND);
+    };
     let mut device: CUdevice = 0;
     // SAFETY: real driver call with a valid out-pointer.
     match unsafe { get(&mut device) } {

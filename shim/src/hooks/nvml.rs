@@ -15,7 +15,9 @@ fn nvml_dispatch<F: Copy>(
     call: impl FnOnce(F, Option<&Enforcer>) -> nvmlReturn_t,
 ) -> nvmlReturn_t {
     let mode = mode();
-    let Some(real) = f.get() else { return NVML_ERROR_DRIVER_NOT_LOADED };
+    let Some(real) = f.get() else {
+        return NVML_ERROR_DRIVER_NOT_LOADED;
+    };
     match mode {
         Mode::Passthrough => call(real, None),
         Mode::Enforcing(enforcer) => call(real, Some(enforcer)),
@@ -25,22 +27,30 @@ fn nvml_dispatch<F: Copy>(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlInit() -> nvmlReturn_t {
-    guard(NVML_ERROR_UNKNOWN, || nvml_dispatch(&real::nvmlInit, |f, _| unsafe { f() }))
+    guard(NVML_ERROR_UNKNOWN, || {
+        nvml_dispatch(&real::nvmlInit, |f, _| unsafe { f() })
+    })
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
-    guard(NVML_ERROR_UNKNOWN, || nvml_dispatch(&real::nvmlInit_v2, |f, _| unsafe { f() }))
+    guard(NVML_ERROR_UNKNOWN, || {
+        nvml_dispatch(&real::nvmlInit_v2, |f, _| unsafe { f() })
+    })
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlInitWithFlags(flags: c_uint) -> nvmlReturn_t {
-    guard(NVML_ERROR_UNKNOWN, || nvml_dispatch(&real::nvmlInitWithFlags, |f, _| unsafe { f(flags) }))
+    guard(NVML_ERROR_UNKNOWN, || {
+        nvml_dispatch(&real::nvmlInitWithFlags, |f, _| unsafe { f(flags) })
+    })
 }
 
 /// The claim device behind an NVML handle, and its (total, used) as the claim sees them.
 fn slice_of(enforcer: &Enforcer, device: nvmlDevice_t, card_total: u64) -> (u64, u64) {
-    let Some(get_uuid) = real::nvmlDeviceGetUUID.get() else { return (0, 0) };
+    let Some(get_uuid) = real::nvmlDeviceGetUUID.get() else {
+        return (0, 0);
+    };
     let mut buffer = [0 as c_char; NVML_DEVICE_UUID_V2_BUFFER_SIZE];
     // SAFETY: real NVML call into a buffer of the documented size.
     if unsafe { get_uuid(device, buffer.as_mut_ptr(), buffer.len() as c_uint) } != NVML_SUCCESS {
@@ -79,25 +89,45 @@ fn slice_query<F: Copy, T>(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: nvmlDevice_t, memory: *mut nvmlMemory_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    device: nvmlDevice_t,
+    memory: *mut nvmlMemory_t,
+) -> nvmlReturn_t {
     guard(NVML_ERROR_UNKNOWN, || {
-        slice_query(&real::nvmlDeviceGetMemoryInfo, |f| unsafe { f(device, memory) }, memory, |e, m| {
-            let (total, used) = slice_of(e, device, m.total);
-            *m = nvmlMemory_t { total, used, free: total - used };
-        })
+        slice_query(
+            &real::nvmlDeviceGetMemoryInfo,
+            |f| unsafe { f(device, memory) },
+            memory,
+            |e, m| {
+                let (total, used) = slice_of(e, device, m.total);
+                *m = nvmlMemory_t {
+                    total,
+                    used,
+                    free: total - used,
+                };
+            },
+        )
     })
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: nvmlDevice_t, memory: *mut nvmlMemory_v2_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: nvmlDevice_t,
+    memory: *mut nvmlMemory_v2_t,
+) -> nvmlReturn_t {
     guard(NVML_ERROR_UNKNOWN, || {
-        slice_query(&real::nvmlDeviceGetMemoryInfo_v2, |f| unsafe { f(device, memory) }, memory, |e, m| {
-            let (total, used) = slice_of(e, device, m.total);
-            // The driver's reserved memory belongs to the card, not the slice.
-            m.total = total;
-            m.reserved = 0;
-            m.used = used;
-            m.free = total - used;
-        })
+        slice_query(
+            &real::nvmlDeviceGetMemoryInfo_v2,
+            |f| unsafe { f(device, memory) },
+            memory,
+            |e, m| {
+                let (total, used) = slice_of(e, device, m.total);
+                // The driver's reserved memory belongs to the card, not the slice.
+                m.total = total;
+                m.reserved = 0;
+                m.used = used;
+                m.free = total - used;
+            },
+        )
     })
 }

@@ -18,8 +18,18 @@ use crate::real::cuda as real;
 ///
 /// # Safety
 /// `symbol` NUL-terminated or NULL; `pfn` valid or NULL.
-unsafe fn intercept(result: CUresult, symbol: *const c_char, pfn: *mut *mut c_void, version: c_int, flags: cuuint64_t) {
-    if result != CUDA_SUCCESS || symbol.is_null() || pfn.is_null() || matches!(mode(), Mode::Passthrough) {
+unsafe fn intercept(
+    result: CUresult,
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: cuuint64_t,
+) {
+    if result != CUDA_SUCCESS
+        || symbol.is_null()
+        || pfn.is_null()
+        || matches!(mode(), Mode::Passthrough)
+    {
         return;
     }
     // SAFETY: non-null, NUL-terminated per the API.
@@ -45,7 +55,9 @@ pub unsafe extern "C" fn cuGetProcAddress(
 ) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
         let _ = mode();
-        let Some(real) = real::cuGetProcAddress.get() else { return CUDA_ERROR_NOT_FOUND };
+        let Some(real) = real::cuGetProcAddress.get() else {
+            return CUDA_ERROR_NOT_FOUND;
+        };
         let result = unsafe { real(symbol, pfn, version, flags) };
         unsafe { intercept(result, symbol, pfn, version, flags) };
         result
@@ -62,7 +74,9 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
 ) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
         let _ = mode();
-        let Some(real) = real::cuGetProcAddress_v2.get() else { return CUDA_ERROR_NOT_FOUND };
+        let Some(real) = real::cuGetProcAddress_v2.get() else {
+            return CUDA_ERROR_NOT_FOUND;
+        };
         let result = unsafe { real(symbol, pfn, version, flags, status) };
         unsafe { intercept(result, symbol, pfn, version, flags) };
         result

@@ -1,6 +1,9 @@
 //! Runs the test CUDA application (`programs/cuda_app.c`) against the project's fake driver,
 //! with or without `libtessera.so` preloaded, and drives it line by line.
 #![allow(dead_code)]
+// The shim's clippy.toml bans allocating environment reads for the preloaded library; a test
+// harness may read its environment as it likes.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -19,7 +22,11 @@ pub const GPU1: &str = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 pub use tessera_built_libs::target_dir;
 
 fn require(path: PathBuf) -> PathBuf {
-    assert!(path.exists(), "{} is missing: build the workspace first (`cargo build --workspace`, which `make test` does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`, which `make test` does)",
+        path.display()
+    );
     path
 }
 
@@ -44,9 +51,17 @@ pub fn fixture() -> &'static Fixture {
         let dir = target_dir().join(format!("shim-tests-{}", std::process::id()));
         let lib_dir = dir.join("lib");
         std::fs::create_dir_all(&lib_dir).expect("fixture dir");
-        let cuda = tessera_built_libs::built("libcuda.so", &["fake-gpu/cuda/src", "fake-gpu/model/src"]);
-        let nvml = tessera_built_libs::built("libnvidia_ml.so", &["fake-gpu/nvml/src", "fake-gpu/model/src"]);
-        for (link, to) in [("libcuda.so.1", &cuda), ("libcuda.so", &cuda), ("libnvidia-ml.so.1", &nvml)] {
+        let cuda =
+            tessera_built_libs::built("libcuda.so", &["fake-gpu/cuda/src", "fake-gpu/model/src"]);
+        let nvml = tessera_built_libs::built(
+            "libnvidia_ml.so",
+            &["fake-gpu/nvml/src", "fake-gpu/model/src"],
+        );
+        for (link, to) in [
+            ("libcuda.so.1", &cuda),
+            ("libcuda.so", &cuda),
+            ("libnvidia-ml.so.1", &nvml),
+        ] {
             let _ = std::fs::remove_file(lib_dir.join(link));
             std::os::unix::fs::symlink(to, lib_dir.join(link)).expect("symlink");
         }
@@ -54,8 +69,21 @@ pub fn fixture() -> &'static Fixture {
         let app = dir.join("cuda_app");
         let app_direct = dir.join("cuda_app_direct");
         compile(&source, &app, &[]);
-        compile(&source, &app_direct, &["-DDIRECT_LINK".as_ref(), "-L".as_ref(), lib_dir.as_os_str(), "-lcuda".as_ref()]);
-        Fixture { lib_dir, app, app_direct }
+        compile(
+            &source,
+            &app_direct,
+            &[
+                "-DDIRECT_LINK".as_ref(),
+                "-L".as_ref(),
+                lib_dir.as_os_str(),
+                "-lcuda".as_ref(),
+            ],
+        );
+        Fixture {
+            lib_dir,
+            app,
+            app_direct,
+        }
     })
 }
 
@@ -122,11 +150,18 @@ impl Scene {
 
     pub fn start_with(&self, way: &str, config: Option<&Path>, preload: bool) -> App {
         let fixture = fixture();
-        let program = if way == "direct" { &fixture.app_direct } else { &fixture.app };
+        let program = if way == "direct" {
+            &fixture.app_direct
+        } else {
+            &fixture.app
+        };
         let mut command = Command::new(program);
         command.arg(way);
         if way == "cudart" {
-            command.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/libcudart-12.9-driver-requests.txt"));
+            command.arg(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/data/libcudart-12.9-driver-requests.txt"),
+            );
         }
         command
             .env_clear()
@@ -146,12 +181,22 @@ impl Scene {
         let mut child = command.spawn().expect("spawn cuda_app");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut app = App { child, stdin, stdout };
+        let mut app = App {
+            child,
+            stdin,
+            stdout,
+        };
         if way == "cudart" {
             let replayed = app.read_line();
-            assert!(replayed.starts_with("replayed"), "replay did not run: {replayed}");
+            assert!(
+                replayed.starts_with("replayed"),
+                "replay did not run: {replayed}"
+            );
             let shim = app.read_line();
-            assert!(!preload || shim == "getproc-is-shim 1", "cudart must end up on the shim's cuGetProcAddress: {shim}");
+            assert!(
+                !preload || shim == "getproc-is-shim 1",
+                "cudart must end up on the shim's cuGetProcAddress: {shim}"
+            );
         }
         let first = app.read_line();
         assert_eq!(first, "ready", "app did not start");
@@ -185,8 +230,17 @@ impl App {
         let reply = self.read_line();
         let mut words = reply.split_whitespace();
         let verb = command.split_whitespace().next().unwrap_or_default();
-        assert_eq!(words.next(), Some(verb), "unexpected reply to {command:?}: {reply:?}");
-        words.map(|w| w.parse::<i64>().unwrap_or_else(|_| panic!("bad number in {reply:?}"))).collect()
+        assert_eq!(
+            words.next(),
+            Some(verb),
+            "unexpected reply to {command:?}: {reply:?}"
+        );
+        words
+            .map(|w| {
+                w.parse::<i64>()
+                    .unwrap_or_else(|_| panic!("bad number in {reply:?}"))
+            })
+            .collect()
     }
 
     /// The result code of a command.
@@ -253,7 +307,11 @@ pub struct Share {
 impl Share {
     /// A hard cap of `cores` at normal priority.
     pub fn force(cores: u32) -> Share {
-        Share { cores, priority: "normal", policy: "force" }
+        Share {
+            cores,
+            priority: "normal",
+            policy: "force",
+        }
     }
 }
 
@@ -298,7 +356,11 @@ impl Scene {
         let mut child = command.spawn().expect("spawn compute_app");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut app = App { child, stdin, stdout };
+        let mut app = App {
+            child,
+            stdin,
+            stdout,
+        };
         assert_eq!(app.read_line(), "ready", "compute_app did not start");
         assert_eq!(app.rc("init 0"), 0, "compute_app init");
         app
@@ -323,11 +385,23 @@ impl App {
         let mut numbers: Vec<i64> = reply
             .split_whitespace()
             .skip(1)
-            .map(|w| w.parse().unwrap_or_else(|_| panic!("bad number in {reply:?}")))
+            .map(|w| {
+                w.parse()
+                    .unwrap_or_else(|_| panic!("bad number in {reply:?}"))
+            })
             .collect();
-        assert!(reply.starts_with("run ") && numbers.len() >= 2, "bad run reply {reply:?}");
-        assert!(numbers.iter().all(|n| *n >= 0), "a launch failed: {reply:?}");
+        assert!(
+            reply.starts_with("run ") && numbers.len() >= 2,
+            "bad run reply {reply:?}"
+        );
+        assert!(
+            numbers.iter().all(|n| *n >= 0),
+            "a launch failed: {reply:?}"
+        );
         let launches = numbers.pop().unwrap_or_default();
-        Run { windows: numbers, launches }
+        Run {
+            windows: numbers,
+            launches,
+        }
     }
 }

@@ -12,11 +12,18 @@ pub use tessera_gpu_abi::cuda::*;
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
-
 /// The built fake driver, or a failure saying how to build it (missing, or older than its
 /// sources).
 pub fn built_library(file: &str) -> PathBuf {
-    tessera_built_libs::built(file, &["fake-gpu/cuda/src", "fake-gpu/cuda/build.rs", "fake-gpu/model/src", "gpu-abi/src"])
+    tessera_built_libs::built(
+        file,
+        &[
+            "fake-gpu/cuda/src",
+            "fake-gpu/cuda/build.rs",
+            "fake-gpu/model/src",
+            "gpu-abi/src",
+        ],
+    )
 }
 
 pub struct Library {
@@ -186,6 +193,11 @@ api! {
     fakegpu_cooperative_launch_count: fn() -> u64;
     fakegpu_graph_launch_count: fn() -> u64;
     fakegpu_context_count: fn(c_int) -> u64;
+    fakegpu_clock_ns: fn() -> u64;
+    fakegpu_clock_sleep_until_ns: fn(u64) -> c_int;
+    fakegpu_clock_leave: fn() -> ();
+    fakegpu_process_busy_ns: fn(c_int) -> u64;
+    fakegpu_device_busy_ns: fn(c_int) -> u64;
 }
 
 /// Calls a driver function and asserts its result, naming the call on failure. (Every call in

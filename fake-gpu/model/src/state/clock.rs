@@ -31,6 +31,9 @@ pub const LOOKAHEAD_NS: u64 = 100_000;
 /// Wall-clock silence after which a process no longer holds the others back.
 pub const STALE_MS: u64 = 2000;
 
+/// Where virtual time starts on a fresh node.
+pub const EPOCH_NS: u64 = 1_000_000_000;
+
 /// Where a kernel landed on the device's timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
@@ -59,7 +62,13 @@ impl RecordView<'_> {
 
     /// Resets a freshly claimed slot's clock: a newcomer starts at the node's present.
     pub(super) fn start_clock(self, slot: &SlotRecord, device_count: usize) {
-        let now = self.frontier(device_count);
+        // Virtual time starts at 1 s, so no caller ever sees the 0 that means "never".
+        let now = self.frontier(device_count).max(EPOCH_NS);
+        for device in 0..device_count {
+            self.device(device)
+                .frontier
+                .fetch_max(now, Ordering::AcqRel);
+        }
         slot.clock.store(now, Ordering::Relaxed);
         slot.horizon.store(now, Ordering::Relaxed);
         slot.heartbeat.store(0, Ordering::Relaxed);
@@ -77,7 +86,10 @@ impl Region {
 
     /// Kernel time the device ran, every process.
     pub fn device_busy(&self, device: usize) -> u64 {
-        self.view().device(device).busy_total.load(Ordering::Relaxed)
+        self.view()
+            .device(device)
+            .busy_total
+            .load(Ordering::Relaxed)
     }
 
     /// The earliest horizon among the other live lockstep participants, if any.

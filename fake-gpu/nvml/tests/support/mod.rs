@@ -10,7 +10,6 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
-
 /// A fake library of this workspace (`libnvidia_ml.so`, `libcuda.so`), failing with how to
 /// build it when it is missing or older than its sources.
 pub fn built_library(file: &str, crate_dir: &str) -> PathBuf {
