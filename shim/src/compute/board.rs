@@ -64,10 +64,12 @@ impl Board {
         }
         // SAFETY: our descriptor. Growing a file others map only adds zero bytes.
         unsafe { libc::fchmod(fd, 0o666) };
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        let sized = unsafe { libc::fstat(fd, &mut stat) } == 0
-            && (stat.st_size as usize >= FILE_SIZE
-                || unsafe { libc::ftruncate(fd, FILE_SIZE as libc::off_t) } == 0);
+        // The size by seeking rather than fstat: `fstat` is not a dynamic symbol before glibc
+        // 2.33, and the shim must load into old images.
+        // SAFETY: our descriptor.
+        let size = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+        let sized = size >= FILE_SIZE as libc::off_t
+            || (size >= 0 && unsafe { libc::ftruncate(fd, FILE_SIZE as libc::off_t) } == 0);
         let base = if sized {
             // SAFETY: a shared mapping of FILE_SIZE bytes of a file at least that long.
             unsafe {
