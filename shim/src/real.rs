@@ -135,6 +135,9 @@ pub mod cuda {
         cuEventRecord_ptsz: fn(CUevent, CUstream) -> CUresult;
         cuEventQuery: fn(CUevent) -> CUresult;
         cuEventElapsedTime: fn(*mut c_float, CUevent, CUevent) -> CUresult;
+        cuStreamIsCapturing: fn(CUstream, *mut c_int) -> CUresult;
+        cuStreamIsCapturing_ptsz: fn(CUstream, *mut c_int) -> CUresult;
+        cuThreadExchangeStreamCaptureMode: fn(*mut c_int) -> CUresult;
     }
 }
 

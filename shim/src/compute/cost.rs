@@ -7,13 +7,18 @@
 //! GPU is done with them, and never waits for it. Events are what every CUDA driver offers for
 //! timing and cost a few hundred nanoseconds, paid on one launch in thousands.
 //!
+//! Sampling stays out of CUDA graph capture (PyTorch's `torch.cuda.graph`): a launch into a
+//! capturing stream is not timed (an event recorded there would become a node of the user's
+//! graph), and the shim's own event calls run in the relaxed capture mode, so that they cannot
+//! invalidate a global-mode capture another thread has under way.
+//!
 //! The estimate is the smallest of the last `ROUND` samples (and follows a smaller one at once):
 //! a sample can only be inflated (another context's kernels or time slice between the two
 //! events), never deflated, so the low samples are the truthful ones; taking a fresh minimum
 //! every round lets a kernel that really grew be charged its new cost within a round.
 
 use std::cell::Cell;
-use std::ffi::c_float;
+use std::ffi::{c_float, c_int};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tessera_gpu_abi::cuda::*;
@@ -152,6 +157,7 @@ fn begin_slow(
     stream: CUstream,
     per_thread: bool,
 ) -> bool {
+    let _relaxed = RelaxedCapture::enter();
     if sampler.pending != 0 {
         resolve(&mut sampler);
         if sampler.pending != 0 || now < sampler.next_at {
@@ -159,8 +165,9 @@ fn begin_slow(
             return false;
         }
     }
-    let started =
-        events_for_current_context(&mut sampler) && record(sampler.start, stream, per_thread);
+    let started = !capturing(stream, per_thread)
+        && events_for_current_context(&mut sampler)
+        && record(sampler.start, stream, per_thread);
     if started {
         sampler.pending = key;
         sampler.next_at = now.saturating_add(SAMPLE_EVERY_NS);
@@ -171,6 +178,7 @@ fn begin_slow(
 
 /// Records the end event of a launch [`begin`] started timing.
 pub fn end(stream: CUstream, per_thread: bool) {
+    let _relaxed = RelaxedCapture::enter();
     let mut sampler = SAMPLER.with(Cell::get);
     if !record(sampler.end, stream, per_thread) {
         sampler.pending = 0;
@@ -190,6 +198,55 @@ pub fn abandon() {
 /// In a fork child: the events belong to the parent's driver state.
 pub fn forget_after_fork() {
     SAMPLER.with(|s| s.set(Sampler::IDLE));
+}
+
+/// Whether `stream` is being captured into a graph (or its status cannot be read, which is
+/// treated the same: better an untimed launch than a broken capture).
+fn capturing(stream: CUstream, per_thread: bool) -> bool {
+    let f = if per_thread {
+        real::cuStreamIsCapturing_ptsz.get()
+    } else {
+        real::cuStreamIsCapturing.get()
+    };
+    // A driver without the call (the fake, drivers before CUDA 10) has no capture either.
+    let Some(f) = f else { return false };
+    let mut status: c_int = 0;
+    // SAFETY: real driver call with a valid out-pointer.
+    let rc = unsafe { f(stream, &mut status) };
+    rc != CUDA_SUCCESS || status != CU_STREAM_CAPTURE_STATUS_NONE
+}
+
+/// `CU_STREAM_CAPTURE_STATUS_NONE`.
+const CU_STREAM_CAPTURE_STATUS_NONE: c_int = 0;
+/// `CU_STREAM_CAPTURE_MODE_RELAXED`.
+const CU_STREAM_CAPTURE_MODE_RELAXED: c_int = 2;
+
+/// The calling thread in the relaxed stream-capture mode until dropped.
+struct RelaxedCapture(Option<c_int>);
+
+impl RelaxedCapture {
+    fn enter() -> Self {
+        let Some(exchange) = real::cuThreadExchangeStreamCaptureMode.get() else {
+            return RelaxedCapture(None);
+        };
+        let mut mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+        // SAFETY: real driver call with a valid in/out pointer.
+        match unsafe { exchange(&mut mode) } {
+            CUDA_SUCCESS => RelaxedCapture(Some(mode)),
+            _ => RelaxedCapture(None),
+        }
+    }
+}
+
+impl Drop for RelaxedCapture {
+    fn drop(&mut self) {
+        if let (Some(mut previous), Some(exchange)) =
+            (self.0, real::cuThreadExchangeStreamCaptureMode.get())
+        {
+            // SAFETY: as in `enter`; puts back the mode the thread had.
+            unsafe { exchange(&mut previous) };
+        }
+    }
 }
 
 fn record(event: CUevent, stream: CUstream, per_thread: bool) -> bool {
