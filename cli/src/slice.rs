@@ -89,6 +89,7 @@ impl Paths {
             preload: self.state_dir.join("lib/ld.so.preload"),
             config: dir.join("config.json"),
             region: dir.join("region"),
+            board: self.state_dir.join("board"),
         }
     }
 }

@@ -209,7 +209,7 @@ fn a_podman_container_hits_the_slices_memory_wall() {
     let probe = podman(&[
         "/bin/sh",
         "-c",
-        "cat /etc/ld.so.preload; cat /etc/tessera/config.json; ls /dev/nvidia0",
+        "cat /etc/ld.so.preload; cat /etc/tessera/config.json; ls /dev/nvidia0; test -d /run/tessera/board && test -w /run/tessera/board && echo board-writable",
     ])
     .output()
     .expect("run podman");
@@ -225,6 +225,7 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         &format!("\"memoryLimit\":{}", GIB),
         "\"cores\":50",
         "/dev/nvidia0",
+        "board-writable",
     ] {
         let compact: String = seen.split_whitespace().collect();
         assert!(compact.contains(expected), "{expected:?} not in:\n{seen}");
@@ -271,6 +272,16 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         ask("alloc 1")[1],
         CUDA_ERROR_OUT_OF_MEMORY,
         "not one byte more"
+    );
+    // A launch stamps the slice on its GPU's board, through the spec's board mount: how slices
+    // sharing a GPU see each other's priority.
+    assert_eq!(ask("launch 1"), vec!["launch", "0"]);
+    assert!(
+        path("state/board")
+            .join("GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b")
+            .exists(),
+        "no board for the GPU under {}",
+        path("state/board").display()
     );
     writeln!(stdin, "quit").expect("quit");
     drop(stdin);

@@ -78,8 +78,9 @@ fn create_parent(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Copies the shim to `<state-dir>/lib/libtessera.so` (the host path every spec mounts) and
-/// writes the `ld.so.preload` naming it inside containers. The copy is replaced atomically and
+/// Copies the shim to `<state-dir>/lib/libtessera.so` (the host path every spec mounts),
+/// writes the `ld.so.preload` naming it inside containers, and creates the board directory
+/// `<state-dir>/board` (mode 1777: processes of any user create and stamp their GPU's board). The copy is replaced atomically and
 /// only when it changed, so running containers keep the inode they mounted. Returns whether the
 /// copy was (re)written. Errors name the path and the flag (`shim_flag`) it came from.
 pub fn install_shim(shim: &Path, state_dir: &Path, shim_flag: &str) -> io::Result<bool> {
@@ -106,5 +107,13 @@ pub fn install_shim(shim: &Path, state_dir: &Path, shim_flag: &str) -> io::Resul
     }
     fsutil::write_atomic(&host.preload, cdi::preload_file().as_bytes(), 0o644)
         .map_err(context(format!("writing {}", host.preload.display())))?;
+    create_board_dir(&host.board).map_err(context(format!("creating {}", host.board.display())))?;
     Ok(replaced)
+}
+
+/// The board directory, world-writable with the sticky bit (like `/tmp`).
+fn create_board_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
 }

@@ -5,7 +5,8 @@
 //! every process: `libtessera.so` mounted read-only, an `/etc/ld.so.preload` naming it (so
 //! processes that drop `LD_PRELOAD` are covered), the claim's `config.json` mounted read-only
 //! (a container must not raise its own limit), the `region` mounted read-write (every process of
-//! the claim charges it) and `TESSERA_CONFIG`. Each allocated device is a CDI device
+//! the claim charges it), the node's GPU boards read-write at `/run/tessera/board` (claims on one
+//! GPU see each other's priority and activity there) and `TESSERA_CONFIG`. Each allocated device is a CDI device
 //! `<claim-uid>-<device>[-<shareID>]`. See `docs/reference/cdi.md`.
 
 pub mod spec;
@@ -31,6 +32,9 @@ pub const CONTAINER_PRELOAD: &str = "/etc/ld.so.preload";
 pub const CONTAINER_CONFIG: &str = SHIM_CONFIG_DEFAULT_PATH;
 /// The claim's accounting region inside containers; `config.json`'s `region` field.
 pub const CONTAINER_REGION: &str = "/etc/tessera/region";
+/// The GPUs' boards inside containers, where claims sharing a GPU see each other (priorities,
+/// the idle-GPU rule of `corePolicy: default`); the shim's default board directory.
+pub const CONTAINER_BOARD: &str = "/run/tessera/board";
 
 /// The CDI kind of Tessera's specs.
 pub fn kind() -> String {
@@ -59,6 +63,8 @@ pub struct HostPaths {
     pub config: PathBuf,
     /// `<state-dir>/claims/<uid>/region`.
     pub region: PathBuf,
+    /// `<state-dir>/board`: one board file per GPU, shared by every claim on the node.
+    pub board: PathBuf,
 }
 
 impl HostPaths {
@@ -70,6 +76,7 @@ impl HostPaths {
             preload: state_dir.join("lib/ld.so.preload"),
             config: claim.join("config.json"),
             region: claim.join("region"),
+            board: state_dir.join("board"),
         }
     }
 }
@@ -161,6 +168,7 @@ fn build_spec(
             Mount::read_only(path(&host.preload), CONTAINER_PRELOAD),
             Mount::read_only(path(&host.config), CONTAINER_CONFIG),
             Mount::read_write(path(&host.region), CONTAINER_REGION),
+            Mount::read_write(path(&host.board), CONTAINER_BOARD),
         ],
     };
     if let Some(driver) = driver {

@@ -94,6 +94,11 @@ fn toolkit_spec_preloads_the_shim_and_mounts_the_config_read_only() {
         "a container must not raise its limit"
     );
     assert!(find(CONTAINER_REGION).options.contains(&"rw".to_string()));
+    assert_eq!(find(CONTAINER_BOARD).host_path, "/var/lib/tessera/board");
+    assert!(
+        find(CONTAINER_BOARD).options.contains(&"rw".to_string()),
+        "processes stamp their claim's entry on the board"
+    );
     assert_eq!(
         spec.container_edits.env,
         vec!["TESSERA_CONFIG=/etc/tessera/config.json".to_string()]
