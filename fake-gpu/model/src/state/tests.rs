@@ -307,3 +307,48 @@ fn a_reservation_that_does_not_fit_first_reclaims_the_dead() {
     lease.reserve(0, GIB).unwrap();
     assert_eq!(region.used_now(0), 4 * GIB);
 }
+
+#[test]
+fn kernels_queue_on_the_device_and_clocks_advance_in_lockstep() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    let (_dir, path) = state_file();
+    let region = Region::open(&path, &node()).unwrap();
+    let first = region.claim().unwrap();
+    let second = region.claim().unwrap();
+    let start = first.clock_now();
+    assert_eq!(start, clock::EPOCH_NS, "virtual time starts at 1 s");
+    assert_eq!(second.clock_now(), start);
+
+    // Both launch at the same virtual time: the second kernel waits for the SMs.
+    let a = first.run_kernel(0, 1_000_000);
+    let b = second.run_kernel(0, 1_000_000);
+    assert_eq!((a.start, a.end), (start, start + 1_000_000));
+    assert_eq!((b.start, b.end), (start + 1_000_000, start + 2_000_000));
+    assert_eq!(region.device_busy(0), 2_000_000);
+    assert_eq!((first.busy(0), second.busy(0)), (1_000_000, 1_000_000));
+
+    // The first may not run ahead of the second (which takes part: it ran a kernel) ...
+    let done = Arc::new(AtomicBool::new(false));
+    let waiter = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            first.advance_to(start + 10_000_000);
+            done.store(true, Ordering::Release);
+            let now = first.clock_now();
+            first.leave_lockstep();
+            now
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !done.load(Ordering::Acquire),
+        "ran ahead of a process that has not moved"
+    );
+    // ... until the second waits for a later time: the earlier waiter goes first.
+    second.advance_to(start + 20_000_000);
+    assert_eq!(waiter.join().unwrap(), start + 10_000_000);
+    assert_eq!(second.clock_now(), start + 20_000_000);
+    assert_eq!(region.clock_now(), start + 20_000_000, "the node's present");
+}
