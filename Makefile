@@ -4,7 +4,7 @@ TESSERA_CACHE ?= $(HOME)/.cache/tessera
 export TESSERA_CACHE
 export CARGO_TARGET_DIR ?= $(TESSERA_CACHE)/target
 
-.PHONY: test demo build shim-release check-shim-glibc bench
+.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc bench
 
 ## The whole test suite (what CI runs).
 test:
@@ -13,6 +13,14 @@ test:
 ## The local demo on the embedded control plane.
 demo:
 	scripts/demo.sh
+
+## A simulated cluster that stays up (K8S_VERSION=1.31 for the oldest release); last line: export KUBECONFIG=...
+cluster-up:
+	scripts/cluster.sh up
+
+## Stops everything cluster-up started.
+cluster-down:
+	scripts/cluster.sh down
 
 ## Debug build of every crate, the cdylibs included (the shim's tests load them).
 build:

@@ -101,16 +101,27 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+type InitFn = unsafe extern "C" fn(c_uint) -> CuResult;
+type DeviceGetFn = unsafe extern "C" fn(*mut c_int, c_int) -> CuResult;
+type DeviceGetNameFn = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult;
+type DeviceGetUuidFn = unsafe extern "C" fn(*mut [u8; 16], c_int) -> CuResult;
+type PrimaryCtxRetainFn = unsafe extern "C" fn(*mut *mut c_void, c_int) -> CuResult;
+type CtxSetCurrentFn = unsafe extern "C" fn(*mut c_void) -> CuResult;
+type MemGetInfoFn = unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult;
+type MemAllocFn = unsafe extern "C" fn(*mut u64, usize) -> CuResult;
+type GetErrorNameFn = unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult;
+
 /// The few driver entry points the worker uses, looked up with dlsym like a framework does.
 struct Driver {
-    init: unsafe extern "C" fn(c_uint) -> CuResult,
-    device_get: unsafe extern "C" fn(*mut c_int, c_int) -> CuResult,
-    device_get_name: unsafe extern "C" fn(*mut c_char, c_int, c_int) -> CuResult,
-    primary_ctx_retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> CuResult,
-    ctx_set_current: unsafe extern "C" fn(*mut c_void) -> CuResult,
-    mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
-    mem_alloc: unsafe extern "C" fn(*mut u64, usize) -> CuResult,
-    get_error_name: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    init: InitFn,
+    device_get: DeviceGetFn,
+    device_get_name: DeviceGetNameFn,
+    device_get_uuid: DeviceGetUuidFn,
+    primary_ctx_retain: PrimaryCtxRetainFn,
+    ctx_set_current: CtxSetCurrentFn,
+    mem_get_info: MemGetInfoFn,
+    mem_alloc: MemAllocFn,
+    get_error_name: GetErrorNameFn,
 }
 
 fn dlerror() -> String {
@@ -148,16 +159,27 @@ impl Driver {
         // the CUDA headers give it.
         unsafe {
             Ok(Driver {
-                init: std::mem::transmute::<*mut c_void, _>(symbol("cuInit")?),
-                device_get: std::mem::transmute::<*mut c_void, _>(symbol("cuDeviceGet")?),
-                device_get_name: std::mem::transmute::<*mut c_void, _>(symbol("cuDeviceGetName")?),
-                primary_ctx_retain: std::mem::transmute::<*mut c_void, _>(symbol(
+                init: std::mem::transmute::<*mut c_void, InitFn>(symbol("cuInit")?),
+                device_get: std::mem::transmute::<*mut c_void, DeviceGetFn>(symbol("cuDeviceGet")?),
+                device_get_name: std::mem::transmute::<*mut c_void, DeviceGetNameFn>(symbol(
+                    "cuDeviceGetName",
+                )?),
+                device_get_uuid: std::mem::transmute::<*mut c_void, DeviceGetUuidFn>(symbol(
+                    "cuDeviceGetUuid",
+                )?),
+                primary_ctx_retain: std::mem::transmute::<*mut c_void, PrimaryCtxRetainFn>(symbol(
                     "cuDevicePrimaryCtxRetain",
                 )?),
-                ctx_set_current: std::mem::transmute::<*mut c_void, _>(symbol("cuCtxSetCurrent")?),
-                mem_get_info: std::mem::transmute::<*mut c_void, _>(symbol("cuMemGetInfo_v2")?),
-                mem_alloc: std::mem::transmute::<*mut c_void, _>(symbol("cuMemAlloc_v2")?),
-                get_error_name: std::mem::transmute::<*mut c_void, _>(symbol("cuGetErrorName")?),
+                ctx_set_current: std::mem::transmute::<*mut c_void, CtxSetCurrentFn>(symbol(
+                    "cuCtxSetCurrent",
+                )?),
+                mem_get_info: std::mem::transmute::<*mut c_void, MemGetInfoFn>(symbol(
+                    "cuMemGetInfo_v2",
+                )?),
+                mem_alloc: std::mem::transmute::<*mut c_void, MemAllocFn>(symbol("cuMemAlloc_v2")?),
+                get_error_name: std::mem::transmute::<*mut c_void, GetErrorNameFn>(symbol(
+                    "cuGetErrorName",
+                )?),
             })
         }
     }
@@ -181,6 +203,19 @@ impl Driver {
             Err(format!("{what} failed: {} ({code})", self.error_name(code)))
         }
     }
+}
+
+/// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as NVML and nvidia-smi print it.
+fn format_uuid(bytes: &[u8; 16]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 fn gib(bytes: u64) -> String {
@@ -224,6 +259,11 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             "cuDeviceGetName",
             (driver.device_get_name)(name.as_mut_ptr(), 128, device),
         )?;
+        let mut uuid = [0u8; 16];
+        driver.check(
+            "cuDeviceGetUuid",
+            (driver.device_get_uuid)(&mut uuid, device),
+        )?;
         let mut context = std::ptr::null_mut();
         driver.check(
             "cuDevicePrimaryCtxRetain",
@@ -233,8 +273,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         let (mut free, mut total) = (0usize, 0usize);
         driver.check("cuMemGetInfo", (driver.mem_get_info)(&mut free, &mut total))?;
         println!(
-            "GPU 0: {}; cuMemGetInfo: {} free of {}",
+            "GPU 0: {} ({}); cuMemGetInfo: {} free of {}",
             CStr::from_ptr(name.as_ptr()).to_string_lossy(),
+            format_uuid(&uuid),
             gib(free as u64),
             gib(total as u64)
         );

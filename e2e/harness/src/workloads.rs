@@ -250,9 +250,8 @@ pub async fn wait_gone(
     let deadline = Instant::now() + timeout;
     loop {
         cluster.check_running()?;
-        match pods.get_opt(name).await {
-            Ok(None) => return Ok(()),
-            Ok(Some(_)) | Err(_) => {}
+        if let Ok(None) = pods.get_opt(name).await {
+            return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(Error::Timeout {

@@ -105,10 +105,10 @@ impl Watcher {
     /// Prepares one claim; the CDI devices of every device of ours on success.
     pub async fn prepare(&self, claim: &ClaimRef) -> Result<Vec<PreparedDevice>, CallError> {
         let plugin = self.registered().ok_or(CallError::NotRegistered)?;
-        let answer = tokio::time::timeout(CALL_TIMEOUT, prepare(&plugin, claim))
+        // Outer: the call; inner: the plugin's answer for the claim.
+        tokio::time::timeout(CALL_TIMEOUT, prepare(&plugin, claim))
             .await
-            .map_err(|_| CallError::Timeout)??;
-        answer
+            .map_err(|_| CallError::Timeout)??
     }
 
     /// Unprepares one claim.

@@ -198,6 +198,9 @@ struct PodTask {
     updates: watch::Receiver<Option<Pod>>,
     uid: String,
     label: String,
+    /// Every container's last status: the pod's `containerStatuses` has no merge key, so each
+    /// update sends the whole list.
+    statuses: Vec<Value>,
 }
 
 async fn pod_worker(context: Arc<Context>, pod: Pod, updates: watch::Receiver<Option<Pod>>) {
@@ -209,6 +212,7 @@ async fn pod_worker(context: Arc<Context>, pod: Pod, updates: watch::Receiver<Op
         updates,
         uid,
         label,
+        statuses: Vec::new(),
     };
     if let Err(e) = task.run().await {
         tracing::error!(pod = %task.label, "{e:#}");
@@ -661,16 +665,39 @@ impl PodTask {
         Ok(())
     }
 
-    async fn patch_status(&self, status: Value) {
-        let Some(namespace) = self.pod.metadata.namespace.as_deref() else {
+    async fn patch_status(&mut self, mut status: Value) {
+        if let Some(updates) = status
+            .pointer_mut("/status/containerStatuses")
+            .and_then(Value::as_array_mut)
+        {
+            for update in updates.drain(..) {
+                let name = update["name"].clone();
+                let image = self
+                    .pod
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.containers.iter())
+                    .find(|c| Some(c.name.as_str()) == name.as_str())
+                    .and_then(|c| c.image.clone())
+                    .unwrap_or_default();
+                let mut update = update;
+                update["image"] = json!(image);
+                match self.statuses.iter_mut().find(|s| s["name"] == name) {
+                    Some(entry) => *entry = update,
+                    None => self.statuses.push(update),
+                }
+            }
+            *updates = self.statuses.clone();
+        }
+        let Some(namespace) = self.pod.metadata.namespace.clone() else {
             return;
         };
-        let Some(name) = self.pod.metadata.name.as_deref() else {
+        let Some(name) = self.pod.metadata.name.clone() else {
             return;
         };
-        let pods: Api<Pod> = Api::namespaced(self.context.client.clone(), namespace);
+        let pods: Api<Pod> = Api::namespaced(self.context.client.clone(), &namespace);
         if let Err(e) = pods
-            .patch_status(name, &PatchParams::default(), &Patch::Strategic(status))
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(status))
             .await
         {
             tracing::warn!(pod = %self.label, "updating the pod's status: {e}");

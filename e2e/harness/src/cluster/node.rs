@@ -206,6 +206,9 @@ impl SimNode {
             os(format!("FAKEGPU_CONFIG={}", spec.inventory.display())),
             os("--container-env"),
             os(format!("FAKEGPU_STATE={}", fakegpu_state.display())),
+            // The fake driver then sees only the GPUs whose device nodes the CDI spec gave.
+            os("--container-env"),
+            os("FAKEGPU_DEVICE_NODES=/dev"),
             // The fake GPU's shared state, so all containers of the node see one GPU.
             os("--container-volume"),
             os(format!("{}:{}", fakegpu.display(), fakegpu.display())),

@@ -1,0 +1,717 @@
+//! The e2e suite on a simulated cluster: the real control plane, two simulated GPU nodes (each
+//! a tessera-kubelet-plugin and the kubelet stand-in, running containers with podman + runc),
+//! tessera-controller. One cluster per pinned version; the scenarios run one after another on
+//! it, each with its own pods and claims:
+//!
+//! - the demo: two workers share the 10 GiB GPU, A hits its wall, B goes on;
+//! - selection by per-model DeviceClass, by `productName` and by `uuid`;
+//! - a request larger than any GPU stays Pending with the scheduler's reason;
+//! - the plugin restarts between prepare and container start;
+//! - the claim is deleted before unprepare (the kubelet was down meanwhile);
+//! - two containers sharing one claim share one limit.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{binaries_or_skip, init_tracing};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use serde_json::{Value, json};
+use tessera_e2e_harness::K8sVersion;
+use tessera_e2e_harness::cluster::{ClusterOptions, SimCluster};
+use tessera_e2e_harness::demo::{self, claim_usage};
+use tessera_e2e_harness::workloads::{self, ContainerSpec, Selection, Share};
+
+const NS: &str = "default";
+const STEP: Duration = Duration::from_secs(120);
+const A100_CLASS: &str = "nvidia-a100-sxm4-40gb.gpu.tessera.dev";
+const RTX3080: &str = "NVIDIA GeForce RTX 3080";
+const A100_GPU1: &str = "GPU-a1000000-0000-4000-8000-000000000001";
+const HOLD: &str = "e2e.tessera.dev/hold-before-start";
+
+fn nodes_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../nodes")
+}
+
+/// The programs the nodes run, refused when older than their sources (`cargo test` of this
+/// crate alone does not rebuild other packages' binaries).
+fn check_fresh() {
+    use tessera_built_libs::built;
+    built("tessera-kubelet-standin", &["e2e/kubelet-standin/src"]);
+    built(
+        "tessera-kubelet-plugin",
+        &["kubelet-plugin/src", "driver/src", "controller/src"],
+    );
+    built("tessera-controller", &["controller/src"]);
+    built("tessera-gpu-worker", &["e2e/gpu-worker/src"]);
+    built("libtessera.so", &["shim/src", "api/src"]);
+    built("libcuda.so", &["fake-gpu/cuda/src", "fake-gpu/model/src"]);
+}
+
+fn podman_or_skip(test: &str) -> bool {
+    let ok = std::process::Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && nix::unistd::geteuid().is_root();
+    if ok {
+        return true;
+    }
+    if std::env::var("TESSERA_E2E").is_ok_and(|v| v != "0") {
+        panic!(
+            "TESSERA_E2E is set, so {test} must run, but podman is missing or this is not root (scripts/install-podman.sh)"
+        );
+    }
+    eprintln!("SKIP {test}: podman is missing or this is not root");
+    false
+}
+
+struct Suite {
+    cluster: SimCluster,
+    version: K8sVersion,
+    shared: PathBuf,
+    worker: String,
+}
+
+fn share(memory: &str, cores: u32, tenths: u32) -> Share {
+    Share {
+        memory: memory.into(),
+        cores,
+        tenths,
+    }
+}
+
+impl Suite {
+    fn client(&self) -> kube::Client {
+        self.cluster.client()
+    }
+
+    fn claims(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client(),
+            NS,
+            &self.cluster.resource_api("ResourceClaim", "resourceclaims"),
+        )
+    }
+
+    fn worker(&self, args: &[&str]) -> Vec<String> {
+        std::iter::once(self.worker.clone())
+            .chain(args.iter().map(|s| s.to_string()))
+            .collect()
+    }
+
+    /// A template and a pod with one container `main` using it.
+    async fn submit(
+        &self,
+        name: &str,
+        selection: &Selection,
+        share: &Share,
+        command: Vec<String>,
+        annotations: &[(&str, &str)],
+    ) {
+        let template = format!("{name}-gpu");
+        let object = workloads::claim_template(self.version, NS, &template, selection, share);
+        workloads::create(&self.client(), &object)
+            .await
+            .expect("creating the claim template");
+        let container = ContainerSpec {
+            name: "main".into(),
+            command,
+            claims: vec!["gpu".into()],
+        };
+        let shared = self.shared.display().to_string();
+        let pod = workloads::pod(
+            NS,
+            name,
+            &[("gpu", &template)],
+            &[container],
+            &[(&shared, "/shared")],
+            annotations,
+        );
+        workloads::create(&self.client(), &pod)
+            .await
+            .expect("creating the pod");
+    }
+
+    async fn wait(&mut self, pod: &str, what: &str, done: impl Fn(&Pod) -> bool) -> Pod {
+        workloads::wait_pod(&mut self.cluster, NS, pod, what, STEP, done)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.version))
+    }
+
+    async fn finished(&mut self, pod: &str) -> Pod {
+        self.wait(pod, "finished", |p| {
+            matches!(workloads::phase(p), "Succeeded" | "Failed")
+        })
+        .await
+    }
+
+    fn log(&mut self, pod: &Pod, container: &str) -> String {
+        let node = workloads::node_name(pod);
+        let dir = self.cluster.node(&node).pod_dir(
+            NS,
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            pod.metadata.uid.as_deref().unwrap_or_default(),
+        );
+        std::fs::read_to_string(dir.join(format!("{container}.log"))).unwrap_or_default()
+    }
+
+    /// The claim generated for the pod's `gpu` entry, once allocated.
+    async fn allocated_claim(&mut self, pod: &str) -> Value {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let pods: Api<Pod> = Api::namespaced(self.client(), NS);
+            if let Ok(p) = pods.get(pod).await
+                && let Some(name) = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.resource_claim_statuses.as_ref())
+                    .and_then(|c| c.first())
+                    .and_then(|c| c.resource_claim_name.clone())
+                && let Ok(Some(claim)) = self.claims().get_opt(&name).await
+                && claim.data.pointer("/status/allocation").is_some()
+            {
+                return serde_json::to_value(&claim).expect("claim json");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: the claim of {pod} was not allocated in {STEP:?}",
+                self.version
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    async fn delete_pod(&mut self, pod: &str) {
+        let pods: Api<Pod> = Api::namespaced(self.client(), NS);
+        pods.delete(pod, &DeleteParams::default())
+            .await
+            .expect("deleting the pod");
+        workloads::wait_gone(&mut self.cluster, NS, pod, STEP)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.version));
+    }
+
+    async fn wait_file(&self, path: &Path, present: bool, what: &str) {
+        let deadline = Instant::now() + STEP;
+        while path.exists() != present {
+            assert!(
+                Instant::now() < deadline,
+                "{}: {what}: {} {}",
+                self.version,
+                path.display(),
+                if present {
+                    "never appeared"
+                } else {
+                    "was never removed"
+                }
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn results(claim: &Value) -> Vec<(String, String)> {
+    claim
+        .pointer("/status/allocation/devices/results")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["pool"].as_str().unwrap_or_default().to_owned(),
+                r["device"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn cdi_spec(claim_uid: &str) -> PathBuf {
+    Path::new(tessera_e2e_harness::cluster::node::CDI_DIR).join(format!("tessera-{claim_uid}.json"))
+}
+
+async fn run_suite(version: K8sVersion, test: &str) {
+    init_tracing();
+    let Some(binaries) = binaries_or_skip(version, test) else {
+        return;
+    };
+    if !podman_or_skip(test) {
+        return;
+    }
+    check_fresh();
+    let state = common::StateDir::new(test);
+    let mut options =
+        ClusterOptions::new(version, state.path(), &nodes_dir()).expect("cluster options");
+    options.control_plane.binaries = Some(binaries);
+    let began = Instant::now();
+    let cluster = SimCluster::start(options)
+        .await
+        .unwrap_or_else(|e| panic!("{test}: starting the simulated cluster: {e}"));
+    eprintln!(
+        "{test}: simulated cluster up in {:.1}s",
+        began.elapsed().as_secs_f64()
+    );
+    let shared = state.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("shared dir");
+    let worker = cluster.artifacts.gpu_worker.display().to_string();
+    let mut suite = Suite {
+        cluster,
+        version,
+        shared,
+        worker,
+    };
+
+    demo_scenario(&mut suite).await;
+    selection_by_model_product_and_uuid(&mut suite).await;
+    too_large_stays_pending(&mut suite).await;
+    plugin_restart_between_prepare_and_start(&mut suite).await;
+    claim_deleted_before_unprepare(&mut suite).await;
+    two_containers_share_one_limit(&mut suite).await;
+    suite
+        .cluster
+        .check_running()
+        .expect("every Tessera process still runs");
+    eprintln!(
+        "{test}: all scenarios passed in {:.1}s",
+        began.elapsed().as_secs_f64()
+    );
+}
+
+async fn demo_scenario(suite: &mut Suite) {
+    let mut printed = Vec::new();
+    let outcome = demo::two_workers(&mut suite.cluster, &mut printed)
+        .await
+        .unwrap_or_else(|e| panic!("{}: demo: {e}", suite.version));
+    let printed = String::from_utf8_lossy(&printed).into_owned();
+    eprintln!("{printed}");
+    let node = workloads::node_name(&outcome.worker_a);
+    assert_eq!(node, "gpu-node-b", "worker-a on the 10 GiB GPU's node");
+    assert_eq!(
+        workloads::node_name(&outcome.worker_b),
+        node,
+        "both workers on one node"
+    );
+    assert_eq!(workloads::phase(&outcome.worker_a), "Failed");
+    assert_eq!(workloads::exit_code(&outcome.worker_a, "train"), Some(1));
+    assert!(
+        outcome
+            .worker_a_log
+            .contains("cuMemGetInfo: 2.00 GiB free of 2.00 GiB"),
+        "A sees its slice:\n{}",
+        outcome.worker_a_log
+    );
+    assert!(
+        outcome
+            .worker_a_log
+            .contains("CUDA_ERROR_OUT_OF_MEMORY with 2.00 GiB allocated"),
+        "A hits its wall at 2 GiB:\n{}",
+        outcome.worker_a_log
+    );
+    assert_eq!(
+        workloads::phase(&outcome.worker_b_running),
+        "Running",
+        "B goes on after A failed"
+    );
+    assert_eq!(workloads::phase(&outcome.worker_b), "Succeeded");
+    assert!(
+        outcome
+            .worker_b_log
+            .contains("cuMemGetInfo: 3.00 GiB free of 3.00 GiB"),
+        "{}",
+        outcome.worker_b_log
+    );
+    assert!(
+        outcome.worker_b_log.contains("allocated 2.50 GiB"),
+        "{}",
+        outcome.worker_b_log
+    );
+    // The plugin's metrics while B ran alone: its limit, its usage, one GPU.
+    let b = outcome
+        .usage
+        .iter()
+        .find(|u| u.claim == outcome.claims.1)
+        .unwrap_or_else(|| panic!("no metrics for B's claim: {printed}"));
+    assert_eq!(
+        (b.memory_limit, b.memory_used),
+        (3 << 30, 2560 << 20),
+        "B's limit and usage"
+    );
+    let cores = if suite.version.minor() >= 34 {
+        40.0
+    } else {
+        30.0
+    };
+    assert!(
+        (b.cores - cores).abs() < 0.01,
+        "B's cores: {} (want {cores})",
+        b.cores
+    );
+    assert!(
+        printed.contains(&outcome.claims.0) && printed.contains("2.00 GiB"),
+        "A's claim and limit printed:\n{printed}"
+    );
+}
+
+async fn selection_by_model_product_and_uuid(suite: &mut Suite) {
+    let product_cel =
+        format!("device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\"");
+    let uuid_cel = format!("device.attributes[\"gpu.tessera.dev\"].uuid == \"{A100_GPU1}\"");
+    let cases = [
+        ("by-model", Selection::class(A100_CLASS), "gpu-node-a", None),
+        (
+            "by-product",
+            Selection::class("gpu.tessera.dev").cel(&product_cel),
+            "gpu-node-b",
+            None,
+        ),
+        (
+            "by-uuid",
+            Selection::class("gpu.tessera.dev").cel(&uuid_cel),
+            "gpu-node-a",
+            Some(A100_GPU1),
+        ),
+    ];
+    for (name, selection, node, uuid) in cases {
+        let release = suite.shared.join(format!("release-{name}"));
+        let command = suite.worker(&[
+            "--allocate",
+            "512Mi",
+            "--hold-until",
+            &format!("/shared/release-{name}"),
+        ]);
+        suite
+            .submit(name, &selection, &share("1Gi", 10, 1), command, &[])
+            .await;
+        let claim = suite.allocated_claim(name).await;
+        let devices = results(&claim);
+        assert!(
+            !devices.is_empty() && devices.iter().all(|(pool, _)| pool == node),
+            "{name}: allocated on {devices:?}, want {node}"
+        );
+        let pod = suite
+            .wait(name, "running with memory allocated", |p| {
+                workloads::phase(p) == "Running"
+            })
+            .await;
+        assert_eq!(
+            workloads::node_name(&pod),
+            node,
+            "{name}: bound to the node of its GPU"
+        );
+        if let Some(uuid) = uuid {
+            // The GPU the claim is enforced on, as the node's plugin reports it.
+            let port = suite.cluster.node(node).metrics_port;
+            let claim_name = claim["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let usage = claim_usage(port).await.expect("plugin metrics");
+            let gpus: Vec<&str> = usage
+                .iter()
+                .filter(|u| u.claim == claim_name)
+                .map(|u| u.gpu_uuid.as_str())
+                .collect();
+            assert_eq!(gpus, vec![uuid], "{name}: limits on the selected GPU");
+        }
+        std::fs::write(&release, b"").expect("release");
+        let pod = suite.finished(name).await;
+        let log = suite.log(&pod, "main");
+        assert_eq!(workloads::phase(&pod), "Succeeded", "{name}:\n{log}");
+        let expected_model = if node == "gpu-node-a" {
+            "NVIDIA A100-SXM4-40GB"
+        } else {
+            RTX3080
+        };
+        assert!(
+            log.contains(&format!("GPU 0: {expected_model}")),
+            "{name}: the container sees its model:\n{log}"
+        );
+        suite.delete_pod(name).await;
+    }
+}
+
+async fn too_large_stays_pending(suite: &mut Suite) {
+    let name = "too-large";
+    // 64 GiB: more than any GPU (40 GiB). Before 1.34 (fixed tenths) a device with 64 GiB
+    // of memory: asking for eleven tenths of one GPU would be the same request, but 1.31's
+    // allocator searches every combination of tenths before it gives up, for minutes.
+    let selection = if suite.version.minor() >= 34 {
+        Selection::class("gpu.tessera.dev")
+    } else {
+        Selection::class("gpu.tessera.dev")
+            .cel("device.capacity[\"gpu.tessera.dev\"].memory.compareTo(quantity(\"64Gi\")) >= 0")
+    };
+    suite
+        .submit(
+            name,
+            &selection,
+            &share("64Gi", 10, 1),
+            suite.worker(&["--allocate", "1Mi"]),
+            &[],
+        )
+        .await;
+    let unschedulable = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter().any(|c| {
+                    c.type_ == "PodScheduled"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("Unschedulable")
+                })
+            })
+    };
+    let pod = suite
+        .wait(name, "marked unschedulable by the scheduler", unschedulable)
+        .await;
+    let message = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "PodScheduled"))
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("cannot allocate all claims"),
+        "the scheduler's reason names the claim: {message:?}"
+    );
+    assert_eq!(workloads::phase(&pod), "Pending");
+    assert!(workloads::node_name(&pod).is_empty(), "never bound");
+    suite.delete_pod(name).await;
+}
+
+async fn plugin_restart_between_prepare_and_start(suite: &mut Suite) {
+    let name = "plugin-restart";
+    suite
+        .submit(
+            name,
+            &Selection::class("gpu.tessera.dev").cel(&format!(
+                "device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\""
+            )),
+            &share("2Gi", 20, 2),
+            suite.worker(&["--allocate", "3Gi"]),
+            &[(HOLD, "true")],
+        )
+        .await;
+    let claim = suite.allocated_claim(name).await;
+    let uid = claim["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    suite
+        .wait_file(&cdi_spec(&uid), true, "the claim's CDI spec after prepare")
+        .await;
+    let node = suite.cluster.node("gpu-node-b");
+    node.kill_plugin();
+    node.start_plugin().expect("restarting the plugin");
+    // Let the container start only now, with what the first plugin instance prepared.
+    let pods: Api<Pod> = Api::namespaced(suite.client(), NS);
+    let patch = json!({ "metadata": { "annotations": { HOLD: null } } });
+    pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("releasing the hold");
+    let pod = suite.finished(name).await;
+    let log = suite.log(&pod, "main");
+    assert_eq!(
+        workloads::exit_code(&pod, "main"),
+        Some(1),
+        "the wall still holds after the restart:\n{log}"
+    );
+    assert!(
+        log.contains("CUDA_ERROR_OUT_OF_MEMORY with 2.00 GiB allocated"),
+        "{log}"
+    );
+    suite.delete_pod(name).await;
+    // Unprepared by the new plugin instance.
+    suite
+        .wait_file(
+            &cdi_spec(&uid),
+            false,
+            "the CDI spec after unprepare by the restarted plugin",
+        )
+        .await;
+    let claim_dir = suite
+        .cluster
+        .node("gpu-node-b")
+        .plugin_state_dir()
+        .join("claims")
+        .join(&uid);
+    suite
+        .wait_file(&claim_dir, false, "the claim's state after unprepare")
+        .await;
+}
+
+async fn claim_deleted_before_unprepare(suite: &mut Suite) {
+    let name = "claim-gone";
+    suite
+        .submit(
+            name,
+            &Selection::class("gpu.tessera.dev").cel(&format!(
+                "device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\""
+            )),
+            &share("1Gi", 10, 1),
+            suite.worker(&["--allocate", "1Mi"]),
+            &[(HOLD, "true")],
+        )
+        .await;
+    let claim = suite.allocated_claim(name).await;
+    let uid = claim["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let claim_name = claim["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    suite
+        .wait_file(&cdi_spec(&uid), true, "the claim's CDI spec after prepare")
+        .await;
+    // The kubelet goes down; meanwhile the pod is force-deleted and its claim goes with it.
+    suite.cluster.node("gpu-node-b").kill_standin();
+    let pods: Api<Pod> = Api::namespaced(suite.client(), NS);
+    pods.delete(
+        name,
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .expect("force-deleting the pod");
+    let deadline = Instant::now() + STEP;
+    while suite
+        .claims()
+        .get_opt(&claim_name)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}: claim {claim_name} was not deleted after its pod",
+            suite.version
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        cdi_spec(&uid).exists(),
+        "still prepared while the kubelet is down"
+    );
+    // Back up: the stand-in unprepares from its checkpoint; the plugin needs no claim object.
+    suite
+        .cluster
+        .node("gpu-node-b")
+        .start_standin()
+        .expect("restarting the stand-in");
+    suite
+        .wait_file(
+            &cdi_spec(&uid),
+            false,
+            "the CDI spec of a claim deleted before unprepare",
+        )
+        .await;
+    let claim_dir = suite
+        .cluster
+        .node("gpu-node-b")
+        .plugin_state_dir()
+        .join("claims")
+        .join(&uid);
+    suite
+        .wait_file(&claim_dir, false, "the claim's state")
+        .await;
+    let port = suite.cluster.node("gpu-node-b").metrics_port;
+    let usage = claim_usage(port).await.expect("plugin metrics");
+    assert!(
+        usage.iter().all(|u| u.claim != claim_name),
+        "the plugin no longer reports {claim_name}: {usage:?}"
+    );
+}
+
+async fn two_containers_share_one_limit(suite: &mut Suite) {
+    let name = "two-containers";
+    let template = format!("{name}-gpu");
+    let selection = Selection::class("gpu.tessera.dev").cel(&format!(
+        "device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\""
+    ));
+    let object = workloads::claim_template(
+        suite.version,
+        NS,
+        &template,
+        &selection,
+        &share("2Gi", 20, 2),
+    );
+    workloads::create(&suite.client(), &object)
+        .await
+        .expect("template");
+    let _ = std::fs::remove_file(suite.shared.join("first-done"));
+    let _ = std::fs::remove_file(suite.shared.join("second-done"));
+    // The first holds 1.5 GiB until the second has tried 1 GiB of the same 2 GiB claim.
+    let first = ContainerSpec {
+        name: "first".into(),
+        command: suite.worker(&[
+            "--allocate",
+            "1536Mi",
+            "--touch",
+            "/shared/first-done",
+            "--hold-until",
+            "/shared/second-done",
+        ]),
+        claims: vec!["gpu".into()],
+    };
+    let second = ContainerSpec {
+        name: "second".into(),
+        command: suite.worker(&[
+            "--wait-for",
+            "/shared/first-done",
+            "--allocate",
+            "1Gi",
+            "--touch",
+            "/shared/second-done",
+        ]),
+        claims: vec!["gpu".into()],
+    };
+    let shared = suite.shared.display().to_string();
+    let pod = workloads::pod(
+        NS,
+        name,
+        &[("gpu", &template)],
+        &[first, second],
+        &[(&shared, "/shared")],
+        &[],
+    );
+    workloads::create(&suite.client(), &pod).await.expect("pod");
+    let pod = suite.finished(name).await;
+    let (first_log, second_log) = (suite.log(&pod, "first"), suite.log(&pod, "second"));
+    assert_eq!(workloads::exit_code(&pod, "first"), Some(0), "{first_log}");
+    assert_eq!(
+        workloads::exit_code(&pod, "second"),
+        Some(1),
+        "the second container shares the first's limit:\n{second_log}"
+    );
+    assert!(
+        second_log.contains("CUDA_ERROR_OUT_OF_MEMORY with 0.50 GiB allocated"),
+        "{second_log}"
+    );
+    for log in [&first_log, &second_log] {
+        assert!(
+            log.contains("2.00 GiB"),
+            "both containers see the claim's 2 GiB:\n{log}"
+        );
+    }
+    assert_eq!(workloads::phase(&pod), "Failed");
+    suite.delete_pod(name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_cluster_v1_37() {
+    run_suite(K8sVersion::newest(), "sim-cluster-v1.37").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_cluster_v1_31() {
+    run_suite("1.31".parse().expect("version"), "sim-cluster-v1.31").await;
+}
