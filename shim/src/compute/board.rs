@@ -121,7 +121,10 @@ impl Board {
                     .compare_exchange(current, claim, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
             {
-                entry.last_active.store(0, Ordering::Release);
+                // Taking an entry stamps it (or the next claim would find it "abandoned"), but
+                // leaves it unpublished (rank 0), so it counts as active only once it launches.
+                entry.rank.store(0, Ordering::Relaxed);
+                entry.last_active.store(now.max(1), Ordering::Release);
                 return Some(index);
             }
         }
@@ -165,5 +168,86 @@ impl Drop for Board {
     fn drop(&mut self) {
         // SAFETY: the mapping made in open.
         unsafe { libc::munmap(self.base.cast(), FILE_SIZE) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 100_000_000_000;
+    const WINDOW: u64 = 50_000_000;
+
+    fn board(dir: &std::path::Path, claim: u64) -> Board {
+        let dir = dir.to_str().expect("utf-8 temp dir");
+        Board::open(dir, "GPU-test", claim, NOW).expect("board")
+    }
+
+    #[test]
+    fn claims_see_who_is_active_above_and_beside_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (high, normal, low) = (
+            board(dir.path(), 11),
+            board(dir.path(), 21),
+            board(dir.path(), 31),
+        );
+        assert_eq!(
+            low.neighbours(NOW, WINDOW, 0),
+            Neighbours::default(),
+            "nobody stamped yet"
+        );
+
+        high.publish(NOW, 2, 100);
+        low.publish(NOW, 0, 100);
+        assert_eq!(
+            low.neighbours(NOW, WINDOW, 0),
+            Neighbours {
+                higher: true,
+                peer_or_higher: true
+            }
+        );
+        assert_eq!(
+            high.neighbours(NOW, WINDOW, 2),
+            Neighbours::default(),
+            "only lower ones around"
+        );
+        assert_eq!(
+            normal.neighbours(NOW, WINDOW, 1),
+            Neighbours {
+                higher: true,
+                peer_or_higher: true
+            }
+        );
+        // Once the high claim has been quiet for the window, it no longer counts.
+        assert_eq!(
+            low.neighbours(NOW + WINDOW + 1, WINDOW, 0),
+            Neighbours::default(),
+            "the low claim's own stamp never counts"
+        );
+    }
+
+    #[test]
+    fn a_claim_keeps_its_entry_and_an_abandoned_one_is_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = board(dir.path(), 7);
+        let again = board(dir.path(), 7);
+        assert_eq!(
+            first.mine, again.mine,
+            "processes of one claim share its entry"
+        );
+        let boards: Vec<Board> = (100..100 + ENTRIES as u64 - 1)
+            .map(|c| board(dir.path(), c))
+            .collect();
+        for b in &boards {
+            b.publish(NOW, 1, 10);
+        }
+        first.publish(NOW, 1, 10);
+        assert!(
+            Board::open(dir.path().to_str().unwrap(), "GPU-test", 999, NOW).is_none(),
+            "full"
+        );
+        let later = NOW + ABANDONED_NS + 1;
+        boards[0].publish(later, 1, 10);
+        assert!(Board::open(dir.path().to_str().unwrap(), "GPU-test", 999, later).is_some());
     }
 }

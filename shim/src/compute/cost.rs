@@ -322,3 +322,38 @@ fn events_for_current_context(sampler: &mut Sampler) -> bool {
     sampler.end = end;
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cost_is_the_least_recent_sample_and_follows_a_kernel_that_grew() {
+        let kernel = key(0x1000, 7680);
+        learn(kernel, 1_000_000);
+        assert_eq!(estimate(kernel), 1_000_000);
+        // Inflated samples (someone else's kernels between the events) never raise it...
+        learn(kernel, 1_400_000);
+        learn(kernel, 1_200_000);
+        assert_eq!(estimate(kernel), 1_000_000);
+        // ... a smaller one lowers it at once ...
+        learn(kernel, 900_000);
+        assert_eq!(estimate(kernel), 900_000);
+        // ... and a kernel that really got longer is charged its new cost after a round.
+        for _ in 0..2 * ROUND {
+            learn(kernel, 2_000_000);
+        }
+        assert_eq!(estimate(kernel), 2_000_000);
+    }
+
+    #[test]
+    fn shapes_are_told_apart_and_an_unknown_one_costs_the_latest_sample() {
+        let small = key(0x2000, 1);
+        let large = key(0x2000, 1 << 20);
+        assert_ne!(small, large);
+        learn(small, 10_000);
+        learn(large, 5_000_000);
+        assert_eq!((estimate(small), estimate(large)), (10_000, 5_000_000));
+        assert_eq!(estimate(key(0x3000, 3)), 5_000_000, "the fallback");
+    }
+}
