@@ -31,8 +31,9 @@ pub const LOOKAHEAD_NS: u64 = 100_000;
 /// Wall-clock silence after which a process no longer holds the others back.
 pub const STALE_MS: u64 = 2000;
 
-/// Where virtual time starts on a fresh node.
-pub const EPOCH_NS: u64 = 1_000_000_000;
+/// Where virtual time starts on a fresh node: 1,000 s, as a host clock that has been up for a
+/// while reads, so that code comparing times against fixed spans meets realistic values.
+pub const EPOCH_NS: u64 = 1_000_000_000_000;
 
 /// Where a kernel landed on the device's timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +63,7 @@ impl RecordView<'_> {
 
     /// Resets a freshly claimed slot's clock: a newcomer starts at the node's present.
     pub(super) fn start_clock(self, slot: &SlotRecord, device_count: usize) {
-        // Virtual time starts at 1 s, so no caller ever sees the 0 that means "never".
+        // Virtual time starts at EPOCH_NS, so no caller ever sees the 0 that means "never".
         let now = self.frontier(device_count).max(EPOCH_NS);
         for device in 0..device_count {
             self.device(device)

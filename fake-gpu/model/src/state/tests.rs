@@ -318,7 +318,7 @@ fn kernels_queue_on_the_device_and_clocks_advance_in_lockstep() {
     let first = region.claim().unwrap();
     let second = region.claim().unwrap();
     let start = first.clock_now();
-    assert_eq!(start, clock::EPOCH_NS, "virtual time starts at 1 s");
+    assert_eq!(start, clock::EPOCH_NS, "virtual time starts at the epoch");
     assert_eq!(second.clock_now(), start);
 
     // Both launch at the same virtual time: the second kernel waits for the SMs.
