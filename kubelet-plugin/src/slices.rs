@@ -39,8 +39,8 @@ pub fn start(
     inventory: Inventory,
     health: HealthConfig,
 ) -> anyhow::Result<SliceController> {
-    let (tx, rx) = tokio::sync::watch::channel(inventory.clone());
     if mode == "off" {
+        let (_tx, rx) = tokio::sync::watch::channel(inventory);
         tracing::info!("--sharing-mode off: not publishing ResourceSlices");
         return Ok(SliceController {
             task: None,
@@ -52,8 +52,11 @@ pub fn start(
     let mode: ModeSetting = mode
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--sharing-mode: {e}"))?;
+    // The first look before the first publish: a GPU unhealthy at start is never offered.
+    let (tracker, changes) = health::first_look(&health, inventory);
+    let (tx, rx) = tokio::sync::watch::channel(tracker.offered());
     let events = NodeEvents::new(client.clone(), node);
-    let health = tokio::spawn(health::run(health, inventory, tx, Some(events)));
+    let health = tokio::spawn(health::run(health, tracker, changes, tx, Some(events)));
     let (controller, status) =
         NodeController::new(client, NodeControllerConfig::new(node, mode), rx.clone());
     Ok(SliceController {

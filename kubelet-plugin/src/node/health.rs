@@ -86,14 +86,42 @@ pub const REASON_UNHEALTHY: &str = "GpuUnhealthy";
 pub const REASON_HEALTHY: &str = "GpuHealthy";
 pub const REASON_NOT_OFFERED: &str = "GpuNotOffered";
 
-/// Watches until `offered` has no receiver left. `offered` gets the inventory to publish after
-/// every change; `known` is the start-up inventory.
+/// The first look at the node, taken before anything is published, so that a GPU already
+/// unhealthy at start is never offered. Returns the tracker to [`run`] with and the changes to
+/// report (the inventory to publish first is `tracker.offered()`).
+pub fn first_look(config: &HealthConfig, known: Inventory) -> (HealthTracker, Vec<Change>) {
+    let mut tracker = HealthTracker::new(known);
+    let look = match &config.source {
+        HealthSource::Off => Ok(None),
+        HealthSource::File(path) => Inventory::observe_file(path)
+            .map_err(|e| e.to_string())
+            .map(Some),
+        HealthSource::Nvml(library) => {
+            tessera_driver::nvml::HealthProbe::open(library.as_deref().map(|p| p.as_os_str()))
+                .map(|probe| Some(probe.observe(tracker.known())))
+                .map_err(|e| e.to_string())
+        }
+    }
+    .unwrap_or_else(|error| {
+        tracing::warn!(%error, "cannot look at GPU health at start; offering every GPU");
+        None
+    });
+    let changes = look.map(|l| tracker.observe(l)).unwrap_or_default();
+    (tracker, changes)
+}
+
+/// Watches until `offered` has no receiver left: reports `changes` (from [`first_look`]), then
+/// follows the source. `offered` gets the inventory to publish after every change.
 pub async fn run(
     config: HealthConfig,
-    known: Inventory,
+    tracker: HealthTracker,
+    changes: Vec<Change>,
     offered: watch::Sender<Inventory>,
     events: Option<NodeEvents>,
 ) {
+    for change in &changes {
+        report(change, events.as_ref()).await;
+    }
     let (tx, rx) = mpsc::channel(16);
     match &config.source {
         HealthSource::Off => return,
@@ -101,7 +129,8 @@ pub async fn run(
             tokio::spawn(read_file(path.clone(), config.interval, tx));
         }
         HealthSource::Nvml(library) => {
-            let (library, known, interval) = (library.clone(), known.clone(), config.interval);
+            let (library, known, interval) =
+                (library.clone(), tracker.known().clone(), config.interval);
             std::thread::Builder::new()
                 .name("gpu-health".into())
                 .spawn(move || ask_nvml(library, known, interval, tx))
@@ -109,7 +138,7 @@ pub async fn run(
                 .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the GPU health thread; GPUs are never withdrawn"));
         }
     }
-    follow(rx, HealthTracker::new(known), offered, events).await;
+    follow(rx, tracker, offered, events).await;
 }
 
 /// Applies what the source reports until it or `offered`'s receivers are gone.
@@ -344,14 +373,23 @@ mod tests {
             std::fs::write(&tmp, text).expect("write");
             std::fs::rename(&tmp, &path).expect("rename");
         };
-        write(file(&[("GPU-a", "healthy"), ("GPU-b", "healthy")]));
+        // GPU-a is unhealthy at start: it is never offered.
+        write(file(&[("GPU-a", "unhealthy"), ("GPU-b", "healthy")]));
         let known = Inventory::from_file(&path).expect("inventory");
-        let (tx, mut rx) = watch::channel(known.clone());
         let config = HealthConfig {
             source: HealthSource::File(path.clone()),
             interval: Duration::from_millis(20),
         };
-        let task = tokio::spawn(run(config, known, tx, None));
+        let (tracker, changes) = first_look(&config, known);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        let (tx, mut rx) = watch::channel(tracker.offered());
+        assert_eq!(
+            rx.borrow().gpus.iter().map(|g| g.index).collect::<Vec<_>>(),
+            [1]
+        );
+        let task = tokio::spawn(run(config, tracker, changes, tx, None));
+        write(file(&[("GPU-a", "healthy"), ("GPU-b", "healthy")]));
+        assert_eq!(offered(&mut rx).await, [0, 1]);
         write(file(&[("GPU-a", "healthy"), ("GPU-b", "unhealthy")]));
         assert_eq!(offered(&mut rx).await, [0]);
         // Half-written: nothing changes.
