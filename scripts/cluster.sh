@@ -7,7 +7,7 @@
 #
 # K8S_VERSION=1.31 selects the oldest supported release (default: the newest pinned one).
 # Whatever the machine lacks is installed or built first: podman and runc, the upstream
-# Kubernetes binaries (from their Go modules, cached), and Tessera's own programs.
+# Kubernetes binaries and helm (from their Go modules, cached), and Tessera's own programs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -30,11 +30,21 @@ if [ "$command" != down ] && [ "$command" != status ]; then
     mkdir -p "$log_dir"
     step "podman and runc (containers of the simulated nodes)"
     scripts/install-podman.sh
-    step "the upstream control plane $version (built once, then cached; log: $log_dir/k8s-build-$version.log)"
-    if ! e2e/scripts/build-k8s.sh "$module" > "$log_dir/k8s-build-$version.log" 2>&1; then
+    step "the upstream control plane $version and helm (built once, then cached; logs: $log_dir/k8s-build-$version.log, $log_dir/helm-build.log)"
+    e2e/scripts/build-k8s.sh "$module" > "$log_dir/k8s-build-$version.log" 2>&1 &
+    k8s_build=$!
+    e2e/scripts/build-helm.sh > "$log_dir/helm-build.log" 2>&1 &
+    helm_build=$!
+    trap 'kill "$k8s_build" "$helm_build" 2>/dev/null || true' EXIT
+    if ! wait "$k8s_build"; then
         tail -n 40 "$log_dir/k8s-build-$version.log"
         die "building the control plane failed (full log: $log_dir/k8s-build-$version.log)"
     fi
+    if ! wait "$helm_build"; then
+        tail -n 40 "$log_dir/helm-build.log"
+        die "building helm failed (full log: $log_dir/helm-build.log)"
+    fi
+    trap - EXIT
     step "Tessera's programs"
     cargo build -p tessera-e2e-harness -p tessera-kubelet-plugin -p tessera-kubelet-standin \
         -p tessera-controller -p tessera-gpu-worker -p tessera-shim -p tessera-fake-cuda -p tessera-fake-nvml

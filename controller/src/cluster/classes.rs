@@ -144,14 +144,26 @@ pub async fn reconcile_classes(
         match api.create(&PostParams::default(), &obj).await {
             Ok(_) => report.created.push(name.clone()),
             // A class of that name made by someone else (an admin's own): leave it alone.
+            // Said once per class: the chart owns the generic class, and a reconcile runs every
+            // few seconds.
             Err(kube::Error::Api(s)) if s.code == 409 => {
-                tracing::warn!(class = %name, "DeviceClass exists and is not managed by tessera-controller; leaving it")
+                let first = NOT_OURS
+                    .lock()
+                    .map(|mut seen| seen.insert(name.clone()))
+                    .unwrap_or(true);
+                if first {
+                    tracing::info!(class = %name, "DeviceClass exists and is not managed by tessera-controller (an admin's or the Helm chart's); leaving it")
+                }
             }
             Err(e) => return Err(e),
         }
     }
     Ok(report)
 }
+
+/// Classes of our names that someone else made, already reported.
+static NOT_OURS: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
-//! A whole simulated cluster: the control plane, simulated GPU nodes (each a
-//! `tessera-kubelet-plugin` and a `tessera-kubelet-standin` on a fake GPU inventory) and
-//! `tessera-controller`, which installs the DeviceClasses.
+//! A whole simulated cluster: the control plane, Tessera's chart (its cluster-scoped objects),
+//! simulated GPU nodes (each a `tessera-kubelet-plugin` and a `tessera-kubelet-standin` on a
+//! fake GPU inventory) and `tessera-controller`, which adds a DeviceClass per GPU model.
 //!
 //! [`SimCluster::start`] returns once every node is Ready, has published its ResourceSlices,
 //! and the generic and per-model DeviceClasses exist. Dropping it stops everything, the
@@ -31,6 +31,8 @@ pub use workspace::Artifacts;
 /// The controller's Lease lives here, as it does when installed by the chart.
 pub const TESSERA_NAMESPACE: &str = "tessera-system";
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// The chart's values for a simulated cluster: no controller pods (it runs as a process).
+const CHART_VALUES: &str = "controller:\n  enabled: false\n";
 
 /// What to start.
 pub struct ClusterOptions {
@@ -132,6 +134,27 @@ impl SimCluster {
                 ))(e));
             }
         }
+        // What `helm install` would create that is not a pod: RBAC, the admission policy, the
+        // generic DeviceClass. The plugins and the controller run here as local processes.
+        let helm = tessera_chart_tests::Helm::locate().map_err(|e| Error::State {
+            dir: cp.state().root().to_owned(),
+            reason: format!(
+                "{e} (e2e/scripts/build-helm.sh builds it; make test and make cluster-up run it)"
+            ),
+        })?;
+        let release =
+            tessera_chart_tests::Release::new("tessera", TESSERA_NAMESPACE).values(CHART_VALUES);
+        tessera_chart_tests::install(
+            &client,
+            &helm,
+            &release,
+            Some(tessera_chart_tests::CLUSTER_OBJECT_KINDS),
+        )
+        .await
+        .map_err(|e| Error::State {
+            dir: tessera_chart_tests::chart_dir(),
+            reason: format!("installing the chart's cluster objects: {e}"),
+        })?;
         let prefix = container_prefix(cp.state().root());
         let version = cp.version();
         let version_string = cp.record().version_string.clone();
