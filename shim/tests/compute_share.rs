@@ -250,3 +250,22 @@ fn under_the_default_policy_an_idle_gpu_is_used_and_force_keeps_the_cap() {
     let forced = solo("dlsym", "plain", GRID, 25);
     assert_holds(&forced, 25, "force, alone");
 }
+
+#[test]
+fn a_schedule_left_on_another_clock_is_dropped_not_waited_out() {
+    let scene = Scene::new();
+    let config = scene.compute_claim("c", Share::force(50));
+    let app = scene.start_compute("dlsym", Some(&config));
+    app.finish();
+    // As if the region outlived a reboot: its schedule is far in the new clock's future
+    // (`computeTat` of device 0: header device records start at 64, the field is at +88).
+    let region = scene.region("c");
+    let mut bytes = std::fs::read(&region).expect("region");
+    bytes[152..160].copy_from_slice(&(u64::MAX / 4).to_le_bytes());
+    std::fs::write(&region, bytes).expect("region");
+    let mut app = scene.start_compute("procaddr", Some(&config));
+    app.start_run("plain", GRID, SPAN_MS, WINDOW_MS);
+    let run = app.run_reply();
+    app.finish();
+    assert_holds(&run, 50, "after a reboot");
+}

@@ -10,7 +10,7 @@ pub mod board;
 pub mod clock;
 mod cost;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use tessera_api::claim_config::{CorePolicy, Priority};
 use tessera_api::region::MAX_DEVICES;
@@ -32,9 +32,11 @@ const ACTIVE_NS: u64 = 50_000_000;
 /// What a claim keeps while a higher-priority one is active: enough to make progress, little
 /// enough to leave the GPU to the other.
 const YIELD_SHARE: u32 = 1;
-/// A schedule further ahead of the clock than this cannot be a debt the claim ran up (its
-/// clock went back: a region that outlived a reboot, or a fake GPU that was reset); it is
-/// dropped rather than waited out.
+/// A schedule further ahead of the clock than this, when a process first launches, is taken
+/// for one written on another clock (a region that outlived a reboot, when `CLOCK_MONOTONIC`
+/// restarted; a fake GPU that was reset) and dropped rather than waited out. Checked once per
+/// process and device, not per launch: a claim yielding with long kernels can legitimately run
+/// a debt this large, and a new process forgiving it once is harmless.
 const IMPLAUSIBLE_NS: u64 = 10_000_000_000;
 /// The share meaning "no limit".
 const UNLIMITED: u32 = 100;
@@ -51,6 +53,8 @@ pub struct Limiter {
     /// The share in force per device, percent; `UNLIMITED` skips the limiter.
     share: [AtomicU32; MAX_DEVICES],
     next_refresh: [AtomicU64; MAX_DEVICES],
+    /// Whether this process has looked at the device's schedule for another clock's values.
+    clock_checked: [AtomicBool; MAX_DEVICES],
 }
 
 impl Limiter {
@@ -78,6 +82,7 @@ impl Limiter {
             boards,
             share: std::array::from_fn(|d| AtomicU32::new(cores[d])),
             next_refresh: [const { AtomicU64::new(0) }; MAX_DEVICES],
+            clock_checked: [const { AtomicBool::new(false) }; MAX_DEVICES],
         }
     }
 
@@ -105,6 +110,13 @@ impl Limiter {
 
     #[cold]
     fn refresh(&self, enforcer: &Enforcer, device: usize, now: u64) {
+        if !self.clock_checked[device].swap(true, Ordering::Relaxed) {
+            let tat = enforcer.ledger.compute_tat(device);
+            let scheduled = tat.load(Ordering::Relaxed);
+            if scheduled > now.saturating_add(IMPLAUSIBLE_NS) {
+                let _ = tat.compare_exchange(scheduled, now, Ordering::Relaxed, Ordering::Relaxed);
+            }
+        }
         let cores = self.cores[device];
         let share = match self.boards.get(device).and_then(Option::as_ref) {
             Some(board) => {
@@ -191,10 +203,6 @@ pub fn launch(
     if slot > now.saturating_add(BURST_NS) {
         // Ahead of the coarse clock: look at the precise one before deciding to wait.
         now = clock::now();
-    }
-    if slot > now.saturating_add(IMPLAUSIBLE_NS) {
-        tat.store(now.saturating_add(charge), Ordering::Relaxed);
-        slot = now;
     }
     while slot > now.saturating_add(BURST_NS) {
         // Wake at least every refresh to notice a neighbour leaving (a share going up).
