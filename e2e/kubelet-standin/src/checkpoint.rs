@@ -114,3 +114,81 @@ impl Checkpoint {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(uid: &str) -> ClaimRef {
+        ClaimRef {
+            namespace: "ns".into(),
+            name: format!("claim-{uid}"),
+            uid: uid.into(),
+        }
+    }
+
+    fn device() -> PreparedDevice {
+        PreparedDevice {
+            request_names: vec!["gpu".into()],
+            device_name: "gpu-0".into(),
+            cdi_device_ids: vec!["gpu.tessera.dev/claim=u1-gpu-0".into()],
+        }
+    }
+
+    #[test]
+    fn a_claim_shared_by_two_pods_is_unused_only_after_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("checkpoint.json");
+        let mut checkpoint = Checkpoint::open(&path).expect("empty checkpoint");
+        checkpoint
+            .add(&claim("u1"), "pod-a", vec![device()])
+            .expect("add a");
+        checkpoint
+            .add(&claim("u1"), "pod-b", vec![device()])
+            .expect("add b");
+        checkpoint
+            .add(&claim("u1"), "pod-b", vec![device()])
+            .expect("add b again");
+        assert_eq!(
+            checkpoint.get("u1").map(|c| c.pods.len()),
+            Some(2),
+            "a pod is recorded once"
+        );
+        assert!(!checkpoint.release("u1", "pod-a").expect("release a"));
+        assert!(checkpoint.release("u1", "pod-b").expect("release b"));
+        assert!(
+            !checkpoint
+                .release("unknown", "pod-a")
+                .expect("unknown claim")
+        );
+    }
+
+    #[test]
+    fn it_survives_a_restart_and_refuses_garbage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("checkpoint.json");
+        let mut checkpoint = Checkpoint::open(&path).expect("empty checkpoint");
+        checkpoint
+            .add(&claim("u1"), "pod-a", vec![device()])
+            .expect("add");
+        checkpoint.add(&claim("u2"), "pod-a", vec![]).expect("add");
+        checkpoint.remove("u2").expect("remove");
+        let reopened = Checkpoint::open(&path).expect("reopen");
+        let claims: Vec<&String> = reopened.claims().map(|(uid, _)| uid).collect();
+        assert_eq!(claims, vec!["u1"]);
+        assert_eq!(
+            reopened.get("u1").map(|c| c.claim_ref("u1")),
+            Some(claim("u1"))
+        );
+        assert_eq!(
+            reopened.get("u1").map(|c| c.devices.clone()),
+            Some(vec![device()])
+        );
+        std::fs::write(&path, b"{not json").expect("corrupt");
+        let error = Checkpoint::open(&path)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(error.contains("not a valid stand-in checkpoint"), "{error}");
+    }
+}

@@ -151,3 +151,15 @@ pub fn exit_reason(code: i32) -> &'static str {
         _ => "Error",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn podman_failures_are_not_mistaken_for_the_program_s() {
+        assert_eq!(super::exit_reason(0), "Completed");
+        assert_eq!(super::exit_reason(1), "Error");
+        assert_eq!(super::exit_reason(125), "ContainerCannotRun");
+        assert_eq!(super::exit_reason(127), "StartError");
+        assert_eq!(super::exit_reason(137), "Killed");
+    }
+}

@@ -170,3 +170,14 @@ async fn shutdown_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pairs_need_a_key_and_an_equals_sign() {
+        assert_eq!(super::parse_pair("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(super::parse_pair("A="), Ok(("A".into(), String::new())));
+        assert!(super::parse_pair("=b").is_err());
+        assert!(super::parse_pair("Ab").is_err());
+    }
+}
