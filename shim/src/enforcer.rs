@@ -143,7 +143,7 @@ fn board_dir() -> Option<String> {
 }
 
 impl Enforcer {
-    fn from_file(path: &str) -> Result<Enforcer, String> {
+    pub(crate) fn from_file(path: &str) -> Result<Enforcer, String> {
         let raw = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
         let config = ShimConfig::from_json(&raw).map_err(|e| e.to_string())?;
         let devices = RegionDeviceSpec::from_config(&config);

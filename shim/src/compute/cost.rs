@@ -79,7 +79,7 @@ pub fn estimate(key: u64) -> u64 {
     FALLBACK.load(Ordering::Relaxed)
 }
 
-fn learn(key: u64, sample: u64) {
+pub(super) fn learn(key: u64, sample: u64) {
     if sample == 0 {
         return;
     }
@@ -170,8 +170,10 @@ fn begin_slow(
         && record(sampler.start, stream, per_thread);
     if started {
         sampler.pending = key;
-        sampler.next_at = now.saturating_add(SAMPLE_EVERY_NS);
     }
+    // Also after a failure (no context, a capturing stream): try again next period, not on
+    // every launch.
+    sampler.next_at = now.saturating_add(SAMPLE_EVERY_NS);
     SAMPLER.with(|s| s.set(sampler));
     started
 }

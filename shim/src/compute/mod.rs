@@ -231,3 +231,88 @@ pub fn launch(
 pub fn forget_after_fork() {
     cost::forget_after_fork();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    fn enforcer(dir: &std::path::Path, cores: u32) -> Enforcer {
+        let config = dir.join(format!("claim-{cores}.json"));
+        let region = dir.join(format!("claim-{cores}.region"));
+        let text = format!(
+            r#"{{"version":1,"claimUid":"hot-path-{cores}","region":"{}","devices":[{{"uuid":"GPU-11111111-2222-3333-4444-555555555555","memoryLimit":1073741824,"cores":{cores}}}],"corePolicy":"force"}}"#,
+            region.display()
+        );
+        std::fs::write(&config, text).expect("config");
+        Enforcer::from_file(config.to_str().expect("utf-8")).expect("enforcer")
+    }
+
+    /// The launch path's own cost on the host clock (what a real GPU node runs), with a
+    /// forward that does nothing: no driver, so nothing but the limiter is timed. A benchmark,
+    /// not a test: `cargo test -p tessera-shim --release --lib -- --ignored --nocapture hot_path`.
+    #[test]
+    #[ignore = "benchmark"]
+    fn hot_path() {
+        const LAUNCHES: u64 = 10_000_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (whole, half) = (enforcer(dir.path(), 100), enforcer(dir.path(), 50));
+        let key = key(0x1000, 1);
+        // 1 ns kernels: 10 M launches at half the GPU owe 20 ms, far less than the loop takes,
+        // so the claim stays under its share throughout.
+        cost::learn(key, 1);
+        let time = |f: &dyn Fn()| {
+            (0..5)
+                .map(|_| {
+                    let start = Instant::now();
+                    f();
+                    start.elapsed().as_nanos() as f64 / LAUNCHES as f64
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let bare = time(&|| {
+            for _ in 0..LAUNCHES {
+                black_box(CUDA_SUCCESS);
+            }
+        });
+        let off = time(&|| {
+            for _ in 0..LAUNCHES {
+                black_box(launch(
+                    &whole,
+                    black_box(key),
+                    std::ptr::null_mut(),
+                    false,
+                    || CUDA_SUCCESS,
+                ));
+            }
+        });
+        let on = time(&|| {
+            for _ in 0..LAUNCHES {
+                black_box(launch(
+                    &half,
+                    black_box(key),
+                    std::ptr::null_mut(),
+                    false,
+                    || CUDA_SUCCESS,
+                ));
+            }
+        });
+        let coarse = time(&|| {
+            for _ in 0..LAUNCHES {
+                black_box(clock::coarse());
+            }
+        });
+        let precise = time(&|| {
+            for _ in 0..LAUNCHES {
+                black_box(clock::now());
+            }
+        });
+        println!("| path | ns per launch |\n|---|---|");
+        println!("| no limiter (empty forward) | {bare:.1} |");
+        println!("| claim of cores 100 (limiter off) | {off:.1} |");
+        println!("| claim of cores 50, under its share | {on:.1} |");
+        println!("| of which CLOCK_MONOTONIC_COARSE | {coarse:.1} |");
+        println!("| (CLOCK_MONOTONIC, for comparison) | {precise:.1} |");
+    }
+}
