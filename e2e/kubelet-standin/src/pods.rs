@@ -570,12 +570,7 @@ impl PodTask {
                     }
                 }
                 Ok(container::Spec {
-                    name: format!(
-                        "{}-{}-{}",
-                        ctx.container_prefix,
-                        &self.uid[..self.uid.len().min(8)],
-                        container.name
-                    ),
+                    name: self.container_name(&container.name),
                     command,
                     env: container_env(&self.pod, container, &ctx.node),
                     cdi_devices,
@@ -587,6 +582,15 @@ impl PodTask {
             specs.push((container.name.clone(), result));
         }
         Ok(specs)
+    }
+
+    /// Unique on the host, and the same after a restart of the stand-in.
+    fn container_name(&self, container: &str) -> String {
+        format!(
+            "{}-{}-{container}",
+            self.context.container_prefix,
+            &self.uid[..self.uid.len().min(8)]
+        )
     }
 
     async fn fail_lost_pod(&mut self) -> anyhow::Result<()> {
@@ -601,6 +605,13 @@ impl PodTask {
             .collect();
         let now = Timestamp::now().to_string();
         for name in &names {
+            // podman's conmon may have kept the container running without us: stop it before
+            // its claims are unprepared.
+            let container = self.container_name(name);
+            self.context
+                .runtime
+                .stop(&container, STOP_GRACE_SECONDS)
+                .await;
             self.patch_status(terminated_status(
                 name,
                 137,
