@@ -45,6 +45,24 @@ fn optional_fields_take_documented_defaults() {
     assert!(device.managed_memory);
     assert_eq!(device.minor_number, 0);
     assert_eq!(device.context_memory, 0);
+    assert_eq!(
+        device.wave_ns, 100_000,
+        "a wave of blocks holds the SMs 100 µs"
+    );
+}
+
+#[test]
+fn wave_time_is_configurable_and_never_zero() {
+    let with =
+        |wave: &str| MINIMAL.replacen(r#""memory""#, &format!(r#""waveNs": {wave}, "memory""#), 1);
+    assert_eq!(parse(&with("1")).unwrap().devices[0].wave_ns, 1);
+    assert_eq!(
+        parse(&with("0")).unwrap().devices[0].wave_ns,
+        1,
+        "0 would stop time"
+    );
+    let err = parse(&with("-1")).unwrap_err();
+    assert!(err.contains("waveNs"), "{err}");
 }
 
 #[test]
