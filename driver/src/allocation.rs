@@ -5,6 +5,11 @@
 //! the inventory) is the ceiling; consumed capacity, when present, narrows it. Several results on
 //! one GPU (two shares, or two slices, in one claim) add up, because the shim keeps one limit per
 //! GPU UUID.
+//!
+//! With a node memory overcommit ([`MemoryOvercommit`]), shares are cut from the offered memory
+//! (physical × factor), exactly as the slices publish them; a whole GPU without consumed
+//! capacity (exclusive mode, partitioned's `gpu-<i>`) stays the physical card. A claim's limit
+//! is never more than it was allocated, and never more than the offered memory of the GPU.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +17,7 @@ use tessera_api::names::{DRIVER_NAME, capacity};
 
 use crate::device_name::{DeviceName, ParseError};
 use crate::inventory::Inventory;
+use crate::overcommit::MemoryOvercommit;
 use crate::quantity::{self, QuantityError};
 
 /// One `status.allocation.devices.results[]` entry, whatever API version it was read in.
@@ -96,9 +102,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Resolves the results of `gpu.tessera.dev` (others are skipped) against `inventory`.
 pub fn claim_limits(results: &[DeviceResult], inventory: &Inventory) -> Result<ClaimLimits> {
+    claim_limits_with(results, inventory, &MemoryOvercommit::none())
+}
+
+/// [`claim_limits`] on a node whose memory is overcommitted by `overcommit`.
+pub fn claim_limits_with(
+    results: &[DeviceResult],
+    inventory: &Inventory,
+    overcommit: &MemoryOvercommit,
+) -> Result<ClaimLimits> {
     let mut devices = Vec::new();
     for result in results.iter().filter(|r| r.driver == DRIVER_NAME) {
-        devices.push(resolve(result, inventory)?);
+        devices.push(resolve(result, inventory, overcommit)?);
     }
     if devices.is_empty() {
         return Err(Error::NoDevices);
@@ -115,10 +130,10 @@ pub fn claim_limits(results: &[DeviceResult], inventory: &Inventory) -> Result<C
         entry.memory_limit = entry.memory_limit.saturating_add(device.memory);
         entry.cores = (entry.cores + device.cores).min(100);
     }
-    // Two shares of one GPU can never add up to more than the card.
+    // Two shares of one GPU can never add up to more than the card (as offered).
     for gpu in gpus.values_mut() {
         if let Some(card) = inventory.by_index(gpu.index) {
-            gpu.memory_limit = gpu.memory_limit.min(card.memory);
+            gpu.memory_limit = gpu.memory_limit.min(overcommit.offered_memory(card));
         }
     }
     if gpus.len() > tessera_api::region::MAX_DEVICES {
@@ -130,7 +145,11 @@ pub fn claim_limits(results: &[DeviceResult], inventory: &Inventory) -> Result<C
     })
 }
 
-fn resolve(result: &DeviceResult, inventory: &Inventory) -> Result<AllocatedDevice> {
+fn resolve(
+    result: &DeviceResult,
+    inventory: &Inventory,
+    overcommit: &MemoryOvercommit,
+) -> Result<AllocatedDevice> {
     let name = DeviceName::parse(&result.device)?;
     let device = || result.device.clone();
     let gpu = inventory
@@ -139,10 +158,16 @@ fn resolve(result: &DeviceResult, inventory: &Inventory) -> Result<AllocatedDevi
             device: device(),
             index: name.gpu_index(),
         })?;
-    let share = name.limits(gpu).ok_or_else(|| Error::DoesNotFit {
+    let consumes_memory = result.consumed_capacity.contains_key(capacity::MEMORY);
+    // Shares are cut from the offered memory; a whole GPU handed to one claim is the card.
+    let basis = match name {
+        DeviceName::Whole { .. } if !consumes_memory => gpu.clone(),
+        _ => overcommit.offered(gpu),
+    };
+    let share = name.limits(&basis).ok_or_else(|| Error::DoesNotFit {
         device: device(),
         uuid: gpu.uuid.clone(),
-        memory: gpu.memory,
+        memory: basis.memory,
     })?;
     let consumed = |capacity: &str| -> Result<Option<u64>> {
         result
@@ -303,5 +328,69 @@ mod tests {
         assert!(err(share("gpu-0", "s", "lots", "1")).contains("consumedCapacity.memory"));
         assert!(err(share("gpu-0", "s", "0", "1")).contains("consumedCapacity.memory is 0"));
         assert!(err(result("gpu-0-mem-99999mi-0")).contains("does not fit"));
+    }
+
+    fn doubled() -> MemoryOvercommit {
+        "2".parse().expect("valid")
+    }
+
+    #[test]
+    fn overcommit_cuts_shares_from_the_offered_memory() {
+        // Consumable: the consumed capacity, up to the offered 48 GiB of a 24 GiB card.
+        let limits = claim_limits_with(
+            &[share("gpu-0", "s", "20Gi", "25")],
+            &inventory(),
+            &doubled(),
+        )
+        .expect("valid");
+        assert_eq!(limits.gpus[0].memory_limit, 20 << 30);
+        let limits = claim_limits_with(
+            &[share("gpu-0", "s", "40Gi", "25")],
+            &inventory(),
+            &doubled(),
+        )
+        .expect("valid");
+        assert_eq!(limits.gpus[0].memory_limit, 40 << 30);
+        // More than offered is cut to the offered memory (the scheduler's validRange max).
+        let limits = claim_limits_with(
+            &[share("gpu-0", "s", "60Gi", "25")],
+            &inventory(),
+            &doubled(),
+        )
+        .expect("valid");
+        assert_eq!(limits.gpus[0].memory_limit, 48 << 30);
+        // Without overcommit the same share is cut to the card, as before.
+        let limits =
+            claim_limits(&[share("gpu-0", "s", "40Gi", "25")], &inventory()).expect("valid");
+        assert_eq!(limits.gpus[0].memory_limit, 24 << 30);
+        // Fixed / partitioned slices: a quarter of the offered memory.
+        let limits = claim_limits_with(&[result("gpu-0-slice-1of4")], &inventory(), &doubled())
+            .expect("valid");
+        assert_eq!(
+            (limits.gpus[0].memory_limit, limits.gpus[0].cores),
+            (12 << 30, 25)
+        );
+    }
+
+    #[test]
+    fn overcommit_leaves_a_whole_gpu_the_card_and_caps_a_claim_at_the_offered_memory() {
+        let limits =
+            claim_limits_with(&[result("gpu-1")], &inventory(), &doubled()).expect("valid");
+        assert_eq!(limits.gpus[0].memory_limit, 48 << 30, "exclusive: the card");
+        let results = [
+            share("gpu-0", "a", "40Gi", "50"),
+            share("gpu-0", "b", "40Gi", "50"),
+        ];
+        let limits = claim_limits_with(&results, &inventory(), &doubled()).expect("valid");
+        assert_eq!(
+            limits.gpus[0].memory_limit,
+            48 << 30,
+            "two shares: the offered memory"
+        );
+        // A per-model policy only touches its model.
+        let l40s_only: MemoryOvercommit = "test=1.5,other=3".parse().expect("valid");
+        let limits = claim_limits_with(&[result("gpu-1-slice-0of2")], &inventory(), &l40s_only)
+            .expect("valid");
+        assert_eq!(limits.gpus[0].memory_limit, 36 << 30);
     }
 }

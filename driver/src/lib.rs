@@ -10,16 +10,18 @@
 pub mod allocation;
 pub mod cdi;
 pub mod checkpoint;
-pub mod claim_files;
 pub mod claim_config;
+pub mod claim_files;
 pub mod device_name;
 pub mod fsutil;
 pub mod health;
 pub mod inventory;
 #[cfg(feature = "nvml")]
 pub mod nvml;
+pub mod overcommit;
 pub mod quantity;
 
 pub use allocation::{AllocatedDevice, ClaimLimits, DeviceResult, GpuLimit};
 pub use device_name::DeviceName;
 pub use inventory::{Gpu, Inventory};
+pub use overcommit::MemoryOvercommit;
