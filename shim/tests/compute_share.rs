@@ -269,3 +269,39 @@ fn a_schedule_left_on_another_clock_is_dropped_not_waited_out() {
     app.finish();
     assert_holds(&run, 50, "after a reboot");
 }
+
+/// HAMi-core's users measure a 10 %/90 % pair at 1:6–8; the whole GPU is asked for here, so the
+/// two claims contend for every wave.
+#[test]
+fn claims_at_10_and_90_share_the_gpu_1_to_9() {
+    let scene = Scene::new();
+    let configs = [
+        scene.compute_claim("ten", Share::force(10)),
+        scene.compute_claim("ninety", Share::force(90)),
+    ];
+    let mut apps: Vec<App> = configs
+        .iter()
+        .map(|c| scene.start_compute("dlsym", Some(c)))
+        .collect();
+    for app in &mut apps {
+        assert_eq!(app.rc("join"), 0);
+    }
+    for app in &mut apps {
+        app.start_run("plain", GRID, SPAN_MS, WINDOW_MS);
+    }
+    let runs: Vec<Run> = apps.iter_mut().map(App::run_reply).collect();
+    let (a, b) = (mean(steady(&runs[0])), mean(steady(&runs[1])));
+    eprintln!(
+        "claims at 10 and 90: {a:.1}‰ and {b:.1}‰, ratio 1:{:.2} (windows {:?} / {:?})",
+        b / a,
+        runs[0].windows,
+        runs[1].windows
+    );
+    assert!(
+        (a - 100.0).abs() <= 30.0 && (b - 900.0).abs() <= 30.0,
+        "{runs:?}"
+    );
+    for app in apps {
+        app.finish();
+    }
+}
