@@ -45,9 +45,27 @@ pub struct Fixture {
     pub app_direct: PathBuf,
 }
 
+/// The fixture lives as long as its test process, which has no hook to remove it at exit: each
+/// new one removes those of processes that are gone, so runs do not pile up in the target dir.
+fn remove_stale_fixtures() {
+    let Ok(entries) = std::fs::read_dir(target_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("shim-tests-")) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 pub fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
+        remove_stale_fixtures();
         let dir = target_dir().join(format!("shim-tests-{}", std::process::id()));
         let lib_dir = dir.join("lib");
         std::fs::create_dir_all(&lib_dir).expect("fixture dir");
