@@ -191,6 +191,13 @@ struct DeviceEntry {
     clock_rate_khz: Option<u32>,
     #[serde(default, deserialize_with = "wave_ns")]
     wave_ns: Option<u64>,
+    /// The kubelet plugin's health fields: the same file is the plugin's fake inventory. The
+    /// fake driver keeps serving a GPU marked unhealthy, as a real one may until it falls off
+    /// the bus; withdrawing it is the plugin's job.
+    #[serde(default, rename = "health")]
+    _health: Option<String>,
+    #[serde(default, rename = "healthReason")]
+    _health_reason: Option<String>,
 }
 
 /// Deserializes one field through a `Value` so the error can carry the field's name.

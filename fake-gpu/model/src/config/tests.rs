@@ -276,3 +276,16 @@ fn the_fingerprint_covers_identity_and_capacity_only() {
     assert_ne!(a.fingerprint(), b.fingerprint());
     assert_ne!(a.fingerprint(), Config::default().fingerprint());
 }
+
+#[test]
+fn the_plugins_health_fields_are_accepted_and_unknown_ones_still_refused() {
+    let with_health = r#"{"devices": [{"uuid": "GPU-12345678-1234-1234-1234-123456789abc",
+        "name": "NVIDIA T4", "memory": 16106127360, "health": "unhealthy", "healthReason": "XID 79"}]}"#;
+    assert_eq!(parse(with_health).map(|c| c.devices.len()), Ok(1));
+    let typo = with_health.replace("healthReason", "healthReasn");
+    assert!(
+        parse(&typo).is_err_and(|e| e.contains("healthReasn")),
+        "{:?}",
+        parse(&typo)
+    );
+}
