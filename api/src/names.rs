@@ -19,6 +19,9 @@ pub mod attribute {
     pub const INDEX: &str = "index";
     pub const MINOR: &str = "minor";
     pub const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
+    /// The node's memory overcommit factor on this GPU, in percent (150 = 1.5× the physical
+    /// memory is offered); published only on GPUs whose factor is above 1.
+    pub const MEMORY_OVERCOMMIT_PERCENT: &str = "memoryOvercommitPercent";
 }
 
 /// Device capacities.

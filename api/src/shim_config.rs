@@ -30,6 +30,12 @@ pub struct ShimDevice {
     /// per-context memory, which no allocation call reports). 0 charges nothing.
     #[serde(default)]
     pub context_overhead: u64,
+    /// The GPU's physical memory in bytes, written only when the node overcommits this GPU's
+    /// memory (`--memory-overcommit`, `docs/oversubscription.md`): the claims' limits on it may
+    /// then add up to more than the card, and the spill path needs to know where the card ends.
+    /// Absent otherwise, so a config without overcommit is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_memory: Option<u64>,
 }
 
 /// The whole file.
@@ -148,6 +154,7 @@ mod tests {
                 memory_limit: 2 << 30,
                 cores: 25,
                 context_overhead: 0,
+                physical_memory: None,
             }],
             priority: Priority::Normal,
             oversubscribe: false,
@@ -223,5 +230,23 @@ mod tests {
             config.devices[0].cores = cores;
             prop_assert_eq!(ShimConfig::from_json(&config.to_json()).expect("valid"), config);
         }
+    }
+
+    #[test]
+    fn physical_memory_is_optional_and_written_only_when_set() {
+        let plain = serde_json::to_string(&valid()).expect("json");
+        assert!(!plain.contains("physicalMemory"), "{plain}");
+        let mut over = valid();
+        over.devices[0].physical_memory = Some(8 << 30);
+        let text = serde_json::to_string(&over).expect("json");
+        assert!(text.contains("\"physicalMemory\":8589934592"), "{text}");
+        assert_eq!(ShimConfig::from_json(text.as_bytes()).expect("valid"), over);
+        assert_eq!(
+            ShimConfig::from_json(plain.as_bytes())
+                .expect("valid")
+                .devices[0]
+                .physical_memory,
+            None
+        );
     }
 }

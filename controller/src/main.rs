@@ -66,13 +66,20 @@ struct Args {
     /// v1, v1beta2, v1beta1, v1alpha3.
     #[arg(long, default_value = "v1")]
     api_version: String,
+    /// With --render-inventory: the node's memory overcommit, `1.5` or `NVIDIA L40S=2,default=1.2`
+    /// (1.0–4.0), as `tessera-kubelet-plugin --memory-overcommit` takes it.
+    #[arg(long, default_value = "1")]
+    memory_overcommit: tessera_driver::MemoryOvercommit,
 }
 
 /// `--render-inventory`: a bad inventory file is refused with the file and field named.
 fn render(args: &Args, path: &std::path::Path) -> Result<()> {
     use tessera_controller::node::ModeSetting;
-    use tessera_controller::slices::{CounterLayout, SliceMeta, build_pool, render_pool};
+    use tessera_controller::slices::{CounterLayout, SliceMeta, build_pool_with, render_pool};
     let inventory = tessera_driver::Inventory::from_file(path)?;
+    args.memory_overcommit
+        .check(&inventory)
+        .context("--memory-overcommit")?;
     let mode = match args
         .mode
         .parse::<ModeSetting>()
@@ -92,7 +99,13 @@ fn render(args: &Args, path: &std::path::Path) -> Result<()> {
         "mode {} needs resource.k8s.io v1 or v1beta2",
         mode.name()
     );
-    let plan = build_pool(&inventory, &args.node, mode, CounterLayout::Separate)?;
+    let plan = build_pool_with(
+        &inventory,
+        &args.node,
+        mode,
+        CounterLayout::Separate,
+        &args.memory_overcommit,
+    )?;
     for slice in render_pool(
         &plan,
         version,

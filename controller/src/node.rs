@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use crate::backoff::Backoff;
 use crate::discovery::ServerDra;
 use crate::publish::{Publisher, slice_resource};
-use crate::slices::{SharingMode, build_pool};
+use crate::slices::{SharingMode, build_pool_with};
 
 /// The mode setting: one mode, or `auto` (best the server keeps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +69,8 @@ pub struct NodeControllerConfig {
     pub resync: Duration,
     /// The Event reporter's controller name.
     pub reporter: String,
+    /// The node's memory overcommit (`--memory-overcommit`); none by default.
+    pub memory_overcommit: tessera_driver::MemoryOvercommit,
 }
 
 impl NodeControllerConfig {
@@ -78,6 +80,7 @@ impl NodeControllerConfig {
             mode,
             resync: Duration::from_secs(600),
             reporter: "tessera-kubelet-plugin".into(),
+            memory_overcommit: tessera_driver::MemoryOvercommit::none(),
         }
     }
 }
@@ -202,7 +205,13 @@ impl NodeController {
                     }
                 }
             } else {
-                match build_pool(&inventory, &self.config.node, mode, server.counter_layout()) {
+                match build_pool_with(
+                    &inventory,
+                    &self.config.node,
+                    mode,
+                    server.counter_layout(),
+                    &self.config.memory_overcommit,
+                ) {
                     Err(e) => {
                         tracing::error!(error = %e, "cannot build the node's pool");
                         self.set_error(e.to_string());

@@ -31,6 +31,7 @@ pub fn shim_config(
                 memory_limit: g.memory_limit,
                 cores: g.cores,
                 context_overhead: 0,
+                physical_memory: None,
             })
             .collect(),
         priority: settings.priority,

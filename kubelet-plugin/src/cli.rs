@@ -31,6 +31,11 @@ pub struct Args {
     /// Tessera's host state: the shim copy, claim configs and regions, the checkpoint.
     #[arg(long, default_value = "/var/lib/tessera")]
     pub state_dir: PathBuf,
+    /// Memory overcommit: the `memory` the node's slices offer is the GPUs' physical memory times
+    /// this factor (1.0–4.0), `1.5` for every GPU or per model, `NVIDIA L40S=2,default=1.2`.
+    /// Refused on GPUs without on-demand paging (compute capability below 6.0).
+    #[arg(long, env = "TESSERA_MEMORY_OVERCOMMIT", default_value = "1")]
+    pub memory_overcommit: tessera_driver::MemoryOvercommit,
     /// A fake inventory file (the fake GPU node's JSON) instead of asking NVML.
     #[arg(long)]
     pub inventory: Option<PathBuf>,

@@ -52,6 +52,16 @@ async fn run(args: Args) -> Result<()> {
     for gpu in &inventory.gpus {
         tracing::info!(index = gpu.index, uuid = %gpu.uuid, product = %gpu.product_name, memory = gpu.memory, "GPU");
     }
+    // The guard rail: no overcommit on GPUs that cannot page managed memory on demand.
+    args.memory_overcommit
+        .check(&inventory)
+        .context("--memory-overcommit")?;
+    for gpu in &inventory.gpus {
+        let factor = args.memory_overcommit.factor(gpu);
+        if factor.overcommits() {
+            tracing::info!(index = gpu.index, uuid = %gpu.uuid, %factor, offered = args.memory_overcommit.offered_memory(gpu), "GPU memory overcommitted");
+        }
+    }
     install::install_shim(&args.shim_path, &args.state_dir)?;
     let (cdi_mode, driver_files) = match args.cdi_mode {
         CdiModeArg::Toolkit => (CdiMode::Toolkit, None),
@@ -68,6 +78,7 @@ async fn run(args: Args) -> Result<()> {
         cdi_mode,
         driver_files,
         inventory,
+        memory_overcommit: args.memory_overcommit.clone(),
         boot_id: boot_id(),
         booted_at: booted_at(),
     };
@@ -93,12 +104,13 @@ async fn run(args: Args) -> Result<()> {
         },
         interval: std::time::Duration::from_secs(args.health_interval),
     };
-    let slices = tessera_kubelet_plugin::slices::start(
+    let slices = tessera_kubelet_plugin::slices::start_with(
         client.clone(),
         &args.node_name,
         &args.sharing_mode,
         inventory,
         health,
+        args.memory_overcommit.clone(),
     )?;
     let http = tokio::spawn(http::serve(args.metrics_address, metrics));
 

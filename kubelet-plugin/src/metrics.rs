@@ -16,6 +16,7 @@
 //! | `tessera_claims_prepared` | gauge | — |
 //! | `tessera_claim_memory_used_bytes` | gauge | namespace, claim, claim_uid, gpu_uuid |
 //! | `tessera_claim_memory_limit_bytes` | gauge | same |
+//! | `tessera_claim_memory_spilled_bytes` | gauge | same (host memory; 0 until the shim spills) |
 //! | `tessera_claim_cores_limit_ratio` | gauge | same (1 = the whole GPU) |
 //! | `tessera_claim_processes` | gauge | namespace, claim, claim_uid |
 
@@ -152,6 +153,7 @@ impl Collector for ClaimCollector {
         };
         let used: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let limit: Family<ClaimGpuLabels, U64Gauge> = Family::default();
+        let spilled: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let cores: Family<ClaimGpuLabels, RatioGauge> = Family::default();
         let processes: Family<ClaimLabels, U64Gauge> = Family::default();
         let mut prepared = 0u64;
@@ -180,11 +182,12 @@ impl Collector for ClaimCollector {
                     claim_uid: uid.clone(),
                     gpu_uuid: gpu.uuid.clone(),
                 };
-                let in_use = devices
-                    .iter()
-                    .find(|d| d.uuid == gpu.uuid)
-                    .map_or(0, |d| d.memory_used);
-                used.get_or_create(&labels).set(in_use);
+                let usage = devices.iter().find(|d| d.uuid == gpu.uuid);
+                used.get_or_create(&labels)
+                    .set(usage.map_or(0, |d| d.memory_used));
+                spilled
+                    .get_or_create(&labels)
+                    .set(usage.map_or(0, |d| d.memory_spilled));
                 limit.get_or_create(&labels).set(gpu.memory_limit);
                 // `cores` is out of 100 per GPU.
                 cores
@@ -211,6 +214,12 @@ impl Collector for ClaimCollector {
         limit.encode(encoder.encode_descriptor(
             "claim_memory_limit",
             "GPU memory limit of a claim",
+            Some(&bytes),
+            MetricType::Gauge,
+        )?)?;
+        spilled.encode(encoder.encode_descriptor(
+            "claim_memory_spilled",
+            "Memory of a claim's live processes served from host memory instead of the GPU (oversubscription)",
             Some(&bytes),
             MetricType::Gauge,
         )?)?;

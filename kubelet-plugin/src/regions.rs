@@ -1,4 +1,5 @@
-//! Reading a claim's accounting region for metrics: memory used, summed over live slots only.
+//! Reading a claim's accounting region for metrics: memory used and memory spilled to host
+//! memory (oversubscription; 0 until the shim spills), summed over live slots only.
 //!
 //! A slot is live while its owner holds an open-file-description lock on the slot's byte range
 //! (see `docs/reference/region.md`); the kernel drops it when the process dies, however it dies.
@@ -19,6 +20,8 @@ pub struct DeviceUsage {
     pub uuid: String,
     pub memory_used: u64,
     pub memory_limit: u64,
+    /// Bytes of the claim's allocations served from host memory (the slots' `memory_spilled`).
+    pub memory_spilled: u64,
 }
 
 /// Per-device usage of the region at `path`, and the number of live processes.
@@ -41,6 +44,12 @@ pub fn read_usage(path: &Path) -> std::io::Result<(Vec<DeviceUsage>, usize)> {
             uuid: device.uuid.clone(),
             memory_used: snapshot.memory_used(index, is_live),
             memory_limit: device.memory_limit,
+            memory_spilled: snapshot
+                .slots
+                .iter()
+                .filter(|s| s.state == tessera_api::region::SLOT_ACTIVE && is_live(s))
+                .map(|s| s.memory_spilled.get(index).copied().unwrap_or(0))
+                .fold(0u64, u64::saturating_add),
         })
         .collect();
     let processes = snapshot

@@ -7,7 +7,7 @@
 //! that is going away.
 
 use tessera_controller::node::{ModeSetting, NodeController, NodeControllerConfig, NodeStatus};
-use tessera_driver::Inventory;
+use tessera_driver::{Inventory, MemoryOvercommit};
 
 use crate::node::health::{self, HealthConfig, NodeEvents};
 
@@ -39,6 +39,26 @@ pub fn start(
     inventory: Inventory,
     health: HealthConfig,
 ) -> anyhow::Result<SliceController> {
+    start_with(
+        client,
+        node,
+        mode,
+        inventory,
+        health,
+        MemoryOvercommit::none(),
+    )
+}
+
+/// [`start`] on a node whose memory is overcommitted (`--memory-overcommit`): the slices offer
+/// physical × factor (`docs/oversubscription.md`).
+pub fn start_with(
+    client: kube::Client,
+    node: &str,
+    mode: &str,
+    inventory: Inventory,
+    health: HealthConfig,
+    memory_overcommit: MemoryOvercommit,
+) -> anyhow::Result<SliceController> {
     if mode == "off" {
         let (_tx, rx) = tokio::sync::watch::channel(inventory);
         tracing::info!("--sharing-mode off: not publishing ResourceSlices");
@@ -57,8 +77,9 @@ pub fn start(
     let (tx, rx) = tokio::sync::watch::channel(tracker.offered());
     let events = NodeEvents::new(client.clone(), node);
     let health = tokio::spawn(health::run(health, tracker, changes, tx, Some(events)));
-    let (controller, status) =
-        NodeController::new(client, NodeControllerConfig::new(node, mode), rx.clone());
+    let mut config = NodeControllerConfig::new(node, mode);
+    config.memory_overcommit = memory_overcommit;
+    let (controller, status) = NodeController::new(client, config, rx.clone());
     Ok(SliceController {
         task: Some(tokio::spawn(controller.run())),
         health: Some(health),

@@ -3,11 +3,16 @@
 //!
 //! Device names follow `tessera_driver::DeviceName` exactly, and capacities come from
 //! `DeviceName::limits`, because preparing a claim derives the limits from the name alone.
+//!
+//! Memory overcommit ([`MemoryOvercommit`], `docs/oversubscription.md`): shares are cut from the
+//! offered memory (physical × the GPU's factor) in consumable, partitioned and fixed mode, as
+//! `tessera_driver::allocation::claim_limits_with` cuts them; a whole GPU for one claim
+//! (exclusive, partitioned's `gpu-<i>`) stays the physical card.
 
 use std::collections::BTreeMap;
 
 use tessera_api::names::{attribute, capacity};
-use tessera_driver::{DeviceName, Gpu, Inventory};
+use tessera_driver::{DeviceName, Gpu, Inventory, MemoryOvercommit};
 
 use super::model::*;
 
@@ -54,12 +59,23 @@ pub fn build_pool(
     mode: SharingMode,
     layout: CounterLayout,
 ) -> Result<PoolPlan, BuildError> {
+    build_pool_with(inventory, node, mode, layout, &MemoryOvercommit::none())
+}
+
+/// [`build_pool`] with the node's memory overcommit.
+pub fn build_pool_with(
+    inventory: &Inventory,
+    node: &str,
+    mode: SharingMode,
+    layout: CounterLayout,
+    overcommit: &MemoryOvercommit,
+) -> Result<PoolPlan, BuildError> {
     if inventory.gpus.is_empty() {
         return Err(BuildError::NoGpus);
     }
     let mut units = Vec::with_capacity(inventory.gpus.len());
     for gpu in &inventory.gpus {
-        units.push(gpu_unit(inventory, gpu, mode)?);
+        units.push(gpu_unit(inventory, gpu, mode, overcommit)?);
     }
     let slices = split(units, layout);
     Ok(PoolPlan {
@@ -76,16 +92,35 @@ struct Unit {
     devices: Vec<Device>,
 }
 
-fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit, BuildError> {
+fn gpu_unit(
+    inventory: &Inventory,
+    gpu: &Gpu,
+    mode: SharingMode,
+    overcommit: &MemoryOvercommit,
+) -> Result<Unit, BuildError> {
     let too_small = || BuildError::TooSmall {
         index: gpu.index,
         uuid: gpu.uuid.clone(),
         memory: gpu.memory,
         mode: mode.name(),
     };
-    let attributes = attributes(inventory, gpu);
+    let mut attributes = attributes(inventory, gpu);
+    let factor = overcommit.factor(gpu);
+    if factor.overcommits() && mode != SharingMode::Exclusive {
+        attributes.insert(
+            attribute::MEMORY_OVERCOMMIT_PERCENT.to_string(),
+            Attribute::Int((factor.permille() / 10).into()),
+        );
+    }
+    // What shares are cut from: the offered memory (physical in exclusive mode, and for any
+    // whole GPU, which goes to one claim).
+    let offered = overcommit.offered(gpu);
     let device = |name: DeviceName| -> Result<Device, BuildError> {
-        let share = name.limits(gpu).ok_or_else(too_small)?;
+        let basis = match name {
+            DeviceName::Whole { .. } => gpu,
+            _ => &offered,
+        };
+        let share = name.limits(basis).ok_or_else(too_small)?;
         Ok(Device {
             name: name.to_string(),
             gpu_index: gpu.index,
@@ -140,13 +175,16 @@ fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit,
             }
             let mut d = device(DeviceName::Whole { index })?;
             d.allow_multiple_allocations = true;
-            // max must be min + k·step and at most the card; the default (a request that names no
-            // memory) is the whole usable card, so asking for nothing never oversubscribes.
-            let max = MEMORY_STEP + (gpu.memory - MEMORY_STEP) / MEMORY_STEP * MEMORY_STEP;
+            // max must be min + k·step and at most the offered memory; the default (a request
+            // that names no memory) is the whole usable physical card, so asking for nothing
+            // never oversubscribes a GPU that is not overcommitted.
+            let steps =
+                |bytes: u64| MEMORY_STEP + (bytes - MEMORY_STEP) / MEMORY_STEP * MEMORY_STEP;
+            let max = steps(offered.memory);
             let memory = Capacity {
-                value: gpu.memory,
+                value: offered.memory,
                 policy: Some(RequestPolicy {
-                    default: max,
+                    default: steps(gpu.memory),
                     min: MEMORY_STEP,
                     max,
                     step: MEMORY_STEP,
@@ -171,7 +209,7 @@ fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit,
         SharingMode::Partitioned => {
             let set = counter_set_name(index);
             let counters = BTreeMap::from([
-                (capacity::MEMORY.to_string(), gpu.memory),
+                (capacity::MEMORY.to_string(), offered.memory),
                 (capacity::CORES.to_string(), 100),
             ]);
             let mut devices = Vec::new();
@@ -184,12 +222,16 @@ fn gpu_unit(inventory: &Inventory, gpu: &Gpu, mode: SharingMode) -> Result<Unit,
                     };
                     let mut d = device(name)?;
                     // A device consumes exactly what it gives, so the scheduler never hands out
-                    // more of a GPU than it has, whatever mix of sizes it picks.
-                    let consumed = d
-                        .capacity
-                        .iter()
-                        .map(|(k, c)| (k.clone(), c.value))
-                        .collect();
+                    // more of a GPU than it has, whatever mix of sizes it picks; the whole GPU
+                    // consumes the whole set (with overcommit, more than its physical capacity).
+                    let consumed = if of == 1 {
+                        counters.clone()
+                    } else {
+                        d.capacity
+                            .iter()
+                            .map(|(k, c)| (k.clone(), c.value))
+                            .collect()
+                    };
                     d.consumes_counters.push(CounterConsumption {
                         counter_set: set.clone(),
                         counters: consumed,

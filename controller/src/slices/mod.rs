@@ -6,7 +6,7 @@ pub mod compare;
 pub mod model;
 pub mod render;
 
-pub use build::{BuildError, build_pool};
+pub use build::{BuildError, build_pool, build_pool_with};
 pub use model::{CounterLayout, PoolPlan, SharingMode};
 pub use render::{ApiVersion, SliceMeta, render_pool, slice_name};
 

@@ -307,3 +307,166 @@ proptest! {
         }
     }
 }
+
+/// The limit preparing a claim derives for `device` when the scheduler hands it out whole (in
+/// consumable mode: consuming all of its capacity).
+fn prepared_memory(
+    inv: &Inventory,
+    d: &Device,
+    overcommit: &tessera_driver::MemoryOvercommit,
+) -> u64 {
+    use tessera_driver::allocation::{DeviceResult, claim_limits_with};
+    let mut result = DeviceResult {
+        request: "gpu".into(),
+        driver: "gpu.tessera.dev".into(),
+        pool: "n".into(),
+        device: d.name.clone(),
+        ..Default::default()
+    };
+    if d.allow_multiple_allocations {
+        result.share_id = Some("s".into());
+        result.consumed_capacity = [
+            ("memory".to_string(), d.capacity["memory"].value.to_string()),
+            ("cores".to_string(), "100".to_string()),
+        ]
+        .into_iter()
+        .collect();
+    }
+    claim_limits_with(&[result], inv, overcommit)
+        .expect("prepares")
+        .gpus[0]
+        .memory_limit
+}
+
+#[test]
+fn overcommit_scales_memory_in_every_shared_mode_and_version() {
+    const GIB: u64 = 1 << 30;
+    let inv = inventory(2, 8 * GIB);
+    let doubled: tessera_driver::MemoryOvercommit = "2".parse().expect("valid");
+    // Expected memory capacity per device name, with factor 2 on 8 GiB cards.
+    let expect = |mode: SharingMode, name: &str| -> u64 {
+        match (mode, name) {
+            (SharingMode::Consumable, _) => 16 * GIB,
+            (SharingMode::Exclusive, _) => 8 * GIB,
+            (SharingMode::Partitioned, "gpu-0" | "gpu-1") => 8 * GIB,
+            (SharingMode::Partitioned | SharingMode::Fixed { .. }, n) => {
+                let of: u64 = n
+                    .rsplit("of")
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("slice");
+                16 * GIB / of
+            }
+        }
+    };
+    for mode in MODES {
+        for layout in [CounterLayout::Combined, CounterLayout::Separate] {
+            let plan = build_pool_with(&inv, "n", mode, layout, &doubled).expect("builds");
+            for d in plan.devices() {
+                let memory = d.capacity["memory"].value;
+                if let SharingMode::Fixed { slices: 100 } = mode {
+                    assert_eq!(memory, 16 * GIB / 100 / (1 << 20) * (1 << 20), "{}", d.name);
+                } else {
+                    assert_eq!(memory, expect(mode, &d.name), "{mode:?} {}", d.name);
+                }
+                // Preparing the claim gives exactly what was published: never more.
+                assert_eq!(
+                    prepared_memory(&inv, d, &doubled),
+                    memory,
+                    "{mode:?} {}",
+                    d.name
+                );
+                let percent = d.attributes.get("memoryOvercommitPercent");
+                if mode == SharingMode::Exclusive {
+                    assert_eq!(percent, None);
+                } else {
+                    assert_eq!(percent, Some(&Attribute::Int(200)), "{mode:?}");
+                }
+                assert!(d.attributes.len() + d.capacity.len() <= MAX_ATTRIBUTES_AND_CAPACITIES);
+            }
+            if mode == SharingMode::Consumable {
+                let p = plan.slices[0].devices[0].capacity["memory"]
+                    .policy
+                    .expect("policy");
+                // A claim may ask up to the offered memory; naming none gets the physical card.
+                assert_eq!((p.max, p.default), (16 * GIB, 8 * GIB));
+            }
+            for set in plan.slices.iter().flat_map(|s| &s.counter_sets) {
+                assert_eq!(set.counters["memory"], 16 * GIB);
+                assert_eq!(set.counters["cores"], 100);
+            }
+            if mode == SharingMode::Partitioned {
+                // The whole GPU gives the card but takes every counter: it stays alone.
+                let whole = plan.devices().find(|d| d.name == "gpu-0").expect("whole");
+                assert_eq!(whole.consumes_counters[0].counters["memory"], 16 * GIB);
+            }
+            for version in ApiVersion::ALL.into_iter().filter(|v| v.supports(mode)) {
+                let objects = render_pool(
+                    &plan,
+                    version,
+                    &SliceMeta {
+                        generation: 7,
+                        node_uid: None,
+                    },
+                );
+                check_rendered(&plan, version, &objects);
+                let first = objects
+                    .iter()
+                    .flat_map(|o| o["spec"]["devices"].as_array().into_iter().flatten())
+                    .next()
+                    .expect("a device");
+                let body = match version {
+                    ApiVersion::V1beta1 | ApiVersion::V1alpha3 => &first["basic"],
+                    _ => first,
+                };
+                let memory = match version {
+                    ApiVersion::V1alpha3 => &body["capacity"]["memory"],
+                    _ => &body["capacity"]["memory"]["value"],
+                };
+                let first_name = first["name"].as_str().expect("name");
+                let want = plan
+                    .devices()
+                    .find(|d| d.name == first_name)
+                    .expect("device")
+                    .capacity["memory"]
+                    .value;
+                assert_eq!(
+                    memory,
+                    &Value::String(want.to_string()),
+                    "{mode:?} {version:?}"
+                );
+                if mode != SharingMode::Exclusive {
+                    assert_eq!(body["attributes"]["memoryOvercommitPercent"]["int"], 200);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn factor_one_and_other_models_publish_as_before() {
+    let inv = inventory(2, 24 << 30);
+    let one: tessera_driver::MemoryOvercommit = "1.0".parse().expect("valid");
+    let other_model: tessera_driver::MemoryOvercommit = "NVIDIA L40S=3".parse().expect("valid");
+    for mode in MODES {
+        let before = build_pool(&inv, "n", mode, CounterLayout::Separate).expect("builds");
+        for policy in [&one, &other_model] {
+            let after =
+                build_pool_with(&inv, "n", mode, CounterLayout::Separate, policy).expect("builds");
+            assert_eq!(before, after, "{mode:?} {policy}");
+        }
+    }
+    // Per model: only the named model's GPUs grow.
+    let mut mixed = inventory(2, 24 << 30);
+    mixed.gpus[1].product_name = "NVIDIA L40S".into();
+    let plan = build_pool_with(
+        &mixed,
+        "n",
+        SharingMode::Consumable,
+        CounterLayout::Separate,
+        &other_model,
+    )
+    .expect("builds");
+    let memory: Vec<u64> = plan.devices().map(|d| d.capacity["memory"].value).collect();
+    assert_eq!(memory, vec![24 << 30, 72 << 30]);
+}

@@ -36,6 +36,9 @@ pub struct NodeConfig {
     /// Device nodes and libraries for `--cdi-mode=standalone`.
     pub driver_files: Option<DriverFiles>,
     pub inventory: Inventory,
+    /// The node's memory overcommit (`--memory-overcommit`): shares are cut from the offered
+    /// memory, as the node's slices publish them.
+    pub memory_overcommit: tessera_driver::MemoryOvercommit,
     /// This boot's `/proc/sys/kernel/random/boot_id`.
     pub boot_id: String,
     /// When this boot began (`btime` of `/proc/stat`).

@@ -42,7 +42,11 @@ impl Plan {
     /// Computes the plan of an allocated claim.
     pub fn new(config: &NodeConfig, claim: &Claim) -> Result<Plan, PlanError> {
         let allocation = claim.allocation.clone().unwrap_or_default();
-        let limits = allocation::claim_limits(&allocation.results, &config.inventory)?;
+        let limits = allocation::claim_limits_with(
+            &allocation.results,
+            &config.inventory,
+            &config.memory_overcommit,
+        )?;
         let requests: Vec<&str> = allocation
             .results
             .iter()
@@ -55,7 +59,16 @@ impl Plan {
                 files.check_gpu_node(gpu.minor)?;
             }
         }
-        let shim_config = claim_files::shim_config(&claim.uid, &limits.gpus, &settings)?;
+        let mut shim_config = claim_files::shim_config(&claim.uid, &limits.gpus, &settings)?;
+        // On an overcommitted GPU the shim learns the card's physical memory (for the spill
+        // path); elsewhere the file stays as it always was.
+        for device in &mut shim_config.devices {
+            if let Some(gpu) = config.inventory.gpus.iter().find(|g| g.uuid == device.uuid)
+                && config.memory_overcommit.factor(gpu).overcommits()
+            {
+                device.physical_memory = Some(gpu.memory);
+            }
+        }
         let host = HostPaths::new(&config.state_dir, &claim.uid);
         let spec = cdi::claim_spec(
             &claim.uid,

@@ -71,6 +71,7 @@ impl Env {
             cdi_mode: CdiMode::Toolkit,
             driver_files: None,
             inventory: self.inventory.clone(),
+            memory_overcommit: Default::default(),
             boot_id: "boot-1".into(),
             booted_at: std::time::UNIX_EPOCH,
         }

@@ -1,0 +1,255 @@
+//! Node memory overcommit (`--memory-overcommit`, `docs/oversubscription.md`): what a claim is
+//! prepared with on an overcommitted GPU, the spill metric read from the region, and the
+//! binary's refusals (a factor out of range, a GPU without on-demand paging).
+
+mod support;
+
+use std::fs::OpenOptions;
+use std::os::fd::AsFd;
+use std::process::Command;
+
+use http_body_util::BodyExt;
+use nix::fcntl::{FcntlArg, fcntl};
+use support::*;
+use tessera_api::region::{SLOT_ACTIVE, SLOT_SIZE, slot_offset};
+use tower::ServiceExt;
+
+fn uid(n: u32) -> String {
+    format!("{n:08x}-0000-4000-8000-0000000000aa")
+}
+
+fn put_u32(bytes: &mut [u8], at: usize, v: u32) {
+    bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(bytes: &mut [u8], at: usize, v: u64) {
+    bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+async fn metrics(router: axum::Router) -> String {
+    let response = router
+        .oneshot(
+            http::Request::get("/metrics")
+                .body(axum::body::Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The L40S (48 GiB) is overcommitted 2×, the RTX 4090 (24 GiB) is not.
+fn l40s_doubled(env: &Env) -> tessera_kubelet_plugin::NodeConfig {
+    let mut config = env.node_config();
+    config.memory_overcommit = "NVIDIA L40S=2".parse().expect("valid");
+    config
+}
+
+#[tokio::test]
+async fn claims_get_their_own_share_of_the_offered_memory() {
+    let env = Env::new(&["v1"]);
+    let instance = env.start_with(l40s_doubled(&env), None, None).await;
+    let cases = [
+        // A share bigger than the card: the consumed capacity, within the offered 96 GiB.
+        (
+            share(
+                "gpu",
+                "gpu-1",
+                "9f0c4c4e-1111-4000-8000-0000000000a1",
+                "60Gi",
+                "25",
+            ),
+            GPU1,
+            60 * GIB,
+            Some(48 * GIB),
+        ),
+        // Half of the offered memory: the whole card.
+        (
+            result("gpu", "gpu-1-slice-1of2"),
+            GPU1,
+            48 * GIB,
+            Some(48 * GIB),
+        ),
+        // The whole L40S for one claim stays the card.
+        (result("gpu", "gpu-1"), GPU1, 48 * GIB, Some(48 * GIB)),
+        // The 4090 is not overcommitted: as before, and no physicalMemory in its config.
+        (result("gpu", "gpu-0-slice-1of4"), GPU0, 6 * GIB, None),
+    ];
+    for (i, (device, gpu, limit, physical)) in cases.into_iter().enumerate() {
+        let id = uid(i as u32 + 1);
+        env.api.put(claim(
+            "team-a",
+            &format!("c{i}"),
+            &id,
+            Some(vec![device]),
+            vec![],
+        ));
+        instance
+            .kubelet
+            .prepare_ok(Version::V1, &Claim::new("team-a", &format!("c{i}"), &id))
+            .await;
+        let config = env.assert_prepared(&id);
+        let d = &config.devices[0];
+        assert_eq!(
+            (d.uuid.as_str(), d.memory_limit, d.physical_memory),
+            (gpu, limit, physical),
+            "case {i}"
+        );
+        let raw = std::fs::read_to_string(env.claim_dir(&id).join("config.json")).expect("config");
+        assert_eq!(raw.contains("physicalMemory"), physical.is_some(), "{raw}");
+    }
+    instance.stop().await;
+}
+
+#[tokio::test]
+async fn spilled_bytes_are_exported_per_claim_from_live_slots() {
+    let env = Env::new(&["v1"]);
+    let instance = env.start_with(l40s_doubled(&env), None, None).await;
+    let id = uid(9);
+    env.api.put(claim(
+        "team-a",
+        "batch",
+        &id,
+        Some(vec![share(
+            "gpu",
+            "gpu-1",
+            "9f0c4c4e-1111-4000-8000-0000000000b1",
+            "64Gi",
+            "50",
+        )]),
+        vec![],
+    ));
+    instance
+        .kubelet
+        .prepare_ok(Version::V1, &Claim::new("team-a", "batch", &id))
+        .await;
+    let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
+    let labels =
+        format!("namespace=\"team-a\",claim=\"batch\",claim_uid=\"{id}\",gpu_uuid=\"{GPU1}\"");
+    let spilled = |text: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("tessera_claim_memory_spilled_bytes{{{labels}}} "))
+            })
+            .map(str::to_string)
+    };
+    let text = metrics(router.clone()).await;
+    assert_eq!(
+        spilled(&text).as_deref(),
+        Some("0"),
+        "before any spill:\n{text}"
+    );
+    assert!(
+        text.contains("# UNIT tessera_claim_memory_spilled_bytes bytes"),
+        "{text}"
+    );
+
+    // Two processes spilled: slot 0's owner is alive (holds its lock), slot 1's died.
+    let path = env.claim_dir(&id).join("region");
+    let mut bytes = std::fs::read(&path).expect("region");
+    put_u32(&mut bytes, 32, 2);
+    for (slot, used, spill) in [(0usize, 40 * GIB, 10 * GIB), (1, 5 * GIB, 3 * GIB)] {
+        put_u32(&mut bytes, slot_offset(slot), SLOT_ACTIVE);
+        put_u64(&mut bytes, slot_offset(slot) + 64, used);
+        put_u64(&mut bytes, slot_offset(slot) + 192, spill);
+    }
+    std::fs::write(&path, &bytes).expect("charge");
+    let owner = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open region");
+    let lock = nix::libc::flock {
+        l_type: nix::libc::F_WRLCK as i16,
+        l_whence: nix::libc::SEEK_SET as i16,
+        l_start: slot_offset(0) as i64,
+        l_len: SLOT_SIZE as i64,
+        l_pid: 0,
+    };
+    fcntl(owner.as_fd(), FcntlArg::F_OFD_SETLK(&lock)).expect("lock slot 0");
+    let text = metrics(router.clone()).await;
+    let expected = (10 * GIB).to_string();
+    assert_eq!(spilled(&text).as_deref(), Some(expected.as_str()), "{text}");
+    drop(owner);
+    let text = metrics(router).await;
+    assert_eq!(
+        spilled(&text).as_deref(),
+        Some("0"),
+        "the owner died:\n{text}"
+    );
+    instance.stop().await;
+}
+
+/// Runs the binary with `args` on the fake node `inventory`; it must stop before it needs an
+/// API server. Returns its stderr.
+fn refused(inventory: &str, args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("inventory.json");
+    std::fs::write(&path, inventory).expect("inventory");
+    let output = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
+        .args([
+            "--node-name",
+            "node-a",
+            "--health-interval",
+            "0",
+            "--inventory",
+        ])
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("TESSERA_MEMORY_OVERCOMMIT")
+        .output()
+        .expect("run the binary");
+    assert!(!output.status.success(), "must refuse {args:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn the_binary_refuses_bad_factors_naming_the_flag() {
+    for (factor, why) in [
+        ("5", "outside 1.0–4.0"),
+        ("0.5", "outside 1.0–4.0"),
+        ("NaN", "not a number"),
+        ("NVIDIA L40S=2,NVIDIA L40S=3", "given twice"),
+    ] {
+        let err = refused(&inventory_json(), &["--memory-overcommit", factor]);
+        assert!(
+            err.contains("--memory-overcommit") && err.contains(why),
+            "{factor}: {err}"
+        );
+    }
+}
+
+#[test]
+fn the_binary_refuses_overcommit_on_gpus_without_on_demand_paging() {
+    let kepler = serde_json::json!({
+        "driverVersion": "470.256.02",
+        "devices": [{"uuid": GPU0, "name": "Tesla K80", "memory": 12 * GIB, "computeCapability": "3.7"}]
+    })
+    .to_string();
+    let err = refused(
+        &kepler,
+        &["--memory-overcommit", "1.5", "--log-format", "text"],
+    );
+    for part in [
+        "--memory-overcommit",
+        "GPU 0",
+        "Tesla K80",
+        "compute capability 3.7",
+        "on-demand paging",
+    ] {
+        assert!(err.contains(part), "missing {part:?} in: {err}");
+    }
+    // The same factor for another model is no refusal: the binary gets past the check and
+    // stops only later, for want of an API server.
+    let err = refused(&kepler, &["--memory-overcommit", "NVIDIA L40S=1.5"]);
+    assert!(!err.contains("on-demand paging"), "{err}");
+}
