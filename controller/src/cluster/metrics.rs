@@ -23,6 +23,13 @@ pub struct ClaimLabels {
     pub claim: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClaimPodLabels {
+    pub namespace: String,
+    pub claim: String,
+    pub pod: String,
+}
+
 type RatioGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 #[derive(Clone, Default)]
@@ -34,6 +41,7 @@ pub struct ClusterMetrics {
     pub claim_memory: Family<ClaimLabels, Gauge>,
     pub claim_cores: Family<ClaimLabels, RatioGauge>,
     pub claim_devices: Family<ClaimLabels, Gauge>,
+    pub claim_pod: Family<ClaimPodLabels, Gauge>,
     pub reconcile_errors: prometheus_client::metrics::counter::Counter,
     pub last_reconcile_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
@@ -77,6 +85,11 @@ impl ClusterMetrics {
             self.claim_devices.clone(),
         );
         r.register(
+            "claim_pod_info",
+            "1 for each pod a claim is reserved for: joins per-claim series with pods",
+            self.claim_pod.clone(),
+        );
+        r.register(
             "controller_reconcile_errors",
             "Failed reconciles",
             self.reconcile_errors.clone(),
@@ -101,6 +114,7 @@ impl ClusterMetrics {
         for f in [&self.claim_memory, &self.claim_devices] {
             f.clear();
         }
+        self.claim_pod.clear();
         self.claim_cores.clear();
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         // `cores` capacity is out of 100 per GPU.
@@ -130,6 +144,14 @@ impl ClusterMetrics {
             self.claim_memory.get_or_create(&l).set(g(c.memory_bytes));
             self.claim_cores.get_or_create(&l).set(ratio(c.cores));
             self.claim_devices.get_or_create(&l).set(g(c.devices));
+            for pod in &c.pods {
+                let l = ClaimPodLabels {
+                    namespace: c.namespace.clone(),
+                    claim: c.name.clone(),
+                    pod: pod.clone(),
+                };
+                self.claim_pod.get_or_create(&l).set(1);
+            }
         }
     }
 }

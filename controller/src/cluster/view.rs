@@ -27,6 +27,8 @@ pub struct GpuView {
 pub struct ClaimView {
     pub namespace: String,
     pub name: String,
+    /// Pods the claim is reserved for (`status.reservedFor`), so usage can be read per pod.
+    pub pods: Vec<String>,
     pub devices: u64,
     pub memory_bytes: u64,
     pub cores: u64,
@@ -160,6 +162,13 @@ pub fn build_view(slices: &[Value], claims: &[Value]) -> ClusterView {
             claim.memory_bytes += memory;
             claim.cores += cores;
         }
+        claim.pods = c["status"]["reservedFor"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["resource"] == "pods")
+            .filter_map(|r| r["name"].as_str().map(str::to_owned))
+            .collect();
         if claim.devices > 0 {
             view.claims.push(claim);
         }
@@ -200,5 +209,31 @@ mod tests {
         assert_eq!(view.gpus.len(), 1);
         assert_eq!(view.claims[1].memory_bytes, 4 << 30);
         assert_eq!(view.products, BTreeSet::from(["L40S".to_string()]));
+    }
+
+    #[test]
+    fn a_claims_pods_come_from_reserved_for() {
+        let slices = vec![
+            json!({"spec": {"driver": DRIVER_NAME, "nodeName": "n", "pool": {"name": "n", "generation": 1}, "devices": [
+            {"name": "gpu-0", "attributes": {"uuid": {"string": "GPU-a"}, "productName": {"string": "L40S"}},
+             "capacity": {"memory": {"value": "48Gi"}, "cores": {"value": "100"}}}]}}),
+        ];
+        let claim = json!({"metadata": {"namespace": "ml", "name": "train-gpu-x"}, "status": {
+            "allocation": {"devices": {"results": [{"driver": DRIVER_NAME, "pool": "n", "device": "gpu-0"}]}},
+            "reservedFor": [{"resource": "pods", "name": "train", "uid": "1"}, {"resource": "jobs", "name": "not-a-pod", "uid": "2"}]}});
+        let view = build_view(&slices, &[claim]);
+        assert_eq!(view.claims[0].pods, vec!["train".to_string()]);
+        let metrics = super::super::metrics::ClusterMetrics::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        metrics.update(&view);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.contains(
+                r#"tessera_claim_pod_info{namespace="ml",claim="train-gpu-x",pod="train"} 1"#
+            ),
+            "{text}"
+        );
     }
 }

@@ -400,6 +400,30 @@ async fn selection_by_model_product_and_uuid(suite: &mut Suite) {
             node,
             "{name}: bound to the node of its GPU"
         );
+        // The controller's view: the claim, its memory, and the pod it is reserved for.
+        let claim_name = claim["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let pod_info = format!(
+            "tessera_claim_pod_info{{namespace=\"{NS}\",claim=\"{claim_name}\",pod=\"{name}\"}} 1"
+        );
+        let port = suite.cluster.controller_metrics_port();
+        let deadline = Instant::now() + STEP;
+        loop {
+            let body = tessera_e2e_harness::readiness::http_get(port, "/metrics")
+                .await
+                .map(|(_, b)| b)
+                .unwrap_or_default();
+            if body.contains(&pod_info) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the controller never reported {pod_info}:\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         if let Some(uuid) = uuid {
             // The GPU the claim is enforced on, as the node's plugin reports it.
             let port = suite.cluster.node(node).metrics_port;

@@ -71,6 +71,25 @@ impl Checkpoint {
         self.file.claims.iter()
     }
 
+    /// Records that a pod's claim is about to be prepared; its devices stay as they are (none
+    /// yet, or those of another pod's earlier prepare).
+    pub fn reserve(&mut self, claim: &ClaimRef, pod_uid: &str) -> anyhow::Result<()> {
+        let entry = self
+            .file
+            .claims
+            .entry(claim.uid.clone())
+            .or_insert_with(|| PreparedClaim {
+                namespace: claim.namespace.clone(),
+                name: claim.name.clone(),
+                pods: Vec::new(),
+                devices: Vec::new(),
+            });
+        if !entry.pods.iter().any(|p| p == pod_uid) {
+            entry.pods.push(pod_uid.to_owned());
+        }
+        self.save()
+    }
+
     /// Records a prepared claim for a pod.
     pub fn add(
         &mut self,
@@ -160,6 +179,28 @@ mod tests {
             !checkpoint
                 .release("unknown", "pod-a")
                 .expect("unknown claim")
+        );
+    }
+
+    #[test]
+    fn a_reservation_keeps_devices_and_counts_as_a_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut checkpoint = Checkpoint::open(&dir.path().join("c.json")).expect("checkpoint");
+        checkpoint
+            .reserve(&claim("u1"), "pod-a")
+            .expect("reserve before prepare");
+        assert_eq!(checkpoint.get("u1").map(|c| c.devices.len()), Some(0));
+        checkpoint
+            .add(&claim("u1"), "pod-a", vec![device()])
+            .expect("prepared");
+        checkpoint
+            .reserve(&claim("u1"), "pod-b")
+            .expect("a second pod");
+        assert_eq!(
+            checkpoint
+                .get("u1")
+                .map(|c| (c.pods.len(), c.devices.len())),
+            Some((2, 1))
         );
     }
 

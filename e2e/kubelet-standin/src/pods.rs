@@ -307,6 +307,12 @@ impl PodTask {
 
         // 2. Prepared by the plugin (retried: the plugin may be starting or restarting).
         for claim in &claims {
+            // Recorded before the call, as the kubelet does: if this process dies while the
+            // plugin prepares, the restarted stand-in still knows to unprepare the claim.
+            ctx.checkpoint
+                .lock()
+                .await
+                .reserve(&claim.claim, &self.uid)?;
             let mut reported = String::new();
             loop {
                 if let Wait::Deleted = self.refresh() {

@@ -233,6 +233,10 @@ impl SimCluster {
             .unwrap_or_else(|| panic!("no simulated node {name}"))
     }
 
+    pub fn controller_metrics_port(&self) -> u16 {
+        self.controller_port
+    }
+
     pub fn controller_metrics_url(&self) -> String {
         format!("http://127.0.0.1:{}/metrics", self.controller_port)
     }
