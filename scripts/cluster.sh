@@ -53,6 +53,6 @@ fi
 
 if [ "$command" = demo ]; then
     # The harness's own progress lines would bury the demo's output; failures still print.
-    RUST_LOG="${RUST_LOG:-warn}" exec "$cluster" demo --k8s-version "$version" --nodes e2e/nodes
+    RUST_LOG="${RUST_LOG:-warn,kube_client::client::builder=off}" exec "$cluster" demo --k8s-version "$version" --nodes e2e/nodes
 fi
 exec "$cluster" "$command" --k8s-version "$version" --nodes e2e/nodes
