@@ -75,6 +75,13 @@ struct Suite {
     worker: String,
 }
 
+/// The 10 GiB GPU of gpu-node-b, by product name.
+fn rtx3080() -> Selection {
+    Selection::class("gpu.tessera.dev").cel(&format!(
+        "device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\""
+    ))
+}
+
 fn share(memory: &str, cores: u32, tenths: u32) -> Share {
     Share {
         memory: memory.into(),
@@ -133,6 +140,24 @@ impl Suite {
         workloads::create(&self.client(), &pod)
             .await
             .expect("creating the pod");
+    }
+
+    /// A pod on the RTX 3080 held between prepare and start (see the stand-in's
+    /// `hold-before-start`); returns its claim's UID and name once the plugin has prepared it.
+    async fn submit_prepared_and_held(
+        &mut self,
+        name: &str,
+        share: &Share,
+        command: Vec<String>,
+    ) -> (String, String) {
+        self.submit(name, &rtx3080(), share, command, &[(HOLD, "true")])
+            .await;
+        let claim = self.allocated_claim(name).await;
+        let field = |f: &str| claim["metadata"][f].as_str().unwrap_or_default().to_owned();
+        let (uid, claim_name) = (field("uid"), field("name"));
+        self.wait_file(&cdi_spec(&uid), true, "the claim's CDI spec after prepare")
+            .await;
+        (uid, claim_name)
     }
 
     async fn wait(&mut self, pod: &str, what: &str, done: impl Fn(&Pod) -> bool) -> Pod {
@@ -355,17 +380,10 @@ async fn demo_scenario(suite: &mut Suite) {
 }
 
 async fn selection_by_model_product_and_uuid(suite: &mut Suite) {
-    let product_cel =
-        format!("device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\"");
     let uuid_cel = format!("device.attributes[\"gpu.tessera.dev\"].uuid == \"{A100_GPU1}\"");
     let cases = [
         ("by-model", Selection::class(A100_CLASS), "gpu-node-a", None),
-        (
-            "by-product",
-            Selection::class("gpu.tessera.dev").cel(&product_cel),
-            "gpu-node-b",
-            None,
-        ),
+        ("by-product", rtx3080(), "gpu-node-b", None),
         (
             "by-uuid",
             Selection::class("gpu.tessera.dev").cel(&uuid_cel),
@@ -509,24 +527,9 @@ async fn too_large_stays_pending(suite: &mut Suite) {
 
 async fn plugin_restart_between_prepare_and_start(suite: &mut Suite) {
     let name = "plugin-restart";
-    suite
-        .submit(
-            name,
-            &Selection::class("gpu.tessera.dev").cel(&format!(
-                "device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\""
-            )),
-            &share("2Gi", 20, 2),
-            suite.worker(&["--allocate", "3Gi"]),
-            &[(HOLD, "true")],
-        )
-        .await;
-    let claim = suite.allocated_claim(name).await;
-    let uid = claim["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    suite
-        .wait_file(&cdi_spec(&uid), true, "the claim's CDI spec after prepare")
+    let command = suite.worker(&["--allocate", "3Gi"]);
+    let (uid, _) = suite
+        .submit_prepared_and_held(name, &share("2Gi", 20, 2), command)
         .await;
     let node = suite.cluster.node("gpu-node-b");
     node.kill_plugin();
@@ -570,28 +573,9 @@ async fn plugin_restart_between_prepare_and_start(suite: &mut Suite) {
 
 async fn claim_deleted_before_unprepare(suite: &mut Suite) {
     let name = "claim-gone";
-    suite
-        .submit(
-            name,
-            &Selection::class("gpu.tessera.dev").cel(&format!(
-                "device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\""
-            )),
-            &share("1Gi", 10, 1),
-            suite.worker(&["--allocate", "1Mi"]),
-            &[(HOLD, "true")],
-        )
-        .await;
-    let claim = suite.allocated_claim(name).await;
-    let uid = claim["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let claim_name = claim["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    suite
-        .wait_file(&cdi_spec(&uid), true, "the claim's CDI spec after prepare")
+    let command = suite.worker(&["--allocate", "1Mi"]);
+    let (uid, claim_name) = suite
+        .submit_prepared_and_held(name, &share("1Gi", 10, 1), command)
         .await;
     // The kubelet goes down; meanwhile the pod is force-deleted and its claim goes with it.
     suite.cluster.node("gpu-node-b").kill_standin();
@@ -658,9 +642,7 @@ async fn claim_deleted_before_unprepare(suite: &mut Suite) {
 async fn two_containers_share_one_limit(suite: &mut Suite) {
     let name = "two-containers";
     let template = format!("{name}-gpu");
-    let selection = Selection::class("gpu.tessera.dev").cel(&format!(
-        "device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\""
-    ));
+    let selection = rtx3080();
     let object = workloads::claim_template(
         suite.version,
         NS,
