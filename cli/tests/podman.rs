@@ -15,37 +15,6 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const CUDA_ERROR_OUT_OF_MEMORY: &str = "2";
 
-/// Skips (prints why, returns `None`) or, under `TESSERA_E2E=1`, fails.
-fn require(ok: bool, reason: impl FnOnce() -> String) -> Option<()> {
-    if ok {
-        return Some(());
-    }
-    let reason = reason();
-    if std::env::var("TESSERA_E2E").as_deref() == Ok("1") {
-        panic!("TESSERA_E2E=1 and the podman test cannot run: {reason}");
-    }
-    eprintln!("SKIPPED podman test: {reason} (set TESSERA_E2E=1 to make this a failure)");
-    None
-}
-
-fn on_path(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// `<target>/debug`, where `cargo build --workspace` puts the cdylibs.
-fn build_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target profile dir")
-        .to_path_buf()
-}
-
 /// Removes the slice however the test ends: its spec lives in a system directory.
 struct Cleanup {
     name: String,
@@ -66,26 +35,34 @@ impl Drop for Cleanup {
 
 #[test]
 fn a_podman_container_hits_the_slices_memory_wall() {
-    let libs = build_dir();
+    let libs = tessera_built_libs::target_dir();
     let (cuda, nvml, shim) = (
         libs.join("libcuda.so"),
         libs.join("libnvidia_ml.so"),
         libs.join("libtessera.so"),
     );
-    let Some(()) = require(on_path("podman") && on_path("runc"), || {
-        "podman or runc is not installed (scripts/install-podman.sh)".into()
+    let Some(()) = tessera_built_libs::require(
+        "podman",
+        tessera_built_libs::on_path("podman") && tessera_built_libs::on_path("runc"),
+        || "podman or runc is not installed (scripts/install-podman.sh)".into(),
+    ) else {
+        return;
+    };
+    let Some(()) = tessera_built_libs::require("podman", nix::unistd::geteuid().is_root(), || {
+        "not root".into()
     }) else {
         return;
     };
-    let Some(()) = require(nix::unistd::geteuid().is_root(), || "not root".into()) else {
-        return;
-    };
-    let Some(()) = require(cuda.exists() && nvml.exists() && shim.exists(), || {
-        format!(
-            "the fake driver or the shim is not built in {} (cargo build --workspace)",
-            libs.display()
-        )
-    }) else {
+    let Some(()) = tessera_built_libs::require(
+        "podman",
+        cuda.exists() && nvml.exists() && shim.exists(),
+        || {
+            format!(
+                "the fake driver or the shim is not built in {} (cargo build --workspace)",
+                libs.display()
+            )
+        },
+    ) else {
         return;
     };
 
@@ -108,7 +85,7 @@ fn a_podman_container_hits_the_slices_memory_wall() {
             nix::sys::stat::Mode::from_bits_truncate(0o666),
             nix::sys::stat::makedev(1, 3),
         );
-        let Some(()) = require(made.is_ok(), || {
+        let Some(()) = tessera_built_libs::require("podman", made.is_ok(), || {
             format!("cannot create device node {node}: {made:?}")
         }) else {
             return;

@@ -21,37 +21,6 @@ const UID: &str = "7e57c0de-0000-4000-8000-00000000c0de";
 const MIB: u64 = 1 << 20;
 const CUDA_ERROR_OUT_OF_MEMORY: &str = "2";
 
-/// Skips (prints why, returns `None`) or, under `TESSERA_E2E=1`, fails.
-fn require(ok: bool, reason: impl FnOnce() -> String) -> Option<()> {
-    if ok {
-        return Some(());
-    }
-    let reason = reason();
-    if std::env::var("TESSERA_E2E").as_deref() == Ok("1") {
-        panic!("TESSERA_E2E=1 and the container test cannot run: {reason}");
-    }
-    eprintln!("SKIPPED container test: {reason} (set TESSERA_E2E=1 to make this a failure)");
-    None
-}
-
-fn on_path(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// `<target>/debug`, where `cargo build --workspace` puts the cdylibs.
-fn build_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target profile dir")
-        .to_path_buf()
-}
-
 fn exports(library: &Path, symbol: &str) -> bool {
     Command::new("nm")
         .args(["-D", "--defined-only"])
@@ -66,21 +35,28 @@ fn exports(library: &Path, symbol: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_wall_holds_inside_a_podman_container() {
-    let libs = build_dir();
+    let libs = tessera_built_libs::target_dir();
     let (cuda, nvml, shim) = (
         libs.join("libcuda.so"),
         libs.join("libnvidia_ml.so"),
         libs.join("libtessera.so"),
     );
-    let Some(()) = require(on_path("podman") && on_path("runc"), || {
-        "podman or runc is not installed (scripts/install-podman.sh)".into()
-    }) else {
+    let Some(()) = tessera_built_libs::require(
+        "container",
+        tessera_built_libs::on_path("podman") && tessera_built_libs::on_path("runc"),
+        || "podman or runc is not installed (scripts/install-podman.sh)".into(),
+    ) else {
         return;
     };
-    let Some(()) = require(nix::unistd::geteuid().is_root(), || "not root".into()) else {
+    let Some(()) =
+        tessera_built_libs::require("container", nix::unistd::geteuid().is_root(), || {
+            "not root".into()
+        })
+    else {
         return;
     };
-    let Some(()) = require(
+    let Some(()) = tessera_built_libs::require(
+        "container",
         shim.exists() && exports(&cuda, "cuInit") && nvml.exists(),
         || {
             format!(
@@ -108,7 +84,7 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
             nix::sys::stat::Mode::from_bits_truncate(0o666),
             nix::sys::stat::makedev(1, 3),
         );
-        let Some(()) = require(made.is_ok(), || {
+        let Some(()) = tessera_built_libs::require("container", made.is_ok(), || {
             format!("cannot create device node {node}: {made:?}")
         }) else {
             return;

@@ -50,24 +50,6 @@ fn check_fresh() {
     built("libcuda.so", &["fake-gpu/cuda/src", "fake-gpu/model/src"]);
 }
 
-fn podman_or_skip(test: &str) -> bool {
-    let ok = std::process::Command::new("podman")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-        && nix::unistd::geteuid().is_root();
-    if ok {
-        return true;
-    }
-    if std::env::var("TESSERA_E2E").is_ok_and(|v| v != "0") {
-        panic!(
-            "TESSERA_E2E is set, so {test} must run, but podman is missing or this is not root (scripts/install-podman.sh)"
-        );
-    }
-    eprintln!("SKIP {test}: podman is missing or this is not root");
-    false
-}
-
 struct Suite {
     cluster: SimCluster,
     version: K8sVersion,
@@ -262,9 +244,12 @@ async fn run_suite(version: K8sVersion, test: &str) {
     let Some(binaries) = binaries_or_skip(version, test) else {
         return;
     };
-    if !podman_or_skip(test) {
+    let machine_ready = tessera_built_libs::on_path("podman") && nix::unistd::geteuid().is_root();
+    let Some(()) = tessera_built_libs::require(test, machine_ready, || {
+        "podman is missing or this is not root (scripts/install-podman.sh)".into()
+    }) else {
         return;
-    }
+    };
     check_fresh();
     let state = common::StateDir::new(test);
     let mut options =

@@ -1,8 +1,12 @@
-//! Finds the workspace's cdylibs (`libcuda.so`, `libnvidia_ml.so`, `libtessera.so`) for tests.
+//! Test support shared by the workspace's tests that need more than the test process.
 //!
-//! `cargo test` builds no cdylib of another package and does not rebuild one it would need, so
-//! a test could silently load yesterday's library. [`built`] fails instead, saying what to run,
-//! when the library is missing or older than any of its sources.
+//! Finds the workspace's cdylibs (`libcuda.so`, `libnvidia_ml.so`, `libtessera.so`) and
+//! programs: `cargo test` builds no cdylib of another package and does not rebuild one it would
+//! need, so a test could silently load yesterday's library. [`built`] fails instead, saying what
+//! to run, when the file is missing or older than any of its sources.
+//!
+//! [`require`] is the one gate for tests that need the machine (podman, root, built files):
+//! skipped with the reason printed, or failed under `TESSERA_E2E=1`, as `make test` runs them.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -11,7 +15,35 @@ use std::time::SystemTime;
 /// `<target>/<profile>`: test executables live in its `deps/`, the cdylibs in it.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target profile directory").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .to_path_buf()
+}
+
+/// `Some(())` if `ok`. Otherwise the test cannot run: with `TESSERA_E2E=1` (what `make test`
+/// sets) that fails it, naming the reason; without, it prints the reason and returns `None` so
+/// the test returns early.
+pub fn require(test: &str, ok: bool, reason: impl FnOnce() -> String) -> Option<()> {
+    if ok {
+        return Some(());
+    }
+    let reason = reason();
+    if std::env::var("TESSERA_E2E").as_deref() == Ok("1") {
+        panic!("TESSERA_E2E=1 and the {test} test cannot run: {reason}");
+    }
+    eprintln!("SKIPPED {test} test: {reason} (set TESSERA_E2E=1 to make this a failure)");
+    None
+}
+
+/// Whether `tool --version` runs successfully.
+pub fn on_path(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The workspace root, where `sources` paths are relative to.
@@ -27,7 +59,10 @@ pub fn built(file: &str, sources: &[&str]) -> PathBuf {
         panic!("{} is missing: build the workspace first (`cargo build --workspace`, which `make test` does)", path.display())
     });
     let root = workspace_root();
-    let newer = sources.iter().filter_map(|s| newest_file(&root.join(s))).find(|(t, _)| *t > built);
+    let newer = sources
+        .iter()
+        .filter_map(|s| newest_file(&root.join(s)))
+        .find(|(t, _)| *t > built);
     if let Some((_, source)) = newer {
         panic!(
             "{} is older than {}: rebuild it first (`cargo build --workspace`, which `make test` does)",
@@ -44,7 +79,10 @@ fn newest_file(path: &Path) -> Option<(SystemTime, PathBuf)> {
     if meta.is_file() {
         return Some((meta.modified().ok()?, path.to_owned()));
     }
-    std::fs::read_dir(path).ok()?.filter_map(|e| newest_file(&e.ok()?.path())).max_by_key(|(t, _)| *t)
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| newest_file(&e.ok()?.path()))
+        .max_by_key(|(t, _)| *t)
 }
 
 #[cfg(test)]
