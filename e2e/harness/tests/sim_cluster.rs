@@ -142,6 +142,21 @@ impl Suite {
         (uid, claim_name)
     }
 
+    /// Waits until gpu-node-b's plugin has unprepared the claim: its CDI spec and its state
+    /// directory (config, region) are gone.
+    async fn wait_unprepared(&mut self, uid: &str, when: &str) {
+        self.wait_file(&cdi_spec(uid), false, &format!("the CDI spec {when}"))
+            .await;
+        let claim_dir = self
+            .cluster
+            .node("gpu-node-b")
+            .plugin_state_dir()
+            .join("claims")
+            .join(uid);
+        self.wait_file(&claim_dir, false, &format!("the claim's state {when}"))
+            .await;
+    }
+
     async fn wait(&mut self, pod: &str, what: &str, done: impl Fn(&Pod) -> bool) -> Pod {
         workloads::wait_pod(&mut self.cluster, NS, pod, what, STEP, done)
             .await
@@ -538,22 +553,7 @@ async fn plugin_restart_between_prepare_and_start(suite: &mut Suite) {
     );
     suite.delete_pod(name).await;
     // Unprepared by the new plugin instance.
-    suite
-        .wait_file(
-            &cdi_spec(&uid),
-            false,
-            "the CDI spec after unprepare by the restarted plugin",
-        )
-        .await;
-    let claim_dir = suite
-        .cluster
-        .node("gpu-node-b")
-        .plugin_state_dir()
-        .join("claims")
-        .join(&uid);
-    suite
-        .wait_file(&claim_dir, false, "the claim's state after unprepare")
-        .await;
+    suite.wait_unprepared(&uid, "after a plugin restart").await;
 }
 
 async fn claim_deleted_before_unprepare(suite: &mut Suite) {
@@ -601,20 +601,7 @@ async fn claim_deleted_before_unprepare(suite: &mut Suite) {
         .start_standin()
         .expect("restarting the stand-in");
     suite
-        .wait_file(
-            &cdi_spec(&uid),
-            false,
-            "the CDI spec of a claim deleted before unprepare",
-        )
-        .await;
-    let claim_dir = suite
-        .cluster
-        .node("gpu-node-b")
-        .plugin_state_dir()
-        .join("claims")
-        .join(&uid);
-    suite
-        .wait_file(&claim_dir, false, "the claim's state")
+        .wait_unprepared(&uid, "of a claim deleted before unprepare")
         .await;
     let port = suite.cluster.node("gpu-node-b").metrics_port;
     let usage = claim_usage(port).await.expect("plugin metrics");
