@@ -36,6 +36,12 @@ pub struct ShimDevice {
     /// Absent otherwise, so a config without overcommit is unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub physical_memory: Option<u64>,
+    /// Bytes of host memory the claim may spill to on this GPU (memory oversubscription,
+    /// `docs/oversubscription.md`), across all its processes. Absent: the claim's memory limit
+    /// (the wall bounds device + spilled bytes anyway). Only used when `oversubscribe` is set and
+    /// `physicalMemory` is present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spill_limit: Option<u64>,
 }
 
 /// The whole file.
@@ -79,6 +85,8 @@ pub enum ShimConfigError {
     MemoryLimit { index: usize },
     #[error("devices[{index}].cores is {cores}, must be 1..=100")]
     Cores { index: usize, cores: u32 },
+    #[error("devices[{index}].spillLimit must be greater than 0 when present")]
+    SpillLimit { index: usize },
 }
 
 impl ShimConfig {
@@ -128,6 +136,9 @@ impl ShimConfig {
                     cores: device.cores,
                 });
             }
+            if device.spill_limit == Some(0) {
+                return Err(ShimConfigError::SpillLimit { index });
+            }
         }
         Ok(())
     }
@@ -155,6 +166,7 @@ mod tests {
                 cores: 25,
                 context_overhead: 0,
                 physical_memory: None,
+                spill_limit: None,
             }],
             priority: Priority::Normal,
             oversubscribe: false,

@@ -32,6 +32,7 @@ pub fn shim_config(
                 cores: g.cores,
                 context_overhead: 0,
                 physical_memory: None,
+                spill_limit: None,
             })
             .collect(),
         priority: settings.priority,

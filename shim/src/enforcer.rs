@@ -17,6 +17,7 @@ use crate::compute::Limiter;
 use crate::devices::{self, Grant};
 use crate::ledger::Ledger;
 use crate::ptr_table::PtrTable;
+use crate::spill::{MemoryBoard, Spill};
 use crate::{real, report};
 
 /// Live device allocations a process can hold before new ones are refused.
@@ -47,6 +48,16 @@ pub struct Enforcer {
     pub contexts: PtrTable,
     /// The compute share.
     pub compute: Limiter,
+    /// Per claim device: the spill policy, where the claim opted in to oversubscription on an
+    /// overcommitted GPU (`None` elsewhere).
+    pub spill: Vec<Option<Spill>>,
+    /// Spilled (managed) pointers → charge; `None` when no device may spill.
+    pub spilled: Option<PtrTable>,
+    /// Memory-board entries of devices that may not spill: held (never read) so that the
+    /// claims that may spill keep this claim's limit free on the card.
+    _reservations: Vec<MemoryBoard>,
+    /// The claim's UID, for messages.
+    pub claim_uid: String,
 }
 
 static MODE: OnceLock<Mode> = OnceLock::new();
@@ -155,6 +166,46 @@ impl Enforcer {
         for (slot, device) in context_overhead.iter_mut().zip(&config.devices) {
             *slot = device.context_overhead;
         }
+        let board = board_dir();
+        let key = crate::compute::claim_key(&config.claim_uid);
+        let mut spill = Vec::with_capacity(config.devices.len());
+        let mut reservations = Vec::new();
+        for device in &config.devices {
+            let Some(physical) = device.physical_memory else {
+                spill.push(None);
+                continue;
+            };
+            let entry = board.as_deref().and_then(|dir| {
+                MemoryBoard::open(
+                    dir,
+                    &device.uuid,
+                    key,
+                    device.memory_limit.min(physical),
+                    config.oversubscribe,
+                )
+            });
+            if !config.oversubscribe {
+                reservations.extend(entry);
+                spill.push(None);
+                continue;
+            }
+            if entry.is_none() {
+                report::line(format_args!(
+                    "claim {}: no memory board for GPU {}; spilling only when the driver reports the card full, the other claims' share is not protected",
+                    config.claim_uid, device.uuid
+                ));
+            }
+            spill.push(Some(Spill {
+                physical,
+                limit: device.spill_limit.unwrap_or(device.memory_limit),
+                board: entry,
+            }));
+        }
+        let spilled = if spill.iter().any(Option::is_some) {
+            Some(table(POINTER_CAPACITY)?)
+        } else {
+            None
+        };
         Ok(Enforcer {
             uuids: config.devices.iter().map(|d| d.uuid.clone()).collect(),
             context_overhead,
@@ -163,7 +214,11 @@ impl Enforcer {
             handles: table(HANDLE_CAPACITY)?,
             arrays: table(HANDLE_CAPACITY)?,
             contexts: table(HANDLE_CAPACITY)?,
-            compute: Limiter::new(&config, board_dir().as_deref()),
+            compute: Limiter::new(&config, board.as_deref()),
+            spill,
+            spilled,
+            _reservations: reservations,
+            claim_uid: config.claim_uid.clone(),
         })
     }
 
@@ -171,6 +226,26 @@ impl Enforcer {
     #[inline(always)]
     pub fn grant(&self, ordinal: i32) -> Grant {
         devices::grant(ordinal, &self.uuids)
+    }
+
+    /// The spill policy of claim device `device`, if it may spill.
+    #[inline(always)]
+    pub fn spill(&self, device: usize) -> Option<&Spill> {
+        self.spill.get(device).and_then(Option::as_ref)
+    }
+
+    /// The claim's device-resident bytes on `device` (charged, less spilled).
+    pub fn resident(&self, device: usize) -> u64 {
+        self.ledger
+            .used(device)
+            .saturating_sub(self.ledger.spilled(device))
+    }
+
+    /// Publishes the claim's device-resident bytes on `device`, where it may spill.
+    pub fn publish_resident(&self, device: usize) {
+        if let Some(board) = self.spill(device).and_then(|s| s.board.as_ref()) {
+            board.publish_resident(self.resident(device));
+        }
     }
 
     /// The claim device a UUID names, if any.
@@ -219,6 +294,9 @@ fn register_fork_handler() {
             enforcer.handles.clear();
             enforcer.arrays.clear();
             enforcer.contexts.clear();
+            if let Some(spilled) = &enforcer.spilled {
+                spilled.clear();
+            }
         }
     }
     // SAFETY: registering a handler that only does async-signal-safe work.

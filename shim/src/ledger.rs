@@ -263,6 +263,49 @@ impl Ledger {
         });
     }
 
+    /// Bytes spilled to host memory on `device` by every process of the claim (a part of
+    /// [`used`](Self::used)).
+    pub fn spilled(&self, device: usize) -> u64 {
+        if device >= MAX_DEVICES {
+            return 0;
+        }
+        let mut total = 0u64;
+        for index in 0..self.high_water() {
+            total = total
+                .saturating_add(self.slot(index).memory_spilled[device].load(Ordering::SeqCst));
+        }
+        total
+    }
+
+    /// Records `bytes` already charged on `device` as spilled, if the claim's spilled bytes
+    /// stay within `limit` ("add then sum", as [`reserve`](Self::reserve)).
+    pub fn reserve_spill(&self, device: usize, bytes: u64, limit: u64) -> bool {
+        let mine = MY_SLOT.load(Ordering::Relaxed);
+        if mine >= SLOT_COUNT || device >= MAX_DEVICES || bytes > limit {
+            return false;
+        }
+        let counter = &self.slot(mine).memory_spilled[device];
+        counter.fetch_add(bytes, Ordering::SeqCst);
+        if self.spilled(device) <= limit {
+            return true;
+        }
+        counter.fetch_sub(bytes, Ordering::SeqCst);
+        false
+    }
+
+    /// Gives back `bytes` this process recorded as spilled on `device`.
+    pub fn release_spill(&self, device: usize, bytes: u64) {
+        let mine = MY_SLOT.load(Ordering::Relaxed);
+        if mine >= SLOT_COUNT || device >= MAX_DEVICES {
+            return;
+        }
+        let _ = self.slot(mine).memory_spilled[device].fetch_update(
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+            |v| Some(v.saturating_sub(bytes)),
+        );
+    }
+
     /// Counts a context this process created on `device` (for metrics).
     pub fn count_context(&self, device: usize, delta: i32) {
         let mine = MY_SLOT.load(Ordering::Relaxed);

@@ -22,3 +22,4 @@ mod ledger;
 mod ptr_table;
 mod real;
 mod report;
+mod spill;

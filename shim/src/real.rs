@@ -107,6 +107,7 @@ pub mod cuda {
         cuMemAllocPitch_v2: fn(*mut CUdeviceptr, *mut usize, usize, usize, c_uint) -> CUresult;
         cuMemAllocManaged: fn(*mut CUdeviceptr, usize, c_uint) -> CUresult;
         cuMemFree_v2: fn(CUdeviceptr) -> CUresult;
+        cuMemAdvise: fn(CUdeviceptr, usize, c_int, CUdevice) -> CUresult;
         cuMemAllocAsync: fn(*mut CUdeviceptr, usize, CUstream) -> CUresult;
         cuMemAllocAsync_ptsz: fn(*mut CUdeviceptr, usize, CUstream) -> CUresult;
         cuMemAllocFromPoolAsync: fn(*mut CUdeviceptr, usize, CUmemoryPool, CUstream) -> CUresult;

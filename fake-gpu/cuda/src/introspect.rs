@@ -38,6 +38,12 @@ pub extern "C" fn fakegpu_managed_memory_used(ordinal: c_int) -> u64 {
     })
 }
 
+/// Managed memory this process advised to prefer the host (`cuMemAdvise`).
+#[unsafe(no_mangle)]
+pub extern "C" fn fakegpu_process_managed_host_preferred() -> u64 {
+    query(u64::MAX, |p| Some(p.memory.host_preferred_bytes()))
+}
+
 /// Device memory this process holds on the card.
 #[unsafe(no_mangle)]
 pub extern "C" fn fakegpu_process_memory_used(ordinal: c_int) -> u64 {

@@ -160,7 +160,7 @@ impl Limiter {
 }
 
 /// A claim UID's key on the boards; never 0.
-fn claim_key(uid: &str) -> u64 {
+pub(crate) fn claim_key(uid: &str) -> u64 {
     // FNV-1a: stable across processes and builds, which is all that is needed.
     let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)

@@ -12,6 +12,7 @@ use crate::enforcer::Enforcer;
 use crate::guard::guard;
 use crate::ptr_table::{Charge, PtrTable};
 use crate::real::cuda as real;
+use crate::spill::Spill;
 
 /// Pitch alignment assumed when reserving for `cuMemAllocPitch` before the driver picks the
 /// real pitch; the reservation is corrected to the real size afterwards.
@@ -122,6 +123,169 @@ fn alloc_into(
     )
 }
 
+/// `cuMemAlloc_v2` under a limit: on a device where the claim may spill, through [`spilling`].
+fn alloc_device(
+    enforcer: &Enforcer,
+    dptr: *mut CUdeviceptr,
+    bytes: usize,
+    call: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let ordinal = try_cu!(current_device());
+    if let Grant::Claim(device) = enforcer.grant(ordinal)
+        && let (Some(spill), Some(table)) = (enforcer.spill(device), enforcer.spilled.as_ref())
+    {
+        return spilling(enforcer, device, ordinal, spill, table, dptr, bytes, call);
+    }
+    alloc_into(enforcer, dptr, bytes, call)
+}
+
+/// `CUmem_advise` values and `CU_DEVICE_CPU` (`cuda.h`).
+const CU_MEM_ADVISE_SET_PREFERRED_LOCATION: c_int = 3;
+const CU_MEM_ADVISE_SET_ACCESSED_BY: c_int = 5;
+const CU_DEVICE_CPU: CUdevice = -1;
+
+/// Per claim device, whether this process already said its spill limit was reached.
+static SPILL_LIMIT_REPORTED: [std::sync::atomic::AtomicBool; tessera_api::region::MAX_DEVICES] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; tessera_api::region::MAX_DEVICES];
+
+/// An allocation of a claim that may spill: charged against its limit as always; served from the
+/// card while the claim's device-resident bytes stay within its allowance (the card less what the
+/// other claims reserve or hold, see `spill`) and the driver has the memory; otherwise served
+/// from host memory through managed memory, advised to stay on the host and be mapped for the
+/// device, and recorded as spilled.
+#[allow(clippy::too_many_arguments)]
+fn spilling(
+    enforcer: &Enforcer,
+    device: usize,
+    ordinal: CUdevice,
+    spill: &Spill,
+    table: &PtrTable,
+    dptr: *mut CUdeviceptr,
+    bytes: usize,
+    call: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let size = bytes as u64;
+    if !enforcer.ledger.reserve(device, size) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    if enforcer.resident(device) <= spill.allowance() {
+        let result = call();
+        if result == CUDA_SUCCESS {
+            // SAFETY: the driver wrote `*dptr` on success.
+            let ptr = unsafe { read_out(dptr) };
+            if !enforcer.pointers.insert(
+                ptr,
+                Charge {
+                    bytes: size,
+                    device,
+                },
+            ) {
+                free_device_pointer(ptr);
+                enforcer.ledger.release(device, size);
+                return CUDA_ERROR_OUT_OF_MEMORY;
+            }
+            enforcer.publish_resident(device);
+            return CUDA_SUCCESS;
+        }
+        if result != CUDA_ERROR_OUT_OF_MEMORY {
+            enforcer.ledger.release(device, size);
+            return result;
+        }
+        // The card is full for reasons the board cannot see: spill.
+    }
+    if !enforcer.ledger.reserve_spill(device, size, spill.limit) {
+        enforcer.ledger.release(device, size);
+        if !SPILL_LIMIT_REPORTED[device.min(SPILL_LIMIT_REPORTED.len() - 1)]
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            crate::report::line(format_args!(
+                "claim {}: GPU {} is full and the claim's spill limit ({} bytes of host memory) is reached; refusing {} bytes with CUDA_ERROR_OUT_OF_MEMORY",
+                enforcer.claim_uid,
+                enforcer
+                    .uuids
+                    .get(device)
+                    .map(String::as_str)
+                    .unwrap_or("?"),
+                spill.limit,
+                size
+            ));
+        }
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let undo = || {
+        enforcer.ledger.release_spill(device, size);
+        enforcer.ledger.release(device, size);
+    };
+    let Some(managed) = real::cuMemAllocManaged.get() else {
+        undo();
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    };
+    // SAFETY: the caller's out-pointer, as the driver's own cuMemAlloc_v2 would take it.
+    let result = unsafe { managed(dptr, bytes, CU_MEM_ATTACH_GLOBAL) };
+    if result != CUDA_SUCCESS {
+        undo();
+        return result;
+    }
+    // SAFETY: written by the driver on success.
+    let ptr = unsafe { read_out(dptr) };
+    if let Some(advise) = real::cuMemAdvise.get() {
+        // Advice is a hint: a driver that refuses it still gives working (migrating) memory.
+        // SAFETY: a range the driver just returned.
+        unsafe {
+            advise(
+                ptr,
+                bytes,
+                CU_MEM_ADVISE_SET_PREFERRED_LOCATION,
+                CU_DEVICE_CPU,
+            );
+            advise(ptr, bytes, CU_MEM_ADVISE_SET_ACCESSED_BY, ordinal);
+        }
+    }
+    if !table.insert(
+        ptr,
+        Charge {
+            bytes: size,
+            device,
+        },
+    ) {
+        free_device_pointer(ptr);
+        undo();
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    CUDA_SUCCESS
+}
+
+/// `cuMemFree_v2` of a claim that may spill: the pointer is a device allocation or a spilled
+/// one, and gives back what it was charged (and, spilled, its spilled bytes).
+fn free_maybe_spilled(
+    enforcer: &Enforcer,
+    table: &PtrTable,
+    dptr: CUdeviceptr,
+    free: impl FnOnce() -> CUresult,
+) -> CUresult {
+    if let Some(charge) = enforcer.pointers.remove(dptr) {
+        let result = free();
+        if result == CUDA_SUCCESS {
+            enforcer.ledger.release(charge.device, charge.bytes);
+            enforcer.publish_resident(charge.device);
+        } else {
+            enforcer.pointers.insert(dptr, charge);
+        }
+        return result;
+    }
+    let Some(charge) = table.remove(dptr) else {
+        return free();
+    };
+    let result = free();
+    if result == CUDA_SUCCESS {
+        enforcer.ledger.release_spill(charge.device, charge.bytes);
+        enforcer.ledger.release(charge.device, charge.bytes);
+    } else {
+        table.insert(dptr, charge);
+    }
+    result
+}
+
 fn free_device_pointer(ptr: CUdeviceptr) {
     if let Some(free) = real::cuMemFree_v2.get() {
         // SAFETY: freeing the pointer the driver just returned.
@@ -136,7 +300,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) 
             &real::cuMemAlloc_v2,
             // SAFETY: forwarded arguments.
             |f| unsafe { f(dptr, bytesize) },
-            |e, f| alloc_into(e, dptr, bytesize, || unsafe { f(dptr, bytesize) }),
+            |e, f| alloc_device(e, dptr, bytesize, || unsafe { f(dptr, bytesize) }),
         )
     })
 }
@@ -222,7 +386,10 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
         dispatch(
             &real::cuMemFree_v2,
             |f| unsafe { f(dptr) },
-            |e, f| uncharged(e, &e.pointers, dptr, || unsafe { f(dptr) }),
+            |e, f| match &e.spilled {
+                Some(table) => free_maybe_spilled(e, table, dptr, || unsafe { f(dptr) }),
+                None => uncharged(e, &e.pointers, dptr, || unsafe { f(dptr) }),
+            },
         )
     })
 }
@@ -509,6 +676,11 @@ pub unsafe extern "C" fn cuMipmappedArrayDestroy(array: CUmipmappedArray) -> CUr
 /// claim's usage across all its processes, and free is what the claim can still get.
 fn slice_view(enforcer: &Enforcer, grant: Grant, real_free: u64, real_total: u64) -> (u64, u64) {
     match grant {
+        Grant::Claim(device) if enforcer.spill(device).is_some() => {
+            // The claim may spill: its limit is its to use whether the card is full or not.
+            let total = enforcer.ledger.limit(device);
+            (total.saturating_sub(enforcer.ledger.used(device)), total)
+        }
         Grant::Claim(device) => {
             let total = enforcer.ledger.limit(device).min(real_total);
             let free = total
@@ -565,8 +737,17 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CUdevice
                     Grant::Claim(index) => e.ledger.limit(index),
                     Grant::NotGranted => 0,
                 };
+                let spills =
+                    matches!(e.grant(device), Grant::Claim(index) if e.spill(index).is_some());
                 // SAFETY: non-null, written by the driver.
-                unsafe { *bytes = (*bytes).min(slice as usize) };
+                unsafe {
+                    // A claim that may spill can use its whole limit, even past the card.
+                    *bytes = if spills {
+                        slice as usize
+                    } else {
+                        (*bytes).min(slice as usize)
+                    }
+                };
                 CUDA_SUCCESS
             },
         )

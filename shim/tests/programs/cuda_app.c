@@ -256,6 +256,13 @@ int main(int argc, char **argv) {
             unsigned long long (*used)(int) = (unsigned long long (*)(int))dlsym(libcuda(), "fakegpu_device_memory_used");
             printf("physical %llu\n", used ? used((int)a) : 0ULL);
         }
+        else if (!strcmp(cmd, "managedused")) {
+            /* The fake driver's managed memory on the card's account (node-wide), and this
+               process's managed memory advised to prefer the host. */
+            unsigned long long (*managed)(int) = (unsigned long long (*)(int))dlsym(libcuda(), "fakegpu_managed_memory_used");
+            unsigned long long (*host)(void) = (unsigned long long (*)(void))dlsym(libcuda(), "fakegpu_process_managed_host_preferred");
+            printf("managedused %llu %llu\n", managed ? managed((int)a) : 0ULL, host ? host() : 0ULL);
+        }
         else if (!strcmp(cmd, "fork")) {
             /* The child initialises CUDA afresh (as CUDA requires after fork) and allocates. */
             fflush(stdout);

@@ -127,11 +127,16 @@ pub struct Scene {
 
 impl Scene {
     pub fn new() -> Scene {
+        Scene::with_gpu0_memory(24 * GIB)
+    }
+
+    /// A scene whose first GPU has `memory` bytes (the second stays a 10 GiB card).
+    pub fn with_gpu0_memory(memory: u64) -> Scene {
         let dir = tempfile::tempdir().expect("tempdir");
         let fake_config = dir.path().join("fakegpu.json");
         let config = serde_json::json!({
             "devices": [
-                {"uuid": GPU0, "name": "NVIDIA GeForce RTX 4090", "memory": 24 * GIB},
+                {"uuid": GPU0, "name": "NVIDIA GeForce RTX 4090", "memory": memory},
                 {"uuid": GPU1, "name": "NVIDIA A10", "memory": 10 * GIB},
             ]
         });
@@ -167,6 +172,15 @@ impl Scene {
     }
 
     pub fn start_with(&self, way: &str, config: Option<&Path>, preload: bool) -> App {
+        self.start_inner(way, config, preload, false)
+    }
+
+    /// As [`start`](Self::start), sharing the scene's GPU boards (`TESSERA_BOARD`).
+    pub fn start_with_board(&self, way: &str, config: Option<&Path>) -> App {
+        self.start_inner(way, config, true, true)
+    }
+
+    fn start_inner(&self, way: &str, config: Option<&Path>, preload: bool, board: bool) -> App {
         let fixture = fixture();
         let program = if way == "direct" {
             &fixture.app_direct
@@ -195,6 +209,11 @@ impl Scene {
         }
         if let Some(config) = config {
             command.env("TESSERA_CONFIG", config);
+        }
+        if board {
+            let board = self.dir.path().join("board");
+            std::fs::create_dir_all(&board).expect("board dir");
+            command.env("TESSERA_BOARD", &board);
         }
         let mut child = command.spawn().expect("spawn cuda_app");
         let stdin = child.stdin.take().expect("stdin");

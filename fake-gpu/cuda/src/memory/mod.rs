@@ -51,6 +51,8 @@ struct Allocation {
     physical: usize,
     ctx: u64,
     backing: Backing,
+    /// Managed memory advised to live on the host (`cuMemAdvise` SetPreferredLocation CPU).
+    host_preferred: bool,
 }
 
 const SHARDS: usize = 64;
@@ -66,6 +68,8 @@ pub const PITCH_ALIGNMENT: u64 = 512;
 pub struct Memory {
     shards: [Padded<Mutex<IntMap<Allocation>>>; SHARDS],
     host_bytes: AtomicU64,
+    /// Managed memory advised to prefer the host (see [`cuMemAdvise`]).
+    host_preferred_bytes: AtomicU64,
 }
 
 impl Memory {
@@ -73,6 +77,7 @@ impl Memory {
         Self {
             shards: std::array::from_fn(|_| Padded(Mutex::new(IntMap::default()))),
             host_bytes: AtomicU64::new(0),
+            host_preferred_bytes: AtomicU64::new(0),
         }
     }
 
@@ -106,6 +111,7 @@ impl Memory {
                 physical,
                 ctx,
                 backing,
+                host_preferred: false,
             },
         );
         Ok(ptr)
@@ -127,6 +133,10 @@ impl Memory {
     }
 
     fn release(&self, process: &Process, ptr: u64, allocation: &Allocation) {
+        if allocation.host_preferred {
+            self.host_preferred_bytes
+                .fetch_sub(allocation.len, Ordering::Relaxed);
+        }
         unback(ptr, allocation.len, allocation.backing);
         self.uncharge(
             process,
@@ -193,6 +203,55 @@ impl Memory {
                 })
                 .map(|(base, a)| (*base, a.len))
         })
+    }
+
+    /// Checks that `[ptr, ptr + len)` lies in one managed allocation and applies `advice` to it.
+    /// Only the preferred location is remembered (for introspection): advice about the host
+    /// marks the whole allocation host-preferred, advice about a device or an unset clears it.
+    fn advise(&self, ptr: u64, len: u64, advice: i32, device: i32) -> Result {
+        check(len > 0)?;
+        for shard in &self.shards {
+            let mut map = lock(&shard.0);
+            let Some((&base, allocation)) = map
+                .iter_mut()
+                .find(|(base, a)| **base <= ptr && ptr < **base + a.len)
+            else {
+                continue;
+            };
+            check(allocation.kind == AllocKind::Managed)?;
+            check(
+                ptr.checked_add(len)
+                    .is_some_and(|end| end <= base + allocation.len),
+            )?;
+            let host = match advice {
+                CU_MEM_ADVISE_SET_PREFERRED_LOCATION => Some(device == CU_DEVICE_CPU),
+                CU_MEM_ADVISE_UNSET_PREFERRED_LOCATION => Some(false),
+                CU_MEM_ADVISE_SET_READ_MOSTLY
+                | CU_MEM_ADVISE_UNSET_READ_MOSTLY
+                | CU_MEM_ADVISE_SET_ACCESSED_BY
+                | CU_MEM_ADVISE_UNSET_ACCESSED_BY => None,
+                _ => return Err(CUDA_ERROR_INVALID_VALUE),
+            };
+            if let Some(host) = host
+                && host != allocation.host_preferred
+            {
+                allocation.host_preferred = host;
+                if host {
+                    self.host_preferred_bytes
+                        .fetch_add(allocation.len, Ordering::Relaxed);
+                } else {
+                    self.host_preferred_bytes
+                        .fetch_sub(allocation.len, Ordering::Relaxed);
+                }
+            }
+            return Ok(());
+        }
+        Err(CUDA_ERROR_INVALID_VALUE)
+    }
+
+    /// Managed memory this process advised to prefer the host.
+    pub fn host_preferred_bytes(&self) -> u64 {
+        self.host_preferred_bytes.load(Ordering::Relaxed)
     }
 
     /// Page-locked host memory this process holds.
@@ -319,6 +378,69 @@ pub unsafe extern "C" fn cuMemAllocManaged(
         }
         alloc_in_current(dptr, bytesize as u64, AllocKind::Managed)
     })
+}
+
+/// `CUmem_advise` values (`cuda.h`).
+pub const CU_MEM_ADVISE_SET_READ_MOSTLY: i32 = 1;
+pub const CU_MEM_ADVISE_UNSET_READ_MOSTLY: i32 = 2;
+pub const CU_MEM_ADVISE_SET_PREFERRED_LOCATION: i32 = 3;
+pub const CU_MEM_ADVISE_UNSET_PREFERRED_LOCATION: i32 = 4;
+pub const CU_MEM_ADVISE_SET_ACCESSED_BY: i32 = 5;
+pub const CU_MEM_ADVISE_UNSET_ACCESSED_BY: i32 = 6;
+/// The host, where a device ordinal is expected (`CU_DEVICE_CPU`).
+pub const CU_DEVICE_CPU: CUdevice = -1;
+
+/// Advice on a managed range (reached by `dlsym`; `cuGetProcAddress` does not know it, as the
+/// shared `PROC_TABLE` does not list it yet). The range must lie in one managed allocation (the real driver
+/// accepts any managed range; tests only advise whole allocations), `device` must be the host
+/// or a device of the process. Host-backed memory does not move, so only the preferred
+/// location is recorded ([`fakegpu_process_managed_host_preferred`](crate::introspect)).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAdvise(
+    dptr: CUdeviceptr,
+    count: usize,
+    advice: i32,
+    device: CUdevice,
+) -> CUresult {
+    guard(|| {
+        let process = process()?;
+        check(device == CU_DEVICE_CPU || (device >= 0 && (device as usize) < process.gpus.len()))?;
+        process.memory.advise(dptr, count as u64, advice, device)
+    })
+}
+
+fn prefetch(dptr: CUdeviceptr, count: usize, device: CUdevice) -> Result {
+    let process = process()?;
+    check(device == CU_DEVICE_CPU || (device >= 0 && (device as usize) < process.gpus.len()))?;
+    check(count > 0)?;
+    let (base, len) = process
+        .memory
+        .range_of(dptr)
+        .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    check(dptr + count as u64 <= base + len)?;
+    // Host-backed: the bytes are already wherever they are read from. Nothing moves.
+    Ok(())
+}
+
+/// Prefetch of a managed range to a device or the host: checked, and a no-op (host-backed).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPrefetchAsync(
+    dptr: CUdeviceptr,
+    count: usize,
+    device: CUdevice,
+    _stream: CUstream,
+) -> CUresult {
+    guard(|| prefetch(dptr, count, device))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPrefetchAsync_ptsz(
+    dptr: CUdeviceptr,
+    count: usize,
+    device: CUdevice,
+    _stream: CUstream,
+) -> CUresult {
+    guard(|| prefetch(dptr, count, device))
 }
 
 fn host_alloc(pp: *mut *mut c_void, bytes: usize) -> Result {

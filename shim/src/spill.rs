@@ -1,0 +1,259 @@
+//! Memory oversubscription: where an opted-in claim's allocation goes when the GPU's physical
+//! memory is overcommitted (see `docs/oversubscription.md`).
+//!
+//! The claims on one GPU meet on a **memory board**, `<board dir>/<GPU UUID>.memory`: 64 entries
+//! of {claim key, memory limit, flags, device-resident bytes}. Every claim on an overcommitted
+//! GPU publishes its limit and whether it may spill when it starts; a claim that may spill also
+//! publishes, after each of its device allocations and frees, the bytes it holds on the card.
+//! From that, an opted-in claim computes how much of the card it may use:
+//!
+//! ```text
+//! allowance = physical − Σ limits of live claims that may not spill
+//!                      − Σ device-resident bytes of the other live claims that may spill
+//! ```
+//!
+//! so the claims that did not opt in always find their whole limit on the card. An entry is
+//! live while a process of its claim holds a shared open-file-description lock on its bytes (the
+//! kernel drops it when the process dies, however it dies); taking an entry needs the exclusive
+//! lock, so a live claim's entry is never taken. No PIDs, no clocks.
+//!
+//! Claims that did not opt in only write their entry once, at start-up: their allocation path
+//! is unchanged.
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const ENTRIES: usize = 64;
+const ENTRY_SIZE: usize = 64;
+const FILE_SIZE: usize = ENTRIES * ENTRY_SIZE;
+
+/// The entry's claim may spill (its resident bytes count, not its limit).
+const FLAG_SPILLS: u64 = 1;
+
+#[repr(C, align(64))]
+struct Entry {
+    claim: AtomicU64,
+    limit: AtomicU64,
+    flags: AtomicU64,
+    resident: AtomicU64,
+    _reserved: [u64; 4],
+}
+
+const _: () = assert!(size_of::<Entry>() == ENTRY_SIZE);
+
+pub struct MemoryBoard {
+    fd: i32,
+    base: *mut Entry,
+    mine: usize,
+    claim: u64,
+}
+
+// SAFETY: a shared mapping accessed only through atomics; the descriptor is only used for locks.
+unsafe impl Send for MemoryBoard {}
+unsafe impl Sync for MemoryBoard {}
+
+impl MemoryBoard {
+    /// Maps (creating it if absent) the memory board of `uuid` in `dir` and publishes `claim`'s
+    /// `limit` and whether it `spills`. `None` when the board cannot be used.
+    pub fn open(dir: &str, uuid: &str, claim: u64, limit: u64, spills: bool) -> Option<Self> {
+        let path = CString::new(format!("{dir}/{uuid}.memory")).ok()?;
+        // SAFETY: a NUL-terminated path. The descriptor stays open: it holds our entry's lock.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
+                0o666,
+            )
+        };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: our descriptor. Growing a file others map only adds zero bytes.
+        unsafe { libc::fchmod(fd, 0o666) };
+        let size = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+        let sized = size >= FILE_SIZE as libc::off_t
+            || (size >= 0 && unsafe { libc::ftruncate(fd, FILE_SIZE as libc::off_t) } == 0);
+        let base = if sized {
+            // SAFETY: a shared mapping of FILE_SIZE bytes of a file at least that long.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    FILE_SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            }
+        } else {
+            libc::MAP_FAILED
+        };
+        if base == libc::MAP_FAILED {
+            // SAFETY: our descriptor.
+            unsafe { libc::close(fd) };
+            return None;
+        }
+        let mut board = MemoryBoard {
+            fd,
+            base: base.cast(),
+            mine: 0,
+            claim,
+        };
+        board.mine = board.take_entry(limit, if spills { FLAG_SPILLS } else { 0 })?;
+        Some(board)
+    }
+
+    fn entry(&self, index: usize) -> &Entry {
+        // SAFETY: index < ENTRIES, inside the mapping, which lives as long as self.
+        unsafe { &*self.base.add(index.min(ENTRIES - 1)) }
+    }
+
+    fn lock(&self, index: usize, kind: i32, cmd: i32) -> bool {
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = kind as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = (index * ENTRY_SIZE) as libc::off_t;
+        lock.l_len = ENTRY_SIZE as libc::off_t;
+        loop {
+            // SAFETY: fcntl with a valid flock on our descriptor.
+            if unsafe { libc::fcntl(self.fd, cmd, &mut lock) } == 0 {
+                return cmd != libc::F_OFD_GETLK || lock.l_type != libc::F_UNLCK as libc::c_short;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return false;
+            }
+        }
+    }
+
+    fn take_entry(&self, limit: u64, flags: u64) -> Option<usize> {
+        // Join the claim's entry if one of its processes holds it (shared lock).
+        for index in 0..ENTRIES {
+            let entry = self.entry(index);
+            if entry.claim.load(Ordering::Acquire) != self.claim {
+                continue;
+            }
+            if self.lock(index, libc::F_RDLCK, libc::F_OFD_SETLK) {
+                if entry.claim.load(Ordering::Acquire) == self.claim {
+                    entry.limit.store(limit, Ordering::Release);
+                    entry.flags.store(flags, Ordering::Release);
+                    return Some(index);
+                }
+                self.lock(index, libc::F_UNLCK, libc::F_OFD_SETLK);
+            }
+        }
+        // Take an entry nobody alive holds (exclusive lock), fill it, then share it.
+        for index in 0..ENTRIES {
+            if !self.lock(index, libc::F_WRLCK, libc::F_OFD_SETLK) {
+                continue;
+            }
+            let entry = self.entry(index);
+            entry.limit.store(limit, Ordering::Release);
+            entry.flags.store(flags, Ordering::Release);
+            entry.resident.store(0, Ordering::Release);
+            entry.claim.store(self.claim, Ordering::Release);
+            // Converting our own lock to a shared one is atomic: nobody can take it between.
+            self.lock(index, libc::F_RDLCK, libc::F_OFD_SETLK);
+            return Some(index);
+        }
+        None
+    }
+
+    /// Publishes the claim's device-resident bytes (claims that may spill).
+    #[inline]
+    pub fn publish_resident(&self, bytes: u64) {
+        let entry = self.entry(self.mine);
+        if entry.claim.load(Ordering::Relaxed) == self.claim {
+            entry.resident.store(bytes, Ordering::Release);
+        }
+    }
+
+    /// What the live claims other than this one hold or reserve on the card: the limits of
+    /// those that may not spill, the resident bytes of those that may.
+    pub fn others(&self) -> u64 {
+        let mut total = 0u64;
+        for index in (0..ENTRIES).filter(|&i| i != self.mine) {
+            let entry = self.entry(index);
+            let claim = entry.claim.load(Ordering::Acquire);
+            if claim == 0 || claim == self.claim {
+                continue;
+            }
+            // Live: some process holds a lock that conflicts with an exclusive one.
+            if !self.lock(index, libc::F_WRLCK, libc::F_OFD_GETLK) {
+                continue;
+            }
+            let held = if entry.flags.load(Ordering::Acquire) & FLAG_SPILLS != 0 {
+                entry.resident.load(Ordering::Acquire)
+            } else {
+                entry.limit.load(Ordering::Acquire)
+            };
+            total = total.saturating_add(held);
+        }
+        total
+    }
+}
+
+impl Drop for MemoryBoard {
+    fn drop(&mut self) {
+        // SAFETY: the mapping and descriptor made in open.
+        unsafe {
+            libc::munmap(self.base.cast(), FILE_SIZE);
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// The spill policy of one claim device.
+pub struct Spill {
+    /// The GPU's physical memory.
+    pub physical: u64,
+    /// Host bytes the claim may spill to, across its processes.
+    pub limit: u64,
+    /// The memory board; `None` when there is none (the claim then spills only when the driver
+    /// itself reports the card full).
+    pub board: Option<MemoryBoard>,
+}
+
+impl Spill {
+    /// Device bytes the claim may hold on the card without eating others' share.
+    pub fn allowance(&self) -> u64 {
+        match &self.board {
+            Some(board) => self.physical.saturating_sub(board.others()),
+            None => self.physical,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path, claim: u64, limit: u64, spills: bool) -> MemoryBoard {
+        MemoryBoard::open(dir.to_str().expect("utf-8"), "GPU-t", claim, limit, spills)
+            .expect("board")
+    }
+
+    #[test]
+    fn reserved_limits_and_resident_bytes_count_for_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // All in one process: OFD locks of different descriptors still conflict, as between
+        // processes, so liveness reads the same.
+        let fixed = open(dir.path(), 3, 6 << 30, false);
+        let a = open(dir.path(), 5, 6 << 30, true);
+        let b = open(dir.path(), 7, 6 << 30, true);
+        assert_eq!(a.others(), 6 << 30, "the non-spilling claim's limit");
+        b.publish_resident(1 << 30);
+        assert_eq!(a.others(), 7 << 30);
+        assert_eq!(b.others(), 6 << 30, "its own bytes do not count");
+        let again = open(dir.path(), 5, 6 << 30, true);
+        assert_eq!(again.mine, a.mine, "processes of one claim share its entry");
+        drop(fixed);
+        assert_eq!(
+            a.others(),
+            1 << 30,
+            "a claim with no live process counts nothing"
+        );
+        let c = open(dir.path(), 9, 2 << 30, false);
+        assert_eq!(c.mine, 0, "the dead claim's entry is taken");
+        assert_eq!(a.others(), 3 << 30);
+    }
+}
