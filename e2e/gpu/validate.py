@@ -16,11 +16,19 @@ simulate:
      throughput beside two saturating low-priority ones, and they get the GPU back when it stops;
      a CUDA-graph replay loop is limited too.
 
+  7. memory oversubscription (unless --no-spill), bounded: a claim that opted in is told the card
+     has only half its limit (physicalMemory) and a claim that did not opt in reserves a quarter;
+     PyTorch (caching off) allocates the opted-in claim's limit in 64 MiB tensors: the first
+     quarter lands on the card, the rest is served as managed memory; the region's spilled bytes
+     match, kernels read and write spilled tensors correctly, and a spill limit refuses with an
+     out-of-memory error and the shim's stderr line.
+
 Usage: python3 e2e/gpu/validate.py --shim /path/to/libtessera.so [--limit-gib 2] [--json out.json]
-       [--no-compute] [--span 6]
+       [--no-compute] [--no-spill] [--span 6]
 Exit status 0 when every check passed. Results are printed as a Markdown table for
-docs/benchmarks.md. Never asks for managed memory, and never more device memory than the limit
-plus one allocation, so it is safe on a shared GPU.
+docs/benchmarks.md. Never more device memory than the limit plus one allocation, and the spill
+check asks for at most three quarters of a claim it sizes to a quarter of the card's free memory
+(so never more managed memory than the card has free): safe on a shared GPU.
 """
 import argparse
 import json
@@ -261,12 +269,126 @@ def compute_checks(check, results, directory, uuid, limit, shim, span):
           {"low_after_percent": [round(100 * x / solo, 1) for x in after]})
 
 
+SPILL_ALLOC = """
+import json, sys, torch
+chunk, count = {chunk}, {count}
+held, results = [], []
+for i in range(count):
+    try:
+        t = torch.empty(chunk, dtype=torch.uint8, device="cuda")
+    except torch.cuda.OutOfMemoryError:
+        results.append("oom")
+        break
+    t.fill_(i % 251)
+    held.append(t)
+    results.append("ok")
+# Every tensor, on the card or spilled, holds what a kernel wrote into it.
+correct = all(int(t[::4096].sum().item()) == (i % 251) * len(t[::4096]) for i, t in enumerate(held))
+x = torch.ones(chunk // 4, dtype=torch.float32, device="cuda")
+torch.cuda.synchronize()
+print("held", flush=True)
+print(json.dumps({{"results": results, "correct": correct, "sum": float(x.sum().item())}}), flush=True)
+sys.stdin.readline()
+"""
+
+
+def region_totals(path):
+    """(charged, spilled) on device 0 over the active slots of a region file (region.md)."""
+    import struct
+    with open(path, "rb") as f:
+        data = f.read()
+    high = struct.unpack_from("<I", data, 32)[0]
+    used = spilled = 0
+    for i in range(min(high, 256)):
+        base = 4096 + 384 * i
+        if struct.unpack_from("<I", data, base)[0] != 1:
+            continue
+        used += struct.unpack_from("<Q", data, base + 64)[0]
+        spilled += struct.unpack_from("<Q", data, base + 192)[0]
+    return used, spilled
+
+
+def spill_checks(check, results, directory, uuid, shim):
+    """Bounded spill path check: never more managed memory than the card has free."""
+    free = int(subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+        check=True, capture_output=True, text=True).stdout.strip()) * MIB
+    chunk = 64 * MIB
+    count = min(32, free // 4 // chunk) // 4 * 4
+    if count < 8:
+        results["spill"] = {"skipped": f"{free} bytes free on the card, 2 GiB needed"}
+        return
+    limit = chunk * count
+    # Two chunks of headroom: one for the float tensor, one for PyTorch's small result tensors.
+    asked = count - 2
+    board = os.path.join(directory, "board")
+    os.makedirs(board, exist_ok=True)
+
+    def claim(name, oversubscribe, claim_limit, spill_limit=None):
+        device = {"uuid": uuid, "memoryLimit": claim_limit, "cores": 100, "physicalMemory": limit // 2}
+        if spill_limit is not None:
+            device["spillLimit"] = spill_limit
+        config = {"version": 1, "claimUid": name, "region": os.path.join(directory, f"{name}.region"),
+                  "devices": [device], "oversubscribe": oversubscribe}
+        path = os.path.join(directory, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return path
+
+    def env(config):
+        return dict(os.environ, LD_PRELOAD=shim, TESSERA_CONFIG=config, TESSERA_BOARD=board,
+                    PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+
+    # The claim that did not opt in reserves a quarter of the opted-in claim's limit while it runs.
+    reserve = claim("spill-reserve", False, limit // 4)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER.format(size=MIB))],
+                              env=env(reserve), stdout=subprocess.PIPE, text=True)
+    holder.stdout.readline()
+    try:
+        opted = claim("spill-opted", True, limit)
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SPILL_ALLOC.format(chunk=chunk, count=asked))],
+                                env=env(opted), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+        outcome = json.loads(proc.stdout.readline())
+        used, spilled = region_totals(os.path.join(directory, "spill-opted.region"))
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=120)
+        # allowance = limit/2 (physical) − limit/4 (reserve): a quarter of the limit on the card,
+        # the rest of the asked chunks and the float tensor (one chunk) spilled.
+        expected = (asked + 1) * chunk - limit // 4
+        results["spill"] = {"limit": limit, "outcome": outcome, "used": used, "spilled": spilled}
+        check("spill: the opted-in claim gets all it asks, past the card", outcome["results"] == ["ok"] * asked, results["spill"])
+        check("spill: kernels see the right bytes in spilled memory", outcome["correct"]
+              and outcome["sum"] == chunk // 4, outcome)
+        check("spill: the region's spilled bytes are what did not fit beside the reserve",
+              expected <= spilled <= expected + chunk, {"spilled": spilled, "expected": expected})
+
+        capped = claim("spill-capped", True, limit, spill_limit=limit // 4)
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SPILL_ALLOC.format(chunk=chunk, count=asked))],
+                                env=env(capped), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+        outcome = json.loads(proc.stdout.readline())
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        _, stderr = proc.communicate(timeout=120)
+        check("spill: the spill limit is an out-of-memory error with the shim's line",
+              outcome["results"][-1] == "oom" and "spill limit" in stderr,
+              {"results": outcome["results"], "stderr": stderr[-300:]})
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shim", required=True)
     parser.add_argument("--limit-gib", type=float, default=2.0)
     parser.add_argument("--json")
     parser.add_argument("--no-compute", action="store_true", help="skip the compute-share checks")
+    parser.add_argument("--no-spill", action="store_true", help="skip the memory oversubscription checks")
     parser.add_argument("--span", type=float, default=6.0, help="seconds per compute run")
     args = parser.parse_args()
     limit = int(args.limit_gib * GIB)
@@ -315,6 +437,9 @@ def main():
         base = last_json(run_python(OVERHEAD, env_no_cache(bare)))
         with_shim = last_json(run_python(OVERHEAD, env_no_cache(shimmed)))
         results["overhead"] = {"bare": base, "shim": with_shim}
+
+        if not args.no_spill:
+            spill_checks(check, results, directory, uuid, os.path.abspath(args.shim))
 
         if not args.no_compute:
             compute_checks(check, results, directory, uuid, limit, os.path.abspath(args.shim), args.span)

@@ -71,6 +71,27 @@ fn main() {
     };
     let whole = claim_with(100);
     let half = claim_with(50);
+    // Memory oversubscription: claims on a GPU the node overcommits (`physicalMemory`), sharing
+    // a board directory. `physical` 24 GiB keeps an opted-in claim's allocations on the card;
+    // 1 byte sends every one of them to host (managed) memory.
+    let board = work.path().join("board");
+    std::fs::create_dir_all(&board).expect("board dir");
+    let overcommitted = |name: &str, oversubscribe: bool, physical: u64| {
+        let claim = work.path().join(format!("claim-{name}.json"));
+        let region = work.path().join(format!("claim-{name}.region"));
+        std::fs::write(
+            &claim,
+            format!(
+                r#"{{"version":1,"claimUid":"bench-{name}","region":"{}","devices":[{{"uuid":"{uuid}","memoryLimit":8589934592,"cores":100,"physicalMemory":{physical}}}],"oversubscribe":{oversubscribe}}}"#,
+                region.display()
+            ),
+        )
+        .expect("claim config");
+        claim
+    };
+    let not_opted = overcommitted("not-opted", false, 24 << 30);
+    let on_card = overcommitted("on-card", true, 24 << 30);
+    let spilled = overcommitted("spilled", true, 1);
 
     let iterations = std::env::var("BENCH_ITERATIONS")
         .ok()
@@ -89,6 +110,21 @@ fn main() {
             true,
             Some(&half),
         ),
+        (
+            "overcommitted GPU, claim not opted in",
+            true,
+            Some(&not_opted),
+        ),
+        (
+            "overcommitted GPU, opted in, on the card",
+            true,
+            Some(&on_card),
+        ),
+        (
+            "overcommitted GPU, opted in, every allocation spilled",
+            true,
+            Some(&spilled),
+        ),
     ];
     println!("| threads | variant | alloc+free pair (ns/thread) | launch (ns/thread) |");
     println!("|---|---|---|---|");
@@ -106,6 +142,10 @@ fn main() {
                     .env("LD_LIBRARY_PATH", &lib_dir)
                     .env("FAKEGPU_CONFIG", &fake)
                     .env("FAKEGPU_STATE", work.path().join("fakegpu.state"));
+                // Only the overcommitted variants see a board: the others run as they did.
+                if config.is_some_and(|c| [&not_opted, &on_card, &spilled].contains(&c)) {
+                    command.env("TESSERA_BOARD", &board);
+                }
                 if *preload {
                     command.env("LD_PRELOAD", &shim);
                 }

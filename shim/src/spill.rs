@@ -167,9 +167,11 @@ impl MemoryBoard {
         }
     }
 
-    /// What the live claims other than this one hold or reserve on the card: the limits of
-    /// those that may not spill, the resident bytes of those that may.
-    pub fn others(&self) -> u64 {
+    /// What the claims other than this one hold or reserve on the card: the limits of those
+    /// that may not spill, the resident bytes of those that may. With `live_only`, entries no
+    /// process holds are left out (one `fcntl` per entry in use); without, every entry counts,
+    /// which can only over-state the others (no system call).
+    pub fn others(&self, live_only: bool) -> u64 {
         let mut total = 0u64;
         for index in (0..ENTRIES).filter(|&i| i != self.mine) {
             let entry = self.entry(index);
@@ -178,7 +180,7 @@ impl MemoryBoard {
                 continue;
             }
             // Live: some process holds a lock that conflicts with an exclusive one.
-            if !self.lock(index, libc::F_WRLCK, libc::F_OFD_GETLK) {
+            if live_only && !self.lock(index, libc::F_WRLCK, libc::F_OFD_GETLK) {
                 continue;
             }
             let held = if entry.flags.load(Ordering::Acquire) & FLAG_SPILLS != 0 {
@@ -214,11 +216,17 @@ pub struct Spill {
 }
 
 impl Spill {
-    /// Device bytes the claim may hold on the card without eating others' share.
-    pub fn allowance(&self) -> u64 {
+    /// Whether the claim may hold `resident` device bytes on the card without eating the
+    /// others' share. Clearly within the card (even counting entries of claims that are gone),
+    /// this is a few atomic loads; only near the edge are the entries' owners checked alive.
+    #[inline]
+    pub fn fits(&self, resident: u64) -> bool {
         match &self.board {
-            Some(board) => self.physical.saturating_sub(board.others()),
-            None => self.physical,
+            Some(board) => {
+                resident <= self.physical.saturating_sub(board.others(false))
+                    || resident <= self.physical.saturating_sub(board.others(true))
+            }
+            None => resident <= self.physical,
         }
     }
 }
@@ -240,20 +248,29 @@ mod tests {
         let fixed = open(dir.path(), 3, 6 << 30, false);
         let a = open(dir.path(), 5, 6 << 30, true);
         let b = open(dir.path(), 7, 6 << 30, true);
-        assert_eq!(a.others(), 6 << 30, "the non-spilling claim's limit");
+        assert_eq!(a.others(true), 6 << 30, "the non-spilling claim's limit");
         b.publish_resident(1 << 30);
-        assert_eq!(a.others(), 7 << 30);
-        assert_eq!(b.others(), 6 << 30, "its own bytes do not count");
+        assert_eq!(a.others(true), 7 << 30);
+        assert_eq!(b.others(true), 6 << 30, "its own bytes do not count");
         let again = open(dir.path(), 5, 6 << 30, true);
         assert_eq!(again.mine, a.mine, "processes of one claim share its entry");
         drop(fixed);
         assert_eq!(
-            a.others(),
+            a.others(true),
             1 << 30,
             "a claim with no live process counts nothing"
         );
+        assert_eq!(a.others(false), 7 << 30, "the quick bound still counts it");
+        let spill = Spill {
+            physical: 8 << 30,
+            limit: 6 << 30,
+            board: Some(a),
+        };
+        assert!(spill.fits(7 << 30), "near the edge, only live claims count");
+        assert!(!spill.fits((7 << 30) + 1));
+        let a = spill.board.expect("board");
         let c = open(dir.path(), 9, 2 << 30, false);
         assert_eq!(c.mine, 0, "the dead claim's entry is taken");
-        assert_eq!(a.others(), 3 << 30);
+        assert_eq!(a.others(true), 3 << 30);
     }
 }

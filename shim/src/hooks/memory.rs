@@ -168,7 +168,7 @@ fn spilling(
     if !enforcer.ledger.reserve(device, size) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    if enforcer.resident(device) <= spill.allowance() {
+    if spill.fits(enforcer.resident(device)) {
         let result = call();
         if result == CUDA_SUCCESS {
             // SAFETY: the driver wrote `*dptr` on success.
