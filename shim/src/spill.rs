@@ -216,6 +216,14 @@ pub struct Spill {
 }
 
 impl Spill {
+    /// Publishes the claim's device-resident bytes on the board, if there is one.
+    #[inline]
+    pub fn publish(&self, resident: u64) {
+        if let Some(board) = &self.board {
+            board.publish_resident(resident);
+        }
+    }
+
     /// Whether the claim may hold `resident` device bytes on the card without eating the
     /// others' share. Clearly within the card (even counting entries of claims that are gone),
     /// this is a few atomic loads; only near the edge are the entries' owners checked alive.

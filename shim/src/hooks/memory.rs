@@ -168,7 +168,11 @@ fn spilling(
     if !enforcer.ledger.reserve(device, size) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    if spill.fits(enforcer.resident(device)) {
+    let resident = enforcer.resident(device);
+    if spill.fits(resident) {
+        // Published before the driver is asked, so that the other claims count these bytes as
+        // early as possible (the window in which two claims can both take the last bytes).
+        spill.publish(resident);
         let result = call();
         if result == CUDA_SUCCESS {
             // SAFETY: the driver wrote `*dptr` on success.
@@ -182,19 +186,21 @@ fn spilling(
             ) {
                 free_device_pointer(ptr);
                 enforcer.ledger.release(device, size);
+                enforcer.publish_resident(device);
                 return CUDA_ERROR_OUT_OF_MEMORY;
             }
-            enforcer.publish_resident(device);
             return CUDA_SUCCESS;
         }
         if result != CUDA_ERROR_OUT_OF_MEMORY {
             enforcer.ledger.release(device, size);
+            enforcer.publish_resident(device);
             return result;
         }
         // The card is full for reasons the board cannot see: spill.
     }
     if !enforcer.ledger.reserve_spill(device, size, spill.limit) {
         enforcer.ledger.release(device, size);
+        enforcer.publish_resident(device);
         if !SPILL_LIMIT_REPORTED[device.min(SPILL_LIMIT_REPORTED.len() - 1)]
             .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
@@ -212,6 +218,8 @@ fn spilling(
         }
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
+    // These bytes are not on the card (the published figure may have counted them above).
+    enforcer.publish_resident(device);
     let undo = || {
         enforcer.ledger.release_spill(device, size);
         enforcer.ledger.release(device, size);
