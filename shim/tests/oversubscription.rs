@@ -230,3 +230,33 @@ fn without_opting_in_nothing_spills_and_the_card_refuses_as_before() {
     first.finish();
     second.finish();
 }
+
+#[test]
+fn without_a_board_an_opted_in_claim_spills_when_the_driver_reports_the_card_full() {
+    let scene = Scene::with_gpu0_memory(CARD);
+    let a = claim(&scene, "a", 6 * GIB, true, None);
+    let c = claim(&scene, "c", 6 * GIB, false, None);
+    let mut fixed = scene.start("procaddr", Some(&c));
+    assert_eq!(fixed.rc("init 0"), 0);
+    for _ in 0..6 {
+        assert_eq!(fixed.rc(&format!("alloc {GIB}")), 0);
+    }
+    let mut app = scene.start("procaddr", Some(&a));
+    assert_eq!(app.rc("init 0"), 0);
+    for i in 0..6 {
+        assert_eq!(app.rc(&format!("alloc {GIB}")), 0, "GiB {i}");
+    }
+    assert_eq!(
+        totals(&scene, "a"),
+        (6 * GIB, 4 * GIB),
+        "2 GiB fit on the card, the driver's out-of-memory sent the rest to host memory"
+    );
+    assert_eq!(fixed.run("physical 0")[0] as u64, CARD);
+    assert_eq!(managed(&mut app), (4 * GIB, 4 * GIB));
+    let stderr = app.finish();
+    assert!(
+        stderr.contains("claim uid-a: no memory board for GPU GPU-11111111-2222-3333-4444-555555555555; spilling only when the driver reports the card full"),
+        "{stderr}"
+    );
+    fixed.finish();
+}
