@@ -242,6 +242,7 @@ impl Enforcer {
     }
 
     /// Publishes the claim's device-resident bytes on `device`, where it may spill.
+    #[inline]
     pub fn publish_resident(&self, device: usize) {
         if let Some(board) = self.spill(device).and_then(|s| s.board.as_ref()) {
             board.publish_resident(self.resident(device));

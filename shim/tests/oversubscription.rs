@@ -260,3 +260,40 @@ fn without_a_board_an_opted_in_claim_spills_when_the_driver_reports_the_card_ful
     );
     fixed.finish();
 }
+
+#[test]
+fn memory_an_opted_in_claim_takes_outside_cu_mem_alloc_counts_for_the_others() {
+    let scene = Scene::with_gpu0_memory(CARD);
+    let a = claim(&scene, "a", 6 * GIB, true, None);
+    let b = claim(&scene, "b", 6 * GIB, true, None);
+    let c = claim(&scene, "c", 6 * GIB, false, None);
+    let fixed = start(&scene, &c);
+    let mut first = start(&scene, &a);
+    let mut second = start(&scene, &b);
+    // Stream-ordered allocations are never spilled, but they are on the card.
+    assert_eq!(first.rc(&format!("async {GIB}")), 0);
+    assert_eq!(first.rc(&format!("pitch {} 1024", 512 * 1024)), 0);
+    assert_eq!(totals(&scene, "a"), (GIB + 512 * MIB, 0));
+    assert_eq!(second.rc(&format!("alloc {GIB}")), 0);
+    assert_eq!(
+        totals(&scene, "b"),
+        (GIB, GIB),
+        "only 512 MiB are left beside c's reserve and a's 1.5 GiB: b spills"
+    );
+    assert_eq!(second.rc(&format!("alloc {}", 256 * MIB)), 0);
+    assert_eq!(
+        totals(&scene, "b"),
+        (GIB + 256 * MIB, GIB),
+        "256 MiB still fit on the card"
+    );
+    assert_eq!(first.rc("freeasync 0"), 0);
+    assert_eq!(second.rc(&format!("alloc {GIB}")), 0);
+    assert_eq!(
+        totals(&scene, "b"),
+        (2 * GIB + 256 * MIB, GIB),
+        "a's freed GiB is b's to take"
+    );
+    for app in [first, second, fixed] {
+        app.finish();
+    }
+}

@@ -46,6 +46,8 @@ fn charged(
         enforcer.ledger.release(device, bytes);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
+    // A claim that may spill keeps its figure on the card current for the other claims.
+    enforcer.publish_resident(device);
     CUDA_SUCCESS
 }
 
@@ -62,6 +64,7 @@ fn uncharged(
     if let Some(charge) = charge {
         if result == CUDA_SUCCESS {
             enforcer.ledger.release(charge.device, charge.bytes);
+            enforcer.publish_resident(charge.device);
         } else {
             table.insert(key, charge);
         }
@@ -382,6 +385,7 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
                     e.ledger.release(device, actual);
                     return CUDA_ERROR_OUT_OF_MEMORY;
                 }
+                e.publish_resident(device);
                 CUDA_SUCCESS
             },
         )
