@@ -119,3 +119,114 @@ fn create_board_dir(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
 }
+
+/// `<board>/<UUID>.reserved`: the card memory a GPU's prepared claims that did not opt in to
+/// spilling are owed, in decimal bytes (see [`write_memory_reservations`]).
+pub fn reservation_file(board: &Path, uuid: &str) -> std::path::PathBuf {
+    board.join(format!("{uuid}.reserved"))
+}
+
+/// Publishes, for every GPU the node overcommits, what its prepared claims that did not opt in
+/// are owed on the card: Σ min(memory limit, physical memory), from the configs under
+/// `<state-dir>/claims/`. An opted-in claim's shim leaves that much of the card alone from the
+/// moment those claims are prepared, not only once their processes have started. GPUs that had
+/// a reservation and have no such claim any more get 0. Configs that cannot be read (a prepare
+/// that never wrote one) are skipped. Returns what was written, by GPU UUID.
+pub fn write_memory_reservations(
+    state_dir: &Path,
+) -> io::Result<std::collections::BTreeMap<String, u64>> {
+    let mut owed = std::collections::BTreeMap::<String, u64>::new();
+    let claims = state_dir.join("claims");
+    let entries = match std::fs::read_dir(&claims) {
+        Ok(entries) => entries.flatten().collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let Ok(raw) = std::fs::read(entry.path().join("config.json")) else {
+            continue;
+        };
+        let Ok(config) = ShimConfig::from_json(&raw) else {
+            continue;
+        };
+        for device in &config.devices {
+            let Some(physical) = device.physical_memory else {
+                continue;
+            };
+            let total = owed.entry(device.uuid.clone()).or_insert(0);
+            if !config.oversubscribe {
+                *total = total.saturating_add(device.memory_limit.min(physical));
+            }
+        }
+    }
+    let board = state_dir.join("board");
+    create_board_dir(&board)?;
+    // GPUs reserved before and no longer: back to 0.
+    for entry in std::fs::read_dir(&board)?.flatten() {
+        let name = entry.file_name();
+        if let Some(uuid) = name.to_str().and_then(|n| n.strip_suffix(".reserved")) {
+            owed.entry(uuid.to_string()).or_insert(0);
+        }
+    }
+    for (uuid, bytes) in &owed {
+        fsutil::write_atomic(
+            &reservation_file(&board, uuid),
+            format!("{bytes}\n").as_bytes(),
+            0o644,
+        )?;
+    }
+    Ok(owed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn prepared(state: &Path, uid: &str, devices: serde_json::Value, oversubscribe: bool) {
+        let dir = state.join("claims").join(uid);
+        std::fs::create_dir_all(&dir).expect("claim dir");
+        let config = serde_json::json!({
+            "version": SHIM_CONFIG_VERSION, "claimUid": uid, "region": cdi::CONTAINER_REGION,
+            "devices": devices, "oversubscribe": oversubscribe,
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+    }
+
+    fn read(state: &Path, uuid: &str) -> String {
+        std::fs::read_to_string(reservation_file(&state.join("board"), uuid)).expect("reservation")
+    }
+
+    #[test]
+    fn only_claims_that_did_not_opt_in_on_overcommitted_gpus_reserve_the_card() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path();
+        let over = |limit: u64| serde_json::json!({"uuid": "GPU-a", "memoryLimit": limit, "cores": 50, "physicalMemory": 8 * GIB});
+        prepared(state, "fixed-1", serde_json::json!([over(6 * GIB)]), false);
+        // A limit above the card (possible with a factor) reserves at most the card.
+        prepared(state, "fixed-2", serde_json::json!([over(12 * GIB)]), false);
+        prepared(state, "spills", serde_json::json!([over(6 * GIB)]), true);
+        // Not overcommitted: no reservation file at all.
+        prepared(
+            state,
+            "plain",
+            serde_json::json!([{"uuid": "GPU-b", "memoryLimit": GIB, "cores": 10}]),
+            false,
+        );
+        std::fs::create_dir_all(state.join("claims/half-prepared")).expect("no config");
+        let owed = write_memory_reservations(state).expect("write");
+        assert_eq!(owed.get("GPU-a"), Some(&(14 * GIB)));
+        assert_eq!(read(state, "GPU-a"), format!("{}\n", 14 * GIB));
+        assert!(!reservation_file(&state.join("board"), "GPU-b").exists());
+
+        std::fs::remove_dir_all(state.join("claims/fixed-1")).expect("unprepare");
+        std::fs::remove_dir_all(state.join("claims/fixed-2")).expect("unprepare");
+        write_memory_reservations(state).expect("write again");
+        assert_eq!(
+            read(state, "GPU-a"),
+            "0\n",
+            "only an opted-in claim is left"
+        );
+    }
+}

@@ -104,6 +104,27 @@ async fn claims_get_their_own_share_of_the_offered_memory() {
         let raw = std::fs::read_to_string(env.claim_dir(&id).join("config.json")).expect("config");
         assert_eq!(raw.contains("physicalMemory"), physical.is_some(), "{raw}");
     }
+    // None of these claims opted in to spilling: on the overcommitted L40S each is owed its limit
+    // (at most the card) on the card, published for the shims of claims that may spill.
+    let reserved = |gpu: &str| {
+        let path = env.path("state/board").join(format!("{gpu}.reserved"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    assert_eq!(reserved(GPU1), format!("{}\n", 3 * 48 * GIB));
+    assert!(
+        !env.path("state/board")
+            .join(format!("{GPU0}.reserved"))
+            .exists(),
+        "the 4090 is not overcommitted"
+    );
+    for i in 0..3 {
+        let id = uid(i + 1);
+        instance
+            .kubelet
+            .unprepare_ok(Version::V1, &Claim::new("team-a", &format!("c{i}"), &id))
+            .await;
+    }
+    assert_eq!(reserved(GPU1), "0\n", "unprepared claims are owed nothing");
     instance.stop().await;
 }
 

@@ -46,6 +46,45 @@ pub struct MemoryBoard {
     base: *mut Entry,
     mine: usize,
     claim: u64,
+    reservation: Reservation,
+}
+
+/// How often the plugin's reservation file is read again: it changes when claims are prepared
+/// or unprepared, which comes well before their containers start.
+const RESERVATION_REFRESH_NS: u64 = 100_000_000;
+
+/// The plugin's `<board dir>/<UUID>.reserved` (decimal bytes): what the GPU's prepared claims
+/// that may not spill are owed on the card, whether or not their processes have started (their
+/// board entries appear only then). Missing or unreadable reads as 0: the board alone decides.
+struct Reservation {
+    path: std::path::PathBuf,
+    bytes: AtomicU64,
+    read_at: AtomicU64,
+}
+
+impl Reservation {
+    fn bytes(&self) -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid out-pointer; a vDSO read. Real time, not the fake driver's clock.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        let now = (ts.tv_sec as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(ts.tv_nsec as u64)
+            .max(1);
+        let last = self.read_at.load(Ordering::Relaxed);
+        if last == 0 || now.wrapping_sub(last) >= RESERVATION_REFRESH_NS {
+            let value = std::fs::read_to_string(&self.path)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            self.bytes.store(value, Ordering::Relaxed);
+            self.read_at.store(now, Ordering::Relaxed);
+        }
+        self.bytes.load(Ordering::Relaxed)
+    }
 }
 
 // SAFETY: a shared mapping accessed only through atomics; the descriptor is only used for locks.
@@ -98,6 +137,11 @@ impl MemoryBoard {
             base: base.cast(),
             mine: 0,
             claim,
+            reservation: Reservation {
+                path: std::path::Path::new(dir).join(format!("{uuid}.reserved")),
+                bytes: AtomicU64::new(0),
+                read_at: AtomicU64::new(0),
+            },
         };
         board.mine = board.take_entry(limit, if spills { FLAG_SPILLS } else { 0 })?;
         Some(board)
@@ -168,11 +212,13 @@ impl MemoryBoard {
     }
 
     /// What the claims other than this one hold or reserve on the card: the limits of those
-    /// that may not spill, the resident bytes of those that may. With `live_only`, entries no
-    /// process holds are left out (one `fcntl` per entry in use); without, every entry counts,
-    /// which can only over-state the others (no system call).
+    /// that may not spill (at least what the plugin says prepared ones are owed), the resident
+    /// bytes of those that may. With `live_only`, entries no process holds are left out (one
+    /// `fcntl` per entry in use); without, every entry counts, which can only over-state the
+    /// others (no system call but the reservation file's, at most every 100 ms).
     pub fn others(&self, live_only: bool) -> u64 {
-        let mut total = 0u64;
+        let mut reserved = 0u64;
+        let mut resident = 0u64;
         for index in (0..ENTRIES).filter(|&i| i != self.mine) {
             let entry = self.entry(index);
             let claim = entry.claim.load(Ordering::Acquire);
@@ -183,14 +229,15 @@ impl MemoryBoard {
             if live_only && !self.lock(index, libc::F_WRLCK, libc::F_OFD_GETLK) {
                 continue;
             }
-            let held = if entry.flags.load(Ordering::Acquire) & FLAG_SPILLS != 0 {
-                entry.resident.load(Ordering::Acquire)
+            if entry.flags.load(Ordering::Acquire) & FLAG_SPILLS != 0 {
+                resident = resident.saturating_add(entry.resident.load(Ordering::Acquire));
             } else {
-                entry.limit.load(Ordering::Acquire)
-            };
-            total = total.saturating_add(held);
+                reserved = reserved.saturating_add(entry.limit.load(Ordering::Acquire));
+            }
         }
-        total
+        reserved
+            .max(self.reservation.bytes())
+            .saturating_add(resident)
     }
 }
 
@@ -280,5 +327,27 @@ mod tests {
         let c = open(dir.path(), 9, 2 << 30, false);
         assert_eq!(c.mine, 0, "the dead claim's entry is taken");
         assert_eq!(a.others(true), 3 << 30);
+    }
+
+    #[test]
+    fn the_plugins_reservation_counts_for_claims_not_started_yet() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = open(dir.path(), 5, 6 << 30, true);
+        assert_eq!(a.others(true), 0, "no reservation file: the board alone");
+        // Two claims that may not spill are prepared; neither has a process yet.
+        std::fs::write(
+            dir.path().join("GPU-t.reserved"),
+            format!("{}\n", 5u64 << 30),
+        )
+        .expect("reserve");
+        let b = open(dir.path(), 7, 6 << 30, true);
+        assert_eq!(b.others(true), 5 << 30);
+        // One of them starts: its live entry and the reservation overlap, counted once.
+        let fixed = open(dir.path(), 3, 3 << 30, false);
+        assert_eq!(b.others(true), 5 << 30);
+        drop(fixed);
+        std::fs::write(dir.path().join("GPU-t.reserved"), "garbage").expect("corrupt");
+        let c = open(dir.path(), 9, 6 << 30, true);
+        assert_eq!(c.others(true), 0, "an unreadable reservation reads as 0");
     }
 }

@@ -297,3 +297,43 @@ fn memory_an_opted_in_claim_takes_outside_cu_mem_alloc_counts_for_the_others() {
         app.finish();
     }
 }
+
+#[test]
+fn a_prepared_claim_that_did_not_opt_in_is_owed_its_share_before_its_processes_start() {
+    let scene = Scene::with_gpu0_memory(CARD);
+    let a = claim(&scene, "a", 6 * GIB, true, None);
+    // The plugin has prepared a 6 GiB claim that may not spill; its container is not running
+    // yet, so it has no entry on the memory board, only the plugin's reservation.
+    let board = scene.dir.path().join("board");
+    std::fs::create_dir_all(&board).expect("board dir");
+    std::fs::write(
+        board.join(format!("{GPU0}.reserved")),
+        format!("{}\n", 6 * GIB),
+    )
+    .expect("reservation");
+    let mut app = start(&scene, &a);
+    for i in 0..6 {
+        assert_eq!(app.rc(&format!("alloc {GIB}")), 0, "GiB {i}");
+    }
+    assert_eq!(
+        totals(&scene, "a"),
+        (6 * GIB, 4 * GIB),
+        "only the 2 GiB beyond the reservation on the card"
+    );
+    assert_eq!(
+        app.run("physical 0")[0] as u64,
+        2 * GIB,
+        "6 GiB of the card left for the prepared claim"
+    );
+    // The prepared claim starts and finds its whole limit on the card.
+    let c = claim(&scene, "c", 6 * GIB, false, None);
+    let mut fixed = start(&scene, &c);
+    for i in 0..6 {
+        assert_eq!(fixed.rc(&format!("alloc {GIB}")), 0, "claim c, GiB {i}");
+    }
+    assert_eq!(totals(&scene, "c"), (6 * GIB, 0));
+    for app in [app, fixed] {
+        let stderr = app.finish();
+        assert!(!stderr.contains("tessera:"), "no refusal lines: {stderr}");
+    }
+}

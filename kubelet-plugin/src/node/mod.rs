@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 
 use tessera_driver::cdi::{CdiMode, DriverFiles};
 use tessera_driver::checkpoint::{self, Checkpoint, ClaimState, PreparedClaim, PreparedDevice};
-use tessera_driver::{Inventory, fsutil};
+use tessera_driver::{Inventory, claim_files, fsutil};
 
 use crate::claims::{self, ClaimReader};
 use crate::lock;
@@ -234,7 +234,17 @@ impl Node {
         }
         checkpoint.save(&path, false)?;
         self.step(Step::Completed, &plans[0].uid)?;
+        self.publish_memory_reservations();
         Ok(results)
+    }
+
+    /// What the prepared claims that did not opt in to spilling are owed on each overcommitted
+    /// GPU, for the shims of the claims that did (see `claim_files::write_memory_reservations`).
+    /// Best effort: without it those claims are still protected once their processes start.
+    fn publish_memory_reservations(&self) {
+        if let Err(error) = claim_files::write_memory_reservations(&self.config.state_dir) {
+            tracing::error!(%error, "publishing the card memory reserved for claims that may not spill");
+        }
     }
 
     /// Writes one claim's files; the outer error is a simulated crash.
@@ -283,6 +293,7 @@ impl Node {
         }
         if changed {
             checkpoint.save(&path, false)?;
+            self.publish_memory_reservations();
         }
         Ok(results)
     }
