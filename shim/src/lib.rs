@@ -22,4 +22,5 @@ mod ledger;
 mod ptr_table;
 mod real;
 mod report;
+mod shared_file;
 mod spill;

@@ -20,7 +20,6 @@
 //! Claims that did not opt in only write their entry once, at start-up: their allocation path
 //! is unchanged.
 
-use std::ffi::CString;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const ENTRIES: usize = 64;
@@ -95,43 +94,9 @@ impl MemoryBoard {
     /// Maps (creating it if absent) the memory board of `uuid` in `dir` and publishes `claim`'s
     /// `limit` and whether it `spills`. `None` when the board cannot be used.
     pub fn open(dir: &str, uuid: &str, claim: u64, limit: u64, spills: bool) -> Option<Self> {
-        let path = CString::new(format!("{dir}/{uuid}.memory")).ok()?;
-        // SAFETY: a NUL-terminated path. The descriptor stays open: it holds our entry's lock.
-        let fd = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
-                0o666,
-            )
-        };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: our descriptor. Growing a file others map only adds zero bytes.
-        unsafe { libc::fchmod(fd, 0o666) };
-        let size = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
-        let sized = size >= FILE_SIZE as libc::off_t
-            || (size >= 0 && unsafe { libc::ftruncate(fd, FILE_SIZE as libc::off_t) } == 0);
-        let base = if sized {
-            // SAFETY: a shared mapping of FILE_SIZE bytes of a file at least that long.
-            unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    FILE_SIZE,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd,
-                    0,
-                )
-            }
-        } else {
-            libc::MAP_FAILED
-        };
-        if base == libc::MAP_FAILED {
-            // SAFETY: our descriptor.
-            unsafe { libc::close(fd) };
-            return None;
-        }
+        // The descriptor stays open: it holds our entry's lock.
+        let (fd, base) =
+            crate::shared_file::map_shared(&format!("{dir}/{uuid}.memory"), FILE_SIZE)?;
         let mut board = MemoryBoard {
             fd,
             base: base.cast(),

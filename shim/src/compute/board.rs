@@ -7,7 +7,6 @@
 //! old shim) is simply invisible, and a forged entry can only make its neighbours yield, which
 //! is why the directory is the kubelet plugin's to create and mount.
 
-use std::ffi::CString;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const ENTRIES: usize = 64;
@@ -50,46 +49,9 @@ impl Board {
     /// Maps (creating it if absent) the board of `uuid` in `dir` and takes an entry for `claim`.
     /// `None` when the board cannot be used: the limiter then assumes neighbours it cannot see.
     pub fn open(dir: &str, uuid: &str, claim: u64, now: u64) -> Option<Board> {
-        let path = CString::new(format!("{dir}/{uuid}")).ok()?;
-        // SAFETY: a NUL-terminated path; the descriptor is closed below.
-        let fd = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
-                0o666,
-            )
-        };
-        if fd < 0 {
-            return None;
-        }
-        // SAFETY: our descriptor. Growing a file others map only adds zero bytes.
-        unsafe { libc::fchmod(fd, 0o666) };
-        // The size by seeking rather than fstat: `fstat` is not a dynamic symbol before glibc
-        // 2.33, and the shim must load into old images.
-        // SAFETY: our descriptor.
-        let size = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
-        let sized = size >= FILE_SIZE as libc::off_t
-            || (size >= 0 && unsafe { libc::ftruncate(fd, FILE_SIZE as libc::off_t) } == 0);
-        let base = if sized {
-            // SAFETY: a shared mapping of FILE_SIZE bytes of a file at least that long.
-            unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    FILE_SIZE,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd,
-                    0,
-                )
-            }
-        } else {
-            libc::MAP_FAILED
-        };
+        let (fd, base) = crate::shared_file::map_shared(&format!("{dir}/{uuid}"), FILE_SIZE)?;
         // SAFETY: our descriptor; the mapping stays valid after close.
         unsafe { libc::close(fd) };
-        if base == libc::MAP_FAILED {
-            return None;
-        }
         let mut board = Board {
             base: base.cast(),
             mine: 0,
