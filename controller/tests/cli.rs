@@ -1,5 +1,6 @@
-//! `tessera-controller --render-inventory`: slices from an inventory file, and a bad file refused
-//! with the file, field and line named.
+//! `tessera-controller --render-inventory`: slices from an inventory file, a bad file refused
+//! with the file, field and line named, and with `--memory-overcommit` the slices an
+//! overcommitted node would publish and the guard rail's refusals, without an API server.
 
 use std::process::Command;
 
@@ -63,6 +64,62 @@ fn bad_inventory_is_refused_with_the_field_named() {
     assert!(!ok);
     assert!(
         stderr.contains("GPU 0") && stderr.contains("too small"),
+        "{stderr}"
+    );
+}
+
+// --memory-overcommit
+
+const L40S: &str = r#"{"devices": [{"uuid": "GPU-1", "name": "NVIDIA L40S", "memory": 51539607552, "computeCapability": "8.9"}]}"#;
+
+#[test]
+fn renders_the_offered_memory() {
+    let (ok, stdout, stderr) = run(
+        L40S,
+        &[
+            "--mode",
+            "consumable",
+            "--memory-overcommit",
+            "NVIDIA L40S=1.5",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let slice: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON slice");
+    let device = &slice["spec"]["devices"][0];
+    assert_eq!(
+        device["capacity"]["memory"]["value"],
+        (72u64 << 30).to_string()
+    );
+    assert_eq!(
+        device["capacity"]["memory"]["requestPolicy"]["default"],
+        (48u64 << 30).to_string(),
+        "naming no memory still gets the card"
+    );
+    assert_eq!(device["attributes"]["memoryOvercommitPercent"]["int"], 150);
+    // Factor 1 (the default) renders as before: no attribute, the card.
+    let (ok, stdout, _) = run(L40S, &["--mode", "consumable"]);
+    assert!(ok);
+    let slice: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(
+        slice["spec"]["devices"][0]["capacity"]["memory"]["value"],
+        (48u64 << 30).to_string()
+    );
+    assert!(slice["spec"]["devices"][0]["attributes"]["memoryOvercommitPercent"].is_null());
+}
+
+#[test]
+fn refuses_factors_out_of_range_and_gpus_without_on_demand_paging() {
+    let (ok, _, stderr) = run(L40S, &["--memory-overcommit", "4.5"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--memory-overcommit") && stderr.contains("outside 1.0–4.0"),
+        "{stderr}"
+    );
+    let k80 = r#"{"devices": [{"uuid": "GPU-2", "name": "Tesla K80", "memory": 12884901888, "computeCapability": "3.7"}]}"#;
+    let (ok, _, stderr) = run(k80, &["--memory-overcommit", "2"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--memory-overcommit") && stderr.contains("compute capability 3.7"),
         "{stderr}"
     );
 }
