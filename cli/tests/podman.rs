@@ -7,7 +7,6 @@
 //! (`cargo build --workspace`). Without them it is skipped with the reason printed, unless
 //! `TESSERA_E2E=1`, which turns a skip into a failure.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -215,44 +214,34 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start podman");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut ask = |command: &str| -> Vec<String> {
-        if !command.is_empty() {
-            writeln!(stdin, "{command}").expect("write");
-            stdin.flush().expect("flush");
-        }
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read");
-        line.split_whitespace().map(str::to_string).collect()
-    };
-    assert_eq!(ask(""), vec!["ready"]);
-    assert_eq!(ask("init 0"), vec!["init", "0"]);
-    let info = ask("info");
+    let mut app = tessera_built_libs::LineSession::attach(&mut child);
+    assert_eq!(app.ask(""), vec!["ready"]);
+    assert_eq!(app.ask("init 0"), vec!["init", "0"]);
+    let info = app.ask("info");
     assert_eq!(
         (info[1].as_str(), info[3].as_str()),
         ("0", GIB.to_string().as_str()),
         "cuMemGetInfo shows the slice, not the card: {info:?}"
     );
-    assert_eq!(ask(&format!("alloc {}", 768 * MIB))[1], "0");
+    assert_eq!(app.ask(&format!("alloc {}", 768 * MIB))[1], "0");
     assert_eq!(
-        ask(&format!("alloc {}", 512 * MIB))[1],
+        app.ask(&format!("alloc {}", 512 * MIB))[1],
         CUDA_ERROR_OUT_OF_MEMORY,
         "past the wall"
     );
     assert_eq!(
-        ask(&format!("alloc {}", 256 * MIB))[1],
+        app.ask(&format!("alloc {}", 256 * MIB))[1],
         "0",
         "up to the wall"
     );
     assert_eq!(
-        ask("alloc 1")[1],
+        app.ask("alloc 1")[1],
         CUDA_ERROR_OUT_OF_MEMORY,
         "not one byte more"
     );
     // A launch stamps the slice on its GPU's board, through the spec's board mount: how slices
     // sharing a GPU see each other's priority.
-    assert_eq!(ask("launch 1"), vec!["launch", "0"]);
+    assert_eq!(app.ask("launch 1"), vec!["launch", "0"]);
     assert!(
         path("state/board")
             .join("GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b")
@@ -260,8 +249,7 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         "no board for the GPU under {}",
         path("state/board").display()
     );
-    writeln!(stdin, "quit").expect("quit");
-    drop(stdin);
+    app.quit();
     let output = child.wait_with_output().expect("podman exits");
     assert!(
         output.status.success(),

@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -203,43 +202,32 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start podman");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut ask = |command: &str| -> Vec<String> {
-        if !command.is_empty() {
-            writeln!(stdin, "{command}").expect("write");
-            stdin.flush().expect("flush");
-        }
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read");
-        line.split_whitespace().map(str::to_string).collect()
-    };
-    assert_eq!(ask(""), vec!["ready"]);
-    assert_eq!(ask("init 0"), vec!["init", "0"]);
-    let info = ask("info");
+    let mut app = tessera_built_libs::LineSession::attach(&mut child);
+    assert_eq!(app.ask(""), vec!["ready"]);
+    assert_eq!(app.ask("init 0"), vec!["init", "0"]);
+    let info = app.ask("info");
     assert_eq!(
         (info[1].as_str(), info[3].as_str()),
         ("0", (1024 * MIB).to_string().as_str()),
         "the slice, not the card: {info:?}"
     );
-    assert_eq!(ask(&format!("alloc {}", 768 * MIB))[1], "0");
+    assert_eq!(app.ask(&format!("alloc {}", 768 * MIB))[1], "0");
     // Seen from the host while the process lives: the region the container charges.
     let (usage, processes) =
         tessera_kubelet_plugin::regions::read_usage(&env.claim_dir(UID).join("region"))
             .expect("region");
     assert_eq!((usage[0].memory_used, processes), (768 * MIB, 1));
     assert_eq!(
-        ask(&format!("alloc {}", 512 * MIB))[1],
+        app.ask(&format!("alloc {}", 512 * MIB))[1],
         CUDA_ERROR_OUT_OF_MEMORY,
         "past the wall"
     );
     assert_eq!(
-        ask(&format!("alloc {}", 256 * MIB))[1],
+        app.ask(&format!("alloc {}", 256 * MIB))[1],
         "0",
         "up to the wall"
     );
-    writeln!(stdin, "quit").expect("quit");
-    drop(stdin);
+    app.quit();
     let output = child.wait_with_output().expect("podman exits");
     assert!(
         output.status.success(),

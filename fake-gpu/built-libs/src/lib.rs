@@ -46,6 +46,46 @@ pub fn on_path(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A running test CUDA program (`shim/tests/programs/cuda_app.c`, however it was started: directly
+/// or in a container) spoken to as it expects: one command per line on its stdin, one answer
+/// line on its stdout.
+pub struct LineSession {
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LineSession {
+    /// Takes the child's piped stdin and stdout.
+    pub fn attach(child: &mut std::process::Child) -> LineSession {
+        LineSession {
+            stdin: child.stdin.take().expect("the program's stdin is piped"),
+            stdout: std::io::BufReader::new(
+                child.stdout.take().expect("the program's stdout is piped"),
+            ),
+        }
+    }
+
+    /// Sends `command` (nothing when empty: the greeting) and returns the answer's words.
+    pub fn ask(&mut self, command: &str) -> Vec<String> {
+        use std::io::{BufRead, Write};
+        if !command.is_empty() {
+            writeln!(self.stdin, "{command}").expect("write to the program");
+            self.stdin.flush().expect("flush to the program");
+        }
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("read from the program");
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    /// Tells the program to exit and closes its stdin.
+    pub fn quit(mut self) {
+        use std::io::Write;
+        writeln!(self.stdin, "quit").expect("quit");
+    }
+}
+
 /// The workspace root, where `sources` paths are relative to.
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
