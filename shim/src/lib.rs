@@ -24,3 +24,4 @@ mod real;
 mod report;
 mod shared_file;
 mod spill;
+mod stream;

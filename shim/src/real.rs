@@ -136,6 +136,8 @@ pub mod cuda {
         cuEventRecord_ptsz: fn(CUevent, CUstream) -> CUresult;
         cuEventQuery: fn(CUevent) -> CUresult;
         cuEventElapsedTime: fn(*mut c_float, CUevent, CUevent) -> CUresult;
+        cuStreamSynchronize: fn(CUstream) -> CUresult;
+        cuStreamSynchronize_ptsz: fn(CUstream) -> CUresult;
         cuStreamIsCapturing: fn(CUstream, *mut c_int) -> CUresult;
         cuStreamIsCapturing_ptsz: fn(CUstream, *mut c_int) -> CUresult;
         cuThreadExchangeStreamCaptureMode: fn(*mut c_int) -> CUresult;

@@ -167,12 +167,14 @@ impl MemoryBoard {
         None
     }
 
-    /// Publishes the claim's device-resident bytes (claims that may spill).
+    /// Publishes the claim's device-resident bytes (claims that may spill). Sequentially
+    /// consistent with the loads in [`others`](Self::others): of two claims that each publish
+    /// and then read the other, at least one sees the other's figure (see [`Spill::admit`]).
     #[inline]
     pub fn publish_resident(&self, bytes: u64) {
         let entry = self.entry(self.mine);
         if entry.claim.load(Ordering::Relaxed) == self.claim {
-            entry.resident.store(bytes, Ordering::Release);
+            entry.resident.store(bytes, Ordering::SeqCst);
         }
     }
 
@@ -195,7 +197,7 @@ impl MemoryBoard {
                 continue;
             }
             if entry.flags.load(Ordering::Acquire) & FLAG_SPILLS != 0 {
-                resident = resident.saturating_add(entry.resident.load(Ordering::Acquire));
+                resident = resident.saturating_add(entry.resident.load(Ordering::SeqCst));
             } else {
                 reserved = reserved.saturating_add(entry.limit.load(Ordering::Acquire));
             }
@@ -234,6 +236,19 @@ impl Spill {
         if let Some(board) = &self.board {
             board.publish_resident(resident);
         }
+    }
+
+    /// Whether the claim may take the card bytes that bring it to `resident`: publishes
+    /// `resident` first, then checks it [`fits`](Self::fits). Publishing before looking is what
+    /// keeps two opted-in claims from both taking the card's last bytes: each publishes, then
+    /// reads the other's figure, and sequential consistency lets at most one of them miss the
+    /// other's (two that both see each other may both spill, which costs speed, never a
+    /// non-opted claim its share). When it does not fit, the caller publishes its figure without
+    /// these bytes again.
+    #[inline]
+    pub fn admit(&self, resident: u64) -> bool {
+        self.publish(resident);
+        self.fits(resident)
     }
 
     /// Whether the claim may hold `resident` device bytes on the card without eating the
@@ -292,6 +307,46 @@ mod tests {
         let c = open(dir.path(), 9, 2 << 30, false);
         assert_eq!(c.mine, 0, "the dead claim's entry is taken");
         assert_eq!(a.others(true), 3 << 30);
+    }
+
+    #[test]
+    fn two_claims_racing_for_the_last_bytes_never_both_get_them() {
+        // 6 + 6 GiB on an 8 GiB card: either claim fits alone, never both at once. Each thread
+        // plays one claim taking and giving back 6 GiB as fast as it can; `on_card` is what the
+        // admitted claims hold, and must never pass the card.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let physical = 8u64 << 30;
+        let on_card = std::sync::Arc::new(AtomicU64::new(0));
+        let admitted = std::sync::Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = [5u64, 7]
+            .into_iter()
+            .map(|claim| {
+                let spill = Spill {
+                    physical,
+                    limit: 6 << 30,
+                    board: Some(open(dir.path(), claim, 6 << 30, true)),
+                };
+                let (on_card, admitted) = (on_card.clone(), admitted.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..200_000 {
+                        if spill.admit(6 << 30) {
+                            let held = on_card.fetch_add(6 << 30, Ordering::SeqCst) + (6 << 30);
+                            assert!(held <= physical, "both claims hold 6 GiB on the card");
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            on_card.fetch_sub(6 << 30, Ordering::SeqCst);
+                        }
+                        spill.publish(0);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("no claim overran the card");
+        }
+        assert!(
+            admitted.load(Ordering::Relaxed) > 0,
+            "the card was used at all"
+        );
     }
 
     #[test]

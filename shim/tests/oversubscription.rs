@@ -270,7 +270,7 @@ fn memory_an_opted_in_claim_takes_outside_cu_mem_alloc_counts_for_the_others() {
     let fixed = start(&scene, &c);
     let mut first = start(&scene, &a);
     let mut second = start(&scene, &b);
-    // Stream-ordered allocations are never spilled, but they are on the card.
+    // Stream-ordered and pitched allocations on the card count like cuMemAlloc_v2's.
     assert_eq!(first.rc(&format!("async {GIB}")), 0);
     assert_eq!(first.rc(&format!("pitch {} 1024", 512 * 1024)), 0);
     assert_eq!(totals(&scene, "a"), (GIB + 512 * MIB, 0));
@@ -294,6 +294,39 @@ fn memory_an_opted_in_claim_takes_outside_cu_mem_alloc_counts_for_the_others() {
         "a's freed GiB is b's to take"
     );
     for app in [first, second, fixed] {
+        app.finish();
+    }
+}
+
+#[test]
+fn stream_ordered_allocations_spill_too_and_a_stream_ordered_free_gives_the_bytes_back() {
+    let scene = Scene::with_gpu0_memory(CARD);
+    let a = claim(&scene, "a", 6 * GIB, true, None);
+    let c = claim(&scene, "c", 6 * GIB, false, None);
+    let fixed = start(&scene, &c);
+    let mut app = start(&scene, &a);
+    for i in 0..2 {
+        assert_eq!(app.rc(&format!("async {GIB}")), 0, "GiB {i}");
+    }
+    assert_eq!(totals(&scene, "a"), (2 * GIB, 0), "2 GiB fit beside c's 6");
+    assert_eq!(managed(&mut app), (0, 0));
+    assert_eq!(app.rc(&format!("async {GIB}")), 0, "the third GiB spills");
+    assert_eq!(totals(&scene, "a"), (3 * GIB, GIB));
+    assert_eq!(
+        managed(&mut app),
+        (GIB, GIB),
+        "served from managed memory advised to the host"
+    );
+    // The spilled pointer freed stream-ordered: the stream is waited for, the managed memory
+    // freed, charge and spilled bytes given back.
+    assert_eq!(app.rc("freeasync 2"), 0);
+    assert_eq!(totals(&scene, "a"), (2 * GIB, 0));
+    assert_eq!(managed(&mut app), (0, 0));
+    assert_eq!(app.rc("freeasync 0"), 0, "a card pointer, as before");
+    assert_eq!(totals(&scene, "a"), (GIB, 0));
+    assert_eq!(app.rc(&format!("async {GIB}")), 0);
+    assert_eq!(totals(&scene, "a"), (2 * GIB, 0), "back on the card");
+    for app in [app, fixed] {
         app.finish();
     }
 }

@@ -40,6 +40,8 @@ exports! {
         cuCtxCreate_v4, cuCtxDestroy_v2, cuCtxPushCurrent_v2, cuCtxPopCurrent_v2, cuCtxSetCurrent,
         cuCtxGetCurrent, cuCtxGetDevice, cuCtxSynchronize;
     memory:: cuMemGetInfo_v2, cuMemAlloc_v2, cuMemAllocPitch_v2, cuMemFree_v2, cuMemAllocManaged,
+        cuMemAdvise, cuMemAdvise_v2, cuMemPrefetchAsync, cuMemPrefetchAsync_ptsz,
+        cuMemPrefetchAsync_v2, cuMemPrefetchAsync_v2_ptsz,
         cuMemAllocHost_v2, cuMemFreeHost, cuMemHostAlloc, cuMemGetAddressRange_v2;
     pool:: cuDeviceGetDefaultMemPool, cuMemAllocAsync, cuMemAllocAsync_ptsz, cuMemAllocFromPoolAsync,
         cuMemAllocFromPoolAsync_ptsz, cuMemFreeAsync, cuMemFreeAsync_ptsz, cuMemPoolCreate,

@@ -4,7 +4,7 @@
 #[macro_use]
 mod support;
 
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 
 use support::*;
 
@@ -193,6 +193,94 @@ fn managed_memory_is_counted_apart() {
             CUDA_ERROR_INVALID_VALUE
         );
     });
+}
+
+#[test]
+fn managed_memory_takes_advice_and_prefetches_in_both_signatures() {
+    scenario(
+        "managed_memory_takes_advice_and_prefetches_in_both_signatures",
+        |cuda| {
+            cuda.init_device(1);
+            let (mut a, mut b) = (0u64, 0u64);
+            ok!((cuda.cuMemAllocManaged)(
+                &mut a,
+                (2 * GIB) as usize,
+                CU_MEM_ATTACH_GLOBAL
+            ));
+            ok!((cuda.cuMemAllocManaged)(
+                &mut b,
+                GIB as usize,
+                CU_MEM_ATTACH_GLOBAL
+            ));
+            const PREFERRED: c_int = 3;
+            const ACCESSED_BY: c_int = 5;
+            let host = CUmemLocation {
+                type_: CU_MEM_LOCATION_TYPE_HOST,
+                id: 0,
+            };
+            let device = CUmemLocation {
+                type_: CU_MEM_LOCATION_TYPE_DEVICE,
+                id: 0,
+            };
+            // CUDA 8's signature: an ordinal, -1 for the host.
+            ok!((cuda.cuMemAdvise)(a, (2 * GIB) as usize, PREFERRED, -1));
+            ok!((cuda.cuMemAdvise)(a, (2 * GIB) as usize, ACCESSED_BY, 0));
+            assert_eq!(
+                rc!((cuda.fakegpu_process_managed_host_preferred)()),
+                2 * GIB
+            );
+            // CUDA 12.2's: a CUmemLocation.
+            ok!((cuda.cuMemAdvise_v2)(b, GIB as usize, PREFERRED, host));
+            assert_eq!(
+                rc!((cuda.fakegpu_process_managed_host_preferred)()),
+                3 * GIB
+            );
+            ok!((cuda.cuMemAdvise_v2)(b, GIB as usize, PREFERRED, device));
+            assert_eq!(
+                rc!((cuda.fakegpu_process_managed_host_preferred)()),
+                2 * GIB,
+                "preferring the device undoes the host preference"
+            );
+            let nowhere = CUmemLocation { type_: 0, id: 0 };
+            assert_eq!(
+                rc!((cuda.cuMemAdvise_v2)(b, GIB as usize, PREFERRED, nowhere)),
+                CUDA_ERROR_INVALID_VALUE
+            );
+            ok!((cuda.cuMemPrefetchAsync)(a, 4096, -1, std::ptr::null_mut()));
+            ok!((cuda.cuMemPrefetchAsync_v2)(
+                b,
+                4096,
+                device,
+                0,
+                std::ptr::null_mut()
+            ));
+            assert_eq!(
+                rc!((cuda.cuMemPrefetchAsync_v2)(
+                    b,
+                    4096,
+                    device,
+                    1,
+                    std::ptr::null_mut()
+                )),
+                CUDA_ERROR_INVALID_VALUE,
+                "no prefetch flags are defined"
+            );
+            assert_eq!(
+                rc!((cuda.cuMemPrefetchAsync_v2)(
+                    b,
+                    2 * GIB as usize,
+                    host,
+                    0,
+                    std::ptr::null_mut()
+                )),
+                CUDA_ERROR_INVALID_VALUE,
+                "past the allocation"
+            );
+            ok!((cuda.cuMemFree_v2)(a));
+            ok!((cuda.cuMemFree_v2)(b));
+            assert_eq!(rc!((cuda.fakegpu_process_managed_host_preferred)()), 0);
+        },
+    );
 }
 
 #[test]

@@ -165,7 +165,7 @@ fn begin_slow(
             return false;
         }
     }
-    let started = !capturing(stream, per_thread)
+    let started = !crate::stream::capturing(stream, per_thread)
         && events_for_current_context(&mut sampler)
         && record(sampler.start, stream, per_thread);
     if started {
@@ -202,24 +202,6 @@ pub fn forget_after_fork() {
     SAMPLER.with(|s| s.set(Sampler::IDLE));
 }
 
-/// Whether `stream` is being captured into a graph (or its status cannot be read, which is
-/// treated the same: better an untimed launch than a broken capture).
-fn capturing(stream: CUstream, per_thread: bool) -> bool {
-    let f = if per_thread {
-        real::cuStreamIsCapturing_ptsz.get()
-    } else {
-        real::cuStreamIsCapturing.get()
-    };
-    // A driver without the call (the fake, drivers before CUDA 10) has no capture either.
-    let Some(f) = f else { return false };
-    let mut status: c_int = 0;
-    // SAFETY: real driver call with a valid out-pointer.
-    let rc = unsafe { f(stream, &mut status) };
-    rc != CUDA_SUCCESS || status != CU_STREAM_CAPTURE_STATUS_NONE
-}
-
-/// `CU_STREAM_CAPTURE_STATUS_NONE`.
-const CU_STREAM_CAPTURE_STATUS_NONE: c_int = 0;
 /// `CU_STREAM_CAPTURE_MODE_RELAXED`.
 const CU_STREAM_CAPTURE_MODE_RELAXED: c_int = 2;
 

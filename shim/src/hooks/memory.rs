@@ -171,11 +171,9 @@ fn spilling(
     if !enforcer.ledger.reserve(device, size) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    let resident = enforcer.resident(device);
-    if spill.fits(resident) {
-        // Published before the driver is asked, so that the other claims count these bytes as
-        // early as possible (the window in which two claims can both take the last bytes).
-        spill.publish(resident);
+    // Published before deciding (see `Spill::admit`), so that two claims never both take the
+    // card's last bytes.
+    if spill.admit(enforcer.resident(device)) {
         let result = call();
         if result == CUDA_SUCCESS {
             // SAFETY: the driver wrote `*dptr` on success.
@@ -406,8 +404,25 @@ pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
     })
 }
 
+/// `cuMemAllocAsync` under a limit: spilled like `cuMemAlloc_v2` where the claim may spill (the
+/// managed memory is usable as soon as it is returned, which stream order allows), except while
+/// the stream is being captured, where the allocation must become a node of the user's graph.
+fn alloc_stream_ordered(
+    enforcer: &Enforcer,
+    dptr: *mut CUdeviceptr,
+    bytes: usize,
+    stream: CUstream,
+    per_thread: bool,
+    call: impl FnOnce() -> CUresult,
+) -> CUresult {
+    if enforcer.spilled.is_none() || crate::stream::capturing(stream, per_thread) {
+        return alloc_into(enforcer, dptr, bytes, call);
+    }
+    alloc_device(enforcer, dptr, bytes, call)
+}
+
 macro_rules! alloc_async {
-    ($name:ident) => {
+    ($name:ident, $per_thread:expr) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(
             dptr: *mut CUdeviceptr,
@@ -418,14 +433,18 @@ macro_rules! alloc_async {
                 dispatch(
                     &real::$name,
                     |f| unsafe { f(dptr, bytesize, stream) },
-                    |e, f| alloc_into(e, dptr, bytesize, || unsafe { f(dptr, bytesize, stream) }),
+                    |e, f| {
+                        alloc_stream_ordered(e, dptr, bytesize, stream, $per_thread, || unsafe {
+                            f(dptr, bytesize, stream)
+                        })
+                    },
                 )
             })
         }
     };
 }
-alloc_async!(cuMemAllocAsync);
-alloc_async!(cuMemAllocAsync_ptsz);
+alloc_async!(cuMemAllocAsync, false);
+alloc_async!(cuMemAllocAsync_ptsz, true);
 
 macro_rules! alloc_from_pool {
     ($name:ident) => {
@@ -453,22 +472,62 @@ macro_rules! alloc_from_pool {
 alloc_from_pool!(cuMemAllocFromPoolAsync);
 alloc_from_pool!(cuMemAllocFromPoolAsync_ptsz);
 
+/// `cuMemFreeAsync` under a limit. A spilled pointer is managed memory, which is not the
+/// stream-ordered allocator's to free: the work queued on the stream before the free is waited
+/// for, then the memory is freed at once and its charge and spilled bytes given back. Inside a
+/// graph capture that wait is impossible: `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`, and the
+/// pointer stays allocated and charged.
+fn free_stream_ordered(
+    enforcer: &Enforcer,
+    dptr: CUdeviceptr,
+    stream: CUstream,
+    per_thread: bool,
+    free: impl FnOnce() -> CUresult,
+) -> CUresult {
+    let Some(charge) = enforcer.spilled.as_ref().and_then(|t| t.remove(dptr)) else {
+        return uncharged(enforcer, &enforcer.pointers, dptr, free);
+    };
+    let result = if crate::stream::capturing(stream, per_thread) {
+        CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+    } else {
+        match crate::stream::synchronize(stream, per_thread) {
+            CUDA_SUCCESS => match real::cuMemFree_v2.get() {
+                // SAFETY: a managed allocation this claim made and nobody uses any more.
+                Some(free) => unsafe { free(dptr) },
+                None => CUDA_ERROR_NOT_INITIALIZED,
+            },
+            code => code,
+        }
+    };
+    if result == CUDA_SUCCESS {
+        enforcer.ledger.release_spill(charge.device, charge.bytes);
+        enforcer.ledger.release(charge.device, charge.bytes);
+    } else if let Some(table) = &enforcer.spilled {
+        table.insert(dptr, charge);
+    }
+    result
+}
+
 macro_rules! free_async {
-    ($name:ident) => {
+    ($name:ident, $per_thread:expr) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dptr: CUdeviceptr, stream: CUstream) -> CUresult {
             guard(CUDA_ERROR_UNKNOWN, || {
                 dispatch(
                     &real::$name,
                     |f| unsafe { f(dptr, stream) },
-                    |e, f| uncharged(e, &e.pointers, dptr, || unsafe { f(dptr, stream) }),
+                    |e, f| {
+                        free_stream_ordered(e, dptr, stream, $per_thread, || unsafe {
+                            f(dptr, stream)
+                        })
+                    },
                 )
             })
         }
     };
 }
-free_async!(cuMemFreeAsync);
-free_async!(cuMemFreeAsync_ptsz);
+free_async!(cuMemFreeAsync, false);
+free_async!(cuMemFreeAsync_ptsz, true);
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemCreate(

@@ -390,11 +390,11 @@ pub const CU_MEM_ADVISE_UNSET_ACCESSED_BY: i32 = 6;
 /// The host, where a device ordinal is expected (`CU_DEVICE_CPU`).
 pub const CU_DEVICE_CPU: CUdevice = -1;
 
-/// Advice on a managed range (reached by `dlsym`; `cuGetProcAddress` does not know it, as the
-/// shared `PROC_TABLE` does not list it yet). The range must lie in one managed allocation (the real driver
-/// accepts any managed range; tests only advise whole allocations), `device` must be the host
-/// or a device of the process. Host-backed memory does not move, so only the preferred
-/// location is recorded ([`fakegpu_process_managed_host_preferred`](crate::introspect)).
+/// Advice on a managed range (CUDA 8's signature: the location is a device ordinal or
+/// `CU_DEVICE_CPU`). The range must lie in one managed allocation (the real driver accepts any
+/// managed range; tests only advise whole allocations), `device` must be the host or a device of
+/// the process. Host-backed memory does not move, so only the preferred location is recorded
+/// ([`fakegpu_process_managed_host_preferred`](crate::introspect)).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemAdvise(
     dptr: CUdeviceptr,
@@ -402,10 +402,38 @@ pub unsafe extern "C" fn cuMemAdvise(
     advice: i32,
     device: CUdevice,
 ) -> CUresult {
+    guard(|| advise(dptr, count, advice, device))
+}
+
+fn advise(dptr: CUdeviceptr, count: usize, advice: i32, device: CUdevice) -> Result {
+    let process = process()?;
+    check(device == CU_DEVICE_CPU || (device >= 0 && (device as usize) < process.gpus.len()))?;
+    process.memory.advise(dptr, count as u64, advice, device)
+}
+
+/// The device ordinal (or `CU_DEVICE_CPU`) a CUDA 12.2 `CUmemLocation` names: a device, or the
+/// host in any of its NUMA forms (host-backed memory has no NUMA placement to honour).
+fn location_device(location: CUmemLocation) -> Result<CUdevice> {
+    match location.type_ {
+        CU_MEM_LOCATION_TYPE_DEVICE => Ok(location.id),
+        CU_MEM_LOCATION_TYPE_HOST
+        | CU_MEM_LOCATION_TYPE_HOST_NUMA
+        | CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT => Ok(CU_DEVICE_CPU),
+        _ => Err(CUDA_ERROR_INVALID_VALUE),
+    }
+}
+
+/// [`cuMemAdvise`] with CUDA 12.2's location argument.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAdvise_v2(
+    dptr: CUdeviceptr,
+    count: usize,
+    advice: i32,
+    location: CUmemLocation,
+) -> CUresult {
     guard(|| {
-        let process = process()?;
-        check(device == CU_DEVICE_CPU || (device >= 0 && (device as usize) < process.gpus.len()))?;
-        process.memory.advise(dptr, count as u64, advice, device)
+        process()?;
+        advise(dptr, count, advice, location_device(location)?)
     })
 }
 
@@ -441,6 +469,37 @@ pub unsafe extern "C" fn cuMemPrefetchAsync_ptsz(
     _stream: CUstream,
 ) -> CUresult {
     guard(|| prefetch(dptr, count, device))
+}
+
+/// [`cuMemPrefetchAsync`] with CUDA 12.2's location argument; no flags are defined yet.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPrefetchAsync_v2(
+    dptr: CUdeviceptr,
+    count: usize,
+    location: CUmemLocation,
+    flags: c_uint,
+    _stream: CUstream,
+) -> CUresult {
+    guard(|| {
+        process()?;
+        check(flags == 0)?;
+        prefetch(dptr, count, location_device(location)?)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPrefetchAsync_v2_ptsz(
+    dptr: CUdeviceptr,
+    count: usize,
+    location: CUmemLocation,
+    flags: c_uint,
+    _stream: CUstream,
+) -> CUresult {
+    guard(|| {
+        process()?;
+        check(flags == 0)?;
+        prefetch(dptr, count, location_device(location)?)
+    })
 }
 
 fn host_alloc(pp: *mut *mut c_void, bytes: usize) -> Result {

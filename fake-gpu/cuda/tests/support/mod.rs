@@ -128,6 +128,10 @@ api! {
     cuMemAllocPitch_v2: fn(*mut CUdeviceptr, *mut usize, usize, usize, c_uint) -> CUresult;
     cuMemFree_v2: fn(CUdeviceptr) -> CUresult;
     cuMemAllocManaged: fn(*mut CUdeviceptr, usize, c_uint) -> CUresult;
+    cuMemAdvise: fn(CUdeviceptr, usize, c_int, CUdevice) -> CUresult;
+    cuMemAdvise_v2: fn(CUdeviceptr, usize, c_int, CUmemLocation) -> CUresult;
+    cuMemPrefetchAsync: fn(CUdeviceptr, usize, CUdevice, CUstream) -> CUresult;
+    cuMemPrefetchAsync_v2: fn(CUdeviceptr, usize, CUmemLocation, c_uint, CUstream) -> CUresult;
     cuMemAllocHost_v2: fn(*mut *mut c_void, usize) -> CUresult;
     cuMemHostAlloc: fn(*mut *mut c_void, usize, c_uint) -> CUresult;
     cuMemFreeHost: fn(*mut c_void) -> CUresult;
@@ -187,6 +191,7 @@ api! {
     fakegpu_managed_memory_used: fn(c_int) -> u64;
     fakegpu_process_memory_used: fn(c_int) -> u64;
     fakegpu_process_managed_memory_used: fn(c_int) -> u64;
+    fakegpu_process_managed_host_preferred: fn() -> u64;
     fakegpu_device_memory_total: fn(c_int) -> u64;
     fakegpu_host_memory_used: fn() -> u64;
     fakegpu_launch_count: fn() -> u64;
