@@ -180,8 +180,8 @@ fn generate(args: Generate) -> Result<()> {
             api_version: CONFIG_API_VERSION.into(),
             kind: CONFIG_KIND.into(),
             priority: args.priority,
-            oversubscribe: false,
             core_policy: args.core_policy,
+            ..GpuConfig::default()
         },
     };
     let files = if args.toolkit {

@@ -263,6 +263,8 @@ pub fn generate(
         &request.name,
         std::slice::from_ref(&limit),
         &request.settings,
+        // A standalone slice never overcommits a GPU, so there is nothing to spill to.
+        request.settings.oversubscribe.unwrap_or(false),
     )
     .map_err(Error::ShimConfig)?;
     let region = claim_files::region_bytes(std::slice::from_ref(&limit)).map_err(io(

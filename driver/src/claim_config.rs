@@ -7,11 +7,17 @@
 //! entry with no `requests` applies to all requests. A request with no entry gets the defaults.
 //!
 //! The shim reads one config per claim, so all requests of a claim must end up with the same
-//! settings; a claim whose requests disagree is refused rather than half-applied.
+//! settings; a claim whose requests disagree is refused rather than half-applied. "The same" is
+//! the parsed settings: `spillLimit: 4Gi` and `spillLimit: 4096Mi` agree (both are normalised to
+//! bytes), but an absent `oversubscribe` (the node decides) and an explicit `false` do not — on a
+//! node whose policy is to spill they would mean different things, and whether a claim is
+//! accepted should not depend on the node it lands on.
 
 use serde_json::Value;
 use tessera_api::GpuConfig;
 use tessera_api::names::{CONFIG_API_VERSION, CONFIG_KIND, DRIVER_NAME};
+
+use crate::quantity;
 
 /// Where an allocation config entry came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,9 +54,11 @@ pub enum Error {
     Conflict { first: String, second: String },
 }
 
-/// Parses one entry's parameters, naming the offending field.
+/// Parses one entry's parameters, naming the offending field. A `spillLimit` must be a
+/// Kubernetes quantity of more than 0 bytes; it comes back normalised to its byte count
+/// (`"4Gi"` → `"4294967296"`), which [`spill_limit_bytes`] reads.
 pub fn parse_parameters(parameters: &Value) -> Result<GpuConfig, (String, String)> {
-    let parsed: GpuConfig = serde_path_to_error::deserialize(parameters).map_err(|e| {
+    let mut parsed: GpuConfig = serde_path_to_error::deserialize(parameters).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." || path.is_empty() {
             "GpuConfig".to_string()
@@ -74,7 +82,29 @@ pub fn parse_parameters(parameters: &Value) -> Result<GpuConfig, (String, String
             format!("is {:?}, expected {CONFIG_KIND:?}", parsed.kind),
         ));
     }
+    if let Some(text) = &parsed.spill_limit {
+        let bytes = quantity::parse(text).map_err(|e| ("spillLimit".to_string(), e.to_string()))?;
+        if bytes == 0 {
+            return Err((
+                "spillLimit".into(),
+                format!(
+                    "{text:?} is 0 bytes; a claim that may spill needs a spill limit above 0 (leave it out for the claim's memory limit)"
+                ),
+            ));
+        }
+        parsed.spill_limit = Some(bytes.to_string());
+    }
     Ok(parsed)
+}
+
+/// The `spillLimit` of settings that came from [`parse_parameters`] or [`merge`], in bytes.
+/// `None` when the claim set none (or, for settings built elsewhere, one that does not parse).
+pub fn spill_limit_bytes(settings: &GpuConfig) -> Option<u64> {
+    settings
+        .spill_limit
+        .as_deref()
+        .and_then(|text| quantity::parse(text).ok())
+        .filter(|&bytes| bytes > 0)
 }
 
 /// The settings for a claim whose results have the request names `requests` (full names,
@@ -176,8 +206,122 @@ mod tests {
         theirs.driver = "gpu.nvidia.com".into();
         let merged = merge(&[theirs], &["gpu"]).expect("valid");
         assert_eq!(
-            (merged.priority, merged.core_policy, merged.oversubscribe),
-            (Priority::Normal, CorePolicy::Default, false)
+            (
+                merged.priority,
+                merged.core_policy,
+                merged.oversubscribe,
+                merged.spill_limit
+            ),
+            (Priority::Normal, CorePolicy::Default, None, None)
+        );
+    }
+
+    fn with(fields: Value) -> Value {
+        let mut parameters = json!({"apiVersion": CONFIG_API_VERSION, "kind": CONFIG_KIND});
+        for (k, v) in fields.as_object().expect("object") {
+            parameters[k] = v.clone();
+        }
+        parameters
+    }
+
+    #[test]
+    fn oversubscribe_absent_and_false_are_different_settings() {
+        // Absent: the node decides; false: never spill. Two requests that disagree so are
+        // refused, whatever the node's policy, as any other difference is.
+        let entries = vec![entry(
+            ConfigSource::Claim,
+            &["a"],
+            with(json!({"oversubscribe": false})),
+        )];
+        let err = merge(&entries, &["a", "b"])
+            .expect_err("absent vs false")
+            .to_string();
+        assert!(err.contains("\"a\"") && err.contains("\"b\""), "{err}");
+        // The same explicit value for both is one setting.
+        let entries = vec![entry(
+            ConfigSource::Class,
+            &[],
+            with(json!({"oversubscribe": false})),
+        )];
+        let merged = merge(&entries, &["a", "b"]).expect("agree");
+        assert_eq!(merged.oversubscribe, Some(false));
+        // Neither sets it: absent, for the plugin to resolve with the node's policy.
+        let entries = vec![entry(ConfigSource::Claim, &["a"], config("normal"))];
+        assert_eq!(
+            merge(&entries, &["a", "b"]).expect("agree").oversubscribe,
+            None
+        );
+    }
+
+    #[test]
+    fn spill_limits_are_quantities_compared_by_value() {
+        let entries = vec![
+            entry(
+                ConfigSource::Claim,
+                &["a"],
+                with(json!({"spillLimit": "4Gi"})),
+            ),
+            entry(
+                ConfigSource::Claim,
+                &["b"],
+                with(json!({"spillLimit": "4096Mi"})),
+            ),
+        ];
+        let merged = merge(&entries, &["a", "b"]).expect("the same limit");
+        assert_eq!(spill_limit_bytes(&merged), Some(4 << 30));
+        assert_eq!(merged.spill_limit.as_deref(), Some("4294967296"));
+        let entries = vec![
+            entry(
+                ConfigSource::Claim,
+                &["a"],
+                with(json!({"spillLimit": "4Gi"})),
+            ),
+            entry(
+                ConfigSource::Claim,
+                &["b"],
+                with(json!({"spillLimit": "2Gi"})),
+            ),
+        ];
+        merge(&entries, &["a", "b"]).expect_err("different limits");
+        let merged = merge(&[], &["a"]).expect("defaults");
+        assert_eq!(spill_limit_bytes(&merged), None);
+        assert_eq!(
+            spill_limit_bytes(
+                &parse_parameters(&with(json!({"spillLimit": "1.5G"}))).expect("valid")
+            ),
+            Some(1_500_000_000)
+        );
+    }
+
+    #[test]
+    fn bad_spill_limits_are_refused_naming_the_field_and_value() {
+        for value in ["0", "0Gi", "-1Gi", "lots", "4GB", "", "1e40"] {
+            let parameters = with(json!({"spillLimit": value}));
+            let (field, message) = parse_parameters(&parameters).expect_err(value);
+            assert_eq!(field, "spillLimit", "{value}: {message}");
+            assert!(
+                message.contains(&format!("{value:?}")),
+                "{value}: {message}"
+            );
+            let entries = vec![entry(ConfigSource::Claim, &[], parameters)];
+            let err = merge(&entries, &["gpu"]).expect_err(value).to_string();
+            assert!(
+                err.contains("config[0]") && err.contains("spillLimit") && err.contains(value),
+                "{err}"
+            );
+        }
+        // Neither a string nor a number: serde names the field too.
+        let (field, _) = parse_parameters(&with(json!({"spillLimit": true}))).expect_err("a bool");
+        assert_eq!(field, "spillLimit");
+        // An unquoted YAML number is a quantity of bytes; a negative one is refused.
+        let parsed = parse_parameters(&with(json!({"spillLimit": 1073741824}))).expect("bytes");
+        assert_eq!(spill_limit_bytes(&parsed), Some(1 << 30));
+        let (field, message) =
+            parse_parameters(&with(json!({"spillLimit": -5}))).expect_err("negative");
+        assert_eq!(
+            (field.as_str(), message.contains("\"-5\"")),
+            ("spillLimit", true),
+            "{message}"
         );
     }
 

@@ -15,10 +15,14 @@ use crate::fsutil;
 
 /// The shim's config for `gpus` (validated). `id` is the claim UID (or the slice's name): the
 /// shim's `claimUid`. The region is always at [`cdi::CONTAINER_REGION`] inside the container.
+/// `oversubscribe` is the resolved setting the shim gets: the claim's `settings.oversubscribe`,
+/// or the node's policy where the claim set none. No device gets `physicalMemory` or
+/// `spillLimit` here; the kubelet plugin adds them on the GPUs its node overcommits.
 pub fn shim_config(
     id: &str,
     gpus: &[GpuLimit],
     settings: &GpuConfig,
+    oversubscribe: bool,
 ) -> Result<ShimConfig, ShimConfigError> {
     let config = ShimConfig {
         version: SHIM_CONFIG_VERSION,
@@ -36,7 +40,7 @@ pub fn shim_config(
             })
             .collect(),
         priority: settings.priority,
-        oversubscribe: settings.oversubscribe,
+        oversubscribe,
         core_policy: settings.core_policy,
     };
     config.validate()?;

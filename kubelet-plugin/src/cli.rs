@@ -36,6 +36,11 @@ pub struct Args {
     /// Refused on GPUs without on-demand paging (compute capability below 6.0).
     #[arg(long, env = "TESSERA_MEMORY_OVERCOMMIT", default_value = "1")]
     pub memory_overcommit: tessera_driver::MemoryOvercommit,
+    /// On GPUs this node overcommits, claims that do not set `oversubscribe` in their GpuConfig
+    /// spill as if they had set it to true; a claim's explicit `oversubscribe: false` still opts
+    /// it out.
+    #[arg(long, env = "TESSERA_OVERSUBSCRIBE_BY_DEFAULT")]
+    pub oversubscribe_by_default: bool,
     /// A fake inventory file (the fake GPU node's JSON) instead of asking NVML.
     #[arg(long)]
     pub inventory: Option<PathBuf>,

@@ -62,6 +62,11 @@ async fn run(args: Args) -> Result<()> {
             tracing::info!(index = gpu.index, uuid = %gpu.uuid, %factor, offered = args.memory_overcommit.offered_memory(gpu), "GPU memory overcommitted");
         }
     }
+    if args.oversubscribe_by_default {
+        tracing::info!(
+            "claims that do not set oversubscribe spill on overcommitted GPUs (--oversubscribe-by-default)"
+        );
+    }
     install::install_shim(&args.shim_path, &args.state_dir)?;
     let (cdi_mode, driver_files) = match args.cdi_mode {
         CdiModeArg::Toolkit => (CdiMode::Toolkit, None),
@@ -79,6 +84,7 @@ async fn run(args: Args) -> Result<()> {
         driver_files,
         inventory,
         memory_overcommit: args.memory_overcommit.clone(),
+        oversubscribe_by_default: args.oversubscribe_by_default,
         boot_id: boot_id(),
         booted_at: booted_at(),
     };

@@ -1,6 +1,7 @@
 //! Node memory overcommit (`--memory-overcommit`, `docs/oversubscription.md`): what a claim is
 //! prepared with on an overcommitted GPU, the spill metric read from the region, and the
-//! binary's refusals (a factor out of range, a GPU without on-demand paging).
+//! binary's refusals (a factor out of range, a GPU without on-demand paging); the node's spill
+//! policy (`--oversubscribe-by-default`) and a claim's `spillLimit` in the shim config.
 
 mod support;
 
@@ -10,6 +11,7 @@ use std::process::Command;
 
 use http_body_util::BodyExt;
 use nix::fcntl::{FcntlArg, fcntl};
+use serde_json::{Value, json};
 use support::*;
 use tessera_api::region::{SLOT_ACTIVE, SLOT_SIZE, slot_offset};
 use tower::ServiceExt;
@@ -204,6 +206,156 @@ async fn spilled_bytes_are_exported_per_claim_from_live_slots() {
         Some("0"),
         "the owner died:\n{text}"
     );
+    instance.stop().await;
+}
+
+/// `--oversubscribe-by-default` and `spillLimit`: the node's policy decides for claims that do
+/// not set `oversubscribe` (an explicit false still opts out), and the claim's spill limit
+/// reaches the shim config on overcommitted GPUs only, at most the claim's limit there.
+#[tokio::test]
+async fn the_node_policy_and_the_spill_limit_reach_the_shim_config() {
+    let env = Env::new(&["v1"]);
+    let mut node = l40s_doubled(&env);
+    node.oversubscribe_by_default = true;
+    let instance = env.start_with(node, None, None).await;
+    let big = |n: u32| {
+        share(
+            "gpu",
+            "gpu-1",
+            &format!("9f0c4c4e-1111-4000-8000-0000000001{n:02}"),
+            "8Gi",
+            "10",
+        )
+    };
+    let cases: Vec<(Value, Vec<Value>, bool, Option<u64>)> = vec![
+        // No config: the node's policy, no spill limit (the shim uses the memory limit).
+        (big(1), vec![], true, None),
+        // An explicit false opts out on a node that spills by default.
+        (
+            big(2),
+            vec![config_entry(
+                "FromClaim",
+                &[],
+                json!({"oversubscribe": false}),
+            )],
+            false,
+            None,
+        ),
+        // A spill limit under the claim's limit, as bytes.
+        (
+            big(3),
+            vec![config_entry("FromClaim", &[], json!({"spillLimit": "3Gi"}))],
+            true,
+            Some(3 * GIB),
+        ),
+        // One above it is cut to the limit; an unquoted number is bytes.
+        (
+            big(4),
+            vec![config_entry(
+                "FromClass",
+                &[],
+                json!({"spillLimit": 64 * GIB}),
+            )],
+            true,
+            Some(8 * GIB),
+        ),
+        // The 4090 is not overcommitted: no physicalMemory, so no spill limit either.
+        (
+            result("gpu", "gpu-0-slice-1of4"),
+            vec![config_entry(
+                "FromClaim",
+                &[],
+                json!({"spillLimit": "1Gi", "oversubscribe": true}),
+            )],
+            true,
+            None,
+        ),
+    ];
+    for (i, (device, config, oversubscribe, spill_limit)) in cases.into_iter().enumerate() {
+        let id = uid(0x100 + i as u32);
+        let name = format!("p{i}");
+        env.api
+            .put(claim("team-a", &name, &id, Some(vec![device]), config));
+        instance
+            .kubelet
+            .prepare_ok(Version::V1, &Claim::new("team-a", &name, &id))
+            .await;
+        let shim = env.assert_prepared(&id);
+        assert_eq!(
+            (shim.oversubscribe, shim.devices[0].spill_limit),
+            (oversubscribe, spill_limit),
+            "case {i}"
+        );
+        let raw = std::fs::read_to_string(env.claim_dir(&id).join("config.json")).expect("config");
+        assert_eq!(raw.contains("spillLimit"), spill_limit.is_some(), "{raw}");
+    }
+    // Only the claim that opted out is owed its share on the card.
+    let reserved =
+        std::fs::read_to_string(env.path("state/board").join(format!("{GPU1}.reserved")))
+            .expect("reservation");
+    assert_eq!(reserved, format!("{}\n", 8 * GIB));
+
+    // A bad spill limit fails the prepare, naming the field and the value.
+    for (i, bad) in ["0", "-2Gi", "lots"].into_iter().enumerate() {
+        let id = uid(0x200 + i as u32);
+        let name = format!("bad{i}");
+        env.api.put(claim(
+            "team-a",
+            &name,
+            &id,
+            Some(vec![big(10 + i as u32)]),
+            vec![config_entry("FromClaim", &[], json!({"spillLimit": bad}))],
+        ));
+        let answer = instance
+            .kubelet
+            .prepare(Version::V1, &[Claim::new("team-a", &name, &id)])
+            .await
+            .expect("prepare call");
+        let error = &answer[&id].error;
+        assert!(
+            error.contains("spillLimit") && error.contains(&format!("{bad:?}")),
+            "{bad}: {error}"
+        );
+        env.assert_clean(&id);
+    }
+    instance.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_node_policy_claims_that_say_nothing_do_not_spill() {
+    let env = Env::new(&["v1"]);
+    let instance = env.start_with(l40s_doubled(&env), None, None).await;
+    for (i, config, oversubscribe) in [
+        (0u32, vec![], false),
+        (
+            1,
+            vec![config_entry(
+                "FromClaim",
+                &[],
+                json!({"oversubscribe": true}),
+            )],
+            true,
+        ),
+    ] {
+        let id = uid(0x300 + i);
+        let name = format!("d{i}");
+        env.api.put(claim(
+            "team-a",
+            &name,
+            &id,
+            Some(vec![result("gpu", "gpu-1-slice-1of2")]),
+            config,
+        ));
+        instance
+            .kubelet
+            .prepare_ok(Version::V1, &Claim::new("team-a", &name, &id))
+            .await;
+        assert_eq!(
+            env.assert_prepared(&id).oversubscribe,
+            oversubscribe,
+            "case {i}"
+        );
+    }
     instance.stop().await;
 }
 

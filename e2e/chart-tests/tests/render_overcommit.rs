@@ -1,6 +1,8 @@
 //! `helm template` with `kubeletPlugin.memoryOvercommit` (docs/oversubscription.md): the factor,
 //! global and per GPU model, reaches the plugin as `--memory-overcommit`; the default adds no
 //! flag; factors outside 1–4 and model names the flag cannot carry are refused.
+//! `kubeletPlugin.oversubscribeByDefault: true` adds `--oversubscribe-by-default`; anything but a
+//! bool is refused.
 
 mod common;
 
@@ -11,13 +13,54 @@ fn newest() -> Capabilities {
     Capabilities::offline("v1.37.1", &[])
 }
 
-fn overcommit_args(helm: &tessera_chart_tests::Helm, values: &str) -> Vec<String> {
+fn plugin_args(helm: &tessera_chart_tests::Helm, values: &str, flag: &str) -> Vec<String> {
     let objects = render(helm, values, &newest());
     let ds = find(&objects, "DaemonSet", PLUGIN);
     args(&ds["spec"]["template"]["spec"]["containers"][0])
         .into_iter()
-        .filter(|a| a.starts_with("--memory-overcommit"))
+        .filter(|a| a.starts_with(flag))
         .collect()
+}
+
+fn overcommit_args(helm: &tessera_chart_tests::Helm, values: &str) -> Vec<String> {
+    plugin_args(helm, values, "--memory-overcommit")
+}
+
+#[test]
+fn the_spill_policy_reaches_the_plugin_only_when_true() {
+    let Some(helm) = helm_or_skip("the_spill_policy_reaches_the_plugin_only_when_true") else {
+        return;
+    };
+    let flag = "--oversubscribe-by-default";
+    assert!(plugin_args(&helm, "", flag).is_empty(), "off by default");
+    assert!(
+        plugin_args(
+            &helm,
+            "kubeletPlugin: {oversubscribeByDefault: false}\n",
+            flag
+        )
+        .is_empty(),
+        "false adds nothing"
+    );
+    let on = "kubeletPlugin: {oversubscribeByDefault: true, memoryOvercommit: {factor: 1.5}}\n";
+    assert_eq!(plugin_args(&helm, on, flag), vec![flag]);
+    assert_eq!(
+        overcommit_args(&helm, on),
+        vec!["--memory-overcommit=default=1.5"],
+        "the factor is still passed beside it"
+    );
+    let err = helm
+        .render(
+            &tessera_chart_tests::Release::new(RELEASE, NAMESPACE)
+                .values("kubeletPlugin: {oversubscribeByDefault: \"yes\"}\n"),
+            &newest(),
+        )
+        .expect_err("a string is refused");
+    assert!(
+        err.to_string()
+            .contains("kubeletPlugin.oversubscribeByDefault must be true or false, not \"yes\""),
+        "{err}"
+    );
 }
 
 #[test]

@@ -39,6 +39,9 @@ pub struct NodeConfig {
     /// The node's memory overcommit (`--memory-overcommit`): shares are cut from the offered
     /// memory, as the node's slices publish them.
     pub memory_overcommit: tessera_driver::MemoryOvercommit,
+    /// The node's spill policy (`--oversubscribe-by-default`): what a claim whose GpuConfig does
+    /// not set `oversubscribe` gets.
+    pub oversubscribe_by_default: bool,
     /// This boot's `/proc/sys/kernel/random/boot_id`.
     pub boot_id: String,
     /// When this boot began (`btime` of `/proc/stat`).

@@ -59,14 +59,22 @@ impl Plan {
                 files.check_gpu_node(gpu.minor)?;
             }
         }
-        let mut shim_config = claim_files::shim_config(&claim.uid, &limits.gpus, &settings)?;
+        // A claim that does not say whether it may spill gets the node's policy.
+        let oversubscribe = settings
+            .oversubscribe
+            .unwrap_or(config.oversubscribe_by_default);
+        let spill_limit = claim_config::spill_limit_bytes(&settings);
+        let mut shim_config =
+            claim_files::shim_config(&claim.uid, &limits.gpus, &settings, oversubscribe)?;
         // On an overcommitted GPU the shim learns the card's physical memory (for the spill
-        // path); elsewhere the file stays as it always was.
+        // path) and the claim's spill limit, at most its memory limit there (which bounds the
+        // spill anyway); elsewhere the file stays as it always was.
         for device in &mut shim_config.devices {
             if let Some(gpu) = config.inventory.gpus.iter().find(|g| g.uuid == device.uuid)
                 && config.memory_overcommit.factor(gpu).overcommits()
             {
                 device.physical_memory = Some(gpu.memory);
+                device.spill_limit = spill_limit.map(|bytes| bytes.min(device.memory_limit));
             }
         }
         let host = HostPaths::new(&config.state_dir, &claim.uid);

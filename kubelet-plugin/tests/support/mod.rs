@@ -72,6 +72,7 @@ impl Env {
             driver_files: None,
             inventory: self.inventory.clone(),
             memory_overcommit: Default::default(),
+            oversubscribe_by_default: false,
             boot_id: "boot-1".into(),
             booted_at: std::time::UNIX_EPOCH,
         }
