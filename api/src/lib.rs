@@ -6,6 +6,7 @@
 //! versioned and documented in `docs/reference/`.
 
 pub mod claim_config;
+pub mod memory_board;
 pub mod names;
 pub mod region;
 pub mod shim_config;

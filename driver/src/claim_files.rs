@@ -127,19 +127,18 @@ fn create_board_dir(dir: &Path) -> io::Result<()> {
 /// `<board>/<UUID>.reserved`: the card memory a GPU's prepared claims that did not opt in to
 /// spilling are owed, in decimal bytes (see [`write_memory_reservations`]).
 pub fn reservation_file(board: &Path, uuid: &str) -> std::path::PathBuf {
-    board.join(format!("{uuid}.reserved"))
+    board.join(tessera_api::memory_board::reservation_file_name(uuid))
 }
 
-/// Publishes, for every GPU the node overcommits, what its prepared claims that did not opt in
-/// are owed on the card: Σ min(memory limit, physical memory), from the configs under
-/// `<state-dir>/claims/`. An opted-in claim's shim leaves that much of the card alone from the
-/// moment those claims are prepared, not only once their processes have started. GPUs that had
-/// a reservation and have no such claim any more get 0. Configs that cannot be read (a prepare
-/// that never wrote one) are skipped. Returns what was written, by GPU UUID.
-pub fn write_memory_reservations(
-    state_dir: &Path,
-) -> io::Result<std::collections::BTreeMap<String, u64>> {
-    let mut owed = std::collections::BTreeMap::<String, u64>::new();
+/// Card memory owed, by GPU UUID.
+pub type Reservations = std::collections::BTreeMap<String, u64>;
+
+/// What the prepared claims that did not opt in to spilling are owed on each GPU the node
+/// overcommits: Σ min(memory limit, physical memory), from the configs under
+/// `<state-dir>/claims/` (every overcommitted GPU with a prepared claim appears, with 0 if none
+/// is owed). Configs that cannot be read (a prepare that never wrote one) are skipped.
+pub fn memory_reservations(state_dir: &Path) -> io::Result<Reservations> {
+    let mut owed = Reservations::new();
     let claims = state_dir.join("claims");
     let entries = match std::fs::read_dir(&claims) {
         Ok(entries) => entries.flatten().collect(),
@@ -162,6 +161,23 @@ pub fn write_memory_reservations(
                 *total = total.saturating_add(device.memory_limit.min(physical));
             }
         }
+    }
+    Ok(owed)
+}
+
+/// Publishes [`memory_reservations`] plus `waiting` (claims the plugin holds back until the card
+/// has their share, which the opted-in claims must not take meanwhile) as
+/// `<board>/<UUID>.reserved`. An opted-in claim's shim leaves that much of the card alone from
+/// the moment those claims are prepared, not only once their processes have started. GPUs that
+/// had a reservation and have no such claim any more get 0. Returns what was written.
+pub fn write_memory_reservations(
+    state_dir: &Path,
+    waiting: &Reservations,
+) -> io::Result<Reservations> {
+    let mut owed = memory_reservations(state_dir)?;
+    for (uuid, bytes) in waiting {
+        let total = owed.entry(uuid.clone()).or_insert(0);
+        *total = total.saturating_add(*bytes);
     }
     let board = state_dir.join("board");
     create_board_dir(&board)?;
@@ -219,18 +235,22 @@ mod tests {
             false,
         );
         std::fs::create_dir_all(state.join("claims/half-prepared")).expect("no config");
-        let owed = write_memory_reservations(state).expect("write");
+        let owed = write_memory_reservations(state, &Reservations::new()).expect("write");
         assert_eq!(owed.get("GPU-a"), Some(&(14 * GIB)));
         assert_eq!(read(state, "GPU-a"), format!("{}\n", 14 * GIB));
         assert!(!reservation_file(&state.join("board"), "GPU-b").exists());
 
         std::fs::remove_dir_all(state.join("claims/fixed-1")).expect("unprepare");
         std::fs::remove_dir_all(state.join("claims/fixed-2")).expect("unprepare");
-        write_memory_reservations(state).expect("write again");
+        write_memory_reservations(state, &Reservations::new()).expect("write again");
         assert_eq!(
             read(state, "GPU-a"),
             "0\n",
             "only an opted-in claim is left"
         );
+        // A claim the plugin holds back until the card has its share is owed it meanwhile.
+        let waiting = Reservations::from([("GPU-a".to_string(), 3 * GIB)]);
+        write_memory_reservations(state, &waiting).expect("write with a waiting claim");
+        assert_eq!(read(state, "GPU-a"), format!("{}\n", 3 * GIB));
     }
 }

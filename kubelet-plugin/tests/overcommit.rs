@@ -83,6 +83,13 @@ async fn claims_get_their_own_share_of_the_offered_memory() {
         // The 4090 is not overcommitted: as before, and no physicalMemory in its config.
         (result("gpu", "gpu-0-slice-1of4"), GPU0, 6 * GIB, None),
     ];
+    // None of these claims opted in to spilling: on the overcommitted L40S each is owed its limit
+    // (at most the card) on the card, published for the shims of claims that may spill. Each is
+    // unprepared before the next, which would otherwise wait for the card (the next test).
+    let reserved = |gpu: &str| {
+        let path = env.path("state/board").join(format!("{gpu}.reserved"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
     for (i, (device, gpu, limit, physical)) in cases.into_iter().enumerate() {
         let id = uid(i as u32 + 1);
         env.api.put(claim(
@@ -105,28 +112,21 @@ async fn claims_get_their_own_share_of_the_offered_memory() {
         );
         let raw = std::fs::read_to_string(env.claim_dir(&id).join("config.json")).expect("config");
         assert_eq!(raw.contains("physicalMemory"), physical.is_some(), "{raw}");
+        if gpu == GPU1 {
+            assert_eq!(reserved(GPU1), format!("{}\n", 48 * GIB), "case {i}");
+            instance
+                .kubelet
+                .unprepare_ok(Version::V1, &Claim::new("team-a", &format!("c{i}"), &id))
+                .await;
+            assert_eq!(reserved(GPU1), "0\n", "unprepared claims are owed nothing");
+        }
     }
-    // None of these claims opted in to spilling: on the overcommitted L40S each is owed its limit
-    // (at most the card) on the card, published for the shims of claims that may spill.
-    let reserved = |gpu: &str| {
-        let path = env.path("state/board").join(format!("{gpu}.reserved"));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    };
-    assert_eq!(reserved(GPU1), format!("{}\n", 3 * 48 * GIB));
     assert!(
         !env.path("state/board")
             .join(format!("{GPU0}.reserved"))
             .exists(),
         "the 4090 is not overcommitted"
     );
-    for i in 0..3 {
-        let id = uid(i + 1);
-        instance
-            .kubelet
-            .unprepare_ok(Version::V1, &Claim::new("team-a", &format!("c{i}"), &id))
-            .await;
-    }
-    assert_eq!(reserved(GPU1), "0\n", "unprepared claims are owed nothing");
     instance.stop().await;
 }
 
@@ -425,4 +425,126 @@ fn the_binary_refuses_overcommit_on_gpus_without_on_demand_paging() {
     // stops only later, for want of an API server.
     let err = refused(&kepler, &["--memory-overcommit", "NVIDIA L40S=1.5"]);
     assert!(!err.contains("on-demand paging"), "{err}");
+}
+
+/// Writes entry 0 of GPU1's memory board as an opted-in claim's shim does, holding `resident`
+/// bytes on the card, and keeps its process's lock while the returned file is open.
+fn opted_in_claim_on_the_card(env: &Env, resident: u64) -> std::fs::File {
+    use std::os::unix::fs::FileExt;
+    use tessera_api::memory_board::*;
+    let dir = env.path("state/board");
+    std::fs::create_dir_all(&dir).expect("board dir");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(board_file_name(GPU1)))
+        .expect("board");
+    file.set_len(FILE_SIZE as u64).expect("size");
+    for (offset, value) in [
+        (CLAIM_OFFSET, 0x5eed),
+        (LIMIT_OFFSET, 48 * GIB),
+        (FLAGS_OFFSET, FLAG_SPILLS),
+        (RESIDENT_OFFSET, resident),
+    ] {
+        file.write_all_at(&value.to_ne_bytes(), offset as u64)
+            .expect("entry");
+    }
+    let lock = nix::libc::flock {
+        l_type: nix::libc::F_RDLCK as nix::libc::c_short,
+        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+        l_start: 0,
+        l_len: ENTRY_SIZE as nix::libc::off_t,
+        l_pid: 0,
+    };
+    fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&lock)).expect("the claim's lock");
+    file
+}
+
+fn reserved(env: &Env) -> String {
+    std::fs::read_to_string(env.path("state/board").join(format!("{GPU1}.reserved")))
+        .expect("reservation")
+}
+
+#[tokio::test]
+async fn a_claim_that_may_not_spill_waits_until_the_card_has_its_share() {
+    let env = Env::new(&["v1"]);
+    let instance = env.start_with(l40s_doubled(&env), None, None).await;
+    // An opted-in claim holds 40 of the L40S's 48 GiB on the card.
+    let board = opted_in_claim_on_the_card(&env, 40 * GIB);
+    let id = uid(0x300);
+    env.api.put(claim(
+        "team-a",
+        "fixed",
+        &id,
+        Some(vec![share(
+            "gpu",
+            "gpu-1",
+            "9f0c4c4e-1111-4000-8000-000000000300",
+            "16Gi",
+            "10",
+        )]),
+        vec![],
+    ));
+    let fixed = Claim::new("team-a", "fixed", &id);
+    let answer = instance
+        .kubelet
+        .prepare(Version::V1, std::slice::from_ref(&fixed))
+        .await
+        .expect("prepare call");
+    let error = &answer[&id].error;
+    for part in [
+        GPU1,
+        "8.00 GiB free for claims that may not spill",
+        "40.00 GiB of 48.00 GiB held by claims that opted in",
+        "needs 16.00 GiB",
+    ] {
+        assert!(error.contains(part), "{part:?} in {error}");
+    }
+    env.assert_clean(&id);
+    assert_eq!(
+        reserved(&env),
+        format!("{}\n", 16 * GIB),
+        "while it waits, the opted-in claims leave its share alone"
+    );
+
+    // The opted-in claim frees 8 GiB: 16 are free, the retry prepares it.
+    use std::os::unix::fs::FileExt;
+    board
+        .write_all_at(
+            &(32 * GIB).to_ne_bytes(),
+            tessera_api::memory_board::RESIDENT_OFFSET as u64,
+        )
+        .expect("free 8 GiB");
+    instance.kubelet.prepare_ok(Version::V1, &fixed).await;
+    env.assert_prepared(&id);
+    assert_eq!(reserved(&env), format!("{}\n", 16 * GIB));
+    instance.kubelet.unprepare_ok(Version::V1, &fixed).await;
+    assert_eq!(reserved(&env), "0\n");
+
+    // A claim held back that the kubelet then unprepares stops holding the card; one whose
+    // opted-in neighbour is gone (its process died) is prepared at once.
+    board
+        .write_all_at(
+            &(40 * GIB).to_ne_bytes(),
+            tessera_api::memory_board::RESIDENT_OFFSET as u64,
+        )
+        .expect("take 8 GiB again");
+    let answer = instance
+        .kubelet
+        .prepare(Version::V1, std::slice::from_ref(&fixed))
+        .await
+        .expect("prepare call");
+    assert!(
+        !answer[&id].error.is_empty(),
+        "32 + 16 > 48 - 0: still held back"
+    );
+    assert_eq!(reserved(&env), format!("{}\n", 16 * GIB));
+    instance.kubelet.unprepare_ok(Version::V1, &fixed).await;
+    assert_eq!(reserved(&env), "0\n");
+    drop(board);
+    instance.kubelet.prepare_ok(Version::V1, &fixed).await;
+    env.assert_prepared(&id);
+    instance.stop().await;
 }

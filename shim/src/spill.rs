@@ -22,12 +22,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const ENTRIES: usize = 64;
-const ENTRY_SIZE: usize = 64;
-const FILE_SIZE: usize = ENTRIES * ENTRY_SIZE;
-
-/// The entry's claim may spill (its resident bytes count, not its limit).
-const FLAG_SPILLS: u64 = 1;
+use tessera_api::memory_board::{
+    CLAIM_OFFSET, ENTRIES, ENTRY_SIZE, FILE_SIZE, FLAG_SPILLS, FLAGS_OFFSET, LIMIT_OFFSET,
+    RESIDENT_OFFSET, board_file_name, reservation_file_name,
+};
 
 #[repr(C, align(64))]
 struct Entry {
@@ -38,7 +36,13 @@ struct Entry {
     _reserved: [u64; 4],
 }
 
-const _: () = assert!(size_of::<Entry>() == ENTRY_SIZE);
+const _: () = {
+    assert!(size_of::<Entry>() == ENTRY_SIZE);
+    assert!(std::mem::offset_of!(Entry, claim) == CLAIM_OFFSET);
+    assert!(std::mem::offset_of!(Entry, limit) == LIMIT_OFFSET);
+    assert!(std::mem::offset_of!(Entry, flags) == FLAGS_OFFSET);
+    assert!(std::mem::offset_of!(Entry, resident) == RESIDENT_OFFSET);
+};
 
 pub struct MemoryBoard {
     fd: i32,
@@ -96,14 +100,14 @@ impl MemoryBoard {
     pub fn open(dir: &str, uuid: &str, claim: u64, limit: u64, spills: bool) -> Option<Self> {
         // The descriptor stays open: it holds our entry's lock.
         let (fd, base) =
-            crate::shared_file::map_shared(&format!("{dir}/{uuid}.memory"), FILE_SIZE)?;
+            crate::shared_file::map_shared(&format!("{dir}/{}", board_file_name(uuid)), FILE_SIZE)?;
         let mut board = MemoryBoard {
             fd,
             base: base.cast(),
             mine: 0,
             claim,
             reservation: Reservation {
-                path: std::path::Path::new(dir).join(format!("{uuid}.reserved")),
+                path: std::path::Path::new(dir).join(reservation_file_name(uuid)),
                 bytes: AtomicU64::new(0),
                 read_at: AtomicU64::new(0),
             },

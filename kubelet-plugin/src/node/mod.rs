@@ -8,6 +8,7 @@
 //! Nothing is fsynced: every write is atomic against a crash of the plugin, and a power cut
 //! means a reboot, after which every claim is prepared afresh (see `Checkpoint::load_since_boot`).
 
+mod card_room;
 pub mod health;
 mod plan;
 
@@ -23,7 +24,19 @@ use tessera_driver::{Inventory, claim_files, fsutil};
 use crate::claims::{self, ClaimReader};
 use crate::lock;
 use crate::metrics::Metrics;
-pub use plan::{Plan, PlanError, check_uid};
+pub use plan::{CardShare, Plan, PlanError, check_uid};
+
+/// How long a claim held back for card room (see [`card_room`]) stays reserved without the
+/// kubelet asking again: the kubelet retries a failed preparation within a few minutes while
+/// the pod exists, and a claim nobody asks for any more must stop holding the card.
+const WAITING_EXPIRY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A claim held back until the card has its share, counted as reserved meanwhile.
+#[derive(Debug)]
+struct Waiting {
+    asked_at: Instant,
+    shares: Vec<CardShare>,
+}
 
 /// What prepare and unprepare need to know about the node.
 #[derive(Clone, Debug)]
@@ -110,6 +123,8 @@ pub struct Node {
     reader: ClaimReader,
     metrics: Arc<Metrics>,
     fault: Option<FaultHook>,
+    /// Claims that may not spill, held back until an overcommitted card has their share.
+    waiting: std::sync::Mutex<BTreeMap<String, Waiting>>,
 }
 
 impl Node {
@@ -119,6 +134,7 @@ impl Node {
             reader: ClaimReader::new(client),
             metrics,
             fault: None,
+            waiting: Default::default(),
         }
     }
 
@@ -208,7 +224,11 @@ impl Node {
                 },
             }
         }
+        let (plans, held_back) = self.admit_to_cards(plans, &mut results);
         if plans.is_empty() {
+            if held_back {
+                self.publish_memory_reservations();
+            }
             return Ok(results);
         }
         for plan in &plans {
@@ -241,11 +261,108 @@ impl Node {
         Ok(results)
     }
 
-    /// What the prepared claims that did not opt in to spilling are owed on each overcommitted
-    /// GPU, for the shims of the claims that did (see `claim_files::write_memory_reservations`).
-    /// Best effort: without it those claims are still protected once their processes start.
+    /// Holds back the plans of claims that may not spill whose share is not free on the card of
+    /// an overcommitted GPU (see [`card_room`]): they get the reason as their result and stay
+    /// reserved while the kubelet retries. Returns the plans that go on, and whether any was
+    /// held back.
+    fn admit_to_cards(
+        &self,
+        plans: Vec<Plan>,
+        results: &mut BTreeMap<String, PreparedClaimResult>,
+    ) -> (Vec<Plan>, bool) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        waiting.retain(|_, w| now.duration_since(w.asked_at) < WAITING_EXPIRY);
+        if plans.iter().all(|p| p.card_shares.is_empty()) {
+            return (plans, false);
+        }
+        let mut owed = match claim_files::memory_reservations(&self.config.state_dir) {
+            Ok(owed) => owed,
+            Err(error) => {
+                for plan in plans {
+                    results.insert(
+                        plan.uid.clone(),
+                        Err(format!(
+                            "reading what the prepared claims are owed on the card: {error}"
+                        )),
+                    );
+                }
+                return (Vec::new(), false);
+            }
+        };
+        for (_, held) in waiting
+            .iter()
+            .filter(|(uid, _)| !plans.iter().any(|p| &p.uid == *uid))
+        {
+            for share in &held.shares {
+                *owed.entry(share.uuid.clone()).or_insert(0) += share.bytes;
+            }
+        }
+        let board = self.config.state_dir.join("board");
+        let mut admitted = Vec::new();
+        let mut held_back = false;
+        for plan in plans {
+            let refusal = plan.card_shares.iter().find_map(|share| {
+                let held = match card_room::held_by_spilling_claims(&board, &share.uuid) {
+                    Ok(held) => held,
+                    Err(error) => {
+                        return Some(format!(
+                            "reading the memory board of GPU {}: {error}",
+                            share.uuid
+                        ));
+                    }
+                };
+                card_room::CardRoom {
+                    physical: share.physical,
+                    held_by_spilling: held,
+                    reserved: owed.get(&share.uuid).copied().unwrap_or(0),
+                }
+                .check(&share.uuid, share.bytes)
+                .err()
+            });
+            // Earlier claims of the batch come first, held back or not.
+            for share in &plan.card_shares {
+                *owed.entry(share.uuid.clone()).or_insert(0) += share.bytes;
+            }
+            match refusal {
+                Some(reason) => {
+                    held_back = true;
+                    waiting.insert(
+                        plan.uid.clone(),
+                        Waiting {
+                            asked_at: now,
+                            shares: plan.card_shares.clone(),
+                        },
+                    );
+                    results.insert(plan.uid.clone(), Err(reason));
+                }
+                None => {
+                    waiting.remove(&plan.uid);
+                    admitted.push(plan);
+                }
+            }
+        }
+        (admitted, held_back)
+    }
+
+    /// What the prepared claims that did not opt in to spilling, and those held back for card
+    /// room, are owed on each overcommitted GPU, for the shims of the claims that did (see
+    /// `claim_files::write_memory_reservations`). Best effort: without it those claims are still
+    /// protected once their processes start.
     fn publish_memory_reservations(&self) {
-        if let Err(error) = claim_files::write_memory_reservations(&self.config.state_dir) {
+        let mut waiting = claim_files::Reservations::new();
+        for held in self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            for share in &held.shares {
+                *waiting.entry(share.uuid.clone()).or_insert(0) += share.bytes;
+            }
+        }
+        if let Err(error) = claim_files::write_memory_reservations(&self.config.state_dir, &waiting)
+        {
             tracing::error!(%error, "publishing the card memory reserved for claims that may not spill");
         }
     }
@@ -279,7 +396,15 @@ impl Node {
         let path = self.config.checkpoint_path();
         let mut checkpoint = self.config.load_checkpoint()?;
         let mut results = BTreeMap::new();
-        let mut changed = false;
+        // A claim held back for card room that the kubelet gives up on stops holding the card.
+        let mut changed = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            claims
+                .iter()
+                .filter(|c| waiting.remove(&c.uid).is_some())
+                .count()
+                > 0
+        };
         for claim in claims {
             let result = self.unprepare_one(&claim.uid)?;
             if result.is_ok() && checkpoint.claims.remove(&claim.uid).is_some() {

@@ -23,6 +23,17 @@ pub struct Plan {
     pub spec_path: PathBuf,
     pub config_json: Vec<u8>,
     pub spec: Spec,
+    /// What the claim needs on the card of each overcommitted GPU where it may not spill.
+    pub card_shares: Vec<CardShare>,
+}
+
+/// A claim that may not spill, on an overcommitted GPU: its whole share (at most the card)
+/// must be on the card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CardShare {
+    pub uuid: String,
+    pub physical: u64,
+    pub bytes: u64,
 }
 
 /// Why a claim cannot be prepared; the message goes back to the kubelet and names the cause.
@@ -77,6 +88,18 @@ impl Plan {
                 device.spill_limit = spill_limit.map(|bytes| bytes.min(device.memory_limit));
             }
         }
+        let card_shares = shim_config
+            .devices
+            .iter()
+            .filter(|_| !shim_config.oversubscribe)
+            .filter_map(|d| {
+                d.physical_memory.map(|physical| CardShare {
+                    uuid: d.uuid.clone(),
+                    physical,
+                    bytes: d.memory_limit.min(physical),
+                })
+            })
+            .collect();
         let host = HostPaths::new(&config.state_dir, &claim.uid);
         let spec = cdi::claim_spec(
             &claim.uid,
@@ -103,6 +126,7 @@ impl Plan {
             host,
             spec,
             limits,
+            card_shares,
         })
     }
 
