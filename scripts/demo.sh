@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # `make demo`, the README's main job: a simulated cluster (the real upstream control plane and
-# two simulated GPU nodes), two workers sharing the 10 GiB GPU, the printout, then cluster down.
+# three simulated GPU nodes), two workers sharing the 10 GiB GPU, the printout, then cluster down.
 exec "$(dirname "$0")/cluster.sh" demo

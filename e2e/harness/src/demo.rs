@@ -68,6 +68,8 @@ pub struct ClaimUsage {
     pub gpu_uuid: String,
     pub memory_limit: u64,
     pub memory_used: u64,
+    /// Of `memory_used`, the bytes served from host memory (oversubscription).
+    pub memory_spilled: u64,
     /// Percent of the GPU's compute.
     pub cores: f64,
 }
@@ -102,6 +104,7 @@ pub async fn claim_usage(metrics_port: u16) -> Result<Vec<ClaimUsage>> {
         match sample.name.as_str() {
             "tessera_claim_memory_limit_bytes" => entry.memory_limit = sample.value as u64,
             "tessera_claim_memory_used_bytes" => entry.memory_used = sample.value as u64,
+            "tessera_claim_memory_spilled_bytes" => entry.memory_spilled = sample.value as u64,
             // A ratio of the whole GPU, or (older name) a percentage.
             "tessera_claim_cores_limit_ratio" => entry.cores = sample.value * 100.0,
             "tessera_claim_cores" => entry.cores = sample.value,
@@ -204,6 +207,7 @@ pub async fn two_workers(cluster: &mut SimCluster, out: &mut dyn Write) -> Resul
                 memory: "2Gi".into(),
                 cores: 25,
                 tenths: 2,
+                gpu_config: None,
             },
             vec![
                 worker.clone(),
@@ -219,6 +223,7 @@ pub async fn two_workers(cluster: &mut SimCluster, out: &mut dyn Write) -> Resul
                 memory: "3Gi".into(),
                 cores: 40,
                 tenths: 3,
+                gpu_config: None,
             },
             vec![
                 worker.clone(),

@@ -25,6 +25,8 @@ pub struct Share {
     pub cores: u32,
     /// Tenths of the GPU, where only fixed tenths are published (before 1.34).
     pub tenths: u32,
+    /// The `GpuConfig` fields the claim sets (`oversubscribe`, `priority`, ...), if any.
+    pub gpu_config: Option<Value>,
 }
 
 /// How a claim picks its GPU.
@@ -82,6 +84,18 @@ pub fn claim_template(
             "constraints": [{ "requests": ["gpu"], "matchAttribute": "gpu.tessera.dev/uuid" }],
         })
     };
+    let mut devices = devices;
+    if let Some(fields) = &share.gpu_config {
+        let mut parameters =
+            json!({ "apiVersion": "gpu.tessera.dev/v1alpha1", "kind": "GpuConfig" });
+        if let (Some(p), Some(fields)) = (parameters.as_object_mut(), fields.as_object()) {
+            p.extend(fields.clone());
+        }
+        devices["config"] = json!([{
+            "requests": ["gpu"],
+            "opaque": { "driver": "gpu.tessera.dev", "parameters": parameters },
+        }]);
+    }
     json!({
         "apiVersion": api_version, "kind": "ResourceClaimTemplate",
         "metadata": { "name": name, "namespace": namespace },

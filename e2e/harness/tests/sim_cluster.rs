@@ -1,4 +1,4 @@
-//! The e2e suite on a simulated cluster: the real control plane, two simulated GPU nodes (each
+//! The e2e suite on a simulated cluster: the real control plane, three simulated GPU nodes (each
 //! a tessera-kubelet-plugin and the kubelet stand-in, running containers with podman + runc),
 //! tessera-controller. One cluster per pinned version; the scenarios run one after another on
 //! it, each with its own pods and claims:
@@ -8,7 +8,9 @@
 //! - a request larger than any GPU stays Pending with the scheduler's reason;
 //! - the plugin restarts between prepare and container start;
 //! - the claim is deleted before unprepare (the kubelet was down meanwhile);
-//! - two containers sharing one claim share one limit.
+//! - two containers sharing one claim share one limit;
+//! - memory oversubscription: on a node that overcommits its GPU, claims that opted in spill to
+//!   host memory when the card is full, the one that did not keeps its share on the card.
 
 mod common;
 
@@ -28,6 +30,8 @@ const NS: &str = "default";
 const STEP: Duration = Duration::from_secs(120);
 const A100_CLASS: &str = "nvidia-a100-sxm4-40gb.gpu.tessera.dev";
 const RTX3080: &str = "NVIDIA GeForce RTX 3080";
+/// gpu-node-c's GPU: 16 GiB, overcommitted 1.25× (e2e/nodes/gpu-node-c.plugin-args).
+const T4: &str = "Tesla T4";
 const A100_GPU1: &str = "GPU-a1000000-0000-4000-8000-000000000001";
 const HOLD: &str = "e2e.tessera.dev/hold-before-start";
 
@@ -64,11 +68,19 @@ fn rtx3080() -> Selection {
     ))
 }
 
+/// The overcommitted T4 of gpu-node-c, by product name.
+fn t4() -> Selection {
+    Selection::class("gpu.tessera.dev").cel(&format!(
+        "device.attributes[\"gpu.tessera.dev\"].productName == \"{T4}\""
+    ))
+}
+
 fn share(memory: &str, cores: u32, tenths: u32) -> Share {
     Share {
         memory: memory.into(),
         cores,
         tenths,
+        gpu_config: None,
     }
 }
 
@@ -294,6 +306,7 @@ async fn run_suite(version: K8sVersion, test: &str) {
     plugin_restart_between_prepare_and_start(&mut suite).await;
     claim_deleted_before_unprepare(&mut suite).await;
     two_containers_share_one_limit(&mut suite).await;
+    oversubscribed_claims_spill_on_the_overcommitted_node(&mut suite).await;
     suite
         .cluster
         .check_running()
@@ -692,4 +705,91 @@ async fn simulated_cluster_v1_37() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_cluster_v1_31() {
     run_suite("1.31".parse().expect("version"), "sim-cluster-v1.31").await;
+}
+
+/// Issue 8 on the real control plane: three 6 GiB claims on gpu-node-c's 16 GiB T4, which the
+/// node overcommits 1.25× (20 GiB offered; 18 GiB allocated). `spill-y` and `spill-z` opt in to
+/// spilling, `spill-x` does not. In that order, each allocates its whole 6 GiB and holds it: Y
+/// fits on the card, Z finds 4 GiB left beside X's reserve and spills 2 GiB to host memory, X
+/// still gets its whole 6 GiB on the card. The plugin's metrics show each claim's spill; every
+/// pod succeeds.
+async fn oversubscribed_claims_spill_on_the_overcommitted_node(suite: &mut Suite) {
+    for file in ["spill-go", "spill-y", "spill-z", "spill-x", "spill-release"] {
+        let _ = std::fs::remove_file(suite.shared.join(file));
+    }
+    // (pod, opted in, file it waits for, file it touches once its 6 GiB are allocated). The test
+    // writes `spill-go` once all three run, so every claim is prepared (X's admitted on an
+    // empty card) before anyone allocates.
+    let pods = [
+        ("spill-y", true, "spill-go", "spill-y"),
+        ("spill-z", true, "spill-y", "spill-z"),
+        ("spill-x", false, "spill-z", "spill-x"),
+    ];
+    for (name, opted_in, wait_for, touch) in pods {
+        let mut share = share("6Gi", 20, 3);
+        share.gpu_config = opted_in.then(|| json!({ "oversubscribe": true }));
+        let command = suite.worker(&[
+            "--wait-for",
+            &format!("/shared/{wait_for}"),
+            "--allocate",
+            "6Gi",
+            "--step",
+            "1Gi",
+            "--touch",
+            &format!("/shared/{touch}"),
+            "--hold-until",
+            "/shared/spill-release",
+        ]);
+        suite.submit(name, &t4(), &share, command, &[]).await;
+    }
+    for (name, ..) in pods {
+        let pod = suite
+            .wait(name, "running", |p| workloads::phase(p) == "Running")
+            .await;
+        assert_eq!(workloads::node_name(&pod), "gpu-node-c", "{name}");
+    }
+    std::fs::write(suite.shared.join("spill-go"), b"").expect("go");
+    suite
+        .wait_file(&suite.shared.join("spill-x"), true, "X allocated its 6 GiB")
+        .await;
+
+    let port = suite.cluster.node("gpu-node-c").metrics_port;
+    let usage = claim_usage(port).await.expect("plugin metrics");
+    let mut seen = Vec::new();
+    for (name, ..) in pods {
+        let claim = suite.allocated_claim(name).await;
+        let claim_name = claim["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let u = usage
+            .iter()
+            .find(|u| u.claim == claim_name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: no metrics for {name}'s claim: {usage:?}",
+                    suite.version
+                )
+            });
+        seen.push((name, u.memory_limit, u.memory_used, u.memory_spilled));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("spill-y", 6 << 30, 6 << 30, 0),
+            ("spill-z", 6 << 30, 6 << 30, 2 << 30),
+            ("spill-x", 6 << 30, 6 << 30, 0),
+        ],
+        "{}: (pod, limit, used, spilled): Y on the card, Z 2 GiB spilled, X whole on the card",
+        suite.version
+    );
+
+    std::fs::write(suite.shared.join("spill-release"), b"").expect("release");
+    for (name, ..) in pods {
+        let pod = suite.finished(name).await;
+        let log = suite.log(&pod, "main");
+        assert_eq!(workloads::phase(&pod), "Succeeded", "{name}:\n{log}");
+        assert!(log.contains("allocated 6.00 GiB"), "{name}:\n{log}");
+        suite.delete_pod(name).await;
+    }
 }

@@ -25,25 +25,46 @@ const GPU_NODE_LABELS: [(&str, &str); 2] = [
     ("feature.node.kubernetes.io/pci-10de.present", "true"),
 ];
 
-/// A node to simulate: its name and the fake inventory describing its GPUs.
+/// A node to simulate: its name, the fake inventory describing its GPUs, and flags of its own
+/// for its `tessera-kubelet-plugin` (a node overcommitting its memory, say).
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
     pub name: String,
     pub inventory: PathBuf,
+    pub plugin_args: Vec<String>,
 }
 
 impl NodeSpec {
-    /// One node per `*.json` file of `dir`, named after the file, in name order.
+    /// One node per `*.json` file of `dir`, named after the file, in name order; its plugin's
+    /// extra flags from `<name>.plugin-args` beside it, if there is one (one flag per line;
+    /// blank lines and lines starting with `#` skipped).
     pub fn from_dir(dir: &Path) -> Result<Vec<NodeSpec>> {
         let entries = std::fs::read_dir(dir).map_err(Error::io(dir, "listing node inventories"))?;
-        let mut nodes: Vec<NodeSpec> = entries
+        let mut nodes = Vec::new();
+        for inventory in entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .filter_map(|p| {
-                let name = p.file_stem()?.to_str()?.to_owned();
-                Some(NodeSpec { name, inventory: p })
-            })
-            .collect();
+        {
+            let Some(name) = inventory.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let args_file = dir.join(format!("{name}.plugin-args"));
+            let plugin_args = match std::fs::read_to_string(&args_file) {
+                Ok(text) => text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned)
+                    .collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(Error::io(&args_file, "reading")(e)),
+            };
+            nodes.push(NodeSpec {
+                name: name.to_owned(),
+                inventory: inventory.clone(),
+                plugin_args,
+            });
+        }
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         if nodes.is_empty() {
             return Err(Error::State {
@@ -172,7 +193,10 @@ impl SimNode {
                 os(root.join("devroot")),
                 os("--metrics-address"),
                 os(format!("127.0.0.1:{metrics_port}")),
-            ],
+            ]
+            .into_iter()
+            .chain(spec.plugin_args.iter().map(os))
+            .collect(),
             log: setup.state.log(&format!("kubelet-plugin-{name}")),
             pid_file: setup.state.pid_file(&format!("kubelet-plugin-{name}")),
         };
