@@ -11,6 +11,7 @@ pub mod cli;
 pub mod grpc;
 pub mod http;
 pub mod install;
+pub mod kubelet_client;
 pub mod lock;
 pub mod metrics;
 pub mod node;

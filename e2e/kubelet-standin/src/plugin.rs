@@ -11,52 +11,34 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tessera_kubelet_plugin::proto::{registration, v1, v1alpha3, v1beta1};
+pub use tessera_kubelet_plugin::ClaimRef;
+use tessera_kubelet_plugin::kubelet_client;
+pub use tessera_kubelet_plugin::kubelet_client::DraApi;
+use tessera_kubelet_plugin::proto::registration;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const DRIVER: &str = "gpu.tessera.dev";
 const POLL: Duration = Duration::from_millis(300);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The DRA gRPC API a kubelet release speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DraApi {
-    /// `k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin` (kubelet 1.34+).
-    V1,
-    /// `k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin` (kubelet 1.32+).
-    V1beta1,
-    /// `v1alpha3.Node` (kubelet 1.31).
-    V1alpha3,
-}
-
-impl DraApi {
-    /// The entry of GetInfo's `supported_versions` that offers this API.
-    fn advertised_as(self) -> &'static str {
-        match self {
-            DraApi::V1 => "v1.DRAPlugin",
-            DraApi::V1beta1 => "v1beta1.DRAPlugin",
-            DraApi::V1alpha3 => "v1alpha3.Node",
-        }
-    }
-}
-
-/// A claim as the kubelet names it to the plugin.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClaimRef {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-}
-
-/// One device of a prepare answer.
+/// One device of a prepare answer, as the stand-in's checkpoint records it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PreparedDevice {
     pub request_names: Vec<String>,
     pub device_name: String,
     pub cdi_device_ids: Vec<String>,
+}
+
+impl From<kubelet_client::PreparedDevice> for PreparedDevice {
+    fn from(device: kubelet_client::PreparedDevice) -> Self {
+        PreparedDevice {
+            request_names: device.request_names,
+            device_name: device.device_name,
+            cdi_device_ids: device.cdi_device_ids,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,16 +103,7 @@ impl Watcher {
 }
 
 async fn connect(socket: &Path) -> Result<Channel, CallError> {
-    let path = socket.to_path_buf();
-    // The URI is required by tonic and ignored by the connector.
-    let endpoint = Endpoint::from_static("http://[::1]:0");
-    endpoint
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    kubelet_client::connect(socket)
         .await
         .map_err(|source| CallError::Connect {
             path: socket.display().to_string(),
@@ -238,109 +211,33 @@ async fn register(socket: &Path, api: DraApi) -> Result<Option<Registered>, Call
     }))
 }
 
-macro_rules! prepare_in {
-    ($module:ident, $client:ty, $channel:expr, $claim:expr) => {{
-        let mut client = <$client>::new($channel);
-        let request = $module::NodePrepareResourcesRequest {
-            claims: vec![$module::Claim {
-                namespace: $claim.namespace.clone(),
-                uid: $claim.uid.clone(),
-                name: $claim.name.clone(),
-            }],
-        };
-        let mut answer = client.node_prepare_resources(request).await?.into_inner();
-        let response = answer
-            .claims
-            .remove(&$claim.uid)
-            .ok_or_else(|| CallError::Missing($claim.uid.clone()))?;
-        if !response.error.is_empty() {
-            return Ok(Err(CallError::Refused {
-                uid: $claim.uid.clone(),
-                message: response.error,
-            }));
-        }
-        response
-            .devices
-            .into_iter()
-            .map(|d| PreparedDevice {
-                request_names: d.request_names,
-                device_name: d.device_name,
-                cdi_device_ids: d.cdi_device_ids,
-            })
-            .collect()
-    }};
-}
-
-macro_rules! unprepare_in {
-    ($module:ident, $client:ty, $channel:expr, $claim:expr) => {{
-        let mut client = <$client>::new($channel);
-        let request = $module::NodeUnprepareResourcesRequest {
-            claims: vec![$module::Claim {
-                namespace: $claim.namespace.clone(),
-                uid: $claim.uid.clone(),
-                name: $claim.name.clone(),
-            }],
-        };
-        let mut answer = client.node_unprepare_resources(request).await?.into_inner();
-        let response = answer
-            .claims
-            .remove(&$claim.uid)
-            .ok_or_else(|| CallError::Missing($claim.uid.clone()))?;
-        response.error
-    }};
-}
-
 /// The outer error is the call's; the inner one the plugin's answer for the claim.
 async fn prepare(
     plugin: &Registered,
     claim: &ClaimRef,
 ) -> Result<Result<Vec<PreparedDevice>, CallError>, CallError> {
     let channel = connect(&plugin.endpoint).await?;
-    let devices = match plugin.api {
-        DraApi::V1 => prepare_in!(
-            v1,
-            v1::dra_plugin_client::DraPluginClient<Channel>,
-            channel,
-            claim
-        ),
-        DraApi::V1beta1 => prepare_in!(
-            v1beta1,
-            v1beta1::dra_plugin_client::DraPluginClient<Channel>,
-            channel,
-            claim
-        ),
-        DraApi::V1alpha3 => prepare_in!(
-            v1alpha3,
-            v1alpha3::node_client::NodeClient<Channel>,
-            channel,
-            claim
-        ),
-    };
-    Ok(Ok(devices))
+    let mut answer =
+        kubelet_client::prepare(channel, plugin.api, std::slice::from_ref(claim)).await?;
+    let response = answer
+        .remove(&claim.uid)
+        .ok_or_else(|| CallError::Missing(claim.uid.clone()))?;
+    if !response.error.is_empty() {
+        return Ok(Err(CallError::Refused {
+            uid: claim.uid.clone(),
+            message: response.error,
+        }));
+    }
+    Ok(Ok(response.devices.into_iter().map(Into::into).collect()))
 }
 
 async fn unprepare(plugin: &Registered, claim: &ClaimRef) -> Result<(), CallError> {
     let channel = connect(&plugin.endpoint).await?;
-    let error = match plugin.api {
-        DraApi::V1 => unprepare_in!(
-            v1,
-            v1::dra_plugin_client::DraPluginClient<Channel>,
-            channel,
-            claim
-        ),
-        DraApi::V1beta1 => unprepare_in!(
-            v1beta1,
-            v1beta1::dra_plugin_client::DraPluginClient<Channel>,
-            channel,
-            claim
-        ),
-        DraApi::V1alpha3 => unprepare_in!(
-            v1alpha3,
-            v1alpha3::node_client::NodeClient<Channel>,
-            channel,
-            claim
-        ),
-    };
+    let mut answer =
+        kubelet_client::unprepare(channel, plugin.api, std::slice::from_ref(claim)).await?;
+    let error = answer
+        .remove(&claim.uid)
+        .ok_or_else(|| CallError::Missing(claim.uid.clone()))?;
     if error.is_empty() {
         Ok(())
     } else {

@@ -85,6 +85,16 @@ pub struct ClaimRef {
     pub name: String,
 }
 
+impl ClaimRef {
+    pub fn new(namespace: &str, name: &str, uid: &str) -> ClaimRef {
+        ClaimRef {
+            namespace: namespace.into(),
+            uid: uid.into(),
+            name: name.into(),
+        }
+    }
+}
+
 /// The devices of a prepared claim, or why it could not be prepared.
 pub type PreparedClaimResult = Result<Vec<PreparedDevice>, String>;
 
