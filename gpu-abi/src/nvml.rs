@@ -109,7 +109,6 @@ pub const NVML_DEVICE_ARCH_HOPPER: nvmlDeviceArchitecture_t = 9;
 
 // --- Added for the fake NVML (fake-gpu/nvml); additive only. -----------------------------------
 
-
 /// What `gpuInstanceId`/`computeInstanceId` hold when MIG is off.
 pub const NVML_VALUE_NOT_AVAILABLE_UINT: c_uint = 0xFFFF_FFFF;
 
@@ -129,3 +128,50 @@ pub const NVML_DEVICE_ARCH_MAXWELL: nvmlDeviceArchitecture_t = 3;
 pub const NVML_DEVICE_ARCH_PASCAL: nvmlDeviceArchitecture_t = 4;
 pub const NVML_DEVICE_ARCH_VOLTA: nvmlDeviceArchitecture_t = 5;
 pub const NVML_DEVICE_ARCH_BLACKWELL: nvmlDeviceArchitecture_t = 10;
+
+// --- Events (`nvmlEventSetCreate`, `nvmlDeviceRegisterEvents`, `nvmlEventSetWait_v2`) ----------
+
+pub const NVML_ERROR_TIMEOUT: nvmlReturn_t = 10;
+
+/// `nvmlEventSet_t`: an opaque handle.
+pub type nvmlEventSet_t = *mut c_void;
+
+/// `nvmlEventType*` bits (`unsigned long long`).
+#[allow(non_upper_case_globals)]
+pub const nvmlEventTypeSingleBitEccError: u64 = 0x0001;
+#[allow(non_upper_case_globals)]
+pub const nvmlEventTypeDoubleBitEccError: u64 = 0x0002;
+#[allow(non_upper_case_globals)]
+pub const nvmlEventTypePState: u64 = 0x0004;
+#[allow(non_upper_case_globals)]
+pub const nvmlEventTypeXidCriticalError: u64 = 0x0008;
+#[allow(non_upper_case_globals)]
+pub const nvmlEventTypeClock: u64 = 0x0010;
+/// Every event type nvml.h defines (`nvmlEventTypeAll`).
+#[allow(non_upper_case_globals)]
+pub const nvmlEventTypeAll: u64 = 0xFF9F;
+
+/// `nvmlEventData_t` as `nvmlEventSetWait_v2` fills it (the MIG ids came with `_v2`; the v1
+/// `nvmlEventSetWait` fills only the fields before `gpu_instance_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct nvmlEventData_t {
+    pub device: nvmlDevice_t,
+    pub event_type: u64,
+    /// The XID for `nvmlEventTypeXidCriticalError` (999: unknown).
+    pub event_data: u64,
+    pub gpu_instance_id: c_uint,
+    pub compute_instance_id: c_uint,
+}
+
+impl Default for nvmlEventData_t {
+    fn default() -> Self {
+        nvmlEventData_t {
+            device: core::ptr::null_mut(),
+            event_type: 0,
+            event_data: 0,
+            gpu_instance_id: 0,
+            compute_instance_id: 0,
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! GPU health against the real kube-apiserver (the e2e harness's control plane): the plugin's
 //! slice controller and health watcher, fed by a fake inventory file, withdraw a GPU marked
 //! unhealthy from the node's ResourceSlices (with a Node Event naming it), restore it when it is
-//! healthy again, delete the slices when no GPU is left, and publish them again after.
+//! healthy again, delete the slices when no GPU is left, and publish them again after. And the
+//! NVML path end to end: GPUs and health from the fake NVML (`fake-gpu/nvml`), where a critical
+//! XID injected into the fake node withdraws its GPU and an application XID changes nothing.
 //!
 //! On v1.37 (resource.k8s.io/v1) and v1.31 (v1alpha3), the oldest supported. Gated like the
 //! harness's tests: with `TESSERA_E2E` unset a test runs when its version's binaries are built and otherwise prints `SKIP …`; `TESSERA_E2E=0` skips; any other value
@@ -115,31 +117,18 @@ async fn node_events(client: &kube::Client, reason: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_37_an_unhealthy_gpu_is_withdrawn_and_comes_back() {
-    withdrawn_and_restored(37, ApiVersion::V1).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_31_an_unhealthy_gpu_is_withdrawn_and_comes_back() {
-    withdrawn_and_restored(31, ApiVersion::V1alpha3).await;
-}
-
-async fn withdrawn_and_restored(minor: u32, api: ApiVersion) {
-    let Some((version, binaries)) = binaries_or_skip(minor) else {
-        return;
-    };
-    let state = tempfile::Builder::new()
-        .prefix("tessera-health-")
-        .tempdir()
-        .expect("tempdir");
-    let mut options = ControlPlaneOptions::new(version, state.path().join("cluster"));
+/// A control plane in `dir` with the Ready Node [`NODE`].
+async fn control_plane_with_node(
+    version: tessera_e2e_harness::K8sVersion,
+    binaries: Binaries,
+    dir: &Path,
+) -> ControlPlane {
+    let mut options = ControlPlaneOptions::new(version, dir.join("cluster"));
     options.binaries = Some(binaries);
     let cp = ControlPlane::start(options)
         .await
         .unwrap_or_else(|e| panic!("control plane: {e}"));
-    let client = cp.client();
-    let nodes: Api<Node> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(cp.client());
     let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": NODE}}))
     .expect("node");
@@ -158,6 +147,29 @@ async fn withdrawn_and_restored(minor: u32, api: ApiVersion) {
         )
         .await
         .expect("node status");
+    cp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_37_an_unhealthy_gpu_is_withdrawn_and_comes_back() {
+    withdrawn_and_restored(37, ApiVersion::V1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_31_an_unhealthy_gpu_is_withdrawn_and_comes_back() {
+    withdrawn_and_restored(31, ApiVersion::V1alpha3).await;
+}
+
+async fn withdrawn_and_restored(minor: u32, api: ApiVersion) {
+    let Some((version, binaries)) = binaries_or_skip(minor) else {
+        return;
+    };
+    let state = tempfile::Builder::new()
+        .prefix("tessera-health-")
+        .tempdir()
+        .expect("tempdir");
+    let cp = control_plane_with_node(version, binaries, state.path()).await;
+    let client = cp.client();
 
     let inventory_path = state.path().join("inventory.json");
     write_inventory(&inventory_path, &[(GPU0, "healthy"), (GPU1, "healthy")]);
@@ -229,6 +241,168 @@ async fn withdrawn_and_restored(minor: u32, api: ApiVersion) {
         .as_i64()
         .expect("generation");
     assert!(generation >= 4, "the generation only goes up: {generation}");
+    drop(slices);
+    cp.stop();
+}
+
+/// Names the scenario a re-run of this test executable runs (see [`in_scenario`]).
+const SCENARIO_ENV: &str = "TESSERA_HEALTH_SCENARIO";
+
+/// `Some(true)` in the child running `scenario`, `Some(false)` in a child running another one
+/// (nothing to do), `None` in the parent.
+fn in_scenario(scenario: &str) -> Option<bool> {
+    std::env::var(SCENARIO_ENV).ok().map(|s| s == scenario)
+}
+
+/// Appends XID events to the fake NVML's events file in one write (so a reader gets them
+/// together and in order), as `fake-gpu/README.md` describes: one JSON line each.
+fn inject_xids(events: &Path, xids: &[(&str, u64)]) {
+    use std::io::Write;
+    let lines: String = xids
+        .iter()
+        .map(|(uuid, xid)| format!("{}\n", json!({"uuid": uuid, "xid": xid})))
+        .collect();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(events)
+        .and_then(|mut f| f.write_all(lines.as_bytes()))
+        .expect("append to the events file");
+}
+
+/// The plugin's NVML health path end to end: GPUs discovered through the fake NVML (no
+/// inventory file), the health watcher on its XID event set. The fake NVML reads its node from
+/// the environment at `nvmlInit`, so the scenario runs in a child (this executable re-run) with
+/// a state file, and events file, of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_37_a_critical_xid_from_nvml_withdraws_a_gpu() {
+    const NAME: &str = "v1_37_a_critical_xid_from_nvml_withdraws_a_gpu";
+    match in_scenario(NAME) {
+        Some(true) => return critical_xid_withdraws(37, ApiVersion::V1).await,
+        Some(false) => return,
+        None => {}
+    }
+    if binaries_or_skip(37).is_none() {
+        return;
+    }
+    let nvml = tessera_built_libs::target_dir().join("libnvidia_ml.so");
+    let Some(()) = tessera_built_libs::require("health (NVML)", nvml.exists(), || {
+        format!("{} is not built (cargo build --workspace)", nvml.display())
+    }) else {
+        return;
+    };
+    // Fails, saying to rebuild, when the library is older than its sources.
+    tessera_built_libs::built(
+        "libnvidia_ml.so",
+        &["fake-gpu/nvml/src", "fake-gpu/model/src", "gpu-abi/src"],
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("tessera-health-nvml-")
+        .tempdir()
+        .expect("tempdir");
+    let output = std::process::Command::new(std::env::current_exe().expect("test executable"))
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(SCENARIO_ENV, NAME)
+        // The default fake node (GPU0, an RTX 4090, and GPU1, an L40S) on a state file of its
+        // own; the events file is `<state>.events`.
+        .env_remove("FAKEGPU_CONFIG")
+        .env_remove("FAKEGPU_EVENTS")
+        .env("FAKEGPU_STATE", dir.path().join("fakegpu.state"))
+        .output()
+        .expect("run the scenario");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "scenario {NAME} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+}
+
+async fn critical_xid_withdraws(minor: u32, api: ApiVersion) {
+    let (version, binaries) = binaries_or_skip(minor).expect("checked by the parent");
+    let mut events = std::env::var_os("FAKEGPU_STATE").expect("the parent sets FAKEGPU_STATE");
+    events.push(".events");
+    let events = std::path::PathBuf::from(events);
+    let nvml = tessera_built_libs::target_dir().join("libnvidia_ml.so");
+    let dir = tempfile::Builder::new()
+        .prefix("tessera-health-")
+        .tempdir()
+        .expect("tempdir");
+    let cp = control_plane_with_node(version, binaries, dir.path()).await;
+    let client = cp.client();
+
+    // What the plugin does without `--inventory`: the GPUs from NVML, health from NVML.
+    let inventory = tessera_driver::nvml::discover(Some(nvml.as_os_str())).expect("NVML inventory");
+    assert_eq!(
+        inventory
+            .gpus
+            .iter()
+            .map(|g| g.uuid.as_str())
+            .collect::<Vec<_>>(),
+        [GPU0, GPU1]
+    );
+    let slices = tessera_kubelet_plugin::slices::start(
+        client.clone(),
+        NODE,
+        "exclusive",
+        inventory,
+        HealthConfig {
+            source: HealthSource::Nvml(Some(nvml.clone())),
+            interval: Duration::from_millis(200),
+        },
+    )
+    .expect("slice controller");
+    let publisher = Publisher::new(client.clone(), NODE, api);
+    let both = vec!["gpu-0".to_string(), "gpu-1".to_string()];
+    eventually("both GPUs published", || async {
+        (devices(&publisher).await? == both).then_some(())
+    })
+    .await;
+
+    // XID 13 (an application's fault) on GPU 0, then XID 79 (fallen off the bus) on GPU 1, in
+    // one write: the watcher's event set delivers them together, in that order, and the watcher
+    // handles them in order. NVML (the fake as the real one) delivers only events that happen
+    // after the watcher registered its GPUs, which its thread does after `start` returns, so
+    // the pair is injected again until GPU 1 is withdrawn; repeats change nothing.
+    let start = Instant::now();
+    loop {
+        inject_xids(&events, &[(GPU0, 13), (GPU1, 79)]);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut withdrawn = false;
+        while Instant::now() < deadline {
+            if devices(&publisher).await.as_deref() == Some(&["gpu-0".to_string()][..]) {
+                withdrawn = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if withdrawn {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "GPU 1 not withdrawn within 60 s of XID 79"
+        );
+    }
+    // GPU 1 is gone from the slices while GPU 0 stays: its XID 13, handled before GPU 1's
+    // XID 79, changed nothing.
+    let notes = eventually("GpuUnhealthy Event", || async {
+        let notes = node_events(&client, REASON_UNHEALTHY).await;
+        (!notes.is_empty()).then_some(notes)
+    })
+    .await;
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains(GPU1) && n.contains("critical XID 79")),
+        "{notes:?}"
+    );
+    assert!(
+        notes.iter().all(|n| !n.contains(GPU0)),
+        "XID 13 withdraws nothing: {notes:?}"
+    );
+    assert_eq!(devices(&publisher).await.expect("slices"), ["gpu-0"]);
     drop(slices);
     cp.stop();
 }

@@ -3,14 +3,17 @@
 //! Both fake libraries load the same [`Config`] (which GPUs exist), and map the same state file
 //! ([`state::Region`]) so that every process on the "node" shares one physical memory budget per
 //! card, the way processes share a real GPU. [`visible`] applies `CUDA_VISIBLE_DEVICES` for the
-//! CUDA side. Nothing here is `extern "C"`: the libraries own the ABI.
+//! CUDA side; [`events`] is the log of injected XID errors the fake NVML's event sets read.
+//! Nothing here is `extern "C"`: the libraries own the ABI.
 
 pub mod config;
+pub mod events;
 pub mod node;
 pub mod state;
 pub mod visible;
 
 pub use config::{Config, ConfigError, Device, MAX_DEVICES};
+pub use events::{EVENTS_ENV, events_path_from_env};
 pub use node::{
     CONFIG_ENV, DEFAULT_STATE_PATH, Error, STATE_ENV, config_from_env, open_region,
     state_path_from_env,

@@ -31,7 +31,7 @@ static HANDLES: [HandleTarget; MAX_DEVICES] = {
     handles
 };
 
-fn handle(index: usize) -> nvmlDevice_t {
+pub fn handle(index: usize) -> nvmlDevice_t {
     (&HANDLES[index] as *const HandleTarget).cast_mut().cast()
 }
 

@@ -12,6 +12,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod device;
+mod events;
 mod guard;
 mod library;
 mod processes;

@@ -18,6 +18,8 @@ use crate::guard::{Result, check, guard, put, put_str};
 pub struct Node {
     pub config: Config,
     pub region: Arc<Region>,
+    /// The log of injected events (`FAKEGPU_EVENTS`, default `<state>.events`).
+    pub events: std::path::PathBuf,
 }
 
 struct Library {
@@ -45,7 +47,12 @@ fn open_node() -> std::result::Result<Node, String> {
     let state_path = tessera_fake_gpu_model::state_path_from_env(config_path.as_deref());
     let region =
         tessera_fake_gpu_model::open_region(&state_path, &config).map_err(|e| e.to_string())?;
-    Ok(Node { config, region })
+    let events = tessera_fake_gpu_model::events_path_from_env(&state_path);
+    Ok(Node {
+        config,
+        region,
+        events,
+    })
 }
 
 /// A node that cannot be read (bad config, unusable state file) fails with `NVML_ERROR_UNKNOWN`

@@ -26,6 +26,11 @@ type Uint = unsafe extern "C" fn(nvmlDevice_t, *mut c_uint) -> nvmlReturn_t;
 type Int = unsafe extern "C" fn(*mut c_int) -> nvmlReturn_t;
 type Mig = unsafe extern "C" fn(nvmlDevice_t, *mut c_uint, *mut c_uint) -> nvmlReturn_t;
 type ErrorString = unsafe extern "C" fn(nvmlReturn_t) -> *const c_char;
+type SetCreate = unsafe extern "C" fn(*mut nvmlEventSet_t) -> nvmlReturn_t;
+type SetFree = unsafe extern "C" fn(nvmlEventSet_t) -> nvmlReturn_t;
+type Supported = unsafe extern "C" fn(nvmlDevice_t, *mut u64) -> nvmlReturn_t;
+type Register = unsafe extern "C" fn(nvmlDevice_t, u64, nvmlEventSet_t) -> nvmlReturn_t;
+type Wait = unsafe extern "C" fn(nvmlEventSet_t, *mut nvmlEventData_t, c_uint) -> nvmlReturn_t;
 
 /// Every NVML symbol the fake exports.
 const EXPORTS: &[&str] = &[
@@ -65,6 +70,12 @@ const EXPORTS: &[&str] = &[
     "nvmlDeviceGetComputeRunningProcesses_v2",
     "nvmlDeviceGetComputeRunningProcesses_v3",
     "nvmlDeviceGetProcessUtilization",
+    "nvmlEventSetCreate",
+    "nvmlEventSetFree",
+    "nvmlDeviceGetSupportedEventTypes",
+    "nvmlDeviceRegisterEvents",
+    "nvmlEventSetWait",
+    "nvmlEventSetWait_v2",
 ];
 
 #[test]
@@ -438,4 +449,178 @@ fn utilisation_follows_the_virtual_clock() {
             assert_eq!(sample(device), (50, 50));
         }
     });
+}
+
+/// This thread's CPU time.
+fn thread_cpu_time() -> std::time::Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) },
+        0
+    );
+    std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+#[test]
+fn xid_events_are_delivered_once_per_set_for_registered_devices() {
+    scenario(
+        "xid_events_are_delivered_once_per_set_for_registered_devices",
+        || {
+            const RTX: &str = "GPU-11111111-2222-4333-8444-555555555555";
+            const L40S: &str = "GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee";
+            let nvml = Library::open(&nvml_library());
+            let init: Init = nvml.func("nvmlInit_v2");
+            let by_index: ByIndex = nvml.func("nvmlDeviceGetHandleByIndex_v2");
+            let create: SetCreate = nvml.func("nvmlEventSetCreate");
+            let free: SetFree = nvml.func("nvmlEventSetFree");
+            let supported: Supported = nvml.func("nvmlDeviceGetSupportedEventTypes");
+            let register: Register = nvml.func("nvmlDeviceRegisterEvents");
+            let wait: Wait = nvml.func("nvmlEventSetWait_v2");
+            let wait_v1: Wait = nvml.func("nvmlEventSetWait");
+            let events = events_file();
+            let inject = |uuid: &str, xid: u64| {
+                tessera_fake_gpu_model::events::inject_xid(&events, uuid, xid).expect("inject")
+            };
+            unsafe {
+                let mut set = std::ptr::null_mut();
+                assert_eq!(create(&mut set), NVML_ERROR_UNINITIALIZED);
+                assert_eq!(init(), NVML_SUCCESS);
+                let (mut rtx, mut l40s) = (std::ptr::null_mut(), std::ptr::null_mut());
+                assert_eq!(by_index(0, &mut rtx), NVML_SUCCESS);
+                assert_eq!(by_index(1, &mut l40s), NVML_SUCCESS);
+
+                assert_eq!(create(std::ptr::null_mut()), NVML_ERROR_INVALID_ARGUMENT);
+                assert_eq!(create(&mut set), NVML_SUCCESS);
+                assert!(!set.is_null());
+                let mut types = 0u64;
+                assert_eq!(supported(rtx, &mut types), NVML_SUCCESS);
+                assert_eq!(types, nvmlEventTypeXidCriticalError, "XIDs only");
+                assert_eq!(
+                    supported(rtx, std::ptr::null_mut()),
+                    NVML_ERROR_INVALID_ARGUMENT
+                );
+                let mut stranger = 7u64;
+                let bogus = (&mut stranger as *mut u64).cast::<c_void>();
+                assert_eq!(supported(bogus, &mut types), NVML_ERROR_INVALID_ARGUMENT);
+
+                // Registration: arguments first.
+                let xid = nvmlEventTypeXidCriticalError;
+                assert_eq!(
+                    register(rtx, xid, std::ptr::null_mut()),
+                    NVML_ERROR_INVALID_ARGUMENT
+                );
+                assert_eq!(register(rtx, xid, bogus), NVML_ERROR_INVALID_ARGUMENT);
+                assert_eq!(register(bogus, xid, set), NVML_ERROR_INVALID_ARGUMENT);
+                assert_eq!(register(rtx, 1 << 40, set), NVML_ERROR_INVALID_ARGUMENT);
+                assert_eq!(
+                    register(rtx, xid | nvmlEventTypePState, set),
+                    NVML_ERROR_NOT_SUPPORTED
+                );
+
+                // Nothing registered or nothing injected: the timeout, honoured.
+                let mut data = nvmlEventData_t::default();
+                assert_eq!(wait(set, &mut data, 0), NVML_ERROR_TIMEOUT);
+                assert_eq!(
+                    wait(set, std::ptr::null_mut(), 0),
+                    NVML_ERROR_INVALID_ARGUMENT
+                );
+                assert_eq!(wait(bogus, &mut data, 0), NVML_ERROR_INVALID_ARGUMENT);
+                // Before the RTX is registered: never delivered.
+                inject(RTX, 48);
+                assert_eq!(register(rtx, xid, set), NVML_SUCCESS);
+                assert_eq!(register(rtx, xid, set), NVML_SUCCESS, "again: no change");
+                let started = std::time::Instant::now();
+                let cpu = thread_cpu_time();
+                assert_eq!(wait(set, &mut data, 300), NVML_ERROR_TIMEOUT);
+                assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+                let used = thread_cpu_time() - cpu;
+                assert!(
+                    used < std::time::Duration::from_millis(100),
+                    "a 300 ms wait used {used:?} of CPU: it must sleep, not spin"
+                );
+
+                // The L40S is not registered: its XID is skipped; the RTX's comes, once.
+                inject(L40S, 79);
+                inject(RTX, 79);
+                assert_eq!(wait(set, &mut data, 5_000), NVML_SUCCESS);
+                assert_eq!(data.device, rtx);
+                assert_eq!(data.event_type, nvmlEventTypeXidCriticalError);
+                assert_eq!(data.event_data, 79);
+                assert_eq!(
+                    (data.gpu_instance_id, data.compute_instance_id),
+                    (u32::MAX, u32::MAX),
+                    "no MIG"
+                );
+                assert_eq!(wait(set, &mut data, 100), NVML_ERROR_TIMEOUT, "once");
+
+                // A second set sees the same later events, on its own.
+                let mut other = std::ptr::null_mut();
+                assert_eq!(create(&mut other), NVML_SUCCESS);
+                assert_ne!(other, set);
+                assert_eq!(register(rtx, xid, other), NVML_SUCCESS);
+                assert_eq!(register(l40s, xid, other), NVML_SUCCESS);
+                // Injected from another process (a shell), while both sets wait.
+                let other_address = other as usize;
+                let waiter = std::thread::spawn(move || {
+                    let mut data = nvmlEventData_t::default();
+                    let result = wait(other_address as nvmlEventSet_t, &mut data, 10_000);
+                    (result, data.device as usize, data.event_data)
+                });
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let status = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "echo '{{\"uuid\": \"{}\", \"xid\": 94}}' >> '{}'",
+                        L40S.to_lowercase(),
+                        events.display()
+                    ))
+                    .status()
+                    .expect("sh");
+                assert!(status.success());
+                assert_eq!(
+                    waiter.join().expect("waiter"),
+                    (NVML_SUCCESS, l40s as usize, 94),
+                    "UUIDs match in any case"
+                );
+                assert_eq!(wait(set, &mut data, 100), NVML_ERROR_TIMEOUT, "not the RTX");
+                inject(RTX, 31);
+                inject("GPU-00000000-0000-4000-8000-000000000000", 79);
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&events)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, b"not json\n"))
+                    .expect("append");
+                inject(RTX, 999);
+                // Both sets get both RTX events, in order; the v1 call writes only its struct.
+                for s in [set, other] {
+                    assert_eq!(wait(s, &mut data, 5_000), NVML_SUCCESS);
+                    assert_eq!((data.device, data.event_data), (rtx, 31));
+                    let mut legacy = nvmlEventData_t {
+                        gpu_instance_id: 7,
+                        compute_instance_id: 7,
+                        ..Default::default()
+                    };
+                    assert_eq!(wait_v1(s, &mut legacy, 5_000), NVML_SUCCESS);
+                    assert_eq!((legacy.device, legacy.event_data), (rtx, 999));
+                    assert_eq!(legacy.event_type, nvmlEventTypeXidCriticalError);
+                    assert_eq!(
+                        (legacy.gpu_instance_id, legacy.compute_instance_id),
+                        (7, 7),
+                        "v1 writes only the fields its struct had"
+                    );
+                    assert_eq!(wait(s, &mut data, 0), NVML_ERROR_TIMEOUT);
+                }
+
+                assert_eq!(free(set), NVML_SUCCESS);
+                assert_eq!(free(set), NVML_ERROR_INVALID_ARGUMENT, "already freed");
+                assert_eq!(wait(set, &mut data, 0), NVML_ERROR_INVALID_ARGUMENT);
+                assert_eq!(free(std::ptr::null_mut()), NVML_ERROR_INVALID_ARGUMENT);
+                assert_eq!(free(other), NVML_SUCCESS);
+            }
+        },
+    );
 }

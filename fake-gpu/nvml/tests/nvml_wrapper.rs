@@ -7,8 +7,10 @@ mod support;
 use std::ffi::OsStr;
 
 use nvml_wrapper::Nvml;
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::Brand;
 use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use support::*;
 
@@ -186,4 +188,54 @@ fn a_bad_config_fails_init_naming_the_file() {
         "{stderr}"
     );
     assert!(stderr.contains("memory: invalid type"), "{stderr}");
+}
+
+/// The event API as Tessera's plugin uses it (`tessera_driver::nvml::HealthProbe`): an event
+/// set with every GPU registered for critical XIDs, waited on with a timeout.
+#[test]
+fn xid_events_through_an_event_set() {
+    scenario("xid_events_through_an_event_set", || {
+        let nvml = nvml();
+        let events = events_file();
+        let rtx = nvml.device_by_index(0).unwrap();
+        let l40s = nvml.device_by_index(1).unwrap();
+        assert_eq!(
+            rtx.supported_event_types().unwrap(),
+            EventTypes::CRITICAL_XID_ERROR
+        );
+        let mut set = nvml.create_event_set().unwrap();
+        for device in [&rtx, &l40s] {
+            set = device
+                .register_events(EventTypes::CRITICAL_XID_ERROR, set)
+                .unwrap();
+        }
+        assert!(matches!(set.wait(50), Err(NvmlError::Timeout)));
+        let inject = |uuid: &str, xid| {
+            tessera_fake_gpu_model::events::inject_xid(&events, uuid, xid).expect("inject")
+        };
+        inject("GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee", 79);
+        inject("GPU-11111111-2222-4333-8444-555555555555", 13);
+        inject("GPU-11111111-2222-4333-8444-555555555555", 999);
+        let event = set.wait(5_000).unwrap();
+        assert_eq!(
+            event.device.uuid().unwrap(),
+            "GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee"
+        );
+        assert_eq!(event.event_type, EventTypes::CRITICAL_XID_ERROR);
+        assert_eq!(event.event_data, Some(XidError::Value(79)));
+        let event = set.wait(5_000).unwrap();
+        assert_eq!(event.device.index().unwrap(), 0);
+        assert_eq!(event.event_data, Some(XidError::Value(13)));
+        let event = set.wait(5_000).unwrap();
+        assert_eq!(event.event_data, Some(XidError::Unknown), "999: unknown");
+        assert!(matches!(set.wait(50), Err(NvmlError::Timeout)), "each once");
+        // A GPU's other event types are not supported: registration fails and frees the set.
+        let set = nvml.create_event_set().unwrap();
+        assert!(matches!(
+            rtx.register_events(EventTypes::PSTATE_CHANGE, set)
+                .map_err(|e| e.error),
+            Err(NvmlError::NotSupported)
+        ));
+        nvml.create_event_set().unwrap().release_events().unwrap();
+    });
 }

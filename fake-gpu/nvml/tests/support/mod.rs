@@ -133,6 +133,13 @@ impl Node {
     }
 }
 
+/// The node's events file, in a scenario's child: `<state>.events`, where the fake NVML reads
+/// injected XIDs.
+pub fn events_file() -> PathBuf {
+    let state = std::env::var_os("FAKEGPU_STATE").expect("in a scenario's child");
+    tessera_fake_gpu_model::events_path_from_env(Path::new(&state))
+}
+
 /// Whether this process is the child running `scenario`.
 pub fn in_child(scenario: &str) -> bool {
     std::env::var(SCENARIO_ENV).as_deref() == Ok(scenario)
