@@ -10,7 +10,8 @@
 //! - the claim is deleted before unprepare (the kubelet was down meanwhile);
 //! - two containers sharing one claim share one limit;
 //! - memory oversubscription: on a node that overcommits its GPU, claims that opted in spill to
-//!   host memory when the card is full, the one that did not keeps its share on the card.
+//!   host memory when the card is full, the one that did not keeps its share on the card; one
+//!   that did not opt in waits in ContainerCreating until an opted-in claim frees its share.
 
 mod common;
 
@@ -307,6 +308,7 @@ async fn run_suite(version: K8sVersion, test: &str) {
     claim_deleted_before_unprepare(&mut suite).await;
     two_containers_share_one_limit(&mut suite).await;
     oversubscribed_claims_spill_on_the_overcommitted_node(&mut suite).await;
+    a_claim_that_may_not_spill_waits_for_its_share_of_the_card(&mut suite).await;
     suite
         .cluster
         .check_running()
@@ -790,6 +792,69 @@ async fn oversubscribed_claims_spill_on_the_overcommitted_node(suite: &mut Suite
         let log = suite.log(&pod, "main");
         assert_eq!(workloads::phase(&pod), "Succeeded", "{name}:\n{log}");
         assert!(log.contains("allocated 6.00 GiB"), "{name}:\n{log}");
+        suite.delete_pod(name).await;
+    }
+}
+
+/// A claim that may not spill arrives on gpu-node-c while an opted-in claim holds 10 of the T4's
+/// 16 GiB on the card: its 8 GiB are not free, so the plugin holds its preparation back (the pod
+/// waits in ContainerCreating with the figures) until the opted-in claim ends; then it runs
+/// with its whole share on the card.
+async fn a_claim_that_may_not_spill_waits_for_its_share_of_the_card(suite: &mut Suite) {
+    for file in ["hog-done", "hog-release"] {
+        let _ = std::fs::remove_file(suite.shared.join(file));
+    }
+    let mut hog = share("10Gi", 20, 5);
+    hog.gpu_config = Some(json!({ "oversubscribe": true }));
+    let command = suite.worker(&[
+        "--allocate",
+        "10Gi",
+        "--step",
+        "1Gi",
+        "--touch",
+        "/shared/hog-done",
+        "--hold-until",
+        "/shared/hog-release",
+    ]);
+    suite.submit("spill-hog", &t4(), &hog, command, &[]).await;
+    suite
+        .wait_file(
+            &suite.shared.join("hog-done"),
+            true,
+            "the opted-in claim holds 10 GiB",
+        )
+        .await;
+
+    let command = suite.worker(&["--allocate", "8Gi", "--step", "1Gi"]);
+    suite
+        .submit("waits-for-card", &t4(), &share("8Gi", 20, 4), command, &[])
+        .await;
+    let waiting = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.state.as_ref()?.waiting.as_ref()?.message.clone())
+            .any(|m| m.contains("is overcommitted and its card has 6.00 GiB free"))
+    };
+    let pod = suite
+        .wait("waits-for-card", "held back for card room", waiting)
+        .await;
+    assert_eq!(workloads::phase(&pod), "Pending");
+
+    std::fs::write(suite.shared.join("hog-release"), b"").expect("release");
+    let hog = suite.finished("spill-hog").await;
+    assert_eq!(workloads::phase(&hog), "Succeeded");
+    let pod = suite.finished("waits-for-card").await;
+    let log = suite.log(&pod, "main");
+    assert_eq!(workloads::phase(&pod), "Succeeded", "{log}");
+    assert!(
+        log.contains("cuMemGetInfo: 8.00 GiB free of 8.00 GiB")
+            && log.contains("allocated 8.00 GiB"),
+        "its whole share, on the card:\n{log}"
+    );
+    for name in ["spill-hog", "waits-for-card"] {
         suite.delete_pod(name).await;
     }
 }
