@@ -25,26 +25,20 @@ pub struct ProcEntry {
     pub symbol: &'static str,
 }
 
+#[rustfmt::skip]
 const fn e(name: &'static str, since: i32, symbol: &'static str) -> ProcEntry {
-    ProcEntry {
-        name,
-        since,
-        per_thread: false,
-        symbol,
-    }
+    ProcEntry { name, since, per_thread: false, symbol }
 }
 
+#[rustfmt::skip]
 const fn pt(name: &'static str, since: i32, symbol: &'static str) -> ProcEntry {
-    ProcEntry {
-        name,
-        since,
-        per_thread: true,
-        symbol,
-    }
+    ProcEntry { name, since, per_thread: true, symbol }
 }
 
 /// The entry points Tessera's shim and fake driver know, with every variant `cuda.h` (12.x) maps
 /// them to.
+// One entry a line, like the `#define`s it mirrors.
+#[rustfmt::skip]
 pub const PROC_TABLE: &[ProcEntry] = &[
     e("cuGetProcAddress", 11030, "cuGetProcAddress"),
     e("cuGetProcAddress", 12000, "cuGetProcAddress_v2"),
@@ -63,43 +57,15 @@ pub const PROC_TABLE: &[ProcEntry] = &[
     e("cuDeviceGetPCIBusId", 4010, "cuDeviceGetPCIBusId"),
     e("cuDeviceGetByPCIBusId", 4010, "cuDeviceGetByPCIBusId"),
     e("cuDeviceCanAccessPeer", 4000, "cuDeviceCanAccessPeer"),
-    e(
-        "cuDeviceGetDefaultMemPool",
-        11020,
-        "cuDeviceGetDefaultMemPool",
-    ),
+    e("cuDeviceGetDefaultMemPool", 11020, "cuDeviceGetDefaultMemPool"),
     e("cuDevicePrimaryCtxRetain", 7000, "cuDevicePrimaryCtxRetain"),
-    e(
-        "cuDevicePrimaryCtxRelease",
-        7000,
-        "cuDevicePrimaryCtxRelease",
-    ),
-    e(
-        "cuDevicePrimaryCtxRelease",
-        11000,
-        "cuDevicePrimaryCtxRelease_v2",
-    ),
+    e("cuDevicePrimaryCtxRelease", 7000, "cuDevicePrimaryCtxRelease"),
+    e("cuDevicePrimaryCtxRelease", 11000, "cuDevicePrimaryCtxRelease_v2"),
     e("cuDevicePrimaryCtxReset", 7000, "cuDevicePrimaryCtxReset"),
-    e(
-        "cuDevicePrimaryCtxReset",
-        11000,
-        "cuDevicePrimaryCtxReset_v2",
-    ),
-    e(
-        "cuDevicePrimaryCtxSetFlags",
-        7000,
-        "cuDevicePrimaryCtxSetFlags",
-    ),
-    e(
-        "cuDevicePrimaryCtxSetFlags",
-        11000,
-        "cuDevicePrimaryCtxSetFlags_v2",
-    ),
-    e(
-        "cuDevicePrimaryCtxGetState",
-        7000,
-        "cuDevicePrimaryCtxGetState",
-    ),
+    e("cuDevicePrimaryCtxReset", 11000, "cuDevicePrimaryCtxReset_v2"),
+    e("cuDevicePrimaryCtxSetFlags", 7000, "cuDevicePrimaryCtxSetFlags"),
+    e("cuDevicePrimaryCtxSetFlags", 11000, "cuDevicePrimaryCtxSetFlags_v2"),
+    e("cuDevicePrimaryCtxGetState", 7000, "cuDevicePrimaryCtxGetState"),
     e("cuCtxCreate", 3020, "cuCtxCreate_v2"),
     e("cuCtxCreate", 11040, "cuCtxCreate_v3"),
     e("cuCtxCreate", 12050, "cuCtxCreate_v4"),
@@ -128,11 +94,7 @@ pub const PROC_TABLE: &[ProcEntry] = &[
     e("cuMemAllocAsync", 11020, "cuMemAllocAsync"),
     pt("cuMemAllocAsync", 11020, "cuMemAllocAsync_ptsz"),
     e("cuMemAllocFromPoolAsync", 11020, "cuMemAllocFromPoolAsync"),
-    pt(
-        "cuMemAllocFromPoolAsync",
-        11020,
-        "cuMemAllocFromPoolAsync_ptsz",
-    ),
+    pt("cuMemAllocFromPoolAsync", 11020, "cuMemAllocFromPoolAsync_ptsz"),
     e("cuMemFreeAsync", 11020, "cuMemFreeAsync"),
     pt("cuMemFreeAsync", 11020, "cuMemFreeAsync_ptsz"),
     e("cuMemPoolCreate", 11020, "cuMemPoolCreate"),
@@ -145,11 +107,7 @@ pub const PROC_TABLE: &[ProcEntry] = &[
     e("cuMemMap", 10020, "cuMemMap"),
     e("cuMemUnmap", 10020, "cuMemUnmap"),
     e("cuMemSetAccess", 10020, "cuMemSetAccess"),
-    e(
-        "cuMemGetAllocationGranularity",
-        10020,
-        "cuMemGetAllocationGranularity",
-    ),
+    e("cuMemGetAllocationGranularity", 10020, "cuMemGetAllocationGranularity"),
     e("cuArrayCreate", 3020, "cuArrayCreate_v2"),
     e("cuArray3DCreate", 3020, "cuArray3DCreate_v2"),
     e("cuArrayDestroy", 2000, "cuArrayDestroy"),
@@ -168,11 +126,7 @@ pub const PROC_TABLE: &[ProcEntry] = &[
     e("cuMemsetD8", 3020, "cuMemsetD8_v2"),
     pt("cuMemsetD8", 7000, "cuMemsetD8_v2_ptds"),
     e("cuStreamCreate", 2000, "cuStreamCreate"),
-    e(
-        "cuStreamCreateWithPriority",
-        5050,
-        "cuStreamCreateWithPriority",
-    ),
+    e("cuStreamCreateWithPriority", 5050, "cuStreamCreateWithPriority"),
     e("cuStreamDestroy", 4000, "cuStreamDestroy_v2"),
     e("cuStreamSynchronize", 2000, "cuStreamSynchronize"),
     pt("cuStreamSynchronize", 7000, "cuStreamSynchronize_ptsz"),
@@ -193,27 +147,15 @@ pub const PROC_TABLE: &[ProcEntry] = &[
     pt("cuLaunchKernel", 7000, "cuLaunchKernel_ptsz"),
     e("cuLaunchKernelEx", 11060, "cuLaunchKernelEx"),
     pt("cuLaunchKernelEx", 11060, "cuLaunchKernelEx_ptsz"),
-    e(
-        "cuLaunchCooperativeKernel",
-        9000,
-        "cuLaunchCooperativeKernel",
-    ),
-    pt(
-        "cuLaunchCooperativeKernel",
-        9000,
-        "cuLaunchCooperativeKernel_ptsz",
-    ),
+    e("cuLaunchCooperativeKernel", 9000, "cuLaunchCooperativeKernel"),
+    pt("cuLaunchCooperativeKernel", 9000, "cuLaunchCooperativeKernel_ptsz"),
     e("cuGraphCreate", 10000, "cuGraphCreate"),
     e("cuGraphDestroy", 10000, "cuGraphDestroy"),
     e("cuGraphAddKernelNode", 10000, "cuGraphAddKernelNode"),
     e("cuGraphAddKernelNode", 12000, "cuGraphAddKernelNode_v2"),
     e("cuGraphInstantiate", 10000, "cuGraphInstantiate"),
     e("cuGraphInstantiate", 11000, "cuGraphInstantiate_v2"),
-    e(
-        "cuGraphInstantiateWithFlags",
-        11040,
-        "cuGraphInstantiateWithFlags",
-    ),
+    e("cuGraphInstantiateWithFlags", 11040, "cuGraphInstantiateWithFlags"),
     e("cuGraphExecDestroy", 10000, "cuGraphExecDestroy"),
     e("cuGraphLaunch", 10000, "cuGraphLaunch"),
     pt("cuGraphLaunch", 10000, "cuGraphLaunch_ptsz"),
