@@ -70,17 +70,24 @@ pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> 
         .await
 }
 
+/// `claims` as `$module`'s request claims.
+macro_rules! claims_in {
+    ($module:ident, $claims:expr) => {
+        $claims
+            .iter()
+            .map(|c| $module::Claim {
+                namespace: c.namespace.clone(),
+                uid: c.uid.clone(),
+                name: c.name.clone(),
+            })
+            .collect()
+    };
+}
+
 macro_rules! prepare_in {
     ($module:ident, $client:ty, $channel:expr, $claims:expr, $share:expr) => {{
         let request = $module::NodePrepareResourcesRequest {
-            claims: $claims
-                .iter()
-                .map(|c| $module::Claim {
-                    namespace: c.namespace.clone(),
-                    uid: c.uid.clone(),
-                    name: c.name.clone(),
-                })
-                .collect(),
+            claims: claims_in!($module, $claims),
         };
         let answer = <$client>::new($channel)
             .node_prepare_resources(request)
@@ -111,14 +118,7 @@ macro_rules! prepare_in {
 macro_rules! unprepare_in {
     ($module:ident, $client:ty, $channel:expr, $claims:expr) => {{
         let request = $module::NodeUnprepareResourcesRequest {
-            claims: $claims
-                .iter()
-                .map(|c| $module::Claim {
-                    namespace: c.namespace.clone(),
-                    uid: c.uid.clone(),
-                    name: c.name.clone(),
-                })
-                .collect(),
+            claims: claims_in!($module, $claims),
         };
         let answer = <$client>::new($channel)
             .node_unprepare_resources(request)

@@ -471,6 +471,12 @@ pub unsafe extern "C" fn cuMemPrefetchAsync_ptsz(
     guard(|| prefetch(dptr, count, device))
 }
 
+fn prefetch_to(dptr: CUdeviceptr, count: usize, location: CUmemLocation, flags: c_uint) -> Result {
+    process()?;
+    check(flags == 0)?;
+    prefetch(dptr, count, location_device(location)?)
+}
+
 /// [`cuMemPrefetchAsync`] with CUDA 12.2's location argument; no flags are defined yet.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemPrefetchAsync_v2(
@@ -480,11 +486,7 @@ pub unsafe extern "C" fn cuMemPrefetchAsync_v2(
     flags: c_uint,
     _stream: CUstream,
 ) -> CUresult {
-    guard(|| {
-        process()?;
-        check(flags == 0)?;
-        prefetch(dptr, count, location_device(location)?)
-    })
+    guard(|| prefetch_to(dptr, count, location, flags))
 }
 
 #[unsafe(no_mangle)]
@@ -495,11 +497,7 @@ pub unsafe extern "C" fn cuMemPrefetchAsync_v2_ptsz(
     flags: c_uint,
     _stream: CUstream,
 ) -> CUresult {
-    guard(|| {
-        process()?;
-        check(flags == 0)?;
-        prefetch(dptr, count, location_device(location)?)
-    })
+    guard(|| prefetch_to(dptr, count, location, flags))
 }
 
 fn host_alloc(pp: *mut *mut c_void, bytes: usize) -> Result {
