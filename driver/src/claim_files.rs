@@ -136,8 +136,10 @@ pub type Reservations = std::collections::BTreeMap<String, u64>;
 /// What the prepared claims that did not opt in to spilling are owed on each GPU the node
 /// overcommits: Σ min(memory limit, physical memory), from the configs under
 /// `<state-dir>/claims/` (every overcommitted GPU with a prepared claim appears, with 0 if none
-/// is owed). Configs that cannot be read (a prepare that never wrote one) are skipped.
-pub fn memory_reservations(state_dir: &Path) -> io::Result<Reservations> {
+/// is owed). Configs that cannot be read (a prepare that never wrote one) are skipped, and so are
+/// the claims in `except` (those being prepared again now: a config left by an earlier, unfinished
+/// preparation, or from before a reboot, is not another claim's).
+pub fn memory_reservations(state_dir: &Path, except: &[&str]) -> io::Result<Reservations> {
     let mut owed = Reservations::new();
     let claims = state_dir.join("claims");
     let entries = match std::fs::read_dir(&claims) {
@@ -146,6 +148,9 @@ pub fn memory_reservations(state_dir: &Path) -> io::Result<Reservations> {
         Err(e) => return Err(e),
     };
     for entry in entries {
+        if except.iter().any(|uid| entry.file_name() == *uid) {
+            continue;
+        }
         let Ok(raw) = std::fs::read(entry.path().join("config.json")) else {
             continue;
         };
@@ -174,7 +179,7 @@ pub fn write_memory_reservations(
     state_dir: &Path,
     waiting: &Reservations,
 ) -> io::Result<Reservations> {
-    let mut owed = memory_reservations(state_dir)?;
+    let mut owed = memory_reservations(state_dir, &[])?;
     for (uuid, bytes) in waiting {
         let total = owed.entry(uuid.clone()).or_insert(0);
         *total = total.saturating_add(*bytes);
@@ -239,6 +244,14 @@ mod tests {
         assert_eq!(owed.get("GPU-a"), Some(&(14 * GIB)));
         assert_eq!(read(state, "GPU-a"), format!("{}\n", 14 * GIB));
         assert!(!reservation_file(&state.join("board"), "GPU-b").exists());
+        // A claim being prepared again (its config left by an unfinished preparation) does not
+        // count against itself.
+        assert_eq!(
+            memory_reservations(state, &["fixed-1"])
+                .expect("read")
+                .get("GPU-a"),
+            Some(&(8 * GIB))
+        );
 
         std::fs::remove_dir_all(state.join("claims/fixed-1")).expect("unprepare");
         std::fs::remove_dir_all(state.join("claims/fixed-2")).expect("unprepare");

@@ -548,3 +548,42 @@ async fn a_claim_that_may_not_spill_waits_until_the_card_has_its_share() {
     env.assert_prepared(&id);
     instance.stop().await;
 }
+
+#[tokio::test]
+async fn a_claim_prepared_again_after_a_crash_does_not_wait_for_itself() {
+    // The first preparation dies right after writing the claim's config: the config says the
+    // claim is owed 40 of the L40S's 48 GiB. Prepared again, that must not count as another
+    // claim's reservation, or the claim would wait for itself forever.
+    let env = Env::new(&["v1"]);
+    let id = uid(0x400);
+    env.api.put(claim(
+        "team-a",
+        "big",
+        &id,
+        Some(vec![share(
+            "gpu",
+            "gpu-1",
+            "9f0c4c4e-1111-4000-8000-000000000400",
+            "40Gi",
+            "10",
+        )]),
+        vec![],
+    ));
+    let big = Claim::new("team-a", "big", &id);
+    let crash: tessera_kubelet_plugin::node::FaultHook =
+        std::sync::Arc::new(|step, _| step == tessera_kubelet_plugin::Step::ConfigWritten);
+    let crashing = env.start_with(l40s_doubled(&env), None, Some(crash)).await;
+    crashing
+        .kubelet
+        .prepare(Version::V1, std::slice::from_ref(&big))
+        .await
+        .expect_err("crashed after the config");
+    crashing.stop().await;
+    assert!(env.claim_dir(&id).join("config.json").exists());
+
+    let restarted = env.start_with(l40s_doubled(&env), None, None).await;
+    restarted.kubelet.prepare_ok(Version::V1, &big).await;
+    env.assert_prepared(&id);
+    assert_eq!(reserved(&env), format!("{}\n", 40 * GIB));
+    restarted.stop().await;
+}

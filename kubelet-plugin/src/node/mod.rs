@@ -286,7 +286,8 @@ impl Node {
         if plans.iter().all(|p| p.card_shares.is_empty()) {
             return (plans, false);
         }
-        let mut owed = match claim_files::memory_reservations(&self.config.state_dir) {
+        let batch: Vec<&str> = plans.iter().map(|p| p.uid.as_str()).collect();
+        let mut owed = match claim_files::memory_reservations(&self.config.state_dir, &batch) {
             Ok(owed) => owed,
             Err(error) => {
                 for plan in plans {
@@ -302,7 +303,7 @@ impl Node {
         };
         for (_, held) in waiting
             .iter()
-            .filter(|(uid, _)| !plans.iter().any(|p| &p.uid == *uid))
+            .filter(|(uid, _)| !batch.contains(&uid.as_str()))
         {
             for share in &held.shares {
                 *owed.entry(share.uuid.clone()).or_insert(0) += share.bytes;
