@@ -100,27 +100,11 @@ fn a_podman_container_hits_the_slices_memory_wall() {
     )
     .expect("inventory");
     let app = path("cuda_app");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shim/tests/programs/cuda_app.c");
-    let cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(["-O1", "-o"])
-        .arg(&app)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .expect("run cc");
-    assert!(cc.success(), "compiling {}", source.display());
+    tessera_built_libs::compile_cuda_app(&app);
 
     // Podman 4.3 reads CDI specs only from /etc/cdi and /var/run/cdi: the CLI's default.
-    let help = Command::new("podman")
-        .arg("--help")
-        .output()
-        .expect("podman --help");
-    let spec_dir_flag = String::from_utf8_lossy(&help.stdout).contains("--cdi-spec-dir");
-    let cdi_dir = if spec_dir_flag {
-        path("cdi")
-    } else {
-        PathBuf::from("/etc/cdi")
-    };
+    let podman = tessera_built_libs::Podman::detect(path("cdi"), Path::new("/etc/cdi"));
+    let cdi_dir = podman.cdi_dir.clone();
     let name = format!("clitest-{}", std::process::id());
     let _cleanup = Cleanup {
         name: name.clone(),
@@ -153,33 +137,11 @@ fn a_podman_container_hits_the_slices_memory_wall() {
     let device = format!("gpu.tessera.dev/slice={name}");
     assert!(out.contains(&format!("--device {device}")), "{out}");
 
-    let podman = |args: &[&str]| {
-        let mut command = Command::new("podman");
-        command.args(["--runtime", "runc", "--cgroup-manager=cgroupfs"]);
-        if spec_dir_flag {
-            command.arg("--cdi-spec-dir").arg(&cdi_dir);
-        }
-        // Every flag before --rootfs: podman takes the first positional argument as the rootfs.
-        command.args([
-            "run",
-            "--rm",
-            "-i",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1000:1000",
-            "--network=none",
-        ]);
-        command.args(["--device", &device]);
-        command
-            .arg("-e")
-            .arg(format!("FAKEGPU_CONFIG={}", inventory.display()));
-        command
-            .arg("-e")
-            .arg(format!("FAKEGPU_STATE={}", path("fakegpu.state").display()));
-        command.args(["--rootfs", "/:O"]).args(args);
-        command
-    };
+    let container_env = [
+        ("FAKEGPU_CONFIG", inventory.display().to_string()),
+        ("FAKEGPU_STATE", path("fakegpu.state").display().to_string()),
+    ];
+    let podman = |args: &[&str]| podman.run(&device, &container_env, args);
 
     // The shim arrives through /etc/ld.so.preload, with the slice's config.
     let probe = podman(&[

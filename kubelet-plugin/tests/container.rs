@@ -10,7 +10,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use support::*;
@@ -92,28 +92,12 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
     let inventory = env.path("inventory.json");
     std::fs::write(&inventory, inventory_json()).expect("inventory");
     let app = env.path("cuda_app");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shim/tests/programs/cuda_app.c");
-    let cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(["-O1", "-o"])
-        .arg(&app)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .expect("run cc");
-    assert!(cc.success(), "compiling {}", source.display());
+    tessera_built_libs::compile_cuda_app(&app);
 
     // Podman 4.3 reads CDI specs only from /etc/cdi and /var/run/cdi; newer ones take a flag.
-    let help = Command::new("podman")
-        .arg("--help")
-        .output()
-        .expect("podman --help");
-    let spec_dir_flag = String::from_utf8_lossy(&help.stdout).contains("--cdi-spec-dir");
+    let podman = tessera_built_libs::Podman::detect(env.path("cdi"), Path::new("/var/run/cdi"));
     let mut config = env.node_config();
-    config.cdi_dir = if spec_dir_flag {
-        env.path("cdi")
-    } else {
-        PathBuf::from("/var/run/cdi")
-    };
+    config.cdi_dir = podman.cdi_dir.clone();
     config.cdi_mode = CdiMode::Standalone;
     config.driver_files = Some(
         DriverFiles::discover(&env.path("driver"), &env.path("devroot"))
@@ -145,34 +129,14 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
     );
     let device_id = devices[0].cdi_device_ids[0].clone();
 
-    let podman = |args: &[&str]| {
-        let mut command = Command::new("podman");
-        command.args(["--runtime", "runc", "--cgroup-manager=cgroupfs"]);
-        if spec_dir_flag {
-            command.arg("--cdi-spec-dir").arg(&cdi_dir);
-        }
-        // Every flag before --rootfs: podman takes the first positional argument as the rootfs.
-        command.args([
-            "run",
-            "--rm",
-            "-i",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1000:1000",
-            "--network=none",
-        ]);
-        command.args(["--device", &device_id]);
-        command
-            .arg("-e")
-            .arg(format!("FAKEGPU_CONFIG={}", inventory.display()));
-        command.arg("-e").arg(format!(
-            "FAKEGPU_STATE={}",
-            env.path("fakegpu.state").display()
-        ));
-        command.args(["--rootfs", "/:O"]).args(args);
-        command
-    };
+    let container_env = [
+        ("FAKEGPU_CONFIG", inventory.display().to_string()),
+        (
+            "FAKEGPU_STATE",
+            env.path("fakegpu.state").display().to_string(),
+        ),
+    ];
+    let podman = |args: &[&str]| podman.run(&device_id, &container_env, args);
 
     // The shim arrives through /etc/ld.so.preload; the config cannot be changed from inside.
     let probe = podman(&["/bin/sh", "-c", "echo preload=[$LD_PRELOAD]; cat /etc/ld.so.preload; echo config=$TESSERA_CONFIG; \

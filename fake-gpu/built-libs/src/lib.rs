@@ -125,6 +125,81 @@ fn newest_file(path: &Path) -> Option<(SystemTime, PathBuf)> {
         .max_by_key(|(t, _)| *t)
 }
 
+/// Compiles the test CUDA program (`shim/tests/programs/cuda_app.c`) to `out`, for tests that
+/// run it somewhere the shim's own fixture does not reach (a container).
+pub fn compile_cuda_app(out: &Path) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shim/tests/programs/cuda_app.c");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = std::process::Command::new(&cc)
+        .args(["-O1", "-o"])
+        .arg(out)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
+    assert!(status.success(), "compiling {}", source.display());
+}
+
+/// Podman as the container tests run it: runc, cgroupfs, the host's root as an overlay (no
+/// image), and the CDI specs from a directory of the test's where this podman can be told one.
+pub struct Podman {
+    /// Where the test writes CDI specs for it.
+    pub cdi_dir: PathBuf,
+    takes_spec_dir: bool,
+}
+
+impl Podman {
+    /// Podman 4.3 reads CDI specs only from `/etc/cdi` and `/var/run/cdi` (`system_dir`, the
+    /// one the test's writer uses by default); newer ones take `--cdi-spec-dir`, and then
+    /// `private_dir` is used.
+    pub fn detect(private_dir: PathBuf, system_dir: &Path) -> Podman {
+        let help = std::process::Command::new("podman")
+            .arg("--help")
+            .output()
+            .expect("podman --help");
+        let takes_spec_dir = String::from_utf8_lossy(&help.stdout).contains("--cdi-spec-dir");
+        Podman {
+            cdi_dir: if takes_spec_dir {
+                private_dir
+            } else {
+                system_dir.to_path_buf()
+            },
+            takes_spec_dir,
+        }
+    }
+
+    /// `podman run --rm -i` of `args` with CDI device `device` and the environment `env`.
+    pub fn run(
+        &self,
+        device: &str,
+        env: &[(&str, String)],
+        args: &[&str],
+    ) -> std::process::Command {
+        let mut command = std::process::Command::new("podman");
+        command.args(["--runtime", "runc", "--cgroup-manager=cgroupfs"]);
+        if self.takes_spec_dir {
+            command.arg("--cdi-spec-dir").arg(&self.cdi_dir);
+        }
+        // Every flag before --rootfs: podman takes the first positional argument as the rootfs.
+        command.args([
+            "run",
+            "--rm",
+            "-i",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1000:1000",
+            "--network=none",
+        ]);
+        command.args(["--device", device]);
+        for (key, value) in env {
+            command.arg("-e").arg(format!("{key}={value}"));
+        }
+        command.args(["--rootfs", "/:O"]).args(args);
+        command
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
