@@ -743,6 +743,11 @@ async fn oversubscribed_claims_spill_on_the_overcommitted_node(suite: &mut Suite
             "/shared/spill-release",
         ]);
         suite.submit(name, &t4(), &share, command, &[]).await;
+        // One at a time, as users' pods arrive: three created together for 18 of the 20 GiB
+        // once left the third unschedulable on 1.37 ("cannot allocate all claims" with 12 GiB
+        // allocated, while the first two allocations were in flight), and the scheduler retries
+        // such a pod only on the next claim or slice change.
+        suite.allocated_claim(name).await;
     }
     for (name, ..) in pods {
         let pod = suite
