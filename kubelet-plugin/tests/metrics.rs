@@ -3,24 +3,11 @@
 
 mod support;
 
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
-
 use http_body_util::BodyExt;
-use nix::fcntl::{FcntlArg, fcntl};
 use support::*;
-use tessera_api::region::{SLOT_ACTIVE, SLOT_SIZE, slot_offset};
 use tower::ServiceExt;
 
 const UID: &str = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a77";
-
-fn put_u32(bytes: &mut [u8], at: usize, v: u32) {
-    bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(bytes: &mut [u8], at: usize, v: u64) {
-    bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
 
 async fn get(router: axum::Router, path: &str) -> (u16, String) {
     let response = router
@@ -65,26 +52,7 @@ async fn metrics_count_only_live_processes() {
 
     // Two processes charged the region: slot 0's owner is alive (holds its lock), slot 1's died.
     let path = env.claim_dir(UID).join("region");
-    let mut bytes = std::fs::read(&path).expect("region");
-    put_u32(&mut bytes, 32, 2);
-    for (slot, used) in [(0usize, 3 * GIB), (1, 5 * GIB)] {
-        put_u32(&mut bytes, slot_offset(slot), SLOT_ACTIVE);
-        put_u64(&mut bytes, slot_offset(slot) + 64, used);
-    }
-    std::fs::write(&path, &bytes).expect("charge");
-    let owner = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .expect("open region");
-    let lock = nix::libc::flock {
-        l_type: nix::libc::F_WRLCK as i16,
-        l_whence: nix::libc::SEEK_SET as i16,
-        l_start: slot_offset(0) as i64,
-        l_len: SLOT_SIZE as i64,
-        l_pid: 0,
-    };
-    fcntl(owner.as_fd(), FcntlArg::F_OFD_SETLK(&lock)).expect("lock slot 0");
+    let owner = charge_region(&path, &[(0, 3 * GIB, 0), (1, 5 * GIB, 0)]);
 
     let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
     let (status, text) = get(router.clone(), "/metrics").await;

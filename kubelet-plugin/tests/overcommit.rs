@@ -5,27 +5,15 @@
 
 mod support;
 
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
 use std::process::Command;
 
 use http_body_util::BodyExt;
-use nix::fcntl::{FcntlArg, fcntl};
 use serde_json::{Value, json};
 use support::*;
-use tessera_api::region::{SLOT_ACTIVE, SLOT_SIZE, slot_offset};
 use tower::ServiceExt;
 
 fn uid(n: u32) -> String {
     format!("{n:08x}-0000-4000-8000-0000000000aa")
-}
-
-fn put_u32(bytes: &mut [u8], at: usize, v: u32) {
-    bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(bytes: &mut [u8], at: usize, v: u64) {
-    bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 async fn metrics(router: axum::Router) -> String {
@@ -175,27 +163,7 @@ async fn spilled_bytes_are_exported_per_claim_from_live_slots() {
 
     // Two processes spilled: slot 0's owner is alive (holds its lock), slot 1's died.
     let path = env.claim_dir(&id).join("region");
-    let mut bytes = std::fs::read(&path).expect("region");
-    put_u32(&mut bytes, 32, 2);
-    for (slot, used, spill) in [(0usize, 40 * GIB, 10 * GIB), (1, 5 * GIB, 3 * GIB)] {
-        put_u32(&mut bytes, slot_offset(slot), SLOT_ACTIVE);
-        put_u64(&mut bytes, slot_offset(slot) + 64, used);
-        put_u64(&mut bytes, slot_offset(slot) + 192, spill);
-    }
-    std::fs::write(&path, &bytes).expect("charge");
-    let owner = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .expect("open region");
-    let lock = nix::libc::flock {
-        l_type: nix::libc::F_WRLCK as i16,
-        l_whence: nix::libc::SEEK_SET as i16,
-        l_start: slot_offset(0) as i64,
-        l_len: SLOT_SIZE as i64,
-        l_pid: 0,
-    };
-    fcntl(owner.as_fd(), FcntlArg::F_OFD_SETLK(&lock)).expect("lock slot 0");
+    let owner = charge_region(&path, &[(0, 40 * GIB, 10 * GIB), (1, 5 * GIB, 3 * GIB)]);
     let text = metrics(router.clone()).await;
     let expected = (10 * GIB).to_string();
     assert_eq!(spilled(&text).as_deref(), Some(expected.as_str()), "{text}");
@@ -434,14 +402,9 @@ fn opted_in_claim_on_the_card(env: &Env, resident: u64) -> std::fs::File {
     use tessera_api::memory_board::*;
     let dir = env.path("state/board");
     std::fs::create_dir_all(&dir).expect("board dir");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join(board_file_name(GPU1)))
-        .expect("board");
-    file.set_len(FILE_SIZE as u64).expect("size");
+    let path = dir.join(board_file_name(GPU1));
+    std::fs::write(&path, vec![0u8; FILE_SIZE]).expect("board");
+    let file = hold_lock(&path, 0, ENTRY_SIZE, false);
     for (offset, value) in [
         (CLAIM_OFFSET, 0x5eed),
         (LIMIT_OFFSET, 48 * GIB),
@@ -451,14 +414,6 @@ fn opted_in_claim_on_the_card(env: &Env, resident: u64) -> std::fs::File {
         file.write_all_at(&value.to_ne_bytes(), offset as u64)
             .expect("entry");
     }
-    let lock = nix::libc::flock {
-        l_type: nix::libc::F_RDLCK as nix::libc::c_short,
-        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
-        l_start: 0,
-        l_len: ENTRY_SIZE as nix::libc::off_t,
-        l_pid: 0,
-    };
-    fcntl(file.as_fd(), FcntlArg::F_OFD_SETLK(&lock)).expect("the claim's lock");
     file
 }
 

@@ -190,3 +190,46 @@ pub fn crash_at(step: tessera_kubelet_plugin::Step) -> FaultHook {
     let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
     Arc::new(move |at, _uid| at == step && !fired.swap(true, std::sync::atomic::Ordering::SeqCst))
 }
+
+/// Opens `path` read-write and takes an open-file-description lock (exclusive or shared) on
+/// `len` bytes at `start`, as a live process of a claim holds its region slot or board entry;
+/// the lock lasts while the returned file is open (drop it: the process died).
+pub fn hold_lock(path: &Path, start: usize, len: usize, exclusive: bool) -> std::fs::File {
+    use nix::fcntl::{FcntlArg, fcntl};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let kind = if exclusive {
+        nix::libc::F_WRLCK
+    } else {
+        nix::libc::F_RDLCK
+    };
+    let lock = nix::libc::flock {
+        l_type: kind as nix::libc::c_short,
+        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+        l_start: start as nix::libc::off_t,
+        l_len: len as nix::libc::off_t,
+        l_pid: 0,
+    };
+    fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).expect("lock");
+    file
+}
+
+/// Charges a prepared claim's region as processes of the claim do: each `(slot, used, spilled)`
+/// is an active slot with those bytes on its first device. Slot 0's process stays alive (holds
+/// its slot's lock) while the returned file is open; the others read as dead.
+pub fn charge_region(path: &Path, slots: &[(usize, u64, u64)]) -> std::fs::File {
+    use tessera_api::region::{SLOT_ACTIVE, SLOT_SIZE, slot_offset};
+    let mut bytes = std::fs::read(path).expect("region");
+    let mut put = |at: usize, value: &[u8]| bytes[at..at + value.len()].copy_from_slice(value);
+    put(32, &(slots.len() as u32).to_le_bytes());
+    for &(slot, used, spilled) in slots {
+        put(slot_offset(slot), &SLOT_ACTIVE.to_le_bytes());
+        put(slot_offset(slot) + 64, &used.to_le_bytes());
+        put(slot_offset(slot) + 192, &spilled.to_le_bytes());
+    }
+    std::fs::write(path, &bytes).expect("charge");
+    hold_lock(path, slot_offset(0), SLOT_SIZE, true)
+}
