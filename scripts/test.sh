@@ -18,7 +18,12 @@ k8s_build=$!
 step "building helm (e2e/helm) in the background; log: $log_dir/helm-build.log"
 e2e/scripts/build-helm.sh > "$log_dir/helm-build.log" 2>&1 &
 helm_build=$!
-trap 'kill "$k8s_build" "$helm_build" 2>/dev/null || true' EXIT
+# grpcurl (grpc-go) and grpcio (grpc C-core), the standard clients the plugin's sockets are
+# tested with: ~1.5 min cold.
+step "building the standard gRPC clients in the background; log: $log_dir/grpc-clients-build.log"
+e2e/scripts/build-grpc-clients.sh > "$log_dir/grpc-clients-build.log" 2>&1 &
+grpc_clients_build=$!
+trap 'kill "$k8s_build" "$helm_build" "$grpc_clients_build" 2>/dev/null || true' EXIT
 
 step "podman and runc for the container tests"
 scripts/install-podman.sh
@@ -38,6 +43,11 @@ step "waiting for the helm build"
 if ! wait "$helm_build"; then
     tail -n 60 "$log_dir/helm-build.log"
     die "building helm failed (full log: $log_dir/helm-build.log)"
+fi
+step "waiting for the standard gRPC clients"
+if ! wait "$grpc_clients_build"; then
+    tail -n 30 "$log_dir/grpc-clients-build.log"
+    die "building the standard gRPC clients failed (full log: $log_dir/grpc-clients-build.log)"
 fi
 trap - EXIT
 

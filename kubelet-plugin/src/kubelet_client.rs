@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::h2_authority::{RewriteOutgoing, grpc_go_authority};
 use crate::node::ClaimRef;
 use crate::proto::{v1, v1alpha3, v1beta1};
 
@@ -56,15 +57,33 @@ pub struct ClaimPrepared {
     pub error: String,
 }
 
-/// Connects to a plugin's unix socket, as the kubelet does.
+/// Connects to a plugin's DRA socket, as the kubelet does: it dials `unix:<path>`, so grpc-go
+/// sends `localhost` as `:authority`.
 pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_path_buf();
-    // tonic wants a URI; the connector ignores it.
-    Endpoint::from_static("http://[::1]:0")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
                 Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+}
+
+/// Connects to a plugin's registration socket, as the kubelet's plugin watcher does: it dials
+/// the bare path, so grpc-go sends the percent-encoded path as `:authority` (which no `http::Uri`
+/// can hold, hence the rewrite of the outgoing header blocks).
+pub async fn connect_registration(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = socket.to_path_buf();
+    let authority = grpc_go_authority(&socket.to_string_lossy());
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            let authority = authority.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(RewriteOutgoing::new(stream, authority)))
             }
         }))
         .await

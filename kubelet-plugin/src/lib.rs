@@ -9,6 +9,7 @@
 pub mod claims;
 pub mod cli;
 pub mod grpc;
+pub mod h2_authority;
 pub mod http;
 pub mod install;
 pub mod kubelet_client;

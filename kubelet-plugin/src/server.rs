@@ -14,10 +14,12 @@ use tessera_api::names::DRIVER_NAME;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
 use crate::grpc::{DraService, Registration};
+use crate::h2_authority::RewriteIncoming;
 use crate::node::Node;
 use crate::proto::{registration, v1, v1alpha3, v1beta1};
 
@@ -71,7 +73,7 @@ impl Plugin {
                     service.clone(),
                 ))
                 .add_service(v1alpha3::node_server::NodeServer::new(service))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(dra), until),
+                .serve_with_incoming_shutdown(any_authority(dra), until),
         );
         // The kubelet dials the endpoint from its own working directory: always absolute.
         let endpoint = std::path::absolute(&sockets.dra)
@@ -88,10 +90,7 @@ impl Plugin {
                 .add_service(registration::registration_server::RegistrationServer::new(
                     registrar,
                 ))
-                .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(reg),
-                    shutdown_signal(signal),
-                ),
+                .serve_with_incoming_shutdown(any_authority(reg), shutdown_signal(signal)),
         );
         tracing::info!(registration = %sockets.registration.display(), dra = %sockets.dra.display(), "serving");
         Ok(Plugin {
@@ -116,6 +115,16 @@ impl Plugin {
         }
         let _ = std::fs::remove_file(&self.sockets.dra);
     }
+}
+
+/// The connections a socket accepts, each answering whatever `:authority` its client sends: the
+/// kubelet's grpc-go sends a percent-encoded socket path to the registration socket, which h2
+/// would refuse (see [`crate::h2_authority`]).
+fn any_authority(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = io::Result<RewriteIncoming<tokio::net::UnixStream>>> {
+    UnixListenerStream::new(listener)
+        .map(|connection| connection.map(|stream| RewriteIncoming::new(stream, "localhost")))
 }
 
 async fn shutdown_signal(mut signal: watch::Receiver<bool>) {

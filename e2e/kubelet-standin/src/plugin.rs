@@ -111,6 +111,17 @@ async fn connect(socket: &Path) -> Result<Channel, CallError> {
         })
 }
 
+/// Dials a registration socket as the kubelet's plugin watcher does, with the same
+/// `:authority` (the percent-encoded path).
+async fn connect_registration(socket: &Path) -> Result<Channel, CallError> {
+    kubelet_client::connect_registration(socket)
+        .await
+        .map_err(|source| CallError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })
+}
+
 /// Registration sockets seen, by path, with the inode they had (a restarted plugin's new socket
 /// has a new inode).
 type Seen = BTreeMap<PathBuf, u64>;
@@ -170,8 +181,9 @@ fn list_sockets(dir: &Path) -> BTreeMap<PathBuf, u64> {
 
 /// GetInfo and NotifyRegistrationStatus; `None` for a plugin that is not ours.
 async fn register(socket: &Path, api: DraApi) -> Result<Option<Registered>, CallError> {
-    let mut client =
-        registration::registration_client::RegistrationClient::new(connect(socket).await?);
+    let mut client = registration::registration_client::RegistrationClient::new(
+        connect_registration(socket).await?,
+    );
     let info = client
         .get_info(registration::InfoRequest {})
         .await?

@@ -86,10 +86,13 @@ impl Kubelet {
     }
 }
 
-/// The plugin watcher's view: GetInfo on the registration socket.
+/// The plugin watcher's view: GetInfo on the registration socket, dialled with the kubelet's
+/// `:authority`.
 pub async fn get_info(socket: &Path) -> registration::PluginInfo {
-    let mut client =
-        registration::registration_client::RegistrationClient::new(channel(socket).await);
+    let channel = kubelet_client::connect_registration(socket)
+        .await
+        .expect("connect to the registration socket");
+    let mut client = registration::registration_client::RegistrationClient::new(channel);
     client
         .get_info(registration::InfoRequest {})
         .await

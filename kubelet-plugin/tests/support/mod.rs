@@ -17,6 +17,7 @@ use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets};
 
 #[allow(unused_imports)]
 pub use api::{ApiServer, claim, config_entry, result, share};
+#[allow(unused_imports)]
 pub use kubelet::{Claim, Kubelet, Version};
 
 pub const GIB: u64 = 1 << 30;
