@@ -27,6 +27,10 @@ pub fn board_file_name(uuid: &str) -> String {
     format!("{uuid}.memory")
 }
 
+/// Where containers see the kubelet plugin's reservation files: a read-only mount of a directory
+/// only the plugin writes (never the board directory, which every claim can write).
+pub const RESERVATIONS_DIR: &str = "/run/tessera/reservations";
+
 /// The kubelet plugin's reservation file of GPU `uuid` (decimal bytes): what the GPU's prepared
 /// claims that may not spill are owed on the card.
 pub fn reservation_file_name(uuid: &str) -> String {

@@ -90,6 +90,7 @@ impl Paths {
             config: dir.join("config.json"),
             region: dir.join("region"),
             board: self.state_dir.join("board"),
+            reservations: self.state_dir.join("reservations"),
         }
     }
 }

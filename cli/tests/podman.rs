@@ -147,7 +147,7 @@ fn a_podman_container_hits_the_slices_memory_wall() {
     let probe = podman(&[
         "/bin/sh",
         "-c",
-        "cat /etc/ld.so.preload; cat /etc/tessera/config.json; ls /dev/nvidia0; test -d /run/tessera/board && test -w /run/tessera/board && echo board-writable",
+        "cat /etc/ld.so.preload; cat /etc/tessera/config.json; ls /dev/nvidia0; test -d /run/tessera/board && test -w /run/tessera/board && echo board-writable; test -d /run/tessera/reservations && ! touch /run/tessera/reservations/x 2>/dev/null && echo reservations-read-only",
     ])
     .output()
     .expect("run podman");
@@ -164,12 +164,14 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         "\"cores\":50",
         "/dev/nvidia0",
         "board-writable",
+        "reservations-read-only",
     ] {
         let compact: String = seen.split_whitespace().collect();
         assert!(compact.contains(expected), "{expected:?} not in:\n{seen}");
     }
 
     // A program allocates up to the slice's 1 GiB wall, and no further.
+    let app_path = app.clone();
     let mut child = podman(&[app.to_str().expect("utf-8 path"), "dlsym"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -218,6 +220,33 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+
+    // A process that names its own config, with four times the memory, in TESSERA_CONFIG still
+    // meets the mounted config's wall.
+    let forge = format!(
+        "sed -E 's/\"memoryLimit\": *[0-9]+/\"memoryLimit\": {}/' /etc/tessera/config.json > /tmp/forged.json && grep -q {} /tmp/forged.json && TESSERA_CONFIG=/tmp/forged.json exec {} dlsym",
+        4 * GIB,
+        4 * GIB,
+        app_path.display()
+    );
+    let mut child = podman(&["/bin/sh", "-c", &forge])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start podman");
+    let mut app = tessera_built_libs::LineSession::attach(&mut child);
+    assert_eq!(app.ask(""), vec!["ready"], "the forged config was written");
+    assert_eq!(app.ask("init 0"), vec!["init", "0"]);
+    assert_eq!(app.ask("info")[3], GIB.to_string(), "the slice is the mounted config's");
+    assert_eq!(
+        app.ask(&format!("alloc {}", 2 * GIB))[1],
+        CUDA_ERROR_OUT_OF_MEMORY,
+        "the forged limit is not the wall"
+    );
+    app.quit();
+    let output = child.wait_with_output().expect("podman exits");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     let removed = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["cdi", "remove", "--name", &name, "--cdi-dir"])

@@ -114,6 +114,8 @@ pub fn install_shim(shim: &Path, state_dir: &Path, shim_flag: &str) -> io::Resul
     fsutil::write_atomic(&host.preload, cdi::preload_file().as_bytes(), 0o644)
         .map_err(context(format!("writing {}", host.preload.display())))?;
     create_board_dir(&host.board).map_err(context(format!("creating {}", host.board.display())))?;
+    create_reservations_dir(&host.reservations)
+        .map_err(context(format!("creating {}", host.reservations.display())))?;
     Ok(replaced)
 }
 
@@ -124,10 +126,20 @@ fn create_board_dir(dir: &Path) -> io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
 }
 
-/// `<board>/<UUID>.reserved`: the card memory a GPU's prepared claims that did not opt in to
-/// spilling are owed, in decimal bytes (see [`write_memory_reservations`]).
-pub fn reservation_file(board: &Path, uuid: &str) -> std::path::PathBuf {
-    board.join(tessera_api::memory_board::reservation_file_name(uuid))
+/// The reservations directory: only the plugin writes it (mode 0755, the plugin's user), so
+/// nothing a container does decides what the plugin writes there. Containers mount it read-only.
+fn create_reservations_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+}
+
+/// `<state-dir>/reservations/<UUID>.reserved`: the card memory a GPU's prepared claims that did
+/// not opt in to spilling are owed, in decimal bytes (see [`write_memory_reservations`]).
+pub fn reservation_file(state_dir: &Path, uuid: &str) -> std::path::PathBuf {
+    HostPaths::new(state_dir, "_")
+        .reservations
+        .join(tessera_api::memory_board::reservation_file_name(uuid))
 }
 
 /// Card memory owed, by GPU UUID.
@@ -172,7 +184,7 @@ pub fn memory_reservations(state_dir: &Path, except: &[&str]) -> io::Result<Rese
 
 /// Publishes [`memory_reservations`] plus `waiting` (claims the plugin holds back until the card
 /// has their share, which the opted-in claims must not take meanwhile) as
-/// `<board>/<UUID>.reserved`. An opted-in claim's shim leaves that much of the card alone from
+/// `<state-dir>/reservations/<UUID>.reserved`. An opted-in claim's shim leaves that much of the card alone from
 /// the moment those claims are prepared, not only once their processes have started. GPUs that
 /// had a reservation and have no such claim any more get 0. Returns what was written.
 pub fn write_memory_reservations(
@@ -184,10 +196,11 @@ pub fn write_memory_reservations(
         let total = owed.entry(uuid.clone()).or_insert(0);
         *total = total.saturating_add(*bytes);
     }
-    let board = state_dir.join("board");
-    create_board_dir(&board)?;
-    // GPUs reserved before and no longer: back to 0.
-    for entry in std::fs::read_dir(&board)?.flatten() {
+    let dir = HostPaths::new(state_dir, "_").reservations;
+    create_reservations_dir(&dir)?;
+    // GPUs reserved before and no longer: back to 0. Only the plugin's own directory is listed:
+    // the board directory is every container's to write, and its names must not steer this.
+    for entry in std::fs::read_dir(&dir)?.flatten() {
         let name = entry.file_name();
         if let Some(uuid) = name.to_str().and_then(|n| n.strip_suffix(".reserved")) {
             owed.entry(uuid.to_string()).or_insert(0);
@@ -195,7 +208,7 @@ pub fn write_memory_reservations(
     }
     for (uuid, bytes) in &owed {
         fsutil::write_atomic(
-            &reservation_file(&board, uuid),
+            &reservation_file(state_dir, uuid),
             format!("{bytes}\n").as_bytes(),
             0o644,
         )?;
@@ -220,7 +233,7 @@ mod tests {
     }
 
     fn read(state: &Path, uuid: &str) -> String {
-        std::fs::read_to_string(reservation_file(&state.join("board"), uuid)).expect("reservation")
+        std::fs::read_to_string(reservation_file(state, uuid)).expect("reservation")
     }
 
     #[test]
@@ -243,7 +256,7 @@ mod tests {
         let owed = write_memory_reservations(state, &Reservations::new()).expect("write");
         assert_eq!(owed.get("GPU-a"), Some(&(14 * GIB)));
         assert_eq!(read(state, "GPU-a"), format!("{}\n", 14 * GIB));
-        assert!(!reservation_file(&state.join("board"), "GPU-b").exists());
+        assert!(!reservation_file(state, "GPU-b").exists());
         // A claim being prepared again (its config left by an unfinished preparation) does not
         // count against itself.
         assert_eq!(

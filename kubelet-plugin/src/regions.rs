@@ -7,11 +7,11 @@
 //! owns the slot. The plugin never takes the locks itself, so it cannot disturb the shim.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsFd;
 use std::path::Path;
 
 use nix::fcntl::{FcntlArg, fcntl};
+use tessera_driver::fsutil;
 use tessera_api::region::{REGION_SIZE, RegionSnapshot, SLOT_SIZE, slot_offset};
 
 /// Usage of one device of a region.
@@ -24,11 +24,12 @@ pub struct DeviceUsage {
     pub memory_spilled: u64,
 }
 
-/// Per-device usage of the region at `path`, and the number of live processes.
+/// Per-device usage of the region at `path`, and the number of live processes. The region is
+/// the claim's containers' to write: it is opened as untrusted (no symlink, no FIFO) and only
+/// its first `REGION_SIZE` bytes are read, however far a container extended it.
 pub fn read_usage(path: &Path) -> std::io::Result<(Vec<DeviceUsage>, usize)> {
-    let mut file = File::open(path)?;
-    let mut bytes = Vec::with_capacity(REGION_SIZE);
-    file.read_to_end(&mut bytes)?;
+    let file = fsutil::open_untrusted(path)?;
+    let bytes = fsutil::read_prefix(&file, REGION_SIZE)?;
     let snapshot = RegionSnapshot::parse(&bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let live: Vec<bool> = (0..snapshot.slots.len())

@@ -114,43 +114,41 @@ fn initialise_once() -> Mode {
     }
 }
 
-/// `TESSERA_CONFIG` if set (it must then exist), else the default path if that exists.
+/// The claim's config: the one the CDI spec mounts read-only, when it exists; `TESSERA_CONFIG`
+/// names one only where none is mounted (standalone use, development, tests). A process cannot
+/// raise its own wall by naming another config in its environment.
 fn config_path() -> Option<String> {
-    // SAFETY: getenv with a constant name; the value is copied at once.
-    let value = unsafe { libc::getenv(c"TESSERA_CONFIG".as_ptr()) };
     debug_assert_eq!(SHIM_CONFIG_ENV, "TESSERA_CONFIG");
-    if !value.is_null() {
-        // SAFETY: getenv returned a NUL-terminated string.
-        let path = unsafe { CStr::from_ptr(value) }
-            .to_string_lossy()
-            .into_owned();
-        if !path.is_empty() {
-            return Some(path);
-        }
-    }
-    std::path::Path::new(SHIM_CONFIG_DEFAULT_PATH)
-        .exists()
-        .then(|| SHIM_CONFIG_DEFAULT_PATH.to_string())
+    mounted_or_named(SHIM_CONFIG_DEFAULT_PATH, c"TESSERA_CONFIG")
 }
 
-/// Where the GPUs' boards are (see `compute::board`): `TESSERA_BOARD` if set and non-empty,
-/// else the default directory if it exists; none means neighbours cannot be seen.
+/// Where the GPUs' boards are (see `compute::board`): the mounted directory, else
+/// `TESSERA_BOARD`; none means neighbours cannot be seen. A process cannot hide from its
+/// neighbours' priorities by pointing the shim at another board.
 fn board_dir() -> Option<String> {
-    // SAFETY: getenv with a constant name; the value is copied at once.
-    let value = unsafe { libc::getenv(c"TESSERA_BOARD".as_ptr()) };
-    if !value.is_null() {
-        // SAFETY: getenv returned a NUL-terminated string.
-        let dir = unsafe { CStr::from_ptr(value) }
-            .to_string_lossy()
-            .into_owned();
-        if !dir.is_empty() {
-            return Some(dir);
-        }
+    mounted_or_named(crate::compute::BOARD_DIR_DEFAULT, c"TESSERA_BOARD")
+}
+
+/// Where the plugin's reservation files are (read-only in a container): the mounted directory,
+/// else `TESSERA_RESERVATIONS`; none means no claim is owed card memory beyond the board's.
+fn reservations_dir() -> Option<String> {
+    mounted_or_named(tessera_api::memory_board::RESERVATIONS_DIR, c"TESSERA_RESERVATIONS")
+}
+
+/// `mounted` when it exists (what the plugin's CDI spec put in the container), else the
+/// non-empty value of the variable `name`.
+fn mounted_or_named(mounted: &str, name: &CStr) -> Option<String> {
+    if std::path::Path::new(mounted).exists() {
+        return Some(mounted.to_string());
     }
-    let default = crate::compute::BOARD_DIR_DEFAULT;
-    std::path::Path::new(default)
-        .is_dir()
-        .then(|| default.to_string())
+    // SAFETY: getenv with a NUL-terminated name; the value is copied at once.
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    if value.is_null() {
+        return None;
+    }
+    // SAFETY: getenv returned a NUL-terminated string.
+    let named = unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned();
+    (!named.is_empty()).then_some(named)
 }
 
 impl Enforcer {
@@ -167,6 +165,7 @@ impl Enforcer {
             *slot = device.context_overhead;
         }
         let board = board_dir();
+        let reservation_dir = reservations_dir();
         let key = crate::compute::claim_key(&config.claim_uid);
         let mut spill = Vec::with_capacity(config.devices.len());
         let mut reservations = Vec::new();
@@ -178,6 +177,7 @@ impl Enforcer {
             let entry = board.as_deref().and_then(|dir| {
                 MemoryBoard::open(
                     dir,
+                    reservation_dir.as_deref(),
                     &device.uuid,
                     key,
                     device.memory_limit.min(physical),

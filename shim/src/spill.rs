@@ -56,11 +56,12 @@ pub struct MemoryBoard {
 /// or unprepared, which comes well before their containers start.
 const RESERVATION_REFRESH_NS: u64 = 100_000_000;
 
-/// The plugin's `<board dir>/<UUID>.reserved` (decimal bytes): what the GPU's prepared claims
+/// The plugin's `<reservations dir>/<UUID>.reserved` (decimal bytes): what the GPU's prepared claims
 /// that may not spill are owed on the card, whether or not their processes have started (their
 /// board entries appear only then). Missing or unreadable reads as 0: the board alone decides.
 struct Reservation {
-    path: std::path::PathBuf,
+    /// `None` without a reservations directory.
+    path: Option<std::path::PathBuf>,
     bytes: AtomicU64,
     read_at: AtomicU64,
 }
@@ -79,8 +80,10 @@ impl Reservation {
             .max(1);
         let last = self.read_at.load(Ordering::Relaxed);
         if last == 0 || now.wrapping_sub(last) >= RESERVATION_REFRESH_NS {
-            let value = std::fs::read_to_string(&self.path)
-                .ok()
+            let value = self
+                .path
+                .as_ref()
+                .and_then(|path| std::fs::read_to_string(path).ok())
                 .and_then(|text| text.trim().parse::<u64>().ok())
                 .unwrap_or(0);
             self.bytes.store(value, Ordering::Relaxed);
@@ -97,7 +100,14 @@ unsafe impl Sync for MemoryBoard {}
 impl MemoryBoard {
     /// Maps (creating it if absent) the memory board of `uuid` in `dir` and publishes `claim`'s
     /// `limit` and whether it `spills`. `None` when the board cannot be used.
-    pub fn open(dir: &str, uuid: &str, claim: u64, limit: u64, spills: bool) -> Option<Self> {
+    pub fn open(
+        dir: &str,
+        reservations: Option<&str>,
+        uuid: &str,
+        claim: u64,
+        limit: u64,
+        spills: bool,
+    ) -> Option<Self> {
         // The descriptor stays open: it holds our entry's lock.
         let (fd, base) =
             crate::shared_file::map_shared(&format!("{dir}/{}", board_file_name(uuid)), FILE_SIZE)?;
@@ -107,7 +117,7 @@ impl MemoryBoard {
             mine: 0,
             claim,
             reservation: Reservation {
-                path: std::path::Path::new(dir).join(reservation_file_name(uuid)),
+                path: reservations.map(|dir| std::path::Path::new(dir).join(reservation_file_name(uuid))),
                 bytes: AtomicU64::new(0),
                 read_at: AtomicU64::new(0),
             },
@@ -275,7 +285,8 @@ mod tests {
     use super::*;
 
     fn open(dir: &std::path::Path, claim: u64, limit: u64, spills: bool) -> MemoryBoard {
-        MemoryBoard::open(dir.to_str().expect("utf-8"), "GPU-t", claim, limit, spills)
+        let dir = dir.to_str().expect("utf-8");
+        MemoryBoard::open(dir, Some(dir), "GPU-t", claim, limit, spills)
             .expect("board")
     }
 

@@ -337,10 +337,10 @@ fn a_prepared_claim_that_did_not_opt_in_is_owed_its_share_before_its_processes_s
     let a = claim(&scene, "a", 6 * GIB, true, None);
     // The plugin has prepared a 6 GiB claim that may not spill; its container is not running
     // yet, so it has no entry on the memory board, only the plugin's reservation.
-    let board = scene.dir.path().join("board");
-    std::fs::create_dir_all(&board).expect("board dir");
+    let reservations = scene.dir.path().join("reservations");
+    std::fs::create_dir_all(&reservations).expect("reservations dir");
     std::fs::write(
-        board.join(format!("{GPU0}.reserved")),
+        reservations.join(format!("{GPU0}.reserved")),
         format!("{}\n", 6 * GIB),
     )
     .expect("reservation");

@@ -6,7 +6,8 @@
 //! processes that drop `LD_PRELOAD` are covered), the claim's `config.json` mounted read-only
 //! (a container must not raise its own limit), the `region` mounted read-write (every process of
 //! the claim charges it), the node's GPU boards read-write at `/run/tessera/board` (claims on one
-//! GPU see each other's priority and activity there) and `TESSERA_CONFIG`. Each allocated device is a CDI device
+//! GPU see each other's priority and activity there), the plugin's reservation files read-only
+//! at `/run/tessera/reservations`, and `TESSERA_CONFIG`. Each allocated device is a CDI device
 //! `<claim-uid>-<device>[-<shareID>]`. See `docs/reference/cdi.md`.
 
 pub mod spec;
@@ -35,6 +36,9 @@ pub const CONTAINER_REGION: &str = "/etc/tessera/region";
 /// The GPUs' boards inside containers, where claims sharing a GPU see each other (priorities,
 /// the idle-GPU rule of `corePolicy: default`); the shim's default board directory.
 pub const CONTAINER_BOARD: &str = "/run/tessera/board";
+
+/// The plugin's reservation files inside containers (read-only: only the plugin writes them).
+pub const CONTAINER_RESERVATIONS: &str = tessera_api::memory_board::RESERVATIONS_DIR;
 
 /// The CDI kind of Tessera's specs.
 pub fn kind() -> String {
@@ -65,6 +69,9 @@ pub struct HostPaths {
     pub region: PathBuf,
     /// `<state-dir>/board`: one board file per GPU, shared by every claim on the node.
     pub board: PathBuf,
+    /// `<state-dir>/reservations`: the plugin's reservation file per overcommitted GPU; no
+    /// container can write it.
+    pub reservations: PathBuf,
 }
 
 impl HostPaths {
@@ -77,6 +84,7 @@ impl HostPaths {
             config: claim.join("config.json"),
             region: claim.join("region"),
             board: state_dir.join("board"),
+            reservations: state_dir.join("reservations"),
         }
     }
 }
@@ -169,6 +177,7 @@ fn build_spec(
             Mount::read_only(path(&host.config), CONTAINER_CONFIG),
             Mount::read_write(path(&host.region), CONTAINER_REGION),
             Mount::read_write(path(&host.board), CONTAINER_BOARD),
+            Mount::read_only(path(&host.reservations), CONTAINER_RESERVATIONS),
         ],
     };
     if let Some(driver) = driver {

@@ -11,23 +11,25 @@
 //! they free memory. The claim starts late instead of starting and failing to allocate.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
 use nix::fcntl::{FcntlArg, fcntl};
-use tessera_api::memory_board::{ENTRY_SIZE, board_file_name, parse_entries};
+use tessera_api::memory_board::{ENTRY_SIZE, FILE_SIZE, board_file_name, parse_entries};
+use tessera_driver::fsutil;
 
 /// Bytes the live claims that may spill hold on the card of GPU `uuid`, from its memory board
-/// in `board_dir` (0 when the GPU has no board yet: no claim has started on it).
+/// in `board_dir` (0 when the GPU has no board yet: no claim has started on it). Every container
+/// can write the board directory: the board is opened as untrusted (a symlink or a FIFO there is
+/// an error, never followed or waited on) and only its first `FILE_SIZE` bytes are read.
 pub fn held_by_spilling_claims(board_dir: &Path, uuid: &str) -> io::Result<u64> {
     let path = board_dir.join(board_file_name(uuid));
-    let mut file = match File::open(&path) {
+    let file = match fsutil::open_untrusted(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        Err(e) => return Err(e),
     };
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
+    let bytes = fsutil::read_prefix(&file, FILE_SIZE)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let mut held = 0u64;
     for entry in parse_entries(&bytes).into_iter().filter(|e| e.spills) {
@@ -157,6 +159,34 @@ mod tests {
             held_by_spilling_claims(dir.path(), "GPU-x").expect("board"),
             5 * GIB
         );
+    }
+
+    /// Whatever a container leaves at the board's name, the plugin neither follows it, waits on
+    /// it, nor reads more than a board's size.
+    #[test]
+    fn a_hostile_board_is_refused_or_read_bounded_never_followed_or_waited_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(board_file_name("GPU-x"));
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, vec![0u8; FILE_SIZE]).expect("board elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        let error = held_by_spilling_claims(dir.path(), "GPU-x").expect_err("symlink");
+        assert!(error.to_string().contains("symbolic link"), "{error}");
+
+        std::fs::remove_file(&path).expect("remove");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666)).expect("mkfifo");
+        // No writer ever opens the FIFO: a blocking open would hang the plugin here.
+        let error = held_by_spilling_claims(dir.path(), "GPU-x").expect_err("FIFO");
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::write(&path, vec![0u8; FILE_SIZE]).expect("board");
+        let _a = entry(&path, 0, 5, true, 3 * GIB, true);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        file.set_len(1 << 40).expect("extended to a sparse TiB");
+        assert_eq!(held_by_spilling_claims(dir.path(), "GPU-x").expect("extended"), 3 * GIB);
+        file.set_len(10).expect("truncated");
+        assert_eq!(held_by_spilling_claims(dir.path(), "GPU-x").expect("truncated"), 0);
     }
 
     #[test]

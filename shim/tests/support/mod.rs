@@ -214,6 +214,7 @@ impl Scene {
             let board = self.dir.path().join("board");
             std::fs::create_dir_all(&board).expect("board dir");
             command.env("TESSERA_BOARD", &board);
+            command.env("TESSERA_RESERVATIONS", self.dir.path().join("reservations"));
         }
         let mut child = command.spawn().expect("spawn cuda_app");
         let stdin = child.stdin.take().expect("stdin");
@@ -383,6 +384,7 @@ impl Scene {
             .env("FAKEGPU_CONFIG", &self.fake_config)
             .env("FAKEGPU_STATE", self.dir.path().join("fakegpu.state"))
             .env("TESSERA_BOARD", &board)
+            .env("TESSERA_RESERVATIONS", self.dir.path().join("reservations"))
             .env("LD_PRELOAD", shim_path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
