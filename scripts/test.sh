@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: `make test` and CI run this. Installs or builds what a fresh machine
-# lacks (podman and runc, the upstream Kubernetes binaries, zig for the shipping shim), and
+# lacks (podman and runc, the upstream Kubernetes binaries and kubelet, containerd, the standard
+# gRPC clients, zig for the shipping shim), and
 # runs every test with TESSERA_E2E=1, so a missing prerequisite is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +24,17 @@ helm_build=$!
 step "building the standard gRPC clients in the background; log: $log_dir/grpc-clients-build.log"
 e2e/scripts/build-grpc-clients.sh > "$log_dir/grpc-clients-build.log" 2>&1 &
 grpc_clients_build=$!
-trap 'kill "$k8s_build" "$helm_build" "$grpc_clients_build" 2>/dev/null || true' EXIT
+# containerd, ctr and its runc shim for the real node (e2e/harness/tests/real_node.rs): ~3 min cold.
+step "building containerd for the real-node tests in the background; log: $log_dir/containerd-build.log"
+e2e/scripts/build-containerd.sh > "$log_dir/containerd-build.log" 2>&1 &
+containerd_build=$!
+trap 'kill "$k8s_build" "$helm_build" "$grpc_clients_build" "$containerd_build" 2>/dev/null || true' EXIT
 
 step "podman and runc for the container tests"
 scripts/install-podman.sh
+
+step "runc, CNI plugins and busybox-static for the real-node tests"
+scripts/install-node-packages.sh
 
 step "building every crate (the shim's tests load the cdylibs)"
 cargo build --workspace --all-targets
@@ -48,6 +56,11 @@ step "waiting for the standard gRPC clients"
 if ! wait "$grpc_clients_build"; then
     tail -n 30 "$log_dir/grpc-clients-build.log"
     die "building the standard gRPC clients failed (full log: $log_dir/grpc-clients-build.log)"
+fi
+step "waiting for the containerd build"
+if ! wait "$containerd_build"; then
+    tail -n 60 "$log_dir/containerd-build.log"
+    die "building containerd failed (full log: $log_dir/containerd-build.log)"
 fi
 trap - EXIT
 

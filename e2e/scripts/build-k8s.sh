@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the upstream control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler) pinned by one module under e2e/k8s/, as a single multi-call
-# binary plus one symlink per component.
+# kube-scheduler) and the kubelet of the real node, pinned by one module under
+# e2e/k8s/, as a single multi-call binary plus one symlink per component.
 #
 #   e2e/scripts/build-k8s.sh e2e/k8s/v1.37
 #
@@ -100,7 +100,7 @@ if ! (cd "$src" && go build -p "$parallel" -v -trimpath -gcflags="$gcflags" -ldf
 fi
 kill $ticker 2>/dev/null || true
 mv -f "$out/tessera-k8s.tmp" "$out/tessera-k8s"
-for c in etcd kube-apiserver kube-controller-manager kube-scheduler; do
+for c in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet; do
   ln -sfn tessera-k8s "$out/$c"
 done
 echo "$stamp_key" > "$stamp"

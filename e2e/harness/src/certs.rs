@@ -55,6 +55,13 @@ pub const FRONT_PROXY: Identity<'static> = Identity {
     user: "front-proxy-client",
     groups: &[],
 };
+/// The apiserver's identity towards kubelets (`kubectl logs`, `exec`); a kubelet with webhook
+/// authorization asks the apiserver, which lets `system:masters` do anything.
+pub const KUBELET_CLIENT: Identity<'static> = Identity {
+    file: "apiserver-kubelet-client",
+    user: "kube-apiserver-kubelet-client",
+    groups: &["system:masters"],
+};
 pub const CONTROLLER_MANAGER: Identity<'static> = Identity {
     file: "controller-manager",
     user: "system:kube-controller-manager",
@@ -72,6 +79,7 @@ pub struct Pki {
     pub scheduler: CertFiles,
     pub controller_manager: CertFiles,
     pub front_proxy: CertFiles,
+    pub kubelet_client: CertFiles,
     /// PKCS#8 private key the apiserver signs service-account tokens with.
     pub service_account_key: PathBuf,
     /// Its public half, for verifying tokens.
@@ -130,6 +138,10 @@ impl Pki {
                 cert: PathBuf::new(),
                 key: PathBuf::new(),
             },
+            kubelet_client: CertFiles {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+            },
             service_account_key,
             service_account_pub,
         };
@@ -138,6 +150,7 @@ impl Pki {
         pki.scheduler = pki.issue_client(SCHEDULER)?;
         pki.controller_manager = pki.issue_client(CONTROLLER_MANAGER)?;
         pki.front_proxy = pki.issue_client(FRONT_PROXY)?;
+        pki.kubelet_client = pki.issue_client(KUBELET_CLIENT)?;
         Ok(pki)
     }
 
@@ -169,6 +182,30 @@ impl Pki {
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue("serving", params)
+    }
+
+    /// Issues a serving certificate for a server other than the control plane's (a real
+    /// node's kubelet), valid for exactly `dns_names` and `ips`, written as `pki/<file>.crt`
+    /// and `.key`.
+    pub fn issue_server(
+        &self,
+        file: &str,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+    ) -> Result<CertFiles> {
+        let mut params =
+            CertificateParams::new(dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .map_err(cert_err(file))?;
+        params
+            .subject_alt_names
+            .extend(ips.iter().copied().map(SanType::IpAddress));
+        params.distinguished_name.push(DnType::CommonName, file);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(file, params)
     }
 
     /// Issues a client certificate whose CN and O become the RBAC user and

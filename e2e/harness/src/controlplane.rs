@@ -456,6 +456,15 @@ fn apiserver_args(
         arg("requestheader-extra-headers-prefix", "X-Remote-Extra-"),
         arg("proxy-client-cert-file", &pki.front_proxy.cert),
         arg("proxy-client-key-file", &pki.front_proxy.key),
+        // Towards kubelets (a real node's): a client certificate, and their serving
+        // certificates checked against our CA.
+        arg("kubelet-client-certificate", &pki.kubelet_client.cert),
+        arg("kubelet-client-key", &pki.kubelet_client.key),
+        arg("kubelet-certificate-authority", &pki.ca_cert),
+        // A real node reports a loopback address as its name (see `realnode`); dialling by
+        // Hostname alone means the apiserver never picks another of a node's addresses, which
+        // could be the machine's own interface.
+        arg("kubelet-preferred-address-types", "Hostname"),
         // Unused (we pass certificates) but defaults to /var/run/kubernetes.
         arg("cert-dir", state.root().join("apiserver-certs")),
         arg(

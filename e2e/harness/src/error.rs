@@ -16,6 +16,10 @@ pub enum Error {
         hint: String,
     },
 
+    /// Something a real node needs is not built or installed.
+    #[error("real node: {what} is missing; {hint}")]
+    MissingNodePrerequisite { what: String, hint: String },
+
     #[error("{path}: {context}")]
     Io {
         path: PathBuf,

@@ -11,6 +11,8 @@
 //!
 //! - [`cluster`]: the control plane plus simulated GPU nodes (a kubelet plugin and a
 //!   kubelet stand-in each, on a fake GPU inventory) and `tessera-controller`.
+//! - [`realnode`]: a real node for a control plane: containerd 2 with runc and CDI, and the
+//!   upstream kubelet.
 
 pub mod binaries;
 pub mod certs;
@@ -22,6 +24,7 @@ pub mod kubeconfig;
 pub mod ports;
 pub mod process;
 pub mod readiness;
+pub mod realnode;
 pub mod state;
 pub mod versions;
 pub mod workloads;

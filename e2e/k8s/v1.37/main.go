@@ -1,9 +1,10 @@
 // Command tessera-k8s is a multi-call binary (hyperkube style) holding the
-// four upstream control-plane components the e2e suite runs.
+// four upstream control-plane components the e2e suite runs, and the kubelet
+// of its real node.
 //
-// One binary instead of four because the link step of each of these is the
-// most expensive single step of a warm build on a 2-core CI machine, and the
-// four share almost all of their packages.
+// One binary instead of five because the link step of each of these is the
+// most expensive single step of a warm build on a 2-core CI machine, and they
+// share almost all of their packages.
 //
 // Usage: tessera-k8s <component> [flags...]   or call it through a symlink
 // named after the component (argv[0] dispatch).
@@ -13,6 +14,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -26,16 +28,31 @@ import (
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 var components = map[string]func() *cobra.Command{
 	"kube-apiserver":          apiserver.NewAPIServerCommand,
 	"kube-controller-manager": controllermanager.NewControllerManagerCommand,
 	"kube-scheduler":          func() *cobra.Command { return scheduler.NewSchedulerCommand() },
+	"kubelet":                 newKubeletCommand,
+}
+
+// newKubeletCommand bridges a signature change: the constructor takes a
+// context from 1.32 on and nothing before, and this template serves both.
+func newKubeletCommand() *cobra.Command {
+	switch newCommand := any(kubelet.NewKubeletCommand).(type) {
+	case func(context.Context) *cobra.Command:
+		return newCommand(context.Background())
+	case func() *cobra.Command:
+		return newCommand()
+	default:
+		panic(fmt.Sprintf("tessera-k8s: unexpected kubelet constructor %T", newCommand))
+	}
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: tessera-k8s {etcd|kube-apiserver|kube-controller-manager|kube-scheduler} [flags...]")
+	fmt.Fprintln(os.Stderr, "usage: tessera-k8s {etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet} [flags...]")
 	os.Exit(2)
 }
 
