@@ -309,20 +309,8 @@ fn bad_input_is_refused_naming_the_problem() {
     );
 }
 
-/// `<target>/debug`, where `cargo build --workspace` puts the fake NVML.
 fn fake_nvml() -> Option<PathBuf> {
-    let exe = std::env::current_exe().expect("test executable");
-    let lib = exe.parent()?.parent()?.join("libnvidia_ml.so");
-    if lib.exists() {
-        return Some(lib);
-    }
-    assert!(
-        std::env::var("TESSERA_E2E").as_deref() != Ok("1"),
-        "TESSERA_E2E=1 and the fake NVML is not built at {} (cargo build --workspace)",
-        lib.display()
-    );
-    eprintln!("SKIPPED: the fake NVML is not built at {}", lib.display());
-    None
+    tessera_built_libs::fake_nvml("CLI on NVML")
 }
 
 #[test]

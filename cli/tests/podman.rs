@@ -238,7 +238,11 @@ fn a_podman_container_hits_the_slices_memory_wall() {
     let mut app = tessera_built_libs::LineSession::attach(&mut child);
     assert_eq!(app.ask(""), vec!["ready"], "the forged config was written");
     assert_eq!(app.ask("init 0"), vec!["init", "0"]);
-    assert_eq!(app.ask("info")[3], GIB.to_string(), "the slice is the mounted config's");
+    assert_eq!(
+        app.ask("info")[3],
+        GIB.to_string(),
+        "the slice is the mounted config's"
+    );
     assert_eq!(
         app.ask(&format!("alloc {}", 2 * GIB))[1],
         CUDA_ERROR_OUT_OF_MEMORY,
@@ -246,7 +250,11 @@ fn a_podman_container_hits_the_slices_memory_wall() {
     );
     app.quit();
     let output = child.wait_with_output().expect("podman exits");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     let removed = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["cdi", "remove", "--name", &name, "--cdi-dir"])

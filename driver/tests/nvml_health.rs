@@ -17,20 +17,8 @@ const GPU0: &str = "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b";
 const GPU1: &str = "GPU-40540c5d-e6f7-4a8b-9c0d-1e2f3a4b5c6d";
 const MISSING: &str = "GPU-ffffffff-ffff-4fff-8fff-ffffffffffff";
 
-/// `<target>/debug/libnvidia_ml.so`, where `cargo build --workspace` puts the fake NVML.
 fn fake_nvml() -> Option<PathBuf> {
-    let exe = std::env::current_exe().expect("test executable");
-    let lib = exe.parent()?.parent()?.join("libnvidia_ml.so");
-    if lib.exists() {
-        return Some(lib);
-    }
-    assert!(
-        std::env::var("TESSERA_E2E").as_deref() != Ok("1"),
-        "TESSERA_E2E=1 and the fake NVML is not built at {} (cargo build --workspace)",
-        lib.display()
-    );
-    eprintln!("SKIPPED: the fake NVML is not built at {}", lib.display());
-    None
+    tessera_built_libs::fake_nvml("NVML health")
 }
 
 #[test]

@@ -187,25 +187,9 @@ fn a_bad_inventory_stops_the_binary_with_the_field_named() {
 /// Without `--inventory` the plugin asks NVML; here the fake NVML over the same node file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_inventory_file_the_gpus_come_from_nvml() {
-    let exe = std::env::current_exe().expect("test executable");
-    let nvml = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("libnvidia_ml.so");
-    if !nvml.exists() {
-        assert_ne!(
-            std::env::var("TESSERA_E2E").as_deref(),
-            Ok("1"),
-            "{} is not built (cargo build --workspace)",
-            nvml.display()
-        );
-        eprintln!(
-            "SKIPPED: {} is not built (cargo build --workspace)",
-            nvml.display()
-        );
+    let Some(nvml) = tessera_built_libs::fake_nvml("plugin on NVML") else {
         return;
-    }
+    };
     let env = Env::new(&["v1"]);
     let node = env.path("fakegpu.json");
     std::fs::write(&node, inventory_json()).expect("node file");

@@ -5,9 +5,9 @@
 //! NVML path end to end: GPUs and health from the fake NVML (`fake-gpu/nvml`), where a critical
 //! XID injected into the fake node withdraws its GPU and an application XID changes nothing.
 //!
-//! On v1.37 (resource.k8s.io/v1) and v1.31 (v1alpha3), the oldest supported. Gated like the
-//! harness's tests: with `TESSERA_E2E` unset a test runs when its version's binaries are built and otherwise prints `SKIP …`; `TESSERA_E2E=0` skips; any other value
-//! makes missing binaries a failure.
+//! On v1.37 (resource.k8s.io/v1) and v1.31 (v1alpha3), the oldest supported. Gated like every
+//! test that needs built binaries (`tessera_built_libs::require`): `TESSERA_E2E=1` makes missing
+//! binaries a failure, `0` skips, unset runs when they are built and otherwise says why it skips.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,24 +33,7 @@ fn binaries_or_skip(minor: u32) -> Option<(tessera_e2e_harness::K8sVersion, Bina
         .into_iter()
         .find(|v| v.minor() == minor)
         .expect("pinned version");
-    match std::env::var("TESSERA_E2E").ok().as_deref() {
-        Some("0") => {
-            eprintln!("SKIP health test: TESSERA_E2E=0");
-            None
-        }
-        Some(_) => Some((
-            version,
-            Binaries::locate(version)
-                .unwrap_or_else(|e| panic!("TESSERA_E2E is set, so the test must run, but: {e}")),
-        )),
-        None => match Binaries::locate(version) {
-            Ok(b) => Some((version, b)),
-            Err(e) => {
-                eprintln!("SKIP health test: {e} (set TESSERA_E2E=1 to make this a failure)");
-                None
-            }
-        },
-    }
+    Binaries::for_test(version, "health").map(|binaries| (version, binaries))
 }
 
 /// Writes the fake node's inventory atomically, GPU 1's health as given.

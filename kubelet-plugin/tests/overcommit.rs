@@ -75,7 +75,9 @@ async fn claims_get_their_own_share_of_the_offered_memory() {
     // (at most the card) on the card, published for the shims of claims that may spill. Each is
     // unprepared before the next, which would otherwise wait for the card (the next test).
     let reserved = |gpu: &str| {
-        let path = env.path("state/reservations").join(format!("{gpu}.reserved"));
+        let path = env
+            .path("state/reservations")
+            .join(format!("{gpu}.reserved"));
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     };
     for (i, (device, gpu, limit, physical)) in cases.into_iter().enumerate() {
@@ -258,9 +260,11 @@ async fn the_node_policy_and_the_spill_limit_reach_the_shim_config() {
         assert_eq!(raw.contains("spillLimit"), spill_limit.is_some(), "{raw}");
     }
     // Only the claim that opted out is owed its share on the card.
-    let reserved =
-        std::fs::read_to_string(env.path("state/reservations").join(format!("{GPU1}.reserved")))
-            .expect("reservation");
+    let reserved = std::fs::read_to_string(
+        env.path("state/reservations")
+            .join(format!("{GPU1}.reserved")),
+    )
+    .expect("reservation");
     assert_eq!(reserved, format!("{}\n", 8 * GIB));
 
     // A bad spill limit fails the prepare, naming the field and the value.
@@ -418,8 +422,11 @@ fn opted_in_claim_on_the_card(env: &Env, resident: u64) -> std::fs::File {
 }
 
 fn reserved(env: &Env) -> String {
-    std::fs::read_to_string(env.path("state/reservations").join(format!("{GPU1}.reserved")))
-        .expect("reservation")
+    std::fs::read_to_string(
+        env.path("state/reservations")
+            .join(format!("{GPU1}.reserved")),
+    )
+    .expect("reservation")
 }
 
 #[tokio::test]

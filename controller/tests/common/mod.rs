@@ -15,27 +15,7 @@ use tessera_e2e_harness::process::log_tail;
 use tessera_e2e_harness::{ControlPlane, ControlPlaneOptions, K8sVersion};
 
 pub fn binaries_or_skip(version: K8sVersion, test: &str) -> Option<Binaries> {
-    use std::io::Write;
-    match std::env::var("TESSERA_E2E").ok().as_deref() {
-        Some("0") => {
-            let _ = writeln!(std::io::stderr(), "SKIP {test}: TESSERA_E2E=0");
-            None
-        }
-        Some(_) => Some(
-            Binaries::locate(version)
-                .unwrap_or_else(|e| panic!("TESSERA_E2E is set, so {test} must run, but: {e}")),
-        ),
-        None => match Binaries::locate(version) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make missing binaries a failure)"
-                );
-                None
-            }
-        },
-    }
+    Binaries::for_test(version, test)
 }
 
 pub struct Cluster {

@@ -75,21 +75,7 @@ async fn start(minor: u32, test: &str) -> Option<Cluster> {
 }
 
 fn binaries_or_skip(version: K8sVersion, test: &str) -> Option<Binaries> {
-    use std::io::Write;
-    match std::env::var("TESSERA_E2E").ok().as_deref() {
-        Some("0") => None,
-        Some(_) => Some(
-            Binaries::locate(version)
-                .unwrap_or_else(|e| panic!("TESSERA_E2E is set, so {test} must run, but: {e}")),
-        ),
-        None => match Binaries::locate(version) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "SKIP {test}: {e}");
-                None
-            }
-        },
-    }
+    Binaries::for_test(version, test)
 }
 
 /// Applies the monitoring CRDs and waits until discovery serves them.

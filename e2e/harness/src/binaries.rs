@@ -79,6 +79,16 @@ impl Binaries {
         })
     }
 
+    /// The binaries of `version` for a test named `test`, gated by `TESSERA_E2E` as every test of
+    /// the workspace is (`tessera_built_libs::require`): `1` makes missing binaries a failure,
+    /// `0` skips, unset runs when they are built and otherwise prints why it skips.
+    pub fn for_test(version: K8sVersion, test: &str) -> Option<Binaries> {
+        let located = Self::locate(version);
+        let missing = located.as_ref().err().map(ToString::to_string);
+        tessera_built_libs::require(test, located.is_ok(), || missing.unwrap_or_default())?;
+        located.ok()
+    }
+
     pub fn path(&self, component: &str) -> PathBuf {
         self.dir.join(component)
     }

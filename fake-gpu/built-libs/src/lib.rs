@@ -21,19 +21,69 @@ pub fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// `Some(())` if `ok`. Otherwise the test cannot run: with `TESSERA_E2E=1` (what `make test`
-/// sets) that fails it, naming the reason; without, it prints the reason and returns `None` so
-/// the test returns early.
+/// What `TESSERA_E2E` asks of the tests that need more than the test process (built files,
+/// podman, root, upstream binaries). One meaning everywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum E2e {
+    /// `TESSERA_E2E=1`, what `make test` and CI set: a missing prerequisite fails the test.
+    Required,
+    /// `TESSERA_E2E=0`: such tests skip, saying so.
+    Off,
+    /// Unset (or empty): run when the prerequisites are there, else skip with the reason.
+    WhenAvailable,
+}
+
+/// Reads `TESSERA_E2E`; any value but `1`, `0` or none fails the test, so a typo (`true`,
+/// `yes`) can never quietly turn failures into skips.
+pub fn e2e() -> E2e {
+    match std::env::var("TESSERA_E2E").as_deref() {
+        Ok("1") => E2e::Required,
+        Ok("0") => E2e::Off,
+        Ok("") | Err(std::env::VarError::NotPresent) => E2e::WhenAvailable,
+        Ok(other) => {
+            panic!("TESSERA_E2E must be 1 (prerequisites required) or 0 (skip), not {other:?}")
+        }
+        Err(std::env::VarError::NotUnicode(v)) => panic!("TESSERA_E2E must be 1 or 0, not {v:?}"),
+    }
+}
+
+/// `Some(())` when `test` is to run: its prerequisites are there (`ok`) and `TESSERA_E2E` is not
+/// `0`. Otherwise under `TESSERA_E2E=1` the test fails, naming the reason; else the reason is
+/// printed (to the real stderr, so a skip shows in CI logs) and `None` returned, so the test
+/// returns early.
 pub fn require(test: &str, ok: bool, reason: impl FnOnce() -> String) -> Option<()> {
-    if ok {
-        return Some(());
+    let skip = |why: String| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test} test: {why}");
+        None
+    };
+    match (e2e(), ok) {
+        (E2e::Off, _) => skip("TESSERA_E2E=0".into()),
+        (_, true) => Some(()),
+        (E2e::Required, false) => {
+            panic!("TESSERA_E2E=1 and the {test} test cannot run: {}", reason())
+        }
+        (E2e::WhenAvailable, false) => skip(format!(
+            "{} (set TESSERA_E2E=1 to make this a failure)",
+            reason()
+        )),
     }
-    let reason = reason();
-    if std::env::var("TESSERA_E2E").as_deref() == Ok("1") {
-        panic!("TESSERA_E2E=1 and the {test} test cannot run: {reason}");
-    }
-    eprintln!("SKIPPED {test} test: {reason} (set TESSERA_E2E=1 to make this a failure)");
-    None
+}
+
+/// The fake NVML (`libnvidia_ml.so`) built by `cargo build --workspace`, checked like every built
+/// library (missing or older than its sources: rebuild), or `None` when `test` skips.
+pub fn fake_nvml(test: &str) -> Option<PathBuf> {
+    let path = target_dir().join("libnvidia_ml.so");
+    require(test, path.exists(), || {
+        format!(
+            "the fake NVML is not built at {} (cargo build --workspace)",
+            path.display()
+        )
+    })?;
+    Some(built(
+        "libnvidia_ml.so",
+        &["fake-gpu/nvml/src", "fake-gpu/model/src", "gpu-abi/src"],
+    ))
 }
 
 /// Whether `tool --version` runs successfully.
@@ -214,5 +264,44 @@ mod tests {
         let (_, newest) = newest_file(&dir).expect("a file");
         assert_eq!(newest, dir.join("a/b/new"));
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// Each value of `TESSERA_E2E`, read in a child process (the variable is process-wide).
+    #[test]
+    fn tessera_e2e_means_one_thing_and_refuses_anything_else() {
+        if std::env::var_os("BUILT_LIBS_E2E_CHILD").is_some() {
+            println!("E2E={:?}", super::e2e());
+            return;
+        }
+        for (value, expected) in [
+            (Some("1"), "E2E=Required"),
+            (Some("0"), "E2E=Off"),
+            (Some(""), "E2E=WhenAvailable"),
+            (None, "E2E=WhenAvailable"),
+            (
+                Some("yes"),
+                "TESSERA_E2E must be 1 (prerequisites required) or 0 (skip), not \"yes\"",
+            ),
+        ] {
+            let mut child = std::process::Command::new(std::env::current_exe().expect("test exe"));
+            child
+                .args([
+                    "--exact",
+                    "tests::tessera_e2e_means_one_thing_and_refuses_anything_else",
+                ])
+                .args(["--nocapture", "--test-threads=1"])
+                .env("BUILT_LIBS_E2E_CHILD", "1");
+            match value {
+                Some(v) => child.env("TESSERA_E2E", v),
+                None => child.env_remove("TESSERA_E2E"),
+            };
+            let out = child.output().expect("run the child");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains(expected), "TESSERA_E2E={value:?}: {text}");
+        }
     }
 }

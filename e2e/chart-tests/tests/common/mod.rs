@@ -12,27 +12,10 @@ pub const PLUGIN: &str = "tessera-kubelet-plugin";
 pub const CONTROLLER: &str = "tessera-controller";
 
 pub fn helm_or_skip(test: &str) -> Option<Helm> {
-    use std::io::Write;
-    match std::env::var("TESSERA_E2E").ok().as_deref() {
-        Some("0") => {
-            let _ = writeln!(std::io::stderr(), "SKIP {test}: TESSERA_E2E=0");
-            None
-        }
-        Some(_) => Some(
-            Helm::locate()
-                .unwrap_or_else(|e| panic!("TESSERA_E2E is set, so {test} must run, but: {e}")),
-        ),
-        None => match Helm::locate() {
-            Ok(h) => Some(h),
-            Err(e) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make a missing helm a failure)"
-                );
-                None
-            }
-        },
-    }
+    let located = Helm::locate();
+    let missing = located.as_ref().err().map(ToString::to_string);
+    tessera_built_libs::require(test, located.is_ok(), || missing.unwrap_or_default())?;
+    located.ok()
 }
 
 pub fn render(helm: &Helm, values: &str, caps: &Capabilities) -> Vec<Value> {

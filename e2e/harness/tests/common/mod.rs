@@ -13,37 +13,9 @@ use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::binaries::Binaries;
 use tessera_e2e_harness::process::log_tail;
 
-/// Decides whether an e2e test runs:
-/// - `TESSERA_E2E` unset: run if the binaries are built, else skip with the reason;
-/// - `TESSERA_E2E=0`: skip;
-/// - `TESSERA_E2E` set to anything else: run, and missing binaries fail the test.
+/// Decides whether an e2e test runs: [`Binaries::for_test`].
 pub fn binaries_or_skip(version: K8sVersion, test: &str) -> Option<Binaries> {
-    match std::env::var("TESSERA_E2E").ok().as_deref() {
-        Some("0") => {
-            skip(&format!("SKIP {test}: TESSERA_E2E=0"));
-            None
-        }
-        Some(_) => match Binaries::locate(version) {
-            Ok(b) => Some(b),
-            Err(e) => panic!("TESSERA_E2E is set, so {test} must run, but: {e}"),
-        },
-        None => match Binaries::locate(version) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                skip(&format!(
-                    "SKIP {test}: {e}\n  (set TESSERA_E2E=1 to make missing binaries a failure)"
-                ));
-                None
-            }
-        },
-    }
-}
-
-/// Writes to the real stderr: `eprintln!` output of a passing test is
-/// captured by the test harness, and a skip must be visible in CI logs.
-fn skip(message: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{message}");
+    Binaries::for_test(version, test)
 }
 
 pub fn init_tracing() {
