@@ -52,7 +52,8 @@ fn write(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> 
         .permissions(fs::Permissions::from_mode(mode))
         .tempfile_in(dir)?;
     // The umask may have cleared bits of `mode` (0666 regions must stay world-writable).
-    file.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+    file.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
     file.write_all(bytes)?;
     if durable {
         file.as_file().sync_all()?;
@@ -74,7 +75,10 @@ pub fn open_untrusted(path: &Path) -> io::Result<File> {
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{} is a symbolic link; refusing to follow it", path.display()),
+                format!(
+                    "{} is a symbolic link; refusing to follow it",
+                    path.display()
+                ),
             ),
             _ => named(e),
         })?;
@@ -91,7 +95,9 @@ pub fn open_untrusted(path: &Path) -> io::Result<File> {
 /// sparse terabyte included, costs one bounded read.
 pub fn read_prefix(mut file: &File, limit: usize) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(limit.min(1 << 20));
-    Read::by_ref(&mut file).take(limit as u64).read_to_end(&mut bytes)?;
+    Read::by_ref(&mut file)
+        .take(limit as u64)
+        .read_to_end(&mut bytes)?;
     Ok(bytes)
 }
 
@@ -142,7 +148,10 @@ mod tests {
         fs::write(&victim, b"host file").expect("victim");
         let target = dir.path().join("GPU-x.reserved");
         let pid = std::process::id();
-        for name in [format!(".GPU-x.reserved.{pid}.tmp"), ".GPU-x.reserved.tmp".into()] {
+        for name in [
+            format!(".GPU-x.reserved.{pid}.tmp"),
+            ".GPU-x.reserved.tmp".into(),
+        ] {
             std::os::unix::fs::symlink(&victim, dir.path().join(name)).expect("plant");
         }
         write_atomic(&target, b"42\n", 0o644).expect("write");
@@ -152,7 +161,12 @@ mod tests {
         fs::remove_file(&target).expect("remove");
         std::os::unix::fs::symlink(&victim, &target).expect("plant at the target");
         write_durable(&target, b"7\n", 0o644).expect("write");
-        assert!(!fs::symlink_metadata(&target).expect("stat").file_type().is_symlink());
+        assert!(
+            !fs::symlink_metadata(&target)
+                .expect("stat")
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(fs::read(&victim).expect("victim"), b"host file");
     }
 
@@ -167,19 +181,31 @@ mod tests {
         assert!(error.to_string().contains("is a symbolic link"), "{error}");
 
         let fifo = dir.path().join("fifo");
-        let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
         assert!(status.success());
         // No writer ever opens the FIFO: a blocking open would hang here for good.
         let error = open_untrusted(&fifo).expect_err("a FIFO is refused");
-        assert!(error.to_string().contains("is not a regular file"), "{error}");
+        assert!(
+            error.to_string().contains("is not a regular file"),
+            "{error}"
+        );
         let error = open_untrusted(dir.path()).expect_err("a directory is refused");
-        assert!(error.to_string().contains("is not a regular file"), "{error}");
+        assert!(
+            error.to_string().contains("is not a regular file"),
+            "{error}"
+        );
 
         let sparse = dir.path().join("sparse");
         let file = File::create(&sparse).expect("create");
         file.set_len(1 << 40).expect("a 1 TiB sparse file");
         let file = open_untrusted(&sparse).expect("a regular file opens");
         assert_eq!(read_prefix(&file, 4096).expect("read").len(), 4096);
-        assert_eq!(read_prefix(&open_untrusted(&victim).expect("open"), 4096).expect("read"), b"secret");
+        assert_eq!(
+            read_prefix(&open_untrusted(&victim).expect("open"), 4096).expect("read"),
+            b"secret"
+        );
     }
 }

@@ -11,8 +11,8 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use nix::fcntl::{FcntlArg, fcntl};
-use tessera_driver::fsutil;
 use tessera_api::region::{REGION_SIZE, RegionSnapshot, SLOT_SIZE, slot_offset};
+use tessera_driver::fsutil;
 
 /// Usage of one device of a region.
 #[derive(Clone, Debug, PartialEq, Eq)]

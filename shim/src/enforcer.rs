@@ -132,7 +132,10 @@ fn board_dir() -> Option<String> {
 /// Where the plugin's reservation files are (read-only in a container): the mounted directory,
 /// else `TESSERA_RESERVATIONS`; none means no claim is owed card memory beyond the board's.
 fn reservations_dir() -> Option<String> {
-    mounted_or_named(tessera_api::memory_board::RESERVATIONS_DIR, c"TESSERA_RESERVATIONS")
+    mounted_or_named(
+        tessera_api::memory_board::RESERVATIONS_DIR,
+        c"TESSERA_RESERVATIONS",
+    )
 }
 
 /// `mounted` when it exists (what the plugin's CDI spec put in the container), else the
@@ -147,7 +150,9 @@ fn mounted_or_named(mounted: &str, name: &CStr) -> Option<String> {
         return None;
     }
     // SAFETY: getenv returned a NUL-terminated string.
-    let named = unsafe { CStr::from_ptr(value) }.to_string_lossy().into_owned();
+    let named = unsafe { CStr::from_ptr(value) }
+        .to_string_lossy()
+        .into_owned();
     (!named.is_empty()).then_some(named)
 }
 

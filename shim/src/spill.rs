@@ -117,7 +117,8 @@ impl MemoryBoard {
             mine: 0,
             claim,
             reservation: Reservation {
-                path: reservations.map(|dir| std::path::Path::new(dir).join(reservation_file_name(uuid))),
+                path: reservations
+                    .map(|dir| std::path::Path::new(dir).join(reservation_file_name(uuid))),
                 bytes: AtomicU64::new(0),
                 read_at: AtomicU64::new(0),
             },
@@ -286,8 +287,7 @@ mod tests {
 
     fn open(dir: &std::path::Path, claim: u64, limit: u64, spills: bool) -> MemoryBoard {
         let dir = dir.to_str().expect("utf-8");
-        MemoryBoard::open(dir, Some(dir), "GPU-t", claim, limit, spills)
-            .expect("board")
+        MemoryBoard::open(dir, Some(dir), "GPU-t", claim, limit, spills).expect("board")
     }
 
     #[test]

@@ -99,9 +99,14 @@ fn toolkit_spec_preloads_the_shim_and_mounts_the_config_read_only() {
         find(CONTAINER_BOARD).options.contains(&"rw".to_string()),
         "processes stamp their claim's entry on the board"
     );
-    assert_eq!(find(CONTAINER_RESERVATIONS).host_path, "/var/lib/tessera/reservations");
+    assert_eq!(
+        find(CONTAINER_RESERVATIONS).host_path,
+        "/var/lib/tessera/reservations"
+    );
     assert!(
-        find(CONTAINER_RESERVATIONS).options.contains(&"ro".to_string()),
+        find(CONTAINER_RESERVATIONS)
+            .options
+            .contains(&"ro".to_string()),
         "only the plugin writes the reservations"
     );
     assert_eq!(

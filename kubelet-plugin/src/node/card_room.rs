@@ -174,7 +174,8 @@ mod tests {
         assert!(error.to_string().contains("symbolic link"), "{error}");
 
         std::fs::remove_file(&path).expect("remove");
-        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666)).expect("mkfifo");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666))
+            .expect("mkfifo");
         // No writer ever opens the FIFO: a blocking open would hang the plugin here.
         let error = held_by_spilling_claims(dir.path(), "GPU-x").expect_err("FIFO");
         assert!(error.to_string().contains("not a regular file"), "{error}");
@@ -182,11 +183,20 @@ mod tests {
         std::fs::remove_file(&path).expect("remove");
         std::fs::write(&path, vec![0u8; FILE_SIZE]).expect("board");
         let _a = entry(&path, 0, 5, true, 3 * GIB, true);
-        let file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
         file.set_len(1 << 40).expect("extended to a sparse TiB");
-        assert_eq!(held_by_spilling_claims(dir.path(), "GPU-x").expect("extended"), 3 * GIB);
+        assert_eq!(
+            held_by_spilling_claims(dir.path(), "GPU-x").expect("extended"),
+            3 * GIB
+        );
         file.set_len(10).expect("truncated");
-        assert_eq!(held_by_spilling_claims(dir.path(), "GPU-x").expect("truncated"), 0);
+        assert_eq!(
+            held_by_spilling_claims(dir.path(), "GPU-x").expect("truncated"),
+            0
+        );
     }
 
     #[test]
