@@ -77,6 +77,20 @@ impl LoopbackWatch {
         seen.sort_by_key(|o| (o.pid, o.local.clone(), o.remote.clone()));
         seen
     }
+
+    /// Stops sampling and fails the test, listing them, if any socket was off loopback.
+    fn assert_nothing_left_loopback(self) {
+        let off_loopback = self.finish();
+        assert!(
+            off_loopback.is_empty(),
+            "sockets off loopback:\n{}",
+            off_loopback
+                .iter()
+                .map(|o| format!("  {o}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }
 
 impl Drop for LoopbackWatch {
@@ -266,16 +280,7 @@ async fn runs_a_pod(version: K8sVersion) {
         .expect("deleting pod hello");
     wait_gone(&pods, "hello", node).await;
 
-    let off_loopback = watch.finish();
-    assert!(
-        off_loopback.is_empty(),
-        "sockets off loopback:\n{}",
-        off_loopback
-            .iter()
-            .map(|o| format!("  {o}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    watch.assert_nothing_left_loopback();
 
     stop_node(setup.node);
     eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
@@ -566,16 +571,7 @@ async fn prepares_a_claim(version: K8sVersion) {
         .await
         .expect("deleting pod gpu-pod");
     wait_gone(&pods, "gpu-pod", node).await;
-    let off_loopback = watch.finish();
-    assert!(
-        off_loopback.is_empty(),
-        "sockets off loopback:\n{}",
-        off_loopback
-            .iter()
-            .map(|o| format!("  {o}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    watch.assert_nothing_left_loopback();
     drop(plugin);
     stop_node(setup.node);
     eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
