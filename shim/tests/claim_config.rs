@@ -98,7 +98,7 @@ fn gpus_outside_the_claim_get_nothing() {
 
 #[test]
 fn cuda_visible_devices_reordering_keeps_uuids_straight() {
-    // Ordinal 0 is the 10 GiB card once CUDA_VISIBLE_DEVICES reorders: limits follow the UUID.
+    // CUDA_VISIBLE_DEVICES=1,0 swaps the ordinals: each limit follows its GPU's UUID, not the ordinal.
     let scene = Scene::new();
     let config = scene.claim("c", &[(GPU0, 2 * GIB, 0), (GPU1, GIB, 0)]);
     let fixture = fixture();
@@ -120,12 +120,16 @@ fn cuda_visible_devices_reordering_keeps_uuids_straight() {
     drop(stdin);
     let output = child.wait_with_output().expect("output");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        stdout.contains(&format!("total 0 {}", GIB)),
-        "ordinal 0 = GPU1 = 1 GiB: {stdout}"
-    );
-    assert!(
-        stdout.contains(&format!("total 0 {}", 2 * GIB)),
-        "ordinal 1 = GPU0 = 2 GiB: {stdout}"
+    // One line per command, in order after `ready` and `init <rc>`: `total <rc> <bytes>` per ordinal.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.get(2..4),
+        Some(
+            &[
+                format!("total 0 {GIB}").as_str(),
+                format!("total 0 {}", 2 * GIB).as_str()
+            ][..]
+        ),
+        "ordinal 0 = GPU1 = 1 GiB, ordinal 1 = GPU0 = 2 GiB: {stdout}"
     );
 }
