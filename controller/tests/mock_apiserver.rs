@@ -20,6 +20,8 @@ use tessera_driver::{Gpu, Inventory};
 struct State {
     /// Requests to fail with 503 before answering.
     down_for: usize,
+    /// When each of those 503s was answered.
+    refused_at: Vec<std::time::Instant>,
     /// Strip these device fields on write, as a server with the gate off does.
     drop_fields: Vec<&'static str>,
     slices: BTreeMap<String, Value>,
@@ -65,6 +67,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response<Body>, Inf
     s.requests.push(format!("{} {path}?{query}", parts.method));
     if s.down_for > 0 {
         s.down_for -= 1;
+        s.refused_at.push(std::time::Instant::now());
         return Ok(status(503, "ServiceUnavailable"));
     }
     const SLICES: &str = "/apis/resource.k8s.io/v1/resourceslices";
@@ -221,9 +224,14 @@ async fn api_server_down_is_retried_with_backoff_then_published() {
     );
     let task = tokio::spawn(controller.run());
     eventually("an error is reported while down", || {
-        status.borrow().last_error.is_some() || status.borrow().mode.is_some()
+        status.borrow().last_error.is_some()
     })
     .await;
+    assert_eq!(
+        status.borrow().mode,
+        None,
+        "nothing is published while the server is down"
+    );
     eventually("published once the server is back", || {
         status.borrow().mode == Some(SharingMode::Consumable)
     })
@@ -231,6 +239,16 @@ async fn api_server_down_is_retried_with_backoff_then_published() {
     assert!(!task.is_finished(), "the controller never exits");
     let s = state.lock().expect("lock");
     assert_eq!(s.slices.len(), 1);
+    // One refused discovery per attempt, each retry after at least the backoff's base delay
+    // (0.5 s, doubling; jitter only adds).
+    let gaps: Vec<Duration> = s.refused_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps.len(), 3, "four refused attempts");
+    for (gap, base) in gaps.iter().zip([500, 1000, 2000]) {
+        assert!(
+            *gap >= Duration::from_millis(base),
+            "retried too soon: {gaps:?}"
+        );
+    }
     assert!(
         s.requests
             .iter()
