@@ -137,6 +137,17 @@ fn unhex(text: &str) -> Vec<u8> {
         .collect()
 }
 
+/// The test's one claim, as a request of DRA version `$module` lists it.
+macro_rules! the_claim {
+    ($module:ident) => {
+        vec![$module::Claim {
+            namespace: NS.into(),
+            uid: CLAIM_UID.into(),
+            name: "inference".into(),
+        }]
+    };
+}
+
 async fn plugin_with_a_claim() -> (Env, Instance) {
     let env = Env::new(&["v1"]);
     let instance = env.start(Some("pod-1"), None).await;
@@ -227,11 +238,7 @@ async fn the_dra_socket_answers_every_standard_client_in_every_version() {
                 socket,
                 "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodePrepareResources",
                 v1::NodePrepareResourcesRequest {
-                    claims: vec![v1::Claim {
-                        namespace: NS.into(),
-                        uid: CLAIM_UID.into(),
-                        name: "inference".into(),
-                    }],
+                    claims: the_claim!(v1),
                 },
             )
             .await;
@@ -250,11 +257,7 @@ async fn the_dra_socket_answers_every_standard_client_in_every_version() {
                 socket,
                 "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodePrepareResources",
                 v1beta1::NodePrepareResourcesRequest {
-                    claims: vec![v1beta1::Claim {
-                        namespace: NS.into(),
-                        uid: CLAIM_UID.into(),
-                        name: "inference".into(),
-                    }],
+                    claims: the_claim!(v1beta1),
                 },
             )
             .await;
@@ -267,11 +270,7 @@ async fn the_dra_socket_answers_every_standard_client_in_every_version() {
                 socket,
                 "/v1alpha3.Node/NodePrepareResources",
                 v1alpha3::NodePrepareResourcesRequest {
-                    claims: vec![v1alpha3::Claim {
-                        namespace: NS.into(),
-                        uid: CLAIM_UID.into(),
-                        name: "inference".into(),
-                    }],
+                    claims: the_claim!(v1alpha3),
                 },
             )
             .await;
@@ -285,11 +284,7 @@ async fn the_dra_socket_answers_every_standard_client_in_every_version() {
                 socket,
                 "/k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin/NodeUnprepareResources",
                 v1::NodeUnprepareResourcesRequest {
-                    claims: vec![v1::Claim {
-                        namespace: NS.into(),
-                        uid: CLAIM_UID.into(),
-                        name: "inference".into(),
-                    }],
+                    claims: the_claim!(v1),
                 },
             )
             .await;
@@ -300,11 +295,7 @@ async fn the_dra_socket_answers_every_standard_client_in_every_version() {
                 socket,
                 "/k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin/NodeUnprepareResources",
                 v1beta1::NodeUnprepareResourcesRequest {
-                    claims: vec![v1beta1::Claim {
-                        namespace: NS.into(),
-                        uid: CLAIM_UID.into(),
-                        name: "inference".into(),
-                    }],
+                    claims: the_claim!(v1beta1),
                 },
             )
             .await;
@@ -317,11 +308,7 @@ async fn the_dra_socket_answers_every_standard_client_in_every_version() {
                 socket,
                 "/v1alpha3.Node/NodeUnprepareResources",
                 v1alpha3::NodeUnprepareResourcesRequest {
-                    claims: vec![v1alpha3::Claim {
-                        namespace: NS.into(),
-                        uid: CLAIM_UID.into(),
-                        name: "inference".into(),
-                    }],
+                    claims: the_claim!(v1alpha3),
                 },
             )
             .await;
