@@ -142,6 +142,17 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         ("FAKEGPU_STATE", path("fakegpu.state").display().to_string()),
     ];
     let podman = |args: &[&str]| podman.run(&device, &container_env, args);
+    // The test program in a container, spoken to line by line.
+    let start = |args: &[&str]| {
+        let mut child = podman(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start podman");
+        let session = tessera_built_libs::LineSession::attach(&mut child);
+        (child, session)
+    };
 
     // The shim arrives through /etc/ld.so.preload, with the slice's config.
     let probe = podman(&[
@@ -172,13 +183,7 @@ fn a_podman_container_hits_the_slices_memory_wall() {
 
     // A program allocates up to the slice's 1 GiB wall, and no further.
     let app_path = app.clone();
-    let mut child = podman(&[app.to_str().expect("utf-8 path"), "dlsym"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start podman");
-    let mut app = tessera_built_libs::LineSession::attach(&mut child);
+    let (child, mut app) = start(&[app.to_str().expect("utf-8 path"), "dlsym"]);
     assert_eq!(app.ask(""), vec!["ready"]);
     assert_eq!(app.ask("init 0"), vec!["init", "0"]);
     let info = app.ask("info");
@@ -229,13 +234,7 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         4 * GIB,
         app_path.display()
     );
-    let mut child = podman(&["/bin/sh", "-c", &forge])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start podman");
-    let mut app = tessera_built_libs::LineSession::attach(&mut child);
+    let (child, mut app) = start(&["/bin/sh", "-c", &forge]);
     assert_eq!(app.ask(""), vec!["ready"], "the forged config was written");
     assert_eq!(app.ask("init 0"), vec!["init", "0"]);
     assert_eq!(
