@@ -4,7 +4,7 @@ TESSERA_CACHE ?= $(HOME)/.cache/tessera
 export TESSERA_CACHE
 export CARGO_TARGET_DIR ?= $(TESSERA_CACHE)/target
 
-.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc bench
+.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc images bench
 
 ## The whole test suite (what CI runs).
 test:
@@ -29,6 +29,10 @@ build:
 ## libtessera.so for shipping: built against glibc 2.17 so it loads into old CUDA images.
 shim-release:
 	scripts/build-shim-release.sh
+
+## Container images (kubelet plugin, controller, gpu-worker) as docker-archive tarballs, with no container engine or registry (docs/helm.md).
+images:
+	scripts/make-images.sh
 
 ## Measure the shim's per-call overhead against the bare fake driver.
 bench:

@@ -3,7 +3,9 @@
 #
 #   docker build -f images/controller.Dockerfile -t ghcr.io/tessera-gpu/tessera-controller:0.1.0 .
 #
-# from the repository root (not built in CI).
+# from the repository root (not built in CI). The same layout as `make images`
+# (scripts/make-images.sh builds this image with no container engine): the same path, user
+# (65532:65532), entrypoint, and no shell.
 
 ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot

@@ -3,12 +3,14 @@
 #
 #   docker build -f images/kubelet-plugin.Dockerfile -t ghcr.io/tessera-gpu/tessera-kubelet-plugin:0.1.0 .
 #
-# from the repository root (not built in CI). The shim is built by scripts/build-shim-release.sh
-# against glibc 2.17 (zig + cargo-zigbuild), so it loads into old CUDA images; it lands at
-# /usr/lib/tessera/libtessera.so, the plugin's --shim-path default. At start the plugin copies it
-# to <state-dir>/lib/libtessera.so on the host (/var/lib/tessera, mounted by the chart at the
-# same path), the path every claim's CDI spec mounts into containers. x86_64 only: the shim's
-# target is x86_64-unknown-linux-gnu.2.17.
+# from the repository root (not built in CI). The same layout as `make images`
+# (scripts/make-images.sh builds this image with no container engine): the same paths, user
+# (root) and entrypoint, /bin/sh for the chart's start script. The shim is built by
+# scripts/build-shim-release.sh against glibc 2.17 (zig + cargo-zigbuild), so it loads into old
+# CUDA images; it lands at /usr/lib/tessera/libtessera.so, the plugin's --shim-path default. At
+# start the plugin copies it to <state-dir>/lib/libtessera.so on the host (/var/lib/tessera,
+# mounted by the chart at the same path), the path every claim's CDI spec mounts into
+# containers. x86_64 only: the shim's target is x86_64-unknown-linux-gnu.2.17.
 
 ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim

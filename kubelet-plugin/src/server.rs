@@ -34,9 +34,13 @@ pub struct Sockets {
 }
 
 impl Sockets {
-    /// Socket paths, unique per `instance` when one is given.
+    /// Socket paths, unique per `instance` when one is given. Only the instance's first
+    /// [`INSTANCE_TAG_LEN`] name-safe characters go into the names: a pod UID in full makes
+    /// the registration socket's path too long for `sun_path` under kubelet roots such as
+    /// MicroK8s' `/var/snap/microk8s/common/var/lib/kubelet`, and two instances on one node
+    /// differ long before that (a UID's first 12 characters carry 44 random bits).
     pub fn new(registrar_dir: &Path, plugin_dir: &Path, instance: Option<&str>) -> Sockets {
-        match instance {
+        match instance.map(instance_tag).filter(|t| !t.is_empty()) {
             Some(id) => Sockets {
                 registration: registrar_dir.join(format!("{DRIVER_NAME}-{id}-reg.sock")),
                 dra: plugin_dir.join(format!("dra-{id}.sock")),
@@ -47,6 +51,17 @@ impl Sockets {
             },
         }
     }
+}
+
+/// How many characters of the instance ID name the sockets.
+pub const INSTANCE_TAG_LEN: usize = 12;
+
+fn instance_tag(instance: &str) -> String {
+    instance
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(INSTANCE_TAG_LEN)
+        .collect()
 }
 
 /// A running plugin; [`Plugin::stop`] shuts it down and removes its sockets.
@@ -151,4 +166,40 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
     }
     UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_uid_names_sockets_that_fit_under_long_kubelet_roots() {
+        let root = Path::new("/var/snap/microk8s/common/var/lib/kubelet");
+        let sockets = Sockets::new(
+            &root.join("plugins_registry"),
+            &root.join("plugins/gpu.tessera.dev"),
+            Some("431d9893-8903-4a73-8f40-39691540f45d"),
+        );
+        assert_eq!(
+            sockets.registration,
+            root.join("plugins_registry/gpu.tessera.dev-431d9893-890-reg.sock")
+        );
+        assert_eq!(
+            sockets.dra,
+            root.join("plugins/gpu.tessera.dev/dra-431d9893-890.sock")
+        );
+        for path in [&sockets.registration, &sockets.dra] {
+            assert!(path.as_os_str().len() <= UNIX_PATH_MAX, "{path:?}");
+        }
+    }
+
+    #[test]
+    fn an_instance_id_is_cut_to_name_safe_characters() {
+        let dir = Path::new("/r");
+        let named = |id: &str| Sockets::new(dir, dir, Some(id)).dra;
+        assert_eq!(named("pod-1"), dir.join("dra-pod-1.sock"));
+        assert_eq!(named("../../etc/x"), dir.join("dra-etcx.sock"));
+        // Nothing name-safe left: the plain names, as without an instance.
+        assert_eq!(named("/./"), dir.join("dra.sock"));
+    }
 }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 /// in-cluster clients reach the apiserver under it, so the serving certificate
 /// names it.
 pub const SERVICE_CIDR: &str = "10.0.0.0/24";
-const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 
 /// A certificate and its key on disk.
 #[derive(Debug, Clone)]

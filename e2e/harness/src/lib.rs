@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod demo;
 pub mod error;
+pub mod images;
 pub mod kubeconfig;
 pub mod ports;
 pub mod process;

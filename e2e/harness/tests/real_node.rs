@@ -14,16 +14,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams,
-    PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch,
+    PatchParams, PostParams,
 };
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use serde_json::json;
 use tessera_built_libs::require;
+use tessera_chart_tests::{Helm, Release, install};
 use tessera_e2e_harness::cluster::default_sharing_mode;
 use tessera_e2e_harness::cluster::workspace::{Artifacts, bin_dir};
+use tessera_e2e_harness::images::{REGISTRY, debug_images};
 use tessera_e2e_harness::ports::free_ports;
 use tessera_e2e_harness::process::{Process, ProcessSpec, log_tail};
 use tessera_e2e_harness::realnode::{
@@ -577,6 +579,404 @@ async fn prepares_a_claim(version: K8sVersion) {
     eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
 }
 
+/// The fake driver as the GPU Operator's driver root has it, for the chart's plugin pod, which
+/// sees only what is mounted into it: the libraries copied (not linked) under
+/// `<driver>/usr/lib/x86_64-linux-gnu`, the device nodes under `<driver>/dev`.
+fn fake_driver_root(driver: &std::path::Path, artifacts: &Artifacts) {
+    let lib_dir = driver.join("usr/lib/x86_64-linux-gnu");
+    let dev_dir = driver.join("dev");
+    for dir in [&lib_dir, &dev_dir] {
+        std::fs::create_dir_all(dir).expect("creating the fake driver root");
+    }
+    for (from, name) in [
+        (&artifacts.fake_cuda, "libcuda.so.1"),
+        (&artifacts.fake_nvml, "libnvidia-ml.so.1"),
+    ] {
+        std::fs::copy(from, lib_dir.join(name)).expect("copying the fake driver");
+    }
+    let nodes = (0..8)
+        .map(|i| format!("nvidia{i}"))
+        .chain(["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"].map(String::from));
+    for node in nodes {
+        mknod(
+            &dev_dir.join(&node),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(1, 3),
+        )
+        .expect("creating a fake device node");
+    }
+}
+
+/// Polls `check` (which says what it is waiting for when not yet done) until it is done; the
+/// panic names the last state and the kubelet's log tail.
+async fn wait_until<F, Fut>(what: &str, node: &RealNode, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(()) => return,
+            Err(state) => state,
+        };
+        if start.elapsed() > POD_TIMEOUT {
+            panic!(
+                "{what}: not after {POD_TIMEOUT:?}; last: {last}\ncontainer logs:\n{}\nkubelet log ({}):\n{}",
+                container_logs_tail(node, 15),
+                node.kubelet_log().display(),
+                node.kubelet_log_tail(40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The last lines of every container log on the node (`<node>/pod-logs/<pod>/<container>/N.log`).
+fn container_logs_tail(node: &RealNode, lines: usize) -> String {
+    let mut out = String::new();
+    let pods = std::fs::read_dir(node.root().join("pod-logs"))
+        .into_iter()
+        .flatten();
+    for pod in pods.flatten() {
+        let containers = std::fs::read_dir(pod.path()).into_iter().flatten();
+        for container in containers.flatten() {
+            let logs = std::fs::read_dir(container.path()).into_iter().flatten();
+            for log in logs.flatten() {
+                out.push_str(&format!(
+                    "--- {}\n{}\n",
+                    log.path().display(),
+                    log_tail(&log.path(), lines)
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn pod_summary(pod: &Pod) -> String {
+    let status = pod.status.clone().unwrap_or_default();
+    let containers: Vec<String> = status
+        .container_statuses
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} ready={} restarts={} state={}",
+                c.name,
+                c.ready,
+                c.restart_count,
+                serde_json::to_string(&c.state).unwrap_or_default()
+            )
+        })
+        .collect();
+    format!(
+        "{} {} on {:?}: [{}]",
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        status.phase.unwrap_or_default(),
+        pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        containers.join("; ")
+    )
+}
+
+fn all_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.ready))
+}
+
+/// A pod of the workload image: `tessera-gpu-worker` with `args`, on one claim.
+fn worker_pod(name: &str, image: &str, template: &str, args: &[&str]) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 2,
+            "resourceClaims": [{ "name": "gpu", "resourceClaimTemplateName": template }],
+            "containers": [{
+                "name": "worker",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "args": args,
+                "resources": { "claims": [{ "name": "gpu" }] },
+            }],
+        },
+    }))
+    .expect("pod object")
+}
+
+/// Tessera as a user installs it: Tessera's images (built here, imported into the node's
+/// containerd) and the Helm chart, unchanged in shape. The chart's plugin DaemonSet runs on the
+/// real node (privileged, host paths), registers with the real kubelet and publishes the node's
+/// slices from NVML; the controller Deployment's pods become Ready (the kubelet probes them on
+/// the pod network); and a pod of the workload image, holding only the test CUDA program,
+/// gets the shim, its config and the driver through the CDI spec alone: it sees its slice and
+/// hits the wall.
+async fn the_chart_runs_on_the_node(version: K8sVersion) {
+    let Some(setup) = setup(version, "real_node_chart", 3).await else {
+        return;
+    };
+    let (test, began) = (setup.test.clone(), setup.began);
+    let node = &setup.node;
+    let client = setup.control_plane.client();
+    let artifacts = Artifacts::locate(&bin_dir());
+    let helm = Helm::locate();
+    let Some(()) = require(&test, artifacts.is_ok() && helm.is_ok(), || {
+        format!(
+            "{}{}",
+            artifacts
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            helm.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        )
+    }) else {
+        return;
+    };
+    let (artifacts, helm) = (artifacts.expect("checked"), helm.expect("checked"));
+    let images = debug_images().unwrap_or_else(|e| panic!("making Tessera's images: {e}"));
+    let tarballs: Vec<&std::path::Path> = images.iter().map(|i| i.tarball.as_path()).collect();
+    node.import_images(&tarballs)
+        .unwrap_or_else(|e| panic!("importing Tessera's images: {e}"));
+    let image = |name: &str| {
+        images
+            .iter()
+            .find(|i| i.name() == name)
+            .unwrap_or_else(|| panic!("no image {name} in {images:?}"))
+    };
+    let worker_image = image("tessera-gpu-worker").reference.clone();
+    let tag = image("tessera-kubelet-plugin").tag().to_owned();
+
+    let driver_root = node.root().join("gpu/driver");
+    fake_driver_root(&driver_root, &artifacts);
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            node.name(),
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({ "metadata": { "labels": { "gpu.tessera.dev/enabled": "true" } } }),
+            ),
+        )
+        .await
+        .expect("labelling the node");
+
+    let values = json!({
+        "image": { "registry": REGISTRY, "tag": tag, "pullPolicy": "Never" },
+        "sharingMode": default_sharing_mode(version),
+        "kubeletPlugin": {
+            "driverRoot": driver_root,
+            "cdiMode": "standalone",
+            "kubeletRoot": node.kubelet_root(),
+            "cdiDir": node.cdi_dir(),
+            "stateDir": node.root().join("gpu/tessera"),
+            "logFormat": "text",
+            "extraArgs": [format!("--dev-root={}", driver_root.display())],
+        },
+        "controller": { "logFormat": "text" },
+        "monitoring": { "enabled": false },
+    });
+    let namespace = "tessera-system";
+    install(
+        &client,
+        &helm,
+        &Release::new("tessera", namespace).values(&values.to_string()),
+        None,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("installing the chart: {e}"));
+
+    let system_pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let component_pods = |component: &'static str| {
+        let system_pods = system_pods.clone();
+        async move {
+            system_pods
+                .list(
+                    &ListParams::default()
+                        .labels(&format!("app.kubernetes.io/component={component}")),
+                )
+                .await
+                .map(|l| l.items)
+                .map_err(|e| e.to_string())
+        }
+    };
+    wait_until("the plugin's pod Running on the node", node, || async {
+        let pods = component_pods("kubelet-plugin").await?;
+        match pods.as_slice() {
+            [pod]
+                if all_ready(pod)
+                    && pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                        == Some(node.name()) =>
+            {
+                Ok(())
+            }
+            other => Err(other
+                .iter()
+                .map(pod_summary)
+                .collect::<Vec<_>>()
+                .join(" | ")),
+        }
+    })
+    .await;
+    let kubelet_registered = || {
+        std::fs::read_to_string(node.kubelet_log())
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                (l.contains("Registered DRA plugin") || l.contains("Register new DRA plugin"))
+                    && l.contains("gpu.tessera.dev")
+            })
+    };
+    wait_until("the kubelet registering the plugin", node, || async {
+        kubelet_registered()
+            .then_some(())
+            .ok_or_else(|| "no registration in the kubelet's log".to_owned())
+    })
+    .await;
+
+    let api_version = version.resource_api_version();
+    let slices_resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", api_version, "ResourceSlice"),
+        "resourceslices",
+    );
+    let slices: Api<DynamicObject> = Api::all_with(client.clone(), &slices_resource);
+    wait_until("a ResourceSlice of the node, from NVML", node, || async {
+        let list = slices
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let devices: usize = list
+            .items
+            .iter()
+            .filter(|s| s.data["spec"]["nodeName"].as_str() == Some(node.name()))
+            .map(|s| s.data["spec"]["devices"].as_array().map_or(0, Vec::len))
+            .sum();
+        (devices > 0).then_some(()).ok_or_else(|| {
+            format!(
+                "{} slices, none with devices for the node",
+                list.items.len()
+            )
+        })
+    })
+    .await;
+    wait_until("both controller pods Ready", node, || async {
+        let pods = component_pods("controller").await?;
+        if pods.len() == 2 && pods.iter().all(all_ready) {
+            Ok(())
+        } else {
+            Err(pods.iter().map(pod_summary).collect::<Vec<_>>().join(" | "))
+        }
+    })
+    .await;
+
+    let share = Share {
+        memory: "2Gi".into(),
+        cores: 25,
+        tenths: 2,
+        gpu_config: None,
+    };
+    let template = workloads::claim_template(
+        version,
+        "default",
+        "one-gpu",
+        &Selection::class("gpu.tessera.dev"),
+        &share,
+    );
+    workloads::create(&client, &template)
+        .await
+        .expect("creating ResourceClaimTemplate one-gpu");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let run_worker = |name: &'static str, args: Vec<String>| {
+        let pods = pods.clone();
+        let worker_image = worker_image.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            pods.create(
+                &PostParams::default(),
+                &worker_pod(name, &worker_image, "one-gpu", &args),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
+            let pod = wait_for_phase(&pods, name, &["Succeeded", "Failed"], node).await;
+            let log = pods
+                .logs(name, &LogParams::default())
+                .await
+                .unwrap_or_else(|e| panic!("pods/log of {name}: {e}"));
+            (pod, log)
+        }
+    };
+    // What the slice is differs by sharing mode (2 GiB, or 2 tenths of the card): read it.
+    let (pod, log) = run_worker("sees-its-slice", vec!["--allocate".into(), "256Mi".into()]).await;
+    assert_eq!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded"),
+        "status: {}\noutput:\n{log}\nkubelet log:\n{}",
+        pod_summary(&pod),
+        node.kubelet_log_tail(40)
+    );
+    let total_gib: f64 = log
+        .lines()
+        .find_map(|l| l.split(" free of ").nth(1))
+        .and_then(|t| t.trim().strip_suffix(" GiB"))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no cuMemGetInfo line in the worker's output:\n{log}"));
+    assert!(
+        total_gib > 0.0 && total_gib < 24.0,
+        "cuMemGetInfo's total is {total_gib} GiB, not the slice's (the card has 24):\n{log}"
+    );
+    let beyond = format!("{}Mi", (total_gib * 1024.0) as u64 + 512);
+    let (pod, log) = run_worker(
+        "hits-the-wall",
+        vec![
+            "--allocate".into(),
+            beyond.clone(),
+            "--step".into(),
+            "256Mi".into(),
+        ],
+    )
+    .await;
+    assert_eq!(
+        workloads::exit_code(&pod, "worker"),
+        Some(1),
+        "allocating {beyond} in a {total_gib} GiB slice: {}\noutput:\n{log}",
+        pod_summary(&pod)
+    );
+    assert!(
+        log.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+        "the wall was not the driver's out-of-memory:\n{log}"
+    );
+    for name in ["sees-its-slice", "hits-the-wall"] {
+        pods.delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("deleting pod {name}: {e}"));
+        wait_gone(&pods, name, node).await;
+    }
+    // The kubelet probed both kinds of pod over the pod network all along.
+    for component in ["kubelet-plugin", "controller"] {
+        for pod in component_pods(component)
+            .await
+            .expect("listing Tessera's pods")
+        {
+            let restarts: i32 = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum());
+            assert_eq!(restarts, 0, "{} restarted", pod_summary(&pod));
+        }
+    }
+    stop_node(setup.node);
+    eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_node_runs_a_pod_v1_37() {
     runs_a_pod(K8sVersion::newest()).await;
@@ -595,4 +995,14 @@ async fn real_node_runs_a_pod_v1_31() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_node_prepares_a_claim_v1_31() {
     prepares_a_claim(tessera_e2e_harness::versions::PINNED[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_chart_v1_37() {
+    the_chart_runs_on_the_node(K8sVersion::newest()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_chart_v1_31() {
+    the_chart_runs_on_the_node(tessera_e2e_harness::versions::PINNED[0]).await;
 }

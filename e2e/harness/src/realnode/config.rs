@@ -119,7 +119,8 @@ pub(crate) fn cni(c: &NodeConfig<'_>) -> String {
     {{
       "type": "bridge",
       "bridge": "tessera0",
-      "isGateway": false,
+      "isGateway": true,
+      "isDefaultGateway": true,
       "ipMasq": false,
       "ipam": {{
         "type": "host-local",

@@ -193,6 +193,29 @@ pub(crate) fn unmount_below(dir: &Path) -> Vec<String> {
     failed
 }
 
+/// Bind-mounts `dir` onto itself and makes it a shared mount (recursively), so that
+/// containers may mount paths below it with HostToContainer or Bidirectional propagation.
+/// Undone by [`unmount_below`].
+pub(crate) fn make_shared_mount(dir: &Path) -> Result<()> {
+    use nix::mount::{MsFlags, mount};
+    mount(
+        Some(dir),
+        dir,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io(dir, "bind-mounting the node's directory onto itself")(e.into()))?;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io(dir, "making the node's directory a shared mount")(e.into()))
+}
+
 /// The kubelet links every container's log into this fixed directory, and removes the link
 /// only when it removes the container.
 const CONTAINER_LOG_LINKS: &str = "/var/log/containers";

@@ -10,14 +10,17 @@
 //! cgroup root, container processes and containerd shims (in process groups of their own),
 //! and the mounts containerd and the kubelet made under the node's directory.
 //!
-//! Network: every connection stays on loopback. The kubelet refuses a loopback node IP only
-//! when it has to look one up; a node named after its own loopback address (`127.x.y.z`, the
-//! kubelet's `--hostname-override`) reports that address as its `InternalIP` and `Hostname`,
-//! the kubelet serves on it, and the apiserver dials nodes by `Hostname` only. containerd runs
-//! in a network namespace of its own, so the pods' bridge exists only in there.
+//! Network: every connection stays on loopback or inside the node's own network namespace.
+//! The kubelet refuses a loopback node IP only when it has to look one up; a node named after
+//! its own loopback address (`127.x.y.z`, the kubelet's `--hostname-override`) reports that
+//! address as its `InternalIP` and `Hostname`, the kubelet serves on it, and the apiserver
+//! dials nodes by `Hostname` only. containerd and the kubelet share a network namespace of
+//! their own, so the pods' bridge exists only in there; [`netns`] joins it to the control
+//! plane's loopback.
 
 mod config;
 mod host;
+mod netns;
 
 use std::ffi::OsString;
 use std::hash::{BuildHasher, Hasher};
@@ -30,7 +33,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 
 use crate::binaries::{Binaries, cache_root};
-use crate::certs::Identity;
+use crate::certs::{Identity, KUBERNETES_SERVICE_IP};
 use crate::controlplane::ControlPlane;
 use crate::error::{Error, Result};
 use crate::kubeconfig;
@@ -162,9 +165,13 @@ pub struct RealNode {
     kubelet_root: PathBuf,
     cdi_dir: PathBuf,
     containerd_socket: PathBuf,
+    ctr: PathBuf,
     kubelet_port: u16,
     cgroup: Option<host::CgroupRoot>,
     processes: Vec<Process>,
+    /// Dropped after the processes: the kubelet's connections go through them.
+    forwards: Vec<netns::Forward>,
+    netns: Option<netns::Netns>,
     ready_in: Duration,
     keep_dir: bool,
     stopped: bool,
@@ -203,9 +210,12 @@ impl RealNode {
             kubelet_root: kubelet_root.clone(),
             cdi_dir: cdi_dir.clone(),
             containerd_socket: containerd_socket.clone(),
+            ctr: options.binaries.containerd_dir.join("ctr"),
             kubelet_port: 0,
             cgroup: None,
             processes: Vec::with_capacity(2),
+            forwards: Vec::new(),
+            netns: None,
             ready_in: Duration::ZERO,
             keep_dir: options.keep_dir,
             stopped: false,
@@ -223,6 +233,10 @@ impl RealNode {
         ] {
             std::fs::create_dir_all(&dir).map_err(Error::io(&dir, "creating"))?;
         }
+
+        // Shared, so that host paths mounted into pods with HostToContainer propagation (the
+        // chart's driver root) are allowed; the host's own mounts may well be private.
+        host::make_shared_mount(&root)?;
 
         let pki = control_plane.pki();
         let user = format!("system:node:{name}");
@@ -300,15 +314,17 @@ impl RealNode {
 
         tracing::info!(node = %name, root = %root.display(), "starting a real node");
         let containerd_bin = options.binaries.containerd_dir.join("containerd");
-        // A network namespace of its own, loopback up (the CRI streaming server listens
-        // there); the shim is found on PATH.
+        // A network namespace of its own, loopback up (the CRI streaming server and the
+        // kubelet listen there) with the `kubernetes` Service's address on it; the shim is
+        // found on PATH.
         let containerd_args: Vec<OsString> = vec![
             "--net".into(),
             "--".into(),
             "/bin/sh".into(),
             "-c".into(),
-            r#"ip link set lo up && export PATH="$0:$PATH" && exec "$@""#.into(),
+            r#"ip link set lo up && ip addr add "$1/32" dev lo && export PATH="$0:$PATH" && shift && exec "$@""#.into(),
             options.binaries.containerd_dir.clone().into(),
+            KUBERNETES_SERVICE_IP.to_string().into(),
             containerd_bin.into(),
             "--config".into(),
             containerd_config.clone().into(),
@@ -332,17 +348,8 @@ impl RealNode {
             },
         )
         .await?;
-        let ctr = options.binaries.containerd_dir.join("ctr");
-        for image in ["pause.tar", "busybox.tar"] {
-            run_tool(
-                "ctr images import",
-                Command::new(&ctr)
-                    .arg("--address")
-                    .arg(&containerd_socket)
-                    .args(["--namespace", "k8s.io", "images", "import"])
-                    .arg(images.join(image)),
-            )?;
-        }
+        node.connect_netns(control_plane)?;
+        node.import_images(&[&images.join("pause.tar"), &images.join("busybox.tar")])?;
 
         let kubelet_args: Vec<OsString> = vec![
             arg("config", &kubelet_config),
@@ -354,9 +361,13 @@ impl RealNode {
             arg("volume-plugin-dir", root.join("volume-plugins")),
             arg("v", options.kubelet_verbosity.to_string()),
         ];
+        let mut kubelet_args = kubelet_args;
+        kubelet_args.insert(0, options.binaries.kubelet.clone().into());
+        kubelet_args.insert(0, "--".into());
+        kubelet_args.insert(0, node.nsenter_net_arg()?);
         node.processes.push(Process::spawn(ProcessSpec {
             name: format!("kubelet@{name}"),
-            program: options.binaries.kubelet.clone(),
+            program: PathBuf::from("nsenter"),
             args: kubelet_args,
             log: state.log(&format!("kubelet-{name}")),
             pid_file: state.pid_file(&format!("kubelet-{name}")),
@@ -386,6 +397,38 @@ impl RealNode {
             "real node is Ready"
         );
         Ok(node)
+    }
+
+    /// Forwards between the host's loopback and containerd's network namespace, which the
+    /// kubelet joins (see [`netns`]).
+    fn connect_netns(&mut self, control_plane: &ControlPlane) -> Result<()> {
+        let netns = netns::Netns::of_process(self.processes[CONTAINERD].pid())?;
+        let apiserver = apiserver_address(control_plane.server())?;
+        let kubelet = std::net::SocketAddr::from((self.address, self.kubelet_port));
+        self.forwards = vec![
+            netns::into_host(&netns, apiserver, apiserver)?,
+            netns::into_host(
+                &netns,
+                std::net::SocketAddr::from((KUBERNETES_SERVICE_IP, 443)),
+                apiserver,
+            )?,
+            netns::into_netns(&netns, kubelet, kubelet)?,
+        ];
+        for f in &self.forwards {
+            tracing::debug!(node = %self.name, forward = %f.description, "forwarding");
+        }
+        self.netns = Some(netns);
+        Ok(())
+    }
+
+    /// `--net=<the node's netns>` for nsenter: held open by this process, so it outlives
+    /// containerd.
+    fn nsenter_net_arg(&self) -> Result<OsString> {
+        let netns = self.netns.as_ref().ok_or_else(|| Error::State {
+            dir: self.root.clone(),
+            reason: "the node's network namespace is not open yet".into(),
+        })?;
+        Ok(arg("net", netns.fd_path()))
     }
 
     /// The Node's name, which is also its loopback address.
@@ -419,6 +462,22 @@ impl RealNode {
 
     pub fn containerd_socket(&self) -> &Path {
         &self.containerd_socket
+    }
+
+    /// Imports docker-archive tarballs into containerd's `k8s.io` namespace, where the
+    /// kubelet's images are.
+    pub fn import_images(&self, tarballs: &[&Path]) -> Result<()> {
+        for tarball in tarballs {
+            run_tool(
+                &format!("ctr images import {}", tarball.display()),
+                Command::new(&self.ctr)
+                    .arg("--address")
+                    .arg(&self.containerd_socket)
+                    .args(["--namespace", "k8s.io", "images", "import"])
+                    .arg(tarball),
+            )?;
+        }
+        Ok(())
     }
 
     pub fn kubelet_port(&self) -> u16 {
@@ -496,6 +555,8 @@ impl RealNode {
         }
         stop_all(&mut self.processes, grace);
         self.processes.clear();
+        self.forwards.clear();
+        self.netns = None;
         for failed in host::unmount_below(&self.root) {
             problems.push(format!("cannot unmount {failed}"));
         }
@@ -571,6 +632,18 @@ fn pick_loopback_address() -> Result<(Ipv4Addr, PathBuf)> {
     )(std::io::Error::other(
         "no address in 127.0.0.0/8 can be bound",
     )))
+}
+
+/// `127.0.0.1:6443` of `https://127.0.0.1:6443`.
+fn apiserver_address(server: &str) -> Result<std::net::SocketAddr> {
+    server
+        .strip_prefix("https://")
+        .map(|s| s.trim_end_matches('/'))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::State {
+            dir: PathBuf::from(server),
+            reason: "the apiserver's URL is not https://<ip>:<port>".into(),
+        })
 }
 
 fn arg(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
