@@ -169,6 +169,8 @@ pub struct RealNode {
     kubelet_port: u16,
     cgroup: Option<host::CgroupRoot>,
     processes: Vec<Process>,
+    /// How the kubelet was started, to start it again.
+    kubelet_spec: Option<ProcessSpec>,
     /// Dropped after the processes: the kubelet's connections go through them.
     forwards: Vec<netns::Forward>,
     netns: Option<netns::Netns>,
@@ -214,6 +216,7 @@ impl RealNode {
             kubelet_port: 0,
             cgroup: None,
             processes: Vec::with_capacity(2),
+            kubelet_spec: None,
             forwards: Vec::new(),
             netns: None,
             ready_in: Duration::ZERO,
@@ -365,13 +368,15 @@ impl RealNode {
         kubelet_args.insert(0, options.binaries.kubelet.clone().into());
         kubelet_args.insert(0, "--".into());
         kubelet_args.insert(0, node.nsenter_net_arg()?);
-        node.processes.push(Process::spawn(ProcessSpec {
+        let kubelet_spec = ProcessSpec {
             name: format!("kubelet@{name}"),
             program: PathBuf::from("nsenter"),
             args: kubelet_args,
             log: state.log(&format!("kubelet-{name}")),
             pid_file: state.pid_file(&format!("kubelet-{name}")),
-        })?);
+        };
+        node.processes.push(Process::spawn(kubelet_spec.clone())?);
+        node.kubelet_spec = Some(kubelet_spec);
         let kubelet_started = Instant::now();
         let nodes: Api<Node> = Api::all(control_plane.client());
         let took = wait_for(
@@ -429,6 +434,29 @@ impl RealNode {
             reason: "the node's network namespace is not open yet".into(),
         })?;
         Ok(arg("net", netns.fd_path()))
+    }
+
+    /// Stops the kubelet (SIGTERM, as systemd does) and starts it again with the same
+    /// configuration; containers keep running under containerd meanwhile. Returns once the
+    /// new kubelet runs; its log continues the old one after a `=== tessera-e2e-harness:
+    /// starting` line (see [`RealNode::kubelet_log_since_start`]).
+    pub fn restart_kubelet(&mut self) -> Result<()> {
+        let spec = self.kubelet_spec.clone().ok_or_else(|| Error::State {
+            dir: self.root.clone(),
+            reason: "the kubelet was never started".into(),
+        })?;
+        self.processes[KUBELET].stop(Duration::from_secs(10));
+        self.processes[KUBELET] = Process::spawn(spec)?;
+        Ok(())
+    }
+
+    /// The kubelet's log since its last start.
+    pub fn kubelet_log_since_start(&self) -> String {
+        let text = std::fs::read_to_string(self.kubelet_log()).unwrap_or_default();
+        match text.rfind("=== tessera-e2e-harness: starting") {
+            Some(at) => text[at..].to_owned(),
+            None => text,
+        }
     }
 
     /// The Node's name, which is also its loopback address.

@@ -1,0 +1,415 @@
+//! The upstream kubelet with containerd 2 and runc, joined to the harness's control plane: the
+//! node becomes Ready, runs a pod from a locally imported image, and the apiserver reads the
+//! pod's log from the kubelet over TLS with the harness's certificates; no process of the
+//! cluster or the node opens a socket off loopback meanwhile. Then `tessera-kubelet-plugin`,
+//! run on the host (standalone CDI, the fake GPU driver), registers with the real kubelet
+//! through its plugin watcher, and a pod with a ResourceClaim is prepared by the kubelet over
+//! DRA and started by containerd with the claim's CDI edits.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams,
+    PostParams,
+};
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use serde_json::json;
+use tessera_built_libs::require;
+use tessera_e2e_harness::K8sVersion;
+use tessera_e2e_harness::cluster::default_sharing_mode;
+use tessera_e2e_harness::cluster::workspace::{Artifacts, bin_dir};
+use tessera_e2e_harness::ports::free_ports;
+use tessera_e2e_harness::process::{Process, ProcessSpec, log_tail};
+use tessera_e2e_harness::realnode::{BUSYBOX_IMAGE, RealNode};
+use tessera_e2e_harness::workloads::{self, Selection, Share};
+
+use crate::support::*;
+
+fn plain_pod(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", "echo \"hello from $(hostname), uid $(id -u)\""],
+            }],
+        },
+    }))
+    .expect("pod object")
+}
+
+async fn runs_a_pod(version: K8sVersion) {
+    // Not destructured: on a panic the fields drop in declaration order, node first.
+    let Some(setup) = setup(version, "real_node_runs_a_pod", 2).await else {
+        return;
+    };
+    let (test, began) = (setup.test.clone(), setup.began);
+    let node = &setup.node;
+    let control_plane = &setup.control_plane;
+    let watch = LoopbackWatch::start(
+        control_plane
+            .record()
+            .components
+            .iter()
+            .map(|c| c.pid)
+            .collect(),
+        node.pid_finder(),
+    );
+
+    let pods: Api<Pod> = Api::namespaced(control_plane.client(), "default");
+    pods.create(&PostParams::default(), &plain_pod("hello"))
+        .await
+        .expect("creating pod hello");
+    let pod = wait_for_phase(&pods, "hello", &["Succeeded", "Failed"], node).await;
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    assert_eq!(
+        phase,
+        Some("Succeeded"),
+        "status: {:#?}\nkubelet log:\n{}",
+        pod.status,
+        node.kubelet_log_tail(60)
+    );
+    assert_eq!(
+        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+        Some(node.name())
+    );
+    // The apiserver fetches this from the kubelet: its client certificate against the
+    // kubelet's webhook authentication, the kubelet's serving certificate against our CA.
+    let log = pods
+        .logs("hello", &LogParams::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "pods/log of hello: {e}\nkubelet log:\n{}",
+                node.kubelet_log_tail(40)
+            )
+        });
+    assert_eq!(log.trim(), "hello from hello, uid 0");
+
+    pods.delete("hello", &DeleteParams::default())
+        .await
+        .expect("deleting pod hello");
+    wait_gone(&pods, "hello", node).await;
+
+    watch.assert_nothing_left_loopback();
+
+    stop_node(setup.node);
+    eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
+}
+
+/// The fake GPU driver as a GPU node has it: `libcuda.so.1` and `libnvidia-ml.so.1` under a
+/// driver root, `/dev/nvidia*` (with `/dev/null`'s numbers) under a dev root.
+fn fake_driver(root: &std::path::Path, artifacts: &Artifacts, gpus: usize) {
+    let lib_dir = root.join("driver/usr/lib/x86_64-linux-gnu");
+    let dev_dir = root.join("devroot/dev");
+    for dir in [&lib_dir, &dev_dir, &root.join("tessera")] {
+        std::fs::create_dir_all(dir).expect("creating the fake driver's directories");
+    }
+    for (target, link) in [
+        (&artifacts.fake_cuda, "libcuda.so.1"),
+        (&artifacts.fake_nvml, "libnvidia-ml.so.1"),
+    ] {
+        std::os::unix::fs::symlink(target, lib_dir.join(link)).expect("linking the fake driver");
+    }
+    let nodes = (0..gpus)
+        .map(|i| format!("nvidia{i}"))
+        .chain(["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"].map(String::from));
+    for node in nodes {
+        mknod(
+            &dev_dir.join(&node),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(1, 3),
+        )
+        .expect("creating a fake device node");
+    }
+}
+
+async fn wait_for_log(process: &mut Process, needle: &str, what: &str, node: &RealNode) {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(process.log()).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        let registration_errors: Vec<String> = std::fs::read_to_string(node.kubelet_log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("RegisterPlugin error"))
+            .take(3)
+            .map(str::to_owned)
+            .collect();
+        if let Err(e) = process.check_running() {
+            panic!("{what}: {e}");
+        }
+        assert!(
+            start.elapsed() < POD_TIMEOUT,
+            "{what}: no {needle:?} in {} after {POD_TIMEOUT:?}; its log:\n{}\nthe kubelet's registration errors:\n{}\nkubelet log ({}):\n{}",
+            process.log().display(),
+            log_tail(process.log(), 30),
+            registration_errors.join("\n"),
+            node.kubelet_log().display(),
+            node.kubelet_log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn prepares_a_claim(version: K8sVersion) {
+    // The kubelet logs its DRA plugin registrations at level 3.
+    let Some(setup) = setup(version, "real_node_prepares_a_claim", 3).await else {
+        return;
+    };
+    let (test, began) = (setup.test.clone(), setup.began);
+    let node = &setup.node;
+    let control_plane = &setup.control_plane;
+    let artifacts = Artifacts::locate(&bin_dir());
+    let Some(()) = require(&test, artifacts.is_ok(), || {
+        artifacts
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }) else {
+        return;
+    };
+    let artifacts = artifacts.expect("checked above");
+    let client = control_plane.client();
+    let gpu_root = node.root().join("gpu");
+    let inventory =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nodes/gpu-node-b.json");
+    fake_driver(&gpu_root, &artifacts, 1);
+
+    let api_version = version.resource_api_version();
+    let class_resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", api_version, "DeviceClass"),
+        "deviceclasses",
+    );
+    let class: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": format!("resource.k8s.io/{api_version}"),
+        "kind": "DeviceClass",
+        "metadata": { "name": "gpu.tessera.dev" },
+        "spec": { "selectors": [{ "cel": { "expression": "device.driver == \"gpu.tessera.dev\"" } }] },
+    }))
+    .expect("DeviceClass object");
+    Api::<DynamicObject>::all_with(client.clone(), &class_resource)
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("creating DeviceClass gpu.tessera.dev");
+
+    let metrics_port = free_ports(1).expect("a port")[0];
+    let os = |s: &dyn AsRef<std::ffi::OsStr>| s.as_ref().to_owned();
+    let mut plugin = Process::spawn(ProcessSpec {
+        name: "tessera-kubelet-plugin".into(),
+        program: artifacts.kubelet_plugin.clone(),
+        args: vec![
+            os(&"--node-name"),
+            os(&node.name()),
+            os(&"--kubeconfig"),
+            os(&control_plane.kubeconfig()),
+            os(&"--sharing-mode"),
+            os(&default_sharing_mode(version)),
+            os(&"--registrar-dir"),
+            os(&node.plugins_registry()),
+            os(&"--plugin-dir"),
+            os(&node.kubelet_root().join("plugins/gpu.tessera.dev")),
+            os(&"--cdi-dir"),
+            os(&node.cdi_dir()),
+            os(&"--state-dir"),
+            os(&gpu_root.join("tessera")),
+            os(&"--inventory"),
+            os(&inventory),
+            os(&"--shim-path"),
+            os(&artifacts.shim),
+            os(&"--cdi-mode"),
+            os(&"standalone"),
+            os(&"--driver-root"),
+            os(&gpu_root.join("driver")),
+            os(&"--dev-root"),
+            os(&gpu_root.join("devroot")),
+            os(&"--metrics-address"),
+            os(&format!("127.0.0.1:{metrics_port}")),
+        ],
+        log: control_plane.state().log("kubelet-plugin"),
+        pid_file: control_plane.state().pid_file("kubelet-plugin"),
+    })
+    .expect("starting tessera-kubelet-plugin");
+    let watch = LoopbackWatch::start(
+        control_plane
+            .record()
+            .components
+            .iter()
+            .map(|c| c.pid)
+            .chain([plugin.pid()])
+            .collect(),
+        node.pid_finder(),
+    );
+
+    // Registration goes through the kubelet's plugin watcher: GetInfo on the registration
+    // socket (dialled by grpc-go with the socket path as its authority), then
+    // NotifyRegistrationStatus.
+    wait_for_log(
+        &mut plugin,
+        "registered with the kubelet",
+        "tessera-kubelet-plugin registering with the real kubelet",
+        node,
+    )
+    .await;
+    let kubelet_log = std::fs::read_to_string(node.kubelet_log()).expect("kubelet log");
+    assert!(
+        kubelet_log
+            .lines()
+            // 1.37 logs the first after validating the plugin's versions, 1.31 the second.
+            .any(|l| (l.contains("Registered DRA plugin")
+                || l.contains("Register new DRA plugin"))
+                && l.contains("gpu.tessera.dev")),
+        "the kubelet did not log the DRA plugin's registration; its log:\n{}",
+        node.kubelet_log_tail(40)
+    );
+
+    let slices_resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", api_version, "ResourceSlice"),
+        "resourceslices",
+    );
+    let slices: Api<DynamicObject> = Api::all_with(client.clone(), &slices_resource);
+    let start = Instant::now();
+    loop {
+        let list = slices
+            .list(&ListParams::default())
+            .await
+            .expect("listing ResourceSlices");
+        if list
+            .items
+            .iter()
+            .any(|s| s.data["spec"]["nodeName"].as_str() == Some(node.name()))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < POD_TIMEOUT,
+            "no ResourceSlice for node {}; plugin log:\n{}",
+            node.name(),
+            log_tail(plugin.log(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let share = Share {
+        memory: "2Gi".into(),
+        cores: 25,
+        tenths: 2,
+        gpu_config: None,
+    };
+    let template = workloads::claim_template(
+        version,
+        "default",
+        "one-gpu",
+        &Selection::class("gpu.tessera.dev"),
+        &share,
+    );
+    workloads::create(&client, &template)
+        .await
+        .expect("creating ResourceClaimTemplate one-gpu");
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "gpu-pod", "namespace": "default" },
+        "spec": {
+            "restartPolicy": "Never",
+            "resourceClaims": [{ "name": "gpu", "resourceClaimTemplateName": "one-gpu" }],
+            "containers": [{
+                "name": "main",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                // busybox is static: the preloaded shim does not load into it, so this only
+                // shows what the CDI spec put in the container.
+                "command": ["/bin/sh", "-c",
+                    "echo \"config=$TESSERA_CONFIG\"; echo \"preload=$(cat /etc/ld.so.preload)\"; \
+                     for f in $(cat /etc/ld.so.preload) \"$TESSERA_CONFIG\" /dev/nvidia0 /dev/nvidiactl; do \
+                       [ -e \"$f\" ] && echo \"present $f\" || echo \"missing $f\"; done"],
+                "resources": { "claims": [{ "name": "gpu" }] },
+            }],
+        },
+    }))
+    .expect("pod object");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("creating pod gpu-pod");
+    let pod = wait_for_phase(&pods, "gpu-pod", &["Succeeded", "Failed"], node).await;
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    let log = pods
+        .logs("gpu-pod", &LogParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("pods/log of gpu-pod: {e}"));
+    assert_eq!(
+        phase,
+        Some("Succeeded"),
+        "status: {:#?}\noutput:\n{log}\nplugin log:\n{}\nkubelet log:\n{}",
+        pod.status,
+        log_tail(plugin.log(), 30),
+        node.kubelet_log_tail(40)
+    );
+    let lines: Vec<&str> = log.lines().collect();
+    let config = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("config="))
+        .unwrap_or_default();
+    let preload = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("preload="))
+        .unwrap_or_default();
+    assert!(
+        !config.is_empty(),
+        "no TESSERA_CONFIG in the container:\n{log}"
+    );
+    assert!(
+        preload.ends_with("libtessera.so"),
+        "/etc/ld.so.preload does not name the shim:\n{log}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("missing ")),
+        "the CDI edits are incomplete:\n{log}"
+    );
+    let plugin_log = std::fs::read_to_string(plugin.log()).unwrap_or_default();
+    assert!(
+        plugin_log.contains("prepared claim"),
+        "the plugin logged no prepare call:\n{}",
+        log_tail(plugin.log(), 30)
+    );
+
+    pods.delete("gpu-pod", &DeleteParams::default())
+        .await
+        .expect("deleting pod gpu-pod");
+    wait_gone(&pods, "gpu-pod", node).await;
+    watch.assert_nothing_left_loopback();
+    drop(plugin);
+    stop_node(setup.node);
+    eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_runs_a_pod_v1_37() {
+    runs_a_pod(K8sVersion::newest()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_prepares_a_claim_v1_37() {
+    prepares_a_claim(K8sVersion::newest()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_runs_a_pod_v1_31() {
+    runs_a_pod(tessera_e2e_harness::versions::PINNED[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_prepares_a_claim_v1_31() {
+    prepares_a_claim(tessera_e2e_harness::versions::PINNED[0]).await;
+}

@@ -1,0 +1,466 @@
+//! Tessera as a user installs it, on the real node.
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch,
+    PatchParams, PostParams,
+};
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use tessera_built_libs::require;
+use tessera_chart_tests::{Helm, Release, install};
+use tessera_e2e_harness::K8sVersion;
+use tessera_e2e_harness::cluster::default_sharing_mode;
+use tessera_e2e_harness::cluster::workspace::{Artifacts, bin_dir};
+use tessera_e2e_harness::images::{REGISTRY, debug_images};
+use tessera_e2e_harness::realnode::RealNode;
+use tessera_e2e_harness::workloads::{self, Selection, Share};
+
+use crate::support::*;
+
+/// The fake driver as the GPU Operator's driver root has it, for the chart's plugin pod, which
+/// sees only what is mounted into it: the libraries copied (not linked) under
+/// `<driver>/usr/lib/x86_64-linux-gnu`, the device nodes under `<driver>/dev`.
+fn fake_driver_root(driver: &std::path::Path, artifacts: &Artifacts) {
+    let lib_dir = driver.join("usr/lib/x86_64-linux-gnu");
+    let dev_dir = driver.join("dev");
+    for dir in [&lib_dir, &dev_dir] {
+        std::fs::create_dir_all(dir).expect("creating the fake driver root");
+    }
+    for (from, name) in [
+        (&artifacts.fake_cuda, "libcuda.so.1"),
+        (&artifacts.fake_nvml, "libnvidia-ml.so.1"),
+    ] {
+        std::fs::copy(from, lib_dir.join(name)).expect("copying the fake driver");
+    }
+    let nodes = (0..8)
+        .map(|i| format!("nvidia{i}"))
+        .chain(["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"].map(String::from));
+    for node in nodes {
+        mknod(
+            &dev_dir.join(&node),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(1, 3),
+        )
+        .expect("creating a fake device node");
+    }
+}
+
+/// One container of a worker pod: its name and `tessera-gpu-worker`'s arguments.
+pub(crate) struct Worker<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) args: Vec<String>,
+}
+
+pub(crate) fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Tessera installed as a user installs it: Tessera's images (built here, imported into the
+/// node's containerd) and the Helm chart, unchanged in shape, with the fake driver under a
+/// driver root as the GPU Operator lays it out.
+pub(crate) struct Tessera {
+    /// `tessera-gpu-worker`'s image: only the test CUDA program and glibc.
+    pub(crate) worker_image: String,
+    /// The fake GPU's state, shared by every container of the node as a card's memory is.
+    fake_gpu_state: PathBuf,
+    system_pods: Api<Pod>,
+}
+
+pub(crate) const NAMESPACE: &str = "tessera-system";
+
+impl Tessera {
+    /// Installs the chart and waits until the plugin's pod runs on the node and is registered
+    /// with the kubelet, the node's slices are published and both controller pods are Ready.
+    /// `None` where the test cannot run (see `require`).
+    pub(crate) async fn install(setup: &Setup, version: K8sVersion) -> Option<Tessera> {
+        let test = &setup.test;
+        let node = &setup.node;
+        let client = setup.control_plane.client();
+        let artifacts = Artifacts::locate(&bin_dir());
+        let helm = Helm::locate();
+        require(test, artifacts.is_ok() && helm.is_ok(), || {
+            format!(
+                "{}{}",
+                artifacts
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                helm.as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )
+        })?;
+        let (artifacts, helm) = (artifacts.expect("checked"), helm.expect("checked"));
+        let images = debug_images().unwrap_or_else(|e| panic!("making Tessera's images: {e}"));
+        let tarballs: Vec<&std::path::Path> = images.iter().map(|i| i.tarball.as_path()).collect();
+        node.import_images(&tarballs)
+            .unwrap_or_else(|e| panic!("importing Tessera's images: {e}"));
+        let image = |name: &str| {
+            images
+                .iter()
+                .find(|i| i.name() == name)
+                .unwrap_or_else(|| panic!("no image {name} in {images:?}"))
+        };
+        let worker_image = image("tessera-gpu-worker").reference.clone();
+        let tag = image("tessera-kubelet-plugin").tag().to_owned();
+
+        let driver_root = node.root().join("gpu/driver");
+        fake_driver_root(&driver_root, &artifacts);
+        let nodes: Api<Node> = Api::all(client.clone());
+        nodes
+            .patch(
+                node.name(),
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({ "metadata": { "labels": { "gpu.tessera.dev/enabled": "true" } } }),
+                ),
+            )
+            .await
+            .expect("labelling the node");
+
+        let values = json!({
+            "image": { "registry": REGISTRY, "tag": tag, "pullPolicy": "Never" },
+            "sharingMode": default_sharing_mode(version),
+            "kubeletPlugin": {
+                "driverRoot": driver_root,
+                "cdiMode": "standalone",
+                "kubeletRoot": node.kubelet_root(),
+                "cdiDir": node.cdi_dir(),
+                "stateDir": node.root().join("gpu/tessera"),
+                "logFormat": "text",
+                "extraArgs": [format!("--dev-root={}", driver_root.display())],
+            },
+            "controller": { "logFormat": "text" },
+            "monitoring": { "enabled": false },
+        });
+        install(
+            &client,
+            &helm,
+            &Release::new("tessera", NAMESPACE).values(&values.to_string()),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("installing the chart: {e}"));
+        let fake_gpu_state = node.root().join("gpu/fake-state");
+        std::fs::create_dir_all(&fake_gpu_state).expect("creating the fake GPU's state dir");
+        let tessera = Tessera {
+            worker_image,
+            fake_gpu_state,
+            system_pods: Api::namespaced(client.clone(), NAMESPACE),
+        };
+
+        tessera.wait_plugin_ready(node, &[]).await;
+        wait_until("the kubelet registering the plugin", node, || async {
+            (kubelet_registrations(&node.kubelet_log_since_start()) > 0)
+                .then_some(())
+                .ok_or_else(|| "no registration in the kubelet's log".to_owned())
+        })
+        .await;
+
+        let api_version = version.resource_api_version();
+        let slices_resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("resource.k8s.io", api_version, "ResourceSlice"),
+            "resourceslices",
+        );
+        let slices: Api<DynamicObject> = Api::all_with(client.clone(), &slices_resource);
+        wait_until("a ResourceSlice of the node, from NVML", node, || async {
+            let list = slices
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let devices: usize = list
+                .items
+                .iter()
+                .filter(|s| s.data["spec"]["nodeName"].as_str() == Some(node.name()))
+                .map(|s| s.data["spec"]["devices"].as_array().map_or(0, Vec::len))
+                .sum();
+            (devices > 0).then_some(()).ok_or_else(|| {
+                format!(
+                    "{} slices, none with devices for the node",
+                    list.items.len()
+                )
+            })
+        })
+        .await;
+        wait_until("both controller pods Ready", node, || async {
+            let pods = tessera.pods("controller").await?;
+            if pods.len() == 2 && pods.iter().all(all_ready) {
+                Ok(())
+            } else {
+                Err(pods.iter().map(pod_summary).collect::<Vec<_>>().join(" | "))
+            }
+        })
+        .await;
+        Some(tessera)
+    }
+
+    /// The chart's pods of one component (`kubelet-plugin`, `controller`).
+    pub(crate) async fn pods(&self, component: &str) -> Result<Vec<Pod>, String> {
+        self.system_pods
+            .list(
+                &ListParams::default().labels(&format!("app.kubernetes.io/component={component}")),
+            )
+            .await
+            .map(|l| l.items)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Waits for exactly one plugin pod, Ready on the node, whose UID is none of `not`;
+    /// returns it.
+    pub(crate) async fn wait_plugin_ready(&self, node: &RealNode, not: &[String]) -> Pod {
+        let found = std::sync::Mutex::new(None);
+        wait_until("one plugin pod Running on the node", node, || {
+            let found = &found;
+            async move {
+                let pods = self.pods("kubelet-plugin").await?;
+                match pods.as_slice() {
+                    [pod]
+                        if all_ready(pod)
+                            && pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                                == Some(node.name())
+                            && !pod.metadata.uid.as_ref().is_some_and(|u| not.contains(u)) =>
+                    {
+                        *found.lock().expect("lock") = Some(pod.clone());
+                        Ok(())
+                    }
+                    other => Err(other
+                        .iter()
+                        .map(pod_summary)
+                        .collect::<Vec<_>>()
+                        .join(" | ")),
+                }
+            }
+        })
+        .await;
+        found.into_inner().expect("lock").expect("set when done")
+    }
+
+    /// A pod of the workload image whose workers all use the claim `claim`
+    /// (`{"resourceClaimTemplateName": …}` or `{"resourceClaimName": …}`), with `/sync`
+    /// shared between them: a host directory when given (the test releases holders by writing
+    /// into it), else an emptyDir. The shim, its config and the driver come from the claim's
+    /// CDI spec alone; the pod adds only what the fake driver needs to behave like the real
+    /// one: its node-wide state, and enumerating only the GPUs whose device nodes the container
+    /// has.
+    pub(crate) fn pod(
+        &self,
+        name: &str,
+        claim: Value,
+        workers: &[Worker<'_>],
+        sync: Option<&Path>,
+    ) -> Pod {
+        let mut claim_ref = json!({ "name": "gpu" });
+        if let (Some(to), Some(from)) = (claim_ref.as_object_mut(), claim.as_object()) {
+            to.extend(from.clone());
+        }
+        let sync_volume = match sync {
+            Some(dir) => {
+                json!({ "name": "sync", "hostPath": { "path": dir, "type": "Directory" } })
+            }
+            None => json!({ "name": "sync", "emptyDir": {} }),
+        };
+        let containers: Vec<Value> = workers
+            .iter()
+            .map(|w| {
+                json!({
+                    "name": w.name,
+                    "image": self.worker_image,
+                    "imagePullPolicy": "Never",
+                    "args": w.args,
+                    "env": [
+                        { "name": "FAKEGPU_DEVICE_NODES", "value": "/dev" },
+                        { "name": "FAKEGPU_STATE", "value": "/fakegpu/state" },
+                    ],
+                    "resources": { "claims": [{ "name": "gpu" }] },
+                    "volumeMounts": [
+                        { "name": "sync", "mountPath": "/sync" },
+                        { "name": "fakegpu", "mountPath": "/fakegpu" },
+                    ],
+                })
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "namespace": "default" },
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 2,
+                "resourceClaims": [claim_ref],
+                "containers": containers,
+                "volumes": [
+                    sync_volume,
+                    { "name": "fakegpu", "hostPath": { "path": self.fake_gpu_state, "type": "Directory" } },
+                ],
+            },
+        }))
+        .expect("pod object")
+    }
+
+    /// Runs a one-worker pod on claim template `template` until it ends; returns the pod and
+    /// its log.
+    pub(crate) async fn run_worker(
+        &self,
+        client: &kube::Client,
+        node: &RealNode,
+        name: &str,
+        template: &str,
+        worker_args: &[&str],
+    ) -> (Pod, String) {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+        let worker = Worker {
+            name: "worker",
+            args: args(worker_args),
+        };
+        let pod = self.pod(
+            name,
+            json!({ "resourceClaimTemplateName": template }),
+            &[worker],
+            None,
+        );
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
+        let pod = wait_for_phase(&pods, name, &["Succeeded", "Failed"], node).await;
+        let log = pods
+            .logs(name, &LogParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("pods/log of {name}: {e}"));
+        (pod, log)
+    }
+}
+
+/// How many times the kubelet logged registering Tessera's DRA plugin in `log`.
+pub(crate) fn kubelet_registrations(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            // 1.37 logs the first after validating the plugin's versions, 1.31 the second.
+            (l.contains("Registered DRA plugin") || l.contains("Register new DRA plugin"))
+                && l.contains("gpu.tessera.dev")
+        })
+        .count()
+}
+
+/// The cuMemGetInfo total the worker printed, in GiB.
+pub(crate) fn worker_total_gib(log: &str) -> f64 {
+    log.lines()
+        .find_map(|l| l.split(" free of ").nth(1))
+        .and_then(|t| t.trim().strip_suffix(" GiB"))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no cuMemGetInfo line in the worker's output:\n{log}"))
+}
+
+/// The chart on the real node: the plugin DaemonSet runs there (privileged, host paths),
+/// registers with the real kubelet and publishes the node's slices from NVML; the controller
+/// Deployment's pods become Ready (the kubelet probes them on the pod network); and a pod of
+/// the workload image, holding only the test CUDA program, gets the shim, its config and the
+/// driver through the CDI spec alone: it sees its slice and hits the wall.
+async fn the_chart_runs_on_the_node(version: K8sVersion) {
+    let Some(setup) = setup(version, "real_node_chart", 3).await else {
+        return;
+    };
+    let Some(tessera) = Tessera::install(&setup, version).await else {
+        return;
+    };
+    let (test, began) = (setup.test.clone(), setup.began);
+    let node = &setup.node;
+    let client = setup.control_plane.client();
+    let share = Share {
+        memory: "2Gi".into(),
+        cores: 25,
+        tenths: 2,
+        gpu_config: None,
+    };
+    let template = workloads::claim_template(
+        version,
+        "default",
+        "one-gpu",
+        &Selection::class("gpu.tessera.dev"),
+        &share,
+    );
+    workloads::create(&client, &template)
+        .await
+        .expect("creating ResourceClaimTemplate one-gpu");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    // What the slice is differs by sharing mode (2 GiB, or 2 tenths of the card): read it.
+    let (pod, log) = tessera
+        .run_worker(
+            &client,
+            node,
+            "sees-its-slice",
+            "one-gpu",
+            &["--allocate", "256Mi"],
+        )
+        .await;
+    assert_eq!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded"),
+        "status: {}\noutput:\n{log}\nkubelet log:\n{}",
+        pod_summary(&pod),
+        node.kubelet_log_tail(40)
+    );
+    let total_gib = worker_total_gib(&log);
+    assert!(
+        total_gib > 0.0 && total_gib < 24.0,
+        "cuMemGetInfo's total is {total_gib} GiB, not the slice's (the card has 24):\n{log}"
+    );
+    let beyond = format!("{}Mi", (total_gib * 1024.0) as u64 + 512);
+    let (pod, log) = tessera
+        .run_worker(
+            &client,
+            node,
+            "hits-the-wall",
+            "one-gpu",
+            &["--allocate", &beyond, "--step", "256Mi"],
+        )
+        .await;
+    assert_eq!(
+        workloads::exit_code(&pod, "worker"),
+        Some(1),
+        "allocating {beyond} in a {total_gib} GiB slice: {}\noutput:\n{log}",
+        pod_summary(&pod)
+    );
+    assert!(
+        log.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+        "the wall was not the driver's out-of-memory:\n{log}"
+    );
+    for name in ["sees-its-slice", "hits-the-wall"] {
+        pods.delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("deleting pod {name}: {e}"));
+        wait_gone(&pods, name, node).await;
+    }
+    // The kubelet probed both kinds of pod over the pod network all along.
+    for component in ["kubelet-plugin", "controller"] {
+        for pod in tessera
+            .pods(component)
+            .await
+            .expect("listing Tessera's pods")
+        {
+            let restarts: i32 = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum());
+            assert_eq!(restarts, 0, "{} restarted", pod_summary(&pod));
+        }
+    }
+    stop_node(setup.node);
+    eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_chart_v1_37() {
+    the_chart_runs_on_the_node(K8sVersion::newest()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_chart_v1_31() {
+    the_chart_runs_on_the_node(tessera_e2e_harness::versions::PINNED[0]).await;
+}

@@ -1,0 +1,12 @@
+//! Real nodes: the upstream kubelet with containerd 2 and runc, joined to the harness's control
+//! plane, and Tessera on them: the plugin as a host process (basics), Tessera's images and
+//! chart (chart), and what happens to prepared claims when the node's parts come and go
+//! (scenarios).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod basics;
+mod chart;
+mod scenarios;
+mod support;
