@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use kube::runtime::events::EventType;
 use tessera_api::names::DRIVER_NAME;
 use tessera_driver::checkpoint::PreparedDevice;
 use tonic::{Request, Response, Status};
 
+use crate::node::health::{NodeEvents, REASON_REGISTRATION_REFUSED};
 use crate::node::{CallError, ClaimRef, Node, PreparedClaimResult};
 use crate::proto::{registration, v1, v1alpha3, v1beta1};
 
@@ -28,6 +30,8 @@ pub struct Registration {
     pub endpoint: String,
     /// Whether the kubelet last reported the registration as successful.
     pub registered: Arc<AtomicBool>,
+    /// Where a refused registration is reported, besides the log.
+    pub events: Option<NodeEvents>,
 }
 
 #[tonic::async_trait]
@@ -56,6 +60,19 @@ impl registration::registration_server::Registration for Registration {
             tracing::info!("registered with the kubelet");
         } else {
             tracing::error!(error = %status.error, "the kubelet refused the registration");
+            if let Some(events) = &self.events {
+                events
+                    .publish(
+                        EventType::Warning,
+                        REASON_REGISTRATION_REFUSED,
+                        "Register",
+                        format!(
+                            "the kubelet refused the registration of {DRIVER_NAME}: {}",
+                            status.error
+                        ),
+                    )
+                    .await;
+            }
         }
         Ok(Response::new(registration::RegistrationStatusResponse {}))
     }

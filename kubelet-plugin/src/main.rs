@@ -7,11 +7,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use kube::runtime::events::EventType;
 use tessera_driver::Inventory;
 use tessera_driver::cdi::{CdiMode, DriverFiles};
 use tessera_kubelet_plugin::cli::{Args, CdiModeArg, LogFormat};
 use tessera_kubelet_plugin::metrics::Metrics;
-use tessera_kubelet_plugin::node::health::{HealthConfig, HealthSource};
+use tessera_kubelet_plugin::node::health::{
+    HealthConfig, HealthSource, NodeEvents, REASON_PLUGIN_FAILED,
+};
 use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets, http, install};
 
 #[tokio::main]
@@ -43,7 +46,30 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Makes the API client first (it connects only when used), so that whatever stops the
+/// plugin is also recorded as an Event on the Node (`kubectl describe node` shows why the node
+/// offers no GPUs); the node's own checks still come before a missing kubeconfig is reported.
 async fn run(args: Args) -> Result<()> {
+    let client = kube_client(args.kubeconfig.as_deref()).await;
+    let events = client
+        .as_ref()
+        .ok()
+        .map(|c| NodeEvents::new(c.clone(), &args.node_name));
+    let result = serve(args, client, events.clone()).await;
+    if let (Err(error), Some(events)) = (&result, &events) {
+        events
+            .publish(
+                EventType::Warning,
+                REASON_PLUGIN_FAILED,
+                "Start",
+                format!("tessera-kubelet-plugin stopped: {error:#}"),
+            )
+            .await;
+    }
+    result
+}
+
+async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEvents>) -> Result<()> {
     let inventory = match &args.inventory {
         Some(path) => Inventory::from_file(path)?,
         None => tessera_driver::nvml::discover(args.nvml_library.as_deref().map(|p| p.as_os_str()))
@@ -90,7 +116,7 @@ async fn run(args: Args) -> Result<()> {
     };
     std::fs::create_dir_all(&config.cdi_dir)
         .with_context(|| format!("creating {}", config.cdi_dir.display()))?;
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let client = client?;
     let inventory = config.inventory.clone();
     let metrics = Arc::new(Metrics::new(args.state_dir.clone()));
     let node = Arc::new(Node::new(config, client.clone(), metrics.clone()));
@@ -99,7 +125,9 @@ async fn run(args: Args) -> Result<()> {
         &args.plugin_dir,
         args.instance_id.as_deref(),
     );
-    let plugin = Plugin::start(node, sockets).await?;
+    let plugin = Plugin::start(node, sockets, events)
+        .await
+        .context("serving the plugin's sockets")?;
     // Slices only once the plugin is registered: the kubelet removes a node's slices of drivers
     // it has no plugin for.
     let health = HealthConfig {

@@ -21,6 +21,7 @@ use tonic::transport::Server;
 use crate::grpc::{DraService, Registration};
 use crate::h2_authority::RewriteIncoming;
 use crate::node::Node;
+use crate::node::health::NodeEvents;
 use crate::proto::{registration, v1, v1alpha3, v1beta1};
 
 /// The longest path a unix socket address holds (`sun_path`, with its NUL).
@@ -75,7 +76,12 @@ pub struct Plugin {
 impl Plugin {
     /// Binds both sockets (the DRA one first, so the kubelet never learns of a socket that does
     /// not answer yet) and starts serving.
-    pub async fn start(node: Arc<Node>, sockets: Sockets) -> io::Result<Plugin> {
+    /// A registration the kubelet refuses is reported to `events` too.
+    pub async fn start(
+        node: Arc<Node>,
+        sockets: Sockets,
+        events: Option<NodeEvents>,
+    ) -> io::Result<Plugin> {
         let (shutdown, signal) = watch::channel(false);
         let registered = Arc::new(AtomicBool::new(false));
         let service = DraService { node };
@@ -98,6 +104,7 @@ impl Plugin {
         let registrar = Registration {
             endpoint,
             registered: registered.clone(),
+            events,
         };
         let reg = bind(&sockets.registration)?;
         let reg_server = tokio::spawn(
@@ -156,12 +163,22 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
             ),
         ));
     }
+    let context =
+        |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(context(format!(
+            "creating the socket directory {}",
+            dir.display()
+        )))?;
     }
     // A socket left by a previous run of this instance: nobody can be serving on it.
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(context(format!(
+                "removing the old socket {}",
+                path.display()
+            ))(e));
+        }
         _ => {}
     }
     UnixListener::bind(path)

@@ -42,7 +42,8 @@ enum Input {
     Xid { uuid: String, xid: u64 },
 }
 
-/// Records health changes as Events on the Node.
+/// Records what happens to the node's GPUs and to the plugin itself as Events on the Node,
+/// where `kubectl describe node` shows them.
 #[derive(Clone)]
 pub struct NodeEvents {
     recorder: Recorder,
@@ -61,7 +62,9 @@ impl NodeEvents {
         }
     }
 
-    async fn publish(&self, type_: EventType, reason: &str, note: String) {
+    /// Records one Event; a failure to record it is logged, never returned: Events are for
+    /// people, and the plugin's work must not depend on them.
+    pub async fn publish(&self, type_: EventType, reason: &str, action: &str, note: String) {
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Node".into()),
@@ -72,7 +75,7 @@ impl NodeEvents {
             type_,
             reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
-            action: "CheckGpuHealth".into(),
+            action: action.into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &reference).await {
@@ -85,6 +88,10 @@ impl NodeEvents {
 pub const REASON_UNHEALTHY: &str = "GpuUnhealthy";
 pub const REASON_HEALTHY: &str = "GpuHealthy";
 pub const REASON_NOT_OFFERED: &str = "GpuNotOffered";
+/// The kubelet answered the plugin's registration with an error (NotifyRegistrationStatus).
+pub const REASON_REGISTRATION_REFUSED: &str = "RegistrationRefused";
+/// The plugin could not start (or stopped) on the node; the note is the error.
+pub const REASON_PLUGIN_FAILED: &str = "PluginFailed";
 
 /// The first look at the node, taken before anything is published, so that a GPU already
 /// unhealthy at start is never offered. Returns the tracker to [`run`] with and the changes to
@@ -216,7 +223,7 @@ async fn report(change: &Change, events: Option<&NodeEvents>) {
         }
     };
     if let Some(events) = events {
-        events.publish(type_, reason, note).await;
+        events.publish(type_, reason, "CheckGpuHealth", note).await;
     }
 }
 

@@ -101,7 +101,7 @@ impl Env {
             &self.path("plugins/gpu.tessera.dev"),
             instance,
         );
-        let plugin = Plugin::start(Arc::new(node), sockets.clone())
+        let plugin = Plugin::start(Arc::new(node), sockets.clone(), None)
             .await
             .expect("plugin starts");
         let kubelet = Kubelet::connect(&sockets.dra).await;

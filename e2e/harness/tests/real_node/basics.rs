@@ -8,7 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams,
     PostParams,
@@ -161,6 +163,73 @@ async fn wait_for_log(process: &mut Process, needle: &str, what: &str, node: &Re
     }
 }
 
+/// `tessera-kubelet-plugin` as a host process for the real node (standalone CDI, the fake
+/// driver under `gpu_root`).
+struct HostPlugin<'a> {
+    setup: &'a Setup,
+    artifacts: &'a Artifacts,
+    gpu_root: &'a Path,
+    inventory: &'a Path,
+    version: K8sVersion,
+}
+
+impl HostPlugin<'_> {
+    /// Starts one instance: `instance` names its sockets (`--instance-id`), `plugin_dir`
+    /// replaces the kubelet's plugin directory.
+    fn start(&self, instance: Option<&str>, plugin_dir: Option<&Path>) -> Process {
+        let node = &self.setup.node;
+        let control_plane = &self.setup.control_plane;
+        let metrics_port = free_ports(1).expect("a port")[0];
+        let os = |s: &dyn AsRef<std::ffi::OsStr>| s.as_ref().to_owned();
+        let plugin_dir = plugin_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| node.kubelet_root().join("plugins/gpu.tessera.dev"));
+        let mut args = vec![
+            os(&"--node-name"),
+            os(&node.name()),
+            os(&"--kubeconfig"),
+            os(&control_plane.kubeconfig()),
+            os(&"--sharing-mode"),
+            os(&default_sharing_mode(self.version)),
+            os(&"--registrar-dir"),
+            os(&node.plugins_registry()),
+            os(&"--plugin-dir"),
+            os(&plugin_dir),
+            os(&"--cdi-dir"),
+            os(&node.cdi_dir()),
+            os(&"--state-dir"),
+            os(&self.gpu_root.join("tessera")),
+            os(&"--inventory"),
+            os(&self.inventory),
+            os(&"--shim-path"),
+            os(&self.artifacts.shim),
+            os(&"--cdi-mode"),
+            os(&"standalone"),
+            os(&"--driver-root"),
+            os(&self.gpu_root.join("driver")),
+            os(&"--dev-root"),
+            os(&self.gpu_root.join("devroot")),
+            os(&"--metrics-address"),
+            os(&format!("127.0.0.1:{metrics_port}")),
+        ];
+        if let Some(id) = instance {
+            args.extend([os(&"--instance-id"), os(&id)]);
+        }
+        let name = match instance {
+            Some(id) => format!("kubelet-plugin-{id}"),
+            None => "kubelet-plugin".to_owned(),
+        };
+        Process::spawn(ProcessSpec {
+            name: name.clone(),
+            program: self.artifacts.kubelet_plugin.clone(),
+            args,
+            log: control_plane.state().log(&name),
+            pid_file: control_plane.state().pid_file(&name),
+        })
+        .expect("starting tessera-kubelet-plugin")
+    }
+}
+
 async fn prepares_a_claim(version: K8sVersion) {
     // The kubelet logs its DRA plugin registrations at level 3.
     let Some(setup) = setup(version, "real_node_prepares_a_claim", 3).await else {
@@ -203,43 +272,14 @@ async fn prepares_a_claim(version: K8sVersion) {
         .await
         .expect("creating DeviceClass gpu.tessera.dev");
 
-    let metrics_port = free_ports(1).expect("a port")[0];
-    let os = |s: &dyn AsRef<std::ffi::OsStr>| s.as_ref().to_owned();
-    let mut plugin = Process::spawn(ProcessSpec {
-        name: "tessera-kubelet-plugin".into(),
-        program: artifacts.kubelet_plugin.clone(),
-        args: vec![
-            os(&"--node-name"),
-            os(&node.name()),
-            os(&"--kubeconfig"),
-            os(&control_plane.kubeconfig()),
-            os(&"--sharing-mode"),
-            os(&default_sharing_mode(version)),
-            os(&"--registrar-dir"),
-            os(&node.plugins_registry()),
-            os(&"--plugin-dir"),
-            os(&node.kubelet_root().join("plugins/gpu.tessera.dev")),
-            os(&"--cdi-dir"),
-            os(&node.cdi_dir()),
-            os(&"--state-dir"),
-            os(&gpu_root.join("tessera")),
-            os(&"--inventory"),
-            os(&inventory),
-            os(&"--shim-path"),
-            os(&artifacts.shim),
-            os(&"--cdi-mode"),
-            os(&"standalone"),
-            os(&"--driver-root"),
-            os(&gpu_root.join("driver")),
-            os(&"--dev-root"),
-            os(&gpu_root.join("devroot")),
-            os(&"--metrics-address"),
-            os(&format!("127.0.0.1:{metrics_port}")),
-        ],
-        log: control_plane.state().log("kubelet-plugin"),
-        pid_file: control_plane.state().pid_file("kubelet-plugin"),
-    })
-    .expect("starting tessera-kubelet-plugin");
+    let mut plugin = HostPlugin {
+        setup: &setup,
+        artifacts: &artifacts,
+        gpu_root: &gpu_root,
+        inventory: &inventory,
+        version,
+    }
+    .start(None, None);
     let watch = LoopbackWatch::start(
         control_plane
             .record()
@@ -394,6 +434,129 @@ async fn prepares_a_claim(version: K8sVersion) {
     eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
 }
 
+/// Events on the Node with `reason`, as `kubectl describe node` lists them: their notes.
+async fn node_events(client: &kube::Client, node: &str, reason: &str) -> Vec<String> {
+    let events: Api<Event> = Api::all(client.clone());
+    events
+        .list(&ListParams::default())
+        .await
+        .expect("listing events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.kind.as_deref() == Some("Node")
+                && e.involved_object.name.as_deref() == Some(node)
+                && e.reason.as_deref() == Some(reason)
+        })
+        .map(|e| e.message.unwrap_or_default())
+        .collect()
+}
+
+/// What stops the plugin is named in its log and in an Event on the Node: a socket directory
+/// it cannot create, and a registration the real kubelet refuses (before 1.33 the kubelet takes
+/// one registration per driver, so a second instance is refused; from 1.33 it is taken).
+async fn reports_failures_as_events(version: K8sVersion) {
+    let Some(setup) = setup(version, "real_node_failure_events", 3).await else {
+        return;
+    };
+    let (test, began) = (setup.test.clone(), setup.began);
+    let node = &setup.node;
+    let client = setup.control_plane.client();
+    let artifacts = Artifacts::locate(&bin_dir());
+    let Some(()) = require(&test, artifacts.is_ok(), || {
+        artifacts
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }) else {
+        return;
+    };
+    let artifacts = artifacts.expect("checked above");
+    let gpu_root = node.root().join("gpu");
+    let inventory =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nodes/gpu-node-b.json");
+    fake_driver(&gpu_root, &artifacts, 1);
+    let plugins = HostPlugin {
+        setup: &setup,
+        artifacts: &artifacts,
+        gpu_root: &gpu_root,
+        inventory: &inventory,
+        version,
+    };
+
+    // A socket directory under a regular file cannot be created.
+    let blocker = node.root().join("not-a-directory");
+    std::fs::write(&blocker, b"").expect("creating a file");
+    let unusable = blocker.join("gpu.tessera.dev");
+    let mut broken = plugins.start(Some("broken"), Some(&unusable));
+    assert!(
+        broken.wait_exit(Duration::from_secs(60)),
+        "the plugin kept running without its socket directory:\n{}",
+        log_tail(broken.log(), 20)
+    );
+    let log = std::fs::read_to_string(broken.log()).unwrap_or_default();
+    let expected = format!("creating the socket directory {}", unusable.display());
+    assert!(
+        log.contains(&expected),
+        "the log does not name the directory ({expected:?}):\n{log}"
+    );
+    let notes = node_events(&client, node.name(), "PluginFailed").await;
+    assert!(
+        notes.iter().any(|n| n.contains(&expected)),
+        "no PluginFailed Event naming {}: {notes:?}",
+        unusable.display()
+    );
+
+    let mut first = plugins.start(Some("first"), None);
+    wait_for_log(
+        &mut first,
+        "registered with the kubelet",
+        "the first instance",
+        node,
+    )
+    .await;
+    let mut second = plugins.start(Some("second"), None);
+    if version.minor() < 33 {
+        wait_for_log(
+            &mut second,
+            "the kubelet refused the registration",
+            "the second instance, refused by a kubelet before 1.33",
+            node,
+        )
+        .await;
+        let start = Instant::now();
+        loop {
+            let notes = node_events(&client, node.name(), "RegistrationRefused").await;
+            if notes
+                .iter()
+                .any(|n| n.contains("the kubelet refused the registration of gpu.tessera.dev: "))
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < POD_TIMEOUT,
+                "no RegistrationRefused Event on the Node: {notes:?}\nplugin log:\n{}",
+                log_tail(second.log(), 20)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    } else {
+        wait_for_log(
+            &mut second,
+            "registered with the kubelet",
+            "the second instance, beside the first (kubelet 1.33+)",
+            node,
+        )
+        .await;
+        let notes = node_events(&client, node.name(), "RegistrationRefused").await;
+        assert!(notes.is_empty(), "refused on {version}: {notes:?}");
+    }
+    drop((first, second));
+    stop_node(setup.node);
+    eprintln!("{test}: passed in {:.1}s", began.elapsed().as_secs_f64());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_node_runs_a_pod_v1_37() {
     runs_a_pod(K8sVersion::newest()).await;
@@ -412,4 +575,14 @@ async fn real_node_runs_a_pod_v1_31() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_node_prepares_a_claim_v1_31() {
     prepares_a_claim(tessera_e2e_harness::versions::PINNED[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_failure_events_v1_37() {
+    reports_failures_as_events(K8sVersion::newest()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_node_failure_events_v1_31() {
+    reports_failures_as_events(tessera_e2e_harness::versions::PINNED[0]).await;
 }
