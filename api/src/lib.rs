@@ -6,6 +6,7 @@
 //! versioned and documented in `docs/reference/`.
 
 pub mod claim_config;
+pub mod error_chain;
 pub mod memory_board;
 pub mod names;
 pub mod region;

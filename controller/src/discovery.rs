@@ -15,12 +15,20 @@ pub struct ServerDra {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("API server: {0}")]
-    Api(#[from] kube::Error),
+    /// Its causes are in the message (a client error alone says only `client error
+    /// (Connect)`), so it is not also a `source`.
+    #[error("API server: {}", tessera_api::error_chain::Chain(.0))]
+    Api(kube::Error),
     #[error(
         "the API server serves no resource.k8s.io version with ResourceSlices (DRA is off; on 1.31-1.33 it needs --runtime-config and the DynamicResourceAllocation gate)"
     )]
     NoDra,
+}
+
+impl From<kube::Error> for DiscoveryError {
+    fn from(error: kube::Error) -> Self {
+        DiscoveryError::Api(error)
+    }
 }
 
 impl ServerDra {

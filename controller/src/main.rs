@@ -206,7 +206,7 @@ async fn run(args: Args) -> Result<()> {
                 Ok(m) => break m,
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?delay, "setting up leader election");
+                    tracing::warn!(error = %tessera_api::error_chain::Chain(&e), retry_in = ?delay, "setting up leader election");
                     tokio::time::sleep(delay).await;
                 }
             }

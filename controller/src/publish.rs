@@ -19,10 +19,18 @@ use crate::slices::{ApiVersion, PoolPlan, SliceMeta, render_pool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("API server: {0}")]
-    Api(#[from] kube::Error),
+    /// Its causes are in the message (a client error alone says only `client error
+    /// (Connect)`), so it is not also a `source`.
+    #[error("API server: {}", tessera_api::error_chain::Chain(.0))]
+    Api(kube::Error),
     #[error("slice object: {0}")]
     Encode(#[from] serde_json::Error),
+}
+
+impl From<kube::Error> for PublishError {
+    fn from(error: kube::Error) -> Self {
+        PublishError::Api(error)
+    }
 }
 
 /// What one sync did.

@@ -522,7 +522,10 @@ mod tests {
     }
 
     /// Every header block in `bytes` (the server's view), decoded in order.
-    fn server_view(bytes: &[u8]) -> (Vec<Vec<(Vec<u8>, Vec<u8>)>>, Vec<(u8, u8, u32, Vec<u8>)>) {
+    /// Header blocks (name, value pairs) and the other frames (type, flags, stream, payload).
+    type ServerView = (Vec<Vec<(Vec<u8>, Vec<u8>)>>, Vec<(u8, u8, u32, Vec<u8>)>);
+
+    fn server_view(bytes: &[u8]) -> ServerView {
         assert_eq!(&bytes[..24], PREFACE);
         let mut decoder = loona_hpack::Decoder::new();
         let mut rest = &bytes[24..];

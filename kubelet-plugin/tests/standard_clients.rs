@@ -27,6 +27,8 @@ const CLAIM_CDI_ID: &str = "gpu.tessera.dev/claim=0000abcd-0000-4000-8000-000000
 
 /// A standard client and the way it is pointed at a socket.
 #[derive(Clone, Copy, Debug)]
+// The variants are the clients' own names (grpc-go, grpc C-core), prefix and all.
+#[allow(clippy::enum_variant_names)]
 enum Client {
     /// grpc-go dialling the bare path with a unix context dialer: the kubelet's plugin watcher.
     GrpcGoPath,

@@ -20,11 +20,11 @@ pub async fn get(
     name: &str,
 ) -> Result<Option<Claim>> {
     use k8s_openapi::api::resource::{v1, v1beta1, v1beta2};
-    let api_error = |source| Error::Api {
+    let api_error = |error| Error::Api {
         namespace: namespace.into(),
         name: name.into(),
         version: version.as_str(),
-        source,
+        error,
     };
     // The three typed versions share field names, so one macro body converts them all.
     macro_rules! typed {

@@ -85,16 +85,17 @@ pub enum Error {
         "the API server serves no resource.k8s.io version this plugin reads (v1, v1beta2, v1beta1, v1alpha3); served: {0:?}"
     )]
     NoVersion(Vec<String>),
-    #[error("reading ResourceClaim {namespace}/{name} ({version}): {source}")]
+    // The causes are in the messages (a client error alone says only `client error
+    // (Connect)`), so the kube errors are not also `source`s.
+    #[error("reading ResourceClaim {namespace}/{name} ({version}): {}", tessera_api::error_chain::Chain(.error))]
     Api {
         namespace: String,
         name: String,
         version: &'static str,
-        #[source]
-        source: kube::Error,
+        error: kube::Error,
     },
-    #[error("discovering resource.k8s.io versions: {0}")]
-    Discovery(#[source] kube::Error),
+    #[error("discovering resource.k8s.io versions: {}", tessera_api::error_chain::Chain(.0))]
+    Discovery(kube::Error),
     #[error("ResourceClaim {namespace}/{name} ({version}) could not be decoded: {message}")]
     Decode {
         namespace: String,

@@ -79,7 +79,7 @@ impl NodeEvents {
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, reason, "cannot record Event");
+            tracing::warn!(error = %tessera_api::error_chain::Chain(&e), reason, "cannot record Event");
         }
     }
 }

@@ -99,6 +99,67 @@ async fn runs_a_pod(version: K8sVersion) {
         .expect("deleting pod hello");
     wait_gone(&pods, "hello", node).await;
 
+    // An image the node does not have, never pulled: the kubelet names it in an Event, and
+    // the pod waits with the reason (no silent hang). What a user sees when Tessera's images
+    // were not loaded onto a node.
+    let missing = "localhost/tessera/tessera-kubelet-plugin:0.0.0-missing";
+    let mut pod = plain_pod("no-image");
+    if let Some(c) = pod.spec.as_mut().and_then(|s| s.containers.first_mut()) {
+        c.image = Some(missing.to_owned());
+    }
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("creating pod no-image");
+    let events: Api<Event> = Api::namespaced(control_plane.client(), "default");
+    let start = Instant::now();
+    loop {
+        let notes: Vec<String> = events
+            .list(&ListParams::default())
+            .await
+            .expect("listing events")
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.involved_object.name.as_deref() == Some("no-image")
+                    && e.reason.as_deref() == Some("ErrImageNeverPull")
+            })
+            .filter_map(|e| e.message)
+            .collect();
+        if notes.iter().any(|n| n.contains(missing)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < POD_TIMEOUT,
+            "no ErrImageNeverPull Event naming {missing}: {notes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The pod's status follows the Event.
+    let start = Instant::now();
+    loop {
+        let waiting = pods
+            .get("no-image")
+            .await
+            .expect("reading pod no-image")
+            .status
+            .and_then(|s| s.container_statuses)
+            .and_then(|c| c.first().and_then(|c| c.state.clone()))
+            .and_then(|s| s.waiting)
+            .and_then(|w| w.reason);
+        if waiting.as_deref() == Some("ErrImageNeverPull") {
+            break;
+        }
+        assert!(
+            start.elapsed() < POD_TIMEOUT,
+            "pod no-image waits with {waiting:?}, not ErrImageNeverPull"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pods.delete("no-image", &DeleteParams::default())
+        .await
+        .expect("deleting pod no-image");
+    wait_gone(&pods, "no-image", node).await;
+
     watch.assert_nothing_left_loopback();
 
     stop_node(setup.node);

@@ -423,7 +423,9 @@ async fn scenarios(version: K8sVersion) {
         .delete(&old_name, &DeleteParams::default())
         .await
         .expect("deleting the plugin's pod");
-    tessera.wait_plugin_ready(&setup.node, &[old.clone()]).await;
+    tessera
+        .wait_plugin_ready(&setup.node, std::slice::from_ref(&old))
+        .await;
     s.registered(2).await;
     Scenarios::release(&sync);
     let (pod_, log) = s.finished("orphan").await;
