@@ -118,7 +118,10 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("tessera: {error:#}");
+            eprintln!(
+                "tessera: {}",
+                tessera_api::error_chain::Chain(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -120,22 +120,28 @@ fn render(args: &Args, path: &std::path::Path) -> Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Colours only for a person at a terminal, never into a log collector's file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match args.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    if let Err(e) = run(args).await {
-        tracing::error!("{e:#}");
-        return Err(e);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Once, through the logger, each cause once.
+            tracing::error!("{}", tessera_api::error_chain::Chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
     }
-    Ok(())
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {

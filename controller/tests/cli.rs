@@ -57,6 +57,16 @@ fn bad_inventory_is_refused_with_the_field_named() {
             && stderr.contains("line 2"),
         "{stderr}"
     );
+    // Said once, and without colour codes in a log that is not a terminal.
+    assert_eq!(
+        stderr.matches("devices[0].memory").count(),
+        1,
+        "the error printed twice:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI codes in a log file:\n{stderr}"
+    );
     let (ok, _, stderr) = run(
         r#"{"devices": [{"uuid": "GPU-1", "name": "x", "memory": 1}]}"#,
         &["--mode", "consumable"],

@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // Once, through the logger, so JSON logs stay one object per line.
-            tracing::error!("{error:#}");
+            tracing::error!("{}", tessera_api::error_chain::Chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -62,7 +62,10 @@ async fn run(args: Args) -> Result<()> {
                 EventType::Warning,
                 REASON_PLUGIN_FAILED,
                 "Start",
-                format!("tessera-kubelet-plugin stopped: {error:#}"),
+                format!(
+                    "tessera-kubelet-plugin stopped: {}",
+                    tessera_api::error_chain::Chain(error.as_ref())
+                ),
             )
             .await;
     }

@@ -220,4 +220,10 @@ async fn without_an_inventory_file_the_gpus_come_from_nvml() {
     ] {
         assert!(logs.contains(expected), "{expected:?} not in:\n{logs}");
     }
+    // Each cause once: the kubeconfig error's own message already quotes its source.
+    assert_eq!(
+        logs.matches("No such file or directory").count(),
+        1,
+        "a cause printed twice:\n{logs}"
+    );
 }
