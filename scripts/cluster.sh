@@ -2,6 +2,7 @@
 # `make cluster-up` / `make cluster-down` / `make demo`: a simulated Tessera cluster on this machine.
 #
 #   scripts/cluster.sh up     # control plane + simulated GPU nodes (e2e/nodes/*.json) + tessera-controller
+#                             # + a real node (upstream kubelet and containerd)
 #   scripts/cluster.sh down   # stops everything `up` started, containers included
 #   scripts/cluster.sh demo   # up, the two-workers scenario, down
 #
@@ -30,12 +31,21 @@ if [ "$command" != down ] && [ "$command" != status ]; then
     mkdir -p "$log_dir"
     step "podman and runc (containers of the simulated nodes)"
     scripts/install-podman.sh
-    step "the upstream control plane $version and helm (built once, then cached; logs: $log_dir/k8s-build-$version.log, $log_dir/helm-build.log)"
+    if [ "$command" = up ]; then
+        step "runc, CNI plugins and busybox-static (the real node)"
+        scripts/install-node-packages.sh
+    fi
+    step "the upstream control plane $version, helm and (for up) containerd (built once, then cached; logs: $log_dir/k8s-build-$version.log, $log_dir/helm-build.log, $log_dir/containerd-build.log)"
     e2e/scripts/build-k8s.sh "$module" > "$log_dir/k8s-build-$version.log" 2>&1 &
     k8s_build=$!
     e2e/scripts/build-helm.sh > "$log_dir/helm-build.log" 2>&1 &
     helm_build=$!
-    trap 'kill "$k8s_build" "$helm_build" 2>/dev/null || true' EXIT
+    containerd_build=
+    if [ "$command" = up ]; then
+        e2e/scripts/build-containerd.sh > "$log_dir/containerd-build.log" 2>&1 &
+        containerd_build=$!
+    fi
+    trap 'kill "$k8s_build" "$helm_build" $containerd_build 2>/dev/null || true' EXIT
     if ! wait "$k8s_build"; then
         tail -n 40 "$log_dir/k8s-build-$version.log"
         die "building the control plane failed (full log: $log_dir/k8s-build-$version.log)"
@@ -43,6 +53,10 @@ if [ "$command" != down ] && [ "$command" != status ]; then
     if ! wait "$helm_build"; then
         tail -n 40 "$log_dir/helm-build.log"
         die "building helm failed (full log: $log_dir/helm-build.log)"
+    fi
+    if [ -n "$containerd_build" ] && ! wait "$containerd_build"; then
+        tail -n 40 "$log_dir/containerd-build.log"
+        die "building containerd failed (full log: $log_dir/containerd-build.log)"
     fi
     trap - EXIT
     step "Tessera's programs"

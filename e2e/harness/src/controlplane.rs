@@ -267,6 +267,7 @@ impl ControlPlane {
                     health,
                 })
                 .collect(),
+            real_nodes: Vec::new(),
         };
         state.write_record(&record)?;
 

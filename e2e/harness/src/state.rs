@@ -114,6 +114,23 @@ pub struct ClusterRecord {
     pub server: String,
     pub kubeconfig: PathBuf,
     pub components: Vec<ComponentRecord>,
+    /// Real nodes left running (their processes are among `components`): what
+    /// `tessera-cluster down` cleans up besides stopping processes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub real_nodes: Vec<RealNodeRecord>,
+}
+
+/// A real node left running by `tessera-cluster up`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RealNodeRecord {
+    pub name: String,
+    /// `$TMPDIR/tessera-node-<name>`: containerd's and the kubelet's directories, mounts below.
+    pub root: PathBuf,
+    /// The kubelet's cgroup root (`/tessera-e2e-…`), in every hierarchy.
+    pub cgroup: Option<String>,
+    /// Its containerd shims name it on their command lines.
+    pub containerd_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -146,6 +163,12 @@ mod tests {
                 log: state.log("etcd"),
                 pid_file: state.pid_file("etcd"),
                 health: "http://127.0.0.1:2379/health".into(),
+            }],
+            real_nodes: vec![RealNodeRecord {
+                name: "127.1.2.3".into(),
+                root: "/tmp/tessera-node-127.1.2.3".into(),
+                cgroup: Some("/tessera-e2e-1-127-1-2-3".into()),
+                containerd_socket: "/tmp/tessera-node-127.1.2.3/containerd/containerd.sock".into(),
             }],
         };
         state.write_record(&record).expect("write");

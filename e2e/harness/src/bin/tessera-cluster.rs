@@ -1,17 +1,20 @@
 //! `tessera-cluster`: a real control plane for hands-on work and scripts.
 //!
 //! ```text
-//! tessera-cluster up     [--k8s-version 1.37] [--state-dir DIR] [--nodes DIR | --control-plane-only]
+//! tessera-cluster up     [--k8s-version 1.37] [--state-dir DIR] [--nodes DIR] [--no-real-node | --control-plane-only]
 //! tessera-cluster status [--k8s-version 1.37] [--state-dir DIR]   # exit 0 only if all is up
 //! tessera-cluster down   [--k8s-version 1.37] [--state-dir DIR]
 //! tessera-cluster demo   [--k8s-version 1.37] [--state-dir DIR] [--nodes DIR]
 //! ```
 //!
 //! `up` starts the control plane and, unless `--control-plane-only`, one simulated GPU node
-//! per fake inventory in `--nodes` (a kubelet plugin and a kubelet stand-in each) and
-//! tessera-controller; its last line is `export KUBECONFIG=...`. The components keep running
-//! after it exits (each in its own process group, pids under `DIR/run/`); `down` stops
-//! exactly those, and the containers the stand-ins started. `demo` starts a simulated cluster,
+//! per fake inventory in `--nodes` (a kubelet plugin and a kubelet stand-in each),
+//! tessera-controller, and (unless `--no-real-node`) one real node: the upstream kubelet with
+//! containerd, in a network namespace of its own, joined to the control plane by this
+//! program's `node-forwards` command. Its last line is `export KUBECONFIG=...`. The components
+//! keep running after it exits (each in its own process group, pids under `DIR/run/`); `down`
+//! stops exactly those, the containers the stand-ins and the real node started, and removes
+//! the real node's mounts, cgroups and directory. `demo` starts a simulated cluster,
 //! runs the two-workers scenario (see `tessera_e2e_harness::demo`) and stops it again.
 
 use std::path::{Path, PathBuf};
@@ -24,13 +27,18 @@ use tessera_e2e_harness::cluster::{
     ClusterOptions, SimCluster, container_prefix, remove_containers,
 };
 use tessera_e2e_harness::process::{is_alive, stop_pid_file};
-use tessera_e2e_harness::state::StateDir;
+use tessera_e2e_harness::realnode::{
+    self, FORWARDS_READY, ForwardSpec, NodeBinaries, RealNode, RealNodeOptions, start_forwards,
+};
+use tessera_e2e_harness::state::{ComponentRecord, RealNodeRecord, StateDir};
 use tessera_e2e_harness::{ControlPlane, ControlPlaneOptions, K8sVersion};
 
 const USAGE: &str = "usage: tessera-cluster {up|down|status|demo} [--k8s-version 1.37] [--state-dir DIR] [--nodes DIR] [--control-plane-only]
   --k8s-version   a pinned Kubernetes minor (default: the newest pinned)
   --nodes         a directory of fake GPU inventories, one simulated node per *.json (default: e2e/nodes)
   --control-plane-only  no nodes, no Tessera: the upstream components only
+  --no-real-node  only simulated nodes (a real node needs root, containerd from
+                  e2e/scripts/build-containerd.sh and scripts/install-node-packages.sh)
   --state-dir     where certificates, etcd data, logs and pids live
                   (default: $TESSERA_CACHE/clusters/<version>, TESSERA_CACHE defaults to ~/.cache/tessera)";
 
@@ -55,6 +63,7 @@ struct Args {
     state_dir: PathBuf,
     nodes: PathBuf,
     control_plane_only: bool,
+    real_node: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -64,6 +73,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut state_dir = None;
     let mut nodes = PathBuf::from("e2e/nodes");
     let mut control_plane_only = false;
+    let mut real_node = true;
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
@@ -80,6 +90,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--state-dir" => state_dir = Some(PathBuf::from(value("--state-dir")?)),
             "--nodes" => nodes = PathBuf::from(value("--nodes")?),
             "--control-plane-only" => control_plane_only = true,
+            "--no-real-node" => real_node = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -104,6 +115,7 @@ fn parse_args() -> anyhow::Result<Args> {
         state_dir,
         nodes,
         control_plane_only,
+        real_node,
     })
 }
 
@@ -116,6 +128,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if std::env::args().nth(1).as_deref() == Some("node-forwards") {
+        return node_forwards();
+    }
     let result = parse_args().and_then(|args| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -179,7 +194,21 @@ async fn up(args: &Args) -> anyhow::Result<ExitCode> {
         let cluster = SimCluster::start(options)
             .await
             .context("starting the simulated cluster")?;
-        cluster.detach()
+        let real = if args.real_node {
+            Some(start_real_node(&cluster).await?)
+        } else {
+            None
+        };
+        let state = cluster.control_plane().state().clone();
+        let mut record = cluster.detach();
+        if let Some((components, node)) = real {
+            record.components.extend(components);
+            record.real_nodes.push(node);
+            state
+                .write_record(&record)
+                .context("writing the cluster record")?;
+        }
+        record
     };
     let took = began.elapsed();
     eprintln!(
@@ -258,6 +287,77 @@ async fn demo(args: &Args) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A real node beside the simulated ones, left running: its forwards run in a process of
+/// their own (this program's `node-forwards`), so it outlives `up`.
+async fn start_real_node(
+    cluster: &SimCluster,
+) -> anyhow::Result<(Vec<ComponentRecord>, RealNodeRecord)> {
+    let control_plane = cluster.control_plane();
+    let binaries = NodeBinaries::locate(control_plane.binaries())
+        .context("a real node (--no-real-node starts without one)")?;
+    let options = RealNodeOptions {
+        forwarder: Some(std::env::current_exe().context("finding this program")?),
+        ..RealNodeOptions::new(binaries)
+    };
+    let node = RealNode::start(control_plane, options)
+        .await
+        .context("starting the real node")?;
+    eprintln!(
+        "real node {} Ready in {:.1}s (kubelet and containerd; its pods' network exists only in its own namespace)",
+        node.name(),
+        node.ready_in().as_secs_f64()
+    );
+    node.detach().context("leaving the real node running")
+}
+
+/// `tessera-cluster node-forwards --netns PATH --owner DIR (--into-host L=T | --into-netns L=T)...`:
+/// the forwards of a real node left running by `up` (see `realnode::netns`), until killed.
+fn node_forwards() -> ExitCode {
+    let result = (|| -> anyhow::Result<()> {
+        let mut args = std::env::args().skip(2);
+        let mut netns = None;
+        let mut specs = Vec::new();
+        while let Some(flag) = args.next() {
+            let value = args
+                .next()
+                .with_context(|| format!("node-forwards: {flag} needs a value"))?;
+            match flag.as_str() {
+                "--netns" => netns = Some(PathBuf::from(value)),
+                // Only so that `down` recognises the process as this cluster's.
+                "--owner" => {}
+                _ => specs.push(
+                    ForwardSpec::from_args(&flag, &value)
+                        .map_err(|e| anyhow::anyhow!("node-forwards: {e}"))?,
+                ),
+            }
+        }
+        let netns = netns.context("node-forwards: --netns is required")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        runtime.block_on(async {
+            let _forwards = start_forwards(&netns, &specs)?;
+            // What the harness waits for (whatever the log filter).
+            eprintln!(
+                "{FORWARDS_READY}: {} forwards into {}",
+                specs.len(),
+                netns.display()
+            );
+            std::future::pending::<()>().await;
+            Ok::<(), anyhow::Error>(())
+        })
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera-cluster: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn clean_state_dir(dir: &Path) -> anyhow::Result<()> {
     for entry in OWNED_ENTRIES {
         let path = dir.join(entry);
@@ -306,6 +406,10 @@ fn down(dir: &Path) -> anyhow::Result<ExitCode> {
         .collect(),
     };
     components.reverse();
+    let real_nodes = state
+        .read_record()
+        .map(|r| r.real_nodes)
+        .unwrap_or_default();
     let mut stopped = 0;
     for (name, pid_file) in components {
         if stop_pid_file(&name, &pid_file, &marker, Duration::from_secs(10))? {
@@ -314,6 +418,12 @@ fn down(dir: &Path) -> anyhow::Result<ExitCode> {
         }
     }
     remove_containers(&container_prefix(state.root()));
+    for node in &real_nodes {
+        for problem in realnode::clean_up(node) {
+            eprintln!("real node {}: {problem}", node.name);
+        }
+        eprintln!("real node {} removed", node.name);
+    }
     let _ = std::fs::remove_file(state.record());
     eprintln!(
         "{stopped} component(s) stopped; logs stay in {}",

@@ -26,26 +26,57 @@ pub(crate) struct CgroupRoot {
     unified_mirror: Option<PathBuf>,
 }
 
+/// Whether the host has the unified (v2) hierarchy only, and the hierarchies a cgroup root
+/// is made in.
+fn hierarchies() -> Result<(bool, Vec<PathBuf>)> {
+    let base = Path::new(CGROUP_FS);
+    let unified = base.join("cgroup.controllers").exists();
+    if unified {
+        return Ok((true, vec![base.to_owned()]));
+    }
+    let entries = fs::read_dir(base).map_err(Error::io(base, "listing cgroup hierarchies"))?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        // `cpu` and `cpuacct` are often links to `cpu,cpuacct`: one directory each.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        // The hybrid layout's v2 tree has no controllers the kubelet uses in v1 mode.
+        .filter(|p| p.file_name().is_some_and(|n| n != "unified"))
+        .collect();
+    dirs.sort();
+    Ok((false, dirs))
+}
+
 impl CgroupRoot {
+    /// A root made earlier (by a process that has ended), to find its processes and remove
+    /// it; `name` as [`CgroupRoot::keep`] returned it.
+    pub(crate) fn existing(name: &str) -> CgroupRoot {
+        let base = Path::new(CGROUP_FS);
+        let relative = name.trim_start_matches('/');
+        let (unified, hierarchies) = hierarchies().unwrap_or_default();
+        CgroupRoot {
+            name: name.to_owned(),
+            dirs: hierarchies
+                .into_iter()
+                .map(|h| h.join(relative))
+                .filter(|d| d.is_dir())
+                .collect(),
+            unified_mirror: (!unified)
+                .then(|| base.join("unified").join(relative))
+                .filter(|d| d.is_dir()),
+        }
+    }
+
+    /// Leaves the root in place (a node left running); returns its name.
+    pub(crate) fn keep(mut self) -> String {
+        self.dirs.clear();
+        self.unified_mirror = None;
+        std::mem::take(&mut self.name)
+    }
+
     pub(crate) fn create(name: &str) -> Result<CgroupRoot> {
         let base = Path::new(CGROUP_FS);
-        let unified = base.join("cgroup.controllers").exists();
-        let hierarchies: Vec<PathBuf> = if unified {
-            vec![base.to_owned()]
-        } else {
-            let entries =
-                fs::read_dir(base).map_err(Error::io(base, "listing cgroup hierarchies"))?;
-            let mut dirs: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok())
-                // `cpu` and `cpuacct` are often links to `cpu,cpuacct`: one directory each.
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                // The hybrid layout's v2 tree has no controllers the kubelet uses in v1 mode.
-                .filter(|p| p.file_name().is_some_and(|n| n != "unified"))
-                .collect();
-            dirs.sort();
-            dirs
-        };
+        let (unified, hierarchies) = hierarchies()?;
         let mut root = CgroupRoot {
             name: format!("/{name}"),
             dirs: Vec::new(),

@@ -40,8 +40,13 @@ use crate::kubeconfig;
 use crate::ports::free_ports;
 use crate::process::{Process, ProcessSpec, log_tail, stop_all};
 use crate::readiness::wait_for;
+use crate::state::{ComponentRecord, RealNodeRecord};
 
 pub use host::{OffLoopback, sockets_off_loopback};
+pub use netns::{ForwardSpec, Forwards, start_forwards};
+
+/// What `tessera-cluster node-forwards` logs once every listener is bound.
+pub const FORWARDS_READY: &str = "node forwards ready";
 
 /// The sandbox ("pause") image containerd is pinned to, and the image workloads run; both made
 /// by `e2e/scripts/make-node-images.sh` and imported before the kubelet starts.
@@ -142,6 +147,10 @@ pub struct RealNodeOptions {
     pub kubelet_verbosity: u8,
     /// Leave the node's directory in place at stop (it is removed otherwise).
     pub keep_dir: bool,
+    /// Runs the forwards between the host and the node's network namespace in a process of
+    /// their own, this program's `node-forwards` command (`tessera-cluster`), so the node can
+    /// outlive this process ([`RealNode::detach`]). `None`: in this process.
+    pub forwarder: Option<PathBuf>,
 }
 
 impl RealNodeOptions {
@@ -153,6 +162,7 @@ impl RealNodeOptions {
             start_timeout: Duration::from_secs(120),
             kubelet_verbosity: 2,
             keep_dir: false,
+            forwarder: None,
         }
     }
 }
@@ -174,6 +184,10 @@ pub struct RealNode {
     /// Dropped after the processes: the kubelet's connections go through them.
     forwards: Vec<netns::Forward>,
     netns: Option<netns::Netns>,
+    /// The forwards' process, when they run in one.
+    forwarder: Option<Process>,
+    /// What `nsenter --net=` enters.
+    netns_path: Option<PathBuf>,
     ready_in: Duration,
     keep_dir: bool,
     stopped: bool,
@@ -219,6 +233,8 @@ impl RealNode {
             kubelet_spec: None,
             forwards: Vec::new(),
             netns: None,
+            forwarder: None,
+            netns_path: None,
             ready_in: Duration::ZERO,
             keep_dir: options.keep_dir,
             stopped: false,
@@ -329,8 +345,10 @@ impl RealNode {
             options.binaries.containerd_dir.clone().into(),
             KUBERNETES_SERVICE_IP.to_string().into(),
             containerd_bin.into(),
+            // Through `<state>/nodes/<name>`: the command line then names the state directory,
+            // which is how `tessera-cluster down` knows the process is its own.
             "--config".into(),
-            containerd_config.clone().into(),
+            link.join("containerd.toml").into(),
         ];
         node.processes.push(Process::spawn(ProcessSpec {
             name: format!("containerd@{name}"),
@@ -351,11 +369,18 @@ impl RealNode {
             },
         )
         .await?;
-        node.connect_netns(control_plane)?;
+        node.connect_netns(control_plane, options.forwarder.as_deref(), left())
+            .await?;
         node.import_images(&[&images.join("pause.tar"), &images.join("busybox.tar")])?;
 
-        let kubelet_args: Vec<OsString> = vec![
-            arg("config", &kubelet_config),
+        // In containerd's network namespace, entered through this process's handle on it.
+        let mut kubelet_args: Vec<OsString> = vec![
+            node.nsenter_net_arg()?,
+            "--".into(),
+            options.binaries.kubelet.clone().into(),
+        ];
+        kubelet_args.extend([
+            arg("config", link.join("kubelet.yaml")),
             arg("kubeconfig", &node_kubeconfig),
             arg("root-dir", &kubelet_root),
             arg("cert-dir", kubelet_root.join("pki")),
@@ -363,11 +388,7 @@ impl RealNode {
             // Otherwise /usr/libexec/kubernetes/... on the host.
             arg("volume-plugin-dir", root.join("volume-plugins")),
             arg("v", options.kubelet_verbosity.to_string()),
-        ];
-        let mut kubelet_args = kubelet_args;
-        kubelet_args.insert(0, options.binaries.kubelet.clone().into());
-        kubelet_args.insert(0, "--".into());
-        kubelet_args.insert(0, node.nsenter_net_arg()?);
+        ]);
         let kubelet_spec = ProcessSpec {
             name: format!("kubelet@{name}"),
             program: PathBuf::from("nsenter"),
@@ -405,35 +426,143 @@ impl RealNode {
     }
 
     /// Forwards between the host's loopback and containerd's network namespace, which the
-    /// kubelet joins (see [`netns`]).
-    fn connect_netns(&mut self, control_plane: &ControlPlane) -> Result<()> {
-        let netns = netns::Netns::of_process(self.processes[CONTAINERD].pid())?;
+    /// kubelet joins (see [`netns`]): in this process, or in `forwarder`'s.
+    async fn connect_netns(
+        &mut self,
+        control_plane: &ControlPlane,
+        forwarder: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let containerd = self.processes[CONTAINERD].pid();
         let apiserver = apiserver_address(control_plane.server())?;
         let kubelet = std::net::SocketAddr::from((self.address, self.kubelet_port));
-        self.forwards = vec![
-            netns::into_host(&netns, apiserver, apiserver)?,
-            netns::into_host(
-                &netns,
-                std::net::SocketAddr::from((KUBERNETES_SERVICE_IP, 443)),
-                apiserver,
-            )?,
-            netns::into_netns(&netns, kubelet, kubelet)?,
+        let specs = [
+            ForwardSpec::IntoHost {
+                listen: apiserver,
+                to: apiserver,
+            },
+            ForwardSpec::IntoHost {
+                listen: std::net::SocketAddr::from((KUBERNETES_SERVICE_IP, 443)),
+                to: apiserver,
+            },
+            ForwardSpec::IntoNetns {
+                listen: kubelet,
+                to: kubelet,
+            },
         ];
-        for f in &self.forwards {
-            tracing::debug!(node = %self.name, forward = %f.description, "forwarding");
+        let Some(program) = forwarder else {
+            let netns = netns::Netns::of_process(containerd)?;
+            self.forwards = specs
+                .iter()
+                .map(|spec| spec.start(&netns))
+                .collect::<Result<Vec<_>>>()?;
+            for f in &self.forwards {
+                tracing::debug!(node = %self.name, forward = %f.description, "forwarding");
+            }
+            // Held open by this process, so it outlives containerd.
+            self.netns_path = Some(netns.fd_path());
+            self.netns = Some(netns);
+            return Ok(());
+        };
+        let netns_path = PathBuf::from(format!("/proc/{containerd}/ns/net"));
+        let state = control_plane.state();
+        let mut args: Vec<OsString> = vec![
+            "node-forwards".into(),
+            "--netns".into(),
+            netns_path.clone().into(),
+            // `tessera-cluster down` stops only processes that name their state directory.
+            "--owner".into(),
+            state.root().into(),
+        ];
+        for spec in specs {
+            args.extend(spec.to_args().map(OsString::from));
         }
-        self.netns = Some(netns);
+        let name = format!("node-forwards@{}", self.name);
+        let mut process = Process::spawn(ProcessSpec {
+            name: name.clone(),
+            program: program.to_owned(),
+            args,
+            log: state.log(&format!("node-forwards-{}", self.name)),
+            pid_file: state.pid_file(&format!("node-forwards-{}", self.name)),
+        })?;
+        let log = process.log().to_owned();
+        let ready = wait_for(
+            "the node's forwards",
+            timeout,
+            std::slice::from_mut(&mut process),
+            0,
+            || {
+                let log = log.clone();
+                async move {
+                    Ok(std::fs::read_to_string(&log)
+                        .unwrap_or_default()
+                        .contains(FORWARDS_READY))
+                }
+            },
+        )
+        .await;
+        self.forwarder = Some(process);
+        ready?;
+        self.netns_path = Some(netns_path);
         Ok(())
     }
 
-    /// `--net=<the node's netns>` for nsenter: held open by this process, so it outlives
-    /// containerd.
+    /// `--net=<the node's netns>` for nsenter.
     fn nsenter_net_arg(&self) -> Result<OsString> {
-        let netns = self.netns.as_ref().ok_or_else(|| Error::State {
+        let path = self.netns_path.as_ref().ok_or_else(|| Error::State {
             dir: self.root.clone(),
             reason: "the node's network namespace is not open yet".into(),
         })?;
-        Ok(arg("net", netns.fd_path()))
+        Ok(arg("net", path))
+    }
+
+    /// Leaves the node running (for `tessera-cluster up`). Returns its processes as
+    /// components, in the order `tessera-cluster down` stops them backwards (the kubelet, the
+    /// forwards, containerd), and what else `down` cleans up ([`clean_up`]). Only a node whose
+    /// forwards run in a process of their own ([`RealNodeOptions::forwarder`]) can be left.
+    pub fn detach(mut self) -> Result<(Vec<ComponentRecord>, RealNodeRecord)> {
+        let Some(forwarder) = self.forwarder.take() else {
+            return Err(Error::State {
+                dir: self.root.clone(),
+                reason: "the node's forwards run in this process, which is about to end; start it with RealNodeOptions::forwarder".into(),
+            });
+        };
+        self.stopped = true;
+        let kubelet_health = format!("https://{}:{}/healthz", self.address, self.kubelet_port);
+        let containerd_health = format!("unix://{}", self.containerd_socket.display());
+        let mut processes = std::mem::take(&mut self.processes).into_iter();
+        let (Some(containerd), Some(kubelet)) = (processes.next(), processes.next()) else {
+            return Err(Error::State {
+                dir: self.root.clone(),
+                reason: "the node is not running".into(),
+            });
+        };
+        let components = [
+            (containerd, containerd_health),
+            (forwarder, String::new()),
+            (kubelet, kubelet_health),
+        ]
+        .into_iter()
+        .map(|(process, health)| {
+            let name = process.name().to_owned();
+            let log = process.log().to_owned();
+            let pid_file = process.pid_file().to_owned();
+            ComponentRecord {
+                name,
+                pid: process.detach(),
+                log,
+                pid_file,
+                health,
+            }
+        })
+        .collect();
+        let record = RealNodeRecord {
+            name: self.name.clone(),
+            root: self.root.clone(),
+            cgroup: self.cgroup.take().map(host::CgroupRoot::keep),
+            containerd_socket: self.containerd_socket.clone(),
+        };
+        Ok((components, record))
     }
 
     /// Stops the kubelet (SIGTERM, as systemd does) and starts it again with the same
@@ -583,6 +712,9 @@ impl RealNode {
         }
         stop_all(&mut self.processes, grace);
         self.processes.clear();
+        if let Some(mut forwarder) = self.forwarder.take() {
+            forwarder.stop(grace);
+        }
         self.forwards.clear();
         self.netns = None;
         for failed in host::unmount_below(&self.root) {
@@ -612,6 +744,38 @@ impl Drop for RealNode {
     fn drop(&mut self) {
         self.stop_everything();
     }
+}
+
+/// Stops what a node left by [`RealNode::detach`] still has once its processes are stopped:
+/// containers and containerd shims, the mounts under its directory, its cgroup root, its
+/// directory. Returns what could not be cleaned up.
+pub fn clean_up(record: &RealNodeRecord) -> Vec<String> {
+    let mut cgroup = record.cgroup.as_deref().map(host::CgroupRoot::existing);
+    let socket = record.containerd_socket.to_string_lossy().into_owned();
+    for _ in 0..50 {
+        let mut pids = cgroup.as_ref().map(|c| c.pids()).unwrap_or_default();
+        pids.extend(host::pids_with_cmdline(&socket));
+        if pids.is_empty() {
+            break;
+        }
+        host::kill_all(&pids);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut problems: Vec<String> = host::unmount_below(&record.root)
+        .into_iter()
+        .map(|failed| format!("cannot unmount {failed}"))
+        .collect();
+    if let Some(cgroup) = cgroup.as_mut() {
+        cgroup.remove();
+    }
+    host::remove_log_links_into(&record.root);
+    if problems.is_empty()
+        && record.root.exists()
+        && let Err(e) = std::fs::remove_dir_all(&record.root)
+    {
+        problems.push(format!("cannot remove {}: {e}", record.root.display()));
+    }
+    problems
 }
 
 /// See [`RealNode::pid_finder`].

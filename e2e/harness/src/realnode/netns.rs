@@ -18,7 +18,7 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::sched::{CloneFlags, setns};
@@ -36,8 +36,12 @@ pub(crate) struct Netns {
 impl Netns {
     /// The network namespace process `pid` is in.
     pub(crate) fn of_process(pid: i32) -> Result<Netns> {
-        let path = format!("/proc/{pid}/ns/net");
-        let file = File::open(&path).map_err(Error::io(&path, "opening the node's netns"))?;
+        Netns::open(Path::new(&format!("/proc/{pid}/ns/net")))
+    }
+
+    /// A network namespace by path (`/proc/<pid>/ns/net`, a bind mount of one).
+    pub(crate) fn open(path: &Path) -> Result<Netns> {
+        let file = File::open(path).map_err(Error::io(path, "opening the node's netns"))?;
         Ok(Netns {
             file: Arc::new(file),
         })
@@ -173,4 +177,95 @@ fn spawn(listener: TcpListener, target: Target, description: String) -> Forward 
         }
     });
     Forward { task, description }
+}
+
+/// The forwards of one node as arguments of `tessera-cluster node-forwards`: which way each
+/// goes, where it listens and where it connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardSpec {
+    /// Listens inside the node's namespace, connects on the host.
+    IntoHost { listen: SocketAddr, to: SocketAddr },
+    /// Listens on the host, connects inside the node's namespace.
+    IntoNetns { listen: SocketAddr, to: SocketAddr },
+}
+
+impl ForwardSpec {
+    /// `--into-host L=T` or `--into-netns L=T`.
+    pub fn to_args(self) -> [String; 2] {
+        match self {
+            ForwardSpec::IntoHost { listen, to } => {
+                ["--into-host".into(), format!("{listen}={to}")]
+            }
+            ForwardSpec::IntoNetns { listen, to } => {
+                ["--into-netns".into(), format!("{listen}={to}")]
+            }
+        }
+    }
+
+    /// The inverse of [`ForwardSpec::to_args`].
+    pub fn from_args(flag: &str, value: &str) -> std::result::Result<ForwardSpec, String> {
+        let (listen, to) = value.split_once('=').ok_or_else(|| {
+            format!("{flag} {value:?}: expected <listen address>=<target address>")
+        })?;
+        let parse = |a: &str| {
+            a.parse::<SocketAddr>()
+                .map_err(|e| format!("{flag} {value:?}: {a:?} is not an address: {e}"))
+        };
+        let (listen, to) = (parse(listen)?, parse(to)?);
+        match flag {
+            "--into-host" => Ok(ForwardSpec::IntoHost { listen, to }),
+            "--into-netns" => Ok(ForwardSpec::IntoNetns { listen, to }),
+            other => Err(format!("{other} is neither --into-host nor --into-netns")),
+        }
+    }
+
+    pub(crate) fn start(self, netns: &Netns) -> Result<Forward> {
+        match self {
+            ForwardSpec::IntoHost { listen, to } => into_host(netns, listen, to),
+            ForwardSpec::IntoNetns { listen, to } => into_netns(netns, listen, to),
+        }
+    }
+}
+
+/// Running forwards of one node; they stop when this is dropped.
+#[derive(Debug)]
+pub struct Forwards {
+    _forwards: Vec<Forward>,
+}
+
+/// Starts `specs` for the network namespace at `netns` (in this process, on the current tokio
+/// runtime): what `tessera-cluster node-forwards` runs for a node left running by `up`.
+pub fn start_forwards(netns: &Path, specs: &[ForwardSpec]) -> Result<Forwards> {
+    let netns = Netns::open(netns)?;
+    let forwards = specs
+        .iter()
+        .map(|s| s.start(&netns))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Forwards {
+        _forwards: forwards,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_specs_round_trip_through_arguments() {
+        for spec in [
+            ForwardSpec::IntoHost {
+                listen: "10.0.0.1:443".parse().expect("addr"),
+                to: "127.0.0.1:6443".parse().expect("addr"),
+            },
+            ForwardSpec::IntoNetns {
+                listen: "127.1.2.3:10250".parse().expect("addr"),
+                to: "127.1.2.3:10250".parse().expect("addr"),
+            },
+        ] {
+            let [flag, value] = spec.to_args();
+            assert_eq!(ForwardSpec::from_args(&flag, &value), Ok(spec));
+        }
+        assert!(ForwardSpec::from_args("--into-host", "127.0.0.1:1").is_err());
+        assert!(ForwardSpec::from_args("--into-host", "x=127.0.0.1:1").is_err());
+    }
 }

@@ -1,12 +1,13 @@
 //! Real nodes: the upstream kubelet with containerd 2 and runc, joined to the harness's control
 //! plane, and Tessera on them: the plugin as a host process (basics), Tessera's images and
-//! chart (chart), and what happens to prepared claims when the node's parts come and go
-//! (scenarios).
+//! chart (chart), what happens to prepared claims when the node's parts come and go
+//! (scenarios), and the real node `tessera-cluster up` leaves running (cluster_up).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod basics;
 mod chart;
+mod cluster_up;
 mod scenarios;
 mod support;

@@ -59,9 +59,18 @@ impl Scenarios<'_> {
         (pod, self.logs(name).await)
     }
 
+    /// Each container's log, `[name]` before it.
     async fn logs(&self, name: &str) -> String {
+        self.container_logs(name)
+            .await
+            .into_iter()
+            .map(|(container, log)| format!("[{container}]\n{log}"))
+            .collect()
+    }
+
+    async fn container_logs(&self, name: &str) -> Vec<(String, String)> {
         let pod = self.pods.get(name).await.expect("reading pod");
-        let mut out = String::new();
+        let mut logs = Vec::new();
         for c in pod.spec.map(|s| s.containers).unwrap_or_default() {
             let log = self
                 .pods
@@ -74,9 +83,9 @@ impl Scenarios<'_> {
                 )
                 .await
                 .unwrap_or_else(|e| format!("(no log: {e})"));
-            out.push_str(&format!("[{}]\n{log}", c.name));
+            logs.push((c.name, log));
         }
-        out
+        logs
     }
 
     /// Waits until every container of the pod has printed `holding`: its memory is allocated
@@ -86,12 +95,12 @@ impl Scenarios<'_> {
             &format!("pod {name} holding its memory"),
             self.node,
             || async {
-                let log = self.logs(name).await;
-                let containers = log.matches("\n[").count() + usize::from(log.starts_with('['));
-                let holding = log.matches("holding ").count();
-                (holding > 0 && holding == containers)
-                    .then_some(())
-                    .ok_or(log)
+                let logs = self.container_logs(name).await;
+                if !logs.is_empty() && logs.iter().all(|(_, log)| log.contains("holding ")) {
+                    Ok(())
+                } else {
+                    Err(format!("{logs:?}"))
+                }
             },
         )
         .await;
@@ -545,12 +554,12 @@ async fn scenarios(version: K8sVersion) {
     .await;
 
     // Before 1.33 the kubelet takes one registration per driver, so the chart replaces the
-    // plugin's pod in place: a prepare in the gap fails and the kubelet retries it (the pod
-    // above still ran). From 1.33 the instances overlap and nothing may fail.
+    // plugin's pod in place: a prepare of the pod created during the update can land in the
+    // gap and fail (the old socket gone, `Unavailable`, or no plugin registered at all), and
+    // the kubelet retries it (the pod above still ran). From 1.33 the instances overlap and
+    // nothing may fail.
     let gap_tolerated = |event: &String| {
-        version.minor() < 33
-            && event.starts_with("during-update FailedPrepareDynamicResources")
-            && event.contains("Unavailable")
+        version.minor() < 33 && event.starts_with("during-update FailedPrepareDynamicResources")
     };
     let failed: Vec<String> = s
         .failed_claim_events()
