@@ -307,6 +307,15 @@ async fn start_real_node(
         node.name(),
         node.ready_in().as_secs_f64()
     );
+    realnode::tessera::install_plugin(control_plane, &node, Duration::from_secs(180))
+        .await
+        .context(
+            "Tessera's plugin on the real node (the chart's DaemonSet, with this build's images)",
+        )?;
+    eprintln!(
+        "real node {}: the chart's tessera-kubelet-plugin pod runs there and its slices are published",
+        node.name()
+    );
     node.detach().context("leaving the real node running")
 }
 

@@ -21,6 +21,7 @@
 mod config;
 mod host;
 mod netns;
+pub mod tessera;
 
 use std::ffi::OsString;
 use std::hash::{BuildHasher, Hasher};

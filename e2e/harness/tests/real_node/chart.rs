@@ -5,7 +5,6 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch,
     PatchParams, PostParams,
 };
-use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
@@ -14,40 +13,11 @@ use tessera_chart_tests::{Helm, Release, install};
 use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::cluster::default_sharing_mode;
 use tessera_e2e_harness::cluster::workspace::{Artifacts, bin_dir};
-use tessera_e2e_harness::images::{REGISTRY, debug_images};
-use tessera_e2e_harness::realnode::RealNode;
+use tessera_e2e_harness::images::REGISTRY;
+use tessera_e2e_harness::realnode::{RealNode, tessera};
 use tessera_e2e_harness::workloads::{self, Selection, Share};
 
 use crate::support::*;
-
-/// The fake driver as the GPU Operator's driver root has it, for the chart's plugin pod, which
-/// sees only what is mounted into it: the libraries copied (not linked) under
-/// `<driver>/usr/lib/x86_64-linux-gnu`, the device nodes under `<driver>/dev`.
-fn fake_driver_root(driver: &std::path::Path, artifacts: &Artifacts) {
-    let lib_dir = driver.join("usr/lib/x86_64-linux-gnu");
-    let dev_dir = driver.join("dev");
-    for dir in [&lib_dir, &dev_dir] {
-        std::fs::create_dir_all(dir).expect("creating the fake driver root");
-    }
-    for (from, name) in [
-        (&artifacts.fake_cuda, "libcuda.so.1"),
-        (&artifacts.fake_nvml, "libnvidia-ml.so.1"),
-    ] {
-        std::fs::copy(from, lib_dir.join(name)).expect("copying the fake driver");
-    }
-    let nodes = (0..8)
-        .map(|i| format!("nvidia{i}"))
-        .chain(["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"].map(String::from));
-    for node in nodes {
-        mknod(
-            &dev_dir.join(&node),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(1, 3),
-        )
-        .expect("creating a fake device node");
-    }
-}
 
 /// One container of a worker pod: its name and `tessera-gpu-worker`'s arguments.
 pub(crate) struct Worker<'a> {
@@ -70,7 +40,7 @@ pub(crate) struct Tessera {
     system_pods: Api<Pod>,
 }
 
-pub(crate) const NAMESPACE: &str = "tessera-system";
+pub(crate) const NAMESPACE: &str = tessera::NAMESPACE;
 
 impl Tessera {
     /// Installs the chart and waits until the plugin's pod runs on the node and is registered
@@ -96,22 +66,10 @@ impl Tessera {
                     .unwrap_or_default()
             )
         })?;
-        let (artifacts, helm) = (artifacts.expect("checked"), helm.expect("checked"));
-        let images = debug_images().unwrap_or_else(|e| panic!("making Tessera's images: {e}"));
-        let tarballs: Vec<&std::path::Path> = images.iter().map(|i| i.tarball.as_path()).collect();
-        node.import_images(&tarballs)
-            .unwrap_or_else(|e| panic!("importing Tessera's images: {e}"));
-        let image = |name: &str| {
-            images
-                .iter()
-                .find(|i| i.name() == name)
-                .unwrap_or_else(|| panic!("no image {name} in {images:?}"))
-        };
-        let worker_image = image("tessera-gpu-worker").reference.clone();
-        let tag = image("tessera-kubelet-plugin").tag().to_owned();
-
-        let driver_root = node.root().join("gpu/driver");
-        fake_driver_root(&driver_root, &artifacts);
+        let helm = helm.expect("checked");
+        let tag = tessera::prepare_node(node)
+            .unwrap_or_else(|e| panic!("Tessera's images and the fake driver on the node: {e}"));
+        let worker_image = format!("{REGISTRY}/tessera-gpu-worker:{tag}");
         let nodes: Api<Node> = Api::all(client.clone());
         nodes
             .patch(
@@ -123,26 +81,11 @@ impl Tessera {
             )
             .await
             .expect("labelling the node");
-
-        let values = json!({
-            "image": { "registry": REGISTRY, "tag": tag, "pullPolicy": "Never" },
-            "sharingMode": default_sharing_mode(version),
-            "kubeletPlugin": {
-                "driverRoot": driver_root,
-                "cdiMode": "standalone",
-                "kubeletRoot": node.kubelet_root(),
-                "cdiDir": node.cdi_dir(),
-                "stateDir": node.root().join("gpu/tessera"),
-                "logFormat": "text",
-                "extraArgs": [format!("--dev-root={}", driver_root.display())],
-            },
-            "controller": { "logFormat": "text" },
-            "monitoring": { "enabled": false },
-        });
+        let values = tessera::chart_values(node, default_sharing_mode(version), &tag, json!({}));
         install(
             &client,
             &helm,
-            &Release::new("tessera", NAMESPACE).values(&values.to_string()),
+            &Release::new(tessera::RELEASE, NAMESPACE).values(&values.to_string()),
             None,
         )
         .await

@@ -1,6 +1,6 @@
 //! `tessera-cluster up` (what `make cluster-up` runs) brings up a real node beside the
-//! simulated ones and leaves it running after it exits; a pod runs there and its log comes
-//! back through the apiserver; `tessera-cluster down` stops the node's processes and leaves
+//! simulated ones, with Tessera's plugin on it from the chart's DaemonSet, and leaves it
+//! running after it exits; a pod runs there and its log comes back through the apiserver; `tessera-cluster down` stops the node's processes and leaves
 //! no container, mount, cgroup or directory of it behind.
 
 use std::path::Path;
@@ -8,13 +8,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, LogParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, LogParams, PostParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use tessera_built_libs::require;
 use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::process::is_alive;
-use tessera_e2e_harness::realnode::{BUSYBOX_IMAGE, NodeBinaries};
+use tessera_e2e_harness::realnode::{BUSYBOX_IMAGE, NodeBinaries, tessera};
 use tessera_e2e_harness::state::StateDir as ClusterState;
 
 use crate::common;
@@ -89,6 +91,42 @@ async fn up_and_down(version: K8sVersion) {
         "the real node {} beside the simulated ones: {names:?}",
         real.name
     );
+
+    // Tessera's plugin, the chart's DaemonSet with this build's images, runs there and has
+    // published the node's GPUs.
+    let plugin_pods: Api<Pod> = Api::namespaced(client.clone(), tessera::NAMESPACE);
+    let on_real_node: Vec<Pod> = plugin_pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=kubelet-plugin"))
+        .await
+        .expect("listing the plugin's pods")
+        .items
+        .into_iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&real.name))
+        .collect();
+    assert_eq!(
+        on_real_node.len(),
+        1,
+        "the plugin's pods on the real node: {on_real_node:#?}"
+    );
+    let slices: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(
+                "resource.k8s.io",
+                version.resource_api_version(),
+                "ResourceSlice",
+            ),
+            "resourceslices",
+        ),
+    );
+    let published = slices
+        .list(&ListParams::default())
+        .await
+        .expect("listing ResourceSlices")
+        .items
+        .iter()
+        .any(|s| s.data["spec"]["nodeName"].as_str() == Some(&real.name));
+    assert!(published, "no ResourceSlice of the real node {}", real.name);
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod: Pod = serde_json::from_value(json!({
