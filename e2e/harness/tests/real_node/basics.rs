@@ -17,7 +17,6 @@ use kube::api::{
 };
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use serde_json::json;
-use tessera_built_libs::require;
 use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::cluster::default_sharing_mode;
 use tessera_e2e_harness::cluster::workspace::{Artifacts, bin_dir};
@@ -299,17 +298,9 @@ async fn prepares_a_claim(version: K8sVersion) {
     let (test, began) = (setup.test.clone(), setup.began);
     let node = &setup.node;
     let control_plane = &setup.control_plane;
-    let artifacts = Artifacts::locate(&bin_dir());
-    let Some(()) = require(&test, artifacts.is_ok(), || {
-        artifacts
-            .as_ref()
-            .err()
-            .map(ToString::to_string)
-            .unwrap_or_default()
-    }) else {
+    let Some(artifacts) = required(&test, Artifacts::locate(&bin_dir())) else {
         return;
     };
-    let artifacts = artifacts.expect("checked above");
     let client = control_plane.client();
     let gpu_root = node.root().join("gpu");
     let inventory =
@@ -523,17 +514,9 @@ async fn reports_failures_as_events(version: K8sVersion) {
     let (test, began) = (setup.test.clone(), setup.began);
     let node = &setup.node;
     let client = setup.control_plane.client();
-    let artifacts = Artifacts::locate(&bin_dir());
-    let Some(()) = require(&test, artifacts.is_ok(), || {
-        artifacts
-            .as_ref()
-            .err()
-            .map(ToString::to_string)
-            .unwrap_or_default()
-    }) else {
+    let Some(artifacts) = required(&test, Artifacts::locate(&bin_dir())) else {
         return;
     };
-    let artifacts = artifacts.expect("checked above");
     let gpu_root = node.root().join("gpu");
     let inventory =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nodes/gpu-node-b.json");

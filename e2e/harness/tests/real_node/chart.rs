@@ -8,7 +8,6 @@ use kube::api::{
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use tessera_built_libs::require;
 use tessera_chart_tests::{Helm, Release, install};
 use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::cluster::default_sharing_mode;
@@ -50,23 +49,8 @@ impl Tessera {
         let test = &setup.test;
         let node = &setup.node;
         let client = setup.control_plane.client();
-        let artifacts = Artifacts::locate(&bin_dir());
-        let helm = Helm::locate();
-        require(test, artifacts.is_ok() && helm.is_ok(), || {
-            format!(
-                "{}{}",
-                artifacts
-                    .as_ref()
-                    .err()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-                helm.as_ref()
-                    .err()
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            )
-        })?;
-        let helm = helm.expect("checked");
+        required(test, Artifacts::locate(&bin_dir()))?;
+        let helm = required(test, Helm::locate())?;
         let tag = tessera::prepare_node(node)
             .unwrap_or_else(|e| panic!("Tessera's images and the fake driver on the node: {e}"));
         let worker_image = format!("{REGISTRY}/tessera-gpu-worker:{tag}");

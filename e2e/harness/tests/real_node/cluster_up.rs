@@ -13,14 +13,13 @@ use kube::api::{
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
-use tessera_built_libs::require;
 use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::process::is_alive;
 use tessera_e2e_harness::realnode::{BUSYBOX_IMAGE, NodeBinaries, tessera};
 use tessera_e2e_harness::state::StateDir as ClusterState;
 
 use crate::common;
-use crate::support::POD_TIMEOUT;
+use crate::support::{POD_TIMEOUT, required};
 
 fn cluster(args: &[&str], state: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tessera-cluster"))
@@ -41,16 +40,9 @@ async fn up_and_down(version: K8sVersion) {
     let Some(binaries) = common::binaries_or_skip(version, &test) else {
         return;
     };
-    let node_binaries = NodeBinaries::locate(&binaries);
-    let Some(()) = require(&test, node_binaries.is_ok(), || {
-        node_binaries
-            .as_ref()
-            .err()
-            .map(ToString::to_string)
-            .unwrap_or_default()
-    }) else {
+    if required(&test, NodeBinaries::locate(&binaries)).is_none() {
         return;
-    };
+    }
     common::init_tracing();
     // A short directory: the simulated nodes' sockets live under it.
     let state = common::StateDir::new("cluster_up");

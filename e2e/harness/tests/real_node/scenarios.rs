@@ -13,7 +13,7 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch,
     PatchParams, PostParams,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::realnode::RealNode;
 use tessera_e2e_harness::workloads::{self, Selection, Share};
@@ -177,6 +177,29 @@ impl Scenarios<'_> {
 
     fn release(dir: &Path) {
         std::fs::write(dir.join("release"), b"").expect("releasing the holders");
+    }
+
+    /// Starts pod `name` with one holder on `claim` and waits until it holds its memory;
+    /// returns the directory whose `release` lets it go.
+    async fn start_holder(&self, name: &str, claim: Value) -> PathBuf {
+        let sync = self.sync_dir(name);
+        self.create(
+            &self
+                .tessera
+                .pod(name, claim, &[Scenarios::holder("worker")], Some(&sync)),
+        )
+        .await;
+        self.holding(name).await;
+        sync
+    }
+
+    /// Lets the holders of pod `name` go, checks that it succeeded, and deletes it (see
+    /// [`Scenarios::delete`]).
+    async fn release_and_delete(&self, name: &str, sync: &Path) {
+        Scenarios::release(sync);
+        let (pod, log) = self.finished(name).await;
+        Scenarios::assert_succeeded(&pod, &log);
+        self.delete(name).await;
     }
 
     /// A worker that allocates a little and holds it until `/sync/release` exists.
@@ -380,16 +403,11 @@ async fn scenarios(version: K8sVersion) {
             tessera: &tessera,
             version,
         };
-        let sync = s.sync_dir("survivor");
-        s.create(&tessera.pod(
+        s.start_holder(
             "survivor",
             json!({ "resourceClaimTemplateName": "by-uuid" }),
-            &[Scenarios::holder("worker")],
-            Some(&sync),
-        ))
-        .await;
-        s.holding("survivor").await;
-        sync
+        )
+        .await
     };
     setup
         .node
@@ -403,23 +421,14 @@ async fn scenarios(version: K8sVersion) {
         version,
     };
     s.registered(1).await;
-    Scenarios::release(&sync);
-    let (pod_, log) = s.finished("survivor").await;
-    Scenarios::assert_succeeded(&pod_, &log);
-    s.delete("survivor").await;
+    s.release_and_delete("survivor", &sync).await;
 
     // The plugin's pod deleted while a claim is prepared: the DaemonSet starts another, which
     // registers, unprepares the old claim and prepares new ones.
     step("the plugin's pod deleted with a prepared claim");
-    let sync = s.sync_dir("orphan");
-    s.create(&tessera.pod(
-        "orphan",
-        json!({ "resourceClaimTemplateName": "by-uuid" }),
-        &[Scenarios::holder("worker")],
-        Some(&sync),
-    ))
-    .await;
-    s.holding("orphan").await;
+    let sync = s
+        .start_holder("orphan", json!({ "resourceClaimTemplateName": "by-uuid" }))
+        .await;
     let old = s.plugin_uid().await;
     let system_pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let old_name = tessera
@@ -436,10 +445,7 @@ async fn scenarios(version: K8sVersion) {
         .wait_plugin_ready(&setup.node, std::slice::from_ref(&old))
         .await;
     s.registered(2).await;
-    Scenarios::release(&sync);
-    let (pod_, log) = s.finished("orphan").await;
-    Scenarios::assert_succeeded(&pod_, &log);
-    s.delete("orphan").await;
+    s.release_and_delete("orphan", &sync).await;
     let (pod_, log) = tessera
         .run_worker(
             &client,
@@ -456,15 +462,12 @@ async fn scenarios(version: K8sVersion) {
     // instance beside the old one (maxSurge), older ones get it after the old one is gone;
     // pods started during the update are prepared either way (see the events check below).
     step("a rolling update with a prepared claim");
-    let sync = s.sync_dir("through-update");
-    s.create(&tessera.pod(
-        "through-update",
-        json!({ "resourceClaimTemplateName": "by-uuid" }),
-        &[Scenarios::holder("worker")],
-        Some(&sync),
-    ))
-    .await;
-    s.holding("through-update").await;
+    let sync = s
+        .start_holder(
+            "through-update",
+            json!({ "resourceClaimTemplateName": "by-uuid" }),
+        )
+        .await;
     let before = s.plugin_uid().await;
     let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
     daemonsets
@@ -493,10 +496,7 @@ async fn scenarios(version: K8sVersion) {
     let (pod_, log) = s.finished("during-update").await;
     Scenarios::assert_succeeded(&pod_, &log);
     s.delete("during-update").await;
-    Scenarios::release(&sync);
-    let (pod_, log) = s.finished("through-update").await;
-    Scenarios::assert_succeeded(&pod_, &log);
-    s.delete("through-update").await;
+    s.release_and_delete("through-update", &sync).await;
 
     // A claim deleted while its pod runs: it stays (in use) until the pod ends, is
     // unprepared, and then goes.
@@ -522,24 +522,18 @@ async fn scenarios(version: K8sVersion) {
     workloads::create(&client, &claim_object)
         .await
         .expect("creating ResourceClaim short-lived");
-    let sync = s.sync_dir("claim-deleted");
-    s.create(&tessera.pod(
-        "claim-deleted",
-        json!({ "resourceClaimName": "short-lived" }),
-        &[Scenarios::holder("worker")],
-        Some(&sync),
-    ))
-    .await;
-    s.holding("claim-deleted").await;
+    let sync = s
+        .start_holder(
+            "claim-deleted",
+            json!({ "resourceClaimName": "short-lived" }),
+        )
+        .await;
     let uids = s.claim_uids("claim-deleted").await;
     s.claims()
         .delete("short-lived", &DeleteParams::default())
         .await
         .expect("deleting ResourceClaim short-lived");
-    Scenarios::release(&sync);
-    let (pod_, log) = s.finished("claim-deleted").await;
-    Scenarios::assert_succeeded(&pod_, &log);
-    s.delete("claim-deleted").await;
+    s.release_and_delete("claim-deleted", &sync).await;
     for uid in &uids {
         let spec = setup.node.cdi_dir().join(format!("tessera-{uid}.json"));
         assert!(!spec.exists(), "{} left behind", spec.display());

@@ -17,6 +17,16 @@ use tessera_e2e_harness::{ControlPlane, ControlPlaneOptions, K8sVersion};
 
 use crate::common;
 
+/// The value when `found` is `Ok`; for an `Err`, what `require` decides (skip the test, or
+/// fail it under `TESSERA_E2E=1`), with the error as the reason.
+pub(crate) fn required<T, E: std::fmt::Display>(test: &str, found: Result<T, E>) -> Option<T> {
+    let reason = found.as_ref().err().map(ToString::to_string);
+    require(test, reason.is_none(), || {
+        reason.clone().unwrap_or_default()
+    })?;
+    found.ok()
+}
+
 pub(crate) const POD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Samples the sockets of every process of the cluster and the node until dropped; what it saw
@@ -138,15 +148,7 @@ pub(crate) struct Setup {
 pub(crate) async fn setup(version: K8sVersion, name: &str, kubelet_verbosity: u8) -> Option<Setup> {
     let test = format!("{name}_{}", version.dir_name().replace('.', "_"));
     let binaries = common::binaries_or_skip(version, &test)?;
-    let node_binaries = NodeBinaries::locate(&binaries);
-    require(&test, node_binaries.is_ok(), || {
-        node_binaries
-            .as_ref()
-            .err()
-            .map(ToString::to_string)
-            .unwrap_or_default()
-    })?;
-    let node_binaries = node_binaries.expect("checked above");
+    let node_binaries = required(&test, NodeBinaries::locate(&binaries))?;
     common::init_tracing();
     let began = Instant::now();
     let state = common::StateDir::new(&test);
