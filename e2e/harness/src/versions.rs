@@ -51,6 +51,14 @@ impl K8sVersion {
         format!("v1.{}", self.minor)
     }
 
+    /// `resource.k8s.io` objects of `kind` (`plural` in URLs) in the version this release
+    /// serves.
+    pub fn resource_api(self, kind: &str, plural: &str) -> kube::core::ApiResource {
+        let gvk =
+            kube::core::GroupVersionKind::gvk("resource.k8s.io", self.resource_api_version(), kind);
+        kube::core::ApiResource::from_gvk_with_plural(&gvk, plural)
+    }
+
     /// The `resource.k8s.io` version the harness expects served, and tests use.
     pub fn resource_api_version(self) -> &'static str {
         match self.minor {

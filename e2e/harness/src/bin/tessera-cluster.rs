@@ -132,11 +132,7 @@ fn main() -> ExitCode {
         return node_forwards();
     }
     let result = parse_args().and_then(|args| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
+        let runtime = runtime()?;
         runtime.block_on(async {
             match args.command.as_str() {
                 "up" => up(&args).await,
@@ -341,11 +337,7 @@ fn node_forwards() -> ExitCode {
             }
         }
         let netns = netns.context("node-forwards: --netns is required")?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
+        let runtime = runtime()?;
         runtime.block_on(async {
             let _forwards = start_forwards(&netns, &specs)?;
             // What the harness waits for (whatever the log filter).
@@ -365,6 +357,14 @@ fn node_forwards() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn clean_state_dir(dir: &Path) -> anyhow::Result<()> {

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
 use serde_json::json;
 
 use crate::controlplane::{ControlPlane, ControlPlaneOptions};
@@ -243,12 +243,7 @@ impl SimCluster {
 
     /// `resource.k8s.io` objects of `kind` in the version the cluster serves.
     pub fn resource_api(&self, kind: &str, plural: &str) -> ApiResource {
-        let gvk = GroupVersionKind::gvk(
-            "resource.k8s.io",
-            self.version().resource_api_version(),
-            kind,
-        );
-        ApiResource::from_gvk_with_plural(&gvk, plural)
+        self.version().resource_api(kind, plural)
     }
 
     /// An error naming the first Tessera process that has exited, with its log tail.

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use serde_json::{Value, json};
 
@@ -144,14 +144,7 @@ pub async fn install_plugin(
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let slices: Api<DynamicObject> = Api::all_with(
         client,
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(
-                "resource.k8s.io",
-                version.resource_api_version(),
-                "ResourceSlice",
-            ),
-            "resourceslices",
-        ),
+        &version.resource_api("ResourceSlice", "resourceslices"),
     );
     let deadline = Instant::now() + timeout;
     let mut last = String::new();

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Event, Pod};
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams,
-    PostParams,
-};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, LogParams, PostParams};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use serde_json::json;
 use tessera_e2e_harness::K8sVersion;
@@ -308,10 +305,7 @@ async fn prepares_a_claim(version: K8sVersion) {
     fake_driver(&gpu_root, &artifacts, 1);
 
     let api_version = version.resource_api_version();
-    let class_resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("resource.k8s.io", api_version, "DeviceClass"),
-        "deviceclasses",
-    );
+    let class_resource = version.resource_api("DeviceClass", "deviceclasses");
     let class: DynamicObject = serde_json::from_value(json!({
         "apiVersion": format!("resource.k8s.io/{api_version}"),
         "kind": "DeviceClass",
@@ -365,10 +359,7 @@ async fn prepares_a_claim(version: K8sVersion) {
         node.kubelet_log_tail(40)
     );
 
-    let slices_resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("resource.k8s.io", api_version, "ResourceSlice"),
-        "resourceslices",
-    );
+    let slices_resource = version.resource_api("ResourceSlice", "resourceslices");
     let slices: Api<DynamicObject> = Api::all_with(client.clone(), &slices_resource);
     let start = Instant::now();
     loop {

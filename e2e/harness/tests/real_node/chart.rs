@@ -2,8 +2,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch,
-    PatchParams, PostParams,
+    Api, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams,
 };
 use std::path::{Path, PathBuf};
 
@@ -90,11 +89,7 @@ impl Tessera {
         })
         .await;
 
-        let api_version = version.resource_api_version();
-        let slices_resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("resource.k8s.io", api_version, "ResourceSlice"),
-            "resourceslices",
-        );
+        let slices_resource = version.resource_api("ResourceSlice", "resourceslices");
         let slices: Api<DynamicObject> = Api::all_with(client.clone(), &slices_resource);
         wait_until("a ResourceSlice of the node, from NVML", node, || async {
             let list = slices

@@ -8,9 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, LogParams, PostParams,
-};
+use kube::api::{Api, DynamicObject, ListParams, LogParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use tessera_e2e_harness::K8sVersion;
@@ -102,14 +100,7 @@ async fn up_and_down(version: K8sVersion) {
     );
     let slices: Api<DynamicObject> = Api::all_with(
         client.clone(),
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(
-                "resource.k8s.io",
-                version.resource_api_version(),
-                "ResourceSlice",
-            ),
-            "resourceslices",
-        ),
+        &version.resource_api("ResourceSlice", "resourceslices"),
     );
     let published = slices
         .list(&ListParams::default())

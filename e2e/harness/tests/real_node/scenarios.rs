@@ -10,8 +10,7 @@ use std::time::Instant;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch,
-    PatchParams, PostParams,
+    Api, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams,
 };
 use serde_json::{Value, json};
 use tessera_e2e_harness::K8sVersion;
@@ -32,7 +31,22 @@ struct Scenarios<'a> {
     version: K8sVersion,
 }
 
-impl Scenarios<'_> {
+impl<'a> Scenarios<'a> {
+    fn new(
+        node: &'a RealNode,
+        client: &kube::Client,
+        tessera: &'a Tessera,
+        version: K8sVersion,
+    ) -> Scenarios<'a> {
+        Scenarios {
+            node,
+            client: client.clone(),
+            pods: Api::namespaced(client.clone(), "default"),
+            tessera,
+            version,
+        }
+    }
+
     async fn template(&self, name: &str, selection: &Selection) {
         let share = Share {
             memory: "2Gi".into(),
@@ -157,14 +171,7 @@ impl Scenarios<'_> {
     }
 
     fn claims(&self) -> Api<DynamicObject> {
-        let resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(
-                "resource.k8s.io",
-                self.version.resource_api_version(),
-                "ResourceClaim",
-            ),
-            "resourceclaims",
-        );
+        let resource = self.version.resource_api("ResourceClaim", "resourceclaims");
         Api::namespaced_with(self.client.clone(), "default", &resource)
     }
 
@@ -283,13 +290,7 @@ async fn scenarios(version: K8sVersion) {
     // Selection by model and by UUID: the worker sees the GPU the CEL picked.
     let class = Selection::class("gpu.tessera.dev");
     {
-        let s = Scenarios {
-            node: &setup.node,
-            client: client.clone(),
-            pods: Api::namespaced(client.clone(), "default"),
-            tessera: &tessera,
-            version,
-        };
+        let s = Scenarios::new(&setup.node, &client, &tessera, version);
         step("selection by model and by UUID");
         s.template(
             "by-model",
@@ -396,13 +397,7 @@ async fn scenarios(version: K8sVersion) {
     // plugin registers with the new kubelet, and the claim is unprepared afterwards.
     step("the kubelet restarted with a prepared claim");
     let sync = {
-        let s = Scenarios {
-            node: &setup.node,
-            client: client.clone(),
-            pods: Api::namespaced(client.clone(), "default"),
-            tessera: &tessera,
-            version,
-        };
+        let s = Scenarios::new(&setup.node, &client, &tessera, version);
         s.start_holder(
             "survivor",
             json!({ "resourceClaimTemplateName": "by-uuid" }),
@@ -413,13 +408,7 @@ async fn scenarios(version: K8sVersion) {
         .node
         .restart_kubelet()
         .unwrap_or_else(|e| panic!("restarting the kubelet: {e}"));
-    let s = Scenarios {
-        node: &setup.node,
-        client: client.clone(),
-        pods: Api::namespaced(client.clone(), "default"),
-        tessera: &tessera,
-        version,
-    };
+    let s = Scenarios::new(&setup.node, &client, &tessera, version);
     s.registered(1).await;
     s.release_and_delete("survivor", &sync).await;
 
