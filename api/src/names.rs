@@ -37,3 +37,8 @@ pub const SHIM_CONFIG_ENV: &str = "TESSERA_CONFIG";
 /// Where the shim looks when `TESSERA_CONFIG` is unset, so processes that drop their environment
 /// (sshd sessions, `env -i`) are limited too.
 pub const SHIM_CONFIG_DEFAULT_PATH: &str = "/etc/tessera/config.json";
+
+/// Namespace label with which the cluster admin lets the claims of a namespace ask for
+/// `priority: high` in their own config (`"true"`). A claim elsewhere gets high priority only from
+/// a DeviceClass's config, which the admin writes; tenants cannot label their namespaces.
+pub const HIGH_PRIORITY_NAMESPACE_LABEL: &str = "gpu.tessera.dev/allow-high-priority";

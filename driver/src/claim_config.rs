@@ -110,6 +110,22 @@ pub fn spill_limit_bytes(settings: &GpuConfig) -> Option<u64> {
 /// The settings for a claim whose results have the request names `requests` (full names,
 /// `<request>` or `<request>/<subrequest>`).
 pub fn merge(entries: &[ConfigEntry], requests: &[&str]) -> Result<GpuConfig, Error> {
+    merge_with_source(entries, requests).map(|merged| merged.config)
+}
+
+/// A claim's settings and who chose them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Merged {
+    pub config: GpuConfig,
+    /// The entry whose settings won, for the request where it ranks highest: `Some(Claim)` when
+    /// any request's settings came from the claim's own config (the tenant's words), `Some(Class)`
+    /// when all came from DeviceClasses (the admin's), `None` for the defaults.
+    pub source: Option<ConfigSource>,
+}
+
+/// [`merge`], also telling where the winning settings came from, for the settings only an
+/// admin may grant (see [`Merged::source`]).
+pub fn merge_with_source(entries: &[ConfigEntry], requests: &[&str]) -> Result<Merged, Error> {
     // Validate every entry of ours first, so a bad config fails the claim even when another
     // entry would have won.
     let mut ours = Vec::new();
@@ -135,15 +151,15 @@ pub fn merge(entries: &[ConfigEntry], requests: &[&str]) -> Result<GpuConfig, Er
         ..GpuConfig::default()
     };
     let mut chosen: Option<(&str, GpuConfig)> = None;
+    let mut source = None;
     for request in requests {
         let main = request.split('/').next().unwrap_or_default();
         let applies = |entry: &ConfigEntry| {
             entry.requests.is_empty() || entry.requests.iter().any(|r| r == request || r == main)
         };
-        let config = ours
-            .iter()
-            .rev()
-            .find(|(entry, _, _)| applies(entry))
+        let winner = ours.iter().rev().find(|(entry, _, _)| applies(entry));
+        source = source.max(winner.map(|(entry, _, _)| entry.source));
+        let config = winner
             .map(|(_, _, config)| config.clone())
             .unwrap_or_else(|| default.clone());
         match &chosen {
@@ -157,7 +173,10 @@ pub fn merge(entries: &[ConfigEntry], requests: &[&str]) -> Result<GpuConfig, Er
             None => chosen = Some((request, config)),
         }
     }
-    Ok(chosen.map(|(_, c)| c).unwrap_or(default))
+    Ok(Merged {
+        config: chosen.map(|(_, c)| c).unwrap_or(default),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -197,6 +216,25 @@ mod tests {
         assert_eq!(
             merge(&entries[1..2], &["gpu/big"]).expect("valid").priority,
             Priority::High
+        );
+    }
+
+    #[test]
+    fn the_source_says_whether_the_tenant_chose_the_settings() {
+        let class = entry(ConfigSource::Class, &[], config("high"));
+        let claim_for_small = entry(ConfigSource::Claim, &["small"], config("high"));
+        let source = |entries: &[ConfigEntry], requests: &[&str]| {
+            merge_with_source(entries, requests).expect("valid").source
+        };
+        assert_eq!(source(&[], &["gpu"]), None);
+        assert_eq!(
+            source(std::slice::from_ref(&class), &["gpu"]),
+            Some(ConfigSource::Class)
+        );
+        // One request's settings from the claim is enough: the tenant asked for them.
+        assert_eq!(
+            source(&[class.clone(), claim_for_small], &["big", "small"]),
+            Some(ConfigSource::Claim)
         );
     }
 

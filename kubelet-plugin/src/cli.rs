@@ -66,6 +66,17 @@ pub struct Args {
     /// Address of `/metrics` and `/healthz`.
     #[arg(long, default_value = "0.0.0.0:9477")]
     pub metrics_address: SocketAddr,
+    /// Who may read `/metrics`: anyone who reaches the port (none), or, over TLS, scrapers whose
+    /// bearer token the API server accepts and whose user may `get` the non-resource URL
+    /// `/metrics` (kubernetes; needs `create` on tokenreviews and subjectaccessreviews).
+    #[arg(long, env = "TESSERA_METRICS_AUTH", value_enum, default_value_t = MetricsAuthArg::None)]
+    pub metrics_auth: MetricsAuthArg,
+    /// With `--metrics-auth=kubernetes`: the serving certificate (PEM, chain first) and its key;
+    /// without them the plugin makes a self-signed certificate for the node at start.
+    #[arg(long, requires = "metrics_tls_key_file")]
+    pub metrics_tls_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "metrics_tls_cert_file")]
+    pub metrics_tls_key_file: Option<PathBuf>,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -73,6 +84,12 @@ pub struct Args {
     /// during a rolling update; kubelet 1.33 or newer.
     #[arg(long, env = "POD_UID")]
     pub instance_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MetricsAuthArg {
+    None,
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -15,6 +15,7 @@ pub mod install;
 pub mod kubelet_client;
 pub mod lock;
 pub mod metrics;
+pub mod metrics_auth;
 pub mod node;
 pub mod proto;
 pub mod regions;

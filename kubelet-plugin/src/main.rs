@@ -10,8 +10,9 @@ use clap::Parser;
 use kube::runtime::events::EventType;
 use tessera_driver::Inventory;
 use tessera_driver::cdi::{CdiMode, DriverFiles};
-use tessera_kubelet_plugin::cli::{Args, CdiModeArg, LogFormat};
+use tessera_kubelet_plugin::cli::{Args, CdiModeArg, LogFormat, MetricsAuthArg};
 use tessera_kubelet_plugin::metrics::Metrics;
+use tessera_kubelet_plugin::metrics_auth::Authorizer;
 use tessera_kubelet_plugin::node::health::{
     HealthConfig, HealthSource, NodeEvents, REASON_PLUGIN_FAILED,
 };
@@ -120,6 +121,24 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
     std::fs::create_dir_all(&config.cdi_dir)
         .with_context(|| format!("creating {}", config.cdi_dir.display()))?;
     let client = client?;
+    // Made before anything is served, so a bad certificate stops the plugin at once.
+    let metrics_tls = match args.metrics_auth {
+        MetricsAuthArg::None => None,
+        MetricsAuthArg::Kubernetes => {
+            let files = args
+                .metrics_tls_cert_file
+                .as_deref()
+                .zip(args.metrics_tls_key_file.as_deref());
+            let mut names = vec![args.node_name.clone(), "localhost".into()];
+            if !args.metrics_address.ip().is_unspecified() {
+                names.push(args.metrics_address.ip().to_string());
+            }
+            Some(
+                http::tls_config(files, names)
+                    .context("the metrics endpoint's TLS (--metrics-auth=kubernetes)")?,
+            )
+        }
+    };
     let inventory = config.inventory.clone();
     let metrics = Arc::new(Metrics::new(args.state_dir.clone()));
     let node = Arc::new(Node::new(config, client.clone(), metrics.clone()));
@@ -149,7 +168,16 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
         health,
         args.memory_overcommit.clone(),
     )?;
-    let http = tokio::spawn(http::serve(args.metrics_address, metrics));
+    let http = match metrics_tls {
+        None => tokio::spawn(http::serve(args.metrics_address, metrics)),
+        Some(tls) => {
+            let router = http::router_with_auth(metrics, Arc::new(Authorizer::new(client.clone())));
+            let listener = tokio::net::TcpListener::bind(args.metrics_address)
+                .await
+                .with_context(|| format!("listening on {}", args.metrics_address))?;
+            tokio::spawn(http::serve_tls(listener, router, tls))
+        }
+    };
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -9,6 +9,8 @@ use std::os::unix::fs::PermissionsExt;
 use serde_json::json;
 use support::kubelet::{ALL_VERSIONS, get_info};
 use support::*;
+use tessera_api::Priority;
+use tessera_api::names::HIGH_PRIORITY_NAMESPACE_LABEL;
 
 const NS: &str = "team-a";
 
@@ -261,6 +263,8 @@ async fn claim_and_class_config_reach_the_shim_config() {
             json!({"priority": "high", "oversubscribe": true}),
         ),
     ];
+    env.api
+        .label_namespace(NS, HIGH_PRIORITY_NAMESPACE_LABEL, "true");
     env.api.put(claim(
         NS,
         "tuned",
@@ -276,11 +280,7 @@ async fn claim_and_class_config_reach_the_shim_config() {
         .prepare_ok(Version::V1, &Claim::new(NS, "tuned", &uid(1)))
         .await;
     let shim = env.assert_prepared(&uid(1));
-    assert_eq!(
-        shim.priority,
-        tessera_api::Priority::High,
-        "the claim's entry wins"
-    );
+    assert_eq!(shim.priority, Priority::High, "the claim's entry wins");
     assert!(shim.oversubscribe);
     assert_eq!(
         shim.core_policy,
@@ -293,6 +293,69 @@ async fn claim_and_class_config_reach_the_shim_config() {
         .map(|d| (d.uuid.as_str(), d.memory_limit, d.cores))
         .collect();
     assert_eq!(limits, vec![(GPU0, 24 * GIB, 100), (GPU1, 4 * GIB, 9)]);
+    instance.stop().await;
+}
+
+/// A tenant cannot promote its own claim: `priority: high` in the claim's config needs the
+/// namespace label only the cluster admin can set; from a DeviceClass's config it is the admin's
+/// own word. Before the rule, "self-promoted" was prepared with high priority like the others.
+#[tokio::test]
+async fn high_priority_is_the_admins_to_grant() {
+    let env = Env::new(&["v1"]);
+    let instance = env.start(None, None).await;
+    let high = json!({"priority": "high"});
+    let put = |name: &str, n: u32, source: &str| {
+        env.api.put(claim(
+            NS,
+            name,
+            &uid(n),
+            Some(vec![result("gpu", "gpu-0")]),
+            vec![config_entry(source, &["gpu"], high.clone())],
+        ));
+    };
+    put("self-promoted", 1, "FromClaim");
+    put("from-the-class", 2, "FromClass");
+    let promoted = Claim::new(NS, "self-promoted", &uid(1));
+    let answer = instance
+        .kubelet
+        .prepare(Version::V1, std::slice::from_ref(&promoted))
+        .await
+        .expect("call succeeds");
+    let error = &answer[&uid(1)].error;
+    assert!(
+        error.contains("only the cluster admin may grant high priority")
+            && error.contains(&format!("{HIGH_PRIORITY_NAMESPACE_LABEL}=true"))
+            && error.contains(&format!("{NS}/self-promoted")),
+        "{error}"
+    );
+    env.assert_clean(&uid(1));
+
+    instance
+        .kubelet
+        .prepare_ok(Version::V1, &Claim::new(NS, "from-the-class", &uid(2)))
+        .await;
+    assert_eq!(env.assert_prepared(&uid(2)).priority, Priority::High);
+
+    // The admin grants it: the kubelet's retry prepares the claim.
+    env.api
+        .label_namespace(NS, HIGH_PRIORITY_NAMESPACE_LABEL, "true");
+    instance.kubelet.prepare_ok(Version::V1, &promoted).await;
+    assert_eq!(env.assert_prepared(&uid(1)).priority, Priority::High);
+    // Taking the grant back leaves a prepared claim as its containers were started.
+    env.api
+        .label_namespace(NS, HIGH_PRIORITY_NAMESPACE_LABEL, "false");
+    instance.kubelet.prepare_ok(Version::V1, &promoted).await;
+    instance.kubelet.unprepare_ok(Version::V1, &promoted).await;
+    let answer = instance
+        .kubelet
+        .prepare(Version::V1, std::slice::from_ref(&promoted))
+        .await
+        .expect("call succeeds");
+    assert!(
+        answer[&uid(1)].error.contains("only the cluster admin"),
+        "prepared afresh, the grant is checked again: {:?}",
+        answer[&uid(1)]
+    );
     instance.stop().await;
 }
 

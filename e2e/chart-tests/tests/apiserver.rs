@@ -118,11 +118,15 @@ kubeletPlugin:
   driverRoot: /run/nvidia/driver
   cdiMode: standalone
   rollingUpdate: replace
+  metricsAuth: kubernetes
+  metricsTLS: {secretName: tessera-metrics-tls}
 controller:
   replicas: 3
   leaderElection: false
 monitoring:
   labels: {release: kube-prometheus-stack}
+  authorization: {name: prometheus-token, key: token}
+  insecureSkipVerify: false
 "#;
 
 async fn dry_run(cluster: &Cluster, minor: u32) {
@@ -396,6 +400,17 @@ async fn admission_policy(cluster: &Cluster, minor: u32) {
         ),
         (&plugin, "get", "", "nodes", None, Some("node-a"), true),
         (&plugin, "update", "", "nodes", None, Some("node-a"), false),
+        (&plugin, "get", "", "namespaces", None, Some("team-a"), true),
+        (&plugin, "list", "", "namespaces", None, None, false),
+        (
+            &plugin,
+            "patch",
+            "",
+            "namespaces",
+            None,
+            Some("team-a"),
+            false,
+        ),
         (
             &plugin,
             "create",
@@ -550,6 +565,28 @@ async fn admission_policy(cluster: &Cluster, minor: u32) {
         .replace("node-a-slice", &pp, &changed)
         .await
         .expect("update own slice");
+    // On its own node, neither another driver's slice nor a pool named for another node: the
+    // scheduler would read either as devices the plugin does not have.
+    let mut foreign_driver = slice(version, "node-a-other-driver", Some("node-a"));
+    foreign_driver.data["spec"]["driver"] = json!("gpu.nvidia.com");
+    let mut foreign_pool = slice(version, "node-a-other-pool", Some("node-a"));
+    foreign_pool.data["spec"]["pool"]["name"] = json!("node-b");
+    for (object, refusal) in [
+        (
+            &foreign_driver,
+            "may write only ResourceSlices of driver gpu.tessera.dev, not of gpu.nvidia.com",
+        ),
+        (
+            &foreign_pool,
+            "on node node-a may write only its pool node-a, not pool node-b",
+        ),
+    ] {
+        let err = plugin_slices
+            .create(&pp, object)
+            .await
+            .expect_err("a node's plugin may write only Tessera's pool of its node");
+        assert!(err.to_string().contains(refusal), "v1.{minor}: {err}");
+    }
     // A slice for all nodes is not its to write either.
     let err = plugin_slices
         .create(&pp, &slice(version, "cluster-slice", None))

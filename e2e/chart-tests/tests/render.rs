@@ -195,6 +195,7 @@ fn default_values() {
     assert_eq!(
         rules(find(&objects, "ClusterRole", PLUGIN)),
         set(&[
+            " namespaces  get",
             " nodes  get",
             "events.k8s.io events  create,patch",
             "resource.k8s.io resourceclaims  get",
@@ -311,6 +312,8 @@ kubeletPlugin:
   nvmlLibrary: /run/nvidia/driver/usr/lib64/libnvidia-ml.so.1
   kubeletRoot: /var/lib/k0s/kubelet
   rollingUpdate: replace
+  metricsAuth: kubernetes
+  metricsTLS: {secretName: tessera-metrics-tls}
 controller:
   replicas: 3
   leaderElection: false
@@ -318,6 +321,8 @@ admissionPolicy: {enabled: false}
 monitoring:
   enabled: true
   labels: {release: kube-prometheus-stack}
+  authorization: {name: prometheus-token, key: token}
+  insecureSkipVerify: false
   dashboard: {enabled: false}
 image: {registry: registry.example.com/gpu, tag: "9.9.9"}
 "#;
@@ -372,6 +377,35 @@ fn non_default_values() {
     assert_eq!(mount["mountPath"], "/run/nvidia/driver");
     assert_eq!(mount["mountPropagation"], "HostToContainer");
     assert!(c["command"].is_null(), "nvmlLibrary given: no search");
+    // Metrics for authorised scrapers only, over TLS from the given Secret.
+    for want in [
+        "--metrics-auth=kubernetes",
+        "--metrics-tls-cert-file=/etc/tessera/metrics-tls/tls.crt",
+        "--metrics-tls-key-file=/etc/tessera/metrics-tls/tls.key",
+    ] {
+        assert!(a.iter().any(|x| x == want), "missing {want} in {a:?}");
+    }
+    assert_eq!(c["livenessProbe"]["httpGet"]["scheme"], "HTTPS");
+    let tls_volume = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "metrics-tls"))
+        .expect("metrics-tls volume");
+    assert_eq!(tls_volume["secret"]["secretName"], "tessera-metrics-tls");
+    assert_eq!(
+        find(
+            &objects,
+            "ClusterRole",
+            &format!("{RELEASE}-metrics-reader")
+        )["rules"],
+        json!([{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}])
+    );
+    let delegator = find(
+        &objects,
+        "ClusterRoleBinding",
+        &format!("{PLUGIN}-auth-delegator"),
+    );
+    assert_eq!(delegator["roleRef"]["name"], "system:auth-delegator");
+    assert_eq!(delegator["subjects"][0]["name"], PLUGIN);
     // replace: no second instance, no instance ID.
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
     assert!(!c["env"].to_string().contains("POD_UID"));
@@ -404,6 +438,15 @@ fn non_default_values() {
 
     let pm = find(&objects, "PodMonitor", PLUGIN);
     assert_eq!(pm["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(
+        (
+            &endpoint["scheme"],
+            &endpoint["tlsConfig"]["insecureSkipVerify"],
+            &endpoint["authorization"]["credentials"]["name"]
+        ),
+        (&json!("https"), &json!(false), &json!("prometheus-token"))
+    );
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["honorLabels"], true);
     assert_eq!(
         pm["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["targetLabel"],
@@ -596,6 +639,10 @@ fn bad_values_are_refused_with_the_reason() {
         ("deviceClass: {extra: [{cel: x}]}\n", "needs a name"),
         ("defaults: {corePolicy: soft}\n", "corePolicy"),
         ("defaults: {priority: urgent}\n", "priority"),
+        (
+            "kubeletPlugin: {metricsAuth: tls}\n",
+            "kubeletPlugin.metricsAuth must be none or kubernetes",
+        ),
     ] {
         match release(values) {
             Ok(_) => panic!("{values:?} was accepted"),

@@ -65,6 +65,17 @@ pub struct Allocation {
     pub config: Vec<ConfigEntry>,
 }
 
+impl Allocation {
+    /// The names of the requests Tessera's devices were allocated for.
+    pub fn requests_of_ours(&self) -> Vec<&str> {
+        self.results
+            .iter()
+            .filter(|r| r.driver == tessera_api::names::DRIVER_NAME)
+            .map(|r| r.request.as_str())
+            .collect()
+    }
+}
+
 /// Why a claim could not be read; per-claim, the message goes back to the kubelet.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -11,6 +11,7 @@
 mod card_room;
 pub mod health;
 mod plan;
+mod priority_grant;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use crate::claims::{self, ClaimReader};
 use crate::lock;
 use crate::metrics::Metrics;
 pub use plan::{CardShare, Plan, PlanError, check_uid};
+use priority_grant::PriorityGrants;
 
 /// How long a claim held back for card room (see [`card_room`]) stays reserved without the
 /// kubelet asking again: the kubelet retries a failed preparation within a few minutes while
@@ -127,10 +129,17 @@ pub enum CallError {
     Crashed(Step),
 }
 
+/// A claim read for preparation, with the reason it may not be prepared afresh, if any.
+struct Fetched {
+    claim: claims::Claim,
+    refusal: Option<String>,
+}
+
 /// Prepares and unprepares claims.
 pub struct Node {
     config: NodeConfig,
     reader: ClaimReader,
+    grants: PriorityGrants,
     metrics: Arc<Metrics>,
     fault: Option<FaultHook>,
     /// Claims that may not spill, held back until an overcommitted card has their share.
@@ -141,7 +150,8 @@ impl Node {
     pub fn new(config: NodeConfig, client: kube::Client, metrics: Arc<Metrics>) -> Node {
         Node {
             config,
-            reader: ClaimReader::new(client),
+            reader: ClaimReader::new(client.clone()),
+            grants: PriorityGrants::new(client),
             metrics,
             fault: None,
             waiting: Default::default(),
@@ -173,12 +183,15 @@ impl Node {
         let start = Instant::now();
         let fetches = claims.iter().map(|c| async move {
             check_uid(&c.uid)?;
-            self.reader
+            let claim = self
+                .reader
                 .get(&c.namespace, &c.name, &c.uid)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let refusal = self.grants.check(&claim).await.err();
+            Ok(Fetched { claim, refusal })
         });
-        let fetched: Vec<Result<claims::Claim, String>> = futures::future::join_all(fetches).await;
+        let fetched: Vec<Result<Fetched, String>> = futures::future::join_all(fetches).await;
         let _lock = lock::acquire(&self.config.plugin_dir)
             .await
             .map_err(CallError::Lock)?;
@@ -203,35 +216,47 @@ impl Node {
     fn prepare_locked(
         &self,
         claims: &[ClaimRef],
-        fetched: Vec<Result<claims::Claim, String>>,
+        fetched: Vec<Result<Fetched, String>>,
     ) -> Result<BTreeMap<String, PreparedClaimResult>, CallError> {
         let path = self.config.checkpoint_path();
         let mut checkpoint = self.config.load_checkpoint()?;
         let mut results = BTreeMap::new();
         let mut plans = Vec::new();
         for (claim, fetched) in claims.iter().zip(fetched) {
-            let plan = fetched.and_then(|c| Plan::new(&self.config, &c).map_err(|e| e.to_string()));
+            let plan = fetched.and_then(|f| {
+                let plan = Plan::new(&self.config, &f.claim).map_err(|e| e.to_string())?;
+                Ok((plan, f.refusal))
+            });
             match plan {
                 Err(error) => {
                     results.insert(claim.uid.clone(), Err(error));
                 }
-                Ok(plan) => match checkpoint.completed(&plan.uid, &self.config.boot_id) {
-                    // Already prepared: make sure nothing was lost, answer as before.
-                    Some(done) if done.devices == plan.devices => {
-                        results.insert(
-                            plan.uid.clone(),
-                            repair(&plan).map(|()| done.devices.clone()),
-                        );
+                Ok((plan, refusal)) => {
+                    match checkpoint.completed(&plan.uid, &self.config.boot_id) {
+                        // Already prepared: make sure nothing was lost, answer as before.
+                        Some(done) if done.devices == plan.devices => {
+                            results.insert(
+                                plan.uid.clone(),
+                                repair(&plan).map(|()| done.devices.clone()),
+                            );
+                        }
+                        // Prepared, but the plugin would now prepare it differently (an upgrade, or a
+                        // changed inventory). Containers may be running with what was prepared and
+                        // charging its region, so that stands until the claim is unprepared.
+                        Some(done) => {
+                            tracing::warn!(claim_uid = %plan.uid, "claim would be prepared differently now; keeping what was prepared");
+                            results.insert(plan.uid.clone(), Ok(done.devices.clone()));
+                        }
+                        // A grant is checked before a claim is first prepared; one already prepared
+                        // keeps what its running containers were started with.
+                        None => match refusal {
+                            Some(error) => {
+                                results.insert(plan.uid.clone(), Err(error));
+                            }
+                            None => plans.push(plan),
+                        },
                     }
-                    // Prepared, but the plugin would now prepare it differently (an upgrade, or a
-                    // changed inventory). Containers may be running with what was prepared and
-                    // charging its region, so that stands until the claim is unprepared.
-                    Some(done) => {
-                        tracing::warn!(claim_uid = %plan.uid, "claim would be prepared differently now; keeping what was prepared");
-                        results.insert(plan.uid.clone(), Ok(done.devices.clone()));
-                    }
-                    None => plans.push(plan),
-                },
+                }
             }
         }
         let (plans, held_back) = self.admit_to_cards(plans, &mut results);

@@ -58,13 +58,7 @@ impl Plan {
             &config.inventory,
             &config.memory_overcommit,
         )?;
-        let requests: Vec<&str> = allocation
-            .results
-            .iter()
-            .filter(|r| r.driver == tessera_api::names::DRIVER_NAME)
-            .map(|r| r.request.as_str())
-            .collect();
-        let settings = claim_config::merge(&allocation.config, &requests)?;
+        let settings = claim_config::merge(&allocation.config, &allocation.requests_of_ours())?;
         if let Some(files) = &config.driver_files {
             for gpu in &limits.gpus {
                 files.check_gpu_node(gpu.minor)?;

@@ -1,5 +1,6 @@
-//! An in-process API server responder: discovery of `resource.k8s.io` and GETs of canned
-//! ResourceClaims in the versions it is told to serve, behind a real `kube::Client`.
+//! An in-process API server responder: discovery of `resource.k8s.io`, GETs of canned
+//! ResourceClaims in the versions it is told to serve and of namespaces (with the labels a test
+//! set), behind a real `kube::Client`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -15,6 +16,8 @@ struct State {
     served: Vec<String>,
     /// (namespace, name) → claim JSON in the served versions' shape.
     claims: HashMap<(String, String), Value>,
+    /// Namespace → its labels; every namespace exists, with none unless set here.
+    namespace_labels: HashMap<String, Value>,
     /// Paths requested, in order.
     requests: Vec<String>,
 }
@@ -75,6 +78,16 @@ impl ApiServer {
         address
     }
 
+    /// Sets a label on a namespace, as the cluster admin would.
+    pub fn label_namespace(&self, namespace: &str, key: &str, value: &str) {
+        let mut state = self.lock();
+        let labels = state
+            .namespace_labels
+            .entry(namespace.to_string())
+            .or_insert_with(|| json!({}));
+        labels[key] = json!(value);
+    }
+
     pub fn delete(&self, namespace: &str, name: &str) {
         self.lock()
             .claims
@@ -110,6 +123,18 @@ fn respond(state: &Mutex<State>, path: &str) -> http::Response<Full<Bytes>> {
         );
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if let ["api", "v1", "namespaces", namespace] = parts[..] {
+        let labels = state
+            .namespace_labels
+            .get(namespace)
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        return reply(
+            200,
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": {"name": namespace, "labels": labels}}),
+        );
+    }
     if let [
         "apis",
         "resource.k8s.io",

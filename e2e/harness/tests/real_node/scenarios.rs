@@ -1,5 +1,6 @@
 //! Tessera, installed from its chart, on the real kubelet while the node's parts come and go:
-//! selection by model and by UUID, two containers on one claim, the kubelet restarted with a
+//! selection by model and by UUID, two containers on one claim, high priority granted by the
+//! admin's namespace label (under the chart's RBAC), the kubelet restarted with a
 //! prepared claim, the plugin's pod deleted and the DaemonSet rolled while claims are
 //! prepared, and a claim deleted before it is unprepared. After each, the claim's CDI spec is
 //! gone from the node: the kubelet unprepared it through whichever plugin instance ran then.
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams,
 };
@@ -22,6 +23,8 @@ use crate::support::*;
 
 const RTX_4090: &str = "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b";
 const L40S: &str = "GPU-40540c5d-e6f7-4a8b-9c0d-1e2f3a4b5c6d";
+/// The plugin's answer to a claim that gave itself high priority.
+const REFUSAL: &str = "only the cluster admin may grant high priority";
 
 struct Scenarios<'a> {
     node: &'a RealNode,
@@ -48,11 +51,16 @@ impl<'a> Scenarios<'a> {
     }
 
     async fn template(&self, name: &str, selection: &Selection) {
+        self.template_with(name, selection, None).await;
+    }
+
+    /// A template that also sets `gpu_config` fields in the claim's own config.
+    async fn template_with(&self, name: &str, selection: &Selection, gpu_config: Option<Value>) {
         let share = Share {
             memory: "2Gi".into(),
             cores: 25,
             tenths: 2,
-            gpu_config: None,
+            gpu_config,
         };
         let template = workloads::claim_template(self.version, "default", name, selection, &share);
         workloads::create(&self.client, &template)
@@ -391,6 +399,45 @@ async fn scenarios(version: K8sVersion) {
         );
         assert!(log.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{log}");
         s.delete("shared").await;
+
+        // A tenant's own `priority: high` waits for the admin's namespace label: the real
+        // kubelet reports the plugin's refusal, and retries it once the label is there.
+        step("priority high asked for in a claim's own config");
+        s.template_with("self-promoted", &class, Some(json!({ "priority": "high" })))
+            .await;
+        s.create(&tessera.pod(
+            "promoted",
+            json!({ "resourceClaimTemplateName": "self-promoted" }),
+            &[Worker {
+                name: "worker",
+                args: args(&["--allocate", "64Mi"]),
+            }],
+            None,
+        ))
+        .await;
+        wait_until("the kubelet reporting the refusal", &setup.node, || async {
+            let events = s.failed_claim_events().await;
+            events
+                .iter()
+                .any(|e| e.starts_with("promoted ") && e.contains(REFUSAL))
+                .then_some(())
+                .ok_or_else(|| format!("{events:?}"))
+        })
+        .await;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .patch(
+                "default",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "labels": {
+                    "gpu.tessera.dev/allow-high-priority": "true"
+                } } })),
+            )
+            .await
+            .expect("labelling namespace default");
+        let (pod_, log) = s.finished("promoted").await;
+        Scenarios::assert_succeeded(&pod_, &log);
+        s.delete("promoted").await;
     }
 
     // The kubelet restarted while a claim is prepared: the container keeps running, the
@@ -541,14 +588,15 @@ async fn scenarios(version: K8sVersion) {
     // gap and fail (the old socket gone, `Unavailable`, or no plugin registered at all), and
     // the kubelet retries it (the pod above still ran). From 1.33 the instances overlap and
     // nothing may fail.
-    let gap_tolerated = |event: &String| {
-        version.minor() < 33 && event.starts_with("during-update FailedPrepareDynamicResources")
+    let expected = |event: &String| {
+        (version.minor() < 33 && event.starts_with("during-update FailedPrepareDynamicResources"))
+            || (event.starts_with("promoted ") && event.contains(REFUSAL))
     };
     let failed: Vec<String> = s
         .failed_claim_events()
         .await
         .into_iter()
-        .filter(|e| !gap_tolerated(e))
+        .filter(|e| !expected(e))
         .collect();
     assert!(
         failed.is_empty(),
