@@ -116,4 +116,18 @@ mod tests {
             "short file"
         );
     }
+
+    proptest::proptest! {
+        /// Every claim on the node can write the board: whatever is there, parsing reads at
+        /// most the board's entries, in bounds, and only entries in use.
+        #[test]
+        fn any_bytes_parse_in_bounds(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2 * FILE_SIZE + 100)) {
+            let entries = parse_entries(&raw);
+            proptest::prop_assert!(entries.len() <= ENTRIES.min(raw.len() / ENTRY_SIZE));
+            for entry in &entries {
+                proptest::prop_assert!(entry.index < ENTRIES);
+                proptest::prop_assert!(entry.claim != 0);
+            }
+        }
+    }
 }

@@ -364,4 +364,81 @@ mod tests {
         );
         assert!(encode_new(&[spec(&"x".repeat(UUID_BYTES), 1)]).is_err());
     }
+
+    /// A tenant can write its claim's region: whatever it puts there, reading it (the plugin's
+    /// metrics) never panics, never indexes past the file, and sums without overflow.
+    mod hostile_bytes {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn devices() -> impl Strategy<Value = Vec<RegionDeviceSpec>> {
+            proptest::collection::vec(
+                ("GPU-[a-f0-9]{1,40}", any::<u64>(), 0u32..=100, any::<u64>()).prop_map(
+                    |(uuid, memory_limit, cores, context_overhead)| RegionDeviceSpec {
+                        uuid,
+                        memory_limit,
+                        cores,
+                        context_overhead,
+                    },
+                ),
+                1..=MAX_DEVICES,
+            )
+        }
+
+        fn check(bytes: &[u8]) {
+            if let Ok(snapshot) = RegionSnapshot::parse(bytes) {
+                assert!(snapshot.devices.len() <= MAX_DEVICES);
+                assert!(snapshot.slots.len() <= SLOT_COUNT);
+                for index in 0..=snapshot.devices.len() {
+                    snapshot.memory_used(index, |_| true);
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_length_and_content(raw in proptest::collection::vec(any::<u8>(), 0..512)) {
+                check(&raw);
+                // The right size with garbage over the header.
+                let mut sized = encode_new(&[spec("GPU-a", 1)]).expect("encodes");
+                sized[..raw.len()].copy_from_slice(&raw);
+                check(&sized);
+            }
+
+            #[test]
+            fn any_charges_in_live_slots_sum_without_overflow(
+                charges in proptest::collection::vec(any::<u64>(), 1..SLOT_COUNT),
+            ) {
+                let mut bytes = encode_new(&[spec("GPU-a", 1)]).expect("encodes");
+                for (index, charge) in charges.iter().enumerate() {
+                    put_u32(&mut bytes, slot_offset(index), SLOT_ACTIVE);
+                    put_u64(&mut bytes, slot_offset(index) + 64, *charge);
+                }
+                put_u32(&mut bytes, 32, charges.len() as u32);
+                let snapshot = RegionSnapshot::parse(&bytes).expect("parses");
+                let sum = charges.iter().fold(0u64, |a, b| a.saturating_add(*b));
+                prop_assert_eq!(snapshot.memory_used(0, |_| true), sum);
+            }
+
+            #[test]
+            fn a_valid_region_with_any_fields_rewritten(
+                devices in devices(),
+                writes in proptest::collection::vec((24usize..REGION_SIZE - 8, any::<u64>()), 0..64),
+                high_water in any::<u32>(),
+                device_count in any::<u32>(),
+            ) {
+                let mut bytes = encode_new(&devices).expect("encodes");
+                for (at, value) in writes {
+                    put_u64(&mut bytes, at, value);
+                }
+                put_u32(&mut bytes, 32, high_water);
+                check(&bytes);
+                // A device count past what the slots hold is refused, never read past.
+                put_u32(&mut bytes, 24, device_count);
+                check(&bytes);
+            }
+        }
+    }
 }

@@ -77,7 +77,9 @@ impl fmt::Display for LedgerError {
                 config,
             } => write!(
                 f,
-                "region {path} was created for devices {region:?} but the config names {config:?}"
+                "region {path} was created for {} but the config asks for {}; a process's limits come only from what its claim was prepared with",
+                region.join(", "),
+                config.join(", ")
             ),
         }
     }
@@ -136,13 +138,25 @@ impl Ledger {
                 path: path.into(),
                 error,
             })?;
-        let found: Vec<String> = snapshot.devices.iter().map(|d| d.uuid.clone()).collect();
-        let wanted: Vec<String> = devices.iter().map(|d| d.uuid.clone()).collect();
-        if found != wanted {
+        // The plugin writes the claim's limits into the region it creates: a config that asks
+        // for other GPUs or other limits (a forged TESSERA_CONFIG naming the claim's region)
+        // does not get them.
+        if snapshot.devices != devices {
+            let describe = |specs: &[RegionDeviceSpec]| -> Vec<String> {
+                specs
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{} (memoryLimit {}, cores {}, contextOverhead {})",
+                            d.uuid, d.memory_limit, d.cores, d.context_overhead
+                        )
+                    })
+                    .collect()
+            };
             return Err(LedgerError::Mismatch {
                 path: path.into(),
-                region: found,
-                config: wanted,
+                region: describe(&snapshot.devices),
+                config: describe(devices),
             });
         }
 

@@ -385,4 +385,35 @@ mod tests {
         let c = open(dir.path(), 9, 6 << 30, true);
         assert_eq!(c.others(true), 0, "an unreadable reservation reads as 0");
     }
+
+    proptest::proptest! {
+        /// Every claim on the GPU can write the memory board, and the reservation file is read
+        /// as text: whatever they hold, the sums saturate and nothing panics or reads past the
+        /// mapping.
+        #[test]
+        fn any_board_and_reservation_contents_are_survived(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2 * FILE_SIZE),
+            reservation in "\\PC{0,24}",
+            resident in proptest::prelude::any::<u64>(),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join(board_file_name("GPU-t")), &raw).expect("board");
+            std::fs::write(dir.path().join(reservation_file_name("GPU-t")), reservation)
+                .expect("reservation");
+            let board = MemoryBoard::open(
+                dir.path().to_str().expect("utf-8"),
+                Some(dir.path().to_str().expect("utf-8")),
+                "GPU-t",
+                5,
+                1 << 30,
+                true,
+            );
+            let spill = Spill { physical: 8 << 30, limit: 4 << 30, board };
+            spill.admit(resident);
+            spill.fits(resident);
+            if let Some(board) = &spill.board {
+                board.others(true);
+            }
+        }
+    }
 }

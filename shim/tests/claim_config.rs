@@ -80,6 +80,38 @@ fn unusable_region_fails_closed() {
     );
 }
 
+/// The region keeps the limits the claim was prepared with: a config naming the claim's region
+/// with a larger limit (one a process wrote and named in TESSERA_CONFIG) is refused, and the
+/// region is left as it was. Before the check, only the GPUs' UUIDs were compared and the forged
+/// config got its 4 GiB.
+#[test]
+fn a_config_with_other_limits_than_its_region_fails_closed() {
+    let scene = Scene::new();
+    let config = scene.claim("c", &[(GPU0, GIB, 0)]);
+    let mut app = scene.start("procaddr", Some(&config));
+    assert_eq!(app.rc("init 0"), 0);
+    app.finish();
+    let region = std::fs::read(scene.region("c")).expect("region");
+
+    let forged = scene.claim("c", &[(GPU0, 4 * GIB, 0)]);
+    let mut app = scene.start("procaddr", Some(&forged));
+    assert_eq!(app.rc("init 0"), CUDA_ERROR_NOT_PERMITTED);
+    assert_eq!(
+        app.rc(&format!("alloc {}", 2 * GIB)),
+        CUDA_ERROR_NOT_PERMITTED
+    );
+    let stderr = app.finish();
+    assert!(
+        stderr.contains("memoryLimit 1073741824") && stderr.contains("memoryLimit 4294967296"),
+        "names both limits: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read(scene.region("c")).expect("region"),
+        region,
+        "the region is untouched"
+    );
+}
+
 #[test]
 fn gpus_outside_the_claim_get_nothing() {
     let scene = Scene::new();

@@ -212,4 +212,23 @@ mod tests {
         boards[0].publish(later, 1, 10);
         assert!(Board::open(dir.path().to_str().unwrap(), "GPU-test", 999, later).is_some());
     }
+
+    proptest::proptest! {
+        /// Every claim on the GPU can write the board file: whatever it holds (any length, any
+        /// bytes), opening it, stamping and reading the neighbours neither panics nor reads past
+        /// the mapping.
+        #[test]
+        fn any_board_contents_are_survived(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2 * FILE_SIZE),
+            rank in 0u32..3,
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("GPU-test"), &raw).expect("planting the board");
+            if let Some(board) = Board::open(dir.path().to_str().expect("utf-8"), "GPU-test", 5, NOW) {
+                board.publish(NOW, rank, 50);
+                board.neighbours(NOW, WINDOW, rank);
+                board.neighbours(u64::MAX, u64::MAX, rank);
+            }
+        }
+    }
 }
