@@ -5,6 +5,7 @@
 //! kubelet plugin on the host, the shim inside arbitrary container images), so every format is
 //! versioned and documented in `docs/reference/`.
 
+pub mod board;
 pub mod claim_config;
 pub mod error_chain;
 pub mod memory_board;

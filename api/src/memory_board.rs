@@ -1,19 +1,15 @@
-//! The layout of a GPU's memory board, `<board dir>/<GPU UUID>.memory`: where the claims on an
-//! overcommitted GPU publish their memory limits and, for the claims that may spill, the bytes
-//! they hold on the card (see `docs/oversubscription.md`). The shim writes it; the kubelet
-//! plugin reads it before preparing a claim that may not spill.
+//! The layout of a claim's memory entry on a GPU's board (see [`crate::board`]): where the
+//! claims on an overcommitted GPU publish their memory limits and, for the claims that may
+//! spill, the bytes they hold on the card (see `docs/oversubscription.md`). The shim writes its
+//! claim's entry; other claims' shims and the kubelet plugin read it.
 //!
-//! 64 entries of 64 bytes, each four native-endian `u64`s (claim key, memory limit, flags,
-//! device-resident bytes) and padding. An entry is live while a process of its claim holds a
-//! shared open-file-description (`F_OFD_*`) lock on its 64 bytes: the kernel drops the lock when
-//! the process dies, however it dies.
+//! 64 bytes, four native-endian `u64`s (claim key, memory limit, flags, device-resident bytes)
+//! and padding. An entry is live while a process of its claim holds a shared
+//! open-file-description (`F_OFD_*`) lock on its 64 bytes: the kernel drops the lock when the
+//! process dies, however it dies.
 
-/// Entries in a board.
-pub const ENTRIES: usize = 64;
 /// Bytes per entry.
-pub const ENTRY_SIZE: usize = 64;
-/// The board file's size.
-pub const FILE_SIZE: usize = ENTRIES * ENTRY_SIZE;
+pub const ENTRY_SIZE: usize = crate::board::ENTRY_SIZE;
 /// Offsets of an entry's fields.
 pub const CLAIM_OFFSET: usize = 0;
 pub const LIMIT_OFFSET: usize = 8;
@@ -22,13 +18,8 @@ pub const RESIDENT_OFFSET: usize = 24;
 /// The entry's claim may spill: its resident bytes count for the card, not its limit.
 pub const FLAG_SPILLS: u64 = 1;
 
-/// The board file of GPU `uuid`.
-pub fn board_file_name(uuid: &str) -> String {
-    format!("{uuid}.memory")
-}
-
 /// Where containers see the kubelet plugin's reservation files: a read-only mount of a directory
-/// only the plugin writes (never the board directory, which every claim can write).
+/// only the plugin writes (never a board directory, where claims write their entries).
 pub const RESERVATIONS_DIR: &str = "/run/tessera/reservations";
 
 /// The kubelet plugin's reservation file of GPU `uuid` (decimal bytes): what the GPU's prepared
@@ -40,35 +31,27 @@ pub fn reservation_file_name(uuid: &str) -> String {
 /// One entry in use, as read (liveness is a lock, checked by the reader).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BoardEntry {
-    pub index: usize,
     pub claim: u64,
     pub limit: u64,
     pub spills: bool,
     pub resident: u64,
 }
 
-/// The entries in use (claim key ≠ 0) in a board's bytes; a short file has fewer entries.
-pub fn parse_entries(bytes: &[u8]) -> Vec<BoardEntry> {
-    let field = |entry: &[u8], offset: usize| {
+/// The entry in an entry file's bytes; `None` when it is short or not in use (claim key 0).
+pub fn parse_entry(bytes: &[u8]) -> Option<BoardEntry> {
+    let entry = bytes.get(..ENTRY_SIZE)?;
+    let field = |offset: usize| {
         let mut raw = [0u8; 8];
         raw.copy_from_slice(&entry[offset..offset + 8]);
         u64::from_ne_bytes(raw)
     };
-    bytes
-        .chunks_exact(ENTRY_SIZE)
-        .take(ENTRIES)
-        .enumerate()
-        .filter_map(|(index, entry)| {
-            let claim = field(entry, CLAIM_OFFSET);
-            (claim != 0).then(|| BoardEntry {
-                index,
-                claim,
-                limit: field(entry, LIMIT_OFFSET),
-                spills: field(entry, FLAGS_OFFSET) & FLAG_SPILLS != 0,
-                resident: field(entry, RESIDENT_OFFSET),
-            })
-        })
-        .collect()
+    let claim = field(CLAIM_OFFSET);
+    (claim != 0).then(|| BoardEntry {
+        claim,
+        limit: field(LIMIT_OFFSET),
+        spills: field(FLAGS_OFFSET) & FLAG_SPILLS != 0,
+        resident: field(RESIDENT_OFFSET),
+    })
 }
 
 #[cfg(test)]
@@ -76,56 +59,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entries_in_use_are_read_with_their_fields() {
-        let mut board = vec![0u8; FILE_SIZE];
-        let mut put = |index: usize, offset: usize, value: u64| {
-            let at = index * ENTRY_SIZE + offset;
-            board[at..at + 8].copy_from_slice(&value.to_ne_bytes());
+    fn an_entry_in_use_is_read_with_its_fields() {
+        let mut bytes = vec![0u8; ENTRY_SIZE];
+        let mut put = |offset: usize, value: u64| {
+            bytes[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
         };
-        put(2, CLAIM_OFFSET, 7);
-        put(2, LIMIT_OFFSET, 6 << 30);
-        put(2, FLAGS_OFFSET, FLAG_SPILLS);
-        put(2, RESIDENT_OFFSET, 1 << 30);
-        put(5, CLAIM_OFFSET, 9);
-        put(5, LIMIT_OFFSET, 2 << 30);
-        // A limit without a claim key is a free entry.
-        put(6, LIMIT_OFFSET, 1);
-        let entries = parse_entries(&board);
+        put(CLAIM_OFFSET, 7);
+        put(LIMIT_OFFSET, 6 << 30);
+        put(FLAGS_OFFSET, FLAG_SPILLS);
+        put(RESIDENT_OFFSET, 1 << 30);
         assert_eq!(
-            entries,
-            vec![
-                BoardEntry {
-                    index: 2,
-                    claim: 7,
-                    limit: 6 << 30,
-                    spills: true,
-                    resident: 1 << 30
-                },
-                BoardEntry {
-                    index: 5,
-                    claim: 9,
-                    limit: 2 << 30,
-                    spills: false,
-                    resident: 0
-                },
-            ]
+            parse_entry(&bytes),
+            Some(BoardEntry {
+                claim: 7,
+                limit: 6 << 30,
+                spills: true,
+                resident: 1 << 30
+            })
         );
-        assert_eq!(
-            parse_entries(&board[..3 * ENTRY_SIZE + 10]).len(),
-            1,
-            "short file"
-        );
+        assert_eq!(parse_entry(&bytes[..ENTRY_SIZE - 1]), None, "short file");
+        assert_eq!(parse_entry(&[0u8; ENTRY_SIZE]), None, "not in use");
     }
 
     proptest::proptest! {
-        /// Every claim on the node can write the board: whatever is there, parsing reads at
-        /// most the board's entries, in bounds, and only entries in use.
+        /// A claim can write its own entry file: whatever is there, parsing reads at most one
+        /// entry, in bounds, and only an entry in use.
         #[test]
-        fn any_bytes_parse_in_bounds(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2 * FILE_SIZE + 100)) {
-            let entries = parse_entries(&raw);
-            proptest::prop_assert!(entries.len() <= ENTRIES.min(raw.len() / ENTRY_SIZE));
-            for entry in &entries {
-                proptest::prop_assert!(entry.index < ENTRIES);
+        fn any_bytes_parse_in_bounds(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3 * ENTRY_SIZE)) {
+            if let Some(entry) = parse_entry(&raw) {
+                proptest::prop_assert!(raw.len() >= ENTRY_SIZE);
                 proptest::prop_assert!(entry.claim != 0);
             }
         }

@@ -89,7 +89,9 @@ impl Paths {
             preload: self.state_dir.join("lib/ld.so.preload"),
             config: dir.join("config.json"),
             region: dir.join("region"),
-            board: self.state_dir.join("board"),
+            boards: self.state_dir.join("boards"),
+            owner: name.to_string(),
+            priority: tessera_api::Priority::Normal,
             reservations: self.state_dir.join("reservations"),
         }
     }
@@ -272,7 +274,8 @@ pub fn generate(
         "building the region for",
         &paths.slice_dir(&request.name),
     ))?;
-    let host = paths.host(&request.name);
+    let mut host = paths.host(&request.name);
+    host.priority = request.settings.priority;
     let spec = cdi::slice_spec(
         &request.name,
         std::slice::from_ref(&device),
@@ -287,6 +290,7 @@ pub fn generate(
         // Never leave half a slice: no spec without its files, no files without a spec.
         let _ = std::fs::remove_file(&spec_path);
         let _ = fsutil::remove_dir_all(&paths.slice_dir(&request.name));
+        let _ = claim_files::remove_board_entries(&host);
     }
     written?;
     Ok(Made {
@@ -310,6 +314,8 @@ fn write_files(
 ) -> Result<()> {
     claim_files::write_config(host, &config.to_json()).map_err(io("writing", &host.config))?;
     claim_files::write_region(host, region).map_err(io("writing", &host.region))?;
+    claim_files::create_board_entries(host, config.devices.iter().map(|d| d.uuid.as_str()))
+        .map_err(io("creating the slice's board entries in", &host.boards))?;
     std::fs::create_dir_all(&paths.cdi_dir).map_err(io(
         "creating the CDI spec directory (choose another with --cdi-dir, or run as root)",
         &paths.cdi_dir,
@@ -371,5 +377,8 @@ pub fn remove(name: &str, paths: &Paths) -> Result<()> {
         });
     }
     fsutil::remove_file(&spec).map_err(io("removing", &spec))?;
+    let host = paths.host(name);
+    claim_files::remove_board_entries(&host)
+        .map_err(io("removing the board entries in", &host.boards))?;
     fsutil::remove_dir_all(&dir).map_err(io("removing", &dir))
 }

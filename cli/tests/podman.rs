@@ -154,11 +154,24 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         (child, session)
     };
 
-    // The shim arrives through /etc/ld.so.preload, with the slice's config.
+    // Another slice's entry on the same GPU, as its shim would have left it.
+    let gpu = "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b";
+    let neighbour = path("state/boards")
+        .join(gpu)
+        .join("neighbour.normal.compute");
+    std::fs::write(&neighbour, [7u8; 64]).expect("a neighbour's entry");
+    // The shim arrives through /etc/ld.so.preload, with the slice's config; the slice can write
+    // its own board entries and nothing else on the board.
     let probe = podman(&[
         "/bin/sh",
         "-c",
-        "cat /etc/ld.so.preload; cat /etc/tessera/config.json; ls /dev/nvidia0; test -d /run/tessera/board && test -w /run/tessera/board && echo board-writable; test -d /run/tessera/reservations && ! touch /run/tessera/reservations/x 2>/dev/null && echo reservations-read-only",
+        &format!(
+            "cat /etc/ld.so.preload; cat /etc/tessera/config.json; ls /dev/nvidia0; \
+             test -w /run/tessera/board/{gpu}.compute && test -w /run/tessera/board/{gpu}.memory && echo own-entries-writable; \
+             test -r /run/tessera/boards/{gpu}/neighbour.normal.compute && ! (: > /run/tessera/boards/{gpu}/neighbour.normal.compute) 2>/dev/null && echo neighbour-read-only; \
+             ! touch /run/tessera/boards/{gpu}/planted 2>/dev/null && echo boards-read-only; \
+             test -d /run/tessera/reservations && ! touch /run/tessera/reservations/x 2>/dev/null && echo reservations-read-only"
+        ),
     ])
     .output()
     .expect("run podman");
@@ -174,7 +187,9 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         &format!("\"memoryLimit\":{}", GIB),
         "\"cores\":50",
         "/dev/nvidia0",
-        "board-writable",
+        "own-entries-writable",
+        "neighbour-read-only",
+        "boards-read-only",
         "reservations-read-only",
     ] {
         let compact: String = seen.split_whitespace().collect();
@@ -208,16 +223,19 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         CUDA_ERROR_OUT_OF_MEMORY,
         "not one byte more"
     );
-    // A launch stamps the slice on its GPU's board, through the spec's board mount: how slices
-    // sharing a GPU see each other's priority.
+    // A launch stamps the slice's own entry on its GPU's board, through the spec's mount: how
+    // slices sharing a GPU see each other's priority. The neighbour's entry is as it was.
     assert_eq!(app.ask("launch 1"), vec!["launch", "0"]);
+    let own = path("state/boards")
+        .join(gpu)
+        .join(format!("{name}.normal.compute"));
+    let stamped = std::fs::read(&own).unwrap_or_else(|e| panic!("{}: {e}", own.display()));
     assert!(
-        path("state/board")
-            .join("GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b")
-            .exists(),
-        "no board for the GPU under {}",
-        path("state/board").display()
+        stamped.len() == 64 && stamped.iter().any(|&b| b != 0),
+        "{} not stamped: {stamped:?}",
+        own.display()
     );
+    assert_eq!(std::fs::read(&neighbour).expect("neighbour"), [7u8; 64]);
     app.quit();
     let output = child.wait_with_output().expect("podman exits");
     assert!(
@@ -264,4 +282,6 @@ fn a_podman_container_hits_the_slices_memory_wall() {
         .expect("run tessera");
     assert!(removed.status.success());
     assert!(!cdi_dir.join(format!("tessera-slice-{name}.json")).exists());
+    assert!(!own.exists(), "the slice's board entries go with it");
+    assert!(neighbour.exists(), "and nobody else's");
 }

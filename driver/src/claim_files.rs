@@ -4,6 +4,7 @@
 
 use std::io;
 use std::path::Path;
+use tessera_api::board::EntryKind;
 
 use tessera_api::region::{self, RegionDeviceSpec};
 use tessera_api::shim_config::{SHIM_CONFIG_VERSION, ShimConfigError};
@@ -85,8 +86,9 @@ fn create_parent(path: &Path) -> io::Result<()> {
 }
 
 /// Copies the shim to `<state-dir>/lib/libtessera.so` (the host path every spec mounts),
-/// writes the `ld.so.preload` naming it inside containers, and creates the board directory
-/// `<state-dir>/board` (mode 1777: processes of any user create and stamp their GPU's board). The copy is replaced atomically and
+/// writes the `ld.so.preload` naming it inside containers, and creates the boards directory
+/// `<state-dir>/boards` (the plugin's own: claims get their entries from [`create_board_entries`]).
+/// The copy is replaced atomically and
 /// only when it changed, so running containers keep the inode they mounted. Returns whether the
 /// copy was (re)written. Errors name the path and the flag (`shim_flag`) it came from.
 pub fn install_shim(shim: &Path, state_dir: &Path, shim_flag: &str) -> io::Result<bool> {
@@ -113,17 +115,92 @@ pub fn install_shim(shim: &Path, state_dir: &Path, shim_flag: &str) -> io::Resul
     }
     fsutil::write_atomic(&host.preload, cdi::preload_file().as_bytes(), 0o644)
         .map_err(context(format!("writing {}", host.preload.display())))?;
-    create_board_dir(&host.board).map_err(context(format!("creating {}", host.board.display())))?;
+    create_plugin_dir(&host.boards)
+        .map_err(context(format!("creating {}", host.boards.display())))?;
     create_reservations_dir(&host.reservations)
         .map_err(context(format!("creating {}", host.reservations.display())))?;
     Ok(replaced)
 }
 
-/// The board directory, world-writable with the sticky bit (like `/tmp`).
-fn create_board_dir(dir: &Path) -> io::Result<()> {
+/// A directory only the plugin writes (mode 0755, the plugin's user).
+fn create_plugin_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+}
+
+/// Creates the claim's board entries, two per GPU in `uuids`, where they are missing (an
+/// existing one is in use by the claim's processes): zeroed, mode 0666 (the claim's processes
+/// may run as any user). The GPUs' directories are the plugin's own; containers mount them
+/// read-only and only their own claim's entries read-write, so nothing a tenant does decides
+/// what the plugin creates or removes here.
+pub fn create_board_entries<'a>(
+    host: &HostPaths,
+    uuids: impl IntoIterator<Item = &'a str>,
+) -> io::Result<()> {
+    let empty = [0u8; tessera_api::board::ENTRY_SIZE];
+    for uuid in uuids {
+        board_gpu_name(uuid)?;
+        create_plugin_dir(&host.boards.join(uuid))?;
+        for kind in EntryKind::ALL {
+            let entry = host.board_entry(uuid, kind);
+            if entry.symlink_metadata().is_err() {
+                fsutil::write_atomic(&entry, &empty, 0o666)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", entry.display())))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the claim's board entries on every GPU (the boards directory is the plugin's own, so
+/// listing it is safe); missing ones are fine.
+pub fn remove_board_entries(host: &HostPaths) -> io::Result<()> {
+    let gpus = match std::fs::read_dir(&host.boards) {
+        Ok(gpus) => gpus,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("{}: {e}", host.boards.display()),
+            ));
+        }
+    };
+    for gpu in gpus {
+        let name = gpu?.file_name();
+        let Some(uuid) = name
+            .to_str()
+            .filter(|n| tessera_api::board::is_board_name(n))
+        else {
+            continue;
+        };
+        let dir = host.boards.join(uuid);
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| tessera_api::board::is_entry_of(name, &host.owner));
+            if ours {
+                let path = entry.path();
+                fsutil::remove_file(&path)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// GPU UUIDs become directory names on the boards: refuse anything else.
+fn board_gpu_name(uuid: &str) -> io::Result<()> {
+    if tessera_api::board::is_board_name(uuid) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("GPU UUID {uuid:?} cannot name a board directory"),
+        ))
+    }
 }
 
 /// The reservations directory: only the plugin writes it (mode 0755, the plugin's user), so

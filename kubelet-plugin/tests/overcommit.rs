@@ -399,15 +399,15 @@ fn the_binary_refuses_overcommit_on_gpus_without_on_demand_paging() {
     assert!(!err.contains("on-demand paging"), "{err}");
 }
 
-/// Writes entry 0 of GPU1's memory board as an opted-in claim's shim does, holding `resident`
-/// bytes on the card, and keeps its process's lock while the returned file is open.
+/// Writes an opted-in claim's memory entry on GPU1's board as its shim does, holding
+/// `resident` bytes on the card, and keeps its process's lock while the returned file is open.
 fn opted_in_claim_on_the_card(env: &Env, resident: u64) -> std::fs::File {
     use std::os::unix::fs::FileExt;
     use tessera_api::memory_board::*;
-    let dir = env.path("state/board");
+    let dir = env.path("state/boards").join(GPU1);
     std::fs::create_dir_all(&dir).expect("board dir");
-    let path = dir.join(board_file_name(GPU1));
-    std::fs::write(&path, vec![0u8; FILE_SIZE]).expect("board");
+    let path = dir.join("opted-in-claim.memory");
+    std::fs::write(&path, vec![0u8; ENTRY_SIZE]).expect("board");
     let file = hold_lock(&path, 0, ENTRY_SIZE, false);
     for (offset, value) in [
         (CLAIM_OFFSET, 0x5eed),

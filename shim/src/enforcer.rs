@@ -17,6 +17,7 @@ use crate::compute::Limiter;
 use crate::devices::{self, Grant};
 use crate::ledger::Ledger;
 use crate::ptr_table::PtrTable;
+use crate::shared_file::BoardPaths;
 use crate::spill::{MemoryBoard, Spill};
 use crate::{real, report};
 
@@ -122,11 +123,11 @@ fn config_path() -> Option<String> {
     mounted_or_named(SHIM_CONFIG_DEFAULT_PATH, c"TESSERA_CONFIG")
 }
 
-/// Where the GPUs' boards are (see `compute::board`): the mounted directory, else
-/// `TESSERA_BOARD`; none means neighbours cannot be seen. A process cannot hide from its
-/// neighbours' priorities by pointing the shim at another board.
-fn board_dir() -> Option<String> {
-    mounted_or_named(crate::compute::BOARD_DIR_DEFAULT, c"TESSERA_BOARD")
+/// Where the claim's board entries and its neighbours' are (`tessera_api::board`): the mounted
+/// ones, else the development layout in `TESSERA_BOARD`; none means neighbours cannot be seen.
+/// A process cannot hide from its neighbours' priorities by pointing the shim at another board.
+fn board_paths(config: &ShimConfig) -> Option<BoardPaths> {
+    BoardPaths::resolve(named(c"TESSERA_BOARD"), &config.claim_uid, config.priority)
 }
 
 /// Where the plugin's reservation files are (read-only in a container): the mounted directory,
@@ -144,6 +145,11 @@ fn mounted_or_named(mounted: &str, name: &CStr) -> Option<String> {
     if std::path::Path::new(mounted).exists() {
         return Some(mounted.to_string());
     }
+    named(name)
+}
+
+/// The non-empty value of the variable `name`.
+fn named(name: &CStr) -> Option<String> {
     // SAFETY: getenv with a NUL-terminated name; the value is copied at once.
     let value = unsafe { libc::getenv(name.as_ptr()) };
     if value.is_null() {
@@ -169,7 +175,7 @@ impl Enforcer {
         for (slot, device) in context_overhead.iter_mut().zip(&config.devices) {
             *slot = device.context_overhead;
         }
-        let board = board_dir();
+        let board = board_paths(&config);
         let reservation_dir = reservations_dir();
         let key = crate::compute::claim_key(&config.claim_uid);
         let mut spill = Vec::with_capacity(config.devices.len());
@@ -179,9 +185,9 @@ impl Enforcer {
                 spill.push(None);
                 continue;
             };
-            let entry = board.as_deref().and_then(|dir| {
+            let entry = board.as_ref().and_then(|paths| {
                 MemoryBoard::open(
-                    dir,
+                    paths,
                     reservation_dir.as_deref(),
                     &device.uuid,
                     key,
@@ -219,7 +225,7 @@ impl Enforcer {
             handles: table(HANDLE_CAPACITY)?,
             arrays: table(HANDLE_CAPACITY)?,
             contexts: table(HANDLE_CAPACITY)?,
-            compute: Limiter::new(&config, board.as_deref()),
+            compute: Limiter::new(&config, board.as_ref()),
             spill,
             spilled,
             _reservations: reservations,

@@ -1,53 +1,228 @@
-//! Files that the claims on one GPU share by mapping them: the compute board and the memory
-//! board (`/run/tessera/board/<UUID>`, `<UUID>.memory`).
+//! The files through which the claims on one GPU see each other (`tessera_api::board`): the
+//! claim's own entry, mapped read-write, and the other claims' entries, read with `pread` and
+//! never mapped — a claim may truncate or grow its own files, and a mapping of them would then
+//! fault its readers (`SIGBUS`).
 
 use std::ffi::CString;
 
-/// Opens `path` (creating it, mode 0666, so processes of any user can join), grows it to `size`
-/// bytes if it is shorter, and maps those bytes shared and read-write. Returns the descriptor
-/// (the caller closes it, or keeps it for `fcntl` locks) and the mapping; `None` when any step
-/// fails, with nothing left open.
-pub fn map_shared(path: &str, size: usize) -> Option<(i32, *mut libc::c_void)> {
-    let path = CString::new(path).ok()?;
-    // SAFETY: a NUL-terminated path.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
-            0o666,
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: our descriptor. Growing a file others map only adds zero bytes.
-    unsafe { libc::fchmod(fd, 0o666) };
-    // The size by seeking rather than fstat: `fstat` is not a dynamic symbol before glibc 2.33,
-    // and the shim must load into old images.
-    // SAFETY: our descriptor.
-    let current = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
-    let sized = current >= size as libc::off_t
-        // SAFETY: our descriptor.
-        || (current >= 0 && unsafe { libc::ftruncate(fd, size as libc::off_t) } == 0);
-    let base = if sized {
-        // SAFETY: a shared mapping of `size` bytes of a file at least that long.
-        unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
+use tessera_api::Priority;
+
+use tessera_api::board::{
+    BOARDS_DIR, ENTRY_SIZE, EntryKind, OWN_BOARD_DIR, entry_file_name, is_board_name,
+    own_entry_file_name,
+};
+
+/// Neighbours read at most (a GPU shared by more claims than this is not a real case).
+const MAX_NEIGHBOURS: usize = 1024;
+
+/// Where this claim's entries and its neighbours' are.
+pub struct BoardPaths {
+    /// Every claim's entries, a directory per GPU.
+    all: String,
+    /// The claim's own entries (`<UUID>.<kind>`), where the plugin mounted them; `None` in the
+    /// development layout, where they are `<all>/<UUID>/<owner>.<kind>` and the shim creates them.
+    own_dir: Option<String>,
+    /// The claim's name on the board: its UID.
+    owner: String,
+    /// Its priority, in its compute entry's name in the development layout.
+    priority: Priority,
+}
+
+impl BoardPaths {
+    /// The mounted layout when the plugin's mounts are there, else the development layout in
+    /// `named` (`TESSERA_BOARD`); `None` without either, or for an owner that cannot name a file.
+    pub fn resolve(named: Option<String>, owner: &str, priority: Priority) -> Option<BoardPaths> {
+        if !is_board_name(owner) {
+            return None;
         }
-    } else {
-        libc::MAP_FAILED
-    };
-    if base == libc::MAP_FAILED {
-        // SAFETY: our descriptor.
-        unsafe { libc::close(fd) };
-        return None;
+        let (all, own_dir) = if std::path::Path::new(BOARDS_DIR).exists() {
+            (BOARDS_DIR.to_string(), Some(OWN_BOARD_DIR.to_string()))
+        } else {
+            (named?, None)
+        };
+        Some(BoardPaths {
+            all,
+            own_dir,
+            owner: owner.to_string(),
+            priority,
+        })
     }
-    Some((fd, base))
+
+    /// Maps the claim's own `kind` entry of GPU `uuid` (see [`OwnEntry`]).
+    pub fn own(&self, uuid: &str, kind: EntryKind) -> Option<OwnEntry> {
+        if !is_board_name(uuid) {
+            return None;
+        }
+        match &self.own_dir {
+            Some(dir) => {
+                OwnEntry::map(&format!("{dir}/{}", own_entry_file_name(uuid, kind)), false)
+            }
+            None => {
+                let dir = format!("{}/{uuid}", self.all);
+                create_shared_dir(&dir)?;
+                OwnEntry::map(
+                    &format!(
+                        "{dir}/{}",
+                        entry_file_name(&self.owner, kind, self.priority)
+                    ),
+                    true,
+                )
+            }
+        }
+    }
+
+    /// The other claims' `kind` entries on GPU `uuid`.
+    pub fn neighbours(&self, uuid: &str, kind: EntryKind) -> Neighbours {
+        Neighbours {
+            dir: format!("{}/{uuid}", self.all),
+            own_name: entry_file_name(&self.owner, kind, self.priority),
+            suffix: kind.suffix(),
+        }
+    }
+}
+
+/// The development layout's GPU directory: any process of any user may add its entry.
+fn create_shared_dir(dir: &str) -> Option<()> {
+    let path = CString::new(dir).ok()?;
+    // SAFETY: a NUL-terminated path. EEXIST is fine; anything else shows in the open below.
+    unsafe {
+        libc::mkdir(path.as_ptr(), 0o1777);
+        libc::chmod(path.as_ptr(), 0o1777);
+    }
+    Some(())
+}
+
+/// The claim's own entry: `ENTRY_SIZE` bytes mapped shared and read-write. The descriptor stays
+/// open (memory entries hold their liveness lock on it).
+pub struct OwnEntry {
+    pub fd: i32,
+    pub base: *mut u8,
+}
+
+// SAFETY: a shared mapping accessed only through atomics; the descriptor is only used for locks.
+unsafe impl Send for OwnEntry {}
+unsafe impl Sync for OwnEntry {}
+
+impl OwnEntry {
+    /// Opens `path` (creating it, mode 0666, when `create`), grows it to an entry if it is
+    /// shorter and maps the entry. `None` when any step fails, with nothing left open.
+    fn map(path: &str, create: bool) -> Option<OwnEntry> {
+        let path = CString::new(path).ok()?;
+        let flags = libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+        let flags = if create { flags | libc::O_CREAT } else { flags };
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe { libc::open(path.as_ptr(), flags, 0o666) };
+        if fd < 0 {
+            return None;
+        }
+        if create {
+            // SAFETY: our descriptor; processes of other users of the claim join it.
+            unsafe { libc::fchmod(fd, 0o666) };
+        }
+        // The size by seeking rather than fstat: `fstat` is not a dynamic symbol before glibc
+        // 2.33, and the shim must load into old images.
+        // SAFETY: our descriptor.
+        let current = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+        let sized = current >= ENTRY_SIZE as libc::off_t
+            // SAFETY: our descriptor.
+            || (current >= 0 && unsafe { libc::ftruncate(fd, ENTRY_SIZE as libc::off_t) } == 0);
+        let base = if sized {
+            // SAFETY: a shared mapping of an entry of a file at least that long.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    ENTRY_SIZE,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            }
+        } else {
+            libc::MAP_FAILED
+        };
+        if base == libc::MAP_FAILED {
+            // SAFETY: our descriptor.
+            unsafe { libc::close(fd) };
+            return None;
+        }
+        Some(OwnEntry {
+            fd,
+            base: base.cast(),
+        })
+    }
+}
+
+impl Drop for OwnEntry {
+    fn drop(&mut self) {
+        // SAFETY: the mapping and descriptor made in map.
+        unsafe {
+            libc::munmap(self.base.cast(), ENTRY_SIZE);
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// The other claims' entries of one kind on one GPU.
+pub struct Neighbours {
+    dir: String,
+    own_name: String,
+    suffix: &'static str,
+}
+
+impl Neighbours {
+    /// Calls `f` with each neighbour's file name, entry and a descriptor of the file (valid
+    /// during the call, for lock queries). The GPU's directory is listed afresh each time (claims come and
+    /// go; no cache means no lock and nothing stale), and each file is opened without following
+    /// links or waiting, read for one entry, and closed: short or unreadable ones are skipped,
+    /// whatever their owners did. No descriptor is kept, so a program that closes descriptors
+    /// it did not open cannot make this read the wrong file.
+    pub fn visit(&self, mut f: impl FnMut(&str, &[u8; ENTRY_SIZE], i32)) {
+        let Ok(listing) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for name in listing
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| {
+                name.ends_with(self.suffix) && *name != self.own_name && is_board_name(name)
+            })
+            .take(MAX_NEIGHBOURS)
+        {
+            let Ok(path) = CString::new(format!("{}/{name}", self.dir)) else {
+                continue;
+            };
+            // SAFETY: a NUL-terminated path.
+            let fd = unsafe {
+                libc::open(
+                    path.as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                )
+            };
+            if fd < 0 {
+                continue;
+            }
+            let mut entry = [0u8; ENTRY_SIZE];
+            // SAFETY: reading into a buffer of exactly ENTRY_SIZE bytes from our descriptor.
+            let read = unsafe { libc::pread(fd, entry.as_mut_ptr().cast(), ENTRY_SIZE, 0) };
+            if read == ENTRY_SIZE as isize {
+                f(&name, &entry, fd);
+            }
+            // SAFETY: our descriptor.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// A coarse monotonic clock in ns (never 0): real time, not the fake driver's clock.
+pub fn coarse_now() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; a vDSO read.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+        .max(1)
 }

@@ -1,8 +1,8 @@
 //! Memory oversubscription: where an opted-in claim's allocation goes when the GPU's physical
 //! memory is overcommitted (see `docs/oversubscription.md`).
 //!
-//! The claims on one GPU meet on a **memory board**, `<board dir>/<GPU UUID>.memory`: 64 entries
-//! of {claim key, memory limit, flags, device-resident bytes}. Every claim on an overcommitted
+//! The claims on one GPU meet on a **memory board**: each claim has its own entry per GPU
+//! (`tessera_api::board`), {claim key, memory limit, flags, device-resident bytes}. Every claim on an overcommitted
 //! GPU publishes its limit and whether it may spill when it starts; a claim that may spill also
 //! publishes, after each of its device allocations and frees, the bytes it holds on the card.
 //! From that, an opted-in claim computes how much of the card it may use:
@@ -15,17 +15,21 @@
 //! so the claims that did not opt in always find their whole limit on the card. An entry is
 //! live while a process of its claim holds a shared open-file-description lock on its bytes (the
 //! kernel drops it when the process dies, however it dies); taking an entry needs the exclusive
-//! lock, so a live claim's entry is never taken. No PIDs, no clocks.
+//! lock, so a claim's first process resets the entry only when no other process of it is alive.
+//! No PIDs, no clocks.
 //!
 //! Claims that did not opt in only write their entry once, at start-up: their allocation path
 //! is unchanged.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tessera_api::board::EntryKind;
 use tessera_api::memory_board::{
-    CLAIM_OFFSET, ENTRIES, ENTRY_SIZE, FILE_SIZE, FLAG_SPILLS, FLAGS_OFFSET, LIMIT_OFFSET,
-    RESIDENT_OFFSET, board_file_name, reservation_file_name,
+    CLAIM_OFFSET, ENTRY_SIZE, FLAG_SPILLS, FLAGS_OFFSET, LIMIT_OFFSET, RESIDENT_OFFSET,
+    parse_entry, reservation_file_name,
 };
+
+use crate::shared_file::{BoardPaths, Neighbours, OwnEntry, coarse_now};
 
 #[repr(C, align(64))]
 struct Entry {
@@ -45,9 +49,8 @@ const _: () = {
 };
 
 pub struct MemoryBoard {
-    fd: i32,
-    base: *mut Entry,
-    mine: usize,
+    own: OwnEntry,
+    others: Neighbours,
     claim: u64,
     reservation: Reservation,
 }
@@ -68,16 +71,7 @@ struct Reservation {
 
 impl Reservation {
     fn bytes(&self) -> u64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid out-pointer; a vDSO read. Real time, not the fake driver's clock.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-        let now = (ts.tv_sec as u64)
-            .wrapping_mul(1_000_000_000)
-            .wrapping_add(ts.tv_nsec as u64)
-            .max(1);
+        let now = coarse_now();
         let last = self.read_at.load(Ordering::Relaxed);
         if last == 0 || now.wrapping_sub(last) >= RESERVATION_REFRESH_NS {
             let value = self
@@ -93,28 +87,38 @@ impl Reservation {
     }
 }
 
-// SAFETY: a shared mapping accessed only through atomics; the descriptor is only used for locks.
-unsafe impl Send for MemoryBoard {}
-unsafe impl Sync for MemoryBoard {}
+/// An OFD lock request on an entry's 64 bytes.
+fn entry_lock(fd: i32, kind: i32, cmd: i32) -> bool {
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = 0;
+    lock.l_len = ENTRY_SIZE as libc::off_t;
+    loop {
+        // SAFETY: fcntl with a valid flock on a descriptor the caller holds.
+        if unsafe { libc::fcntl(fd, cmd, &mut lock) } == 0 {
+            return cmd != libc::F_OFD_GETLK || lock.l_type != libc::F_UNLCK as libc::c_short;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
 
 impl MemoryBoard {
-    /// Maps (creating it if absent) the memory board of `uuid` in `dir` and publishes `claim`'s
-    /// `limit` and whether it `spills`. `None` when the board cannot be used.
+    /// Maps `claim`'s memory entry for GPU `uuid` (see [`BoardPaths`]) and publishes its `limit`
+    /// and whether it `spills`. `None` when the board cannot be used.
     pub fn open(
-        dir: &str,
+        paths: &BoardPaths,
         reservations: Option<&str>,
         uuid: &str,
         claim: u64,
         limit: u64,
         spills: bool,
     ) -> Option<Self> {
-        // The descriptor stays open: it holds our entry's lock.
-        let (fd, base) =
-            crate::shared_file::map_shared(&format!("{dir}/{}", board_file_name(uuid)), FILE_SIZE)?;
-        let mut board = MemoryBoard {
-            fd,
-            base: base.cast(),
-            mine: 0,
+        let board = MemoryBoard {
+            own: paths.own(uuid, EntryKind::Memory)?,
+            others: paths.neighbours(uuid, EntryKind::Memory),
             claim,
             reservation: Reservation {
                 path: reservations
@@ -123,113 +127,70 @@ impl MemoryBoard {
                 read_at: AtomicU64::new(0),
             },
         };
-        board.mine = board.take_entry(limit, if spills { FLAG_SPILLS } else { 0 })?;
+        board.join(limit, if spills { FLAG_SPILLS } else { 0 })?;
         Some(board)
     }
 
-    fn entry(&self, index: usize) -> &Entry {
-        // SAFETY: index < ENTRIES, inside the mapping, which lives as long as self.
-        unsafe { &*self.base.add(index.min(ENTRIES - 1)) }
+    fn entry(&self) -> &Entry {
+        // SAFETY: the mapping holds one Entry and lives as long as self.
+        unsafe { &*self.own.base.cast::<Entry>() }
     }
 
-    fn lock(&self, index: usize, kind: i32, cmd: i32) -> bool {
-        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = kind as libc::c_short;
-        lock.l_whence = libc::SEEK_SET as libc::c_short;
-        lock.l_start = (index * ENTRY_SIZE) as libc::off_t;
-        lock.l_len = ENTRY_SIZE as libc::off_t;
-        loop {
-            // SAFETY: fcntl with a valid flock on our descriptor.
-            if unsafe { libc::fcntl(self.fd, cmd, &mut lock) } == 0 {
-                return cmd != libc::F_OFD_GETLK || lock.l_type != libc::F_UNLCK as libc::c_short;
-            }
-            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return false;
-            }
-        }
-    }
-
-    fn take_entry(&self, limit: u64, flags: u64) -> Option<usize> {
-        // Join the claim's entry if one of its processes holds it (shared lock).
-        for index in 0..ENTRIES {
-            let entry = self.entry(index);
-            if entry.claim.load(Ordering::Acquire) != self.claim {
-                continue;
-            }
-            if self.lock(index, libc::F_RDLCK, libc::F_OFD_SETLK) {
-                if entry.claim.load(Ordering::Acquire) == self.claim {
-                    entry.limit.store(limit, Ordering::Release);
-                    entry.flags.store(flags, Ordering::Release);
-                    return Some(index);
-                }
-                self.lock(index, libc::F_UNLCK, libc::F_OFD_SETLK);
-            }
-        }
-        // Take an entry nobody alive holds (exclusive lock), fill it, then share it.
-        for index in 0..ENTRIES {
-            if !self.lock(index, libc::F_WRLCK, libc::F_OFD_SETLK) {
-                continue;
-            }
-            let entry = self.entry(index);
-            entry.limit.store(limit, Ordering::Release);
-            entry.flags.store(flags, Ordering::Release);
+    /// Publishes the claim's entry and holds it live (a shared lock, for as long as this
+    /// process lives). The first live process of the claim resets it (exclusive lock first, so
+    /// that nobody reads a half-written entry as live); later ones join it.
+    fn join(&self, limit: u64, flags: u64) -> Option<()> {
+        let fd = self.own.fd;
+        let entry = self.entry();
+        if entry_lock(fd, libc::F_WRLCK, libc::F_OFD_SETLK) {
             entry.resident.store(0, Ordering::Release);
-            entry.claim.store(self.claim, Ordering::Release);
-            // Converting our own lock to a shared one is atomic: nobody can take it between.
-            self.lock(index, libc::F_RDLCK, libc::F_OFD_SETLK);
-            return Some(index);
         }
-        None
+        entry.limit.store(limit, Ordering::Release);
+        entry.flags.store(flags, Ordering::Release);
+        entry.claim.store(self.claim, Ordering::Release);
+        // Converting our own lock to a shared one is atomic; a process of the claim that holds
+        // the exclusive lock right now is done with it in microseconds.
+        entry_lock(fd, libc::F_RDLCK, libc::F_OFD_SETLKW).then_some(())
     }
 
     /// Publishes the claim's device-resident bytes (claims that may spill). Sequentially
-    /// consistent with the loads in [`others`](Self::others): of two claims that each publish
-    /// and then read the other, at least one sees the other's figure (see [`Spill::admit`]).
+    /// consistent, and read by the others with a system call after it: of two claims that each
+    /// publish and then read the other, at least one sees the other's figure (see
+    /// [`Spill::admit`]).
     #[inline]
     pub fn publish_resident(&self, bytes: u64) {
-        let entry = self.entry(self.mine);
-        if entry.claim.load(Ordering::Relaxed) == self.claim {
-            entry.resident.store(bytes, Ordering::SeqCst);
-        }
+        self.entry().resident.store(bytes, Ordering::SeqCst);
     }
 
     /// What the claims other than this one hold or reserve on the card: the limits of those
     /// that may not spill (at least what the plugin says prepared ones are owed), the resident
     /// bytes of those that may. With `live_only`, entries no process holds are left out (one
-    /// `fcntl` per entry in use); without, every entry counts, which can only over-state the
-    /// others (no system call but the reservation file's, at most every 100 ms).
+    /// `fcntl` per entry); without, every entry counts, which can only over-state the others.
+    /// Each entry is read fresh from its file (a `pread`): a claim's entry is its own to
+    /// truncate, so no other claim maps it.
     pub fn others(&self, live_only: bool) -> u64 {
         let mut reserved = 0u64;
         let mut resident = 0u64;
-        for index in (0..ENTRIES).filter(|&i| i != self.mine) {
-            let entry = self.entry(index);
-            let claim = entry.claim.load(Ordering::Acquire);
-            if claim == 0 || claim == self.claim {
-                continue;
+        self.others.visit(|_, bytes, fd| {
+            let Some(entry) = parse_entry(bytes) else {
+                return;
+            };
+            if entry.claim == self.claim {
+                return;
             }
             // Live: some process holds a lock that conflicts with an exclusive one.
-            if live_only && !self.lock(index, libc::F_WRLCK, libc::F_OFD_GETLK) {
-                continue;
+            if live_only && !entry_lock(fd, libc::F_WRLCK, libc::F_OFD_GETLK) {
+                return;
             }
-            if entry.flags.load(Ordering::Acquire) & FLAG_SPILLS != 0 {
-                resident = resident.saturating_add(entry.resident.load(Ordering::SeqCst));
+            if entry.spills {
+                resident = resident.saturating_add(entry.resident);
             } else {
-                reserved = reserved.saturating_add(entry.limit.load(Ordering::Acquire));
+                reserved = reserved.saturating_add(entry.limit);
             }
-        }
+        });
         reserved
             .max(self.reservation.bytes())
             .saturating_add(resident)
-    }
-}
-
-impl Drop for MemoryBoard {
-    fn drop(&mut self) {
-        // SAFETY: the mapping and descriptor made in open.
-        unsafe {
-            libc::munmap(self.base.cast(), FILE_SIZE);
-            libc::close(self.fd);
-        }
     }
 }
 
@@ -287,7 +248,13 @@ mod tests {
 
     fn open(dir: &std::path::Path, claim: u64, limit: u64, spills: bool) -> MemoryBoard {
         let dir = dir.to_str().expect("utf-8");
-        MemoryBoard::open(dir, Some(dir), "GPU-t", claim, limit, spills).expect("board")
+        let paths = BoardPaths::resolve(
+            Some(dir.into()),
+            &format!("claim-{claim}"),
+            tessera_api::Priority::Normal,
+        )
+        .expect("paths");
+        MemoryBoard::open(&paths, Some(dir), "GPU-t", claim, limit, spills).expect("board")
     }
 
     #[test]
@@ -303,7 +270,14 @@ mod tests {
         assert_eq!(a.others(true), 7 << 30);
         assert_eq!(b.others(true), 6 << 30, "its own bytes do not count");
         let again = open(dir.path(), 5, 6 << 30, true);
-        assert_eq!(again.mine, a.mine, "processes of one claim share its entry");
+        again.publish_resident(1);
+        assert_eq!(
+            a.entry().resident.load(Ordering::SeqCst),
+            1,
+            "processes of one claim share its entry"
+        );
+        again.publish_resident(0);
+        drop(again);
         drop(fixed);
         assert_eq!(
             a.others(true),
@@ -320,8 +294,8 @@ mod tests {
         assert!(!spill.fits((7 << 30) + 1));
         let a = spill.board.expect("board");
         let c = open(dir.path(), 9, 2 << 30, false);
-        assert_eq!(c.mine, 0, "the dead claim's entry is taken");
         assert_eq!(a.others(true), 3 << 30);
+        drop(c);
     }
 
     #[test]
@@ -387,28 +361,24 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Every claim on the GPU can write the memory board, and the reservation file is read
-        /// as text: whatever they hold, the sums saturate and nothing panics or reads past the
-        /// mapping.
+        /// Another claim's entry holds whatever that claim wrote (any length, any bytes), and
+        /// the reservation file is read as text: the sums saturate and nothing panics or reads
+        /// past what is there.
         #[test]
-        fn any_board_and_reservation_contents_are_survived(
-            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2 * FILE_SIZE),
+        fn any_neighbour_and_reservation_contents_are_survived(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3 * ENTRY_SIZE),
             reservation in "\\PC{0,24}",
             resident in proptest::prelude::any::<u64>(),
         ) {
             let dir = tempfile::tempdir().expect("tempdir");
-            std::fs::write(dir.path().join(board_file_name("GPU-t")), &raw).expect("board");
+            let spill = Spill {
+                physical: 8 << 30,
+                limit: 4 << 30,
+                board: Some(open(dir.path(), 5, 1 << 30, true)),
+            };
+            std::fs::write(dir.path().join("GPU-t").join("theirs.memory"), &raw).expect("entry");
             std::fs::write(dir.path().join(reservation_file_name("GPU-t")), reservation)
                 .expect("reservation");
-            let board = MemoryBoard::open(
-                dir.path().to_str().expect("utf-8"),
-                Some(dir.path().to_str().expect("utf-8")),
-                "GPU-t",
-                5,
-                1 << 30,
-                true,
-            );
-            let spill = Spill { physical: 8 << 30, limit: 4 << 30, board };
             spill.admit(resident);
             spill.fits(resident);
             if let Some(board) = &spill.board {

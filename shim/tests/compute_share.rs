@@ -305,3 +305,66 @@ fn claims_at_10_and_90_share_the_gpu_1_to_9() {
         app.finish();
     }
 }
+
+/// A tenant truncates every board file its claim can write while a neighbour on the GPU runs:
+/// the neighbour keeps running and keeps its share. With one board file per GPU that every claim
+/// mapped read-write, this killed every other claim's process with SIGBUS at its next refresh;
+/// now a claim can write only its own entries, and others read them with `pread`.
+#[test]
+fn a_claim_that_truncates_the_board_files_it_can_write_harms_no_neighbour() {
+    let scene = Scene::new();
+    let hostile = scene.compute_claim(
+        "hostile",
+        Share {
+            cores: 50,
+            priority: "high",
+            policy: "default",
+        },
+    );
+    let victim = scene.compute_claim("victim", Share::force(30));
+    // The victim is running (its board open) when the attacker strikes.
+    let mut app = scene.start_compute("dlsym", Some(&victim));
+    app.start_run("plain", GRID, 2 * WINDOW_MS, WINDOW_MS);
+    app.run_reply();
+    let mut attacker = scene.start_compute("dlsym", Some(&hostile));
+    attacker.start_run("plain", GRID, 2 * WINDOW_MS, WINDOW_MS);
+    attacker.run_reply();
+    let board = scene.dir.path().join("board");
+    let writable: Vec<std::path::PathBuf> = std::fs::read_dir(&board)
+        .expect("board dir")
+        .flatten()
+        .flat_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                // One directory per GPU: only the hostile claim's own entries are its to write.
+                std::fs::read_dir(&path)
+                    .expect("GPU dir")
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().contains("uid-hostile."))
+                    .collect()
+            } else {
+                // A file shared by every claim on the GPU.
+                vec![path]
+            }
+        })
+        .collect();
+    assert!(!writable.is_empty(), "the attacker stamped its entry");
+    for path in &writable {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("a file the attacker can write")
+            .set_len(0)
+            .expect("truncated");
+    }
+    app.start_run("plain", GRID, SPAN_MS, WINDOW_MS);
+    let run = app.run_reply();
+    assert_holds(
+        &run,
+        30,
+        "beside a neighbour that truncated its board files",
+    );
+    app.finish();
+    attacker.finish();
+}

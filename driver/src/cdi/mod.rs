@@ -5,8 +5,10 @@
 //! every process: `libtessera.so` mounted read-only, an `/etc/ld.so.preload` naming it (so
 //! processes that drop `LD_PRELOAD` are covered), the claim's `config.json` mounted read-only
 //! (a container must not raise its own limit), the `region` mounted read-write (every process of
-//! the claim charges it), the node's GPU boards read-write at `/run/tessera/board` (claims on one
-//! GPU see each other's priority and activity there), the plugin's reservation files read-only
+//! the claim charges it), every claim's board entries read-only at `/run/tessera/boards` and the
+//! claim's own entries read-write at `/run/tessera/board` (claims on one GPU see each other's
+//! priority, activity and card memory there; see `tessera_api::board`), the plugin's reservation
+//! files read-only
 //! at `/run/tessera/reservations`, and `TESSERA_CONFIG`. Each allocated device is a CDI device
 //! `<claim-uid>-<device>[-<shareID>]`. See `docs/reference/cdi.md`.
 
@@ -15,6 +17,7 @@ pub mod standalone;
 
 use std::path::{Path, PathBuf};
 
+use tessera_api::board::{EntryKind, own_entry_file_name};
 use tessera_api::names::{DRIVER_NAME, SHIM_CONFIG_DEFAULT_PATH, SHIM_CONFIG_ENV};
 
 use crate::allocation::AllocatedDevice;
@@ -33,9 +36,11 @@ pub const CONTAINER_PRELOAD: &str = "/etc/ld.so.preload";
 pub const CONTAINER_CONFIG: &str = SHIM_CONFIG_DEFAULT_PATH;
 /// The claim's accounting region inside containers; `config.json`'s `region` field.
 pub const CONTAINER_REGION: &str = "/etc/tessera/region";
-/// The GPUs' boards inside containers, where claims sharing a GPU see each other (priorities,
-/// the idle-GPU rule of `corePolicy: default`); the shim's default board directory.
-pub const CONTAINER_BOARD: &str = "/run/tessera/board";
+/// Every claim's board entries inside containers, read-only: where claims sharing a GPU see
+/// each other (priorities, the idle-GPU rule of `corePolicy: default`, card memory).
+pub const CONTAINER_BOARDS: &str = tessera_api::board::BOARDS_DIR;
+/// The claim's own board entries inside its containers, read-write.
+pub const CONTAINER_OWN_BOARD: &str = tessera_api::board::OWN_BOARD_DIR;
 
 /// The plugin's reservation files inside containers (read-only: only the plugin writes them).
 pub const CONTAINER_RESERVATIONS: &str = tessera_api::memory_board::RESERVATIONS_DIR;
@@ -67,8 +72,13 @@ pub struct HostPaths {
     pub config: PathBuf,
     /// `<state-dir>/claims/<uid>/region`.
     pub region: PathBuf,
-    /// `<state-dir>/board`: one board file per GPU, shared by every claim on the node.
-    pub board: PathBuf,
+    /// `<state-dir>/boards`: a directory per GPU, an entry file per claim and kind in it.
+    pub boards: PathBuf,
+    /// The claim's name on the boards: its UID (a slice's name for the CLI's slices).
+    pub owner: String,
+    /// The priority the claim is prepared with, in its compute entry's name (see
+    /// `tessera_api::board::entry_file_name`).
+    pub priority: tessera_api::Priority,
     /// `<state-dir>/reservations`: the plugin's reservation file per overcommitted GPU; no
     /// container can write it.
     pub reservations: PathBuf,
@@ -83,9 +93,22 @@ impl HostPaths {
             preload: state_dir.join("lib/ld.so.preload"),
             config: claim.join("config.json"),
             region: claim.join("region"),
-            board: state_dir.join("board"),
+            boards: state_dir.join("boards"),
+            owner: claim_uid.to_string(),
+            priority: tessera_api::Priority::Normal,
             reservations: state_dir.join("reservations"),
         }
+    }
+
+    /// `<boards>/<GPU UUID>/<owner>.<kind>`: the claim's own board entry of `kind` for GPU `uuid`.
+    pub fn board_entry(&self, uuid: &str, kind: EntryKind) -> PathBuf {
+        self.boards
+            .join(uuid)
+            .join(tessera_api::board::entry_file_name(
+                &self.owner,
+                kind,
+                self.priority,
+            ))
     }
 }
 
@@ -176,10 +199,25 @@ fn build_spec(
             Mount::read_only(path(&host.preload), CONTAINER_PRELOAD),
             Mount::read_only(path(&host.config), CONTAINER_CONFIG),
             Mount::read_write(path(&host.region), CONTAINER_REGION),
-            Mount::read_write(path(&host.board), CONTAINER_BOARD),
+            Mount::read_only(path(&host.boards), CONTAINER_BOARDS),
             Mount::read_only(path(&host.reservations), CONTAINER_RESERVATIONS),
         ],
     };
+    // The claim's own entries: the only board files its containers can write.
+    let mut uuids: Vec<&str> = named
+        .iter()
+        .flat_map(|(_, gpus)| gpus.iter().map(|d| d.gpu_uuid.as_str()))
+        .collect();
+    uuids.sort_unstable();
+    uuids.dedup();
+    for uuid in uuids {
+        for kind in EntryKind::ALL {
+            common.mounts.push(Mount::read_write(
+                path(&host.board_entry(uuid, kind)),
+                format!("{CONTAINER_OWN_BOARD}/{}", own_entry_file_name(uuid, kind)),
+            ));
+        }
+    }
     if let Some(driver) = driver {
         common
             .device_nodes

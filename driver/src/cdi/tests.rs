@@ -94,11 +94,29 @@ fn toolkit_spec_preloads_the_shim_and_mounts_the_config_read_only() {
         "a container must not raise its limit"
     );
     assert!(find(CONTAINER_REGION).options.contains(&"rw".to_string()));
-    assert_eq!(find(CONTAINER_BOARD).host_path, "/var/lib/tessera/board");
+    assert_eq!(find(CONTAINER_BOARDS).host_path, "/var/lib/tessera/boards");
     assert!(
-        find(CONTAINER_BOARD).options.contains(&"rw".to_string()),
-        "processes stamp their claim's entry on the board"
+        find(CONTAINER_BOARDS).options.contains(&"ro".to_string()),
+        "a claim reads the others' board entries and changes none"
     );
+    // Its own entries, two per GPU, are the only board files it can write.
+    for gpu in 0..2 {
+        let uuid = format!("GPU-{gpu}a1b2c3d-0000-4000-8000-000000000000");
+        for (kind, file) in [("compute", "normal.compute"), ("memory", "memory")] {
+            let own = find(&format!("{CONTAINER_OWN_BOARD}/{uuid}.{kind}"));
+            assert_eq!(
+                own.host_path,
+                format!("/var/lib/tessera/boards/{uuid}/{UID}.{file}"),
+                "the compute entry's name carries the claim's priority"
+            );
+            assert!(own.options.contains(&"rw".to_string()));
+        }
+    }
+    let board_mounts = mounts
+        .iter()
+        .filter(|m| m.container_path.starts_with("/run/tessera/board"))
+        .count();
+    assert_eq!(board_mounts, 5, "all claims' entries and four of its own");
     assert_eq!(
         find(CONTAINER_RESERVATIONS).host_path,
         "/var/lib/tessera/reservations"

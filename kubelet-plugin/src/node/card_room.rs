@@ -15,46 +15,60 @@ use std::io;
 use std::path::Path;
 
 use nix::fcntl::{FcntlArg, fcntl};
-use tessera_api::memory_board::{ENTRY_SIZE, FILE_SIZE, board_file_name, parse_entries};
+use tessera_api::board::{EntryKind, is_board_name};
+use tessera_api::memory_board::{ENTRY_SIZE, parse_entry};
 use tessera_driver::fsutil;
 
-/// Bytes the live claims that may spill hold on the card of GPU `uuid`, from its memory board
-/// in `board_dir` (0 when the GPU has no board yet: no claim has started on it). Every container
-/// can write the board directory: the board is opened as untrusted (a symlink or a FIFO there is
-/// an error, never followed or waited on) and only its first `FILE_SIZE` bytes are read.
-pub fn held_by_spilling_claims(board_dir: &Path, uuid: &str) -> io::Result<u64> {
-    let path = board_dir.join(board_file_name(uuid));
-    let file = match fsutil::open_untrusted(&path) {
-        Ok(file) => file,
+/// Bytes the live claims that may spill hold on the card of GPU `uuid`, from their memory
+/// entries in `boards_dir/<uuid>/` (0 when no claim has an entry there). Each claim writes its
+/// own entry: files are opened as untrusted (a symlink or a FIFO is an error, never followed or
+/// waited on) and only one entry's bytes are read from each.
+pub fn held_by_spilling_claims(boards_dir: &Path, uuid: &str) -> io::Result<u64> {
+    let dir = boards_dir.join(uuid);
+    let listing = match std::fs::read_dir(&dir) {
+        Ok(listing) => listing,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
     };
-    let bytes = fsutil::read_prefix(&file, FILE_SIZE)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let mut held = 0u64;
-    for entry in parse_entries(&bytes).into_iter().filter(|e| e.spills) {
-        if live(&file, entry.index)
-            .map_err(|e| io::Error::other(format!("{}: locks: {e}", path.display())))?
-        {
+    for name in listing {
+        let name = name?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.ends_with(EntryKind::Memory.suffix()) || !is_board_name(name) {
+            continue;
+        }
+        let path = dir.join(name);
+        let file = match fsutil::open_untrusted(&path) {
+            Ok(file) => file,
+            // Unprepared meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let bytes = fsutil::read_prefix(&file, ENTRY_SIZE)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let Some(entry) = parse_entry(&bytes).filter(|e| e.spills) else {
+            continue;
+        };
+        if live(&file).map_err(|e| io::Error::other(format!("{}: locks: {e}", path.display())))? {
             held = held.saturating_add(entry.resident);
         }
     }
     Ok(held)
 }
 
-/// Whether some process holds a lock on entry `index` (its claim has a live process).
-fn live(file: &File, index: usize) -> nix::Result<bool> {
-    let mut lock = entry_lock(index, nix::libc::F_WRLCK);
+/// Whether some process holds a lock on the entry (its claim has a live process).
+fn live(file: &File) -> nix::Result<bool> {
+    let mut lock = entry_lock(nix::libc::F_WRLCK);
     fcntl(file, FcntlArg::F_OFD_GETLK(&mut lock))?;
     Ok(lock.l_type != nix::libc::F_UNLCK as nix::libc::c_short)
 }
 
-/// A lock of `kind` on entry `index`'s bytes.
-fn entry_lock(index: usize, kind: nix::libc::c_int) -> nix::libc::flock {
+/// A lock of `kind` on an entry's bytes.
+fn entry_lock(kind: nix::libc::c_int) -> nix::libc::flock {
     nix::libc::flock {
         l_type: kind as nix::libc::c_short,
         l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
-        l_start: (index * ENTRY_SIZE) as nix::libc::off_t,
+        l_start: 0,
         l_len: ENTRY_SIZE as nix::libc::off_t,
         l_pid: 0,
     }
@@ -102,38 +116,41 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
     use tessera_api::memory_board::{
-        CLAIM_OFFSET, FILE_SIZE, FLAG_SPILLS, FLAGS_OFFSET, LIMIT_OFFSET, RESIDENT_OFFSET,
+        CLAIM_OFFSET, FLAG_SPILLS, FLAGS_OFFSET, LIMIT_OFFSET, RESIDENT_OFFSET,
     };
 
     const GIB: u64 = 1 << 30;
 
-    /// Writes entry `index` as a shim would and, when `alive`, holds its lock the way a process
-    /// of the claim does (an open file description of its own, like another process).
+    /// Writes `owner`'s memory entry on GPU-x as its shim would and, when `alive`, holds its
+    /// lock the way a process of the claim does (an open file description of its own).
     fn entry(
-        path: &Path,
-        index: usize,
+        boards: &Path,
+        owner: &str,
         claim: u64,
         spills: bool,
         resident: u64,
         alive: bool,
     ) -> Option<File> {
+        let dir = boards.join("GPU-x");
+        std::fs::create_dir_all(&dir).expect("GPU dir");
+        let path = dir.join(format!("{owner}.memory"));
+        std::fs::write(&path, [0u8; ENTRY_SIZE]).expect("entry");
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(path)
-            .expect("board");
-        let at = (index * ENTRY_SIZE) as u64;
+            .open(&path)
+            .expect("entry");
         for (offset, value) in [
             (CLAIM_OFFSET, claim),
             (LIMIT_OFFSET, 6 * GIB),
             (FLAGS_OFFSET, if spills { FLAG_SPILLS } else { 0 }),
             (RESIDENT_OFFSET, resident),
         ] {
-            file.write_all_at(&value.to_ne_bytes(), at + offset as u64)
+            file.write_all_at(&value.to_ne_bytes(), offset as u64)
                 .expect("write entry");
         }
         alive.then(|| {
-            let lock = entry_lock(index, nix::libc::F_RDLCK);
+            let lock = entry_lock(nix::libc::F_RDLCK);
             fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).expect("lock");
             file
         })
@@ -146,29 +163,32 @@ mod tests {
             held_by_spilling_claims(dir.path(), "GPU-x").expect("no board"),
             0
         );
-        let path = dir.path().join(board_file_name("GPU-x"));
-        std::fs::write(&path, vec![0u8; FILE_SIZE]).expect("board");
-        let _a = entry(&path, 0, 5, true, 3 * GIB, true);
-        let _b = entry(&path, 1, 7, true, 2 * GIB, true);
+        let _a = entry(dir.path(), "a", 5, true, 3 * GIB, true);
+        let _b = entry(dir.path(), "b", 7, true, 2 * GIB, true);
         // Its process is gone: its bytes went with it.
-        let dead = entry(&path, 2, 9, true, 4 * GIB, false);
+        let dead = entry(dir.path(), "dead", 9, true, 4 * GIB, false);
         assert!(dead.is_none());
         // Not opted in: counted by the reservation, not here.
-        let _fixed = entry(&path, 3, 11, false, 0, true);
+        let _fixed = entry(dir.path(), "fixed", 11, false, 0, true);
+        // Compute entries are not memory entries.
+        std::fs::write(dir.path().join("GPU-x/a.compute"), [0xffu8; ENTRY_SIZE]).expect("compute");
         assert_eq!(
             held_by_spilling_claims(dir.path(), "GPU-x").expect("board"),
             5 * GIB
         );
     }
 
-    /// Whatever a container leaves at the board's name, the plugin neither follows it, waits on
-    /// it, nor reads more than a board's size.
+    /// Whatever sits at an entry's name, the plugin neither follows it, waits on it, nor reads
+    /// more than an entry. (Tenants cannot plant these any more: the GPU directories are the
+    /// plugin's and a container's own entries are bind mounts; the checks stay as a second wall.)
     #[test]
-    fn a_hostile_board_is_refused_or_read_bounded_never_followed_or_waited_on() {
+    fn a_hostile_entry_is_refused_or_read_bounded_never_followed_or_waited_on() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(board_file_name("GPU-x"));
+        let gpu = dir.path().join("GPU-x");
+        std::fs::create_dir_all(&gpu).expect("GPU dir");
+        let path = gpu.join("hostile.memory");
         let elsewhere = dir.path().join("elsewhere");
-        std::fs::write(&elsewhere, vec![0u8; FILE_SIZE]).expect("board elsewhere");
+        std::fs::write(&elsewhere, [0u8; ENTRY_SIZE]).expect("elsewhere");
         std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
         let error = held_by_spilling_claims(dir.path(), "GPU-x").expect_err("symlink");
         assert!(error.to_string().contains("symbolic link"), "{error}");
@@ -179,14 +199,9 @@ mod tests {
         // No writer ever opens the FIFO: a blocking open would hang the plugin here.
         let error = held_by_spilling_claims(dir.path(), "GPU-x").expect_err("FIFO");
         assert!(error.to_string().contains("not a regular file"), "{error}");
-
         std::fs::remove_file(&path).expect("remove");
-        std::fs::write(&path, vec![0u8; FILE_SIZE]).expect("board");
-        let _a = entry(&path, 0, 5, true, 3 * GIB, true);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .expect("open");
+
+        let file = entry(dir.path(), "hostile", 5, true, 3 * GIB, true).expect("live");
         file.set_len(1 << 40).expect("extended to a sparse TiB");
         assert_eq!(
             held_by_spilling_claims(dir.path(), "GPU-x").expect("extended"),

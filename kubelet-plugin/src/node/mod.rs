@@ -334,12 +334,12 @@ impl Node {
                 *owed.entry(share.uuid.clone()).or_insert(0) += share.bytes;
             }
         }
-        let board = self.config.state_dir.join("board");
+        let boards = self.config.state_dir.join("boards");
         let mut admitted = Vec::new();
         let mut held_back = false;
         for plan in plans {
             let refusal = plan.card_shares.iter().find_map(|share| {
-                let held = match card_room::held_by_spilling_claims(&board, &share.uuid) {
+                let held = match card_room::held_by_spilling_claims(&boards, &share.uuid) {
                     Ok(held) => held,
                     Err(error) => {
                         return Some(format!(
@@ -413,6 +413,9 @@ impl Node {
             return Ok(Err(e));
         }
         self.step(Step::RegionWritten, &plan.uid)?;
+        if let Err(e) = plan.write_board_entries() {
+            return Ok(Err(e));
+        }
         if let Err(e) = plan.write_spec() {
             return Ok(Err(e));
         }
@@ -474,6 +477,10 @@ impl Node {
             return Ok(Err(format!("removing CDI spec {}: {e}", spec.display())));
         }
         self.step(Step::SpecRemoved, uid)?;
+        let host = tessera_driver::cdi::HostPaths::new(&self.config.state_dir, uid);
+        if let Err(e) = claim_files::remove_board_entries(&host) {
+            return Ok(Err(format!("removing the claim's board entries: {e}")));
+        }
         let dir = tessera_driver::cdi::claim_dir(&self.config.state_dir, uid);
         if let Err(e) = fsutil::remove_dir_all(&dir) {
             return Ok(Err(format!(
@@ -497,6 +504,8 @@ fn repair(plan: &Plan) -> Result<(), String> {
         if missing(&plan.host.region) {
             plan.write_region()?;
         }
+        // Only the missing ones: an existing entry is in use by the claim's processes.
+        plan.write_board_entries()?;
         if missing(&plan.spec_path) {
             plan.write_spec()?;
         }

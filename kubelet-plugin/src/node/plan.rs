@@ -94,7 +94,8 @@ impl Plan {
                 })
             })
             .collect();
-        let host = HostPaths::new(&config.state_dir, &claim.uid);
+        let mut host = HostPaths::new(&config.state_dir, &claim.uid);
+        host.priority = settings.priority;
         let spec = cdi::claim_spec(
             &claim.uid,
             &limits.devices,
@@ -135,6 +136,14 @@ impl Plan {
 
     pub fn write_region(&self) -> std::io::Result<()> {
         claim_files::write_region(&self.host, &self.region_bytes()?)
+    }
+
+    /// The claim's own entries on its GPUs' boards (see `tessera_api::board`).
+    pub fn write_board_entries(&self) -> std::io::Result<()> {
+        claim_files::create_board_entries(
+            &self.host,
+            self.limits.gpus.iter().map(|g| g.uuid.as_str()),
+        )
     }
 
     pub fn write_spec(&self) -> std::io::Result<()> {

@@ -140,6 +140,30 @@ impl Env {
             !self.checkpoint().claims.contains_key(uid),
             "checkpoint still lists {uid}"
         );
+        assert_eq!(
+            self.board_entries(uid),
+            Vec::<String>::new(),
+            "board entries of {uid} left behind"
+        );
+    }
+
+    /// The claim's entries on the GPUs' boards, as `<GPU UUID>/<file>`, sorted.
+    pub fn board_entries(&self, uid: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for gpu in std::fs::read_dir(self.path("state/boards"))
+            .into_iter()
+            .flatten()
+        {
+            let gpu = gpu.expect("GPU dir");
+            for entry in std::fs::read_dir(gpu.path()).expect("GPU dir").flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with(&format!("{uid}.")) {
+                    found.push(format!("{}/{name}", gpu.file_name().to_string_lossy()));
+                }
+            }
+        }
+        found.sort();
+        found
     }
 
     /// Asserts that claim `uid` is fully prepared on disk and returns its parsed config.
@@ -160,6 +184,20 @@ impl Env {
             record.state,
             tessera_driver::checkpoint::ClaimState::PrepareCompleted
         );
+        // Its own entries (compute and memory) on each of its GPUs' boards, and only there.
+        let mut expected: Vec<String> = config
+            .devices
+            .iter()
+            .flat_map(|d| {
+                [
+                    format!("{}.compute", priority_name(config.priority)),
+                    "memory".to_string(),
+                ]
+                .map(|kind| format!("{}/{uid}.{kind}", d.uuid))
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(self.board_entries(uid), expected);
         config
     }
 }
@@ -233,4 +271,13 @@ pub fn charge_region(path: &Path, slots: &[(usize, u64, u64)]) -> std::fs::File 
     }
     std::fs::write(path, &bytes).expect("charge");
     hold_lock(path, slot_offset(0), SLOT_SIZE, true)
+}
+
+/// A priority as it appears in a compute entry's file name.
+fn priority_name(priority: tessera_api::Priority) -> &'static str {
+    match priority {
+        tessera_api::Priority::High => "high",
+        tessera_api::Priority::Normal => "normal",
+        tessera_api::Priority::Low => "low",
+    }
 }

@@ -1,18 +1,21 @@
-//! The GPU's board: which claims on one GPU are active, at what priority — how a claim learns
-//! that a higher-priority neighbour wants the GPU, or that the GPU is otherwise idle.
+//! The GPU's board, compute side: which claims on one GPU are active, at what priority — how a
+//! claim learns that a higher-priority neighbour wants the GPU, or that the GPU is otherwise
+//! idle.
 //!
-//! One small file per GPU, `<board dir>/<GPU UUID>`, mapped by every process of every claim on
-//! the GPU on this node. A claim takes an entry (by a hash of its UID) and, while it launches,
-//! stamps it with the limiter's clock. Nothing here is a limit: a claim that does not stamp (an
-//! old shim) is simply invisible, and a forged entry can only make its neighbours yield, which
-//! is why the directory is the kubelet plugin's to create and mount.
+//! Each claim has its own entry per GPU (`tessera_api::board`): its processes stamp it, with the
+//! limiter's clock, while they launch; they read the other claims' entries to see who else is
+//! active. Nothing here is a limit: a claim that does not stamp (an old shim) is simply
+//! invisible, and what a claim writes into its own entry can only make its neighbours yield —
+//! which is why high priority is the admin's to grant. A claim can change its own entry and
+//! nobody else's.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-const ENTRIES: usize = 64;
-const FILE_SIZE: usize = ENTRIES * size_of::<Entry>();
-/// An entry not stamped for this long (ns) may be taken by another claim.
-const ABANDONED_NS: u64 = 60_000_000_000;
+use tessera_api::board::{ENTRY_SIZE, EntryKind, granted_priority};
+
+use super::rank_of;
+
+use crate::shared_file::{BoardPaths, Neighbours as Others, OwnEntry};
 
 #[repr(C, align(64))]
 struct Entry {
@@ -24,7 +27,12 @@ struct Entry {
     _reserved: [u64; 5],
 }
 
-const _: () = assert!(size_of::<Entry>() == 64);
+const _: () = assert!(size_of::<Entry>() == ENTRY_SIZE);
+
+/// Byte offsets of the fields other claims read.
+const CLAIM_OFFSET: usize = 0;
+const RANK_OFFSET: usize = 8;
+const ACTIVE_OFFSET: usize = 16;
 
 /// What the other claims on the GPU are doing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -36,69 +44,40 @@ pub struct Neighbours {
 }
 
 pub struct Board {
-    base: *mut Entry,
-    mine: usize,
+    own: OwnEntry,
+    others: Others,
     claim: u64,
 }
 
-// SAFETY: a shared mapping accessed only through atomics.
-unsafe impl Send for Board {}
-unsafe impl Sync for Board {}
-
 impl Board {
-    /// Maps (creating it if absent) the board of `uuid` in `dir` and takes an entry for `claim`.
-    /// `None` when the board cannot be used: the limiter then assumes neighbours it cannot see.
-    pub fn open(dir: &str, uuid: &str, claim: u64, now: u64) -> Option<Board> {
-        let (fd, base) = crate::shared_file::map_shared(&format!("{dir}/{uuid}"), FILE_SIZE)?;
-        // SAFETY: our descriptor; the mapping stays valid after close.
-        unsafe { libc::close(fd) };
-        let mut board = Board {
-            base: base.cast(),
-            mine: 0,
+    /// Maps `claim`'s entry for GPU `uuid` (see [`BoardPaths`]). `None` when the board cannot be
+    /// used: the limiter then assumes neighbours it cannot see.
+    pub fn open(paths: &BoardPaths, uuid: &str, claim: u64) -> Option<Board> {
+        let own = paths.own(uuid, EntryKind::Compute)?;
+        let board = Board {
+            own,
+            others: paths.neighbours(uuid, EntryKind::Compute),
             claim,
         };
-        board.mine = board.take_entry(claim, now)?;
+        let entry = board.entry();
+        if entry.claim.swap(claim, Ordering::AcqRel) != claim {
+            // A fresh entry (or one a process of this claim scribbled over): unpublished (rank 0)
+            // until the claim launches.
+            entry.rank.store(0, Ordering::Relaxed);
+            entry.last_active.store(0, Ordering::Release);
+        }
         Some(board)
     }
 
-    fn entry(&self, index: usize) -> &Entry {
-        // SAFETY: index < ENTRIES, inside the mapping, which lives as long as self.
-        unsafe { &*self.base.add(index.min(ENTRIES - 1)) }
-    }
-
-    fn take_entry(&self, claim: u64, now: u64) -> Option<usize> {
-        if let Some(index) =
-            (0..ENTRIES).find(|&i| self.entry(i).claim.load(Ordering::Acquire) == claim)
-        {
-            return Some(index);
-        }
-        for index in 0..ENTRIES {
-            let entry = self.entry(index);
-            let current = entry.claim.load(Ordering::Acquire);
-            let free = current == 0
-                || now.saturating_sub(entry.last_active.load(Ordering::Acquire)) > ABANDONED_NS;
-            if free
-                && entry
-                    .claim
-                    .compare_exchange(current, claim, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                // Taking an entry stamps it (or the next claim would find it "abandoned"), but
-                // leaves it unpublished (rank 0), so it counts as active only once it launches.
-                entry.rank.store(0, Ordering::Relaxed);
-                entry.last_active.store(now.max(1), Ordering::Release);
-                return Some(index);
-            }
-        }
-        None
+    fn entry(&self) -> &Entry {
+        // SAFETY: the mapping holds one Entry and lives as long as self.
+        unsafe { &*self.own.base.cast::<Entry>() }
     }
 
     /// Stamps the claim active at `now`.
     pub fn publish(&self, now: u64, rank: u32, cores: u32) {
-        let entry = self.entry(self.mine);
-        if entry.claim.load(Ordering::Relaxed) != self.claim {
-            return;
-        }
+        let entry = self.entry();
+        entry.claim.store(self.claim, Ordering::Relaxed);
         entry.rank.store(rank + 1, Ordering::Relaxed);
         entry.cores.store(cores, Ordering::Relaxed);
         entry.last_active.fetch_max(now.max(1), Ordering::Release);
@@ -107,51 +86,67 @@ impl Board {
     /// The other claims active within `window` ns before `now`, relative to `rank`.
     pub fn neighbours(&self, now: u64, window: u64, rank: u32) -> Neighbours {
         let mut seen = Neighbours::default();
-        for index in (0..ENTRIES).filter(|&i| i != self.mine) {
-            let entry = self.entry(index);
-            let claim = entry.claim.load(Ordering::Acquire);
-            let stamp = entry.last_active.load(Ordering::Acquire);
-            let their_rank = entry.rank.load(Ordering::Relaxed);
+        self.others.visit(|name, bytes, _| {
+            let u64_at = |at: usize| {
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(&bytes[at..at + 8]);
+                u64::from_ne_bytes(raw)
+            };
+            let mut raw = [0u8; 4];
+            raw.copy_from_slice(&bytes[RANK_OFFSET..RANK_OFFSET + 4]);
+            let (claim, their_rank, stamp) = (
+                u64_at(CLAIM_OFFSET),
+                u32::from_ne_bytes(raw),
+                u64_at(ACTIVE_OFFSET),
+            );
             if claim == 0 || claim == self.claim || stamp == 0 || their_rank == 0 {
-                continue;
+                return;
             }
             if stamp.saturating_add(window) < now {
-                continue;
+                return;
             }
-            let their_rank = their_rank - 1;
+            // An entry is its claim's to write, its name is the plugin's: the priority the claim
+            // was granted caps the one it claims.
+            let granted = granted_priority(name).map_or(0, rank_of);
+            let their_rank = (their_rank - 1).min(granted);
             seen.higher |= their_rank > rank;
             seen.peer_or_higher |= their_rank >= rank;
-        }
+        });
         seen
     }
 }
 
-impl Drop for Board {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in open.
-        unsafe { libc::munmap(self.base.cast(), FILE_SIZE) };
-    }
-}
+const _: () = {
+    assert!(std::mem::offset_of!(Entry, claim) == CLAIM_OFFSET);
+    assert!(std::mem::offset_of!(Entry, rank) == RANK_OFFSET);
+    assert!(std::mem::offset_of!(Entry, last_active) == ACTIVE_OFFSET);
+};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_api::Priority;
 
     const NOW: u64 = 100_000_000_000;
     const WINDOW: u64 = 50_000_000;
 
-    fn board(dir: &std::path::Path, claim: u64) -> Board {
-        let dir = dir.to_str().expect("utf-8 temp dir");
-        Board::open(dir, "GPU-test", claim, NOW).expect("board")
+    fn board_as(dir: &std::path::Path, owner: &str, claim: u64, priority: Priority) -> Board {
+        let paths = BoardPaths::resolve(Some(dir.to_str().expect("utf-8").into()), owner, priority)
+            .expect("paths");
+        Board::open(&paths, "GPU-test", claim).expect("board")
+    }
+
+    fn board(dir: &std::path::Path, owner: &str, claim: u64) -> Board {
+        board_as(dir, owner, claim, Priority::High)
     }
 
     #[test]
     fn claims_see_who_is_active_above_and_beside_them() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (high, normal, low) = (
-            board(dir.path(), 11),
-            board(dir.path(), 21),
-            board(dir.path(), 31),
+            board_as(dir.path(), "high", 11, Priority::High),
+            board_as(dir.path(), "normal", 21, Priority::Normal),
+            board_as(dir.path(), "low", 31, Priority::Low),
         );
         assert_eq!(
             low.neighbours(NOW, WINDOW, 0),
@@ -189,46 +184,82 @@ mod tests {
     }
 
     #[test]
-    fn a_claim_keeps_its_entry_and_an_abandoned_one_is_reused() {
+    fn processes_of_a_claim_share_its_entry_and_any_number_of_claims_fit() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = board(dir.path(), 7);
-        let again = board(dir.path(), 7);
-        assert_eq!(
-            first.mine, again.mine,
-            "processes of one claim share its entry"
-        );
-        let boards: Vec<Board> = (100..100 + ENTRIES as u64 - 1)
-            .map(|c| board(dir.path(), c))
+        let first = board(dir.path(), "seven", 7);
+        let again = board(dir.path(), "seven", 7);
+        again.publish(NOW, 2, 10);
+        assert_eq!(first.entry().rank.load(Ordering::Relaxed), 3, "one entry");
+        // No fixed number of entries: the 65th claim on a GPU is seen like the first.
+        let boards: Vec<Board> = (0..100)
+            .map(|c| board(dir.path(), &format!("claim-{c}"), 100 + c))
             .collect();
-        for b in &boards {
-            b.publish(NOW, 1, 10);
-        }
-        first.publish(NOW, 1, 10);
-        assert!(
-            Board::open(dir.path().to_str().unwrap(), "GPU-test", 999, NOW).is_none(),
-            "full"
+        boards[99].publish(NOW, 2, 10);
+        assert!(boards[0].neighbours(NOW, WINDOW, 1).higher);
+    }
+
+    /// A claim writes its own entry, so it can write any rank there; its file name, which the
+    /// plugin chose from the priority the claim was granted, caps what its neighbours believe.
+    #[test]
+    fn a_claim_cannot_promote_itself_by_writing_its_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let normal = board_as(dir.path(), "normal", 21, Priority::Normal);
+        let promoted = board_as(dir.path(), "promoted", 31, Priority::Normal);
+        promoted.publish(NOW, rank_of(Priority::High), 100);
+        assert_eq!(
+            normal.neighbours(NOW, WINDOW, rank_of(Priority::Normal)),
+            Neighbours {
+                higher: false,
+                peer_or_higher: true
+            },
+            "seen as the normal claim it was prepared as"
         );
-        let later = NOW + ABANDONED_NS + 1;
-        boards[0].publish(later, 1, 10);
-        assert!(Board::open(dir.path().to_str().unwrap(), "GPU-test", 999, later).is_some());
+    }
+
+    /// A claim can truncate, grow or scribble over its own entry file: its neighbours neither
+    /// fault nor read past what is there. (With one file shared by every claim, truncating it
+    /// made every other claim's process die of SIGBUS at its next refresh.)
+    #[test]
+    fn a_neighbour_that_truncates_or_grows_its_entry_harms_nobody() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = board(dir.path(), "victim", 1);
+        let hostile = board(dir.path(), "hostile", 2);
+        hostile.publish(NOW, 2, 100);
+        assert!(victim.neighbours(NOW, WINDOW, 1).higher);
+        let file = dir.path().join("GPU-test").join("hostile.high.compute");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("own file")
+            .set_len(0)
+            .expect("truncate");
+        assert_eq!(victim.neighbours(NOW, WINDOW, 1), Neighbours::default());
+        victim.publish(NOW, 1, 50);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .expect("own file")
+            .set_len(1 << 40)
+            .expect("a sparse TiB");
+        victim.neighbours(NOW, WINDOW, 1);
+        drop(hostile);
     }
 
     proptest::proptest! {
-        /// Every claim on the GPU can write the board file: whatever it holds (any length, any
-        /// bytes), opening it, stamping and reading the neighbours neither panics nor reads past
-        /// the mapping.
+        /// Whatever a neighbour's entry holds (any length, any bytes), reading the neighbours
+        /// neither panics nor reads past what is there, and one's own entry still works.
         #[test]
-        fn any_board_contents_are_survived(
-            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2 * FILE_SIZE),
+        fn any_neighbour_contents_are_survived(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3 * ENTRY_SIZE),
             rank in 0u32..3,
         ) {
             let dir = tempfile::tempdir().expect("tempdir");
-            std::fs::write(dir.path().join("GPU-test"), &raw).expect("planting the board");
-            if let Some(board) = Board::open(dir.path().to_str().expect("utf-8"), "GPU-test", 5, NOW) {
-                board.publish(NOW, rank, 50);
-                board.neighbours(NOW, WINDOW, rank);
-                board.neighbours(u64::MAX, u64::MAX, rank);
-            }
+            let mine = board(dir.path(), "mine", 5);
+            std::fs::write(dir.path().join("GPU-test").join("theirs.high.compute"), &raw)
+                .expect("planting an entry");
+            mine.publish(NOW, rank, 50);
+            mine.neighbours(NOW, WINDOW, rank);
+            mine.neighbours(u64::MAX, u64::MAX, rank);
         }
     }
 }

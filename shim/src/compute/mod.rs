@@ -20,6 +20,8 @@ use tessera_gpu_abi::cuda::*;
 use crate::enforcer::Enforcer;
 use board::Board;
 
+use crate::shared_file::BoardPaths;
+
 pub use cost::key;
 
 /// How far ahead of the clock a claim's charges may run: the burst it may launch at once, and
@@ -41,9 +43,6 @@ const IMPLAUSIBLE_NS: u64 = 10_000_000_000;
 /// The share meaning "no limit".
 const UNLIMITED: u32 = 100;
 
-/// Where the GPU boards live: `TESSERA_BOARD` (tests), else this path if it exists.
-pub const BOARD_DIR_DEFAULT: &str = "/run/tessera/board";
-
 pub struct Limiter {
     device_count: usize,
     cores: [u32; MAX_DEVICES],
@@ -58,26 +57,21 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    pub fn new(config: &ShimConfig, board_dir: Option<&str>) -> Limiter {
+    pub fn new(config: &ShimConfig, board: Option<&BoardPaths>) -> Limiter {
         let mut cores = [UNLIMITED; MAX_DEVICES];
         for (slot, device) in cores.iter_mut().zip(&config.devices) {
             *slot = device.cores.clamp(1, UNLIMITED);
         }
         let claim = claim_key(&config.claim_uid);
-        let now = clock::now();
         let boards = config
             .devices
             .iter()
-            .map(|d| board_dir.and_then(|dir| Board::open(dir, &d.uuid, claim, now)))
+            .map(|d| board.and_then(|paths| Board::open(paths, &d.uuid, claim)))
             .collect();
         Limiter {
             device_count: config.devices.len(),
             cores,
-            rank: match config.priority {
-                Priority::Low => 0,
-                Priority::Normal => 1,
-                Priority::High => 2,
-            },
+            rank: rank_of(config.priority),
             policy: config.core_policy,
             boards,
             share: std::array::from_fn(|d| AtomicU32::new(cores[d])),
@@ -156,6 +150,15 @@ impl Limiter {
             },
             Err(_) => None,
         }
+    }
+}
+
+/// A priority's rank on the boards: higher ranks make lower ones yield.
+pub(crate) fn rank_of(priority: Priority) -> u32 {
+    match priority {
+        Priority::Low => 0,
+        Priority::Normal => 1,
+        Priority::High => 2,
     }
 }
 
