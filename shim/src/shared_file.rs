@@ -3,7 +3,9 @@
 //! never mapped — a claim may truncate or grow its own files, and a mapping of them would then
 //! fault its readers (`SIGBUS`).
 
+use std::cell::UnsafeCell;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tessera_api::Priority;
 
@@ -12,6 +14,8 @@ use tessera_api::board::{
     own_entry_file_name,
 };
 
+/// How often a GPU's directory is listed again.
+const RESCAN_NS: u64 = 100_000_000;
 /// Neighbours read at most (a GPU shared by more claims than this is not a real case).
 const MAX_NEIGHBOURS: usize = 1024;
 
@@ -77,6 +81,11 @@ impl BoardPaths {
             dir: format!("{}/{uuid}", self.all),
             own_name: entry_file_name(&self.owner, kind, self.priority),
             suffix: kind.suffix(),
+            listing: Listing {
+                busy: AtomicBool::new(false),
+                listed_at: AtomicU64::new(0),
+                names: UnsafeCell::new(Vec::new()),
+            },
         }
     }
 }
@@ -168,48 +177,91 @@ pub struct Neighbours {
     dir: String,
     own_name: String,
     suffix: &'static str,
+    listing: Listing,
 }
+
+/// The GPU directory's entry files as last listed. `busy` is taken without waiting (the shim
+/// takes no blocking lock on a hook path): a thread that finds it taken lists the directory
+/// itself, so nobody waits and nobody reads a list being rewritten.
+struct Listing {
+    busy: AtomicBool,
+    /// When the names were listed (coarse ns; 0 = never). Touched only by `busy`'s holder.
+    listed_at: AtomicU64,
+    names: UnsafeCell<Vec<String>>,
+}
+
+// SAFETY: `names` is read and written only by the thread that holds `busy`.
+unsafe impl Sync for Listing {}
 
 impl Neighbours {
     /// Calls `f` with each neighbour's file name, entry and a descriptor of the file (valid
-    /// during the call, for lock queries). The GPU's directory is listed afresh each time (claims come and
-    /// go; no cache means no lock and nothing stale), and each file is opened without following
-    /// links or waiting, read for one entry, and closed: short or unreadable ones are skipped,
-    /// whatever their owners did. No descriptor is kept, so a program that closes descriptors
-    /// it did not open cannot make this read the wrong file.
+    /// during the call, for lock queries). The GPU's directory is listed at most every
+    /// `RESCAN_NS` (entry files are created when a claim is prepared, long before its processes
+    /// publish anything, and removed when it is unprepared); each file is opened without
+    /// following links or waiting, read for one entry, and closed: short or unreadable ones are
+    /// skipped, whatever their owners did. No descriptor is kept, so a program that closes
+    /// descriptors it did not open cannot make this read the wrong file.
     pub fn visit(&self, mut f: impl FnMut(&str, &[u8; ENTRY_SIZE], i32)) {
-        let Ok(listing) = std::fs::read_dir(&self.dir) else {
+        let listing = &self.listing;
+        if listing
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            for name in self.list() {
+                self.read(&name, &mut f);
+            }
+            return;
+        }
+        // SAFETY: `busy` is ours until the store below.
+        let names = unsafe { &mut *listing.names.get() };
+        let now = coarse_now();
+        let at = listing.listed_at.load(Ordering::Relaxed);
+        if at == 0 || now.wrapping_sub(at) >= RESCAN_NS {
+            *names = self.list();
+            listing.listed_at.store(now, Ordering::Relaxed);
+        }
+        for name in names.iter() {
+            self.read(name, &mut f);
+        }
+        listing.busy.store(false, Ordering::Release);
+    }
+
+    fn read(&self, name: &str, f: &mut impl FnMut(&str, &[u8; ENTRY_SIZE], i32)) {
+        let Ok(path) = CString::new(format!("{}/{name}", self.dir)) else {
             return;
         };
-        for name in listing
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return;
+        }
+        let mut entry = [0u8; ENTRY_SIZE];
+        // SAFETY: reading into a buffer of exactly ENTRY_SIZE bytes from our descriptor.
+        let read = unsafe { libc::pread(fd, entry.as_mut_ptr().cast(), ENTRY_SIZE, 0) };
+        if read == ENTRY_SIZE as isize {
+            f(name, &entry, fd);
+        }
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+    }
+
+    fn list(&self) -> Vec<String> {
+        let Ok(listing) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        listing
             .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
             .filter(|name| {
                 name.ends_with(self.suffix) && *name != self.own_name && is_board_name(name)
             })
             .take(MAX_NEIGHBOURS)
-        {
-            let Ok(path) = CString::new(format!("{}/{name}", self.dir)) else {
-                continue;
-            };
-            // SAFETY: a NUL-terminated path.
-            let fd = unsafe {
-                libc::open(
-                    path.as_ptr(),
-                    libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-                )
-            };
-            if fd < 0 {
-                continue;
-            }
-            let mut entry = [0u8; ENTRY_SIZE];
-            // SAFETY: reading into a buffer of exactly ENTRY_SIZE bytes from our descriptor.
-            let read = unsafe { libc::pread(fd, entry.as_mut_ptr().cast(), ENTRY_SIZE, 0) };
-            if read == ENTRY_SIZE as isize {
-                f(&name, &entry, fd);
-            }
-            // SAFETY: our descriptor.
-            unsafe { libc::close(fd) };
-        }
+            .collect()
     }
 }
 

@@ -294,6 +294,9 @@ mod tests {
         assert!(!spill.fits((7 << 30) + 1));
         let a = spill.board.expect("board");
         let c = open(dir.path(), 9, 2 << 30, false);
+        // A new entry file is seen at the next listing of the GPU's directory (on a node the
+        // plugin creates it when it prepares the claim, long before the claim's processes run).
+        std::thread::sleep(std::time::Duration::from_millis(150));
         assert_eq!(a.others(true), 3 << 30);
         drop(c);
     }
