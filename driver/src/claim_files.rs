@@ -4,8 +4,8 @@
 
 use std::io;
 use std::path::Path;
-use tessera_api::board::EntryKind;
 
+use tessera_api::board::EntryKind;
 use tessera_api::region::{self, RegionDeviceSpec};
 use tessera_api::shim_config::{SHIM_CONFIG_VERSION, ShimConfigError};
 use tessera_api::{GpuConfig, ShimConfig, ShimDevice};
@@ -87,9 +87,9 @@ fn create_parent(path: &Path) -> io::Result<()> {
 
 /// Copies the shim to `<state-dir>/lib/libtessera.so` (the host path every spec mounts),
 /// writes the `ld.so.preload` naming it inside containers, and creates the boards directory
-/// `<state-dir>/boards` (the plugin's own: claims get their entries from [`create_board_entries`]).
-/// The copy is replaced atomically and
-/// only when it changed, so running containers keep the inode they mounted. Returns whether the
+/// `<state-dir>/boards` (the plugin's own: claims get their entries from
+/// [`create_board_entries`]). The copy is replaced atomically and only when it changed, so
+/// running containers keep the inode they mounted. Returns whether the
 /// copy was (re)written. Errors name the path and the flag (`shim_flag`) it came from.
 pub fn install_shim(shim: &Path, state_dir: &Path, shim_flag: &str) -> io::Result<bool> {
     let context =

@@ -13,11 +13,11 @@ use tessera_api::names::{SHIM_CONFIG_DEFAULT_PATH, SHIM_CONFIG_ENV};
 use tessera_api::region::{MAX_DEVICES, RegionDeviceSpec};
 use tessera_api::shim_config::ShimConfig;
 
+use crate::board_files::BoardPaths;
 use crate::compute::Limiter;
 use crate::devices::{self, Grant};
 use crate::ledger::Ledger;
 use crate::ptr_table::PtrTable;
-use crate::shared_file::BoardPaths;
 use crate::spill::{MemoryBoard, Spill};
 use crate::{real, report};
 

@@ -12,6 +12,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![allow(non_snake_case)]
 
+mod board_files;
 mod compute;
 mod devices;
 mod dlsym;
@@ -22,6 +23,5 @@ mod ledger;
 mod ptr_table;
 mod real;
 mod report;
-mod shared_file;
 mod spill;
 mod stream;

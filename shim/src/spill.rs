@@ -29,7 +29,7 @@ use tessera_api::memory_board::{
     parse_entry, reservation_file_name,
 };
 
-use crate::shared_file::{BoardPaths, Neighbours, OwnEntry, coarse_now};
+use crate::board_files::{BoardPaths, Neighbours, OwnEntry, coarse_now};
 
 #[repr(C, align(64))]
 struct Entry {

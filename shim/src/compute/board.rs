@@ -15,7 +15,7 @@ use tessera_api::board::{ENTRY_SIZE, EntryKind, granted_priority};
 
 use super::rank_of;
 
-use crate::shared_file::{BoardPaths, Neighbours as Others, OwnEntry};
+use crate::board_files::{BoardPaths, Neighbours as Others, OwnEntry};
 
 #[repr(C, align(64))]
 struct Entry {

@@ -20,7 +20,7 @@ use tessera_gpu_abi::cuda::*;
 use crate::enforcer::Enforcer;
 use board::Board;
 
-use crate::shared_file::BoardPaths;
+use crate::board_files::BoardPaths;
 
 pub use cost::key;
 

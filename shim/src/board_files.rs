@@ -8,7 +8,6 @@ use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tessera_api::Priority;
-
 use tessera_api::board::{
     BOARDS_DIR, ENTRY_SIZE, EntryKind, OWN_BOARD_DIR, entry_file_name, is_board_name,
     own_entry_file_name,
