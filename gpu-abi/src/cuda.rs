@@ -269,6 +269,18 @@ impl Default for CUmemPoolProps {
     }
 }
 
+/// `CUDA_MEM_ALLOC_NODE_PARAMS_v1`, taken by `cuGraphAddMemAllocNode`; the driver writes
+/// `dptr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CUDA_MEM_ALLOC_NODE_PARAMS {
+    pub pool_props: CUmemPoolProps,
+    pub access_descs: *const CUmemAccessDesc,
+    pub access_desc_count: usize,
+    pub bytesize: usize,
+    pub dptr: CUdeviceptr,
+}
+
 /// `CUDA_KERNEL_NODE_PARAMS_v1`, taken by `cuGraphAddKernelNode`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -319,6 +331,7 @@ pub const CU_LAUNCH_ATTRIBUTE_COOPERATIVE: c_int = 2;
 const _: () = {
     assert!(core::mem::size_of::<CUmemAccessDesc>() == 12);
     assert!(core::mem::size_of::<CUmemPoolProps>() == 88);
+    assert!(core::mem::size_of::<CUDA_MEM_ALLOC_NODE_PARAMS>() == 120);
     assert!(core::mem::size_of::<CUDA_KERNEL_NODE_PARAMS>() == 56);
     assert!(core::mem::size_of::<CUDA_KERNEL_NODE_PARAMS_v2>() == 72);
     assert!(core::mem::size_of::<CUlaunchAttribute>() == 72);

@@ -153,6 +153,7 @@ pub const PROC_TABLE: &[ProcEntry] = &[
     e("cuGraphDestroy", 10000, "cuGraphDestroy"),
     e("cuGraphAddKernelNode", 10000, "cuGraphAddKernelNode"),
     e("cuGraphAddKernelNode", 12000, "cuGraphAddKernelNode_v2"),
+    e("cuGraphAddMemAllocNode", 11040, "cuGraphAddMemAllocNode"),
     e("cuGraphInstantiate", 10000, "cuGraphInstantiate"),
     e("cuGraphInstantiate", 11000, "cuGraphInstantiate_v2"),
     e("cuGraphInstantiateWithFlags", 11040, "cuGraphInstantiateWithFlags"),

@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, c_void};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
 use tessera_api::names::{SHIM_CONFIG_DEFAULT_PATH, SHIM_CONFIG_ENV};
 use tessera_api::region::{MAX_DEVICES, RegionDeviceSpec};
@@ -233,6 +233,16 @@ impl Enforcer {
         })
     }
 
+    /// What the compute limiter needs of this claim.
+    #[inline(always)]
+    pub fn compute_claim(&self) -> crate::compute::Claim<'_> {
+        crate::compute::Claim {
+            limiter: &self.compute,
+            ledger: &self.ledger,
+            uuids: &self.uuids,
+        }
+    }
+
     /// The claim device for a CUDA ordinal.
     #[inline(always)]
     pub fn grant(&self, ordinal: i32) -> Grant {
@@ -295,11 +305,16 @@ pub fn is_driver_address(address: *const c_void) -> bool {
     base != 0 && bases.contains(&base)
 }
 
+/// Per ordinal: whether this process has charged its primary context (a fork child has not).
+pub(crate) static PRIMARY_CHARGED: [AtomicBool; 64] = [const { AtomicBool::new(false) }; 64];
+
 fn register_fork_handler() {
     extern "C" fn in_child() {
         crate::ledger::forget_slot_after_fork();
         devices::reset();
-        crate::hooks::context::forget_after_fork();
+        for flag in &PRIMARY_CHARGED {
+            flag.store(false, Ordering::Relaxed);
+        }
         crate::compute::forget_after_fork();
         if let Some(Mode::Enforcing(enforcer)) = MODE.get() {
             enforcer.pointers.clear();

@@ -6,6 +6,13 @@
 //! owns one slot for as long as it holds an open-file-description lock on the slot's bytes; the
 //! kernel drops the lock when the process dies, by SIGKILL too, and whoever next runs short
 //! reclaims the dead slot's bytes. Nothing depends on PIDs, which differ across PID namespaces.
+//!
+//! The lock's open file description is held by a one-page mapping, not by a descriptor: a
+//! program that closes descriptors it did not open (`closefrom`, `close_range`, a daemonising
+//! helper) would otherwise drop the lock while its memory is still charged, and the next
+//! reclaimer would zero a live slot, letting the claim overshoot. The mapping goes at exit and
+//! at `exec` (when the driver frees the process's memory anyway), and is not inherited by a
+//! `fork` child (`MADV_DONTFORK`), which claims a slot of its own.
 
 use std::ffi::CString;
 use std::fmt;
@@ -26,7 +33,8 @@ const RACE_RETRIES: usize = 16;
 
 /// This process's slot index (per process: reset in a `fork` child).
 static MY_SLOT: AtomicUsize = AtomicUsize::new(NO_SLOT);
-/// The descriptor whose open file description holds this process's slot lock.
+/// The descriptor whose open file description holds this process's slot lock, where no
+/// mapping could hold it (see the module's documentation).
 static LOCK_FD: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Why the region could not be used; printed on the refusal line.
@@ -381,7 +389,9 @@ impl Ledger {
             self.header()
                 .slots_high_water
                 .fetch_max(index as u32 + 1, Ordering::SeqCst);
-            LOCK_FD.store(fd as usize, Ordering::Release);
+            if !hold_by_mapping(fd) {
+                LOCK_FD.store(fd as usize, Ordering::Release);
+            }
             return Some(index);
         }
         // SAFETY: our descriptor, holding no lock.
@@ -434,6 +444,41 @@ pub fn forget_slot_after_fork() {
         unsafe { libc::close(fd as i32) };
     }
     MY_SLOT.store(NO_SLOT, Ordering::Release);
+}
+
+/// Makes a private mapping of one page of the region through `fd` hold `fd`'s open file
+/// description, and so its slot lock, for the rest of this process image, then closes `fd`.
+/// False (and `fd` left open) where it cannot.
+fn hold_by_mapping(fd: i32) -> bool {
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        size if size > 0 => size as usize,
+        _ => return false,
+    };
+    // SAFETY: a new read-only shared mapping of our own descriptor, at an address the kernel
+    // picks; the region is larger than a page.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return false;
+    }
+    // SAFETY: the mapping just made; a child that inherited it would keep the parent's lock.
+    if unsafe { libc::madvise(map, page, libc::MADV_DONTFORK) } != 0 {
+        // SAFETY: the mapping just made, used by nothing else.
+        unsafe { libc::munmap(map, page) };
+        return false;
+    }
+    // SAFETY: our descriptor; the mapping keeps its open file description, lock included.
+    unsafe { libc::close(fd) };
+    true
 }
 
 fn zero_slot(slot: &RegionSlot) {

@@ -15,7 +15,6 @@
 mod board_files;
 mod compute;
 mod devices;
-mod dlsym;
 mod enforcer;
 mod guard;
 mod hooks;

@@ -1,17 +1,71 @@
 //! The real driver and NVML entry points, resolved once from `libcuda.so.1` and
-//! `libnvidia-ml.so.1` with the real `dlsym`.
+//! `libnvidia-ml.so.1` with the real `dlsym`: the bottom layer, which imports no other module
+//! of the shim.
 //!
 //! Each [`RealFn`] is an atomic pointer: resolving writes it once at initialisation, and every
 //! call after that is one load and an indirect call.
 
 use std::ffi::{CStr, c_char, c_float, c_int, c_uint, c_void};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use tessera_gpu_abi::cuda::*;
 use tessera_gpu_abi::nvml::*;
 
-use crate::dlsym::real_dlsym;
+/// The real `dlsym`, resolved on first use with `dlvsym(RTLD_NEXT, …)`; the exported `dlsym`
+/// (`hooks::dlsym`) jumps to it.
+pub(crate) static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
+
+/// Versions of `dlsym` in glibc: 2.34 moved it into libc; older x86-64 and arm64 releases.
+const DLSYM_VERSIONS: [&CStr; 3] = [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"];
+
+/// The real `dlsym`'s address, 0 where glibc has none of the known versions.
+pub(crate) fn real_dlsym_address() -> usize {
+    let known = REAL_DLSYM.load(Ordering::Acquire);
+    if known != 0 {
+        return known;
+    }
+    for version in DLSYM_VERSIONS {
+        // SAFETY: dlvsym with constant NUL-terminated strings.
+        let found = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
+        if !found.is_null() {
+            REAL_DLSYM.store(found as usize, Ordering::Release);
+            return found as usize;
+        }
+    }
+    0
+}
+
+/// Calls the real `dlsym` (for the shim's own lookups).
+///
+/// # Safety
+/// `handle` must be a handle from `dlopen` or a pseudo-handle; `name` NUL-terminated.
+pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    let address = real_dlsym_address();
+    if address == 0 {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: `address` is glibc's dlsym.
+    let f: DlsymFn = unsafe { std::mem::transmute::<usize, DlsymFn>(address) };
+    // SAFETY: forwarded arguments, per this function's contract.
+    unsafe { f(handle, name) }
+}
+
+/// The device of the calling thread's current context.
+#[inline(always)]
+pub(crate) fn current_device() -> Result<CUdevice, CUresult> {
+    let Some(get) = cuda::cuCtxGetDevice.get() else {
+        return Err(CUDA_ERROR_NOT_FOUND);
+    };
+    let mut device: CUdevice = 0;
+    // SAFETY: real driver call with a valid out-pointer.
+    match unsafe { get(&mut device) } {
+        CUDA_SUCCESS => Ok(device),
+        error => Err(error),
+    }
+}
 
 /// A function of the real library, typed as `F` (an `unsafe extern "C" fn`).
 pub struct RealFn<F> {
@@ -129,6 +183,7 @@ pub mod cuda {
         cuLaunchCooperativeKernel_ptsz: fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void) -> CUresult;
         cuGraphLaunch: fn(CUgraphExec, CUstream) -> CUresult;
         cuGraphLaunch_ptsz: fn(CUgraphExec, CUstream) -> CUresult;
+        cuGraphAddMemAllocNode: fn(*mut CUgraphNode, CUgraph, *const CUgraphNode, usize, *mut CUDA_MEM_ALLOC_NODE_PARAMS) -> CUresult;
         cuCtxGetCurrent: fn(*mut CUcontext) -> CUresult;
         cuEventCreate: fn(*mut CUevent, c_uint) -> CUresult;
         cuEventDestroy_v2: fn(CUevent) -> CUresult;

@@ -150,3 +150,36 @@ fn nvml_reports_the_slice_as_nvidia_smi_reads_it() {
     assert_eq!(nvml, [0, two, half, two - half, 0, two, half, two - half]);
     app.finish();
 }
+
+/// A graph's memory allocation node takes its memory at launch, where the ledger cannot count
+/// it: under a limit it is refused on every way to the driver; without a claim the driver's
+/// own answer stands.
+#[test]
+fn graph_memory_nodes_are_refused_under_a_limit() {
+    const CUDA_ERROR_NOT_SUPPORTED: i64 = 801;
+    let scene = Scene::new();
+    let config = scene.claim("c", &[(GPU0, GIB, 0)]);
+    for way in ["direct", "dlsym", "procaddr"] {
+        let mut app = scene.start(way, Some(&config));
+        assert_eq!(app.rc("init 0"), 0);
+        assert_eq!(
+            app.run(&format!("graphalloc {}", 256 * MIB)),
+            [CUDA_ERROR_NOT_SUPPORTED, 0],
+            "{way}"
+        );
+        assert_eq!(used(&mut app), 0, "{way}: nothing taken");
+        let stderr = app.finish();
+        assert!(
+            stderr.contains("cuGraphAddMemAllocNode refused"),
+            "{way}: the refusal says why:\n{stderr}"
+        );
+    }
+    let mut bare = scene.start("procaddr", None);
+    assert_eq!(bare.rc("init 0"), 0);
+    assert_eq!(
+        bare.run(&format!("graphalloc {}", 256 * MIB)),
+        [0, 1],
+        "the fake driver's own graph memory node"
+    );
+    bare.finish();
+}

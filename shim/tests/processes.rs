@@ -116,3 +116,44 @@ fn the_region_records_each_process_by_slot() {
     a.finish();
     b.finish();
 }
+
+/// A program that closes descriptors it did not open (`closefrom`, a daemonising helper) keeps
+/// its slot: its charge still counts for the claim's other processes, which would otherwise
+/// take the slot for a dead one's, zero it and overshoot the limit.
+#[test]
+fn a_process_that_closes_every_descriptor_keeps_its_charge() {
+    let scene = Scene::new();
+    let config = scene.claim("c", &[(GPU0, GIB, 0)]);
+    let mut first = scene.start("procaddr", Some(&config));
+    let mut second = scene.start("direct", Some(&config));
+    assert_eq!(first.rc("init 0"), 0);
+    assert_eq!(second.rc("init 0"), 0);
+    assert_eq!(first.run(&format!("alloc {}", 600 * MIB))[0], 0);
+    assert_eq!(first.rc("closefrom 3"), 0, "close_range(3, ~0)");
+    assert_eq!(
+        second.run(&format!("alloc {}", 600 * MIB))[0],
+        CUDA_ERROR_OUT_OF_MEMORY,
+        "the first process's 600 MiB still count after it closed every descriptor"
+    );
+    assert_eq!(
+        first.run(&format!("alloc {}", 300 * MIB))[0],
+        0,
+        "the first process goes on charging its own slot"
+    );
+    assert_eq!(
+        second.run(&format!("alloc {}", 200 * MIB))[0],
+        CUDA_ERROR_OUT_OF_MEMORY,
+        "900 MiB of the 1 GiB are held"
+    );
+    let snapshot =
+        RegionSnapshot::parse(&std::fs::read(scene.region("c")).expect("region")).expect("parse");
+    let used: u64 = snapshot.slots.iter().map(|s| s.memory_used[0]).sum();
+    assert_eq!(used, 900 * MIB);
+    first.kill();
+    assert_eq!(
+        second.run(&format!("alloc {}", 600 * MIB))[0],
+        0,
+        "its death still gives its memory back"
+    );
+    second.finish();
+}

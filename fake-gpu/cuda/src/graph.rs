@@ -1,5 +1,8 @@
-//! CUDA graphs, as far as kernels go: create a graph, add kernel nodes, instantiate, launch.
-//! Launching an executable graph counts one graph launch and one kernel per kernel node.
+//! CUDA graphs, as far as kernels and memory go: create a graph, add kernel nodes and memory
+//! allocation nodes, instantiate, launch. Launching an executable graph counts one graph launch
+//! and one kernel per kernel node. A memory allocation node's device memory is taken from the
+//! card when the node is added and given back when its graph is destroyed (the real driver
+//! maps it at launch and may give it back earlier; the card's accounting is what tests need).
 
 use std::ffi::{c_char, c_uint, c_ulonglong};
 use std::sync::Mutex;
@@ -9,12 +12,15 @@ use tessera_gpu_abi::cuda::*;
 use crate::guard::{Result, check, get, guard, put};
 use crate::handles::{Kind, Registry, from_ptr, lock, new_handle, to_ptr};
 use crate::launch::Shape;
+use crate::memory::AllocKind;
 use crate::process::process;
 use crate::stream::stream_target;
 
 pub struct Graph {
-    /// Kernel node handles and shapes, in the order added.
-    nodes: Mutex<Vec<(u64, Shape)>>,
+    /// Node handles in the order added, with each kernel node's shape.
+    nodes: Mutex<Vec<(u64, Option<Shape>)>>,
+    /// The device memory of its memory allocation nodes.
+    allocations: Mutex<Vec<u64>>,
 }
 
 pub struct GraphExec {
@@ -43,6 +49,7 @@ pub unsafe extern "C" fn cuGraphCreate(graph: *mut CUgraph, flags: c_uint) -> CU
         check(!graph.is_null() && flags == 0)?;
         let (handle, _) = process.graphs.graphs.insert_with(|_| Graph {
             nodes: Mutex::new(Vec::new()),
+            allocations: Mutex::new(Vec::new()),
         });
         unsafe { put(graph, to_ptr(handle)) }
     })
@@ -52,12 +59,15 @@ pub unsafe extern "C" fn cuGraphCreate(graph: *mut CUgraph, flags: c_uint) -> CU
 pub unsafe extern "C" fn cuGraphDestroy(graph: CUgraph) -> CUresult {
     guard(|| {
         let process = process()?;
-        process
+        let graph = process
             .graphs
             .graphs
             .remove(from_ptr(graph))
-            .map(drop)
-            .ok_or(CUDA_ERROR_INVALID_VALUE)
+            .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        for ptr in lock(&graph.allocations).drain(..) {
+            let _ = process.memory.free(process, ptr, &[AllocKind::Device]);
+        }
+        Ok(())
     })
 }
 
@@ -79,6 +89,17 @@ fn add_kernel_node(
         .graphs
         .get(from_ptr(graph))
         .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    let handle = add_node(&graph, dependencies, count, Some(shape))?;
+    unsafe { put(node, to_ptr(handle)) }
+}
+
+/// Appends a node after checking its dependencies are nodes of the graph; returns its handle.
+fn add_node(
+    graph: &Graph,
+    dependencies: *const CUgraphNode,
+    count: usize,
+    shape: Option<Shape>,
+) -> Result<u64> {
     let mut nodes = lock(&graph.nodes);
     if count > 0 {
         check(!dependencies.is_null())?;
@@ -91,7 +112,45 @@ fn add_kernel_node(
     }
     let handle = new_handle(Kind::GraphNode);
     nodes.push((handle, shape));
-    unsafe { put(node, to_ptr(handle)) }
+    Ok(handle)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphAddMemAllocNode(
+    node: *mut CUgraphNode,
+    graph: CUgraph,
+    dependencies: *const CUgraphNode,
+    count: usize,
+    params: *mut CUDA_MEM_ALLOC_NODE_PARAMS,
+) -> CUresult {
+    guard(|| {
+        let process = process()?;
+        check(!node.is_null() && !params.is_null())?;
+        // SAFETY: non-null, per the driver's contract a valid CUDA_MEM_ALLOC_NODE_PARAMS.
+        let p = unsafe { &mut *params };
+        check(p.bytesize > 0)?;
+        check(p.pool_props.location.type_ == CU_MEM_LOCATION_TYPE_DEVICE)?;
+        let physical = process.gpu(p.pool_props.location.id)?.physical;
+        let graph = process
+            .graphs
+            .graphs
+            .get(from_ptr(graph))
+            .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        let ptr =
+            process
+                .memory
+                .allocate(process, AllocKind::Device, p.bytesize as u64, physical, 0)?;
+        let handle = match add_node(&graph, dependencies, count, None) {
+            Ok(handle) => handle,
+            Err(e) => {
+                let _ = process.memory.free(process, ptr, &[AllocKind::Device]);
+                return Err(e);
+            }
+        };
+        lock(&graph.allocations).push(ptr);
+        p.dptr = ptr;
+        unsafe { put(node, to_ptr(handle)) }
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -146,7 +205,10 @@ fn instantiate(exec: *mut CUgraphExec, graph: CUgraph) -> Result {
         .graphs
         .get(from_ptr(graph))
         .ok_or(CUDA_ERROR_INVALID_VALUE)?;
-    let shapes = lock(&graph.nodes).iter().map(|(_, shape)| *shape).collect();
+    let shapes = lock(&graph.nodes)
+        .iter()
+        .filter_map(|(_, shape)| *shape)
+        .collect();
     let (handle, _) = process.graphs.execs.insert_with(|_| GraphExec { shapes });
     unsafe { put(exec, to_ptr(handle)) }
 }

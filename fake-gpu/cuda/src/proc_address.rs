@@ -61,6 +61,7 @@ exports! {
     launch:: cuLaunchKernel, cuLaunchKernel_ptsz, cuLaunchKernelEx, cuLaunchKernelEx_ptsz,
         cuLaunchCooperativeKernel, cuLaunchCooperativeKernel_ptsz;
     graph:: cuGraphCreate, cuGraphDestroy, cuGraphAddKernelNode, cuGraphAddKernelNode_v2,
+        cuGraphAddMemAllocNode,
         cuGraphInstantiate, cuGraphInstantiate_v2, cuGraphInstantiateWithFlags, cuGraphExecDestroy,
         cuGraphLaunch, cuGraphLaunch_ptsz;
 }

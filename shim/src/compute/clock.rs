@@ -9,7 +9,7 @@
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use crate::dlsym::real_dlsym;
+use crate::real::real_dlsym;
 
 type NowFn = unsafe extern "C" fn() -> u64;
 type SleepFn = unsafe extern "C" fn(u64) -> i32;

@@ -17,10 +17,11 @@ use tessera_api::region::MAX_DEVICES;
 use tessera_api::shim_config::ShimConfig;
 use tessera_gpu_abi::cuda::*;
 
-use crate::enforcer::Enforcer;
 use board::Board;
 
 use crate::board_files::BoardPaths;
+use crate::devices::Grant;
+use crate::ledger::Ledger;
 
 pub use cost::key;
 
@@ -83,7 +84,7 @@ impl Limiter {
     /// Re-reads the neighbours and stamps this claim active, at most once per `REFRESH_NS` per
     /// device (whichever thread wins the compare-and-swap does it).
     #[inline(always)]
-    fn refresh_if_due(&self, enforcer: &Enforcer, device: usize, now: u64) {
+    fn refresh_if_due(&self, ledger: &Ledger, device: usize, now: u64) {
         let due = &self.next_refresh[device];
         let at = due.load(Ordering::Relaxed);
         if now < at {
@@ -98,14 +99,14 @@ impl Limiter {
             )
             .is_ok()
         {
-            self.refresh(enforcer, device, now);
+            self.refresh(ledger, device, now);
         }
     }
 
     #[cold]
-    fn refresh(&self, enforcer: &Enforcer, device: usize, now: u64) {
+    fn refresh(&self, ledger: &Ledger, device: usize, now: u64) {
         if !self.clock_checked[device].swap(true, Ordering::Relaxed) {
-            let tat = enforcer.ledger.compute_tat(device);
+            let tat = ledger.compute_tat(device);
             let scheduled = tat.load(Ordering::Relaxed);
             if scheduled > now.saturating_add(IMPLAUSIBLE_NS) {
                 let _ = tat.compare_exchange(scheduled, now, Ordering::Relaxed, Ordering::Relaxed);
@@ -130,23 +131,22 @@ impl Limiter {
         let before = self.share[device].swap(share, Ordering::Relaxed);
         if share > before {
             // Debts run up at a smaller share are forgiven: the claim has the GPU back now.
-            enforcer
-                .ledger
+            ledger
                 .compute_tat(device)
                 .fetch_min(now.saturating_add(BURST_NS), Ordering::Relaxed);
         }
     }
 
-    /// The claim device the calling thread launches on.
+    /// The claim device the calling thread launches on (`uuids`: the claim's GPUs).
     #[inline(always)]
-    fn device(&self, enforcer: &Enforcer) -> Option<usize> {
+    fn device(&self, uuids: &[String]) -> Option<usize> {
         if self.device_count == 1 {
             return Some(0);
         }
-        match crate::hooks::current_device() {
-            Ok(ordinal) => match enforcer.grant(ordinal) {
-                crate::devices::Grant::Claim(index) => Some(index),
-                crate::devices::Grant::NotGranted => None,
+        match crate::real::current_device() {
+            Ok(ordinal) => match crate::devices::grant(ordinal, uuids) {
+                Grant::Claim(index) => Some(index),
+                Grant::NotGranted => None,
             },
             Err(_) => None,
         }
@@ -171,29 +171,41 @@ pub(crate) fn claim_key(uid: &str) -> u64 {
     hash | 1
 }
 
+/// What a claim's launches are limited by: its limiter, the schedule in its region, and its
+/// GPUs (to tell which one the calling thread launches on).
+pub struct Claim<'a> {
+    pub limiter: &'a Limiter,
+    pub ledger: &'a Ledger,
+    pub uuids: &'a [String],
+}
+
 /// Runs one launch under the claim's share: waits while the claim is ahead of it, forwards,
 /// and charges what the launch will cost.
 #[inline(always)]
 pub fn launch(
-    enforcer: &Enforcer,
+    claim: Claim<'_>,
     key: u64,
     stream: CUstream,
     per_thread: bool,
     forward: impl FnOnce() -> CUresult,
 ) -> CUresult {
-    let limiter = &enforcer.compute;
-    let Some(device) = limiter.device(enforcer) else {
+    let Claim {
+        limiter,
+        ledger,
+        uuids,
+    } = claim;
+    let Some(device) = limiter.device(uuids) else {
         return forward();
     };
     let mut now = clock::coarse();
-    limiter.refresh_if_due(enforcer, device, now);
+    limiter.refresh_if_due(ledger, device, now);
     let mut share = limiter.share[device].load(Ordering::Relaxed);
     if share >= UNLIMITED {
         return forward();
     }
     // Reserve this launch's place in the claim's schedule first, then wait for it: launches of
     // the claim's processes are served in the order they asked, never by who wakes first.
-    let tat = enforcer.ledger.compute_tat(device);
+    let tat = ledger.compute_tat(device);
     let charge = cost::estimate(key).saturating_mul(u64::from(UNLIMITED)) / u64::from(share.max(1));
     let mut slot = now;
     if charge > 0
@@ -211,7 +223,7 @@ pub fn launch(
         // Wake at least every refresh to notice a neighbour leaving (a share going up).
         clock::sleep_until((slot - BURST_NS).min(now.saturating_add(REFRESH_NS)));
         now = clock::now();
-        limiter.refresh_if_due(enforcer, device, now);
+        limiter.refresh_if_due(ledger, device, now);
         share = limiter.share[device].load(Ordering::Relaxed);
         if share >= UNLIMITED || tat.load(Ordering::Relaxed) < slot {
             // Unlimited now, or the debt this place was behind has been forgiven.
@@ -241,15 +253,26 @@ mod tests {
     use std::hint::black_box;
     use std::time::Instant;
 
-    fn enforcer(dir: &std::path::Path, cores: u32) -> Enforcer {
-        let config = dir.join(format!("claim-{cores}.json"));
+    /// A one-GPU claim of `cores`, with its region in `dir` and no board.
+    fn claim(dir: &std::path::Path, cores: u32) -> (Limiter, Ledger, Vec<String>) {
         let region = dir.join(format!("claim-{cores}.region"));
         let text = format!(
             r#"{{"version":1,"claimUid":"hot-path-{cores}","region":"{}","devices":[{{"uuid":"GPU-11111111-2222-3333-4444-555555555555","memoryLimit":1073741824,"cores":{cores}}}],"corePolicy":"force"}}"#,
             region.display()
         );
-        std::fs::write(&config, text).expect("config");
-        Enforcer::from_file(config.to_str().expect("utf-8")).expect("enforcer")
+        let config = ShimConfig::from_json(text.as_bytes()).expect("config");
+        let devices = tessera_api::region::RegionDeviceSpec::from_config(&config);
+        let ledger = Ledger::open(&config.region, &devices).expect("region");
+        let uuids = config.devices.iter().map(|d| d.uuid.clone()).collect();
+        (Limiter::new(&config, None), ledger, uuids)
+    }
+
+    fn parts(claim: &(Limiter, Ledger, Vec<String>)) -> Claim<'_> {
+        Claim {
+            limiter: &claim.0,
+            ledger: &claim.1,
+            uuids: &claim.2,
+        }
     }
 
     /// The launch path's own cost on the host clock (what a real GPU node runs), with a
@@ -260,7 +283,7 @@ mod tests {
     fn hot_path() {
         const LAUNCHES: u64 = 10_000_000;
         let dir = tempfile::tempdir().expect("tempdir");
-        let (whole, half) = (enforcer(dir.path(), 100), enforcer(dir.path(), 50));
+        let (whole, half) = (claim(dir.path(), 100), claim(dir.path(), 50));
         let key = key(0x1000, 1);
         // 1 ns kernels: 10 M launches at half the GPU owe 20 ms, far less than the loop takes,
         // so the claim stays under its share throughout.
@@ -282,7 +305,7 @@ mod tests {
         let off = time(&|| {
             for _ in 0..LAUNCHES {
                 black_box(launch(
-                    &whole,
+                    parts(&whole),
                     black_box(key),
                     std::ptr::null_mut(),
                     false,
@@ -293,7 +316,7 @@ mod tests {
         let on = time(&|| {
             for _ in 0..LAUNCHES {
                 black_box(launch(
-                    &half,
+                    parts(&half),
                     black_box(key),
                     std::ptr::null_mut(),
                     false,

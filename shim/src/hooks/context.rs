@@ -3,7 +3,7 @@
 //! what the card really loses.
 
 use std::ffi::{c_int, c_uint, c_void};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use tessera_gpu_abi::cuda::*;
 
@@ -13,16 +13,6 @@ use crate::enforcer::Enforcer;
 use crate::guard::guard;
 use crate::ptr_table::Charge;
 use crate::real::cuda as real;
-
-/// Per ordinal: whether this process has charged its primary context.
-static PRIMARY_CHARGED: [AtomicBool; 64] = [const { AtomicBool::new(false) }; 64];
-
-/// A fork child has no contexts of its own yet.
-pub fn forget_after_fork() {
-    for flag in &PRIMARY_CHARGED {
-        flag.store(false, Ordering::Relaxed);
-    }
-}
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
@@ -54,7 +44,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(
             |e, f| {
                 let flag = usize::try_from(device)
                     .ok()
-                    .and_then(|d| PRIMARY_CHARGED.get(d));
+                    .and_then(|d| crate::enforcer::PRIMARY_CHARGED.get(d));
                 let charge = match (overhead(e, device), flag) {
                     (Some(charge), Some(flag)) if !flag.load(Ordering::Acquire) => Some(charge),
                     _ => None,
@@ -83,7 +73,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(
 fn settle_primary(enforcer: &Enforcer, device: CUdevice) {
     let Some(flag) = usize::try_from(device)
         .ok()
-        .and_then(|d| PRIMARY_CHARGED.get(d))
+        .and_then(|d| crate::enforcer::PRIMARY_CHARGED.get(d))
     else {
         return;
     };

@@ -55,7 +55,9 @@ macro_rules! launch_kernel {
                 };
                 dispatch(&real::$name, call, |enforcer, r| {
                     let key = compute::key(f as usize, blocks(gx, gy, gz));
-                    compute::launch(enforcer, key, stream, $per_thread, || call(r))
+                    compute::launch(enforcer.compute_claim(), key, stream, $per_thread, || {
+                        call(r)
+                    })
                 })
             })
         }
@@ -87,7 +89,13 @@ macro_rules! launch_kernel_ex {
                     };
                     let key =
                         compute::key(f as usize, blocks(c.grid_dim_x, c.grid_dim_y, c.grid_dim_z));
-                    compute::launch(enforcer, key, c.h_stream, $per_thread, || call(r))
+                    compute::launch(
+                        enforcer.compute_claim(),
+                        key,
+                        c.h_stream,
+                        $per_thread,
+                        || call(r),
+                    )
                 })
             })
         }
@@ -128,7 +136,9 @@ macro_rules! launch_cooperative {
                 };
                 dispatch(&real::$name, call, |enforcer, r| {
                     let key = compute::key(f as usize, blocks(gx, gy, gz));
-                    compute::launch(enforcer, key, stream, $per_thread, || call(r))
+                    compute::launch(enforcer.compute_claim(), key, stream, $per_thread, || {
+                        call(r)
+                    })
                 })
             })
         }
@@ -147,7 +157,9 @@ macro_rules! graph_launch {
                 };
                 dispatch(&real::$name, call, |enforcer, r| {
                     let key = compute::key(exec as usize, GRAPH);
-                    compute::launch(enforcer, key, stream, $per_thread, || call(r))
+                    compute::launch(enforcer.compute_claim(), key, stream, $per_thread, || {
+                        call(r)
+                    })
                 })
             })
         }

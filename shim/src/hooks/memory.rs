@@ -570,6 +570,40 @@ pub unsafe extern "C" fn cuMemCreate(
     })
 }
 
+/// Whether the refusal of graph memory nodes has been reported (once per process).
+static GRAPH_MEMORY_REPORTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// A graph's memory allocation node gets its memory when the graph is launched and gives it
+/// back at free nodes, trims and graph teardown, none of which the ledger sees: under a wall
+/// such a node would be memory outside the claim's limit, so it is refused, with a line saying
+/// why. Frameworks allocate a graph's memory before capture or from their own pools (PyTorch's
+/// CUDA graphs do), which the wall counts.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphAddMemAllocNode(
+    node: *mut CUgraphNode,
+    graph: CUgraph,
+    dependencies: *const CUgraphNode,
+    count: usize,
+    params: *mut CUDA_MEM_ALLOC_NODE_PARAMS,
+) -> CUresult {
+    guard(CUDA_ERROR_UNKNOWN, || {
+        dispatch(
+            &real::cuGraphAddMemAllocNode,
+            |f| unsafe { f(node, graph, dependencies, count, params) },
+            |e, _| {
+                if !GRAPH_MEMORY_REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    crate::report::line(format_args!(
+                        "claim {}: cuGraphAddMemAllocNode refused with CUDA_ERROR_NOT_SUPPORTED: graph memory nodes take GPU memory at launch, outside the claim's memory limit; allocate the graph's buffers before capture instead",
+                        e.claim_uid
+                    ));
+                }
+                CUDA_ERROR_NOT_SUPPORTED
+            },
+        )
+    })
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> CUresult {
     guard(CUDA_ERROR_UNKNOWN, || {
@@ -852,7 +886,7 @@ fn v1_forward(name: &str, call: impl FnOnce(*mut std::ffi::c_void) -> CUresult) 
     if handle.is_null() {
         return CUDA_ERROR_NOT_FOUND;
     }
-    let f = unsafe { crate::dlsym::real_dlsym(handle, name.as_ptr().cast()) };
+    let f = unsafe { crate::real::real_dlsym(handle, name.as_ptr().cast()) };
     unsafe { libc::dlclose(handle) };
     if f.is_null() {
         CUDA_ERROR_NOT_FOUND

@@ -1,4 +1,8 @@
-//! The intercepted entry points, and the table `dlsym` and `cuGetProcAddress` answer from.
+//! The intercepted entry points, and the table `dlsym` and `cuGetProcAddress` answer from: the
+//! top layer. Hooks call the enforcer and its policies (ledger, compute, spill), which call the
+//! real driver ([`crate::real`]); no module below imports one above it.
+
+pub(crate) use crate::real::current_device;
 
 use std::ffi::c_void;
 
@@ -8,6 +12,7 @@ use crate::enforcer::{Enforcer, Mode, mode};
 use crate::real::RealFn;
 
 pub mod context;
+pub mod dlsym;
 pub mod launch;
 pub mod memory;
 pub mod nvml;
@@ -41,6 +46,7 @@ pub fn by_symbol(symbol: &[u8]) -> *mut c_void {
         memory::cuMemFreeAsync_ptsz,
         memory::cuMemCreate,
         memory::cuMemRelease,
+        memory::cuGraphAddMemAllocNode,
         memory::cuArrayCreate_v2,
         memory::cuArray3DCreate_v2,
         memory::cuArrayDestroy,
@@ -93,19 +99,5 @@ pub(crate) fn dispatch<F: Copy>(
         Mode::Passthrough => pass(f),
         Mode::Enforcing(enforcer) => enforce(enforcer, f),
         Mode::Refused => CUDA_ERROR_NOT_PERMITTED,
-    }
-}
-
-/// The device of the calling thread's current context.
-#[inline(always)]
-pub(crate) fn current_device() -> Result<CUdevice, CUresult> {
-    let Some(get) = crate::real::cuda::cuCtxGetDevice.get() else {
-        return Err(CUDA_ERROR_NOT_FOUND);
-    };
-    let mut device: CUdevice = 0;
-    // SAFETY: real driver call with a valid out-pointer.
-    match unsafe { get(&mut device) } {
-        CUDA_SUCCESS => Ok(device),
-        error => Err(error),
     }
 }

@@ -12,8 +12,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -26,6 +31,13 @@ typedef struct {
     unsigned char compressionType, gpuDirectRDMACapable; unsigned short usage; unsigned char reserved[4];
 } CUmemAllocationProp;
 typedef struct { size_t Width, Height; int Format; unsigned NumChannels; } CUDA_ARRAY_DESCRIPTOR;
+typedef struct {
+    int allocType; int handleTypes; CUmemLocation location; void *win32SecurityAttributes;
+    size_t maxSize; unsigned short usage; unsigned char reserved[54];
+} CUmemPoolProps;
+typedef struct {
+    CUmemPoolProps poolProps; const void *accessDescs; size_t accessDescCount; size_t bytesize; CUdeviceptr dptr;
+} CUDA_MEM_ALLOC_NODE_PARAMS;
 typedef struct { unsigned int version; unsigned long long total, reserved, free, used; } nvmlMemory_v2_t;
 typedef struct { unsigned long long total, free, used; } nvmlMemory_t;
 
@@ -54,6 +66,9 @@ DECLARE(CUresult, cuDeviceTotalMem, (size_t *, CUdevice))
 DECLARE(CUresult, cuModuleLoadData, (CUmodule *, const void *))
 DECLARE(CUresult, cuModuleGetFunction, (CUfunction *, CUmodule, const char *))
 DECLARE(CUresult, cuLaunchKernel, (CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void **, void **))
+DECLARE(CUresult, cuGraphCreate, (void **, unsigned))
+DECLARE(CUresult, cuGraphDestroy, (void *))
+DECLARE(CUresult, cuGraphAddMemAllocNode, (void **, void *, void *const *, size_t, CUDA_MEM_ALLOC_NODE_PARAMS *))
 DECLARE(CUresult, cuGetProcAddress_v2, (const char *, void **, int, unsigned long long, int *))
 
 /* Each entry: the table field, the exported symbol, and the (name, version) cudart asks for. */
@@ -81,7 +96,10 @@ DECLARE(CUresult, cuGetProcAddress_v2, (const char *, void **, int, unsigned lon
     X(cuDeviceTotalMem, "cuDeviceTotalMem_v2", "cuDeviceTotalMem", 3020) \
     X(cuModuleLoadData, "cuModuleLoadData", "cuModuleLoadData", 2000) \
     X(cuModuleGetFunction, "cuModuleGetFunction", "cuModuleGetFunction", 2000) \
-    X(cuLaunchKernel, "cuLaunchKernel", "cuLaunchKernel", 4000)
+    X(cuLaunchKernel, "cuLaunchKernel", "cuLaunchKernel", 4000) \
+    X(cuGraphCreate, "cuGraphCreate", "cuGraphCreate", 10000) \
+    X(cuGraphDestroy, "cuGraphDestroy", "cuGraphDestroy", 10000) \
+    X(cuGraphAddMemAllocNode, "cuGraphAddMemAllocNode", "cuGraphAddMemAllocNode", 11040)
 
 static struct {
 #define FIELD(field, symbol, name, version) field##_t field;
@@ -278,6 +296,23 @@ int main(int argc, char **argv) {
             waitpid(pid, &status, 0);
             printf("fork %d\n", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
         }
+        /* A graph with one memory allocation node of `a` bytes on device 0, then destroyed. */
+        else if (!strcmp(cmd, "graphalloc")) {
+            void *graph = NULL, *node = NULL;
+            CUDA_MEM_ALLOC_NODE_PARAMS params;
+            memset(&params, 0, sizeof params);
+            params.poolProps.allocType = 1; /* CU_MEM_ALLOCATION_TYPE_PINNED */
+            params.poolProps.location.type = 1; /* CU_MEM_LOCATION_TYPE_DEVICE */
+            params.bytesize = a;
+            rc = cu.cuGraphCreate && cu.cuGraphAddMemAllocNode ? cu.cuGraphCreate(&graph, 0) : -1;
+            if (rc == 0) {
+                rc = cu.cuGraphAddMemAllocNode(&node, graph, NULL, 0, &params);
+                cu.cuGraphDestroy(graph);
+            }
+            printf("graphalloc %d %d\n", rc, params.dptr != 0);
+        }
+        /* What a daemonising helper does: close every descriptor from `a` on, ours or not. */
+        else if (!strcmp(cmd, "closefrom")) { printf("closefrom %ld\n", syscall(SYS_close_range, (unsigned)a, ~0U, 0)); }
         else if (!strcmp(cmd, "quit")) { break; }
         else printf("error unknown command %s\n", cmd);
         fflush(stdout);

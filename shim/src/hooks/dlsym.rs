@@ -11,48 +11,9 @@
 //! redirected, so a driver that resolves its own entry points cannot recurse into the shim.
 
 use std::ffi::{CStr, c_char, c_void};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::hooks;
-
-/// The real `dlsym`, resolved on first use with `dlvsym(RTLD_NEXT, …)`.
-static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
-
-type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
-
-/// Versions of `dlsym` in glibc: 2.34 moved it into libc; older x86-64 and arm64 releases.
-const DLSYM_VERSIONS: [&CStr; 3] = [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"];
-
-fn real_dlsym_address() -> usize {
-    let known = REAL_DLSYM.load(Ordering::Acquire);
-    if known != 0 {
-        return known;
-    }
-    for version in DLSYM_VERSIONS {
-        // SAFETY: dlvsym with constant NUL-terminated strings.
-        let found = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
-        if !found.is_null() {
-            REAL_DLSYM.store(found as usize, Ordering::Release);
-            return found as usize;
-        }
-    }
-    0
-}
-
-/// Calls the real `dlsym` (for the shim's own lookups).
-///
-/// # Safety
-/// `handle` must be a handle from `dlopen` or a pseudo-handle; `name` NUL-terminated.
-pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
-    let address = real_dlsym_address();
-    if address == 0 {
-        return std::ptr::null_mut();
-    }
-    // SAFETY: `address` is glibc's dlsym.
-    let f: DlsymFn = unsafe { std::mem::transmute::<usize, DlsymFn>(address) };
-    // SAFETY: forwarded arguments, per this function's contract.
-    unsafe { f(handle, name) }
-}
+use crate::real::real_dlsym_address;
 
 /// The shim's answer for `name`, or NULL to let the real `dlsym` answer. Called by the
 /// trampoline with the caller's return address.
@@ -85,6 +46,7 @@ extern "C" fn lookup(
 #[cfg(target_arch = "x86_64")]
 mod trampoline {
     use super::*;
+    use crate::real::REAL_DLSYM;
 
     /// `void *dlsym(void *handle, const char *name)`.
     ///
@@ -118,6 +80,7 @@ mod trampoline {
 #[cfg(not(target_arch = "x86_64"))]
 mod trampoline {
     use super::*;
+    use crate::real::real_dlsym;
 
     /// Portable fallback: correct for every name the shim answers; `RTLD_NEXT` lookups of other
     /// names resolve relative to the shim rather than the caller.
