@@ -4,7 +4,7 @@
 #   scripts/cluster.sh up     # control plane + simulated GPU nodes (e2e/nodes/*.json) + tessera-controller
 #                             # + a real node (upstream kubelet and containerd)
 #   scripts/cluster.sh down   # stops everything `up` started, containers included
-#   scripts/cluster.sh demo   # up, the two-workers scenario, down
+#   scripts/cluster.sh demo   # up, the two-workers scenario on the real node, down
 #
 # K8S_VERSION=1.31 selects the oldest supported release (default: the newest pinned one).
 # Whatever the machine lacks is installed or built first: podman and runc, the upstream
@@ -31,17 +31,17 @@ if [ "$command" != down ] && [ "$command" != status ]; then
     mkdir -p "$log_dir"
     step "podman and runc (containers of the simulated nodes)"
     scripts/install-podman.sh
-    if [ "$command" = up ]; then
+    if [ "$command" = up ] || [ "$command" = demo ]; then
         step "runc, CNI plugins and busybox-static (the real node)"
         scripts/install-node-packages.sh
     fi
-    step "the upstream control plane $version, helm and (for up) containerd (built once, then cached; logs: $log_dir/k8s-build-$version.log, $log_dir/helm-build.log, $log_dir/containerd-build.log)"
+    step "the upstream control plane $version, helm and containerd (built once, then cached; logs: $log_dir/k8s-build-$version.log, $log_dir/helm-build.log, $log_dir/containerd-build.log)"
     e2e/scripts/build-k8s.sh "$module" > "$log_dir/k8s-build-$version.log" 2>&1 &
     k8s_build=$!
     e2e/scripts/build-helm.sh > "$log_dir/helm-build.log" 2>&1 &
     helm_build=$!
     containerd_build=
-    if [ "$command" = up ]; then
+    if [ "$command" = up ] || [ "$command" = demo ]; then
         e2e/scripts/build-containerd.sh > "$log_dir/containerd-build.log" 2>&1 &
         containerd_build=$!
     fi

@@ -84,6 +84,11 @@ pub struct Args {
     /// during a rolling update; kubelet 1.33 or newer.
     #[arg(long, env = "POD_UID")]
     pub instance_id: Option<String>,
+    /// Where this boot's ID is read: claims prepared in another boot are prepared again, since
+    /// the runtime's state and the CDI directory did not survive the reboot. Only tests that
+    /// simulate a reboot point it elsewhere.
+    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
+    pub boot_id_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

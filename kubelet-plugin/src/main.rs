@@ -115,7 +115,7 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
         inventory,
         memory_overcommit: args.memory_overcommit.clone(),
         oversubscribe_by_default: args.oversubscribe_by_default,
-        boot_id: boot_id(),
+        boot_id: boot_id(&args.boot_id_file)?,
         booted_at: booted_at(),
     };
     std::fs::create_dir_all(&config.cdi_dir)
@@ -214,10 +214,16 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// This boot's ID. Without it a reboot could not be told from a plugin restart, and claims
+/// whose CDI specs the reboot cleared would be answered as prepared: so no ID, no start.
+fn boot_id(file: &Path) -> Result<String> {
+    let id = std::fs::read_to_string(file)
+        .with_context(|| format!("reading this boot's ID from {}", file.display()))?;
+    let id = id.trim();
+    if id.is_empty() {
+        bail!("{} holds no boot ID", file.display());
+    }
+    Ok(id.to_owned())
 }
 
 /// When this boot began: `btime` of `/proc/stat` (the epoch if unknown, which makes every

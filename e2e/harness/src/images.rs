@@ -37,7 +37,7 @@ impl Image {
 
 /// The images of the debug build the tests run (`tessera-kubelet-plugin`,
 /// `tessera-controller`, `tessera-gpu-worker`), made once per process into
-/// `<cache>/images/debug` from the binaries beside this program.
+/// `<cache>/images/debug` from the binaries beside this program, by one process at a time.
 pub fn debug_images() -> Result<Vec<Image>> {
     static MADE: Mutex<Option<Vec<Image>>> = Mutex::new(None);
     let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
@@ -50,6 +50,13 @@ pub fn debug_images() -> Result<Vec<Image>> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    // Test binaries and `tessera-cluster` make them at once into the same directory: one at a
+    // time, across processes.
+    std::fs::create_dir_all(&out).map_err(Error::io(&out, "creating"))?;
+    let lock_path = out.join(".lock");
+    let lock_file = std::fs::File::create(&lock_path).map_err(Error::io(&lock_path, "creating"))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| Error::io(&lock_path, "locking")(e.into()))?;
     let output = Command::new(&script)
         .args(["--profile", "debug", "--registry", REGISTRY, "--out"])
         .arg(&out)

@@ -62,10 +62,18 @@ where
 /// status code and body. Enough for etcd's plain-HTTP `/health`, without
 /// pulling an HTTP client into the harness.
 pub async fn http_get(port: u16, path: &str) -> std::result::Result<(u16, String), String> {
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path).await
+}
+
+/// [`http_get`] of `http://<address><path>`.
+pub async fn http_get_at(
+    address: std::net::SocketAddr,
+    path: &str,
+) -> std::result::Result<(u16, String), String> {
     let io = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
         stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
             .await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;

@@ -321,7 +321,7 @@ async fn run_suite(version: K8sVersion, test: &str) {
 
 async fn demo_scenario(suite: &mut Suite) {
     let mut printed = Vec::new();
-    let outcome = demo::two_workers(&mut suite.cluster, &mut printed)
+    let outcome = demo::two_workers(&mut suite.cluster, &demo::Stage::Simulated, &mut printed)
         .await
         .unwrap_or_else(|e| panic!("{}: demo: {e}", suite.version));
     let printed = String::from_utf8_lossy(&printed).into_owned();

@@ -262,13 +262,23 @@ async fn demo(args: &Args) -> anyhow::Result<ExitCode> {
             .join(", ")
     );
     let mut stdout = std::io::stdout();
-    let result = tessera_e2e_harness::demo::two_workers(&mut cluster, &mut stdout).await;
+    let result = if args.real_node {
+        demo_on_real_node(&mut cluster, &mut stdout).await
+    } else {
+        tessera_e2e_harness::demo::two_workers(
+            &mut cluster,
+            &tessera_e2e_harness::demo::Stage::Simulated,
+            &mut stdout,
+        )
+        .await
+        .context("the two-workers scenario")
+    };
     println!(
         "\n== Stopping the cluster (logs stay in {})",
         state_dir.join("logs").display()
     );
     drop(cluster);
-    let outcome = result.context("the two-workers scenario")?;
+    let outcome = result?;
     let a_failed = tessera_e2e_harness::workloads::phase(&outcome.worker_a) == "Failed";
     let b_done = tessera_e2e_harness::workloads::phase(&outcome.worker_b) == "Succeeded";
     if a_failed && b_done && outcome.worker_a_log.contains("CUDA_ERROR_OUT_OF_MEMORY") {
@@ -281,6 +291,64 @@ async fn demo(args: &Args) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// The two-workers scenario on a real node started beside the simulated ones, with Tessera's
+/// plugin from the chart and this build's images; the node stops when this returns.
+async fn demo_on_real_node(
+    cluster: &mut SimCluster,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<tessera_e2e_harness::demo::Outcome> {
+    let began = std::time::Instant::now();
+    let control_plane = cluster.control_plane();
+    let binaries = NodeBinaries::locate(control_plane.binaries())
+        .context("a real node (--no-real-node runs the demo on a simulated node)")?;
+    let mut node = RealNode::start(control_plane, RealNodeOptions::new(binaries))
+        .await
+        .context("starting the real node")?;
+    let workloads = realnode::tessera::install_plugin(
+        control_plane,
+        &node,
+        Duration::from_secs(180),
+    )
+    .await
+    .context(
+        "Tessera's plugin on the real node (the chart's DaemonSet, with this build's images)",
+    )?;
+    let plugin = realnode::tessera::plugin_metrics_address(&control_plane.client(), &node).await?;
+    let metrics = node
+        .forward_into_netns(plugin)
+        .context("reaching the plugin's metrics")?;
+    // The controller adds the node's GPU models' DeviceClasses once its slices are published.
+    cluster
+        .wait_device_class(
+            tessera_e2e_harness::demo::REAL_NODE_GPU_CLASS,
+            Duration::from_secs(60),
+        )
+        .await?;
+    writeln!(
+        out,
+        "   real node {} (upstream kubelet and containerd) Ready in {:.1}s; Tessera's chart runs its plugin there ({:.1}s in all)",
+        node.name(),
+        node.ready_in().as_secs_f64(),
+        began.elapsed().as_secs_f64()
+    )?;
+    let stage = tessera_e2e_harness::demo::Stage::Real {
+        node: &node,
+        workloads: &workloads,
+        metrics,
+    };
+    let outcome = tessera_e2e_harness::demo::two_workers(cluster, &stage, out)
+        .await
+        .context("the two-workers scenario");
+    let problems = node.stop();
+    if !problems.is_empty() {
+        eprintln!(
+            "tessera-cluster: stopping the real node: {}",
+            problems.join("; ")
+        );
+    }
+    outcome
 }
 
 /// A real node beside the simulated ones, left running: its forwards run in a process of
@@ -303,11 +371,15 @@ async fn start_real_node(
         node.name(),
         node.ready_in().as_secs_f64()
     );
-    realnode::tessera::install_plugin(control_plane, &node, Duration::from_secs(180))
-        .await
-        .context(
-            "Tessera's plugin on the real node (the chart's DaemonSet, with this build's images)",
-        )?;
+    let _workloads = realnode::tessera::install_plugin(
+        control_plane,
+        &node,
+        Duration::from_secs(180),
+    )
+    .await
+    .context(
+        "Tessera's plugin on the real node (the chart's DaemonSet, with this build's images)",
+    )?;
     eprintln!(
         "real node {}: the chart's tessera-kubelet-plugin pod runs there and its slices are published",
         node.name()

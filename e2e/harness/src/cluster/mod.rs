@@ -257,6 +257,36 @@ impl SimCluster {
         Ok(())
     }
 
+    /// Waits until DeviceClass `name` exists (tessera-controller adds one per GPU model it
+    /// finds in the slices, a real node's included).
+    pub async fn wait_device_class(&mut self, name: &str, timeout: Duration) -> Result<()> {
+        let classes: Api<DynamicObject> = Api::all_with(
+            self.client(),
+            &self.resource_api("DeviceClass", "deviceclasses"),
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_running()?;
+            if let Ok(Some(_)) = classes.get_opt(name).await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let log = self
+                    .controller
+                    .as_ref()
+                    .map(|c| c.log().to_owned())
+                    .unwrap_or_default();
+                return Err(Error::Timeout {
+                    what: format!("DeviceClass {name}"),
+                    seconds: timeout.as_secs(),
+                    tail: log_tail(&log, 30),
+                    log,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     async fn wait_ready(&mut self, models: usize) -> Result<()> {
         let client = self.client();
         let nodes_api: Api<Node> = Api::all(client.clone());

@@ -118,15 +118,26 @@ impl CgroupRoot {
     pub(crate) fn remove(&mut self) {
         let mirror = self.unified_mirror.take();
         for dir in self.dirs.drain(..).chain(mirror) {
-            let mut all = subtree(&dir);
-            all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-            for cgroup in all {
-                if let Err(e) = fs::remove_dir(&cgroup)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::warn!(cgroup = %cgroup.display(), error = %e, "cannot remove a real node's cgroup");
-                }
-            }
+            remove_deepest_first(subtree(&dir));
+        }
+    }
+
+    /// Removes every cgroup below the root, deepest first, and keeps the root itself (a reboot:
+    /// the kubelet makes its pods' cgroups again).
+    pub(crate) fn remove_below(&self) {
+        for dir in self.dirs() {
+            remove_deepest_first(subtree(&dir).into_iter().filter(|c| c != &dir).collect());
+        }
+    }
+}
+
+fn remove_deepest_first(mut cgroups: Vec<PathBuf>) {
+    cgroups.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for cgroup in cgroups {
+        if let Err(e) = fs::remove_dir(&cgroup)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(cgroup = %cgroup.display(), error = %e, "cannot remove a real node's cgroup");
         }
     }
 }

@@ -182,6 +182,10 @@ pub struct RealNode {
     processes: Vec<Process>,
     /// How the kubelet was started, to start it again.
     kubelet_spec: Option<ProcessSpec>,
+    /// containerd's command line after the network setup, and the directory its shim is found
+    /// in (on PATH): to start it again in the same network namespace ([`RealNode::reboot`]).
+    containerd_command: Vec<OsString>,
+    containerd_dir: PathBuf,
     /// Dropped after the processes: the kubelet's connections go through them.
     forwards: Vec<netns::Forward>,
     netns: Option<netns::Netns>,
@@ -232,6 +236,8 @@ impl RealNode {
             cgroup: None,
             processes: Vec::with_capacity(2),
             kubelet_spec: None,
+            containerd_command: Vec::new(),
+            containerd_dir: options.binaries.containerd_dir.clone(),
             forwards: Vec::new(),
             netns: None,
             forwarder: None,
@@ -337,7 +343,7 @@ impl RealNode {
         // A network namespace of its own, loopback up (the CRI streaming server and the
         // kubelet listen there) with the `kubernetes` Service's address on it; the shim is
         // found on PATH.
-        let containerd_args: Vec<OsString> = vec![
+        let mut containerd_args: Vec<OsString> = vec![
             "--net".into(),
             "--".into(),
             "/bin/sh".into(),
@@ -345,12 +351,15 @@ impl RealNode {
             r#"ip link set lo up && ip addr add "$1/32" dev lo && export PATH="$0:$PATH" && shift && exec "$@""#.into(),
             options.binaries.containerd_dir.clone().into(),
             KUBERNETES_SERVICE_IP.to_string().into(),
+        ];
+        node.containerd_command = vec![
             containerd_bin.into(),
             // Through `<state>/nodes/<name>`: the command line then names the state directory,
             // which is how `tessera-cluster down` knows the process is its own.
             "--config".into(),
             link.join("containerd.toml").into(),
         ];
+        containerd_args.extend(node.containerd_command.iter().cloned());
         node.processes.push(Process::spawn(ProcessSpec {
             name: format!("containerd@{name}"),
             program: PathBuf::from("unshare"),
@@ -580,6 +589,126 @@ impl RealNode {
         Ok(())
     }
 
+    /// A reboot, as far as the node's own state goes: the kubelet, every container and
+    /// containerd stop; what a reboot clears goes (every mount under the node's directory — the
+    /// pods' volumes, root filesystems and network namespaces —, the containers' cgroups,
+    /// containerd's and runc's state, the CDI spec directory, which is `/var/run/cdi` on a real
+    /// node); what a disk keeps stays (containerd's images and metadata, the kubelet's root
+    /// with its checkpoints and plugin sockets, the pod logs, Tessera's state directory). Then
+    /// containerd and the kubelet start again, which restart the pods bound to the node. The
+    /// host's boot ID cannot change: a program that reads it must be pointed at a file the
+    /// test rewrites (the plugin's `--boot-id-file`). The network namespace, held by this
+    /// process, is kept, so only a node whose forwards run in this process can reboot.
+    pub async fn reboot(&mut self, timeout: Duration) -> Result<()> {
+        if self.netns.is_none() {
+            return Err(Error::State {
+                dir: self.root.clone(),
+                reason: "only a node whose forwards run in this process can reboot (its network namespace must outlive containerd)".into(),
+            });
+        }
+        let spec = self.kubelet_spec.clone().ok_or_else(|| Error::State {
+            dir: self.root.clone(),
+            reason: "the kubelet was never started".into(),
+        })?;
+        let grace = Duration::from_secs(10);
+        self.processes[KUBELET].stop(grace);
+        self.kill_containers();
+        self.processes[CONTAINERD].stop(grace);
+        let stuck = host::unmount_below(&self.root);
+        if !stuck.is_empty() {
+            return Err(Error::State {
+                dir: self.root.clone(),
+                reason: format!("rebooting: cannot unmount {}", stuck.join(", ")),
+            });
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.remove_below();
+        }
+        let volatile = [
+            self.root.join("containerd/state"),
+            self.root.join("runc"),
+            self.cdi_dir.clone(),
+        ];
+        for dir in &volatile {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(dir, "clearing, for a reboot,")(e)),
+            }
+            std::fs::create_dir_all(dir).map_err(Error::io(dir, "creating"))?;
+        }
+        host::make_shared_mount(&self.root)?;
+
+        let containerd = &self.processes[CONTAINERD];
+        let mut args: Vec<OsString> = vec![
+            self.nsenter_net_arg()?,
+            "--".into(),
+            "/bin/sh".into(),
+            "-c".into(),
+            r#"export PATH="$0:$PATH" && exec "$@""#.into(),
+            self.containerd_dir.clone().into(),
+        ];
+        args.extend(self.containerd_command.iter().cloned());
+        let containerd_spec = ProcessSpec {
+            name: containerd.name().to_owned(),
+            program: PathBuf::from("nsenter"),
+            args,
+            log: containerd.log().to_owned(),
+            pid_file: containerd.pid_file().to_owned(),
+        };
+        self.processes[CONTAINERD] = Process::spawn(containerd_spec)?;
+        let socket = self.containerd_socket.clone();
+        // Only containerd runs now: the kubelet has exited, as it should have.
+        wait_for(
+            "containerd's socket after the reboot",
+            timeout,
+            std::slice::from_mut(&mut self.processes[CONTAINERD]),
+            0,
+            || {
+                let socket = socket.clone();
+                async move { Ok(tokio::net::UnixStream::connect(&socket).await.is_ok()) }
+            },
+        )
+        .await?;
+        self.processes[KUBELET] = Process::spawn(spec)?;
+        tracing::info!(node = %self.name, "real node rebooted");
+        Ok(())
+    }
+
+    /// Makes `to`, an address inside the node's network namespace (a pod's, on the pods'
+    /// bridge), reachable on the host at the node's address and the same port, for as long as
+    /// the node runs; returns the host address. Only for a node whose forwards run in this
+    /// process.
+    pub fn forward_into_netns(&mut self, to: std::net::SocketAddr) -> Result<std::net::SocketAddr> {
+        let netns = self.netns.as_ref().ok_or_else(|| Error::State {
+            dir: self.root.clone(),
+            reason: "the node's forwards run in another process".into(),
+        })?;
+        let address = std::net::SocketAddr::from((self.address, to.port()));
+        let forward = ForwardSpec::IntoNetns {
+            listen: address,
+            to,
+        }
+        .start(netns)?;
+        self.forwards.push(forward);
+        Ok(address)
+    }
+
+    /// Kills the containers and the containerd shims, which live outside containerd's process
+    /// group, until none is left (bounded).
+    fn kill_containers(&self) {
+        let socket = self.containerd_socket.to_string_lossy().into_owned();
+        for _ in 0..50 {
+            let mut pids = self.cgroup.as_ref().map(|c| c.pids()).unwrap_or_default();
+            pids.extend(host::pids_with_cmdline(&socket));
+            if pids.is_empty() {
+                break;
+            }
+            host::kill_all(&pids);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The kubelet's log since its last start.
     pub fn kubelet_log_since_start(&self) -> String {
         let text = std::fs::read_to_string(self.kubelet_log()).unwrap_or_default();
@@ -701,16 +830,7 @@ impl RealNode {
         if self.processes.len() > KUBELET {
             stop_all(&mut self.processes[KUBELET..], grace);
         }
-        let socket = self.containerd_socket.to_string_lossy().into_owned();
-        for _ in 0..50 {
-            let mut pids = self.cgroup.as_ref().map(|c| c.pids()).unwrap_or_default();
-            pids.extend(host::pids_with_cmdline(&socket));
-            if pids.is_empty() {
-                break;
-            }
-            host::kill_all(&pids);
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.kill_containers();
         stop_all(&mut self.processes, grace);
         self.processes.clear();
         if let Some(mut forwarder) = self.forwarder.take() {

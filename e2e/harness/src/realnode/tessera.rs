@@ -2,7 +2,7 @@
 //! containerd, the fake GPU driver under a driver root as the GPU Operator lays one out, and
 //! the chart's values for such a node.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -20,10 +20,36 @@ use crate::images::{REGISTRY, debug_images};
 /// The release and namespace the chart is installed as.
 pub const RELEASE: &str = "tessera";
 pub const NAMESPACE: &str = "tessera-system";
+/// The plugin's metrics port (`kubeletPlugin.metricsPort`), on its pod's IP.
+pub const PLUGIN_METRICS_PORT: u16 = 9477;
 
 /// Where the fake driver lives on a node: `<node>/gpu/driver`.
-pub fn driver_root(node: &RealNode) -> std::path::PathBuf {
+pub fn driver_root(node: &RealNode) -> PathBuf {
     node.root().join("gpu/driver")
+}
+
+/// Tessera's state directory on the node (`kubeletPlugin.stateDir`): the checkpoint, claims'
+/// files, the boards.
+pub fn state_dir(node: &RealNode) -> PathBuf {
+    node.root().join("gpu/tessera")
+}
+
+/// The node's boot ID as the plugin reads it (`--boot-id-file`), in the driver root the
+/// plugin's pod mounts: the host's own cannot change without a reboot.
+pub fn boot_id_file(node: &RealNode) -> PathBuf {
+    driver_root(node).join("proc/sys/kernel/random/boot_id")
+}
+
+/// Gives the node a new boot ID (for [`RealNode::reboot`]); returns it.
+pub fn new_boot_id(node: &RealNode) -> Result<String> {
+    let random = Path::new("/proc/sys/kernel/random/uuid");
+    let id = std::fs::read_to_string(random).map_err(Error::io(random, "reading"))?;
+    let file = boot_id_file(node);
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir, "creating"))?;
+    }
+    std::fs::write(&file, &id).map_err(Error::io(&file, "writing"))?;
+    Ok(id.trim().to_owned())
 }
 
 /// The fake driver under `driver`, as the GPU Operator's driver root has it, for a plugin pod
@@ -60,7 +86,7 @@ pub fn fake_driver_root(driver: &Path, artifacts: &Artifacts) -> Result<()> {
 
 /// The chart's values for `node`: Tessera's images as [`debug_images`] tags them, never
 /// pulled; standalone CDI with the fake driver root; the node's kubelet root, CDI and state
-/// directories. `extra` is merged over them (top-level keys replaced).
+/// directories; the node's own boot ID ([`boot_id_file`]). `extra` is merged over them (top-level keys replaced).
 pub fn chart_values(node: &RealNode, sharing_mode: &str, tag: &str, extra: Value) -> Value {
     let driver = driver_root(node);
     let mut values = json!({
@@ -71,9 +97,13 @@ pub fn chart_values(node: &RealNode, sharing_mode: &str, tag: &str, extra: Value
             "cdiMode": "standalone",
             "kubeletRoot": node.kubelet_root(),
             "cdiDir": node.cdi_dir(),
-            "stateDir": node.root().join("gpu/tessera"),
+            "stateDir": state_dir(node),
             "logFormat": "text",
-            "extraArgs": [format!("--dev-root={}", driver.display())],
+            "metricsPort": PLUGIN_METRICS_PORT,
+            "extraArgs": [
+                format!("--dev-root={}", driver.display()),
+                format!("--boot-id-file={}", boot_id_file(node).display()),
+            ],
         },
         "controller": { "logFormat": "text" },
         "monitoring": { "enabled": false },
@@ -94,22 +124,144 @@ pub fn prepare_node(node: &RealNode) -> Result<String> {
     let tarballs: Vec<&Path> = images.iter().map(|i| i.tarball.as_path()).collect();
     node.import_images(&tarballs)?;
     fake_driver_root(&driver_root(node), &artifacts)?;
+    new_boot_id(node)?;
     Ok(images
         .first()
         .map(|i| i.tag().to_owned())
         .unwrap_or_default())
 }
 
+/// One container of a worker pod: its name and `tessera-gpu-worker`'s arguments.
+pub struct Worker<'a> {
+    pub name: &'a str,
+    pub args: Vec<String>,
+}
+
+/// What workload pods on the node are made of: `tessera-gpu-worker`'s image (only the test
+/// CUDA program and glibc) and the fake GPU's node-wide state.
+#[derive(Debug, Clone)]
+pub struct Workloads {
+    pub image: String,
+    /// Shared by every container of the node, as a card's memory is.
+    pub fake_gpu_state: PathBuf,
+}
+
+impl Workloads {
+    /// For images tagged `tag` ([`prepare_node`]); makes the fake GPU's state directory.
+    pub fn for_node(node: &RealNode, tag: &str) -> Result<Workloads> {
+        let fake_gpu_state = node.root().join("gpu/fake-state");
+        std::fs::create_dir_all(&fake_gpu_state).map_err(Error::io(&fake_gpu_state, "creating"))?;
+        Ok(Workloads {
+            image: format!("{REGISTRY}/tessera-gpu-worker:{tag}"),
+            fake_gpu_state,
+        })
+    }
+
+    /// A pod of the workload image whose workers all use the claim `claim`
+    /// (`{"resourceClaimTemplateName": …}` or `{"resourceClaimName": …}`), with `shared`
+    /// (a volume source: a `hostPath` the caller writes into, an `emptyDir`) mounted at `mount`
+    /// in each. The shim, its config and the driver come from the claim's CDI spec alone; the
+    /// pod adds only what the fake driver needs to behave like the real one: its node-wide
+    /// state, and enumerating only the GPUs whose device nodes the container has.
+    pub fn pod(
+        &self,
+        name: &str,
+        claim: Value,
+        workers: &[Worker<'_>],
+        shared: Value,
+        mount: &str,
+    ) -> Result<Pod> {
+        let mut claim_ref = json!({ "name": "gpu" });
+        if let (Some(to), Some(from)) = (claim_ref.as_object_mut(), claim.as_object()) {
+            to.extend(from.clone());
+        }
+        let mut shared_volume = json!({ "name": "shared" });
+        if let (Some(to), Some(from)) = (shared_volume.as_object_mut(), shared.as_object()) {
+            to.extend(from.clone());
+        }
+        let containers: Vec<Value> = workers
+            .iter()
+            .map(|w| {
+                json!({
+                    "name": w.name,
+                    "image": self.image,
+                    "imagePullPolicy": "Never",
+                    "args": w.args,
+                    "env": [
+                        { "name": "FAKEGPU_DEVICE_NODES", "value": "/dev" },
+                        { "name": "FAKEGPU_STATE", "value": "/fakegpu/state" },
+                    ],
+                    "resources": { "claims": [{ "name": "gpu" }] },
+                    "volumeMounts": [
+                        { "name": "shared", "mountPath": mount },
+                        { "name": "fakegpu", "mountPath": "/fakegpu" },
+                    ],
+                })
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": name, "namespace": "default" },
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 2,
+                "resourceClaims": [claim_ref],
+                "containers": containers,
+                "volumes": [
+                    shared_volume,
+                    { "name": "fakegpu", "hostPath": { "path": self.fake_gpu_state, "type": "Directory" } },
+                ],
+            },
+        }))
+        .map_err(|e| Error::State {
+            dir: self.fake_gpu_state.clone(),
+            reason: format!("worker pod {name}: {e}"),
+        })
+    }
+}
+
+/// Where the plugin's pod on `node` serves its metrics: its pod IP, on the pods' bridge inside
+/// the node's network namespace.
+pub async fn plugin_metrics_address(
+    client: &kube::Client,
+    node: &RealNode,
+) -> Result<std::net::SocketAddr> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=kubelet-plugin"))
+        .await
+        .map_err(Error::kube("listing the plugin's pods".to_owned()))?;
+    let ip = list
+        .items
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.name()))
+        .find_map(|p| {
+            p.status
+                .as_ref()?
+                .pod_ip
+                .as_deref()?
+                .parse::<std::net::IpAddr>()
+                .ok()
+        })
+        .ok_or_else(|| Error::State {
+            dir: node.root().to_owned(),
+            reason: format!("no plugin pod with an IP on node {}", node.name()),
+        })?;
+    Ok(std::net::SocketAddr::from((ip, PLUGIN_METRICS_PORT)))
+}
+
 /// For a cluster whose chart objects are already installed (the simulated cluster's): the
 /// chart's plugin DaemonSet, on this node only; returns once its pod is Ready there and the
-/// node's ResourceSlices are published.
+/// node's ResourceSlices are published, with what workload pods there are made of.
 pub async fn install_plugin(
     control_plane: &ControlPlane,
     node: &RealNode,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<Workloads> {
     let version = control_plane.version();
     let tag = prepare_node(node)?;
+    let workloads = Workloads::for_node(node, &tag)?;
     let only_this_node = json!({
         "gpuOperator": false,
         "nfd": false,
@@ -172,7 +324,7 @@ pub async fn install_plugin(
             })
             .unwrap_or(false);
         if ready && published {
-            return Ok(());
+            return Ok(workloads);
         }
         last = format!("plugin pod Ready: {ready}, slices published: {published}");
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -4,24 +4,19 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Value, json};
 use tessera_chart_tests::{Helm, Release, install};
 use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::cluster::default_sharing_mode;
 use tessera_e2e_harness::cluster::workspace::{Artifacts, bin_dir};
-use tessera_e2e_harness::images::REGISTRY;
 use tessera_e2e_harness::realnode::{RealNode, tessera};
 use tessera_e2e_harness::workloads::{self, Selection, Share};
 
 use crate::support::*;
 
-/// One container of a worker pod: its name and `tessera-gpu-worker`'s arguments.
-pub(crate) struct Worker<'a> {
-    pub(crate) name: &'a str,
-    pub(crate) args: Vec<String>,
-}
+pub(crate) use tessera_e2e_harness::realnode::tessera::Worker;
 
 pub(crate) fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -31,10 +26,7 @@ pub(crate) fn args(list: &[&str]) -> Vec<String> {
 /// node's containerd) and the Helm chart, unchanged in shape, with the fake driver under a
 /// driver root as the GPU Operator lays it out.
 pub(crate) struct Tessera {
-    /// `tessera-gpu-worker`'s image: only the test CUDA program and glibc.
-    pub(crate) worker_image: String,
-    /// The fake GPU's state, shared by every container of the node as a card's memory is.
-    fake_gpu_state: PathBuf,
+    workloads: tessera::Workloads,
     system_pods: Api<Pod>,
 }
 
@@ -52,7 +44,6 @@ impl Tessera {
         let helm = required(test, Helm::locate())?;
         let tag = tessera::prepare_node(node)
             .unwrap_or_else(|e| panic!("Tessera's images and the fake driver on the node: {e}"));
-        let worker_image = format!("{REGISTRY}/tessera-gpu-worker:{tag}");
         let nodes: Api<Node> = Api::all(client.clone());
         nodes
             .patch(
@@ -73,11 +64,9 @@ impl Tessera {
         )
         .await
         .unwrap_or_else(|e| panic!("installing the chart: {e}"));
-        let fake_gpu_state = node.root().join("gpu/fake-state");
-        std::fs::create_dir_all(&fake_gpu_state).expect("creating the fake GPU's state dir");
         let tessera = Tessera {
-            worker_image,
-            fake_gpu_state,
+            workloads: tessera::Workloads::for_node(node, &tag)
+                .unwrap_or_else(|e| panic!("the node's workload pods: {e}")),
             system_pods: Api::namespaced(client.clone(), NAMESPACE),
         };
 
@@ -163,13 +152,9 @@ impl Tessera {
         found.into_inner().expect("lock").expect("set when done")
     }
 
-    /// A pod of the workload image whose workers all use the claim `claim`
-    /// (`{"resourceClaimTemplateName": …}` or `{"resourceClaimName": …}`), with `/sync`
-    /// shared between them: a host directory when given (the test releases holders by writing
-    /// into it), else an emptyDir. The shim, its config and the driver come from the claim's
-    /// CDI spec alone; the pod adds only what the fake driver needs to behave like the real
-    /// one: its node-wide state, and enumerating only the GPUs whose device nodes the container
-    /// has.
+    /// A pod of the workload image (see [`tessera::Workloads::pod`]) with `/sync` shared
+    /// between its workers: a host directory when given (the test releases holders by writing
+    /// into it), else an emptyDir.
     pub(crate) fn pod(
         &self,
         name: &str,
@@ -177,52 +162,13 @@ impl Tessera {
         workers: &[Worker<'_>],
         sync: Option<&Path>,
     ) -> Pod {
-        let mut claim_ref = json!({ "name": "gpu" });
-        if let (Some(to), Some(from)) = (claim_ref.as_object_mut(), claim.as_object()) {
-            to.extend(from.clone());
-        }
-        let sync_volume = match sync {
-            Some(dir) => {
-                json!({ "name": "sync", "hostPath": { "path": dir, "type": "Directory" } })
-            }
-            None => json!({ "name": "sync", "emptyDir": {} }),
+        let shared = match sync {
+            Some(dir) => json!({ "hostPath": { "path": dir, "type": "Directory" } }),
+            None => json!({ "emptyDir": {} }),
         };
-        let containers: Vec<Value> = workers
-            .iter()
-            .map(|w| {
-                json!({
-                    "name": w.name,
-                    "image": self.worker_image,
-                    "imagePullPolicy": "Never",
-                    "args": w.args,
-                    "env": [
-                        { "name": "FAKEGPU_DEVICE_NODES", "value": "/dev" },
-                        { "name": "FAKEGPU_STATE", "value": "/fakegpu/state" },
-                    ],
-                    "resources": { "claims": [{ "name": "gpu" }] },
-                    "volumeMounts": [
-                        { "name": "sync", "mountPath": "/sync" },
-                        { "name": "fakegpu", "mountPath": "/fakegpu" },
-                    ],
-                })
-            })
-            .collect();
-        serde_json::from_value(json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": { "name": name, "namespace": "default" },
-            "spec": {
-                "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 2,
-                "resourceClaims": [claim_ref],
-                "containers": containers,
-                "volumes": [
-                    sync_volume,
-                    { "name": "fakegpu", "hostPath": { "path": self.fake_gpu_state, "type": "Directory" } },
-                ],
-            },
-        }))
-        .expect("pod object")
+        self.workloads
+            .pod(name, claim, workers, shared, "/sync")
+            .expect("pod object")
     }
 
     /// Runs a one-worker pod on claim template `template` until it ends; returns the pod and

@@ -2,7 +2,8 @@
 //! selection by model and by UUID, two containers on one claim, high priority granted by the
 //! admin's namespace label (under the chart's RBAC), the kubelet restarted with a
 //! prepared claim, the plugin's pod deleted and the DaemonSet rolled while claims are
-//! prepared, and a claim deleted before it is unprepared. After each, the claim's CDI spec is
+//! prepared, a claim deleted before it is unprepared, and the node rebooted with a prepared
+//! claim. After each, the claim's CDI spec is
 //! gone from the node: the kubelet unprepared it through whichever plugin instance ran then.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use kube::api::{
 };
 use serde_json::{Value, json};
 use tessera_e2e_harness::K8sVersion;
-use tessera_e2e_harness::realnode::RealNode;
+use tessera_e2e_harness::realnode::{RealNode, tessera as on_node};
 use tessera_e2e_harness::workloads::{self, Selection, Share};
 
 use crate::chart::{NAMESPACE, Tessera, Worker, args, kubelet_registrations, worker_total_gib};
@@ -583,6 +584,79 @@ async fn scenarios(version: K8sVersion) {
     })
     .await;
 
+    // A reboot while a claim is prepared: the containers, the CDI spec and the runtime's state
+    // are gone, the plugin's checkpoint is from another boot. The kubelet restarts the pod,
+    // asks for the claim again, and the plugin prepares it afresh: the spec is back, the
+    // checkpoint names the new boot, and the worker holds its memory inside its wall again.
+    step("the node rebooted with a prepared claim");
+    let sync = s.sync_dir("through-reboot");
+    let mut pod = tessera.pod(
+        "through-reboot",
+        json!({ "resourceClaimTemplateName": "by-uuid" }),
+        &[Scenarios::holder("worker")],
+        Some(&sync),
+    );
+    // Restarted after the reboot, as a Job's or a Deployment's pod would be (`Never` leaves it
+    // Failed).
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.restart_policy = Some("OnFailure".into());
+    }
+    s.create(&pod).await;
+    s.holding("through-reboot").await;
+    let uids = s.claim_uids("through-reboot").await;
+    assert!(!uids.is_empty(), "pod through-reboot has no claim");
+    drop(s);
+    let boot = on_node::new_boot_id(&setup.node).expect("giving the node a new boot ID");
+    setup
+        .node
+        .reboot(std::time::Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("rebooting the node: {e}"));
+    let s = Scenarios::new(&setup.node, &client, &tessera, version);
+    wait_until(
+        "pod through-reboot restarted and holding its memory again",
+        &setup.node,
+        || async {
+            let pod = s
+                .pods
+                .get("through-reboot")
+                .await
+                .map_err(|e| e.to_string())?;
+            let restarted = pod
+                .status
+                .as_ref()
+                .and_then(|st| st.container_statuses.as_ref())
+                .and_then(|cs| cs.first())
+                .is_some_and(|c| {
+                    c.restart_count >= 1 && c.state.as_ref().is_some_and(|st| st.running.is_some())
+                });
+            let log = s.logs("through-reboot").await;
+            (restarted && log.contains("holding "))
+                .then_some(())
+                .ok_or_else(|| format!("{}\n{log}", pod_summary(&pod)))
+        },
+    )
+    .await;
+    let checkpoint_path = on_node::state_dir(&setup.node).join("checkpoint.json");
+    let checkpoint: Value = serde_json::from_slice(
+        &std::fs::read(&checkpoint_path).expect("reading the plugin's checkpoint"),
+    )
+    .expect("parsing the plugin's checkpoint");
+    for uid in &uids {
+        let spec = setup.node.cdi_dir().join(format!("tessera-{uid}.json"));
+        assert!(
+            spec.exists(),
+            "{} was not written again after the reboot",
+            spec.display()
+        );
+        assert_eq!(
+            checkpoint["claims"][uid]["bootId"].as_str(),
+            Some(boot.as_str()),
+            "claim {uid} should be prepared again in the new boot: {checkpoint:#}"
+        );
+    }
+    s.release_and_delete("through-reboot", &sync).await;
+
     // Before 1.33 the kubelet takes one registration per driver, so the chart replaces the
     // plugin's pod in place: a prepare of the pod created during the update can land in the
     // gap and fail (the old socket gone, `Unavailable`, or no plugin registered at all), and
@@ -591,6 +665,9 @@ async fn scenarios(version: K8sVersion) {
     let expected = |event: &String| {
         (version.minor() < 33 && event.starts_with("during-update FailedPrepareDynamicResources"))
             || (event.starts_with("promoted ") && event.contains(REFUSAL))
+            // Until the plugin's own pod runs again after the reboot, the kubelet has no plugin
+            // to ask, and retries.
+            || event.starts_with("through-reboot FailedPrepareDynamicResources")
     };
     let failed: Vec<String> = s
         .failed_claim_events()
