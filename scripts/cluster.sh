@@ -46,6 +46,11 @@ if [ "$command" != down ] && [ "$command" != status ]; then
         containerd_build=$!
     fi
     trap 'kill "$k8s_build" "$helm_build" $containerd_build 2>/dev/null || true' EXIT
+    # Beside the Go builds, which leave part of a core idle on a cold machine.
+    step "Tessera's programs"
+    cargo build -p tessera-e2e-harness -p tessera-kubelet-plugin -p tessera-kubelet-standin \
+        -p tessera-controller -p tessera-gpu-worker -p tessera-shim -p tessera-fake-cuda -p tessera-fake-nvml
+    step "waiting for the Go builds"
     if ! wait "$k8s_build"; then
         tail -n 40 "$log_dir/k8s-build-$version.log"
         die "building the control plane failed (full log: $log_dir/k8s-build-$version.log)"
@@ -59,9 +64,6 @@ if [ "$command" != down ] && [ "$command" != status ]; then
         die "building containerd failed (full log: $log_dir/containerd-build.log)"
     fi
     trap - EXIT
-    step "Tessera's programs"
-    cargo build -p tessera-e2e-harness -p tessera-kubelet-plugin -p tessera-kubelet-standin \
-        -p tessera-controller -p tessera-gpu-worker -p tessera-shim -p tessera-fake-cuda -p tessera-fake-nvml
 fi
 [ -x "$cluster" ] || die "$cluster is not built: run 'make cluster-up' first"
 
