@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: `make test` and CI run this. Installs or builds what a fresh machine
 # lacks (podman and runc, the upstream Kubernetes binaries and kubelet, containerd, the standard
-# gRPC clients, zig for the shipping shim), and
+# gRPC clients, promtool, zig for the shipping shim), and
 # runs every test with TESSERA_E2E=1, so a missing prerequisite is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,9 @@ scripts/install-podman.sh
 
 step "runc, CNI plugins and busybox-static for the real-node tests"
 scripts/install-node-packages.sh
+
+step "promtool from Debian's prometheus package, for the tests of what /metrics serves"
+e2e/scripts/install-promtool.sh
 
 step "building every crate (the shim's tests load the cdylibs)"
 cargo build --workspace --all-targets

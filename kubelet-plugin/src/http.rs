@@ -17,6 +17,8 @@ use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use tessera_api::exposition;
+
 use crate::metrics::Metrics;
 use crate::metrics_auth::{Authorizer, require_authorized};
 
@@ -45,15 +47,21 @@ pub fn router_with_auth(metrics: Arc<Metrics>, authorizer: Arc<Authorizer>) -> R
         .with_state(metrics)
 }
 
-async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn metrics_text(
+    State(metrics): State<Arc<Metrics>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     match metrics.encode() {
+        Ok(text) if exposition::wants_openmetrics(accept) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, exposition::OPENMETRICS)],
+            text,
+        ),
         Ok(text) => (
             StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
+            [(header::CONTENT_TYPE, exposition::CLASSIC_TEXT)],
+            exposition::to_classic_text(&text),
         ),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,5 +1,6 @@
 //! `/metrics` and `/healthz`: claim limits from the checkpoint, memory in use from the regions,
-//! counting only slots whose owner still holds its lock.
+//! counting only slots whose owner still holds its lock; OpenMetrics to scrapers that ask for
+//! it, the classic text format (which promtool accepts) to the others.
 
 mod support;
 
@@ -10,22 +11,42 @@ use tower::ServiceExt;
 const UID: &str = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a77";
 
 async fn get(router: axum::Router, path: &str) -> (u16, String) {
+    let (status, _, body) = get_accepting(router, path, None).await;
+    (status, body)
+}
+
+/// Status, content type and body of `path`, with `accept` as the `Accept` header.
+async fn get_accepting(
+    router: axum::Router,
+    path: &str,
+    accept: Option<&str>,
+) -> (u16, String, String) {
+    let mut request = http::Request::get(path);
+    if let Some(accept) = accept {
+        request = request.header(http::header::ACCEPT, accept);
+    }
     let response = router
-        .oneshot(
-            http::Request::get(path)
-                .body(axum::body::Body::empty())
-                .expect("request"),
-        )
+        .oneshot(request.body(axum::body::Body::empty()).expect("request"))
         .await
         .expect("response");
     let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let body = response
         .into_body()
         .collect()
         .await
         .expect("body")
         .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (
+        status,
+        content_type,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -82,5 +103,71 @@ async fn metrics_count_only_live_processes() {
         "the owner died: {text}"
     );
     assert_eq!(get(router, "/healthz").await, (200, "ok\n".to_string()));
+    instance.stop().await;
+}
+
+/// Prometheus asks for OpenMetrics and gets it; promtool, older agents and `curl` get the
+/// classic text format, with HELP and TYPE for every family, which `promtool check metrics`
+/// accepts without a problem.
+#[tokio::test]
+async fn openmetrics_for_prometheus_and_classic_text_that_promtool_accepts_for_the_rest() {
+    let test = "openmetrics_for_prometheus_and_classic_text_that_promtool_accepts_for_the_rest";
+    let Some(promtool) = tessera_e2e_harness::promtool::require(test) else {
+        return;
+    };
+    let env = Env::new(&["v1"]);
+    let instance = env.start(None, None).await;
+    env.api.put(claim(
+        "team-a",
+        "train",
+        UID,
+        Some(vec![share(
+            "gpu",
+            "gpu-0",
+            "9f0c4c4e-1111-4000-8000-000000000001",
+            "8Gi",
+            "50",
+        )]),
+        vec![],
+    ));
+    instance
+        .kubelet
+        .prepare_ok(Version::V1, &Claim::new("team-a", "train", UID))
+        .await;
+    let owner = charge_region(&env.claim_dir(UID).join("region"), &[(0, 3 * GIB, 0)]);
+    let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
+
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (status, content_type, text) =
+        get_accepting(router.clone(), "/metrics", Some(prometheus)).await;
+    assert_eq!(status, 200);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(
+        text.contains("# TYPE tessera_prepared_claims counter"),
+        "{text}"
+    );
+
+    for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+        let (status, content_type, text) = get_accepting(router.clone(), "/metrics", accept).await;
+        assert_eq!(status, 200);
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{accept:?}: {content_type}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE tessera_prepared_claims_total counter\ntessera_prepared_claims_total 1\n"
+            ),
+            "{accept:?}: the counter named as its samples are:\n{text}"
+        );
+        tessera_e2e_harness::promtool::check_metrics(&promtool, &text)
+            .unwrap_or_else(|e| panic!("{accept:?}: {e}\n{text}"));
+    }
+    drop(owner);
     instance.stop().await;
 }

@@ -1,4 +1,5 @@
-//! `/metrics` (OpenMetrics text) and `/healthz` of `tessera-controller`.
+//! `/metrics` (OpenMetrics to scrapers that ask for it, the classic text format to others) and
+//! `/healthz` of `tessera-controller`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
+use tessera_api::exposition;
 
 /// Serves until the listener fails; binding errors are returned at once.
 pub async fn serve(listen: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
@@ -21,17 +23,19 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let registry = registry.clone();
                 async move {
+                    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
                     let mut text = String::new();
                     match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) if exposition::wants_openmetrics(accept) => {
+                            ([(header::CONTENT_TYPE, exposition::OPENMETRICS)], text)
+                                .into_response()
+                        }
                         Ok(()) => (
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            text,
+                            [(header::CONTENT_TYPE, exposition::CLASSIC_TEXT)],
+                            exposition::to_classic_text(&text),
                         )
                             .into_response(),
                         Err(e) => {
@@ -75,7 +79,7 @@ mod tests {
         };
         let health = app.clone().oneshot(get("/healthz")).await.expect("healthz");
         assert_eq!(health.status(), StatusCode::OK);
-        let response = app.oneshot(get("/metrics")).await.expect("metrics");
+        let response = app.clone().oneshot(get("/metrics")).await.expect("metrics");
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .expect("body");
@@ -99,6 +103,28 @@ mod tests {
         assert!(
             text.contains("tessera_controller_reconcile_errors_total 0"),
             "{text}"
+        );
+        // No Accept header: the classic format, which promtool accepts.
+        assert!(
+            text.contains("# TYPE tessera_controller_reconcile_errors_total counter"),
+            "{text}"
+        );
+        if let Some(promtool) = tessera_e2e_harness::promtool::require("metrics_and_healthz") {
+            tessera_e2e_harness::promtool::check_metrics(&promtool, &text)
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        }
+        let openmetrics = app
+            .oneshot(
+                axum::http::Request::get("/metrics")
+                    .header(header::ACCEPT, "application/openmetrics-text;version=1.0.0")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("metrics");
+        assert_eq!(
+            openmetrics.headers()[header::CONTENT_TYPE],
+            tessera_api::exposition::OPENMETRICS
         );
     }
 }

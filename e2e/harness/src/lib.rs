@@ -24,6 +24,7 @@ pub mod images;
 pub mod kubeconfig;
 pub mod ports;
 pub mod process;
+pub mod promtool;
 pub mod readiness;
 pub mod realnode;
 pub mod state;

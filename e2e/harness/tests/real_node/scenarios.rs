@@ -1,10 +1,11 @@
 //! Tessera, installed from its chart, on the real kubelet while the node's parts come and go:
 //! selection by model and by UUID, two containers on one claim, high priority granted by the
-//! admin's namespace label (under the chart's RBAC), the kubelet restarted with a
-//! prepared claim, the plugin's pod deleted and the DaemonSet rolled while claims are
-//! prepared, a claim deleted before it is unprepared, and the node rebooted with a prepared
-//! claim. After each, the claim's CDI spec is
-//! gone from the node: the kubelet unprepared it through whichever plugin instance ran then.
+//! admin's namespace label (under the chart's RBAC), the kubelet restarted with a prepared
+//! claim, the plugin's pod deleted while claims are prepared (one pod running, one between
+//! prepare and container start), the DaemonSet rolled while a claim is prepared, a claim
+//! deleted before it is unprepared, and the node rebooted with a prepared claim. After each,
+//! the claim's CDI spec is gone from the node: the kubelet unprepared it through whichever
+//! plugin instance ran then.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,7 +17,7 @@ use kube::api::{
 };
 use serde_json::{Value, json};
 use tessera_e2e_harness::K8sVersion;
-use tessera_e2e_harness::realnode::{RealNode, tessera as on_node};
+use tessera_e2e_harness::realnode::{BUSYBOX_IMAGE, RealNode, tessera as on_node};
 use tessera_e2e_harness::workloads::{self, Selection, Share};
 
 use crate::chart::{NAMESPACE, Tessera, Worker, args, kubelet_registrations, worker_total_gib};
@@ -461,11 +462,62 @@ async fn scenarios(version: K8sVersion) {
     s.release_and_delete("survivor", &sync).await;
 
     // The plugin's pod deleted while a claim is prepared: the DaemonSet starts another, which
-    // registers, unprepares the old claim and prepares new ones.
-    step("the plugin's pod deleted with a prepared claim");
+    // registers, unprepares the old claim and prepares new ones. One pod already runs on its
+    // claim; another's claim is prepared but its container not started yet (an init container
+    // waits): it starts after the plugin is gone, from the CDI spec prepared before.
+    step("the plugin's pod deleted with a prepared claim, one pod running and one not yet started");
     let sync = s
         .start_holder("orphan", json!({ "resourceClaimTemplateName": "by-uuid" }))
         .await;
+    let waiting_sync = s.sync_dir("not-started");
+    let mut waiting = tessera.pod(
+        "not-started",
+        json!({ "resourceClaimTemplateName": "by-model" }),
+        &[Worker {
+            name: "worker",
+            args: args(&["--allocate", "64Mi"]),
+        }],
+        Some(&waiting_sync),
+    );
+    if let Some(spec) = waiting.spec.as_mut() {
+        spec.init_containers = Some(vec![
+            serde_json::from_value(json!({
+                "name": "wait",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "until [ -e /sync/start ]; do sleep 0.2; done"],
+                "volumeMounts": [{ "name": "shared", "mountPath": "/sync" }],
+            }))
+            .expect("init container"),
+        ]);
+    }
+    s.create(&waiting).await;
+    wait_until(
+        "pod not-started's claim prepared, its init container waiting",
+        &setup.node,
+        || async {
+            let pod = s.pods.get("not-started").await.map_err(|e| e.to_string())?;
+            let waiting_in_init = pod
+                .status
+                .as_ref()
+                .and_then(|st| st.init_container_statuses.as_ref())
+                .and_then(|cs| cs.first())
+                .is_some_and(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()));
+            let uids = s.claim_uids("not-started").await;
+            let prepared = !uids.is_empty()
+                && uids.iter().all(|uid| {
+                    setup
+                        .node
+                        .cdi_dir()
+                        .join(format!("tessera-{uid}.json"))
+                        .exists()
+                });
+            (waiting_in_init && prepared)
+                .then_some(())
+                .ok_or_else(|| pod_summary(&pod))
+        },
+    )
+    .await;
     let old = s.plugin_uid().await;
     let system_pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let old_name = tessera
@@ -482,6 +534,14 @@ async fn scenarios(version: K8sVersion) {
         .wait_plugin_ready(&setup.node, std::slice::from_ref(&old))
         .await;
     s.registered(2).await;
+    std::fs::write(waiting_sync.join("start"), b"").expect("starting pod not-started");
+    let (pod_, log) = s.finished("not-started").await;
+    Scenarios::assert_succeeded(&pod_, &log);
+    assert!(
+        log.contains(&format!("GPU 0: NVIDIA L40S ({L40S})")),
+        "pod not-started should see its claim's GPU:\n{log}"
+    );
+    s.delete("not-started").await;
     s.release_and_delete("orphan", &sync).await;
     let (pod_, log) = tessera
         .run_worker(
