@@ -158,8 +158,9 @@ async fn spilled_bytes_are_exported_per_claim_from_live_slots() {
         Some("0"),
         "before any spill:\n{text}"
     );
+    // A gauge in bytes (the classic text format carries the unit in the name only).
     assert!(
-        text.contains("# UNIT tessera_claim_memory_spilled_bytes bytes"),
+        text.contains("# TYPE tessera_claim_memory_spilled_bytes gauge"),
         "{text}"
     );
 
