@@ -590,9 +590,9 @@ impl RealNode {
     }
 
     /// A reboot, as far as the node's own state goes: the kubelet, every container and
-    /// containerd stop; what a reboot clears goes (every mount under the node's directory — the
-    /// pods' volumes, root filesystems and network namespaces —, the containers' cgroups,
-    /// containerd's and runc's state, the CDI spec directory, which is `/var/run/cdi` on a real
+    /// containerd stop; what a reboot clears goes (every mount under the node's directory, so
+    /// the pods' volumes, root filesystems and network namespaces; the containers' cgroups;
+    /// containerd's and runc's state; the CDI spec directory, which is `/var/run/cdi` on a real
     /// node); what a disk keeps stays (containerd's images and metadata, the kubelet's root
     /// with its checkpoints and plugin sockets, the pod logs, Tessera's state directory). Then
     /// containerd and the kubelet start again, which restart the pods bound to the node. The
