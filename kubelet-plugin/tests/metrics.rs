@@ -49,9 +49,8 @@ async fn get_accepting(
     )
 }
 
-#[tokio::test]
-async fn metrics_count_only_live_processes() {
-    let env = Env::new(&["v1"]);
+/// The plugin, started, with claim team-a/train prepared: 8 GiB and half the cores of GPU 0.
+async fn started_with_train_prepared(env: &Env) -> Instance {
     let instance = env.start(None, None).await;
     env.api.put(claim(
         "team-a",
@@ -70,6 +69,13 @@ async fn metrics_count_only_live_processes() {
         .kubelet
         .prepare_ok(Version::V1, &Claim::new("team-a", "train", UID))
         .await;
+    instance
+}
+
+#[tokio::test]
+async fn metrics_count_only_live_processes() {
+    let env = Env::new(&["v1"]);
+    let instance = started_with_train_prepared(&env).await;
 
     // Two processes charged the region: slot 0's owner is alive (holds its lock), slot 1's died.
     let path = env.claim_dir(UID).join("region");
@@ -116,24 +122,7 @@ async fn openmetrics_for_prometheus_and_classic_text_that_promtool_accepts_for_t
         return;
     };
     let env = Env::new(&["v1"]);
-    let instance = env.start(None, None).await;
-    env.api.put(claim(
-        "team-a",
-        "train",
-        UID,
-        Some(vec![share(
-            "gpu",
-            "gpu-0",
-            "9f0c4c4e-1111-4000-8000-000000000001",
-            "8Gi",
-            "50",
-        )]),
-        vec![],
-    ));
-    instance
-        .kubelet
-        .prepare_ok(Version::V1, &Claim::new("team-a", "train", UID))
-        .await;
+    let instance = started_with_train_prepared(&env).await;
     let owner = charge_region(&env.claim_dir(UID).join("region"), &[(0, 3 * GIB, 0)]);
     let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
 

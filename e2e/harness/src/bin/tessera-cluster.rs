@@ -301,20 +301,8 @@ async fn demo_on_real_node(
 ) -> anyhow::Result<tessera_e2e_harness::demo::Outcome> {
     let began = std::time::Instant::now();
     let control_plane = cluster.control_plane();
-    let binaries = NodeBinaries::locate(control_plane.binaries())
-        .context("a real node (--no-real-node runs the demo on a simulated node)")?;
-    let mut node = RealNode::start(control_plane, RealNodeOptions::new(binaries))
-        .await
-        .context("starting the real node")?;
-    let workloads = realnode::tessera::install_plugin(
-        control_plane,
-        &node,
-        Duration::from_secs(180),
-    )
-    .await
-    .context(
-        "Tessera's plugin on the real node (the chart's DaemonSet, with this build's images)",
-    )?;
+    let (mut node, workloads) =
+        real_node_with_plugin(control_plane, None, "runs the demo on a simulated node").await?;
     let plugin = realnode::tessera::plugin_metrics_address(&control_plane.client(), &node).await?;
     let metrics = node
         .forward_into_netns(plugin)
@@ -357,21 +345,36 @@ async fn start_real_node(
     cluster: &SimCluster,
 ) -> anyhow::Result<(Vec<ComponentRecord>, RealNodeRecord)> {
     let control_plane = cluster.control_plane();
+    let forwarder = std::env::current_exe().context("finding this program")?;
+    let (node, _) =
+        real_node_with_plugin(control_plane, Some(forwarder), "starts without one").await?;
+    eprintln!(
+        "real node {} Ready in {:.1}s (kubelet and containerd; its pods' network exists only in its own namespace); the chart's tessera-kubelet-plugin pod runs there and its slices are published",
+        node.name(),
+        node.ready_in().as_secs_f64()
+    );
+    node.detach().context("leaving the real node running")
+}
+
+/// A real node for `control_plane`, its forwards in `forwarder`'s process if given (see
+/// `RealNodeOptions::forwarder`), with Tessera's plugin from the chart's DaemonSet and this
+/// build's images; also what its workload pods are made of. `instead` says what
+/// `--no-real-node` does, for the error when the node's programs are missing.
+async fn real_node_with_plugin(
+    control_plane: &ControlPlane,
+    forwarder: Option<PathBuf>,
+    instead: &str,
+) -> anyhow::Result<(RealNode, realnode::tessera::Workloads)> {
     let binaries = NodeBinaries::locate(control_plane.binaries())
-        .context("a real node (--no-real-node starts without one)")?;
+        .with_context(|| format!("a real node (--no-real-node {instead})"))?;
     let options = RealNodeOptions {
-        forwarder: Some(std::env::current_exe().context("finding this program")?),
+        forwarder,
         ..RealNodeOptions::new(binaries)
     };
     let node = RealNode::start(control_plane, options)
         .await
         .context("starting the real node")?;
-    eprintln!(
-        "real node {} Ready in {:.1}s (kubelet and containerd; its pods' network exists only in its own namespace)",
-        node.name(),
-        node.ready_in().as_secs_f64()
-    );
-    let _workloads = realnode::tessera::install_plugin(
+    let workloads = realnode::tessera::install_plugin(
         control_plane,
         &node,
         Duration::from_secs(180),
@@ -380,11 +383,7 @@ async fn start_real_node(
     .context(
         "Tessera's plugin on the real node (the chart's DaemonSet, with this build's images)",
     )?;
-    eprintln!(
-        "real node {}: the chart's tessera-kubelet-plugin pod runs there and its slices are published",
-        node.name()
-    );
-    node.detach().context("leaving the real node running")
+    Ok((node, workloads))
 }
 
 /// `tessera-cluster node-forwards --netns PATH --owner DIR (--into-host L=T | --into-netns L=T)...`:
