@@ -38,6 +38,16 @@ fn toml_path(p: &Path) -> String {
     json_path(p)
 }
 
+/// containerd's state directory under the node's directory (`/run/containerd` on a real node).
+pub(crate) fn containerd_state_dir(node_root: &Path) -> std::path::PathBuf {
+    node_root.join("containerd/state")
+}
+
+/// runc's root under the node's directory (`/run/runc` on a real node).
+pub(crate) fn runc_root(node_root: &Path) -> std::path::PathBuf {
+    node_root.join("runc")
+}
+
 pub(crate) fn containerd(c: &NodeConfig<'_>) -> String {
     let root = c.root.join("containerd");
     let cdi_dirs = c
@@ -95,13 +105,13 @@ state = {state}
     stream_server_port = '0'
 "#,
         root = toml_path(&root.join("root")),
-        state = toml_path(&root.join("state")),
+        state = toml_path(&containerd_state_dir(c.root)),
         socket = toml_path(c.containerd_socket),
         ttrpc = toml_path(&c.containerd_socket.with_extension("sock.ttrpc")),
         opt = toml_path(&root.join("opt")),
         sandbox = json(c.sandbox_image),
         runc = toml_path(c.runc),
-        runc_root = toml_path(&c.root.join("runc")),
+        runc_root = toml_path(&runc_root(c.root)),
         cni_bin = toml_path(c.cni_bin_dir),
         cni_conf = toml_path(&c.root.join("cni/net.d")),
     )

@@ -252,7 +252,7 @@ impl RealNode {
             root.join("cni/ipam"),
             root.join("images"),
             root.join("pod-logs"),
-            root.join("runc"),
+            config::runc_root(&root),
             root.join("volume-plugins"),
             kubelet_root.join("pki"),
             cdi_dir.clone(),
@@ -625,8 +625,8 @@ impl RealNode {
             cgroup.remove_below();
         }
         let volatile = [
-            self.root.join("containerd/state"),
-            self.root.join("runc"),
+            config::containerd_state_dir(&self.root),
+            config::runc_root(&self.root),
             self.cdi_dir.clone(),
         ];
         for dir in &volatile {
