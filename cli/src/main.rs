@@ -144,7 +144,7 @@ fn run(cli: Cli) -> Result<()> {
                 let (gpu, memory, cores) = match s.config.as_ref().and_then(|c| c.devices.first()) {
                     Some(d) => (
                         d.uuid.clone(),
-                        slice::human(d.memory_limit),
+                        tessera_driver::quantity::format(d.memory_limit),
                         d.cores.to_string(),
                     ),
                     None => ("(config missing)".into(), "-".into(), "-".into()),
@@ -205,7 +205,7 @@ fn generate(args: Generate) -> Result<()> {
     println!(
         "slice {}: {} of memory and {}% of the compute of GPU {} ({}, {})",
         args.name,
-        slice::human(made.memory),
+        tessera_driver::quantity::format(made.memory),
         made.cores,
         made.gpu.index,
         made.gpu.product_name,

@@ -190,24 +190,11 @@ pub fn memory_for(gpu: &Gpu, given: &str) -> Result<u64> {
             index: gpu.index,
             product: gpu.product_name.clone(),
             uuid: gpu.uuid.clone(),
-            have: human(gpu.memory),
+            have: tessera_driver::quantity::format(gpu.memory),
             bytes: gpu.memory,
         });
     }
     Ok(bytes)
-}
-
-/// `24Gi`, `1536Mi`, or bytes.
-pub fn human(bytes: u64) -> String {
-    const MI: u64 = 1 << 20;
-    const GI: u64 = 1 << 30;
-    if bytes >= GI && bytes.is_multiple_of(GI) {
-        format!("{}Gi", bytes / GI)
-    } else if bytes >= MI && bytes.is_multiple_of(MI) {
-        format!("{}Mi", bytes / MI)
-    } else {
-        bytes.to_string()
-    }
 }
 
 /// Writes the slice's config, region and CDI spec (and installs the shim from `shim`). Nothing

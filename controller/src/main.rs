@@ -105,6 +105,7 @@ fn render(args: &Args, path: &std::path::Path) -> Result<()> {
         mode,
         CounterLayout::Separate,
         &args.memory_overcommit,
+        &Default::default(),
     )?;
     for slice in render_pool(
         &plan,

@@ -1,8 +1,13 @@
 //! The per-node slice controller, run inside `tessera-kubelet-plugin` for its node.
 //!
-//! It publishes the node's pool, re-publishes when the inventory changes (a GPU appears, goes or
-//! turns unhealthy: the caller sends the new inventory) and when someone else edits or deletes
-//! its slices, and retries with backoff while the API server is away. It never exits on its own.
+//! It publishes the node's pool, re-publishes when the node's GPUs change (a GPU goes or turns
+//! unhealthy: the caller sends the new [`NodeGpus`]) and when someone else edits or deletes its
+//! slices, and retries with backoff while the API server is away. It never exits on its own.
+//!
+//! An unhealthy GPU's devices are published with a device taint where the API server keeps
+//! taints (`resource.k8s.io/v1`, with `DRADeviceTaints` on: 1.36+ by default), so `kubectl get
+//! resourceslices -o yaml` says why and an admin's tolerating claim can still get it; where the
+//! server has no taints, or drops them, the devices are withdrawn instead, as before.
 //!
 //! Never fighting the kubelet: the kubelet deletes a driver's slices when the plugin
 //! unregisters. The controller lives inside the plugin process and its task is aborted before
@@ -17,7 +22,7 @@ use kube::Client;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use tessera_driver::Inventory;
+use tessera_driver::health::NodeGpus;
 use tokio::sync::{mpsc, watch};
 
 use crate::backoff::Backoff;
@@ -94,6 +99,10 @@ pub struct NodeStatus {
     pub last_error: Option<String>,
     /// Devices in the published pool (0: the node's slices were deleted, no GPU to offer).
     pub devices: usize,
+    /// Devices published with a taint (0 where unhealthy GPUs are withdrawn instead).
+    pub tainted: usize,
+    /// Whether unhealthy GPUs are tainted (true) or withdrawn (false).
+    pub taints_kept: bool,
     /// How many syncs wrote something.
     pub writes: u64,
 }
@@ -101,7 +110,7 @@ pub struct NodeStatus {
 pub struct NodeController {
     client: Client,
     config: NodeControllerConfig,
-    inventory: watch::Receiver<Inventory>,
+    inventory: watch::Receiver<NodeGpus>,
     status: watch::Sender<NodeStatus>,
     recorder: Recorder,
 }
@@ -110,7 +119,7 @@ impl NodeController {
     pub fn new(
         client: Client,
         config: NodeControllerConfig,
-        inventory: watch::Receiver<Inventory>,
+        inventory: watch::Receiver<NodeGpus>,
     ) -> (Self, watch::Receiver<NodeStatus>) {
         let (status, status_rx) = watch::channel(NodeStatus::default());
         let reporter = Reporter {
@@ -172,8 +181,14 @@ impl NodeController {
         ));
         let _abort_watch = AbortOnDrop(watch_task);
         let mut pick = 0;
+        let mut taints_kept = server.version == crate::ApiVersion::V1;
         loop {
-            let inventory = self.inventory.borrow_and_update().clone();
+            let gpus = self.inventory.borrow_and_update().clone();
+            let (inventory, taints) = if taints_kept {
+                (gpus.known.clone(), gpus.taints_by_index())
+            } else {
+                (gpus.healthy(), Default::default())
+            };
             let mode = candidates[pick];
             if inventory.gpus.is_empty() {
                 // Nothing to offer (every GPU gone or unhealthy): the node's slices go, so the
@@ -192,6 +207,8 @@ impl NodeController {
                             s.mode = Some(mode);
                             s.version = Some(server.version);
                             s.devices = 0;
+                            s.tainted = 0;
+                            s.taints_kept = taints_kept;
                             s.last_error = None;
                             s.writes += u64::from(deleted > 0);
                         });
@@ -211,12 +228,21 @@ impl NodeController {
                     mode,
                     server.counter_layout(),
                     &self.config.memory_overcommit,
+                    &taints,
                 ) {
                     Err(e) => {
                         tracing::error!(error = %e, "cannot build the node's pool");
                         self.set_error(e.to_string());
                     }
                     Ok(plan) => match publisher.sync(&plan).await {
+                        Ok(report) if report.dropped.iter().any(|p| p.contains(".taints")) => {
+                            let why = "the API server dropped the device taints of unhealthy GPUs (DRADeviceTaints off?); withdrawing their devices instead";
+                            tracing::warn!("{why}");
+                            self.event(EventType::Warning, "DeviceTaintsDropped", why)
+                                .await;
+                            taints_kept = false;
+                            continue;
+                        }
                         Ok(report) if !report.dropped.is_empty() => {
                             let why = format!(
                                 "the API server dropped {} of sharing mode {} (feature gate off?): {}",
@@ -263,10 +289,13 @@ impl NodeController {
                                 );
                             }
                             let devices = plan.devices().count();
+                            let tainted = plan.devices().filter(|d| !d.taints.is_empty()).count();
                             self.status.send_modify(|s| {
                                 s.mode = Some(mode);
                                 s.version = Some(server.version);
                                 s.devices = devices;
+                                s.tainted = tainted;
+                                s.taints_kept = taints_kept;
                                 s.generation = report.generation;
                                 s.last_error = None;
                                 s.writes += u64::from(report.changed());
@@ -285,7 +314,7 @@ impl NodeController {
             tokio::select! {
                 changed = self.inventory.changed() => if changed.is_err() {
                     // The inventory source is gone: keep the slices, react to the others only.
-                    self.inventory = watch::channel(inventory).1;
+                    self.inventory = watch::channel(gpus).1;
                 },
                 _ = trigger.recv() => {}
                 _ = tokio::time::sleep(self.config.resync) => {}

@@ -14,6 +14,7 @@ use tessera_controller::node::{ModeSetting, NodeController, NodeControllerConfig
 use tessera_controller::publish::Publisher;
 use tessera_controller::slices::{CounterLayout, build_pool};
 use tessera_controller::{ApiVersion, SharingMode};
+use tessera_driver::health::NodeGpus;
 use tessera_driver::{Gpu, Inventory};
 
 #[derive(Default)]
@@ -216,7 +217,7 @@ async fn publisher_creates_then_resync_is_a_noop_then_shrinks() {
 async fn api_server_down_is_retried_with_backoff_then_published() {
     let state = Shared::default();
     state.lock().expect("lock").down_for = 4;
-    let (_tx, rx) = tokio::sync::watch::channel(inventory(2));
+    let (_tx, rx) = tokio::sync::watch::channel(NodeGpus::from(inventory(2)));
     let (controller, status) = NodeController::new(
         client(&state),
         NodeControllerConfig::new("node-a", ModeSetting::Auto),
@@ -265,7 +266,7 @@ async fn dropped_gated_fields_make_auto_fall_back_with_an_event() {
     let state = Shared::default();
     // No DRAConsumableCapacity and no DRAPartitionableDevices: only fixed survives.
     state.lock().expect("lock").drop_fields = vec!["allowMultipleAllocations", "consumesCounters"];
-    let (_tx, rx) = tokio::sync::watch::channel(inventory(1));
+    let (_tx, rx) = tokio::sync::watch::channel(NodeGpus::from(inventory(1)));
     let (controller, status) = NodeController::new(
         client(&state),
         NodeControllerConfig::new("node-a", ModeSetting::Auto),
@@ -303,7 +304,7 @@ async fn dropped_gated_fields_make_auto_fall_back_with_an_event() {
 #[tokio::test]
 async fn an_empty_inventory_deletes_the_slices_and_a_gpu_back_republishes() {
     let state = Shared::default();
-    let (tx, rx) = tokio::sync::watch::channel(inventory(2));
+    let (tx, rx) = tokio::sync::watch::channel(NodeGpus::from(inventory(2)));
     let (controller, status) = NodeController::new(
         client(&state),
         NodeControllerConfig::new("node-a", ModeSetting::Mode(SharingMode::Exclusive)),
@@ -315,10 +316,10 @@ async fn an_empty_inventory_deletes_the_slices_and_a_gpu_back_republishes() {
     assert_eq!(state.lock().expect("lock").slices.len(), 1);
 
     // Every GPU gone or unhealthy: the slices go, the controller keeps running.
-    tx.send(Inventory {
+    tx.send(NodeGpus::from(Inventory {
         driver_version: None,
         gpus: Vec::new(),
-    })
+    }))
     .expect("send");
     eventually("slices deleted", || {
         state.lock().expect("lock").slices.is_empty() && status.borrow().devices == 0
@@ -341,7 +342,7 @@ async fn an_empty_inventory_deletes_the_slices_and_a_gpu_back_republishes() {
     // A GPU comes back: published again, with a newer generation than anything before.
     let mut one = inventory(2);
     one.gpus.remove(0);
-    tx.send(one).expect("send");
+    tx.send(one.into()).expect("send");
     eventually("re-published", || status.borrow().devices == 1).await;
     let s = state.lock().expect("lock");
     let slice = s.slices.values().next().expect("a slice");

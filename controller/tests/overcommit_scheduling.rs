@@ -59,6 +59,7 @@ async fn publish(publisher: &Publisher, inventory: &Inventory, overcommit: &Memo
         SharingMode::Consumable,
         tessera_controller::slices::CounterLayout::Separate,
         overcommit,
+        &Default::default(),
     )
     .expect("plan");
     let report = publisher.sync(&plan).await.expect("publish");

@@ -9,6 +9,12 @@
 //! ([`HealthTracker::mark`]) stays withdrawn until the plugin restarts, as NVIDIA's device
 //! plugin does: after such an error the GPU needs a reset, and nothing in NVML says when it
 //! had one.
+//!
+//! Where the API server keeps device taints (KEP-5055), an unhealthy GPU is published tainted
+//! instead of withdrawn ([`NodeGpus`]), so pods and admins see why: [`Taint`] says which taint
+//! each reason gets. `NoExecute` where the work on the GPU is lost anyway (the GPU is gone or
+//! lost, or a critical XID means it needs a reset), so the pods using it are evicted and
+//! rescheduled; `NoSchedule` where running work may go on and only new claims stay away.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,6 +26,96 @@ pub enum Health {
     Healthy,
     /// Present but not usable; the reason names what was seen.
     Unhealthy(String),
+    /// Present, but the driver reports it lost (`NVML_ERROR_GPU_IS_LOST`): the work on it is
+    /// gone and it needs a reset.
+    Lost(String),
+}
+
+/// The taint key of a GPU the node no longer reports.
+pub const TAINT_GONE: &str = "gpu.tessera.dev/gone";
+/// The taint key of a GPU the driver reports lost.
+pub const TAINT_LOST: &str = "gpu.tessera.dev/lost";
+/// The taint key of a GPU withdrawn after a critical XID; the value is the XID.
+pub const TAINT_XID: &str = "gpu.tessera.dev/xid";
+/// The taint key of a GPU a look reports unhealthy in another way.
+pub const TAINT_UNHEALTHY: &str = "gpu.tessera.dev/unhealthy";
+
+/// What a device taint does (`DeviceTaint.effect`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TaintEffect {
+    /// No new claim gets the device; claims already allocated keep it.
+    NoSchedule,
+    /// Also evicts the pods whose claims use the device.
+    NoExecute,
+}
+
+impl TaintEffect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaintEffect::NoSchedule => "NoSchedule",
+            TaintEffect::NoExecute => "NoExecute",
+        }
+    }
+}
+
+/// A device taint for an unhealthy GPU.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Taint {
+    pub key: &'static str,
+    /// A label value (at most 63 characters); empty for most keys.
+    pub value: String,
+    pub effect: TaintEffect,
+}
+
+/// One unhealthy GPU: why, and the taint that says so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unhealthy {
+    pub reason: String,
+    pub taint: Taint,
+}
+
+/// The node's GPUs as the slice controller publishes them: every GPU of the start-up inventory,
+/// and the unhealthy ones by UUID. Where taints are kept, all are published and the unhealthy
+/// ones tainted; elsewhere only [`NodeGpus::healthy`] ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeGpus {
+    pub known: Inventory,
+    pub unhealthy: BTreeMap<String, Unhealthy>,
+}
+
+impl NodeGpus {
+    /// The known GPUs without the unhealthy ones (indices unchanged, so device names stay).
+    pub fn healthy(&self) -> Inventory {
+        Inventory {
+            driver_version: self.known.driver_version.clone(),
+            gpus: self
+                .known
+                .gpus
+                .iter()
+                .filter(|g| !self.unhealthy.contains_key(&g.uuid))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// GPU index → taint, for every unhealthy GPU.
+    pub fn taints_by_index(&self) -> BTreeMap<u32, Taint> {
+        self.known
+            .gpus
+            .iter()
+            .filter_map(|g| Some((g.index, self.unhealthy.get(&g.uuid)?.taint.clone())))
+            .collect()
+    }
+}
+
+impl From<Inventory> for NodeGpus {
+    /// Every GPU healthy.
+    fn from(known: Inventory) -> NodeGpus {
+        NodeGpus {
+            known,
+            unhealthy: BTreeMap::new(),
+        }
+    }
 }
 
 /// One look at the node: every GPU seen, by UUID. A GPU of the inventory that is not in
@@ -64,10 +160,10 @@ pub const GONE: &str = "no longer reported by the node (removed, or fallen off t
 #[derive(Clone, Debug)]
 pub struct HealthTracker {
     known: Inventory,
-    /// UUID → reason, for every withdrawn GPU.
-    withdrawn: BTreeMap<String, String>,
-    /// UUID → reason, for GPUs marked until restart (XID errors).
-    marked: BTreeMap<String, String>,
+    /// UUID → why, for every withdrawn GPU.
+    withdrawn: BTreeMap<String, Unhealthy>,
+    /// UUID → (XID, reason), for GPUs marked until restart.
+    marked: BTreeMap<String, (u64, String)>,
     /// UUIDs of unknown GPUs already reported.
     unknown: BTreeSet<String>,
     last: Observation,
@@ -91,23 +187,22 @@ impl HealthTracker {
         &self.known
     }
 
-    /// Withdrawn GPUs: UUID → reason.
-    pub fn withdrawn(&self) -> &BTreeMap<String, String> {
+    /// Withdrawn GPUs: UUID → why.
+    pub fn withdrawn(&self) -> &BTreeMap<String, Unhealthy> {
         &self.withdrawn
     }
 
-    /// The inventory to publish: the start-up inventory without the withdrawn GPUs (indices
+    /// The inventory to offer: the start-up inventory without the withdrawn GPUs (indices
     /// unchanged, so device names stay the same).
     pub fn offered(&self) -> Inventory {
-        Inventory {
-            driver_version: self.known.driver_version.clone(),
-            gpus: self
-                .known
-                .gpus
-                .iter()
-                .filter(|g| !self.withdrawn.contains_key(&g.uuid))
-                .cloned()
-                .collect(),
+        self.node_gpus().healthy()
+    }
+
+    /// Every known GPU and the unhealthy ones, for the slice controller.
+    pub fn node_gpus(&self) -> NodeGpus {
+        NodeGpus {
+            known: self.known.clone(),
+            unhealthy: self.withdrawn.clone(),
         }
     }
 
@@ -125,10 +220,11 @@ impl HealthTracker {
         changes
     }
 
-    /// Withdraws `uuid` until restart (an XID error). Unknown UUIDs are ignored.
-    pub fn mark(&mut self, uuid: &str, reason: &str) -> Vec<Change> {
+    /// Withdraws `uuid` until restart after critical XID `xid`. Unknown UUIDs are ignored.
+    pub fn mark(&mut self, uuid: &str, xid: u64, reason: &str) -> Vec<Change> {
         if self.known.gpus.iter().any(|g| g.uuid == uuid) {
-            self.marked.insert(uuid.to_string(), reason.to_string());
+            self.marked
+                .insert(uuid.to_string(), (xid, reason.to_string()));
         }
         self.settle()
     }
@@ -137,15 +233,31 @@ impl HealthTracker {
     fn settle(&mut self) -> Vec<Change> {
         let mut changes = Vec::new();
         for gpu in &self.known.gpus {
-            let reason = match (self.marked.get(&gpu.uuid), self.last.seen.get(&gpu.uuid)) {
-                (Some(marked), _) => Some(marked.clone()),
-                (None, None) => Some(GONE.to_string()),
-                (None, Some(Health::Unhealthy(reason))) => Some(reason.clone()),
+            let taint = |key, value: String, effect| Taint { key, value, effect };
+            let why = match (self.marked.get(&gpu.uuid), self.last.seen.get(&gpu.uuid)) {
+                (Some((xid, reason)), _) => Some((
+                    reason.clone(),
+                    taint(TAINT_XID, xid.to_string(), TaintEffect::NoExecute),
+                )),
+                (None, None) => Some((
+                    GONE.to_string(),
+                    taint(TAINT_GONE, String::new(), TaintEffect::NoExecute),
+                )),
+                (None, Some(Health::Lost(reason))) => Some((
+                    reason.clone(),
+                    taint(TAINT_LOST, String::new(), TaintEffect::NoExecute),
+                )),
+                (None, Some(Health::Unhealthy(reason))) => Some((
+                    reason.clone(),
+                    taint(TAINT_UNHEALTHY, String::new(), TaintEffect::NoSchedule),
+                )),
                 (None, Some(Health::Healthy)) => None,
             };
-            match (reason, self.withdrawn.contains_key(&gpu.uuid)) {
-                (Some(reason), false) => {
-                    self.withdrawn.insert(gpu.uuid.clone(), reason.clone());
+            let why = why.map(|(reason, taint)| Unhealthy { reason, taint });
+            match (why, self.withdrawn.contains_key(&gpu.uuid)) {
+                (Some(why), false) => {
+                    let reason = why.reason.clone();
+                    self.withdrawn.insert(gpu.uuid.clone(), why);
                     changes.push(Change::Withdrawn {
                         uuid: gpu.uuid.clone(),
                         index: gpu.index,
@@ -153,8 +265,8 @@ impl HealthTracker {
                     });
                 }
                 // Still withdrawn; keep the newest reason without announcing it again.
-                (Some(reason), true) => {
-                    self.withdrawn.insert(gpu.uuid.clone(), reason);
+                (Some(why), true) => {
+                    self.withdrawn.insert(gpu.uuid.clone(), why);
                 }
                 (None, true) => {
                     self.withdrawn.remove(&gpu.uuid);
@@ -250,7 +362,7 @@ mod tests {
             ]))
             .is_empty()
         );
-        assert_eq!(t.withdrawn()["GPU-1"], "lost", "newest reason kept");
+        assert_eq!(t.withdrawn()["GPU-1"].reason, "lost", "newest reason kept");
         let back = t.observe(Observation::all_healthy(&inventory(3)));
         assert_eq!(
             back,
@@ -278,8 +390,11 @@ mod tests {
     #[test]
     fn marks_last_until_restart_and_unknown_gpus_are_reported_once() {
         let mut t = HealthTracker::new(inventory(2));
-        assert_eq!(t.mark("GPU-1", "XID 79").len(), 1);
-        assert!(t.mark("GPU-9", "XID 79").is_empty(), "unknown UUID ignored");
+        assert_eq!(t.mark("GPU-1", 79, "XID 79").len(), 1);
+        assert!(
+            t.mark("GPU-9", 79, "XID 79").is_empty(),
+            "unknown UUID ignored"
+        );
         let all = look(&[
             ("GPU-0", Health::Healthy),
             ("GPU-1", Health::Healthy),
@@ -297,6 +412,35 @@ mod tests {
             [0],
             "the mark holds while the GPU looks healthy"
         );
+    }
+
+    #[test]
+    fn each_reason_gets_its_taint() {
+        let mut t = HealthTracker::new(inventory(4));
+        t.mark("GPU-0", 79, "critical XID 79");
+        t.observe(look(&[
+            ("GPU-0", Health::Healthy),
+            ("GPU-1", Health::Lost("lost".into())),
+            ("GPU-2", Health::Unhealthy("too hot".into())),
+        ]));
+        let gpus = t.node_gpus();
+        assert_eq!(gpus.known.gpus.len(), 4, "every GPU stays known");
+        let taints = gpus.taints_by_index();
+        let t = |key, value: &str, effect| Taint {
+            key,
+            value: value.into(),
+            effect,
+        };
+        assert_eq!(
+            taints,
+            BTreeMap::from([
+                (0, t(TAINT_XID, "79", TaintEffect::NoExecute)),
+                (1, t(TAINT_LOST, "", TaintEffect::NoExecute)),
+                (2, t(TAINT_UNHEALTHY, "", TaintEffect::NoSchedule)),
+                (3, t(TAINT_GONE, "", TaintEffect::NoExecute)),
+            ])
+        );
+        assert!(gpus.healthy().gpus.is_empty());
     }
 
     #[test]

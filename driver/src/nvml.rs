@@ -88,11 +88,11 @@ impl HealthProbe {
             let health = match self.nvml.device_by_uuid(gpu.uuid.as_str()) {
                 // A handle can outlive the GPU: ask it something.
                 Ok(device) => match device.memory_info() {
-                    Err(NvmlError::GpuLost) => Health::Unhealthy(LOST.into()),
+                    Err(NvmlError::GpuLost) => Health::Lost(LOST.into()),
                     _ => Health::Healthy,
                 },
                 Err(NvmlError::NotFound) => continue,
-                Err(NvmlError::GpuLost) => Health::Unhealthy(LOST.into()),
+                Err(NvmlError::GpuLost) => Health::Lost(LOST.into()),
                 Err(e) => Health::Unhealthy(format!("NVML cannot reach the GPU: {e}")),
             };
             seen.insert(gpu.uuid.clone(), health);

@@ -9,6 +9,19 @@
 #[error("{0:?} is not a non-negative Kubernetes quantity that fits 64 bits")]
 pub struct QuantityError(pub String);
 
+/// `bytes` as the shortest exact quantity: `24Gi`, `1536Mi`, or plain bytes.
+pub fn format(bytes: u64) -> String {
+    const MI: u64 = 1 << 20;
+    const GI: u64 = 1 << 30;
+    if bytes >= GI && bytes.is_multiple_of(GI) {
+        format!("{}Gi", bytes / GI)
+    } else if bytes >= MI && bytes.is_multiple_of(MI) {
+        format!("{}Mi", bytes / MI)
+    } else {
+        bytes.to_string()
+    }
+}
+
 /// Parses `text` and rounds it up to an integer.
 pub fn parse(text: &str) -> Result<u64, QuantityError> {
     let err = || QuantityError(text.to_string());
@@ -71,6 +84,20 @@ pub fn parse(text: &str) -> Result<u64, QuantityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_the_shortest_exact_quantity() {
+        for (bytes, want) in [
+            (24u64 << 30, "24Gi"),
+            (1536 << 20, "1536Mi"),
+            (1 << 20, "1Mi"),
+            (1000, "1000"),
+            ((1 << 30) + 1, "1073741825"),
+        ] {
+            assert_eq!(format(bytes), want);
+            assert_eq!(parse(&format(bytes)), Ok(bytes));
+        }
+    }
 
     #[test]
     fn parses_what_the_api_writes() {

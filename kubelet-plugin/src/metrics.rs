@@ -13,6 +13,7 @@
 //! | `tessera_prepare_duration_seconds` | histogram | — (one NodePrepareResources call) |
 //! | `tessera_prepared_claims_total` / `tessera_prepare_errors_total` | counter | — |
 //! | `tessera_unprepared_claims_total` / `tessera_unprepare_errors_total` | counter | — |
+//! | `tessera_claim_status_writes_total` | counter | outcome (written, cleared, gone, not_served, dropped, failed) |
 //! | `tessera_claims_prepared` | gauge | — |
 //! | `tessera_claim_memory_used_bytes` | gauge | namespace, claim, claim_uid, gpu_uuid |
 //! | `tessera_claim_memory_limit_bytes` | gauge | same |
@@ -45,6 +46,48 @@ pub struct Metrics {
     prepare_errors: Counter,
     unprepared: Counter,
     unprepare_errors: Counter,
+    status_writes: Family<StatusWriteLabels, Counter>,
+}
+
+/// How a write of a claim's `status.devices` ended (see `claims::status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StatusWrite {
+    Written,
+    Cleared,
+    Gone,
+    NotServed,
+    Dropped,
+    Failed,
+}
+
+impl StatusWrite {
+    pub fn of(outcome: &crate::claims::status::Outcome) -> StatusWrite {
+        use crate::claims::status::Outcome;
+        match outcome {
+            Outcome::Written => StatusWrite::Written,
+            Outcome::Cleared => StatusWrite::Cleared,
+            Outcome::Gone => StatusWrite::Gone,
+            Outcome::NotServed(_) => StatusWrite::NotServed,
+            Outcome::Dropped => StatusWrite::Dropped,
+            Outcome::Failed(_) => StatusWrite::Failed,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            StatusWrite::Written => "written",
+            StatusWrite::Cleared => "cleared",
+            StatusWrite::Gone => "gone",
+            StatusWrite::NotServed => "not_served",
+            StatusWrite::Dropped => "dropped",
+            StatusWrite::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StatusWriteLabels {
+    outcome: &'static str,
 }
 
 impl Metrics {
@@ -85,6 +128,12 @@ impl Metrics {
             "Claims whose unpreparation failed",
             unprepare_errors.clone(),
         );
+        let status_writes = Family::<StatusWriteLabels, Counter>::default();
+        registry.register(
+            "claim_status_writes",
+            "Writes of prepared claims' status.devices, by outcome",
+            status_writes.clone(),
+        );
         registry.register_collector(Box::new(ClaimCollector { state_dir }));
         Metrics {
             registry,
@@ -93,6 +142,7 @@ impl Metrics {
             prepare_errors,
             unprepared,
             unprepare_errors,
+            status_writes,
         }
     }
 
@@ -108,6 +158,14 @@ impl Metrics {
         } else {
             self.unprepare_errors.inc()
         };
+    }
+
+    pub fn observe_status_write(&self, outcome: StatusWrite) {
+        self.status_writes
+            .get_or_create(&StatusWriteLabels {
+                outcome: outcome.label(),
+            })
+            .inc();
     }
 
     /// The OpenMetrics text of every metric.

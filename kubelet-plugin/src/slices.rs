@@ -1,12 +1,13 @@
 //! Starts `tessera-controller`'s per-node slice controller inside the plugin (issue 4): the
 //! node's GPUs are published as ResourceSlices in the configured sharing mode, and the GPU
-//! health watcher (`node::health`) keeps them to the healthy ones.
+//! health watcher (`node::health`) says which are unhealthy (tainted or withdrawn there).
 //!
 //! The returned guard aborts the controller when dropped; `main` drops it before the plugin
 //! unregisters, so the controller can never re-create slices the kubelet removes for a plugin
 //! that is going away.
 
 use tessera_controller::node::{ModeSetting, NodeController, NodeControllerConfig, NodeStatus};
+use tessera_driver::health::NodeGpus;
 use tessera_driver::{Inventory, MemoryOvercommit};
 
 use crate::node::health::{self, HealthConfig, NodeEvents};
@@ -15,8 +16,8 @@ use crate::node::health::{self, HealthConfig, NodeEvents};
 pub struct SliceController {
     task: Option<tokio::task::JoinHandle<()>>,
     health: Option<tokio::task::JoinHandle<()>>,
-    /// The inventory being published (the healthy GPUs).
-    pub inventory: tokio::sync::watch::Receiver<Inventory>,
+    /// The node's GPUs being published, and which are unhealthy.
+    pub inventory: tokio::sync::watch::Receiver<NodeGpus>,
     /// What the controller last published (`None` with `--sharing-mode off`).
     pub status: Option<tokio::sync::watch::Receiver<NodeStatus>>,
 }
@@ -60,7 +61,7 @@ pub fn start_with(
     memory_overcommit: MemoryOvercommit,
 ) -> anyhow::Result<SliceController> {
     if mode == "off" {
-        let (_tx, rx) = tokio::sync::watch::channel(inventory);
+        let (_tx, rx) = tokio::sync::watch::channel(NodeGpus::from(inventory));
         tracing::info!("--sharing-mode off: not publishing ResourceSlices");
         return Ok(SliceController {
             task: None,
@@ -74,7 +75,7 @@ pub fn start_with(
         .map_err(|e: String| anyhow::anyhow!("--sharing-mode: {e}"))?;
     // The first look before the first publish: a GPU unhealthy at start is never offered.
     let (tracker, changes) = health::first_look(&health, inventory);
-    let (tx, rx) = tokio::sync::watch::channel(tracker.offered());
+    let (tx, rx) = tokio::sync::watch::channel(tracker.node_gpus());
     let events = NodeEvents::new(client.clone(), node);
     let health = tokio::spawn(health::run(health, tracker, changes, tx, Some(events)));
     let mut config = NodeControllerConfig::new(node, mode);

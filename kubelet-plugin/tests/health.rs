@@ -1,11 +1,13 @@
 //! GPU health against the real kube-apiserver (the e2e harness's control plane): the plugin's
-//! slice controller and health watcher, fed by a fake inventory file, withdraw a GPU marked
-//! unhealthy from the node's ResourceSlices (with a Node Event naming it), restore it when it is
-//! healthy again, delete the slices when no GPU is left, and publish them again after. And the
-//! NVML path end to end: GPUs and health from the fake NVML (`fake-gpu/nvml`), where a critical
-//! XID injected into the fake node withdraws its GPU and an application XID changes nothing.
-//!
-//! On v1.37 (resource.k8s.io/v1) and v1.31 (v1alpha3), the oldest supported. Gated like every
+//! slice controller and health watcher, fed by a fake inventory file, stop offering a GPU marked
+//! unhealthy (with a Node Event naming it) — on v1.37 (resource.k8s.io/v1) its devices get a
+//! `NoSchedule` taint, on v1.31 (v1alpha3, no taints) they are withdrawn from the node's
+//! ResourceSlices — offer it again when it is healthy, and follow GPUs that are gone (tainted
+//! `NoExecute` on v1.37; on v1.31 the slices are deleted when no GPU is left and published again
+//! after). And the NVML path end to end: GPUs and health from the fake NVML
+//! (`fake-gpu/nvml`), where a critical XID injected into the fake node taints its GPU
+//! `gpu.tessera.dev/xid=79:NoExecute` and an application XID changes nothing.
+//! Gated like every
 //! test that needs built binaries (`tessera_built_libs::require`): `TESSERA_E2E=1` makes missing
 //! binaries a failure, `0` skips, unset runs when they are built and otherwise says why it skips.
 
@@ -77,16 +79,47 @@ where
     }
 }
 
-/// The published devices' names, sorted.
-async fn devices(publisher: &Publisher) -> Option<Vec<String>> {
+/// The published devices, sorted, each with its taints as `key=value:effect` (empty when
+/// untainted).
+async fn devices(publisher: &Publisher) -> Option<Vec<(String, Vec<String>)>> {
     let slices = publisher.existing().await.ok()?;
-    let mut names: Vec<String> = slices
+    let mut devices: Vec<(String, Vec<String>)> = slices
         .values()
         .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
-        .filter_map(|d| d["name"].as_str().map(str::to_string))
+        .filter_map(|d| {
+            let taints = d["taints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    format!(
+                        "{}={}:{}",
+                        t["key"].as_str().unwrap_or_default(),
+                        t["value"].as_str().unwrap_or_default(),
+                        t["effect"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect();
+            Some((d["name"].as_str()?.to_string(), taints))
+        })
         .collect();
-    names.sort();
-    Some(names)
+    devices.sort();
+    Some(devices)
+}
+
+/// What `devices` should be: `untainted` devices, and each of `tainted` with its one taint.
+fn expect(untainted: &[&str], tainted: &[(&str, &str)]) -> Vec<(String, Vec<String>)> {
+    let mut devices: Vec<(String, Vec<String>)> = untainted
+        .iter()
+        .map(|d| (d.to_string(), Vec::new()))
+        .chain(
+            tainted
+                .iter()
+                .map(|(d, t)| (d.to_string(), vec![t.to_string()])),
+        )
+        .collect();
+    devices.sort();
+    devices
 }
 
 async fn node_events(client: &kube::Client, reason: &str) -> Vec<String> {
@@ -134,7 +167,7 @@ async fn control_plane_with_node(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_37_an_unhealthy_gpu_is_withdrawn_and_comes_back() {
+async fn v1_37_an_unhealthy_gpu_is_tainted_and_comes_back() {
     withdrawn_and_restored(37, ApiVersion::V1).await;
 }
 
@@ -169,16 +202,26 @@ async fn withdrawn_and_restored(minor: u32, api: ApiVersion) {
     )
     .expect("slice controller");
     let publisher = Publisher::new(client.clone(), NODE, api);
-    let both = vec!["gpu-0".to_string(), "gpu-1".to_string()];
+    let taints = api == ApiVersion::V1;
+    let both = expect(&["gpu-0", "gpu-1"], &[]);
     eventually("both GPUs published", || async {
         (devices(&publisher).await? == both).then_some(())
     })
     .await;
 
-    // GPU 1 turns unhealthy: withdrawn, with a Warning Event on the Node naming it.
+    // GPU 1 turns unhealthy: tainted NoSchedule (v1) or withdrawn, with a Warning Event on the
+    // Node naming it.
     write_inventory(&inventory_path, &[(GPU0, "healthy"), (GPU1, "unhealthy")]);
-    eventually("GPU 1 withdrawn", || async {
-        (devices(&publisher).await? == ["gpu-0"]).then_some(())
+    let unhealthy = if taints {
+        expect(
+            &["gpu-0"],
+            &[("gpu-1", "gpu.tessera.dev/unhealthy=:NoSchedule")],
+        )
+    } else {
+        expect(&["gpu-0"], &[])
+    };
+    eventually("GPU 1 no longer offered", || async {
+        (devices(&publisher).await? == unhealthy).then_some(())
     })
     .await;
     let notes = eventually("GpuUnhealthy Event", || async {
@@ -203,15 +246,27 @@ async fn withdrawn_and_restored(minor: u32, api: ApiVersion) {
     })
     .await;
 
-    // Every GPU gone: the node's slices are deleted; one back: published again.
+    // Every GPU gone: tainted NoExecute (v1), or the node's slices are deleted; one back:
+    // offered again.
     write_inventory(&inventory_path, &[]);
-    eventually("slices deleted", || async {
-        publisher.existing().await.ok()?.is_empty().then_some(())
+    let gone = "gpu.tessera.dev/gone=:NoExecute";
+    eventually("every GPU gone", || async {
+        if taints {
+            (devices(&publisher).await? == expect(&[], &[("gpu-0", gone), ("gpu-1", gone)]))
+                .then_some(())
+        } else {
+            publisher.existing().await.ok()?.is_empty().then_some(())
+        }
     })
     .await;
     write_inventory(&inventory_path, &[(GPU0, "healthy")]);
+    let one_back = if taints {
+        expect(&["gpu-0"], &[("gpu-1", gone)])
+    } else {
+        expect(&["gpu-0"], &[])
+    };
     eventually("GPU 0 published again", || async {
-        (devices(&publisher).await? == ["gpu-0"]).then_some(())
+        (devices(&publisher).await? == one_back).then_some(())
     })
     .await;
     let generation = publisher
@@ -258,10 +313,10 @@ fn inject_xids(events: &Path, xids: &[(&str, u64)]) {
 /// the environment at `nvmlInit`, so the scenario runs in a child (this executable re-run) with
 /// a state file, and events file, of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_37_a_critical_xid_from_nvml_withdraws_a_gpu() {
-    const NAME: &str = "v1_37_a_critical_xid_from_nvml_withdraws_a_gpu";
+async fn v1_37_a_critical_xid_from_nvml_taints_a_gpu() {
+    const NAME: &str = "v1_37_a_critical_xid_from_nvml_taints_a_gpu";
     match in_scenario(NAME) {
-        Some(true) => return critical_xid_withdraws(37, ApiVersion::V1).await,
+        Some(true) => return critical_xid_taints(37, ApiVersion::V1).await,
         Some(false) => return,
         None => {}
     }
@@ -302,7 +357,7 @@ async fn v1_37_a_critical_xid_from_nvml_withdraws_a_gpu() {
     );
 }
 
-async fn critical_xid_withdraws(minor: u32, api: ApiVersion) {
+async fn critical_xid_taints(minor: u32, api: ApiVersion) {
     let (version, binaries) = binaries_or_skip(minor).expect("checked by the parent");
     let mut events = std::env::var_os("FAKEGPU_STATE").expect("the parent sets FAKEGPU_STATE");
     events.push(".events");
@@ -337,11 +392,12 @@ async fn critical_xid_withdraws(minor: u32, api: ApiVersion) {
     )
     .expect("slice controller");
     let publisher = Publisher::new(client.clone(), NODE, api);
-    let both = vec!["gpu-0".to_string(), "gpu-1".to_string()];
+    let both = expect(&["gpu-0", "gpu-1"], &[]);
     eventually("both GPUs published", || async {
         (devices(&publisher).await? == both).then_some(())
     })
     .await;
+    let after_xid = expect(&["gpu-0"], &[("gpu-1", "gpu.tessera.dev/xid=79:NoExecute")]);
 
     // XID 13 (an application's fault) on GPU 0, then XID 79 (fallen off the bus) on GPU 1, in
     // one write: the watcher's event set delivers them together, in that order, and the watcher
@@ -354,7 +410,7 @@ async fn critical_xid_withdraws(minor: u32, api: ApiVersion) {
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut withdrawn = false;
         while Instant::now() < deadline {
-            if devices(&publisher).await.as_deref() == Some(&["gpu-0".to_string()][..]) {
+            if devices(&publisher).await.as_ref() == Some(&after_xid) {
                 withdrawn = true;
                 break;
             }
@@ -365,11 +421,11 @@ async fn critical_xid_withdraws(minor: u32, api: ApiVersion) {
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "GPU 1 not withdrawn within 60 s of XID 79"
+            "GPU 1 not tainted within 60 s of XID 79"
         );
     }
-    // GPU 1 is gone from the slices while GPU 0 stays: its XID 13, handled before GPU 1's
-    // XID 79, changed nothing.
+    // GPU 1 is tainted while GPU 0 stays untainted: its XID 13, handled before GPU 1's XID 79,
+    // changed nothing.
     let notes = eventually("GpuUnhealthy Event", || async {
         let notes = node_events(&client, REASON_UNHEALTHY).await;
         (!notes.is_empty()).then_some(notes)
@@ -385,7 +441,7 @@ async fn critical_xid_withdraws(minor: u32, api: ApiVersion) {
         notes.iter().all(|n| !n.contains(GPU0)),
         "XID 13 withdraws nothing: {notes:?}"
     );
-    assert_eq!(devices(&publisher).await.expect("slices"), ["gpu-0"]);
+    assert_eq!(devices(&publisher).await.expect("slices"), after_xid);
     drop(slices);
     cp.stop();
 }

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use tessera_api::names::{attribute, capacity};
+use tessera_driver::health::Taint;
 use tessera_driver::{DeviceName, Gpu, Inventory, MemoryOvercommit};
 
 use super::model::*;
@@ -59,23 +60,38 @@ pub fn build_pool(
     mode: SharingMode,
     layout: CounterLayout,
 ) -> Result<PoolPlan, BuildError> {
-    build_pool_with(inventory, node, mode, layout, &MemoryOvercommit::none())
+    build_pool_with(
+        inventory,
+        node,
+        mode,
+        layout,
+        &MemoryOvercommit::none(),
+        &BTreeMap::new(),
+    )
 }
 
-/// [`build_pool`] with the node's memory overcommit.
+/// [`build_pool`] with the node's memory overcommit, and `taints` (GPU index → taint) on every
+/// device of the tainted GPUs.
 pub fn build_pool_with(
     inventory: &Inventory,
     node: &str,
     mode: SharingMode,
     layout: CounterLayout,
     overcommit: &MemoryOvercommit,
+    taints: &BTreeMap<u32, Taint>,
 ) -> Result<PoolPlan, BuildError> {
     if inventory.gpus.is_empty() {
         return Err(BuildError::NoGpus);
     }
     let mut units = Vec::with_capacity(inventory.gpus.len());
     for gpu in &inventory.gpus {
-        units.push(gpu_unit(inventory, gpu, mode, overcommit)?);
+        let mut unit = gpu_unit(inventory, gpu, mode, overcommit)?;
+        if let Some(taint) = taints.get(&gpu.index) {
+            for device in &mut unit.devices {
+                device.taints.push(taint.clone());
+            }
+        }
+        units.push(unit);
     }
     let slices = split(units, layout);
     Ok(PoolPlan {
@@ -143,6 +159,7 @@ fn gpu_unit(
             ]),
             consumes_counters: Vec::new(),
             allow_multiple_allocations: false,
+            taints: Vec::new(),
         })
     };
     let index = gpu.index;
@@ -312,7 +329,11 @@ pub fn semver(text: &str) -> Option<String> {
 /// and counter-set limits of each slice.
 fn split(units: Vec<Unit>, layout: CounterLayout) -> Vec<SliceContent> {
     let counters = units.iter().any(|u| u.counter_set.is_some());
-    let max_devices = if counters {
+    let taints = units
+        .iter()
+        .any(|u| u.devices.iter().any(|d| !d.taints.is_empty()));
+    // The API's limit is 64 devices where any has taints or consumes counters.
+    let max_devices = if counters || taints {
         MAX_DEVICES_WITH_COUNTERS
     } else {
         MAX_DEVICES

@@ -49,10 +49,11 @@ fn walk(sent: &Value, got: &Value, path: String, out: &mut Vec<String>) {
 pub fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
+            // A taint's `timeAdded` is the API server's to set, when the taint first appears.
             let keys = x
                 .iter()
                 .chain(y.iter())
-                .filter(|(_, v)| !v.is_null())
+                .filter(|(k, v)| !v.is_null() && k.as_str() != "timeAdded")
                 .map(|(k, _)| k);
             for k in keys {
                 if !same(
@@ -112,5 +113,9 @@ mod tests {
         assert!(!same(&json!({"v": "25769803776"}), &json!({"v": "23Gi"})));
         assert!(!same(&json!({"a": "x"}), &json!({"a": "x", "b": 1})));
         assert!(same(&json!({"g": 3}), &json!({"g": 3})));
+        assert!(same(
+            &json!({"taints": [{"key": "k", "effect": "NoSchedule"}]}),
+            &json!({"taints": [{"key": "k", "effect": "NoSchedule", "timeAdded": "2026-12-07T16:00:00Z"}]})
+        ));
     }
 }

@@ -87,6 +87,8 @@ pub struct Device {
     pub capacity: BTreeMap<String, Capacity>,
     pub consumes_counters: Vec<CounterConsumption>,
     pub allow_multiple_allocations: bool,
+    /// Device taints (an unhealthy GPU's devices, where the server keeps taints).
+    pub taints: Vec<tessera_driver::health::Taint>,
 }
 
 /// The contents of one ResourceSlice: devices, counter sets, or (combined layout) both.

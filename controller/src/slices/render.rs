@@ -188,6 +188,21 @@ fn render_device(device: &Device, version: ApiVersion) -> Value {
     if device.allow_multiple_allocations {
         body["allowMultipleAllocations"] = json!(true);
     }
+    // Only v1 carries taints here: 1.33's v1beta1/v1beta2 had them as an alpha off by default,
+    // and the node controller withdraws an unhealthy GPU's devices on those releases instead.
+    if version == ApiVersion::V1 && !device.taints.is_empty() {
+        body["taints"] = device
+            .taints
+            .iter()
+            .map(|t| {
+                let mut taint = json!({ "key": t.key, "effect": t.effect.as_str() });
+                if !t.value.is_empty() {
+                    taint["value"] = json!(t.value);
+                }
+                taint
+            })
+            .collect();
+    }
     if version.basic_wrapper() {
         json!({ "name": device.name, "basic": body })
     } else {

@@ -1,11 +1,11 @@
 //! Unit and property tests of slice building: limits never exceeded, names valid, devices
 //! conserved across slices, for every mode and version.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use serde_json::Value;
-use tessera_driver::{DeviceName, Gpu, Inventory};
+use tessera_driver::{DeviceName, Gpu, Inventory, MemoryOvercommit};
 
 use super::build::*;
 use super::model::*;
@@ -361,7 +361,8 @@ fn overcommit_scales_memory_in_every_shared_mode_and_version() {
     };
     for mode in MODES {
         for layout in [CounterLayout::Combined, CounterLayout::Separate] {
-            let plan = build_pool_with(&inv, "n", mode, layout, &doubled).expect("builds");
+            let plan = build_pool_with(&inv, "n", mode, layout, &doubled, &BTreeMap::new())
+                .expect("builds");
             for d in plan.devices() {
                 let memory = d.capacity["memory"].value;
                 if let SharingMode::Fixed { slices: 100 } = mode {
@@ -451,8 +452,15 @@ fn factor_one_and_other_models_publish_as_before() {
     for mode in MODES {
         let before = build_pool(&inv, "n", mode, CounterLayout::Separate).expect("builds");
         for policy in [&one, &other_model] {
-            let after =
-                build_pool_with(&inv, "n", mode, CounterLayout::Separate, policy).expect("builds");
+            let after = build_pool_with(
+                &inv,
+                "n",
+                mode,
+                CounterLayout::Separate,
+                policy,
+                &BTreeMap::new(),
+            )
+            .expect("builds");
             assert_eq!(before, after, "{mode:?} {policy}");
         }
     }
@@ -465,8 +473,77 @@ fn factor_one_and_other_models_publish_as_before() {
         SharingMode::Consumable,
         CounterLayout::Separate,
         &other_model,
+        &BTreeMap::new(),
     )
     .expect("builds");
     let memory: Vec<u64> = plan.devices().map(|d| d.capacity["memory"].value).collect();
     assert_eq!(memory, vec![24 << 30, 72 << 30]);
+}
+
+#[test]
+fn an_unhealthy_gpus_devices_carry_its_taint_in_v1_only() {
+    use tessera_driver::health::{TAINT_XID, Taint, TaintEffect};
+    let inv = inventory(2, 24 << 30);
+    let taint = Taint {
+        key: TAINT_XID,
+        value: "79".into(),
+        effect: TaintEffect::NoExecute,
+    };
+    let taints = BTreeMap::from([(1, taint)]);
+    let plan = build_pool_with(
+        &inv,
+        "n",
+        SharingMode::Fixed { slices: 4 },
+        CounterLayout::Separate,
+        &MemoryOvercommit::none(),
+        &taints,
+    )
+    .expect("builds");
+    let tainted: Vec<&str> = plan
+        .devices()
+        .filter(|d| !d.taints.is_empty())
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(tainted.len(), 4, "every device of GPU 1: {tainted:?}");
+    assert!(
+        tainted.iter().all(|d| d.starts_with("gpu-1")),
+        "{tainted:?}"
+    );
+    let meta = SliceMeta {
+        generation: 1,
+        node_uid: None,
+    };
+    let v1 = render_pool(&plan, ApiVersion::V1, &meta);
+    let devices = v1[0]["spec"]["devices"].as_array().expect("devices");
+    let gpu1 = devices
+        .iter()
+        .find(|d| d["name"].as_str().is_some_and(|n| n.starts_with("gpu-1")))
+        .expect("a device of GPU 1");
+    assert_eq!(
+        gpu1["taints"],
+        serde_json::json!([{ "key": "gpu.tessera.dev/xid", "value": "79", "effect": "NoExecute" }])
+    );
+    let v1beta1 = render_pool(&plan, ApiVersion::V1beta1, &meta);
+    assert!(!v1beta1[0].to_string().contains("taints"), "{}", v1beta1[0]);
+}
+
+#[test]
+fn a_tainted_pool_keeps_to_64_devices_per_slice() {
+    use tessera_driver::health::{TAINT_UNHEALTHY, Taint, TaintEffect};
+    // 8 GPUs × 16 slices = 128 devices: one slice untainted, two with a taint.
+    let inv = inventory(8, 24 << 30);
+    let mode = SharingMode::Fixed { slices: 16 };
+    let layout = CounterLayout::Separate;
+    let none = MemoryOvercommit::none();
+    let plan = build_pool_with(&inv, "n", mode, layout, &none, &BTreeMap::new()).expect("plan");
+    assert_eq!(plan.slices.len(), 1);
+    let taint = Taint {
+        key: TAINT_UNHEALTHY,
+        value: String::new(),
+        effect: TaintEffect::NoSchedule,
+    };
+    let taints = BTreeMap::from([(3, taint)]);
+    let plan = build_pool_with(&inv, "n", mode, layout, &none, &taints).expect("plan");
+    assert_eq!(plan.slices.len(), 2);
+    assert!(plan.slices.iter().all(|s| s.devices.len() <= 64));
 }

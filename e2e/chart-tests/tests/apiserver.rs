@@ -3,8 +3,8 @@
 //! (with the prometheus-operator CRDs' minimal copies applied first, so the monitors are checked
 //! too); the RBAC grants exactly what the reference says (SubjectAccessReview); and the admission
 //! policy really stops a plugin from writing another node's ResourceSlices, with a service
-//! account token bound to a pod on its node; and the plugin's slice publisher and the
-//! controller's reconcile and leader election work with exactly the chart's RBAC.
+//! account token bound to a pod on its node; and the plugin's slice publisher, its claim status
+//! writes and the controller's reconcile and leader election work with exactly the chart's RBAC.
 
 mod common;
 
@@ -696,6 +696,8 @@ async fn code_under_chart_rbac(cluster: &Cluster, minor: u32) {
         );
     }
 
+    claim_status_under_chart_rbac(cp, &as_plugin, minor, NODE).await;
+
     // The controller lists slices and claims and keeps the per-model classes; the chart's
     // generic class is not its own and stays as the chart made it.
     let (view, classes) =
@@ -759,6 +761,162 @@ async fn code_under_chart_rbac(cluster: &Cluster, minor: u32) {
     }
     drop(leader);
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
+
+/// The plugin says in a claim allocated on its node what it prepared, and clears it again, with
+/// exactly the chart's RBAC; on 1.36+ it may not write the status of a claim allocated on
+/// another node (`associated-node:patch` on `resourceclaims/driver`); 1.31 has no
+/// `status.devices`, and the writer says so instead of failing.
+async fn claim_status_under_chart_rbac(
+    cp: &ControlPlane,
+    as_plugin: &kube::Client,
+    minor: u32,
+    node: &str,
+) {
+    use tessera_kubelet_plugin::claims::ClaimReader;
+    use tessera_kubelet_plugin::claims::status::{self, ClaimName, DeviceStatus, Outcome};
+    let version: K8sVersion = format!("1.{minor}").parse().expect("version");
+    let api_version = format!("resource.k8s.io/{}", version.resource_api_version());
+    let claims: Api<DynamicObject> = Api::namespaced_with(
+        cp.client(),
+        NAMESPACE,
+        &version.resource_api("ResourceClaim", "resourceclaims"),
+    );
+    let request = if minor >= 34 {
+        json!({ "name": "gpu", "exactly": { "deviceClassName": "gpu.tessera.dev" } })
+    } else {
+        json!({ "name": "gpu", "deviceClassName": "gpu.tessera.dev" })
+    };
+    // A claim as the scheduler leaves it: allocated on `on`, device gpu-0 of `on`'s pool.
+    let allocated = |name: &str, on: &str| {
+        let claims = claims.clone();
+        let (name, on, request, api_version) = (
+            name.to_string(),
+            on.to_string(),
+            request.clone(),
+            api_version.clone(),
+        );
+        async move {
+            let claim: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": api_version, "kind": "ResourceClaim",
+                "metadata": { "name": name },
+                "spec": { "devices": { "requests": [request] } },
+            }))
+            .expect("claim");
+            let mut claim = claims
+                .create(&PostParams::default(), &claim)
+                .await
+                .expect("creating the claim");
+            claim.data["status"] = json!({ "allocation": {
+                "devices": { "results": [{ "request": "gpu", "driver": "gpu.tessera.dev",
+                                           "pool": on, "device": "gpu-0" }] },
+                "nodeSelector": { "nodeSelectorTerms": [{ "matchFields": [
+                    { "key": "metadata.name", "operator": "In", "values": [on] }] }] },
+            }});
+            claims
+                .replace_status(&name, &PostParams::default(), &claim)
+                .await
+                .expect("allocating the claim")
+        }
+    };
+    let name_of = |claim: &DynamicObject| ClaimName {
+        namespace: NAMESPACE.into(),
+        name: claim.metadata.name.clone().expect("name"),
+        uid: claim.metadata.uid.clone().expect("uid"),
+    };
+    let prepared = |pool: &str| {
+        let device: tessera_driver::allocation::AllocatedDevice = serde_json::from_value(json!({
+            "request": "gpu", "pool": pool, "device": "gpu-0",
+            "gpuUuid": "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b", "gpuIndex": 0, "gpuMinor": 0,
+            "memory": 24u64 << 30, "cores": 100,
+        }))
+        .expect("device");
+        DeviceStatus::of_claim(
+            &[tessera_driver::checkpoint::PreparedDevice {
+                device,
+                cdi_device_ids: Vec::new(),
+            }],
+            &inventory(),
+        )
+    };
+    let reader = ClaimReader::new(as_plugin.clone());
+    let here = allocated("status-here", node).await;
+    let outcome = status::write(as_plugin, &reader, &name_of(&here), &prepared(node))
+        .await
+        .unwrap_or_else(|e| panic!("v1.{minor}: writing the claim's status: {e}"));
+    if minor < 32 {
+        assert!(
+            matches!(outcome, Outcome::NotServed(_)),
+            "v1.{minor}: {outcome:?}"
+        );
+        return;
+    }
+    assert!(
+        matches!(outcome, Outcome::Written),
+        "v1.{minor}: {outcome:?}"
+    );
+    let read = claims.get("status-here").await.expect("claim");
+    let devices = &read.data["status"]["devices"];
+    assert_eq!(devices.as_array().map(Vec::len), Some(1), "{devices}");
+    assert_eq!(devices[0]["driver"], "gpu.tessera.dev");
+    assert_eq!(
+        devices[0]["data"]["gpuUUID"],
+        "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b"
+    );
+    assert_eq!(devices[0]["data"]["memoryLimit"], "24Gi");
+    assert_eq!(devices[0]["conditions"][0]["type"], "Ready");
+    assert_eq!(devices[0]["conditions"][0]["status"], "True");
+    // What the reader hands to prepare is what was written: a repeated prepare writes nothing.
+    let again = reader
+        .get(NAMESPACE, "status-here", &name_of(&here).uid)
+        .await
+        .expect("reading the claim as the plugin");
+    assert!(
+        status::up_to_date(&again.device_status, &prepared(node)),
+        "{:?}",
+        again.device_status
+    );
+
+    // A claim replaced under the same name is not written to.
+    let mut stale = name_of(&here);
+    stale.uid = "00000000-0000-0000-0000-000000000000".into();
+    let outcome = status::write(as_plugin, &reader, &stale, &prepared(node))
+        .await
+        .expect("writing with a stale UID");
+    assert!(matches!(outcome, Outcome::Gone), "v1.{minor}: {outcome:?}");
+
+    let outcome = status::write(as_plugin, &reader, &name_of(&here), &[])
+        .await
+        .expect("clearing the claim's status");
+    assert!(
+        matches!(outcome, Outcome::Cleared),
+        "v1.{minor}: {outcome:?}"
+    );
+    let read = claims.get("status-here").await.expect("claim");
+    assert!(
+        read.data["status"]["devices"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "v1.{minor}: cleared: {}",
+        read.data["status"]
+    );
+
+    if minor >= 36 {
+        let elsewhere = allocated("status-elsewhere", "gpu-node-9").await;
+        let outcome = status::write(
+            as_plugin,
+            &reader,
+            &name_of(&elsewhere),
+            &prepared("gpu-node-9"),
+        )
+        .await
+        .expect_err("a claim allocated on another node");
+        let message = outcome.to_string();
+        assert!(
+            message.contains("resourceclaims/driver"),
+            "v1.{minor}: {message}"
+        );
+    }
 }
 
 fn inventory() -> Inventory {

@@ -199,6 +199,8 @@ fn default_values() {
             " nodes  get",
             "events.k8s.io events  create,patch",
             "resource.k8s.io resourceclaims  get",
+            "resource.k8s.io resourceclaims/driver gpu.tessera.dev associated-node:patch",
+            "resource.k8s.io resourceclaims/status  patch",
             "resource.k8s.io resourceslices  create,delete,get,list,update,watch",
         ])
     );

@@ -543,9 +543,10 @@ async fn too_large_stays_pending(suite: &mut Suite) {
 async fn plugin_restart_between_prepare_and_start(suite: &mut Suite) {
     let name = "plugin-restart";
     let command = suite.worker(&["--allocate", "3Gi"]);
-    let (uid, _) = suite
+    let (uid, claim_name) = suite
         .submit_prepared_and_held(name, &share("2Gi", 20, 2), command)
         .await;
+    prepared_claim_says_what_it_got(suite, &claim_name).await;
     let node = suite.cluster.node("gpu-node-b");
     node.kill_plugin();
     node.start_plugin().expect("restarting the plugin");
@@ -569,6 +570,57 @@ async fn plugin_restart_between_prepare_and_start(suite: &mut Suite) {
     suite.delete_pod(name).await;
     // Unprepared by the new plugin instance.
     suite.wait_unprepared(&uid, "after a plugin restart").await;
+}
+
+/// The plugin wrote what the prepared claim got into its `status.devices` (1.32+); 1.31 has no
+/// such field, and the plugin counts its writes as not served instead of failing.
+async fn prepared_claim_says_what_it_got(suite: &mut Suite, claim_name: &str) {
+    let port = suite.cluster.node("gpu-node-b").metrics_port;
+    let deadline = Instant::now() + STEP;
+    loop {
+        let claim = suite.claims().get(claim_name).await.expect("claim");
+        let written = claim.data["status"]["devices"]
+            .as_array()
+            .and_then(|d| d.first().cloned());
+        let metrics = tessera_e2e_harness::readiness::http_get(port, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        if suite.version.minor() < 32 {
+            if metrics.contains("tessera_claim_status_writes_total{outcome=\"not_served\"}") {
+                assert!(written.is_none(), "{}", claim.data["status"]);
+                return;
+            }
+        } else if let Some(device) = written {
+            assert_eq!(device["driver"], "gpu.tessera.dev", "{device}");
+            assert_eq!(device["data"]["productName"], RTX3080, "{device}");
+            assert_eq!(device["data"]["memoryLimit"], "2Gi", "{device}");
+            assert_eq!(device["data"]["cores"], 20, "{device}");
+            let ready = &device["conditions"][0];
+            assert_eq!(
+                (&ready["type"], &ready["status"]),
+                (&json!("Ready"), &json!("True"))
+            );
+            assert!(
+                ready["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("memory wall 2Gi, 20% of its compute")),
+                "{ready}"
+            );
+            assert!(
+                metrics.contains("tessera_claim_status_writes_total{outcome=\"written\"}"),
+                "{metrics}"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: the plugin never said in {claim_name}'s status what it prepared: {}",
+            suite.version,
+            claim.data["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 async fn claim_deleted_before_unprepare(suite: &mut Suite) {

@@ -33,7 +33,15 @@ pub async fn get(
             let Some(object) = api.get_opt(name).await.map_err(api_error)? else {
                 return Ok(None);
             };
-            let allocation = object.status.and_then(|s| s.allocation).map(|allocation| {
+            let status = object.status.unwrap_or_default();
+            let device_status = status
+                .devices
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| d.driver == tessera_api::names::DRIVER_NAME)
+                .filter_map(|d| serde_json::to_value(d).ok())
+                .collect();
+            let allocation = status.allocation.map(|allocation| {
                 let devices = allocation.devices.unwrap_or_default();
                 let results = devices
                     .results
@@ -74,6 +82,7 @@ pub async fn get(
                 name: name.into(),
                 uid: object.metadata.uid.unwrap_or_default(),
                 allocation,
+                device_status,
             }
         }};
     }
@@ -108,6 +117,8 @@ pub async fn get(
                 allocation: status
                     .and_then(|s| s.allocation)
                     .map(alpha::Allocation::into_allocation),
+                // 1.31 has no status.devices.
+                device_status: Vec::new(),
             }
         }
     };

@@ -7,6 +7,7 @@
 //! is reduced to one [`Claim`] shape.
 
 mod convert;
+pub mod status;
 
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,8 @@ pub struct Claim {
     pub uid: String,
     /// `None` when the claim is not allocated.
     pub allocation: Option<Allocation>,
+    /// Tessera's entries of `status.devices`, as the server returned them (see [`status`]).
+    pub device_status: Vec<serde_json::Value>,
 }
 
 /// `status.allocation.devices`.

@@ -1,12 +1,12 @@
-//! Watches the health of the node's GPUs and keeps the slice controller's inventory to the GPUs
-//! that can be offered: an unhealthy or vanished GPU is withdrawn from the node's ResourceSlices
-//! (a log line and a Node Event name it and the reason) and offered again once healthy.
+//! Watches the health of the node's GPUs and tells the slice controller which are unhealthy: an
+//! unhealthy or vanished GPU stops being offered to new claims (a log line and a Node Event name
+//! it and the reason) and is offered again once healthy.
 //!
 //! Sources: NVML (a look every interval: a GPU NVML no longer finds is gone, one it reports lost
 //! is unhealthy; and critical XID events, which withdraw a GPU until the plugin restarts) or,
-//! for fake nodes, the inventory file, re-read every interval (`health` per device). Withdrawal
-//! rather than DeviceTaints: it works on every Kubernetes version Tessera supports (1.31+), while
-//! taints need the `DRADeviceTaints` gate and an API server without it silently drops them.
+//! for fake nodes, the inventory file, re-read every interval (`health` per device). How the
+//! slices say it is the slice controller's choice (`tessera_controller::node`): a device taint
+//! where the API server keeps taints (1.36+), withdrawal of the GPU's devices elsewhere.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tessera_driver::Inventory;
-use tessera_driver::health::{Change, HealthTracker, Observation, xid_is_critical};
+use tessera_driver::health::{Change, HealthTracker, NodeGpus, Observation, xid_is_critical};
 use tokio::sync::{mpsc, watch};
 
 /// Where GPU health comes from.
@@ -95,7 +95,7 @@ pub const REASON_PLUGIN_FAILED: &str = "PluginFailed";
 
 /// The first look at the node, taken before anything is published, so that a GPU already
 /// unhealthy at start is never offered. Returns the tracker to [`run`] with and the changes to
-/// report (the inventory to publish first is `tracker.offered()`).
+/// report (what to publish first is `tracker.node_gpus()`).
 pub fn first_look(config: &HealthConfig, known: Inventory) -> (HealthTracker, Vec<Change>) {
     let mut tracker = HealthTracker::new(known);
     let look = match &config.source {
@@ -118,12 +118,12 @@ pub fn first_look(config: &HealthConfig, known: Inventory) -> (HealthTracker, Ve
 }
 
 /// Watches until `offered` has no receiver left: reports `changes` (from [`first_look`]), then
-/// follows the source. `offered` gets the inventory to publish after every change.
+/// follows the source. `offered` gets the node's GPUs to publish after every change.
 pub async fn run(
     config: HealthConfig,
     tracker: HealthTracker,
     changes: Vec<Change>,
-    offered: watch::Sender<Inventory>,
+    offered: watch::Sender<NodeGpus>,
     events: Option<NodeEvents>,
 ) {
     for change in &changes {
@@ -152,7 +152,7 @@ pub async fn run(
 async fn follow(
     mut rx: mpsc::Receiver<Input>,
     mut tracker: HealthTracker,
-    offered: watch::Sender<Inventory>,
+    offered: watch::Sender<NodeGpus>,
     events: Option<NodeEvents>,
 ) {
     while let Some(input) = rx.recv().await {
@@ -163,6 +163,7 @@ async fn follow(
             Input::Look(look) => tracker.observe(look),
             Input::Xid { uuid, xid } if xid_is_critical(xid) => tracker.mark(
                 &uuid,
+                xid,
                 &format!(
                     "critical XID {xid} (withdrawn until the plugin restarts, after a GPU reset)"
                 ),
@@ -175,10 +176,10 @@ async fn follow(
         if changes.is_empty() {
             continue;
         }
-        let inventory = tracker.offered();
+        let gpus = tracker.node_gpus();
         offered.send_if_modified(|current| {
-            let modified = *current != inventory;
-            *current = inventory;
+            let modified = *current != gpus;
+            *current = gpus;
             modified
         });
         for change in changes {
@@ -194,11 +195,13 @@ async fn report(change: &Change, events: Option<&NodeEvents>) {
             index,
             reason,
         } => {
-            tracing::warn!(gpu = %uuid, index, %reason, "GPU unhealthy: withdrawn from the node's ResourceSlices");
+            tracing::warn!(gpu = %uuid, index, %reason, "GPU unhealthy: no longer offered to new claims (tainted, or withdrawn from the node's ResourceSlices)");
             (
                 EventType::Warning,
                 REASON_UNHEALTHY,
-                format!("GPU {index} ({uuid}) withdrawn from the node's ResourceSlices: {reason}"),
+                format!(
+                    "GPU {index} ({uuid}) is no longer offered to new claims (tainted, or withdrawn from the node's ResourceSlices): {reason}"
+                ),
             )
         }
         Change::Restored { uuid, index } => {
@@ -314,12 +317,13 @@ mod tests {
         serde_json::json!({ "devices": devices }).to_string()
     }
 
-    async fn offered(rx: &mut watch::Receiver<Inventory>) -> Vec<u32> {
+    async fn offered(rx: &mut watch::Receiver<NodeGpus>) -> Vec<u32> {
         tokio::time::timeout(Duration::from_secs(10), rx.changed())
             .await
             .expect("a change within 10 s")
             .expect("sender alive");
         rx.borrow_and_update()
+            .healthy()
             .gpus
             .iter()
             .map(|g| g.index)
@@ -328,9 +332,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_critical_xid_withdraws_a_gpu_until_restart_an_application_xid_does_not() {
+        use tessera_driver::health::{TAINT_XID, TaintEffect};
         let known = Inventory::from_json(&file(&[("GPU-a", "healthy"), ("GPU-b", "healthy")]))
             .expect("inventory");
-        let (offered_tx, mut offered_rx) = watch::channel(known.clone());
+        let (offered_tx, mut offered_rx) = watch::channel(NodeGpus::from(known.clone()));
         let (tx, rx) = mpsc::channel(16);
         let task = tokio::spawn(follow(
             rx,
@@ -363,7 +368,11 @@ mod tests {
             .expect("send");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!offered_rx.has_changed().expect("alive"));
-        assert_eq!(offered_rx.borrow().gpus.len(), 1);
+        assert_eq!(offered_rx.borrow().healthy().gpus.len(), 1);
+        let gpus = offered_rx.borrow().clone();
+        let taint = &gpus.unhealthy["GPU-b"].taint;
+        assert_eq!((taint.key, taint.value.as_str()), (TAINT_XID, "79"));
+        assert_eq!(taint.effect, TaintEffect::NoExecute);
         drop(tx);
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
@@ -389,9 +398,14 @@ mod tests {
         };
         let (tracker, changes) = first_look(&config, known);
         assert_eq!(changes.len(), 1, "{changes:?}");
-        let (tx, mut rx) = watch::channel(tracker.offered());
+        let (tx, mut rx) = watch::channel(tracker.node_gpus());
         assert_eq!(
-            rx.borrow().gpus.iter().map(|g| g.index).collect::<Vec<_>>(),
+            rx.borrow()
+                .healthy()
+                .gpus
+                .iter()
+                .map(|g| g.index)
+                .collect::<Vec<_>>(),
             [1]
         );
         let task = tokio::spawn(run(config, tracker, changes, tx, None));

@@ -22,6 +22,7 @@ use tessera_driver::cdi::{CdiMode, DriverFiles};
 use tessera_driver::checkpoint::{self, Checkpoint, ClaimState, PreparedClaim, PreparedDevice};
 use tessera_driver::{Inventory, claim_files, fsutil};
 
+use crate::claims::status::{ClaimName, DeviceStatus, StatusWriter};
 use crate::claims::{self, ClaimReader};
 use crate::lock;
 use crate::metrics::Metrics;
@@ -138,8 +139,10 @@ struct Fetched {
 /// Prepares and unprepares claims.
 pub struct Node {
     config: NodeConfig,
-    reader: ClaimReader,
+    reader: Arc<ClaimReader>,
     grants: PriorityGrants,
+    /// Says in each prepared claim's `status.devices` what it got (`claims::status`).
+    status: StatusWriter,
     metrics: Arc<Metrics>,
     fault: Option<FaultHook>,
     /// Claims that may not spill, held back until an overcommitted card has their share.
@@ -147,10 +150,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// Must be called in a Tokio runtime: it starts the task that writes claims' status.
     pub fn new(config: NodeConfig, client: kube::Client, metrics: Arc<Metrics>) -> Node {
+        let reader = Arc::new(ClaimReader::new(client.clone()));
+        let (status, _task) = StatusWriter::start(client.clone(), reader.clone(), metrics.clone());
         Node {
             config,
-            reader: ClaimReader::new(client.clone()),
+            reader,
+            status,
             grants: PriorityGrants::new(client),
             metrics,
             fault: None,
@@ -192,6 +199,11 @@ impl Node {
             Ok(Fetched { claim, refusal })
         });
         let fetched: Vec<Result<Fetched, String>> = futures::future::join_all(fetches).await;
+        let said: BTreeMap<String, Vec<serde_json::Value>> = fetched
+            .iter()
+            .flatten()
+            .map(|f| (f.claim.uid.clone(), f.claim.device_status.clone()))
+            .collect();
         let _lock = lock::acquire(&self.config.plugin_dir)
             .await
             .map_err(CallError::Lock)?;
@@ -204,13 +216,32 @@ impl Node {
             for (uid, result) in results {
                 match result {
                     Ok(devices) => {
-                        tracing::info!(claim_uid = %uid, devices = devices.len(), "prepared claim")
+                        tracing::info!(claim_uid = %uid, devices = devices.len(), "prepared claim");
+                        self.say_prepared(claims, uid, devices, said.get(uid));
                     }
                     Err(error) => tracing::warn!(claim_uid = %uid, %error, "claim not prepared"),
                 }
             }
         }
         result
+    }
+
+    /// Queues the write of a prepared claim's `status.devices`, unless the claim already says it.
+    fn say_prepared(
+        &self,
+        claims: &[ClaimRef],
+        uid: &str,
+        devices: &[PreparedDevice],
+        said: Option<&Vec<serde_json::Value>>,
+    ) {
+        let Some(claim) = claims.iter().find(|c| c.uid == uid) else {
+            return;
+        };
+        let status = DeviceStatus::of_claim(devices, &self.config.inventory);
+        if said.is_some_and(|said| claims::status::up_to_date(said, &status)) {
+            return;
+        }
+        self.status.prepared(claim_name(claim), status);
     }
 
     fn prepare_locked(
@@ -450,7 +481,10 @@ impl Node {
                 changed = true;
             }
             match &result {
-                Ok(()) => tracing::info!(claim_uid = %claim.uid, "unprepared claim"),
+                Ok(()) => {
+                    tracing::info!(claim_uid = %claim.uid, "unprepared claim");
+                    self.status.unprepared(claim_name(claim));
+                }
                 Err(error) => {
                     tracing::warn!(claim_uid = %claim.uid, %error, "claim not unprepared")
                 }
@@ -490,6 +524,14 @@ impl Node {
         }
         self.step(Step::ClaimDirRemoved, uid)?;
         Ok(Ok(()))
+    }
+}
+
+fn claim_name(claim: &ClaimRef) -> ClaimName {
+    ClaimName {
+        namespace: claim.namespace.clone(),
+        name: claim.name.clone(),
+        uid: claim.uid.clone(),
     }
 }
 
