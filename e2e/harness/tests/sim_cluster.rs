@@ -307,6 +307,9 @@ async fn run_suite(version: K8sVersion, test: &str) {
     plugin_restart_between_prepare_and_start(&mut suite).await;
     claim_deleted_before_unprepare(&mut suite).await;
     two_containers_share_one_limit(&mut suite).await;
+    if version.minor() >= 34 {
+        prioritized_list_takes_the_first_that_fits(&mut suite).await;
+    }
     oversubscribed_claims_spill_on_the_overcommitted_node(&mut suite).await;
     a_claim_that_may_not_spill_waits_for_its_share_of_the_card(&mut suite).await;
     suite
@@ -676,6 +679,52 @@ async fn claim_deleted_before_unprepare(suite: &mut Suite) {
         usage.iter().all(|u| u.claim != claim_name),
         "the plugin no longer reports {claim_name}: {usage:?}"
     );
+}
+
+/// `firstAvailable` (KEP-4816) end to end: the first alternative (48 GiB of an A100, more than
+/// its 40 GiB) cannot be satisfied, so the scheduler takes the second (2 GiB of the RTX 3080);
+/// the plugin prepares that alternative's share and the worker meets its 2 GiB wall. 1.31 has
+/// no prioritised lists (the field is not in its API; consumable capacity, which the
+/// alternatives use here, needs 1.34).
+async fn prioritized_list_takes_the_first_that_fits(suite: &mut Suite) {
+    let name = "first-available";
+    let template = format!("{name}-gpu");
+    let object = json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+        "metadata": { "name": template, "namespace": NS },
+        "spec": { "spec": { "devices": { "requests": [{ "name": "gpu", "firstAvailable": [
+            { "name": "a100", "deviceClassName": A100_CLASS,
+              "capacity": { "requests": { "memory": "48Gi", "cores": "50" } } },
+            { "name": "rtx3080", "deviceClassName": "gpu.tessera.dev",
+              "selectors": [{ "cel": { "expression":
+                  format!("device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\"") } }],
+              "capacity": { "requests": { "memory": "2Gi", "cores": "20" } } },
+        ] }] } } },
+    });
+    workloads::create(&suite.client(), &object)
+        .await
+        .expect("creating the claim template");
+    let container = ContainerSpec {
+        name: "main".into(),
+        command: suite.worker(&["--allocate", "3Gi"]),
+        claims: vec!["gpu".into()],
+    };
+    let pod = workloads::pod(NS, name, &[("gpu", &template)], &[container], &[], &[]);
+    workloads::create(&suite.client(), &pod)
+        .await
+        .expect("creating the pod");
+    let claim = suite.allocated_claim(name).await;
+    let result = &claim["status"]["allocation"]["devices"]["results"][0];
+    assert_eq!(result["request"], "gpu/rtx3080", "{result}");
+    assert_eq!(result["pool"], "gpu-node-b", "{result}");
+    let pod = suite.finished(name).await;
+    let log = suite.log(&pod, "main");
+    assert_eq!(workloads::exit_code(&pod, "main"), Some(1), "{log}");
+    assert!(
+        log.contains("CUDA_ERROR_OUT_OF_MEMORY with 2.00 GiB allocated"),
+        "the second alternative's share is the wall:\n{log}"
+    );
+    suite.delete_pod(name).await;
 }
 
 async fn two_containers_share_one_limit(suite: &mut Suite) {
