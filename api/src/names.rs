@@ -19,6 +19,10 @@ pub mod attribute {
     pub const INDEX: &str = "index";
     pub const MINOR: &str = "minor";
     pub const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
+    /// The PCIe root complex (`pci0000:00`), standard since 1.33.
+    pub const PCIE_ROOT: &str = "resource.kubernetes.io/pcieRoot";
+    /// The NUMA node (int), standard since 1.37; absent where the GPU has no affinity.
+    pub const NUMA_NODE: &str = "resource.kubernetes.io/numaNode";
     /// The node's memory overcommit factor on this GPU, in percent (150 = 1.5× the physical
     /// memory is offered); published only on GPUs whose factor is above 1.
     pub const MEMORY_OVERCOMMIT_PERCENT: &str = "memoryOvercommitPercent";

@@ -37,6 +37,8 @@ fn inventory(node: usize, gpus: u32) -> Inventory {
                 architecture: Some("ada".into()),
                 cuda_compute_capability: Some("8.9".into()),
                 pci_bus_id: Some(format!("0000:{:02x}:00.0", i + 1)),
+                pcie_root: None,
+                numa_node: None,
             })
             .collect(),
     }

@@ -161,6 +161,8 @@ fn inventory(n: u32) -> Inventory {
                 architecture: None,
                 cuda_compute_capability: Some("8.9".into()),
                 pci_bus_id: None,
+                pcie_root: None,
+                numa_node: None,
             })
             .collect(),
     }

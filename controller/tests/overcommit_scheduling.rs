@@ -45,6 +45,8 @@ fn small_node() -> Inventory {
             architecture: Some("ada".into()),
             cuda_compute_capability: Some("8.9".into()),
             pci_bus_id: Some("0000:01:00.0".into()),
+            pcie_root: None,
+            numa_node: None,
         }],
     }
 }

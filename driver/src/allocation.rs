@@ -226,6 +226,8 @@ mod tests {
             architecture: None,
             cuda_compute_capability: None,
             pci_bus_id: None,
+            pcie_root: None,
+            numa_node: None,
         };
         Inventory {
             driver_version: None,

@@ -163,6 +163,8 @@ mod tests {
             architecture: None,
             cuda_compute_capability: None,
             pci_bus_id: None,
+            pcie_root: None,
+            numa_node: None,
         }
     }
 

@@ -8,7 +8,8 @@
 //! {"driverVersion": "570.86.15",
 //!  "devices": [{"uuid": "GPU-…", "name": "NVIDIA GeForce RTX 4090", "memory": 25769803776,
 //!               "pciBusId": "0000:01:00.0", "computeCapability": "8.9", "brand": "geforce",
-//!               "architecture": "ada", "minorNumber": 0}]}
+//!               "architecture": "ada", "minorNumber": 0,
+//!               "pcieRoot": "pci0000:00", "numaNode": 0}]}
 //! ```
 //!
 //! Only the fields the plugin publishes or needs are read; the fake node's simulation fields
@@ -48,6 +49,12 @@ pub struct Gpu {
     /// `0000:01:00.0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_bus_id: Option<String>,
+    /// The PCIe root complex, `pci0000:00` (see [`crate::topology`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcie_root: Option<String>,
+    /// The NUMA node; `None` where the GPU has no affinity or it is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
 }
 
 /// All GPUs of a node, in index order.
@@ -144,6 +151,8 @@ impl Inventory {
                 architecture: entry.architecture,
                 cuda_compute_capability: entry.compute_capability,
                 pci_bus_id: entry.pci_bus_id,
+                pcie_root: entry.pcie_root,
+                numa_node: entry.numa_node,
             });
         }
         Ok(Inventory {
@@ -231,6 +240,11 @@ struct DeviceEntry {
     memory: u64,
     #[serde(default)]
     pci_bus_id: Option<String>,
+    /// Topology a fake node states (a real node reads it from sysfs).
+    #[serde(default)]
+    pcie_root: Option<String>,
+    #[serde(default)]
+    numa_node: Option<u32>,
     #[serde(default)]
     compute_capability: Option<String>,
     #[serde(default)]

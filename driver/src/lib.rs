@@ -20,6 +20,7 @@ pub mod inventory;
 pub mod nvml;
 pub mod overcommit;
 pub mod quantity;
+pub mod topology;
 
 pub use allocation::{AllocatedDevice, ClaimLimits, DeviceResult, GpuLimit};
 pub use device_name::DeviceName;

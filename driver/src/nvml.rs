@@ -55,6 +55,8 @@ pub fn discover(library: Option<&OsStr>) -> Result<Inventory> {
                 .map(|a| a.to_string().to_lowercase()),
             cuda_compute_capability: cc,
             pci_bus_id: device.pci_info().ok().map(|p| p.bus_id.to_lowercase()),
+            pcie_root: None,
+            numa_node: None,
         });
     }
     Ok(Inventory {

@@ -268,6 +268,8 @@ mod tests {
             architecture: None,
             cuda_compute_capability: cc.map(str::to_string),
             pci_bus_id: None,
+            pcie_root: None,
+            numa_node: None,
         }
     }
 

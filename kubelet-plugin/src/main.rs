@@ -75,12 +75,20 @@ async fn run(args: Args) -> Result<()> {
 
 async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEvents>) -> Result<()> {
     let inventory = match &args.inventory {
+        // A fake node states its topology in the file; the host's sysfs is not its.
         Some(path) => Inventory::from_file(path)?,
-        None => tessera_driver::nvml::discover(args.nvml_library.as_deref().map(|p| p.as_os_str()))
-            .context("no --inventory given, and NVML found no GPUs")?,
+        None => {
+            let mut inventory =
+                tessera_driver::nvml::discover(args.nvml_library.as_deref().map(|p| p.as_os_str()))
+                    .context("no --inventory given, and NVML found no GPUs")?;
+            for problem in inventory.fill_topology(std::path::Path::new("/sys")) {
+                tracing::info!(%problem, "GPU topology attribute left out");
+            }
+            inventory
+        }
     };
     for gpu in &inventory.gpus {
-        tracing::info!(index = gpu.index, uuid = %gpu.uuid, product = %gpu.product_name, memory = gpu.memory, "GPU");
+        tracing::info!(index = gpu.index, uuid = %gpu.uuid, product = %gpu.product_name, memory = gpu.memory, pcie_root = gpu.pcie_root.as_deref(), numa_node = gpu.numa_node, "GPU");
     }
     // The guard rail: no overcommit on GPUs that cannot page managed memory on demand.
     args.memory_overcommit

@@ -284,13 +284,22 @@ fn attributes(inventory: &Inventory, gpu: &Gpu) -> BTreeMap<String, Attribute> {
     string(attribute::PRODUCT_NAME, Some(&gpu.product_name));
     string(attribute::BRAND, gpu.brand.as_deref());
     string(attribute::ARCHITECTURE, gpu.architecture.as_deref());
+    // Extended BDF (`0000:01:00.0`), as the standard attribute is defined; NVML writes an
+    // eight-digit domain.
     string(
         attribute::PCI_BUS_ID,
         gpu.pci_bus_id
             .as_deref()
-            .map(str::to_ascii_lowercase)
+            .and_then(tessera_driver::topology::bus_id)
             .as_deref(),
     );
+    string(attribute::PCIE_ROOT, gpu.pcie_root.as_deref());
+    if let Some(node) = gpu.numa_node {
+        a.insert(
+            attribute::NUMA_NODE.to_string(),
+            Attribute::Int(node.into()),
+        );
+    }
     if let Some(v) = gpu.cuda_compute_capability.as_deref().and_then(semver) {
         a.insert(
             attribute::CUDA_COMPUTE_CAPABILITY.to_string(),

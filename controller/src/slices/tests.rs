@@ -22,6 +22,8 @@ fn gpu(index: u32, memory: u64) -> Gpu {
         architecture: Some("ada".into()),
         cuda_compute_capability: Some("8.9".into()),
         pci_bus_id: Some(format!("0000:{index:02X}:00.0")),
+        pcie_root: None,
+        numa_node: None,
     }
 }
 

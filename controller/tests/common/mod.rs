@@ -60,6 +60,8 @@ pub fn inventory() -> Inventory {
         architecture: Some("ada".into()),
         cuda_compute_capability: Some("8.9".into()),
         pci_bus_id: Some(format!("0000:0{}:00.0", index + 1)),
+        pcie_root: None,
+        numa_node: None,
     };
     Inventory {
         driver_version: Some("570.86.15".into()),

@@ -404,7 +404,11 @@ async fn selection_by_model_product_and_uuid(suite: &mut Suite) {
         ("by-product", rtx3080(), "gpu-node-b", None),
         (
             "by-uuid",
-            Selection::class("gpu.tessera.dev").cel(&uuid_cel),
+            // The fake node states its topology: the standard attributes are published.
+            Selection::class("gpu.tessera.dev")
+                .cel(&uuid_cel)
+                .cel("device.attributes[\"resource.kubernetes.io\"].pcieRoot == \"pci0000:00\"")
+                .cel("device.attributes[\"resource.kubernetes.io\"].numaNode == 0"),
             "gpu-node-a",
             Some(A100_GPU1),
         ),

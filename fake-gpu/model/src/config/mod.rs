@@ -198,6 +198,12 @@ struct DeviceEntry {
     _health: Option<String>,
     #[serde(default, rename = "healthReason")]
     _health_reason: Option<String>,
+    /// The plugin's topology fields (what a real node reads from sysfs); NVML's fake does not
+    /// report them.
+    #[serde(default, rename = "pcieRoot")]
+    _pcie_root: Option<String>,
+    #[serde(default, rename = "numaNode")]
+    _numa_node: Option<u32>,
 }
 
 /// Deserializes one field through a `Value` so the error can carry the field's name.
