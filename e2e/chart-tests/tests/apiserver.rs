@@ -136,7 +136,13 @@ async fn dry_run(cluster: &Cluster, minor: u32) {
     ensure_namespace(&client, NAMESPACE)
         .await
         .expect("namespace");
-    for (label, values) in [("default", ""), ("non-default", NON_DEFAULT)] {
+    // Extended resources (1.36+): the name is the API server's to validate.
+    const EXTENDED: &str = "deviceClass: {extendedResourceName: gpu.tessera.dev/gpu}\n";
+    let mut sets = vec![("default", ""), ("non-default", NON_DEFAULT)];
+    if minor >= 36 {
+        sets.push(("extended resource", EXTENDED));
+    }
+    for (label, values) in sets {
         let objects = cluster
             .helm
             .render(&Release::new(RELEASE, NAMESPACE).values(values), &caps)

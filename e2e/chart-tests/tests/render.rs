@@ -299,10 +299,12 @@ const NON_DEFAULT: &str = r#"
 sharingMode: "fixed:8"
 defaults: {corePolicy: force, priority: low}
 deviceClass:
+  extendedResourceName: gpu.tessera.dev/gpu
   extra:
     - name: l40s.example.com
       cel: device.attributes["gpu.tessera.dev"].productName == "NVIDIA L40S"
       priority: high
+      extendedResourceName: example.com/l40s
 nodeSelection:
   nfd: false
   manualLabel: false
@@ -437,6 +439,9 @@ fn non_default_values() {
         extra["spec"]["config"][0]["opaque"]["parameters"]["priority"],
         "high"
     );
+    // Extended resources: a pod's `resources.limits` maps to these classes.
+    assert_eq!(extra["spec"]["extendedResourceName"], "example.com/l40s");
+    assert_eq!(class["spec"]["extendedResourceName"], "gpu.tessera.dev/gpu");
 
     let pm = find(&objects, "PodMonitor", PLUGIN);
     assert_eq!(pm["metadata"]["labels"]["release"], "kube-prometheus-stack");
@@ -602,6 +607,26 @@ fn api_versions_follow_the_cluster() {
         ),
     );
     assert!(!kinds(&objects).contains(&"PodMonitor".to_string()));
+    // No extendedResourceName by default; one asked for on a release without it is refused.
+    let objects = render(&helm, "", &newest());
+    assert!(
+        find(&objects, "DeviceClass", "gpu.tessera.dev")["spec"]
+            .get("extendedResourceName")
+            .is_none()
+    );
+    let refused = helm
+        .render(
+            &tessera_chart_tests::Release::new(RELEASE, NAMESPACE)
+                .values("deviceClass: {extendedResourceName: gpu.tessera.dev/gpu}\n"),
+            &Capabilities::offline("v1.33.2", &[]),
+        )
+        .expect_err("extendedResourceName on 1.33");
+    assert!(
+        refused
+            .to_string()
+            .contains("extendedResourceName needs resource.k8s.io/v1"),
+        "{refused}"
+    );
 }
 
 #[test]

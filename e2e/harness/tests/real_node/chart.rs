@@ -31,6 +31,8 @@ pub(crate) struct Tessera {
 }
 
 pub(crate) const NAMESPACE: &str = tessera::NAMESPACE;
+/// The extended resource the chart maps to the generic DeviceClass on 1.36+.
+pub(crate) const EXTENDED_RESOURCE: &str = "gpu.tessera.dev/gpu";
 
 impl Tessera {
     /// Installs the chart and waits until the plugin's pod runs on the node and is registered
@@ -55,7 +57,14 @@ impl Tessera {
             )
             .await
             .expect("labelling the node");
-        let values = tessera::chart_values(node, default_sharing_mode(version), &tag, json!({}));
+        // Extended resources where the release has them (1.36+): scenarios ask for a GPU
+        // through `resources.limits` too.
+        let extra = if version.minor() >= 36 {
+            json!({ "deviceClass": { "extendedResourceName": EXTENDED_RESOURCE } })
+        } else {
+            json!({})
+        };
+        let values = tessera::chart_values(node, default_sharing_mode(version), &tag, extra);
         install(
             &client,
             &helm,

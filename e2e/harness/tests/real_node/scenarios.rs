@@ -20,7 +20,9 @@ use tessera_e2e_harness::K8sVersion;
 use tessera_e2e_harness::realnode::{BUSYBOX_IMAGE, RealNode, tessera as on_node};
 use tessera_e2e_harness::workloads::{self, Selection, Share};
 
-use crate::chart::{NAMESPACE, Tessera, Worker, args, kubelet_registrations, worker_total_gib};
+use crate::chart::{
+    EXTENDED_RESOURCE, NAMESPACE, Tessera, Worker, args, kubelet_registrations, worker_total_gib,
+};
 use crate::support::*;
 
 const RTX_4090: &str = "GPU-4090a1b2-c3d4-4e5f-8a6b-7c8d9e0f1a2b";
@@ -152,6 +154,119 @@ impl<'a> Scenarios<'a> {
             )
             .await;
         }
+    }
+
+    /// A pod that asks for `gpu.tessera.dev/gpu: 1` in `resources.limits`, with no
+    /// ResourceClaim (KEP-5004): the scheduler makes the claim from the chart's class, the real
+    /// kubelet has the plugin prepare it, and the worker gets one whole GPU (the class's default
+    /// share in consumable mode), with the claim saying so in its status. A name no class maps
+    /// stays Pending with the scheduler naming it.
+    async fn extended_resource(&self, tessera: &Tessera) {
+        let sync = self.sync_dir("extended");
+        let as_extended = |name: &str, resource: &str| {
+            let mut pod = tessera.pod(
+                name,
+                json!({ "resourceClaimTemplateName": "unused" }),
+                &[Worker {
+                    name: "worker",
+                    args: args(&["--allocate", "64Mi", "--hold-until", "/sync/release"]),
+                }],
+                Some(&sync),
+            );
+            let spec = pod.spec.as_mut().expect("pod spec");
+            spec.resource_claims = None;
+            spec.containers[0].resources = serde_json::from_value(
+                json!({ "limits": { resource: "1" }, "requests": { resource: "1" } }),
+            )
+            .ok();
+            pod
+        };
+        self.create(&as_extended("extended", EXTENDED_RESOURCE))
+            .await;
+        self.holding("extended").await;
+        // The scheduler's claim, named in the pod's status (read raw: the field is newer than
+        // the typed Pod), prepared and described by the plugin while the pod runs (the claim
+        // goes with the pod).
+        let pods: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            "default",
+            &kube::core::ApiResource::erase::<Pod>(&()),
+        );
+        let raw = pods.get("extended").await.expect("reading the pod");
+        let claim_name = raw.data["status"]["extendedResourceClaimStatus"]["resourceClaimName"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no extendedResourceClaimStatus: {}", raw.data["status"]))
+            .to_string();
+        let claim = self.claims().get(&claim_name).await.expect("the claim");
+        let spec = self.node.cdi_dir().join(format!(
+            "tessera-{}.json",
+            claim.metadata.uid.clone().unwrap_or_default()
+        ));
+        assert!(spec.exists(), "prepared: {}", spec.display());
+        wait_until("the claim's status.devices", self.node, || async {
+            let claim = self
+                .claims()
+                .get(&claim_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let device = &claim.data["status"]["devices"][0];
+            (device["conditions"][0]["type"] == "Ready" && device["data"]["cores"] == 100)
+                .then_some(())
+                .ok_or_else(|| format!("{}", claim.data["status"]))
+        })
+        .await;
+        Scenarios::release(&sync);
+        let (pod, log) = self.finished("extended").await;
+        Scenarios::assert_succeeded(&pod, &log);
+        let total = worker_total_gib(&log);
+        assert!(
+            total > 20.0,
+            "a whole GPU (24 or 48 GiB), the class's default share: {total} GiB\n{log}"
+        );
+        self.pods
+            .delete("extended", &DeleteParams::default())
+            .await
+            .expect("deleting the pod");
+        wait_gone(&self.pods, "extended", self.node).await;
+        wait_until(
+            "the extended resource claim unprepared",
+            self.node,
+            || async {
+                (!spec.exists())
+                    .then_some(())
+                    .ok_or_else(|| format!("{} exists", spec.display()))
+            },
+        )
+        .await;
+
+        // A name no class maps: Pending, and the scheduler says which resource is missing.
+        let unmapped = "gpu.tessera.dev/gpu-typo";
+        self.create(&as_extended("unmapped", unmapped)).await;
+        wait_until(
+            "the scheduler naming the unmapped resource",
+            self.node,
+            || async {
+                let pod = self.pods.get("unmapped").await.map_err(|e| e.to_string())?;
+                let message = pod
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                    .and_then(|c| c.message)
+                    .unwrap_or_default();
+                message
+                    .contains(&format!("Insufficient {unmapped}"))
+                    .then_some(())
+                    .ok_or(message)
+            },
+        )
+        .await;
+        self.pods
+            .delete("unmapped", &DeleteParams::default())
+            .await
+            .expect("deleting the pod");
+        wait_gone(&self.pods, "unmapped", self.node).await;
     }
 
     async fn claim_uids(&self, pod: &str) -> Vec<String> {
@@ -342,6 +457,11 @@ async fn scenarios(version: K8sVersion) {
                 "pod {name} should see {expected}:\n{log}"
             );
             s.delete(name).await;
+        }
+
+        if version.minor() >= 36 {
+            step("a GPU asked for as an extended resource");
+            s.extended_resource(&tessera).await;
         }
 
         // Two containers on one claim share its wall: the second cannot take what the first
