@@ -248,6 +248,7 @@ pub fn generate(
         gpu_minor: gpu.minor,
         memory,
         cores: request.cores,
+        admin_access: false,
     };
     let config = claim_files::shim_config(
         &request.name,

@@ -133,6 +133,7 @@ async fn results(cp: &ControlPlane, claim: &str) -> Vec<DeviceResult> {
                 .flatten()
                 .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
                 .collect(),
+            admin_access: r["adminAccess"].as_bool().unwrap_or(false),
         })
         .collect()
 }

@@ -31,6 +31,9 @@ pub struct DeviceResult {
     pub share_id: Option<String>,
     /// Capacity name → quantity string, as the scheduler wrote it (consumable mode).
     pub consumed_capacity: BTreeMap<String, String>,
+    /// `adminAccess: true` (KEP-5018): the device is the claim's in addition to whoever else
+    /// has it, for monitoring or debugging; it consumed nothing.
+    pub admin_access: bool,
 }
 
 /// A result of ours, resolved to its GPU and share.
@@ -48,6 +51,9 @@ pub struct AllocatedDevice {
     pub gpu_minor: u32,
     pub memory: u64,
     pub cores: u32,
+    /// Allocated with admin access: no wall, no charge (see [`DeviceResult::admin_access`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin_access: bool,
 }
 
 /// The claim's limit on one GPU: the sum of its devices there.
@@ -96,6 +102,10 @@ pub enum Error {
     NoMemory { device: String },
     #[error("the claim spans {0} GPUs, at most {max} are supported", max = tessera_api::region::MAX_DEVICES)]
     TooManyGpus(usize),
+    #[error(
+        "the claim mixes adminAccess requests with ordinary ones: an admin claim is prepared without a wall and an ordinary one with its share, so put them in two claims"
+    )]
+    MixedAdminAccess,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -117,6 +127,9 @@ pub fn claim_limits_with(
     }
     if devices.is_empty() {
         return Err(Error::NoDevices);
+    }
+    if devices.iter().any(|d| d.admin_access) && !devices.iter().all(|d| d.admin_access) {
+        return Err(Error::MixedAdminAccess);
     }
     let mut gpus: BTreeMap<u32, GpuLimit> = BTreeMap::new();
     for device in &devices {
@@ -158,6 +171,27 @@ fn resolve(
             device: device(),
             index: name.gpu_index(),
         })?;
+    let request = result
+        .request
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    // Admin access takes nothing from anyone: the card as it is, with no wall.
+    if result.admin_access {
+        return Ok(AllocatedDevice {
+            request,
+            pool: result.pool.clone(),
+            device: result.device.clone(),
+            share_id: result.share_id.clone(),
+            gpu_uuid: gpu.uuid.clone(),
+            gpu_index: gpu.index,
+            gpu_minor: gpu.minor,
+            memory: gpu.memory,
+            cores: 100,
+            admin_access: true,
+        });
+    }
     let consumes_memory = result.consumed_capacity.contains_key(capacity::MEMORY);
     // Shares are cut from the offered memory; a whole GPU handed to one claim is the card.
     let basis = match name {
@@ -191,12 +225,6 @@ fn resolve(
         Some(cores) => cores.clamp(1, u64::from(share.cores)) as u32,
         None => share.cores,
     };
-    let request = result
-        .request
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
     Ok(AllocatedDevice {
         request,
         pool: result.pool.clone(),
@@ -207,6 +235,7 @@ fn resolve(
         gpu_minor: gpu.minor,
         memory,
         cores,
+        admin_access: false,
     })
 }
 
@@ -256,6 +285,26 @@ mod tests {
             .collect(),
             ..result(device)
         }
+    }
+
+    #[test]
+    fn admin_access_gets_the_card_and_cannot_mix() {
+        let admin = DeviceResult {
+            admin_access: true,
+            ..share("gpu-0", "s1", "1Gi", "10")
+        };
+        let limits = claim_limits(std::slice::from_ref(&admin), &inventory()).expect("limits");
+        let gpu = &limits.gpus[0];
+        assert_eq!(
+            (gpu.memory_limit, gpu.cores),
+            (inventory().gpus[0].memory, 100)
+        );
+        assert!(limits.devices[0].admin_access);
+        let mixed = [admin, share("gpu-0", "s2", "1Gi", "10")];
+        assert!(matches!(
+            claim_limits(&mixed, &inventory()),
+            Err(Error::MixedAdminAccess)
+        ));
     }
 
     #[test]

@@ -202,6 +202,7 @@ mod tests {
             gpu_minor: 0,
             memory: 2 << 30,
             cores: 25,
+            admin_access: false,
         };
         let claim = PreparedClaim {
             namespace: "default".into(),

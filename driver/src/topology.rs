@@ -88,6 +88,15 @@ impl Inventory {
                 ));
                 continue;
             };
+            let entry = sysfs.join("bus/pci/devices").join(&bus);
+            if std::fs::symlink_metadata(&entry).is_err() {
+                problems.push(format!(
+                    "GPU {}: no {} (not a PCI device this node's sysfs shows)",
+                    gpu.index,
+                    entry.display()
+                ));
+                continue;
+            }
             if gpu.pcie_root.is_none() {
                 match pcie_root(sysfs, &bus) {
                     Ok(root) => gpu.pcie_root = Some(root),
@@ -190,11 +199,8 @@ mod tests {
                 (None, None),
             ]
         );
-        assert_eq!(problems.len(), 2, "GPU 3's two attributes: {problems:?}");
-        assert!(
-            problems.iter().all(|p| p.starts_with("GPU 3")),
-            "{problems:?}"
-        );
+        assert_eq!(problems.len(), 1, "GPU 3, once: {problems:?}");
+        assert!(problems[0].starts_with("GPU 3: no "), "{problems:?}");
     }
 
     #[test]

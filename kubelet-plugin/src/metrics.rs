@@ -20,6 +20,7 @@
 //! | `tessera_claim_memory_spilled_bytes` | gauge | same (host memory; 0 until the shim spills) |
 //! | `tessera_claim_cores_limit_ratio` | gauge | same (1 = the whole GPU) |
 //! | `tessera_claim_processes` | gauge | namespace, claim, claim_uid |
+//! | `tessera_claim_admin_access` | gauge | namespace, claim, claim_uid, gpu_uuid (1: admin access, no wall; such a claim has no limit, usage or cores series) |
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -214,6 +215,7 @@ impl Collector for ClaimCollector {
         let spilled: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let cores: Family<ClaimGpuLabels, RatioGauge> = Family::default();
         let processes: Family<ClaimLabels, U64Gauge> = Family::default();
+        let admin: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let mut prepared = 0u64;
         for (uid, claim) in checkpoint
             .claims
@@ -221,6 +223,20 @@ impl Collector for ClaimCollector {
             .filter(|(_, c)| c.state == ClaimState::PrepareCompleted)
         {
             prepared += 1;
+            // Admin access: no region, no wall, nothing charged; say so and nothing else.
+            if !claim.devices.is_empty() && claim.devices.iter().all(|d| d.device.admin_access) {
+                for gpu in &claim.gpus {
+                    admin
+                        .get_or_create(&ClaimGpuLabels {
+                            namespace: claim.namespace.clone(),
+                            claim: claim.name.clone(),
+                            claim_uid: uid.clone(),
+                            gpu_uuid: gpu.uuid.clone(),
+                        })
+                        .set(1);
+                }
+                continue;
+            }
             let region = tessera_driver::cdi::HostPaths::new(&self.state_dir, uid).region;
             let usage = regions::read_usage(&region);
             if let Err(error) = &usage {
@@ -290,6 +306,12 @@ impl Collector for ClaimCollector {
         processes.encode(encoder.encode_descriptor(
             "claim_processes",
             "Live processes using a claim",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        admin.encode(encoder.encode_descriptor(
+            "claim_admin_access",
+            "1 for each GPU of a claim allocated with admin access (no wall, nothing charged)",
             None,
             MetricType::Gauge,
         )?)?;

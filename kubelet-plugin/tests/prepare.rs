@@ -515,3 +515,101 @@ async fn a_prepared_claim_is_kept_when_the_plugin_would_now_prepare_it_different
     env.assert_clean(&id);
     instance.stop().await;
 }
+
+/// Admin access (KEP-5018): a claim whose results carry `adminAccess` gets its GPU as it is —
+/// no shim, config, region or board entries (so no wall, and nothing any neighbour yields to or
+/// counts) — and the metrics say so instead of showing a limit. A claim that mixes admin and
+/// ordinary requests is refused, naming the rule.
+#[tokio::test]
+async fn admin_access_gets_the_gpu_without_a_wall_or_a_charge() {
+    let env = Env::new(&["v1"]);
+    let instance = env.start(None, None).await;
+    let id = uid(1);
+    let mut admin = share(
+        "gpu",
+        "gpu-1",
+        "9f0c4c4e-1111-4000-8000-0000000000a1",
+        "2Gi",
+        "25",
+    );
+    admin["adminAccess"] = json!(true);
+    env.api
+        .put(claim(NS, "monitor", &id, Some(vec![admin.clone()]), vec![]));
+    let monitor = Claim::new(NS, "monitor", &id);
+    let devices = instance.kubelet.prepare_ok(Version::V1, &monitor).await;
+    assert_eq!(devices.len(), 1);
+    let spec_path = env.spec_path(&id);
+    validate_spec(&spec_path);
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec_path).expect("spec")).expect("spec json");
+    let edits = &spec["containerEdits"];
+    assert_eq!(
+        edits["env"],
+        json!(["TESSERA_ADMIN_ACCESS=true"]),
+        "no shim config: {spec}"
+    );
+    assert!(
+        !spec.to_string().contains("libtessera") && !spec.to_string().contains("ld.so.preload"),
+        "no shim in an admin claim's containers: {spec}"
+    );
+    assert!(
+        !env.claim_dir(&id).join("config.json").exists()
+            && !env.claim_dir(&id).join("region").exists(),
+        "no config or region"
+    );
+    assert_eq!(
+        env.board_entries(&id),
+        Vec::<String>::new(),
+        "not on the board"
+    );
+    let metrics = instance.metrics.encode().expect("metrics");
+    assert!(
+        metrics.contains(&format!(
+            r#"tessera_claim_admin_access{{namespace="{NS}",claim="monitor",claim_uid="{id}",gpu_uuid="{GPU1}"}} 1"#
+        )),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("tessera_claim_memory_limit_bytes{"),
+        "no wall to report: {metrics}"
+    );
+    // Repeated: the same answer; unprepared: nothing left.
+    assert_eq!(
+        instance.kubelet.prepare_ok(Version::V1, &monitor).await,
+        devices
+    );
+    instance.kubelet.unprepare_ok(Version::V1, &monitor).await;
+    env.assert_clean(&id);
+
+    // Admin and ordinary requests in one claim: refused, with the rule.
+    let mixed_id = uid(2);
+    let ordinary = share(
+        "other",
+        "gpu-1",
+        "9f0c4c4e-1111-4000-8000-0000000000a2",
+        "2Gi",
+        "25",
+    );
+    env.api.put(claim(
+        NS,
+        "mixed",
+        &mixed_id,
+        Some(vec![admin, ordinary]),
+        vec![],
+    ));
+    let mixed = Claim::new(NS, "mixed", &mixed_id);
+    let answer = instance
+        .kubelet
+        .prepare(Version::V1, std::slice::from_ref(&mixed))
+        .await
+        .expect("prepare call");
+    assert!(
+        answer[&mixed_id]
+            .error
+            .contains("mixes adminAccess requests"),
+        "{:?}",
+        answer[&mixed_id].error
+    );
+    env.assert_clean(&mixed_id);
+    instance.stop().await;
+}

@@ -149,6 +149,11 @@ pub fn build_view(slices: &[Value], claims: &[Value]) -> ClusterView {
                 view.unknown_devices += 1;
                 continue;
             };
+            // Admin access (a monitoring or debugging claim) takes nothing from the GPU.
+            if r["adminAccess"] == true {
+                claim.devices += 1;
+                continue;
+            }
             // Consumable mode: the share's consumed capacity; otherwise the device's own.
             let consumed = &r["consumedCapacity"];
             let memory = quantity(&consumed[capacity::MEMORY]).unwrap_or(info.memory);
@@ -195,7 +200,9 @@ mod tests {
             json!({"metadata": {"namespace": "default", "name": name}, "status": {"allocation": {"devices": {"results": [
             {"driver": DRIVER_NAME, "pool": "n", "device": "gpu-0", "consumedCapacity": {"memory": mem, "cores": "25"}}]}}}})
         };
-        let view = build_view(&slices, &[claim("a", "8Gi"), claim("b", "4Gi")]);
+        let mut admin = claim("monitor", "8Gi");
+        admin["status"]["allocation"]["devices"]["results"][0]["adminAccess"] = json!(true);
+        let view = build_view(&slices, &[claim("a", "8Gi"), claim("b", "4Gi"), admin]);
         let gpu = &view.gpus[&("n".to_string(), "GPU-a".to_string())];
         assert_eq!(
             (
@@ -204,7 +211,8 @@ mod tests {
                 gpu.cores_allocated,
                 gpu.memory_capacity_bytes
             ),
-            (2, 12 << 30, 50, 48 << 30)
+            (2, 12 << 30, 50, 48 << 30),
+            "an admin-access claim takes nothing"
         );
         assert_eq!(view.gpus.len(), 1);
         assert_eq!(view.claims[1].memory_bytes, 4 << 30);

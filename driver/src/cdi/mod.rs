@@ -150,8 +150,27 @@ pub fn claim_spec(
         .iter()
         .map(|device| (device_name(claim_uid, device), std::slice::from_ref(device)))
         .collect();
-    build_spec(kind(), named, host, driver)
+    build_spec(kind(), named, Some(host), driver)
 }
+
+/// The spec of a claim whose devices are all allocated with admin access (a monitoring
+/// exporter, a debugging pod): its GPUs as they are, without the shim, its config, region or
+/// board entries, so it has no wall and takes nothing from the claims sharing the GPUs.
+/// Containers see `TESSERA_ADMIN_ACCESS=true`.
+pub fn admin_claim_spec(
+    claim_uid: &str,
+    devices: &[AllocatedDevice],
+    driver: Option<&DriverFiles>,
+) -> Spec {
+    let named = devices
+        .iter()
+        .map(|device| (device_name(claim_uid, device), std::slice::from_ref(device)))
+        .collect();
+    build_spec(kind(), named, None, driver)
+}
+
+/// The variable an admin-access claim's containers see.
+pub const ADMIN_ACCESS_ENV: &str = "TESSERA_ADMIN_ACCESS";
 
 /// CDI class of the standalone CLI's slices: kind `gpu.tessera.dev/slice`.
 pub const SLICE_CLASS: &str = "slice";
@@ -178,46 +197,26 @@ pub fn slice_spec(
     build_spec(
         slice_kind(),
         vec![(name.to_string(), devices)],
-        host,
+        Some(host),
         driver,
     )
 }
 
-/// A spec of `kind` with one CDI device per entry, each carrying the edits of its GPUs.
+/// A spec of `kind` with one CDI device per entry, each carrying the edits of its GPUs; the shim
+/// and the claim's files from `host`, or none (admin access).
 fn build_spec(
     kind: String,
     named: Vec<(String, &[AllocatedDevice])>,
-    host: &HostPaths,
+    host: Option<&HostPaths>,
     driver: Option<&DriverFiles>,
 ) -> Spec {
-    let path = |p: &Path| p.display().to_string();
-    let mut common = ContainerEdits {
-        env: vec![format!("{SHIM_CONFIG_ENV}={CONTAINER_CONFIG}")],
-        device_nodes: Vec::new(),
-        mounts: vec![
-            Mount::read_only(path(&host.shim), CONTAINER_SHIM),
-            Mount::read_only(path(&host.preload), CONTAINER_PRELOAD),
-            Mount::read_only(path(&host.config), CONTAINER_CONFIG),
-            Mount::read_write(path(&host.region), CONTAINER_REGION),
-            Mount::read_only(path(&host.boards), CONTAINER_BOARDS),
-            Mount::read_only(path(&host.reservations), CONTAINER_RESERVATIONS),
-        ],
+    let mut common = match host {
+        Some(host) => shim_edits(&named, host),
+        None => ContainerEdits {
+            env: vec![format!("{ADMIN_ACCESS_ENV}=true")],
+            ..ContainerEdits::default()
+        },
     };
-    // The claim's own entries: the only board files its containers can write.
-    let mut uuids: Vec<&str> = named
-        .iter()
-        .flat_map(|(_, gpus)| gpus.iter().map(|d| d.gpu_uuid.as_str()))
-        .collect();
-    uuids.sort_unstable();
-    uuids.dedup();
-    for uuid in uuids {
-        for kind in EntryKind::ALL {
-            common.mounts.push(Mount::read_write(
-                path(&host.board_entry(uuid, kind)),
-                format!("{CONTAINER_OWN_BOARD}/{}", own_entry_file_name(uuid, kind)),
-            ));
-        }
-    }
     if let Some(driver) = driver {
         common
             .device_nodes
@@ -256,6 +255,39 @@ fn build_spec(
     };
     spec.cdi_version = spec.minimum_version().to_string();
     spec
+}
+
+/// The claim-wide edits that put the shim in every process of a claim (module docs).
+fn shim_edits(named: &[(String, &[AllocatedDevice])], host: &HostPaths) -> ContainerEdits {
+    let path = |p: &Path| p.display().to_string();
+    let mut common = ContainerEdits {
+        env: vec![format!("{SHIM_CONFIG_ENV}={CONTAINER_CONFIG}")],
+        device_nodes: Vec::new(),
+        mounts: vec![
+            Mount::read_only(path(&host.shim), CONTAINER_SHIM),
+            Mount::read_only(path(&host.preload), CONTAINER_PRELOAD),
+            Mount::read_only(path(&host.config), CONTAINER_CONFIG),
+            Mount::read_write(path(&host.region), CONTAINER_REGION),
+            Mount::read_only(path(&host.boards), CONTAINER_BOARDS),
+            Mount::read_only(path(&host.reservations), CONTAINER_RESERVATIONS),
+        ],
+    };
+    // The claim's own entries: the only board files its containers can write.
+    let mut uuids: Vec<&str> = named
+        .iter()
+        .flat_map(|(_, gpus)| gpus.iter().map(|d| d.gpu_uuid.as_str()))
+        .collect();
+    uuids.sort_unstable();
+    uuids.dedup();
+    for uuid in uuids {
+        for kind in EntryKind::ALL {
+            common.mounts.push(Mount::read_write(
+                path(&host.board_entry(uuid, kind)),
+                format!("{CONTAINER_OWN_BOARD}/{}", own_entry_file_name(uuid, kind)),
+            ));
+        }
+    }
+    common
 }
 
 /// The contents of `<state-dir>/lib/ld.so.preload`.

@@ -21,6 +21,7 @@ fn device(name: &str, share: Option<&str>, index: u32) -> AllocatedDevice {
         gpu_minor: index,
         memory: 1 << 30,
         cores: 10,
+        admin_access: false,
     }
 }
 

@@ -210,9 +210,49 @@ impl Suite {
             {
                 return serde_json::to_value(&claim).expect("claim json");
             }
+            if Instant::now() >= deadline {
+                let pods: Api<Pod> = Api::namespaced(self.client(), NS);
+                let conditions = pods
+                    .get(pod)
+                    .await
+                    .ok()
+                    .and_then(|p| p.status)
+                    .and_then(|s| s.conditions);
+                panic!(
+                    "{}: the claim of {pod} was not allocated in {STEP:?}; conditions: {conditions:?}\nscheduler log:\n{}",
+                    self.version,
+                    tessera_e2e_harness::process::log_tail(
+                        &self.cluster.control_plane().state().log("kube-scheduler"),
+                        40
+                    )
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Waits until the claims of earlier scenarios are gone (the garbage collector deletes a
+    /// generated claim after its pod), so the scheduler meets a settled node.
+    async fn no_claims_left(&self) {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let left: Vec<String> = self
+                .claims()
+                .list(&Default::default())
+                .await
+                .map(|l| {
+                    l.items
+                        .into_iter()
+                        .filter_map(|c| c.metadata.name)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if left.is_empty() {
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
-                "{}: the claim of {pod} was not allocated in {STEP:?}",
+                "{}: claims of earlier scenarios still there: {left:?}",
                 self.version
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -309,6 +349,9 @@ async fn run_suite(version: K8sVersion, test: &str) {
     two_containers_share_one_limit(&mut suite).await;
     if version.minor() >= 34 {
         prioritized_list_takes_the_first_that_fits(&mut suite).await;
+    }
+    if version.minor() >= 36 {
+        admin_access_sees_the_whole_card(&mut suite).await;
     }
     oversubscribed_claims_spill_on_the_overcommitted_node(&mut suite).await;
     a_claim_that_may_not_spill_waits_for_its_share_of_the_card(&mut suite).await;
@@ -708,6 +751,7 @@ async fn prioritized_list_takes_the_first_that_fits(suite: &mut Suite) {
     workloads::create(&suite.client(), &object)
         .await
         .expect("creating the claim template");
+    suite.no_claims_left().await;
     let container = ContainerSpec {
         name: "main".into(),
         command: suite.worker(&["--allocate", "3Gi"]),
@@ -729,6 +773,114 @@ async fn prioritized_list_takes_the_first_that_fits(suite: &mut Suite) {
         "the second alternative's share is the wall:\n{log}"
     );
     suite.delete_pod(name).await;
+}
+
+/// Admin access (KEP-5018, GA in 1.36) end to end: the API server refuses an admin request in
+/// a namespace the admin has not labelled, naming the label; once labelled, the scheduler
+/// allocates the RTX 3080 to the admin claim and the plugin prepares it without the shim — the
+/// worker sees the whole 10 GiB card and allocates past any slice's wall — and says so in the
+/// claim's status and its metrics.
+async fn admin_access_sees_the_whole_card(suite: &mut Suite) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let name = "admin-monitor";
+    let template = format!("{name}-gpu");
+    let object = json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+        "metadata": { "name": template, "namespace": NS },
+        "spec": { "spec": { "devices": { "requests": [{ "name": "gpu", "exactly": {
+            "deviceClassName": "gpu.tessera.dev",
+            "adminAccess": true,
+            "selectors": [{ "cel": { "expression":
+                format!("device.attributes[\"gpu.tessera.dev\"].productName == \"{RTX3080}\"") } }],
+        } }] } } },
+    });
+    let refused = workloads::create(&suite.client(), &object)
+        .await
+        .expect_err("adminAccess in a namespace without the admin's label");
+    let refused = format!("{refused:?}");
+    assert!(
+        refused.contains("resource.kubernetes.io/admin-access"),
+        "the API server names the label: {refused}"
+    );
+    let namespaces: Api<Namespace> = Api::all(suite.client());
+    let label = |value: Value| json!({ "metadata": { "labels": { "resource.kubernetes.io/admin-access": value } } });
+    namespaces
+        .patch(
+            NS,
+            &PatchParams::default(),
+            &Patch::Merge(&label(json!("true"))),
+        )
+        .await
+        .expect("labelling the namespace");
+    workloads::create(&suite.client(), &object)
+        .await
+        .expect("creating the admin template in the labelled namespace");
+    let container = ContainerSpec {
+        name: "main".into(),
+        command: suite.worker(&["--allocate", "6Gi", "--hold-until", "/shared/release-admin"]),
+        claims: vec!["gpu".into()],
+    };
+    let shared = suite.shared.display().to_string();
+    let _ = std::fs::remove_file(suite.shared.join("release-admin"));
+    let pod = workloads::pod(
+        NS,
+        name,
+        &[("gpu", &template)],
+        &[container],
+        &[(&shared, "/shared")],
+        &[],
+    );
+    workloads::create(&suite.client(), &pod)
+        .await
+        .expect("creating the pod");
+    let claim = suite.allocated_claim(name).await;
+    let result = &claim["status"]["allocation"]["devices"]["results"][0];
+    assert_eq!(result["adminAccess"], true, "{result}");
+    let claim_name = claim["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let port = suite.cluster.node("gpu-node-b").metrics_port;
+    let deadline = Instant::now() + STEP;
+    loop {
+        let metrics = tessera_e2e_harness::readiness::http_get(port, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        let status = suite.claims().get(&claim_name).await.expect("claim");
+        let said = status.data["status"]["devices"][0]["data"]["adminAccess"] == true;
+        if said
+            && metrics.contains(&format!(
+                "tessera_claim_admin_access{{namespace=\"{NS}\",claim=\"{claim_name}\""
+            ))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: the admin claim is not shown as such: {}",
+            suite.version,
+            status.data["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    std::fs::write(suite.shared.join("release-admin"), b"").expect("release");
+    let pod = suite.finished(name).await;
+    let log = suite.log(&pod, "main");
+    assert_eq!(workloads::exit_code(&pod, "main"), Some(0), "{log}");
+    assert!(
+        log.contains("free of 10.00 GiB"),
+        "the whole card, no slice:\n{log}"
+    );
+    suite.delete_pod(name).await;
+    namespaces
+        .patch(
+            NS,
+            &PatchParams::default(),
+            &Patch::Merge(&label(Value::Null)),
+        )
+        .await
+        .expect("removing the label");
 }
 
 async fn two_containers_share_one_limit(suite: &mut Suite) {

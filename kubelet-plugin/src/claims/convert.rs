@@ -59,6 +59,7 @@ pub async fn get(
                             .into_iter()
                             .map(|(k, q)| (k, q.0))
                             .collect(),
+                        admin_access: r.admin_access.unwrap_or(false),
                     })
                     .collect();
                 let config = devices
@@ -206,6 +207,8 @@ mod alpha {
                         device: r.device,
                         share_id: None,
                         consumed_capacity: BTreeMap::new(),
+                        // 1.31's admin access was never GA; its results do not carry it.
+                        admin_access: false,
                     })
                     .collect(),
                 config: devices

@@ -67,6 +67,27 @@ impl DeviceStatus {
                 let cores = on_gpu.map(|d| d.device.cores).sum::<u32>().min(100);
                 let gpu = inventory.gpus.iter().find(|g| g.uuid == device.gpu_uuid);
                 let product = gpu.map(|g| g.product_name.as_str()).unwrap_or("unknown");
+                if device.admin_access {
+                    let mut data = json!({
+                        "gpuUUID": device.gpu_uuid,
+                        "gpuIndex": device.gpu_index,
+                        "productName": product,
+                        "adminAccess": true,
+                    });
+                    if let Some(gpu) = gpu {
+                        data["gpuMemory"] = json!(quantity::format(gpu.memory));
+                    }
+                    return DeviceStatus {
+                        pool: device.pool.clone(),
+                        device: device.device.clone(),
+                        share_id: device.share_id.clone(),
+                        data,
+                        message: format!(
+                            "{} GPU {} ({}): admin access, no wall and nothing charged",
+                            device.device, device.gpu_index, product
+                        ),
+                    };
+                }
                 let mut data = json!({
                     "gpuUUID": device.gpu_uuid,
                     "gpuIndex": device.gpu_index,
@@ -385,6 +406,7 @@ mod tests {
                 gpu_minor: 0,
                 memory,
                 cores,
+                admin_access: false,
             },
             cdi_device_ids: Vec::new(),
         }

@@ -25,6 +25,9 @@ pub struct Plan {
     pub spec: Spec,
     /// What the claim needs on the card of each overcommitted GPU where it may not spill.
     pub card_shares: Vec<CardShare>,
+    /// Every device is allocated with admin access: no shim, config, region or board entries
+    /// (`cdi::admin_claim_spec`); nothing is charged or reserved for it.
+    pub admin: bool,
 }
 
 /// A claim that may not spill, on an overcommitted GPU: its whole share (at most the card)
@@ -64,6 +67,35 @@ impl Plan {
                 files.check_gpu_node(gpu.minor)?;
             }
         }
+        let devices = limits
+            .devices
+            .iter()
+            .map(|d| PreparedDevice {
+                device: d.clone(),
+                cdi_device_ids: cdi::device_ids(&claim.uid, d, config.cdi_mode),
+            })
+            .collect();
+        // `allocation::claim_limits_with` refuses a claim that mixes the two.
+        if limits.devices.iter().all(|d| d.admin_access) {
+            return Ok(Plan {
+                uid: claim.uid.clone(),
+                namespace: claim.namespace.clone(),
+                name: claim.name.clone(),
+                devices,
+                claim_dir: cdi::claim_dir(&config.state_dir, &claim.uid),
+                spec_path: config.cdi_dir.join(cdi::spec_file_name(&claim.uid)),
+                config_json: Vec::new(),
+                host: HostPaths::new(&config.state_dir, &claim.uid),
+                spec: cdi::admin_claim_spec(
+                    &claim.uid,
+                    &limits.devices,
+                    config.driver_files.as_ref(),
+                ),
+                limits,
+                card_shares: Vec::new(),
+                admin: true,
+            });
+        }
         // A claim that does not say whether it may spill gets the node's policy.
         let oversubscribe = settings
             .oversubscribe
@@ -102,14 +134,6 @@ impl Plan {
             &host,
             config.driver_files.as_ref(),
         );
-        let devices = limits
-            .devices
-            .iter()
-            .map(|d| PreparedDevice {
-                device: d.clone(),
-                cdi_device_ids: cdi::device_ids(&claim.uid, d, config.cdi_mode),
-            })
-            .collect();
         Ok(Plan {
             uid: claim.uid.clone(),
             namespace: claim.namespace.clone(),
@@ -122,6 +146,7 @@ impl Plan {
             spec,
             limits,
             card_shares,
+            admin: false,
         })
     }
 
@@ -130,16 +155,27 @@ impl Plan {
         claim_files::region_bytes(&self.limits.gpus)
     }
 
+    /// The shim's config (none for an admin claim, which has no shim).
     pub fn write_config(&self) -> std::io::Result<()> {
+        if self.admin {
+            return Ok(());
+        }
         claim_files::write_config(&self.host, &self.config_json)
     }
 
     pub fn write_region(&self) -> std::io::Result<()> {
+        if self.admin {
+            return Ok(());
+        }
         claim_files::write_region(&self.host, &self.region_bytes()?)
     }
 
-    /// The claim's own entries on its GPUs' boards (see `tessera_api::board`).
+    /// The claim's own entries on its GPUs' boards (see `tessera_api::board`); an admin claim
+    /// has none, so no neighbour yields to it or counts its memory.
     pub fn write_board_entries(&self) -> std::io::Result<()> {
+        if self.admin {
+            return Ok(());
+        }
         claim_files::create_board_entries(
             &self.host,
             self.limits.gpus.iter().map(|g| g.uuid.as_str()),
