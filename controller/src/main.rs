@@ -231,6 +231,7 @@ async fn run(args: Args) -> Result<()> {
     );
     let interval = Duration::from_secs(args.resync_seconds.max(1));
     let mut backoff = Backoff::default();
+    let mut taint_rules = cluster::taint_rules::TaintRuleCheck::new(client.clone());
     loop {
         let leading = leader.as_ref().is_none_or(|(rx, _)| *rx.borrow());
         let start = Instant::now();
@@ -242,6 +243,9 @@ async fn run(args: Args) -> Result<()> {
                     .set(start.elapsed().as_secs_f64());
                 if let Some(r) = report.filter(|r| *r != Default::default()) {
                     tracing::info!(created = ?r.created, updated = ?r.updated, deleted = ?r.deleted, "DeviceClasses");
+                }
+                if leading && let Err(e) = taint_rules.check(&view).await {
+                    tracing::warn!(error = %tessera_api::error_chain::Chain(&e), "checking DeviceTaintRules");
                 }
                 backoff.reset();
                 interval

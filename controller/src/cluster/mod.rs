@@ -4,6 +4,7 @@
 pub mod classes;
 pub mod http;
 pub mod metrics;
+pub mod taint_rules;
 pub mod view;
 
 use kube::Client;

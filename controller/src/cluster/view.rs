@@ -43,6 +43,8 @@ pub struct ClusterView {
     pub products: BTreeSet<String>,
     /// Allocated devices whose slice is not (or no longer) published.
     pub unknown_devices: u64,
+    /// Every published device of Tessera's pools: pool → device names.
+    pub devices: BTreeMap<String, BTreeSet<String>>,
 }
 
 struct DeviceInfo {
@@ -113,6 +115,10 @@ pub fn build_view(slices: &[Value], claims: &[Value]) -> ClusterView {
             if !product.is_empty() {
                 view.products.insert(product.to_string());
             }
+            view.devices
+                .entry(pool.to_string())
+                .or_default()
+                .insert(name.to_string());
             devices.insert(
                 (pool.to_string(), name.to_string()),
                 DeviceInfo {

@@ -207,8 +207,9 @@ fn default_values() {
     assert_eq!(
         rules(find(&objects, "ClusterRole", CONTROLLER)),
         set(&[
+            "events.k8s.io events  create,patch",
             "resource.k8s.io deviceclasses  create,delete,get,list,update",
-            "resource.k8s.io resourceclaims,resourceslices  list",
+            "resource.k8s.io devicetaintrules,resourceclaims,resourceslices  list",
         ])
     );
     assert_eq!(
