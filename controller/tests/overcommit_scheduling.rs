@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use serde_json::{Value, json};
+use serde_json::json;
 use tessera_controller::ApiVersion;
 use tessera_controller::publish::Publisher;
 use tessera_controller::slices::{SharingMode, build_pool_with};
@@ -23,13 +22,6 @@ use tessera_e2e_harness::ControlPlane;
 
 const NODE: &str = "gpu-node-0";
 const GIB: u64 = 1 << 30;
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("resource.k8s.io", "v1", kind),
-        plural,
-    )
-}
 
 /// One 8 GiB Ada GPU.
 fn small_node() -> Inventory {
@@ -66,21 +58,6 @@ async fn publish(publisher: &Publisher, inventory: &Inventory, overcommit: &Memo
     .expect("plan");
     let report = publisher.sync(&plan).await.expect("publish");
     assert!(report.dropped.is_empty(), "dropped {:?}", report.dropped);
-}
-
-async fn create(cp: &ControlPlane, ar: &ApiResource, namespaced: bool, object: Value) {
-    let api: Api<DynamicObject> = if namespaced {
-        Api::namespaced_with(cp.client(), "default", ar)
-    } else {
-        Api::all_with(cp.client(), ar)
-    };
-    let name = object["metadata"]["name"].clone();
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(object).expect("object"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
 }
 
 /// A claim for `memory` and a quarter of the GPU's compute, and a pod that uses it.
@@ -219,17 +196,7 @@ async fn v1_37_factor_two_fits_more_claims_than_the_card() {
     };
     let cp = &c.cp;
     create_ready_node(&cp.client(), NODE).await;
-    create(
-        cp,
-        &resource("DeviceClass", "deviceclasses"),
-        false,
-        json!({
-            "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
-            "metadata": { "name": "gpu.tessera.dev" },
-            "spec": { "selectors": [{ "cel": { "expression": "device.driver == \"gpu.tessera.dev\"" } }] },
-        }),
-    )
-    .await;
+    create_generic_class(cp).await;
     let publisher = Publisher::new(cp.client(), NODE, ApiVersion::V1);
     let inventory = small_node();
     let none = MemoryOvercommit::none();

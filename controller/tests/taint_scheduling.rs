@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use tessera_controller::ApiVersion;
 use tessera_controller::publish::Publisher;
@@ -24,13 +23,6 @@ use tessera_e2e_harness::ControlPlane;
 
 const NODE: &str = "gpu-node-0";
 const BIND: Duration = Duration::from_secs(120);
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("resource.k8s.io", "v1", kind),
-        plural,
-    )
-}
 
 /// GPU 0 of the common inventory alone (an RTX 4090).
 fn one_gpu() -> Inventory {
@@ -52,21 +44,6 @@ async fn publish(publisher: &Publisher, taint: Option<Taint>) {
     .expect("plan");
     let report = publisher.sync(&plan).await.expect("publish");
     assert!(report.dropped.is_empty(), "dropped {:?}", report.dropped);
-}
-
-async fn create(cp: &ControlPlane, ar: &ApiResource, namespaced: bool, object: Value) {
-    let api: Api<DynamicObject> = if namespaced {
-        Api::namespaced_with(cp.client(), "default", ar)
-    } else {
-        Api::all_with(cp.client(), ar)
-    };
-    let name = object["metadata"]["name"].clone();
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(object).expect("object"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
 }
 
 /// A 4 GiB claim, tolerating `tolerations`, and a pod `pod-<name>` that uses it.
@@ -156,17 +133,7 @@ async fn v1_37_scheduler_honours_gpu_taints_and_taint_rules() {
     };
     let cp = &c.cp;
     create_ready_node(&cp.client(), NODE).await;
-    create(
-        cp,
-        &resource("DeviceClass", "deviceclasses"),
-        false,
-        json!({
-            "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
-            "metadata": { "name": "gpu.tessera.dev" },
-            "spec": { "selectors": [{ "cel": { "expression": "device.driver == \"gpu.tessera.dev\"" } }] },
-        }),
-    )
-    .await;
+    create_generic_class(cp).await;
     let publisher = Publisher::new(cp.client(), NODE, ApiVersion::V1);
 
     // Unhealthy (NoSchedule): a new claim stays off the GPU; one that tolerates it gets it.

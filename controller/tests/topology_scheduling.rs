@@ -11,8 +11,7 @@ use std::time::Duration;
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use serde_json::{Value, json};
+use serde_json::json;
 use tessera_controller::ApiVersion;
 use tessera_controller::publish::Publisher;
 use tessera_controller::slices::{CounterLayout, SharingMode, build_pool};
@@ -20,13 +19,6 @@ use tessera_driver::Inventory;
 use tessera_e2e_harness::ControlPlane;
 
 const NODE: &str = "gpu-node-0";
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("resource.k8s.io", "v1", kind),
-        plural,
-    )
-}
 
 fn two_sockets() -> Inventory {
     let mut inventory = inventory();
@@ -45,21 +37,6 @@ fn two_sockets() -> Inventory {
         })
         .collect();
     inventory
-}
-
-async fn create(cp: &ControlPlane, ar: &ApiResource, namespaced: bool, object: Value) {
-    let api: Api<DynamicObject> = if namespaced {
-        Api::namespaced_with(cp.client(), "default", ar)
-    } else {
-        Api::all_with(cp.client(), ar)
-    };
-    let name = object["metadata"]["name"].clone();
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(object).expect("object"),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
 }
 
 async fn allocated_devices(cp: &ControlPlane, claim: &str) -> Vec<String> {
@@ -86,17 +63,7 @@ async fn v1_37_claims_align_on_pcie_root_and_numa_node() {
     };
     let cp = &c.cp;
     create_ready_node(&cp.client(), NODE).await;
-    create(
-        cp,
-        &resource("DeviceClass", "deviceclasses"),
-        false,
-        json!({
-            "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
-            "metadata": { "name": "gpu.tessera.dev" },
-            "spec": { "selectors": [{ "cel": { "expression": "device.driver == \"gpu.tessera.dev\"" } }] },
-        }),
-    )
-    .await;
+    create_generic_class(cp).await;
     let plan = build_pool(
         &two_sockets(),
         NODE,

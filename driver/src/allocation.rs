@@ -178,20 +178,34 @@ fn resolve(
         .unwrap_or_default()
         .to_string();
     // Admin access takes nothing from anyone: the card as it is, with no wall.
-    if result.admin_access {
-        return Ok(AllocatedDevice {
-            request,
-            pool: result.pool.clone(),
-            device: result.device.clone(),
-            share_id: result.share_id.clone(),
-            gpu_uuid: gpu.uuid.clone(),
-            gpu_index: gpu.index,
-            gpu_minor: gpu.minor,
-            memory: gpu.memory,
-            cores: 100,
-            admin_access: true,
-        });
-    }
+    let (memory, cores) = if result.admin_access {
+        (gpu.memory, 100)
+    } else {
+        share_of(result, &name, gpu, overcommit)?
+    };
+    Ok(AllocatedDevice {
+        request,
+        pool: result.pool.clone(),
+        device: result.device.clone(),
+        share_id: result.share_id.clone(),
+        gpu_uuid: gpu.uuid.clone(),
+        gpu_index: gpu.index,
+        gpu_minor: gpu.minor,
+        memory,
+        cores,
+        admin_access: result.admin_access,
+    })
+}
+
+/// The memory and cores an ordinary result gets: the device's own share, narrowed by the
+/// consumed capacity where the scheduler wrote one.
+fn share_of(
+    result: &DeviceResult,
+    name: &DeviceName,
+    gpu: &crate::inventory::Gpu,
+    overcommit: &MemoryOvercommit,
+) -> Result<(u64, u32)> {
+    let device = || result.device.clone();
     let consumes_memory = result.consumed_capacity.contains_key(capacity::MEMORY);
     // Shares are cut from the offered memory; a whole GPU handed to one claim is the card.
     let basis = match name {
@@ -225,18 +239,7 @@ fn resolve(
         Some(cores) => cores.clamp(1, u64::from(share.cores)) as u32,
         None => share.cores,
     };
-    Ok(AllocatedDevice {
-        request,
-        pool: result.pool.clone(),
-        device: result.device.clone(),
-        share_id: result.share_id.clone(),
-        gpu_uuid: gpu.uuid.clone(),
-        gpu_index: gpu.index,
-        gpu_minor: gpu.minor,
-        memory,
-        cores,
-        admin_access: false,
-    })
+    Ok((memory, cores))
 }
 
 #[cfg(test)]

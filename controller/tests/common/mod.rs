@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
 use tessera_driver::{Gpu, Inventory};
 use tessera_e2e_harness::binaries::Binaries;
 use tessera_e2e_harness::process::log_tail;
@@ -147,4 +148,43 @@ where
         assert!(start.elapsed() < timeout, "{what}: not after {timeout:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A `resource.k8s.io/v1` resource.
+pub fn resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("resource.k8s.io", "v1", kind),
+        plural,
+    )
+}
+
+/// Creates `object` (in `default` when namespaced), failing the test with the server's answer.
+pub async fn create(cp: &ControlPlane, ar: &ApiResource, namespaced: bool, object: Value) {
+    let api: Api<DynamicObject> = if namespaced {
+        Api::namespaced_with(cp.client(), "default", ar)
+    } else {
+        Api::all_with(cp.client(), ar)
+    };
+    let name = object["metadata"]["name"].clone();
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(object).expect("object"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+/// The generic DeviceClass `gpu.tessera.dev` (v1), as the chart makes it.
+pub async fn create_generic_class(cp: &ControlPlane) {
+    create(
+        cp,
+        &resource("DeviceClass", "deviceclasses"),
+        false,
+        json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+            "metadata": { "name": "gpu.tessera.dev" },
+            "spec": { "selectors": [{ "cel": { "expression": "device.driver == \"gpu.tessera.dev\"" } }] },
+        }),
+    )
+    .await;
 }

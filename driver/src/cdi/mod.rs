@@ -146,11 +146,18 @@ pub fn claim_spec(
     host: &HostPaths,
     driver: Option<&DriverFiles>,
 ) -> Spec {
-    let named = devices
+    build_spec(kind(), per_device(claim_uid, devices), Some(host), driver)
+}
+
+/// One CDI device per allocated device, named by [`device_name`].
+fn per_device<'a>(
+    claim_uid: &str,
+    devices: &'a [AllocatedDevice],
+) -> Vec<(String, &'a [AllocatedDevice])> {
+    devices
         .iter()
         .map(|device| (device_name(claim_uid, device), std::slice::from_ref(device)))
-        .collect();
-    build_spec(kind(), named, Some(host), driver)
+        .collect()
 }
 
 /// The spec of a claim whose devices are all allocated with admin access (a monitoring
@@ -162,11 +169,7 @@ pub fn admin_claim_spec(
     devices: &[AllocatedDevice],
     driver: Option<&DriverFiles>,
 ) -> Spec {
-    let named = devices
-        .iter()
-        .map(|device| (device_name(claim_uid, device), std::slice::from_ref(device)))
-        .collect();
-    build_spec(kind(), named, None, driver)
+    build_spec(kind(), per_device(claim_uid, devices), None, driver)
 }
 
 /// The variable an admin-access claim's containers see.

@@ -312,6 +312,11 @@ nodeSelection:
   extraTerms:
     - - {key: example.com/accelerator, operator: In, values: [nvidia]}
 kubeletPlugin:
+  nodeSelector: {pool: gpu}
+  podLabels: {team: ml-platform}
+  extraEnv: [{name: EXTRA, value: "1"}]
+  extraVolumes: [{name: scratch, emptyDir: {}}]
+  extraVolumeMounts: [{name: scratch, mountPath: /scratch}]
   driverRoot: /run/nvidia/driver
   cdiMode: standalone
   nvmlLibrary: /run/nvidia/driver/usr/lib64/libnvidia-ml.so.1
@@ -362,6 +367,33 @@ fn non_default_values() {
     assert_eq!(
         c["image"],
         "registry.example.com/gpu/tessera-kubelet-plugin:9.9.9"
+    );
+    // The pod-level extras: a node selector beside the affinity, labels, env, a volume.
+    assert_eq!(pod["nodeSelector"], json!({"pool": "gpu"}));
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["labels"]["team"],
+        "ml-platform"
+    );
+    assert!(
+        c["env"]
+            .as_array()
+            .is_some_and(|e| e.contains(&json!({"name": "EXTRA", "value": "1"}))),
+        "{}",
+        c["env"]
+    );
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!({"name": "scratch", "emptyDir": {}}))),
+        "{}",
+        pod["volumes"]
+    );
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!({"name": "scratch", "mountPath": "/scratch"}))),
+        "{}",
+        c["volumeMounts"]
     );
     let a = args(c);
     for want in [
