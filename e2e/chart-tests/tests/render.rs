@@ -697,6 +697,16 @@ fn bad_values_are_refused_with_the_reason() {
             "selects no node",
         ),
         ("deviceClass: {extra: [{cel: x}]}\n", "needs a name"),
+        // values.schema.json: a misspelt key fails instead of rendering with no effect.
+        (
+            "kubeletPlugin: {nodeSelecter: {pool: gpu}}\n",
+            "additional properties 'nodeSelecter' not allowed",
+        ),
+        (
+            "sharingMod: fixed\n",
+            "additional properties 'sharingMod' not allowed",
+        ),
+        ("controller: {replicas: two}\n", "/controller/replicas"),
         ("defaults: {corePolicy: soft}\n", "corePolicy"),
         ("defaults: {priority: urgent}\n", "priority"),
         (

@@ -56,9 +56,10 @@ fn the_spill_policy_reaches_the_plugin_only_when_true() {
             &newest(),
         )
         .expect_err("a string is refused");
+    // values.schema.json answers first, naming the value and the type it wants.
     assert!(
         err.to_string()
-            .contains("kubeletPlugin.oversubscribeByDefault must be true or false, not \"yes\""),
+            .contains("at '/kubeletPlugin/oversubscribeByDefault': got string, want boolean"),
         "{err}"
     );
 }
