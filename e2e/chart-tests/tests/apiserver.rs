@@ -781,7 +781,8 @@ async fn claim_status_under_chart_rbac(
     node: &str,
 ) {
     use tessera_kubelet_plugin::claims::ClaimReader;
-    use tessera_kubelet_plugin::claims::status::{self, ClaimName, DeviceStatus, Outcome};
+    use tessera_kubelet_plugin::claims::ClaimRef;
+    use tessera_kubelet_plugin::claims::status::{self, DeviceStatus, Outcome};
     let version: K8sVersion = format!("1.{minor}").parse().expect("version");
     let api_version = format!("resource.k8s.io/{}", version.resource_api_version());
     let claims: Api<DynamicObject> = Api::namespaced_with(
@@ -826,7 +827,7 @@ async fn claim_status_under_chart_rbac(
                 .expect("allocating the claim")
         }
     };
-    let name_of = |claim: &DynamicObject| ClaimName {
+    let name_of = |claim: &DynamicObject| ClaimRef {
         namespace: NAMESPACE.into(),
         name: claim.metadata.name.clone().expect("name"),
         uid: claim.metadata.uid.clone().expect("uid"),

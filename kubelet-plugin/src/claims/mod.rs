@@ -49,6 +49,24 @@ impl ApiVersion {
     }
 }
 
+/// A claim as the kubelet names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRef {
+    pub namespace: String,
+    pub uid: String,
+    pub name: String,
+}
+
+impl ClaimRef {
+    pub fn new(namespace: &str, name: &str, uid: &str) -> ClaimRef {
+        ClaimRef {
+            namespace: namespace.into(),
+            uid: uid.into(),
+            name: name.into(),
+        }
+    }
+}
+
 /// What the plugin needs of a claim.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Claim {

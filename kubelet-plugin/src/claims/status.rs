@@ -29,7 +29,7 @@ use tessera_driver::inventory::Inventory;
 use tessera_driver::quantity;
 use tokio::sync::mpsc;
 
-use super::{ApiVersion, ClaimReader, GROUP};
+use super::{ApiVersion, ClaimReader, ClaimRef, GROUP};
 use crate::metrics::{Metrics, StatusWrite};
 
 /// The field manager of the plugin's `status.devices` entries.
@@ -166,18 +166,10 @@ pub fn up_to_date(existing: &[Value], desired: &[DeviceStatus]) -> bool {
             .all(|d| existing.iter().any(|e| d.said_by(e)))
 }
 
-/// A claim whose status is to be written.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClaimName {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-}
-
 #[derive(Debug)]
 enum Job {
-    Prepared(ClaimName, Vec<DeviceStatus>),
-    Unprepared(ClaimName),
+    Prepared(ClaimRef, Vec<DeviceStatus>),
+    Unprepared(ClaimRef),
 }
 
 /// How one write ended.
@@ -216,12 +208,12 @@ impl StatusWriter {
     }
 
     /// Says `devices` are prepared for `claim`.
-    pub fn prepared(&self, claim: ClaimName, devices: Vec<DeviceStatus>) {
+    pub fn prepared(&self, claim: ClaimRef, devices: Vec<DeviceStatus>) {
         let _ = self.jobs.send(Job::Prepared(claim, devices));
     }
 
     /// Removes what was said about `claim`.
-    pub fn unprepared(&self, claim: ClaimName) {
+    pub fn unprepared(&self, claim: ClaimRef) {
         let _ = self.jobs.send(Job::Unprepared(claim));
     }
 }
@@ -272,29 +264,30 @@ async fn run(
 async fn write_with_retries(
     client: &Client,
     reader: &ClaimReader,
-    claim: &ClaimName,
+    claim: &ClaimRef,
     devices: &[DeviceStatus],
 ) -> Outcome {
     let mut delay = Duration::from_millis(500);
-    for attempt in 1..=ATTEMPTS {
+    let mut attempt = 1;
+    loop {
         match write(client, reader, claim, devices).await {
             Err(error) if attempt < ATTEMPTS && retryable(&error) => {
                 tracing::debug!(claim_uid = %claim.uid, attempt, error = %tessera_api::error_chain::Chain(&error), "claim device status, retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
+                attempt += 1;
             }
             Err(error) => return failure(error),
             Ok(outcome) => return outcome,
         }
     }
-    unreachable!("the last attempt returns")
 }
 
 /// Applies `devices` (none: clears) as the claim's entries of this plugin.
 pub async fn write(
     client: &Client,
     reader: &ClaimReader,
-    claim: &ClaimName,
+    claim: &ClaimRef,
     devices: &[DeviceStatus],
 ) -> Result<Outcome, kube::Error> {
     let version = match reader.version().await {

@@ -22,7 +22,8 @@ use tessera_driver::cdi::{CdiMode, DriverFiles};
 use tessera_driver::checkpoint::{self, Checkpoint, ClaimState, PreparedClaim, PreparedDevice};
 use tessera_driver::{Inventory, claim_files, fsutil};
 
-use crate::claims::status::{ClaimName, DeviceStatus, StatusWriter};
+pub use crate::claims::ClaimRef;
+use crate::claims::status::{DeviceStatus, StatusWriter};
 use crate::claims::{self, ClaimReader};
 use crate::lock;
 use crate::metrics::Metrics;
@@ -77,24 +78,6 @@ impl NodeConfig {
             tracing::warn!(path = %self.checkpoint_path().display(), "checkpoint from before this boot is unreadable; starting afresh");
         }
         Ok(checkpoint)
-    }
-}
-
-/// A claim as the kubelet names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClaimRef {
-    pub namespace: String,
-    pub uid: String,
-    pub name: String,
-}
-
-impl ClaimRef {
-    pub fn new(namespace: &str, name: &str, uid: &str) -> ClaimRef {
-        ClaimRef {
-            namespace: namespace.into(),
-            uid: uid.into(),
-            name: name.into(),
-        }
     }
 }
 
@@ -241,7 +224,7 @@ impl Node {
         if said.is_some_and(|said| claims::status::up_to_date(said, &status)) {
             return;
         }
-        self.status.prepared(claim_name(claim), status);
+        self.status.prepared(claim.clone(), status);
     }
 
     fn prepare_locked(
@@ -483,7 +466,7 @@ impl Node {
             match &result {
                 Ok(()) => {
                     tracing::info!(claim_uid = %claim.uid, "unprepared claim");
-                    self.status.unprepared(claim_name(claim));
+                    self.status.unprepared(claim.clone());
                 }
                 Err(error) => {
                     tracing::warn!(claim_uid = %claim.uid, %error, "claim not unprepared")
@@ -524,14 +507,6 @@ impl Node {
         }
         self.step(Step::ClaimDirRemoved, uid)?;
         Ok(Ok(()))
-    }
-}
-
-fn claim_name(claim: &ClaimRef) -> ClaimName {
-    ClaimName {
-        namespace: claim.namespace.clone(),
-        name: claim.name.clone(),
-        uid: claim.uid.clone(),
     }
 }
 
