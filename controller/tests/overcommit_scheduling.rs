@@ -115,39 +115,6 @@ async fn results(cp: &ControlPlane, claim: &str) -> Vec<DeviceResult> {
         .collect()
 }
 
-/// Waits until the scheduler has tried `pod` and found no room (PodScheduled False,
-/// Unschedulable), which it says only after it looked at the node's devices.
-async fn wait_unschedulable(cp: &ControlPlane, pod: &str) {
-    let pods: Api<Pod> = Api::namespaced(cp.client(), "default");
-    let start = Instant::now();
-    loop {
-        let p = pods.get(pod).await.expect("pod");
-        assert_eq!(
-            p.spec.as_ref().and_then(|s| s.node_name.clone()),
-            None,
-            "{pod} must not be bound"
-        );
-        let unschedulable = p
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| {
-                c.type_ == "PodScheduled"
-                    && c.status == "False"
-                    && c.reason.as_deref() == Some("Unschedulable")
-            });
-        if unschedulable {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "{pod}: the scheduler never reported it unschedulable"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Waits until two of the three pods are bound to the node and returns the third's claim.
 async fn two_bound_one_pending(cp: &ControlPlane, claims: [&'static str; 3]) -> &'static str {
     let pods: Api<Pod> = Api::namespaced(cp.client(), "default");
@@ -213,7 +180,7 @@ async fn v1_37_factor_two_fits_more_claims_than_the_card() {
     for name in ["a", "b", "c"].into_iter().filter(|n| *n != pending) {
         assert_own_share(cp, name, &none).await;
     }
-    wait_unschedulable(cp, &format!("pod-{pending}")).await;
+    wait_unschedulable(cp, &format!("pod-{pending}"), "").await;
     assert!(
         results(cp, pending).await.is_empty(),
         "{pending} must stay unallocated"
@@ -230,6 +197,6 @@ async fn v1_37_factor_two_fits_more_claims_than_the_card() {
     }
     // The offered memory is a wall too: 12 + 6 GiB > 16 GiB.
     claim_and_pod(cp, "d", "6Gi").await;
-    wait_unschedulable(cp, "pod-d").await;
+    wait_unschedulable(cp, "pod-d", "").await;
     assert!(results(cp, "d").await.is_empty(), "d must stay unallocated");
 }

@@ -73,30 +73,6 @@ async fn claim_and_pod(cp: &ControlPlane, name: &str, tolerations: Value) {
     .expect("pod");
 }
 
-/// Waits until the scheduler has found no device for the pod (not merely a node taint: a new
-/// node is tainted not-ready until the node-lifecycle controller lifts it).
-async fn wait_no_device(cp: &ControlPlane, pod: &str) {
-    let pods: Api<Pod> = Api::namespaced(cp.client(), "default");
-    eventually(&format!("{pod} unschedulable"), BIND, || {
-        let pods = pods.clone();
-        async move {
-            let p = pods.get(pod).await.ok()?;
-            assert!(
-                p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none(),
-                "{pod} must not be bound"
-            );
-            p.status?.conditions?.into_iter().find_map(|c| {
-                (c.type_ == "PodScheduled"
-                    && c.status == "False"
-                    && c.reason.as_deref() == Some("Unschedulable")
-                    && c.message?.contains("cannot allocate all claims"))
-                .then_some(())
-            })
-        }
-    })
-    .await
-}
-
 /// Waits until the device-taint eviction controller has deleted the pod: marked it
 /// `DisruptionTarget` (`DeletionByDeviceTaintManager`) and set its deletion timestamp (without a
 /// kubelet, a bound pod stays terminating).
@@ -153,7 +129,8 @@ async fn v1_37_scheduler_honours_gpu_taints_and_taint_rules() {
         json!([{ "key": TAINT_UNHEALTHY, "operator": "Exists", "effect": "NoSchedule" }]),
     )
     .await;
-    wait_no_device(cp, "pod-plain").await;
+    // No device for it (not merely the not-ready taint of a new node).
+    wait_unschedulable(cp, "pod-plain", "cannot allocate all claims").await;
     assert_eq!(wait_for_binding(cp, "pod-tolerant", BIND).await, NODE);
 
     // Healthy again: the waiting pod is placed.
@@ -193,7 +170,7 @@ async fn v1_37_scheduler_honours_gpu_taints_and_taint_rules() {
     )
     .await;
     claim_and_pod(cp, "during-maintenance", json!([])).await;
-    wait_no_device(cp, "pod-during-maintenance").await;
+    wait_unschedulable(cp, "pod-during-maintenance", "cannot allocate all claims").await;
     let api: Api<DynamicObject> = Api::all_with(cp.client(), &rules);
     api.delete("maintenance-gpu-node-0-gpu-0", &DeleteParams::default())
         .await

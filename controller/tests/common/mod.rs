@@ -188,3 +188,37 @@ pub async fn create_generic_class(cp: &ControlPlane) {
     )
     .await;
 }
+
+/// Waits until the scheduler has reported `pod` Unschedulable with a message containing
+/// `message` (`""`: any); the pod must never be bound meanwhile.
+pub async fn wait_unschedulable(cp: &ControlPlane, pod: &str, message: &str) {
+    let pods: Api<Pod> = Api::namespaced(cp.client(), "default");
+    let start = Instant::now();
+    loop {
+        let p = pods.get(pod).await.expect("pod");
+        assert_eq!(
+            p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            None,
+            "{pod} must not be bound"
+        );
+        let unschedulable = p
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+                    && c.message.as_deref().unwrap_or_default().contains(message)
+            });
+        if unschedulable {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{pod}: the scheduler never reported it unschedulable ({message:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

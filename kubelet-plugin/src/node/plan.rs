@@ -76,14 +76,9 @@ impl Plan {
             })
             .collect();
         // `allocation::claim_limits_with` refuses a claim that mixes the two.
-        if limits.devices.iter().all(|d| d.admin_access) {
-            return Ok(Plan {
-                uid: claim.uid.clone(),
-                namespace: claim.namespace.clone(),
-                name: claim.name.clone(),
-                devices,
-                claim_dir: cdi::claim_dir(&config.state_dir, &claim.uid),
-                spec_path: config.cdi_dir.join(cdi::spec_file_name(&claim.uid)),
+        let admin = limits.devices.iter().all(|d| d.admin_access);
+        let shim = if admin {
+            ShimFiles {
                 config_json: Vec::new(),
                 host: HostPaths::new(&config.state_dir, &claim.uid),
                 spec: cdi::admin_claim_spec(
@@ -91,49 +86,11 @@ impl Plan {
                     &limits.devices,
                     config.driver_files.as_ref(),
                 ),
-                limits,
                 card_shares: Vec::new(),
-                admin: true,
-            });
-        }
-        // A claim that does not say whether it may spill gets the node's policy.
-        let oversubscribe = settings
-            .oversubscribe
-            .unwrap_or(config.oversubscribe_by_default);
-        let spill_limit = claim_config::spill_limit_bytes(&settings);
-        let mut shim_config =
-            claim_files::shim_config(&claim.uid, &limits.gpus, &settings, oversubscribe)?;
-        // On an overcommitted GPU the shim learns the card's physical memory (for the spill
-        // path) and the claim's spill limit, at most its memory limit there (which bounds the
-        // spill anyway); elsewhere the file stays as it always was.
-        for device in &mut shim_config.devices {
-            if let Some(gpu) = config.inventory.gpus.iter().find(|g| g.uuid == device.uuid)
-                && config.memory_overcommit.factor(gpu).overcommits()
-            {
-                device.physical_memory = Some(gpu.memory);
-                device.spill_limit = spill_limit.map(|bytes| bytes.min(device.memory_limit));
             }
-        }
-        let card_shares = shim_config
-            .devices
-            .iter()
-            .filter(|_| !shim_config.oversubscribe)
-            .filter_map(|d| {
-                d.physical_memory.map(|physical| CardShare {
-                    uuid: d.uuid.clone(),
-                    physical,
-                    bytes: d.memory_limit.min(physical),
-                })
-            })
-            .collect();
-        let mut host = HostPaths::new(&config.state_dir, &claim.uid);
-        host.priority = settings.priority;
-        let spec = cdi::claim_spec(
-            &claim.uid,
-            &limits.devices,
-            &host,
-            config.driver_files.as_ref(),
-        );
+        } else {
+            ShimFiles::new(config, &claim.uid, &limits, &settings)?
+        };
         Ok(Plan {
             uid: claim.uid.clone(),
             namespace: claim.namespace.clone(),
@@ -141,12 +98,12 @@ impl Plan {
             devices,
             claim_dir: cdi::claim_dir(&config.state_dir, &claim.uid),
             spec_path: config.cdi_dir.join(cdi::spec_file_name(&claim.uid)),
-            config_json: shim_config.to_json(),
-            host,
-            spec,
+            config_json: shim.config_json,
+            host: shim.host,
+            spec: shim.spec,
             limits,
-            card_shares,
-            admin: false,
+            card_shares: shim.card_shares,
+            admin,
         })
     }
 
@@ -185,6 +142,63 @@ impl Plan {
     pub fn write_spec(&self) -> std::io::Result<()> {
         std::fs::create_dir_all(self.spec_path.parent().unwrap_or(Path::new("/")))?;
         fsutil::write_atomic(&self.spec_path, &self.spec.to_json(), 0o644)
+    }
+}
+
+/// What puts the shim in a claim's containers: its config, its host paths, the CDI spec that
+/// mounts them, and what it needs on overcommitted cards.
+struct ShimFiles {
+    config_json: Vec<u8>,
+    host: HostPaths,
+    spec: Spec,
+    card_shares: Vec<CardShare>,
+}
+
+impl ShimFiles {
+    fn new(
+        config: &NodeConfig,
+        uid: &str,
+        limits: &ClaimLimits,
+        settings: &tessera_api::GpuConfig,
+    ) -> Result<ShimFiles, PlanError> {
+        // A claim that does not say whether it may spill gets the node's policy.
+        let oversubscribe = settings
+            .oversubscribe
+            .unwrap_or(config.oversubscribe_by_default);
+        let spill_limit = claim_config::spill_limit_bytes(settings);
+        let mut shim_config = claim_files::shim_config(uid, &limits.gpus, settings, oversubscribe)?;
+        // On an overcommitted GPU the shim learns the card's physical memory (for the spill
+        // path) and the claim's spill limit, at most its memory limit there (which bounds the
+        // spill anyway); elsewhere the file stays as it always was.
+        for device in &mut shim_config.devices {
+            if let Some(gpu) = config.inventory.gpus.iter().find(|g| g.uuid == device.uuid)
+                && config.memory_overcommit.factor(gpu).overcommits()
+            {
+                device.physical_memory = Some(gpu.memory);
+                device.spill_limit = spill_limit.map(|bytes| bytes.min(device.memory_limit));
+            }
+        }
+        let card_shares = shim_config
+            .devices
+            .iter()
+            .filter(|_| !shim_config.oversubscribe)
+            .filter_map(|d| {
+                d.physical_memory.map(|physical| CardShare {
+                    uuid: d.uuid.clone(),
+                    physical,
+                    bytes: d.memory_limit.min(physical),
+                })
+            })
+            .collect();
+        let mut host = HostPaths::new(&config.state_dir, uid);
+        host.priority = settings.priority;
+        let spec = cdi::claim_spec(uid, &limits.devices, &host, config.driver_files.as_ref());
+        Ok(ShimFiles {
+            config_json: shim_config.to_json(),
+            host,
+            spec,
+            card_shares,
+        })
     }
 }
 

@@ -136,6 +136,11 @@ impl<'a> Scenarios<'a> {
     /// that the claim's CDI spec is gone from the node.
     async fn delete(&self, name: &str) {
         let claim_uids = self.claim_uids(name).await;
+        self.delete_with_claims(name, claim_uids).await;
+    }
+
+    /// [`Scenarios::delete`] for a pod whose claims are `claim_uids`.
+    async fn delete_with_claims(&self, name: &str, claim_uids: Vec<String>) {
         self.pods
             .delete(name, &DeleteParams::default())
             .await
@@ -198,10 +203,11 @@ impl<'a> Scenarios<'a> {
             .unwrap_or_else(|| panic!("no extendedResourceClaimStatus: {}", raw.data["status"]))
             .to_string();
         let claim = self.claims().get(&claim_name).await.expect("the claim");
-        let spec = self.node.cdi_dir().join(format!(
-            "tessera-{}.json",
-            claim.metadata.uid.clone().unwrap_or_default()
-        ));
+        let claim_uid = claim.metadata.uid.clone().unwrap_or_default();
+        let spec = self
+            .node
+            .cdi_dir()
+            .join(format!("tessera-{claim_uid}.json"));
         assert!(spec.exists(), "prepared: {}", spec.display());
         wait_until("the claim's status.devices", self.node, || async {
             let claim = self
@@ -223,21 +229,8 @@ impl<'a> Scenarios<'a> {
             total > 20.0,
             "a whole GPU (24 or 48 GiB), the class's default share: {total} GiB\n{log}"
         );
-        self.pods
-            .delete("extended", &DeleteParams::default())
-            .await
-            .expect("deleting the pod");
-        wait_gone(&self.pods, "extended", self.node).await;
-        wait_until(
-            "the extended resource claim unprepared",
-            self.node,
-            || async {
-                (!spec.exists())
-                    .then_some(())
-                    .ok_or_else(|| format!("{} exists", spec.display()))
-            },
-        )
-        .await;
+        // The scheduler's claim is named in the pod's status, not where `claim_uids` looks.
+        self.delete_with_claims("extended", vec![claim_uid]).await;
 
         // A name no class maps: Pending, and the scheduler says which resource is missing.
         let unmapped = "gpu.tessera.dev/gpu-typo";
