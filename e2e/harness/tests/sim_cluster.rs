@@ -752,12 +752,29 @@ async fn prioritized_list_takes_the_first_that_fits(suite: &mut Suite) {
         .await
         .expect("creating the claim template");
     suite.no_claims_left().await;
+    // The worker waits for the test to have read the allocation: a pod that ends at once has
+    // its generated claim deallocated and deleted, which a slow machine's poll can miss.
+    let go = suite.shared.join("go-first-available");
+    let _ = std::fs::remove_file(&go);
     let container = ContainerSpec {
         name: "main".into(),
-        command: suite.worker(&["--allocate", "3Gi"]),
+        command: suite.worker(&[
+            "--wait-for",
+            "/shared/go-first-available",
+            "--allocate",
+            "3Gi",
+        ]),
         claims: vec!["gpu".into()],
     };
-    let pod = workloads::pod(NS, name, &[("gpu", &template)], &[container], &[], &[]);
+    let shared = suite.shared.display().to_string();
+    let pod = workloads::pod(
+        NS,
+        name,
+        &[("gpu", &template)],
+        &[container],
+        &[(&shared, "/shared")],
+        &[],
+    );
     workloads::create(&suite.client(), &pod)
         .await
         .expect("creating the pod");
@@ -765,6 +782,7 @@ async fn prioritized_list_takes_the_first_that_fits(suite: &mut Suite) {
     let result = &claim["status"]["allocation"]["devices"]["results"][0];
     assert_eq!(result["request"], "gpu/rtx3080", "{result}");
     assert_eq!(result["pool"], "gpu-node-b", "{result}");
+    std::fs::write(&go, b"").expect("letting the worker go");
     let pod = suite.finished(name).await;
     let log = suite.log(&pod, "main");
     assert_eq!(workloads::exit_code(&pod, "main"), Some(1), "{log}");
