@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dra/v1/api.proto",
         "proto/dra/v1beta1/api.proto",
         "proto/dra/v1alpha4/api.proto",
+        "proto/dra-health/v1/api.proto",
+        "proto/dra-health/v1alpha1/api.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -25,9 +25,28 @@ pub const SUPPORTED_VERSIONS: [&str; 4] = [
     "1.0.0",
 ];
 
+/// What GetInfo advertises: [`SUPPORTED_VERSIONS`], and the health services
+/// ([`crate::device_health::SERVICES`]) when `health` is served. Unknown entries are skipped by
+/// every kubelet, so the health services may come after the DRA ones.
+pub fn supported_versions(health: bool) -> Vec<String> {
+    let (dra, oldest) = SUPPORTED_VERSIONS.split_at(2);
+    let health: &[&str] = if health {
+        &crate::device_health::SERVICES
+    } else {
+        &[]
+    };
+    dra.iter()
+        .chain(health)
+        .chain(oldest)
+        .map(|v| v.to_string())
+        .collect()
+}
+
 /// `pluginregistration.Registration`.
 pub struct Registration {
     pub endpoint: String,
+    /// What GetInfo answers ([`supported_versions`]).
+    pub supported_versions: Vec<String>,
     /// Whether the kubelet last reported the registration as successful.
     pub registered: Arc<AtomicBool>,
     /// Where a refused registration is reported, besides the log.
@@ -45,7 +64,7 @@ impl registration::registration_server::Registration for Registration {
             r#type: "DRAPlugin".into(),
             name: DRIVER_NAME.into(),
             endpoint: self.endpoint.clone(),
-            supported_versions: SUPPORTED_VERSIONS.iter().map(|v| v.to_string()).collect(),
+            supported_versions: self.supported_versions.clone(),
         }))
     }
 

@@ -8,6 +8,7 @@
 
 pub mod claims;
 pub mod cli;
+pub mod device_health;
 pub mod grpc;
 pub mod h2_authority;
 pub mod http;

@@ -14,7 +14,7 @@ use tessera_kubelet_plugin::cli::{Args, CdiModeArg, LogFormat, MetricsAuthArg};
 use tessera_kubelet_plugin::metrics::Metrics;
 use tessera_kubelet_plugin::metrics_auth::Authorizer;
 use tessera_kubelet_plugin::node::health::{
-    HealthConfig, HealthSource, NodeEvents, REASON_PLUGIN_FAILED,
+    self, HealthConfig, HealthSource, NodeEvents, REASON_PLUGIN_FAILED,
 };
 use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets, http, install};
 
@@ -157,11 +157,8 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
         &args.plugin_dir,
         args.instance_id.as_deref(),
     );
-    let plugin = Plugin::start(node, sockets, events)
-        .await
-        .context("serving the plugin's sockets")?;
-    // Slices only once the plugin is registered: the kubelet removes a node's slices of drivers
-    // it has no plugin for.
+    // The health watcher's first look comes before the plugin registers: a GPU already
+    // unhealthy is never published as healthy, nor reported so to the kubelet.
     let health = HealthConfig {
         source: match (&args.inventory, args.health_interval) {
             (_, 0) => HealthSource::Off,
@@ -170,11 +167,25 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
         },
         interval: std::time::Duration::from_secs(args.health_interval),
     };
+    let health = health::watch(health, inventory, events.clone());
+    if health.observed {
+        let (metrics, gpus) = (metrics.clone(), health.gpus.clone());
+        tokio::spawn(async move { metrics.follow_gpu_health(gpus).await });
+    }
+    let plugin = Plugin::start(
+        node,
+        sockets,
+        events,
+        health.observed.then(|| health.gpus.clone()),
+    )
+    .await
+    .context("serving the plugin's sockets")?;
+    // Slices only once the plugin is registered: the kubelet removes a node's slices of drivers
+    // it has no plugin for.
     let slices = tessera_kubelet_plugin::slices::start_with(
         client.clone(),
         &args.node_name,
         &args.sharing_mode,
-        inventory,
         health,
         args.memory_overcommit.clone(),
     )?;

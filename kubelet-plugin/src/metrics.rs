@@ -15,6 +15,8 @@
 //! | `tessera_unprepared_claims_total` / `tessera_unprepare_errors_total` | counter | — |
 //! | `tessera_claim_status_writes_total` | counter | outcome (written, cleared, gone, not_served, dropped, failed) |
 //! | `tessera_claims_prepared` | gauge | — |
+//! | `tessera_kubelet_health_streams` | gauge | — (the kubelet's open `DRAResourceHealth` streams: 1 where it watches) |
+//! | `tessera_gpu_healthy` | gauge | gpu_uuid, product (1 healthy, 0 tainted or withdrawn; every GPU of the start-up inventory) |
 //! | `tessera_claim_memory_used_bytes` | gauge | namespace, claim, claim_uid, gpu_uuid |
 //! | `tessera_claim_memory_limit_bytes` | gauge | same |
 //! | `tessera_claim_memory_spilled_bytes` | gauge | same (host memory; 0 until the shim spills) |
@@ -35,6 +37,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tessera_driver::checkpoint::{Checkpoint, ClaimState};
+use tessera_driver::health::NodeGpus;
 
 use crate::regions;
 
@@ -48,6 +51,14 @@ pub struct Metrics {
     unprepared: Counter,
     unprepare_errors: Counter,
     status_writes: Family<StatusWriteLabels, Counter>,
+    health_streams: Gauge,
+    gpu_healthy: Family<GpuLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct GpuLabels {
+    gpu_uuid: String,
+    product: String,
 }
 
 /// How a write of a claim's `status.devices` ended (see `claims::status`).
@@ -135,6 +146,18 @@ impl Metrics {
             "Writes of prepared claims' status.devices, by outcome",
             status_writes.clone(),
         );
+        let health_streams = Gauge::default();
+        registry.register(
+            "kubelet_health_streams",
+            "The kubelet's open DRAResourceHealth streams (1 where it watches device health)",
+            health_streams.clone(),
+        );
+        let gpu_healthy = Family::<GpuLabels, Gauge>::default();
+        registry.register(
+            "gpu_healthy",
+            "1 while the GPU is healthy, 0 while it is tainted or withdrawn for its health",
+            gpu_healthy.clone(),
+        );
         registry.register_collector(Box::new(ClaimCollector { state_dir }));
         Metrics {
             registry,
@@ -144,7 +167,38 @@ impl Metrics {
             unprepared,
             unprepare_errors,
             status_writes,
+            health_streams,
+            gpu_healthy,
         }
+    }
+
+    /// Sets `tessera_gpu_healthy` for every GPU of `gpus`.
+    pub fn observe_gpu_health(&self, gpus: &NodeGpus) {
+        self.gpu_healthy.clear();
+        for gpu in &gpus.known.gpus {
+            let healthy = !gpus.unhealthy.contains_key(&gpu.uuid);
+            self.gpu_healthy
+                .get_or_create(&GpuLabels {
+                    gpu_uuid: gpu.uuid.clone(),
+                    product: gpu.product_name.clone(),
+                })
+                .set(i64::from(healthy));
+        }
+    }
+
+    /// Keeps `tessera_gpu_healthy` up to date with the health watcher until it stops.
+    pub async fn follow_gpu_health(&self, mut gpus: tokio::sync::watch::Receiver<NodeGpus>) {
+        loop {
+            self.observe_gpu_health(&gpus.borrow_and_update());
+            if gpus.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The gauge of the kubelet's open health streams.
+    pub fn health_streams(&self) -> Gauge {
+        self.health_streams.clone()
     }
 
     pub fn observe_prepare(&self, duration: Duration, ok: usize, failed: usize) {

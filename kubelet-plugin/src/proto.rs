@@ -20,3 +20,13 @@ pub mod v1beta1 {
 pub mod v1alpha3 {
     tonic::include_proto!("v1alpha3");
 }
+
+/// `v1.DRAResourceHealth`: kubelet 1.37 and newer.
+pub mod health_v1 {
+    tonic::include_proto!("v1");
+}
+
+/// `v1alpha1.DRAResourceHealth`: kubelet 1.34 to 1.39 (the same messages as `v1`).
+pub mod health_v1alpha1 {
+    tonic::include_proto!("v1alpha1");
+}

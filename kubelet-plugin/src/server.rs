@@ -18,11 +18,13 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
+use crate::device_health::DeviceHealthService;
 use crate::grpc::{DraService, Registration};
 use crate::h2_authority::RewriteIncoming;
 use crate::node::Node;
 use crate::node::health::NodeEvents;
-use crate::proto::{registration, v1, v1alpha3, v1beta1};
+use crate::proto::{health_v1, health_v1alpha1, registration, v1, v1alpha3, v1beta1};
+use tessera_driver::health::NodeGpus;
 
 /// The longest path a unix socket address holds (`sun_path`, with its NUL).
 const UNIX_PATH_MAX: usize = 107;
@@ -76,26 +78,40 @@ pub struct Plugin {
 impl Plugin {
     /// Binds both sockets (the DRA one first, so the kubelet never learns of a socket that does
     /// not answer yet) and starts serving.
-    /// A registration the kubelet refuses is reported to `events` too.
+    /// A registration the kubelet refuses is reported to `events` too. With `health` (the
+    /// node's GPUs as the health watcher sees them) the plugin also serves and advertises
+    /// `DRAResourceHealth`; without it (health checks off) the kubelet is not offered it.
     pub async fn start(
         node: Arc<Node>,
         sockets: Sockets,
         events: Option<NodeEvents>,
+        health: Option<watch::Receiver<NodeGpus>>,
     ) -> io::Result<Plugin> {
         let (shutdown, signal) = watch::channel(false);
         let registered = Arc::new(AtomicBool::new(false));
+        let supported_versions = crate::grpc::supported_versions(health.is_some());
+        let health = health.map(|gpus| DeviceHealthService::new(node.clone(), gpus));
         let service = DraService { node };
         let dra = bind(&sockets.dra)?;
         let until = shutdown_signal(signal.clone());
-        let dra_server = tokio::spawn(
-            Server::builder()
-                .add_service(v1::dra_plugin_server::DraPluginServer::new(service.clone()))
-                .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(
-                    service.clone(),
-                ))
-                .add_service(v1alpha3::node_server::NodeServer::new(service))
-                .serve_with_incoming_shutdown(any_authority(dra), until),
-        );
+        let dra_server =
+            tokio::spawn(
+                Server::builder()
+                    .add_service(v1::dra_plugin_server::DraPluginServer::new(service.clone()))
+                    .add_service(v1beta1::dra_plugin_server::DraPluginServer::new(
+                        service.clone(),
+                    ))
+                    .add_service(v1alpha3::node_server::NodeServer::new(service))
+                    .add_optional_service(
+                        health.clone().map(
+                            health_v1::dra_resource_health_server::DraResourceHealthServer::new,
+                        ),
+                    )
+                    .add_optional_service(health.map(
+                        health_v1alpha1::dra_resource_health_server::DraResourceHealthServer::new,
+                    ))
+                    .serve_with_incoming_shutdown(any_authority(dra), until),
+            );
         // The kubelet dials the endpoint from its own working directory: always absolute.
         let endpoint = std::path::absolute(&sockets.dra)
             .unwrap_or_else(|_| sockets.dra.clone())
@@ -103,6 +119,7 @@ impl Plugin {
             .to_string();
         let registrar = Registration {
             endpoint,
+            supported_versions,
             registered: registered.clone(),
             events,
         };

@@ -10,21 +10,27 @@ use tessera_controller::node::{ModeSetting, NodeController, NodeControllerConfig
 use tessera_driver::health::NodeGpus;
 use tessera_driver::{Inventory, MemoryOvercommit};
 
-use crate::node::health::{self, HealthConfig, NodeEvents};
+use crate::node::health::{self, HealthConfig, HealthWatch, NodeEvents};
 
 /// Aborts the slice controller and the health watcher on drop.
 pub struct SliceController {
     task: Option<tokio::task::JoinHandle<()>>,
-    health: Option<tokio::task::JoinHandle<()>>,
-    /// The node's GPUs being published, and which are unhealthy.
-    pub inventory: tokio::sync::watch::Receiver<NodeGpus>,
+    /// The health watcher the controller follows; dropped (stopped) with it.
+    health: HealthWatch,
     /// What the controller last published (`None` with `--sharing-mode off`).
     pub status: Option<tokio::sync::watch::Receiver<NodeStatus>>,
 }
 
+impl SliceController {
+    /// The node's GPUs being published, and which are unhealthy.
+    pub fn inventory(&self) -> tokio::sync::watch::Receiver<NodeGpus> {
+        self.health.gpus.clone()
+    }
+}
+
 impl Drop for SliceController {
     fn drop(&mut self) {
-        for task in [self.task.take(), self.health.take()].into_iter().flatten() {
+        if let Some(task) = self.task.take() {
             task.abort();
         }
     }
@@ -40,51 +46,39 @@ pub fn start(
     inventory: Inventory,
     health: HealthConfig,
 ) -> anyhow::Result<SliceController> {
-    start_with(
-        client,
-        node,
-        mode,
-        inventory,
-        health,
-        MemoryOvercommit::none(),
-    )
+    let events = NodeEvents::new(client.clone(), node);
+    let health = health::watch(health, inventory, Some(events));
+    start_with(client, node, mode, health, MemoryOvercommit::none())
 }
 
-/// [`start`] on a node whose memory is overcommitted (`--memory-overcommit`): the slices offer
-/// physical × factor (`docs/oversubscription.md`).
+/// [`start`] with the health watcher already running (the plugin starts it before it
+/// registers, so the kubelet's health stream has it), on a node whose memory may be
+/// overcommitted (`--memory-overcommit`): the slices offer physical × factor
+/// (`docs/oversubscription.md`).
 pub fn start_with(
     client: kube::Client,
     node: &str,
     mode: &str,
-    inventory: Inventory,
-    health: HealthConfig,
+    health: HealthWatch,
     memory_overcommit: MemoryOvercommit,
 ) -> anyhow::Result<SliceController> {
     if mode == "off" {
-        let (_tx, rx) = tokio::sync::watch::channel(NodeGpus::from(inventory));
         tracing::info!("--sharing-mode off: not publishing ResourceSlices");
         return Ok(SliceController {
             task: None,
-            health: None,
-            inventory: rx,
+            health,
             status: None,
         });
     }
     let mode: ModeSetting = mode
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--sharing-mode: {e}"))?;
-    // The first look before the first publish: a GPU unhealthy at start is never offered.
-    let (tracker, changes) = health::first_look(&health, inventory);
-    let (tx, rx) = tokio::sync::watch::channel(tracker.node_gpus());
-    let events = NodeEvents::new(client.clone(), node);
-    let health = tokio::spawn(health::run(health, tracker, changes, tx, Some(events)));
     let mut config = NodeControllerConfig::new(node, mode);
     config.memory_overcommit = memory_overcommit;
-    let (controller, status) = NodeController::new(client, config, rx.clone());
+    let (controller, status) = NodeController::new(client, config, health.gpus.clone());
     Ok(SliceController {
         task: Some(tokio::spawn(controller.run())),
-        health: Some(health),
-        inventory: rx,
+        health,
         status: Some(status),
     })
 }

@@ -6,6 +6,7 @@ mod support;
 
 use http_body_util::BodyExt;
 use support::*;
+use tessera_driver::health::{NodeGpus, TAINT_UNHEALTHY, Taint, TaintEffect, Unhealthy};
 use tower::ServiceExt;
 
 const UID: &str = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a77";
@@ -124,6 +125,9 @@ async fn openmetrics_for_prometheus_and_classic_text_that_promtool_accepts_for_t
     let env = Env::new(&["v1"]);
     let instance = started_with_train_prepared(&env).await;
     let owner = charge_region(&env.claim_dir(UID).join("region"), &[(0, 3 * GIB, 0)]);
+    instance
+        .metrics
+        .observe_gpu_health(&NodeGpus::from(env.inventory.clone()));
     let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
 
     let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
@@ -159,4 +163,53 @@ async fn openmetrics_for_prometheus_and_classic_text_that_promtool_accepts_for_t
     }
     drop(owner);
     instance.stop().await;
+}
+
+/// `tessera_gpu_healthy` follows the health watcher: 1 for each healthy GPU, 0 while one is
+/// held unhealthy, 1 again once it is back.
+#[test]
+fn each_gpu_says_whether_it_is_healthy() {
+    let env = Env::new(&["v1"]);
+    let metrics = tessera_kubelet_plugin::metrics::Metrics::new(env.path("state"));
+    // Sorted: a family's series come in no fixed order.
+    let series = |metrics: &tessera_kubelet_plugin::metrics::Metrics| -> Vec<String> {
+        let mut lines: Vec<String> = metrics
+            .encode()
+            .expect("metrics")
+            .lines()
+            .filter(|l| l.starts_with("tessera_gpu_healthy{"))
+            .map(String::from)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let healthy = NodeGpus::from(env.inventory.clone());
+    metrics.observe_gpu_health(&healthy);
+    let both = [
+        format!(r#"tessera_gpu_healthy{{gpu_uuid="{GPU1}",product="NVIDIA L40S"}} 1"#),
+        format!(r#"tessera_gpu_healthy{{gpu_uuid="{GPU0}",product="NVIDIA GeForce RTX 4090"}} 1"#),
+    ];
+    assert_eq!(series(&metrics), both);
+    let mut one_down = healthy.clone();
+    one_down.unhealthy.insert(
+        GPU1.into(),
+        Unhealthy {
+            reason: "NVML cannot reach it".into(),
+            taint: Taint {
+                key: TAINT_UNHEALTHY,
+                value: String::new(),
+                effect: TaintEffect::NoSchedule,
+            },
+        },
+    );
+    metrics.observe_gpu_health(&one_down);
+    assert_eq!(
+        series(&metrics),
+        [
+            format!(r#"tessera_gpu_healthy{{gpu_uuid="{GPU1}",product="NVIDIA L40S"}} 0"#),
+            both[1].clone(),
+        ]
+    );
+    metrics.observe_gpu_health(&healthy);
+    assert_eq!(series(&metrics), both);
 }

@@ -92,6 +92,9 @@ async fn with_monitoring_crds(client: &kube::Client) -> Capabilities {
             && caps
                 .api_versions
                 .contains("monitoring.coreos.com/v1/ServiceMonitor")
+            && caps
+                .api_versions
+                .contains("monitoring.coreos.com/v1/PrometheusRule")
         {
             return caps;
         }
@@ -153,6 +156,7 @@ async fn dry_run(cluster: &Cluster, minor: u32) {
             "Deployment",
             "DeviceClass",
             "PodMonitor",
+            "PrometheusRule",
             "ServiceMonitor",
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicyBinding",

@@ -766,6 +766,8 @@ fn dashboard_uses_real_metric_names() {
         ("claim_memory_limit", "_bytes"),
         ("claim_cores_limit", "_ratio"),
         ("claim_processes", ""),
+        ("kubelet_health_streams", ""),
+        ("gpu_healthy", ""),
     ] {
         assert!(
             plugin.contains(&format!("\"{name}\"")),

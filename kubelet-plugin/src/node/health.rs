@@ -93,6 +93,37 @@ pub const REASON_REGISTRATION_REFUSED: &str = "RegistrationRefused";
 /// The plugin could not start (or stopped) on the node; the note is the error.
 pub const REASON_PLUGIN_FAILED: &str = "PluginFailed";
 
+/// The health watcher, running: [`HealthWatch::gpus`] follows the node's GPUs and which are
+/// unhealthy (for the slice controller and the kubelet's health stream). Dropping it stops the
+/// watcher.
+pub struct HealthWatch {
+    pub gpus: watch::Receiver<NodeGpus>,
+    /// Whether anything looks at the GPUs (`false` with health checks off: every GPU is taken
+    /// as healthy, and nothing can say otherwise).
+    pub observed: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HealthWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Takes the first look (see [`first_look`]), reports it, and starts following the source.
+/// Must be called in a Tokio runtime.
+pub fn watch(config: HealthConfig, known: Inventory, events: Option<NodeEvents>) -> HealthWatch {
+    let observed = config.source != HealthSource::Off;
+    let (tracker, changes) = first_look(&config, known);
+    let (tx, gpus) = watch::channel(tracker.node_gpus());
+    let task = tokio::spawn(run(config, tracker, changes, tx, events));
+    HealthWatch {
+        gpus,
+        observed,
+        task,
+    }
+}
+
 /// The first look at the node, taken before anything is published, so that a GPU already
 /// unhealthy at start is never offered. Returns the tracker to [`run`] with and the changes to
 /// report (what to publish first is `tracker.node_gpus()`).

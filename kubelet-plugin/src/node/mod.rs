@@ -130,6 +130,9 @@ pub struct Node {
     fault: Option<FaultHook>,
     /// Claims that may not spill, held back until an overcommitted card has their share.
     waiting: std::sync::Mutex<BTreeMap<String, Waiting>>,
+    /// Marked after every call that may have changed what is prepared, so the health stream
+    /// reports a newly prepared device at once ([`Node::prepared_changes`]).
+    prepared: tokio::sync::watch::Sender<()>,
 }
 
 impl Node {
@@ -145,7 +148,25 @@ impl Node {
             metrics,
             fault: None,
             waiting: Default::default(),
+            prepared: tokio::sync::watch::Sender::new(()),
         }
+    }
+
+    /// Changes each time a prepare or unprepare call of this instance has ended.
+    pub fn prepared_changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.prepared.subscribe()
+    }
+
+    /// The devices of every claim prepared on the node since this boot, read from the
+    /// checkpoint (which every instance on the node shares).
+    pub fn prepared_devices(&self) -> Result<Vec<PreparedDevice>, CallError> {
+        let checkpoint = self.config.load_checkpoint()?;
+        Ok(checkpoint
+            .claims
+            .keys()
+            .filter_map(|uid| checkpoint.completed(uid, &self.config.boot_id))
+            .flat_map(|claim| claim.devices.iter().cloned())
+            .collect())
     }
 
     /// Installs a fault hook (tests).
@@ -156,6 +177,10 @@ impl Node {
 
     pub fn config(&self) -> &NodeConfig {
         &self.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn step(&self, step: Step, uid: &str) -> Result<(), CallError> {
@@ -206,6 +231,7 @@ impl Node {
                 }
             }
         }
+        self.prepared.send_replace(());
         result
     }
 
@@ -478,6 +504,7 @@ impl Node {
         if changed {
             checkpoint.save(&path, false)?;
             self.publish_memory_reservations();
+            self.prepared.send_replace(());
         }
         Ok(results)
     }

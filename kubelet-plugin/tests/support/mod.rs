@@ -90,6 +90,18 @@ impl Env {
         instance: Option<&str>,
         fault: Option<FaultHook>,
     ) -> Instance {
+        self.start_watching_health(config, instance, fault, None)
+            .await
+    }
+
+    /// [`Env::start_with`], serving the kubelet's health stream from `health` when given.
+    pub async fn start_watching_health(
+        &self,
+        config: NodeConfig,
+        instance: Option<&str>,
+        fault: Option<FaultHook>,
+        health: Option<tokio::sync::watch::Receiver<tessera_driver::health::NodeGpus>>,
+    ) -> Instance {
         std::fs::create_dir_all(&config.plugin_dir).expect("plugin dir");
         let metrics = Arc::new(Metrics::new(config.state_dir.clone()));
         let mut node = Node::new(config, self.api.client(), metrics.clone());
@@ -101,7 +113,7 @@ impl Env {
             &self.path("plugins/gpu.tessera.dev"),
             instance,
         );
-        let plugin = Plugin::start(Arc::new(node), sockets.clone(), None)
+        let plugin = Plugin::start(Arc::new(node), sockets.clone(), None, health)
             .await
             .expect("plugin starts");
         let kubelet = Kubelet::connect(&sockets.dra).await;

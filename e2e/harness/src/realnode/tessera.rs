@@ -84,11 +84,20 @@ pub fn fake_driver_root(driver: &Path, artifacts: &Artifacts) -> Result<()> {
     Ok(())
 }
 
+/// Where the plugin's fake NVML reads XID events on `node` (`FAKEGPU_EVENTS`): a line
+/// `{"uuid": …, "xid": …}` appended here is an XID on that GPU, as the driver would report it.
+pub fn fake_xid_events(node: &RealNode) -> PathBuf {
+    node.root().join("gpu/fake-events/events")
+}
+
 /// The chart's values for `node`: Tessera's images as [`debug_images`] tags them, never
 /// pulled; standalone CDI with the fake driver root; the node's kubelet root, CDI and state
-/// directories; the node's own boot ID ([`boot_id_file`]). `extra` is merged over them (top-level keys replaced).
+/// directories; the node's own boot ID ([`boot_id_file`]); the fake driver's XID events
+/// ([`fake_xid_events`]). `extra` is merged over them (top-level keys replaced).
 pub fn chart_values(node: &RealNode, sharing_mode: &str, tag: &str, extra: Value) -> Value {
     let driver = driver_root(node);
+    let events = fake_xid_events(node);
+    let events_dir = events.parent().unwrap_or(&events);
     let mut values = json!({
         "image": { "registry": REGISTRY, "tag": tag, "pullPolicy": "Never" },
         "sharingMode": sharing_mode,
@@ -104,6 +113,10 @@ pub fn chart_values(node: &RealNode, sharing_mode: &str, tag: &str, extra: Value
                 format!("--dev-root={}", driver.display()),
                 format!("--boot-id-file={}", boot_id_file(node).display()),
             ],
+            "extraEnv": [{ "name": "FAKEGPU_EVENTS", "value": "/fake-gpu-events/events" }],
+            "extraVolumes": [{ "name": "fake-gpu-events", "hostPath": {
+                "path": events_dir, "type": "DirectoryOrCreate" } }],
+            "extraVolumeMounts": [{ "name": "fake-gpu-events", "mountPath": "/fake-gpu-events" }],
         },
         "controller": { "logFormat": "text" },
         "monitoring": { "enabled": false },

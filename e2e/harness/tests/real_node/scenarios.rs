@@ -3,7 +3,8 @@
 //! admin's namespace label (under the chart's RBAC), the kubelet restarted with a prepared
 //! claim, the plugin's pod deleted while claims are prepared (one pod running, one between
 //! prepare and container start), the DaemonSet rolled while a claim is prepared, a claim
-//! deleted before it is unprepared, and the node rebooted with a prepared claim. After each,
+//! deleted before it is unprepared, a GPU's XID shown in its pod's status (1.36+), and the
+//! node rebooted with a prepared claim. After each,
 //! the claim's CDI spec is gone from the node: the kubelet unprepared it through whichever
 //! plugin instance ran then.
 
@@ -286,6 +287,87 @@ impl<'a> Scenarios<'a> {
             }
         }
         uids
+    }
+
+    /// KEP-4680 on the real kubelet: the plugin's `DRAResourceHealth` stream puts the health
+    /// of a pod's GPU into its container status (`allocatedResourcesStatus`): `Healthy` while
+    /// the L40S is, then `Unhealthy` with the XID in the message once the fake driver reports
+    /// XID 79 on it. The claim tolerates the XID taint, so the pod stays to show it (without,
+    /// the taint evicts it). The L40S stays withdrawn until the plugin restarts.
+    async fn health_in_pod_status(&self) {
+        let name = "health-watched";
+        let selection = Selection::class("gpu.tessera.dev").cel(&format!(
+            r#"device.attributes["gpu.tessera.dev"].uuid == "{L40S}""#
+        ));
+        let share = Share {
+            memory: "2Gi".into(),
+            cores: 25,
+            tenths: 2,
+            gpu_config: None,
+        };
+        let mut template =
+            workloads::claim_template(self.version, "default", name, &selection, &share);
+        template["spec"]["spec"]["devices"]["requests"][0]["exactly"]["tolerations"] = json!([{
+            "key": "gpu.tessera.dev/xid", "operator": "Exists", "effect": "NoExecute",
+        }]);
+        workloads::create(&self.client, &template)
+            .await
+            .unwrap_or_else(|e| panic!("creating ResourceClaimTemplate {name}: {e}"));
+        let sync = self
+            .start_holder(name, json!({ "resourceClaimTemplateName": name }))
+            .await;
+        // The pod's status as served: k8s-openapi's types lag the health message.
+        let pods: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            "default",
+            &kube::api::ApiResource::erase::<Pod>(&()),
+        );
+        let gpu_health = || async {
+            let pod = pods.get(name).await.map_err(|e| e.to_string())?;
+            let status = pod.data["status"]["containerStatuses"][0]["allocatedResourcesStatus"]
+                .as_array()
+                .and_then(|s| s.iter().find(|r| r["name"] == "claim:gpu"))
+                .map(|r| r["resources"][0].clone())
+                .unwrap_or(Value::Null);
+            Ok::<Value, String>(status)
+        };
+        wait_until(
+            "the pod's status showing its GPU healthy",
+            self.node,
+            || async {
+                let status = gpu_health().await?;
+                (status["health"] == "Healthy")
+                    .then_some(())
+                    .ok_or_else(|| format!("allocatedResourcesStatus: {status}"))
+            },
+        )
+        .await;
+        // The fake NVML delivers an XID only to a watcher already registered, as NVML does:
+        // appended again until the plugin has seen it (repeats change nothing).
+        let events = on_node::fake_xid_events(self.node);
+        let xid = format!("{}\n", json!({ "uuid": L40S, "xid": 79 }));
+        wait_until(
+            "the pod's status showing its GPU unhealthy with the XID",
+            self.node,
+            || async {
+                use std::io::Write;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&events)
+                    .and_then(|mut f| f.write_all(xid.as_bytes()))
+                    .map_err(|e| format!("appending to {}: {e}", events.display()))?;
+                let status = gpu_health().await?;
+                let message = status["message"].as_str().unwrap_or_default();
+                (status["health"] == "Unhealthy"
+                    && message.contains("XID 79")
+                    && message.contains(L40S))
+                .then_some(())
+                .ok_or_else(|| format!("allocatedResourcesStatus: {status}"))
+            },
+        )
+        .await;
+        self.release_and_delete(name, &sync).await;
     }
 
     fn claims(&self) -> Api<DynamicObject> {
@@ -667,6 +749,13 @@ async fn scenarios(version: K8sVersion) {
         .await;
     Scenarios::assert_succeeded(&pod_, &log);
     s.delete("after-restart").await;
+
+    // The GPU's health in the pod's status (kubelet 1.36+, ResourceHealthStatus on by
+    // default); the L40S it marks unhealthy is healthy again after the rolling update below.
+    if version.minor() >= 36 {
+        step("a GPU's XID shown in the status of the pod using it");
+        s.health_in_pod_status().await;
+    }
 
     // A rolling update of the DaemonSet while a claim is prepared: 1.33+ kubelets take the new
     // instance beside the old one (maxSurge), older ones get it after the old one is gone;
