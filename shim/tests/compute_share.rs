@@ -368,3 +368,33 @@ fn a_claim_that_truncates_the_board_files_it_can_write_harms_no_neighbour() {
     app.finish();
     attacker.finish();
 }
+
+/// A claim whose compute board entry cannot be opened (here the GPU's board directory is a
+/// file) still runs, at its cores, and says on stderr that it has no priority and no idle-GPU
+/// boost instead of losing them silently.
+#[test]
+fn a_claim_without_its_board_entry_says_so() {
+    let scene = Scene::new();
+    let board = scene.dir.path().join("board");
+    std::fs::create_dir_all(&board).expect("board dir");
+    std::fs::write(board.join(GPU0), b"not a directory").expect("blocking the GPU's directory");
+    let config = scene.compute_claim(
+        "c",
+        Share {
+            cores: 50,
+            priority: "high",
+            policy: "default",
+        },
+    );
+    let mut app = scene.start_compute("dlsym", Some(&config));
+    app.start_run("plain", GRID, 1000, WINDOW_MS);
+    let run = app.run_reply();
+    assert!(!run.windows.is_empty(), "{run:?}");
+    let stderr = app.finish();
+    assert!(
+        stderr.contains(&format!(
+            "tessera: GPU {GPU0}: the claim's compute board entry cannot be opened; this process runs at its cores without priority or the idle-GPU boost"
+        )),
+        "{stderr}"
+    );
+}

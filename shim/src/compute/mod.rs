@@ -67,7 +67,19 @@ impl Limiter {
         let boards = config
             .devices
             .iter()
-            .map(|d| board.and_then(|paths| Board::open(paths, &d.uuid, claim)))
+            .map(|d| {
+                let opened = Board::open(board?, &d.uuid, claim);
+                if opened.is_none() {
+                    // Without its entry the claim is invisible to its neighbours and cannot see
+                    // theirs: it loses its priority and the idle-GPU boost, which must not pass
+                    // silently.
+                    crate::report::line(format_args!(
+                        "GPU {}: the claim's compute board entry cannot be opened; this process runs at its cores without priority or the idle-GPU boost",
+                        d.uuid
+                    ));
+                }
+                opened
+            })
             .collect();
         Limiter {
             device_count: config.devices.len(),
