@@ -1,10 +1,18 @@
 {{/* Names, labels and API versions shared by the templates. */}}
 
+{{/* The release's object names: fullnameOverride, else <release>-<nameOverride or chart>, or the
+     release name alone where it already contains that name. 40 characters leave room for the
+     longest suffix (-kubelet-plugin, -metrics-reader) within a label value's 63. */}}
 {{- define "tessera.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 40 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -31,9 +39,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: controller
 {{- end -}}
 
+{{/* An image: (list $ <component's image values>). The registry is global.imageRegistry, else
+     image.registry; a digest pins the image and wins over the tag. */}}
 {{- define "tessera.image" -}}
 {{- $root := index . 0 -}}
-{{- printf "%s/%s:%s" $root.Values.image.registry (index . 1) (default $root.Chart.AppVersion $root.Values.image.tag) -}}
+{{- $image := index . 1 -}}
+{{- $registry := default $root.Values.image.registry (($root.Values.global | default dict).imageRegistry) -}}
+{{- $name := printf "%s/%s" $registry $image.repository -}}
+{{- if $image.digest -}}
+{{- printf "%s@%s" $name $image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $name (default $root.Chart.AppVersion $root.Values.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The Kubernetes minor version, as an int (helm's .Capabilities.KubeVersion.Minor may be "31+"). */}}

@@ -713,12 +713,92 @@ fn bad_values_are_refused_with_the_reason() {
             "kubeletPlugin: {metricsAuth: tls}\n",
             "kubeletPlugin.metricsAuth must be none or kubernetes",
         ),
+        (
+            "kubeletPlugin: {image: {digest: \"sha256:abc\"}}\n",
+            "/kubeletPlugin/image/digest",
+        ),
     ] {
         match release(values) {
             Ok(_) => panic!("{values:?} was accepted"),
             Err(e) => assert!(e.to_string().contains(reason), "{values:?}: {e}"),
         }
     }
+}
+
+/// Names, images and the controller's disruption budget as platform teams set them: a registry
+/// mirror for every image, an image pinned by digest, fullnameOverride and nameOverride, the
+/// plugin's own securityContext, and the budget's settings (none with one replica).
+#[test]
+fn names_images_security_context_and_disruption_budget() {
+    let Some(helm) = helm("names_images_security_context_and_disruption_budget") else {
+        return;
+    };
+    let image = |objects: &[Value], kind: &str, name: &str| {
+        find(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]["image"].clone()
+    };
+    let defaults = render(&helm, "", &newest());
+    assert_eq!(
+        image(&defaults, "DaemonSet", PLUGIN),
+        "ghcr.io/tessera-gpu/tessera-kubelet-plugin:0.1.0"
+    );
+    assert_eq!(
+        image(&defaults, "Deployment", CONTROLLER),
+        "ghcr.io/tessera-gpu/tessera-controller:0.1.0"
+    );
+    assert_eq!(
+        find(&defaults, "DaemonSet", PLUGIN)["spec"]["template"]["spec"]["containers"][0]["securityContext"],
+        json!({ "privileged": true })
+    );
+    assert_eq!(
+        find(&defaults, "PodDisruptionBudget", CONTROLLER)["spec"]["maxUnavailable"],
+        1
+    );
+
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let objects = render(
+        &helm,
+        &format!(
+            "fullnameOverride: gpu-share\nglobal: {{imageRegistry: mirror.example.com/gpu}}\nkubeletPlugin:\n  image: {{digest: \"{digest}\"}}\n  securityContext: {{privileged: false, capabilities: {{add: [SYS_ADMIN]}}}}\ncontroller:\n  replicas: 3\n  podDisruptionBudget: {{maxUnavailable: \"50%\"}}\n"
+        ),
+        &newest(),
+    );
+    assert_eq!(
+        image(&objects, "DaemonSet", "gpu-share-kubelet-plugin"),
+        format!("mirror.example.com/gpu/tessera-kubelet-plugin@{digest}").as_str()
+    );
+    assert_eq!(
+        image(&objects, "Deployment", "gpu-share-controller"),
+        "mirror.example.com/gpu/tessera-controller:0.1.0"
+    );
+    assert_eq!(
+        find(&objects, "DaemonSet", "gpu-share-kubelet-plugin")["spec"]["template"]["spec"]["containers"]
+            [0]["securityContext"],
+        json!({ "privileged": false, "capabilities": { "add": ["SYS_ADMIN"] } })
+    );
+    assert_eq!(
+        find(&objects, "PodDisruptionBudget", "gpu-share-controller")["spec"]["maxUnavailable"],
+        "50%"
+    );
+    for object in &objects {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let cluster_wide_class = object["kind"] == "DeviceClass";
+        assert!(
+            cluster_wide_class || name.starts_with("gpu-share"),
+            "{} {name} is not named after fullnameOverride",
+            object["kind"]
+        );
+    }
+
+    let objects = render(&helm, "nameOverride: gpu\n", &newest());
+    find(&objects, "DaemonSet", "tessera-gpu-kubelet-plugin");
+    let objects = render(&helm, "controller: {replicas: 1}\n", &newest());
+    assert!(!kinds(&objects).contains(&"PodDisruptionBudget".to_string()));
+    let objects = render(
+        &helm,
+        "controller: {podDisruptionBudget: {enabled: false}}\n",
+        &newest(),
+    );
+    assert!(!kinds(&objects).contains(&"PodDisruptionBudget".to_string()));
 }
 
 /// Every metric the dashboard queries is one of the reference page's (docs/reference/metrics.md),
