@@ -151,6 +151,7 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
     };
     let inventory = config.inventory.clone();
     let metrics = Arc::new(Metrics::new(args.state_dir.clone()));
+    metrics.observe_inventory(&config.inventory);
     let node = Arc::new(Node::new(config, client.clone(), metrics.clone()));
     let sockets = Sockets::new(
         &args.registrar_dir,

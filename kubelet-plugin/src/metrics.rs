@@ -17,6 +17,7 @@
 //! | `tessera_claims_prepared` | gauge | — |
 //! | `tessera_kubelet_health_streams` | gauge | — (the kubelet's open `DRAResourceHealth` streams: 1 where it watches) |
 //! | `tessera_gpu_healthy` | gauge | gpu_uuid, product (1 healthy, 0 tainted or withdrawn; every GPU of the start-up inventory) |
+//! | `tessera_gpu_memory_physical_bytes` | gauge | gpu_uuid, product (the card's memory, beside what the slices offer) |
 //! | `tessera_claim_memory_used_bytes` | gauge | namespace, claim, claim_uid, gpu_uuid |
 //! | `tessera_claim_memory_limit_bytes` | gauge | same |
 //! | `tessera_claim_memory_spilled_bytes` | gauge | same (host memory; 0 until the shim spills) |
@@ -53,6 +54,7 @@ pub struct Metrics {
     status_writes: Family<StatusWriteLabels, Counter>,
     health_streams: Gauge,
     gpu_healthy: Family<GpuLabels, Gauge>,
+    gpu_memory_physical: Family<GpuLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -158,6 +160,13 @@ impl Metrics {
             "1 while the GPU is healthy, 0 while it is tainted or withdrawn for its health",
             gpu_healthy.clone(),
         );
+        let gpu_memory_physical = Family::<GpuLabels, Gauge>::default();
+        registry.register_with_unit(
+            "gpu_memory_physical",
+            "The GPU's own memory (its slices may offer more where the node overcommits it)",
+            Unit::Bytes,
+            gpu_memory_physical.clone(),
+        );
         registry.register_collector(Box::new(ClaimCollector { state_dir }));
         Metrics {
             registry,
@@ -169,6 +178,20 @@ impl Metrics {
             status_writes,
             health_streams,
             gpu_healthy,
+            gpu_memory_physical,
+        }
+    }
+
+    /// Sets `tessera_gpu_memory_physical_bytes` for every GPU of the node's inventory.
+    pub fn observe_inventory(&self, inventory: &tessera_driver::Inventory) {
+        self.gpu_memory_physical.clear();
+        for gpu in &inventory.gpus {
+            self.gpu_memory_physical
+                .get_or_create(&GpuLabels {
+                    gpu_uuid: gpu.uuid.clone(),
+                    product: gpu.product_name.clone(),
+                })
+                .set(i64::try_from(gpu.memory).unwrap_or(i64::MAX));
         }
     }
 

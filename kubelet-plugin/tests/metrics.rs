@@ -128,6 +128,7 @@ async fn openmetrics_for_prometheus_and_classic_text_that_promtool_accepts_for_t
     instance
         .metrics
         .observe_gpu_health(&NodeGpus::from(env.inventory.clone()));
+    instance.metrics.observe_inventory(&env.inventory);
     let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
 
     let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
@@ -212,4 +213,23 @@ fn each_gpu_says_whether_it_is_healthy() {
     );
     metrics.observe_gpu_health(&healthy);
     assert_eq!(series(&metrics), both);
+}
+
+/// `tessera_gpu_memory_physical_bytes`: each GPU's own memory, to set beside the capacity the
+/// slices offer (more where the node overcommits it).
+#[test]
+fn each_gpu_says_its_physical_memory() {
+    let env = Env::new(&["v1"]);
+    let metrics = tessera_kubelet_plugin::metrics::Metrics::new(env.path("state"));
+    metrics.observe_inventory(&env.inventory);
+    let text = metrics.encode().expect("metrics");
+    for (uuid, product, bytes) in [
+        (GPU0, "NVIDIA GeForce RTX 4090", 24 * GIB),
+        (GPU1, "NVIDIA L40S", 48 * GIB),
+    ] {
+        let line = format!(
+            r#"tessera_gpu_memory_physical_bytes{{gpu_uuid="{uuid}",product="{product}"}} {bytes}"#
+        );
+        assert!(text.contains(&line), "{line} in:\n{text}");
+    }
 }

@@ -848,6 +848,7 @@ fn dashboard_uses_real_metric_names() {
         ("claim_processes", ""),
         ("kubelet_health_streams", ""),
         ("gpu_healthy", ""),
+        ("gpu_memory_physical", "_bytes"),
     ] {
         assert!(
             plugin.contains(&format!("\"{name}\"")),
