@@ -212,6 +212,20 @@ fn generate(args: Generate) -> Result<()> {
         made.gpu.uuid
     );
     println!("wrote {}", made.spec.display());
+    if let Some(promised) = made.overcommitted() {
+        let others: Vec<String> = made
+            .neighbours
+            .iter()
+            .map(|(name, memory)| format!("{name} {}", tessera_driver::quantity::format(*memory)))
+            .collect();
+        eprintln!(
+            "tessera: warning: the slices on GPU {} now promise {} of its {} ({}, and this one): they cannot all reach their walls at once, and one may meet the driver's out-of-memory inside its wall",
+            made.gpu.index,
+            tessera_driver::quantity::format(promised),
+            tessera_driver::quantity::format(made.gpu.memory),
+            others.join(", ")
+        );
+    }
     let mut devices = format!("--device {}", made.device_id);
     if let Some(toolkit) = &made.toolkit_device_id {
         devices.push_str(&format!(" --device {toolkit}"));

@@ -42,6 +42,11 @@ pub enum Error {
     #[error("no slice {name:?} in {dir}")]
     NotFound { name: String, dir: String },
     #[error(
+        "--cdi-dir {0} does not exist: container runtimes read CDI specs only from the directories they are configured with ({dirs} by default); create it first if your runtime reads it",
+        dirs = STANDARD_CDI_DIRS.join(" and ")
+    )]
+    NoCdiDir(String),
+    #[error(
         "the host's GPU driver (use --toolkit if the NVIDIA Container Toolkit's CDI spec provides the GPU): {0}"
     )]
     Driver(StandaloneError),
@@ -63,6 +68,10 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.display().to_string();
     move |source| Error::Io { what, path, source }
 }
+
+/// The CDI spec directories container runtimes read by default: created when missing, where
+/// any other `--cdi-dir` must exist (a mistyped one would take specs no runtime reads).
+pub const STANDARD_CDI_DIRS: [&str; 2] = ["/etc/cdi", "/var/run/cdi"];
 
 /// Where a slice's files go.
 #[derive(Clone, Debug)]
@@ -132,6 +141,17 @@ pub struct Made {
     pub gpu: Gpu,
     pub memory: u64,
     pub cores: u32,
+    /// The other slices on the same GPU, by name, with their memory walls: with this one they
+    /// may promise more than the card has.
+    pub neighbours: Vec<(String, u64)>,
+}
+
+impl Made {
+    /// The memory the GPU's slices promise together, when that is more than the card has.
+    pub fn overcommitted(&self) -> Option<u64> {
+        let promised = self.memory + self.neighbours.iter().map(|(_, m)| m).sum::<u64>();
+        (promised > self.gpu.memory).then_some(promised)
+    }
 }
 
 /// Checks a slice name: it becomes a CDI device name and a directory name.
@@ -213,6 +233,12 @@ pub fn generate(
     if !(1..=100).contains(&request.cores) {
         return Err(Error::BadCores(request.cores));
     }
+    let standard = STANDARD_CDI_DIRS
+        .iter()
+        .any(|d| Path::new(d) == paths.cdi_dir.as_path());
+    if !standard && !paths.cdi_dir.is_dir() {
+        return Err(Error::NoCdiDir(paths.cdi_dir.display().to_string()));
+    }
     let spec_path = paths.spec(&request.name);
     if spec_path.exists() || paths.slice_dir(&request.name).exists() {
         return Err(Error::Exists {
@@ -271,6 +297,19 @@ pub fn generate(
         driver.as_ref(),
     );
 
+    let neighbours = list(paths)?
+        .into_iter()
+        .filter_map(|listed| {
+            let on_gpu: u64 = listed
+                .config?
+                .devices
+                .iter()
+                .filter(|d| d.uuid == gpu.uuid)
+                .map(|d| d.memory_limit)
+                .sum();
+            (on_gpu > 0).then_some((listed.name, on_gpu))
+        })
+        .collect();
     claim_files::install_shim(shim, &paths.state_dir, "--shim-path")
         .map_err(io("installing the shim into", &paths.state_dir.join("lib")))?;
     let written = write_files(&host, &config, &region, &spec, &spec_path, paths);
@@ -289,6 +328,7 @@ pub fn generate(
         gpu: gpu.clone(),
         memory,
         cores: request.cores,
+        neighbours,
     })
 }
 

@@ -27,6 +27,7 @@ impl Host {
     fn new() -> Host {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("inventory.json"), inventory_json()).expect("inventory");
+        std::fs::create_dir_all(dir.path().join("cdi")).expect("CDI directory");
         // Any ELF file passes for the shim here; the podman test uses the real one.
         std::fs::copy(
             std::env::current_exe().expect("test exe"),
@@ -254,12 +255,15 @@ fn bad_input_is_refused_naming_the_problem() {
             assert!(err.contains(e), "{args:?}: {e:?} not in {err:?}");
         }
     }
+    let specs = std::fs::read_dir(host.path("cdi"))
+        .expect("CDI directory")
+        .count();
     assert!(
-        !host.path("cdi").exists() && !host.path("state/slices").exists(),
+        specs == 0 && !host.path("state/slices").exists(),
         "nothing written"
     );
 
-    // A spec directory that cannot be made (a file is in the way; root ignores permissions).
+    // A spec directory under a file (not one a runtime reads by default, so it must exist).
     std::fs::write(host.path("blocker"), b"").expect("file");
     let blocked = host.path("blocker/cdi");
     let err = fails(&host.generate(&[
@@ -273,9 +277,7 @@ fn bad_input_is_refused_naming_the_problem() {
         blocked.to_str().expect("utf-8"),
     ]));
     assert!(
-        err.contains("CDI spec directory")
-            && err.contains("blocker/cdi")
-            && err.contains("--cdi-dir"),
+        err.contains("does not exist") && err.contains("blocker/cdi") && err.contains("--cdi-dir"),
         "{err}"
     );
     assert!(
@@ -306,6 +308,57 @@ fn bad_input_is_refused_naming_the_problem() {
     assert!(
         err.contains("libcuda.so.1") && err.contains("--toolkit"),
         "{err}"
+    );
+    // Only flags this command has: `--cdi-mode` is the plugin's.
+    assert!(!err.contains("--cdi-mode"), "{err}");
+
+    // A mistyped CDI directory is refused, not made: no runtime would read the spec.
+    let typo = host.path("cdii");
+    let err = fails(&host.generate(&[
+        "--name",
+        "web",
+        "--gpu",
+        "0",
+        "--memory",
+        "1Gi",
+        "--cdi-dir",
+        typo.to_str().expect("utf-8"),
+    ]));
+    assert!(
+        err.contains("--cdi-dir") && err.contains("cdii") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!typo.exists(), "the mistyped directory was made");
+    assert!(!host.path("state/slices/web").exists(), "nothing written");
+}
+
+/// Slices on one GPU that together promise more than the card are made, with a warning naming
+/// the total, the card and the other slices; within the card, no warning.
+#[test]
+fn slices_promising_more_than_the_card_are_warned_about() {
+    let host = Host::new();
+    let first = host.generate(&["--name", "a", "--gpu", "0", "--memory", "10Gi"]);
+    ok(&first);
+    assert!(
+        !String::from_utf8_lossy(&first.stderr).contains("warning"),
+        "{first:?}"
+    );
+    let second = host.generate(&["--name", "b", "--gpu", "0", "--memory", "10Gi"]);
+    ok(&second);
+    assert!(
+        !String::from_utf8_lossy(&second.stderr).contains("warning"),
+        "20 of 24 GiB: {second:?}"
+    );
+    // Another GPU's slice does not count.
+    ok(&host.generate(&["--name", "other", "--gpu", "1", "--memory", "40Gi"]));
+    let third = host.generate(&["--name", "c", "--gpu", "0", "--memory", "6Gi"]);
+    ok(&third);
+    let warning = String::from_utf8_lossy(&third.stderr);
+    assert!(
+        warning.contains(
+            "the slices on GPU 0 now promise 26Gi of its 24Gi (a 10Gi, b 10Gi, and this one)"
+        ),
+        "{warning}"
     );
 }
 

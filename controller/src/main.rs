@@ -175,13 +175,35 @@ async fn discover(client: &Client) -> ServerDra {
     }
 }
 
+/// Discovery for `--once`: a few quick tries, then the error, so a script is told the API
+/// server cannot be reached instead of waiting for ever.
+async fn discover_once(client: &Client) -> Result<ServerDra> {
+    const TRIES: u32 = 3;
+    let mut tried = 1;
+    loop {
+        match ServerDra::discover(client).await {
+            Ok(s) => return Ok(s),
+            Err(e) if tried < TRIES => {
+                tracing::warn!(error = %e, tried, "discovering resource.k8s.io; trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tried += 1;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("--once: the API server did not answer discovery of resource.k8s.io ({TRIES} tries)")
+                });
+            }
+        }
+    }
+}
+
 async fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.render_inventory {
         return render(&args, path);
     }
     let client = client(args.kubeconfig.as_ref()).await?;
     if args.once {
-        let server = discover(&client).await;
+        let server = discover_once(&client).await?;
         let (view, report) = cluster::reconcile(&client, server.version, true).await?;
         println!(
             "{}",
@@ -192,7 +214,11 @@ async fn run(args: Args) -> Result<()> {
     let metrics = ClusterMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
-    let server_task = tokio::spawn(http::serve(args.listen, Arc::new(registry)));
+    // Bound first, so an address in use stops the controller at once, naming it.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let server_task = tokio::spawn(http::serve_on(listener, Arc::new(registry)));
 
     let mut leader = if args.leader_elect {
         let identity = args

@@ -133,3 +133,73 @@ fn refuses_factors_out_of_range_and_gpus_without_on_demand_paging() {
         "{stderr}"
     );
 }
+
+/// A kubeconfig for an API server nobody serves (a port just closed on loopback).
+fn unreachable_kubeconfig(dir: &std::path::Path) -> std::path::PathBuf {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true}}}}]\nusers: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\n"
+        ),
+    )
+    .expect("kubeconfig");
+    path
+}
+
+/// `--once` with an API server that does not answer ends within seconds with an error saying
+/// so, instead of retrying for ever as the long-running controller does.
+#[test]
+fn once_with_an_unreachable_api_server_fails_saying_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = unreachable_kubeconfig(dir.path());
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera-controller"))
+        .args(["--once", "--log-format", "text", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        stderr.contains("--once: the API server did not answer discovery of resource.k8s.io"),
+        "{stderr}"
+    );
+}
+
+/// A `--listen` address in use stops the controller at once, naming the address, before it
+/// talks to the API server.
+#[test]
+fn an_address_in_use_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = unreachable_kubeconfig(dir.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let address = taken.local_addr().expect("address");
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera-controller"))
+        .args([
+            "--log-format",
+            "text",
+            "--listen",
+            &address.to_string(),
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("listening on {address} (--listen)")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("leader election"), "{stderr}");
+}

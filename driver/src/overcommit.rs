@@ -136,6 +136,16 @@ impl MemoryOvercommit {
         }
     }
 
+    /// The models named per model that none of `inventory`'s GPUs is (a typo, or a model this
+    /// node does not have: one setting serves every node of a DaemonSet).
+    pub fn models_not_on(&self, inventory: &Inventory) -> Vec<&str> {
+        self.by_model
+            .keys()
+            .filter(|model| !inventory.gpus.iter().any(|g| &&g.product_name == model))
+            .map(String::as_str)
+            .collect()
+    }
+
     /// The factor of `gpu`: its model's, else the default, else 1.
     pub fn factor(&self, gpu: &Gpu) -> Factor {
         self.by_model
@@ -271,6 +281,18 @@ mod tests {
             pcie_root: None,
             numa_node: None,
         }
+    }
+
+    #[test]
+    fn models_the_node_does_not_have_are_named() {
+        let inventory = Inventory {
+            driver_version: None,
+            gpus: vec![gpu(0, "NVIDIA L40S", Some("8.9"))],
+        };
+        let setting: MemoryOvercommit = "NVIDIA L40S=2,Tesla T5=2,default=1.5".parse().unwrap();
+        assert_eq!(setting.models_not_on(&inventory), ["Tesla T5"]);
+        let setting: MemoryOvercommit = "1.5".parse().unwrap();
+        assert!(setting.models_not_on(&inventory).is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub struct Args {
     pub node_name: String,
     /// How the node's GPUs are published as ResourceSlices: auto, consumable, partitioned, fixed,
     /// fixed:<1-100>, exclusive, or off (publish nothing).
-    #[arg(long, env = "TESSERA_SHARING_MODE", default_value = "auto")]
+    #[arg(long, env = "TESSERA_SHARING_MODE", default_value = "auto", value_parser = sharing_mode)]
     pub sharing_mode: String,
     /// kubeconfig file; the in-cluster service account is used without it.
     #[arg(long, env = "KUBECONFIG")]
@@ -107,4 +107,14 @@ pub enum CdiModeArg {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--sharing-mode`, checked when the flags are parsed, before anything is loaded.
+fn sharing_mode(text: &str) -> Result<String, String> {
+    if text == "off" {
+        return Ok(text.to_owned());
+    }
+    text.parse::<tessera_controller::node::ModeSetting>()
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("{e}, or off (publish no ResourceSlices)"))
 }

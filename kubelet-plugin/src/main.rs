@@ -96,6 +96,15 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
     args.memory_overcommit
         .check(&inventory)
         .context("--memory-overcommit")?;
+    let missing = args.memory_overcommit.models_not_on(&inventory);
+    if !missing.is_empty() {
+        let here: Vec<&str> = inventory
+            .gpus
+            .iter()
+            .map(|g| g.product_name.as_str())
+            .collect();
+        tracing::warn!(models = ?missing, node_models = ?here, "--memory-overcommit names GPU models this node does not have (a typo, or models of other nodes); their factors apply nowhere here");
+    }
     for gpu in &inventory.gpus {
         let factor = args.memory_overcommit.factor(gpu);
         if factor.overcommits() {
@@ -112,7 +121,10 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
         CdiModeArg::Toolkit => (CdiMode::Toolkit, None),
         CdiModeArg::Standalone => (
             CdiMode::Standalone,
-            Some(DriverFiles::discover(&args.driver_root, &args.dev_root)?),
+            Some(
+                DriverFiles::discover(&args.driver_root, &args.dev_root)
+                    .context("--cdi-mode=standalone: the driver's files for the CDI specs")?,
+            ),
         ),
     };
     let config = NodeConfig {

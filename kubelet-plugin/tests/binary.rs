@@ -184,6 +184,70 @@ fn a_bad_inventory_stops_the_binary_with_the_field_named() {
     );
 }
 
+/// A mistyped `--sharing-mode` is refused when the flags are parsed, before the plugin loads
+/// anything (no inventory, shim or kubeconfig is looked at), naming every mode, `off` included.
+#[test]
+fn a_bad_sharing_mode_is_refused_first_naming_every_mode() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
+        .args([
+            "--node-name",
+            "n",
+            "--sharing-mode",
+            "shared",
+            "--inventory",
+            "/nonexistent/inventory.json",
+            "--kubeconfig",
+            "/nonexistent",
+        ])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--sharing-mode")
+            && stderr.contains("\"shared\"")
+            && stderr.contains("fixed:<1-100> or exclusive, or off"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("inventory"),
+        "nothing loaded first: {stderr}"
+    );
+}
+
+/// `--memory-overcommit` naming a model the node does not have is a warning naming it and the
+/// node's models (one setting serves every node of the DaemonSet, so it is not an error).
+#[test]
+fn an_overcommit_for_a_model_the_node_lacks_is_a_warning_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inventory = dir.path().join("inventory.json");
+    std::fs::write(&inventory, inventory_json()).expect("inventory");
+    let output = Command::new(env!("CARGO_BIN_EXE_tessera-kubelet-plugin"))
+        .args([
+            "--node-name",
+            "n",
+            "--kubeconfig",
+            "/nonexistent",
+            "--log-format",
+            "text",
+            "--memory-overcommit",
+            "Tesla T5=2",
+            "--inventory",
+        ])
+        .arg(&inventory)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--memory-overcommit names GPU models this node does not have")
+            && stderr.contains("Tesla T5")
+            && stderr.contains("NVIDIA L40S"),
+        "{stderr}"
+    );
+}
+
 /// Without `--inventory` the plugin asks NVML; here the fake NVML over the same node file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_inventory_file_the_gpus_come_from_nvml() {

@@ -14,7 +14,17 @@ use tessera_api::exposition;
 /// Serves until the listener fails; binding errors are returned at once.
 pub async fn serve(listen: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(%listen, "serving /metrics and /healthz");
+    serve_on(listener, registry).await
+}
+
+/// [`serve`] on a listener already bound.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+) -> std::io::Result<()> {
+    if let Ok(listen) = listener.local_addr() {
+        tracing::info!(%listen, "serving /metrics and /healthz");
+    }
     axum::serve(listener, router(registry)).await
 }
 

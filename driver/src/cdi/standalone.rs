@@ -53,9 +53,9 @@ pub struct DriverFiles {
 /// Why standalone mode cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
-    #[error("--cdi-mode=standalone: no libcuda.so.1 under driver root {0} (searched {dirs})", dirs = LIBRARY_DIRS.join(", "))]
+    #[error("no libcuda.so.1 under driver root {0} (searched {dirs})", dirs = LIBRARY_DIRS.join(", "))]
     NoDriver(String),
-    #[error("--cdi-mode=standalone: device node {0} does not exist")]
+    #[error("device node {0} does not exist")]
     NoDeviceNode(String),
 }
 
