@@ -201,11 +201,21 @@ fn invalid(field: String, message: String) -> Error {
     }
 }
 
+/// The field a parse error is in, as a person reads it: serde's path without the `?` it writes
+/// for a key that could not be read (a syntax error), and "JSON" where no field was reached.
+fn json_field(path: &str) -> String {
+    let field = path.trim_end_matches('?').trim_end_matches('.');
+    match field {
+        "" => "JSON".into(),
+        field => field.into(),
+    }
+}
+
 /// Parses the file and checks the fields every use needs (`health`).
 fn parse(text: &str) -> Result<InventoryFile> {
     let file: InventoryFile =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
-            .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+            .map_err(|e| invalid(json_field(&e.path().to_string()), e.inner().to_string()))?;
     for (index, entry) in file.devices.iter().enumerate() {
         if let Some(health) = &entry.health
             && health != HEALTHY
@@ -314,7 +324,22 @@ mod tests {
         let err = Inventory::from_json(r#"{"devices":[]}"#)
             .expect_err("empty")
             .to_string();
-        assert!(err.contains("devices"), "{err}");
+        assert!(err.contains("devices"), "{err}"); // Malformed JSON: the field reached and the position, never serde's `?`.
+        let err = Inventory::from_json(r#"{"devices": [{bad json"#)
+            .expect_err("malformed")
+            .to_string();
+        assert!(
+            err.contains("devices[0]: key must be a string at line 1 column 15"),
+            "{err}"
+        );
+        assert!(!err.contains('?'), "{err}");
+        let err = Inventory::from_json("not json")
+            .expect_err("not JSON")
+            .to_string();
+        assert!(
+            err.contains(": JSON: expected ident at line 1 column 2"),
+            "{err}"
+        );
     }
 
     #[test]
