@@ -11,7 +11,8 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `tessera_prepare_duration_seconds` | histogram | — (one NodePrepareResources call) |
-//! | `tessera_prepared_claims_total` / `tessera_prepare_errors_total` | counter | — |
+//! | `tessera_prepared_claims_total` / `tessera_prepare_errors_total` | counter | — (a claim's failed answers, each kubelet retry counted) |
+//! | `tessera_prepare_refusals_total` | counter | reason (invalid, priority, card_room): the failed answers that are refusals |
 //! | `tessera_unprepared_claims_total` / `tessera_unprepare_errors_total` | counter | — |
 //! | `tessera_claim_status_writes_total` | counter | outcome (written, cleared, gone, not_served, dropped, failed) |
 //! | `tessera_claims_prepared` | gauge | — |
@@ -40,6 +41,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tessera_driver::checkpoint::{Checkpoint, ClaimState};
 use tessera_driver::health::NodeGpus;
 
+use crate::node::Refusal;
 use crate::regions;
 
 /// The plugin's metrics.
@@ -52,6 +54,7 @@ pub struct Metrics {
     unprepared: Counter,
     unprepare_errors: Counter,
     status_writes: Family<StatusWriteLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
     health_streams: Gauge,
     gpu_healthy: Family<GpuLabels, Gauge>,
     gpu_memory_physical: Family<GpuLabels, Gauge>,
@@ -104,6 +107,19 @@ struct StatusWriteLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
+fn refusal_label(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::Invalid => "invalid",
+        Refusal::Priority => "priority",
+        Refusal::CardRoom => "card_room",
+    }
+}
+
 impl Metrics {
     /// Metrics whose claim gauges read `<state_dir>`.
     pub fn new(state_dir: PathBuf) -> Metrics {
@@ -114,7 +130,7 @@ impl Metrics {
         ]);
         registry.register_with_unit(
             "prepare_duration",
-            "Duration of NodePrepareResources calls",
+            "Duration of NodePrepareResources calls, but those whose every claim was refused",
             Unit::Seconds,
             prepare_duration.clone(),
         );
@@ -129,6 +145,12 @@ impl Metrics {
             "prepare_errors",
             "Claims whose preparation failed",
             prepare_errors.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "prepare_refusals",
+            "Failed claim preparations that are refusals, by reason (invalid, priority, card_room)",
+            refusals.clone(),
         );
         let unprepared = Counter::default();
         registry.register(
@@ -176,6 +198,7 @@ impl Metrics {
             unprepared,
             unprepare_errors,
             status_writes,
+            refusals,
             health_streams,
             gpu_healthy,
             gpu_memory_physical,
@@ -224,8 +247,28 @@ impl Metrics {
         self.health_streams.clone()
     }
 
-    pub fn observe_prepare(&self, duration: Duration, ok: usize, failed: usize) {
-        self.prepare_duration.observe(duration.as_secs_f64());
+    /// One NodePrepareResources call: `ok` claims prepared, `failed` not, of which `refused`
+    /// were refusals. A call whose every claim was refused is not timed: refusals answer at
+    /// once, and the histogram is the latency of preparing.
+    pub fn observe_prepare(
+        &self,
+        duration: Duration,
+        ok: usize,
+        failed: usize,
+        refused: impl IntoIterator<Item = Refusal>,
+    ) {
+        let mut refusals = 0;
+        for refusal in refused {
+            refusals += 1;
+            self.refusals
+                .get_or_create(&RefusalLabels {
+                    reason: refusal_label(refusal),
+                })
+                .inc();
+        }
+        if ok + failed > refusals {
+            self.prepare_duration.observe(duration.as_secs_f64());
+        }
         self.prepared.inc_by(ok as u64);
         self.prepare_errors.inc_by(failed as u64);
     }

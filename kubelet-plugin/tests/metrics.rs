@@ -233,3 +233,93 @@ fn each_gpu_says_its_physical_memory() {
         assert!(text.contains(&line), "{line} in:\n{text}");
     }
 }
+
+/// Refusals are counted by reason beside the errors they are part of, and a call whose every
+/// claim was refused is not timed: `tessera_prepare_duration_seconds` is the latency of
+/// preparing. A claim asking for high priority without the grant is refused twice (two kubelet
+/// retries: two errors, two refusals); a claim naming a GPU config field that does not exist is
+/// invalid; a good claim is prepared and timed.
+#[tokio::test]
+async fn refusals_are_counted_by_reason_and_not_timed() {
+    let env = Env::new(&["v1"]);
+    let instance = env.start(None, None).await;
+    let put = |name: &str, uid: &str, fields: serde_json::Value| {
+        env.api.put(claim(
+            "team-a",
+            name,
+            uid,
+            Some(vec![result("gpu", "gpu-0")]),
+            vec![config_entry("FromClaim", &["gpu"], fields)],
+        ));
+    };
+    let promoted = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a01";
+    let invalid = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a02";
+    let good = "0b7c4a2e-8c1d-4f53-9f0e-3b1f6f1c2a03";
+    put(
+        "promoted",
+        promoted,
+        serde_json::json!({"priority": "high"}),
+    );
+    put(
+        "invalid",
+        invalid,
+        serde_json::json!({"corePolicy": "soft"}),
+    );
+    put("good", good, serde_json::json!({"priority": "low"}));
+    let series = |text: &str, name: &str| -> Option<String> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(String::from)
+    };
+    for _ in 0..2 {
+        let answer = instance
+            .kubelet
+            .prepare(Version::V1, &[Claim::new("team-a", "promoted", promoted)])
+            .await
+            .expect("call");
+        assert!(!answer[promoted].error.is_empty());
+    }
+    let answer = instance
+        .kubelet
+        .prepare(Version::V1, &[Claim::new("team-a", "invalid", invalid)])
+        .await
+        .expect("call");
+    assert!(answer[invalid].error.contains("corePolicy"), "{answer:?}");
+    let text = instance.metrics.encode().expect("metrics");
+    assert_eq!(
+        series(
+            &text,
+            r#"tessera_prepare_refusals_total{reason="priority"}"#
+        )
+        .as_deref(),
+        Some("2"),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, r#"tessera_prepare_refusals_total{reason="invalid"}"#).as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "tessera_prepare_errors_total").as_deref(),
+        Some("3"),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "tessera_prepare_duration_seconds_count").as_deref(),
+        Some("0"),
+        "refusals are not timed: {text}"
+    );
+    instance
+        .kubelet
+        .prepare_ok(Version::V1, &Claim::new("team-a", "good", good))
+        .await;
+    let text = instance.metrics.encode().expect("metrics");
+    assert_eq!(
+        series(&text, "tessera_prepare_duration_seconds_count").as_deref(),
+        Some("1"),
+        "{text}"
+    );
+    instance.stop().await;
+}

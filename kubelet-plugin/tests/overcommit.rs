@@ -471,6 +471,11 @@ async fn a_claim_that_may_not_spill_waits_until_the_card_has_its_share() {
         format!("{}\n", 16 * GIB),
         "while it waits, the opted-in claims leave its share alone"
     );
+    let metrics = instance.metrics.encode().expect("metrics");
+    assert!(
+        metrics.contains("tessera_prepare_refusals_total{reason=\"card_room\"} 1"),
+        "the wait is counted as a refusal: {metrics}"
+    );
 
     // The opted-in claim frees 8 GiB: 16 are free, the retry prepares it.
     use std::os::unix::fs::FileExt;

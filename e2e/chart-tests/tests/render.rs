@@ -839,6 +839,7 @@ fn dashboard_uses_real_metric_names() {
         ("prepare_duration", "_seconds"),
         ("prepared_claims", "_total"),
         ("prepare_errors", "_total"),
+        ("prepare_refusals", "_total"),
         ("unprepared_claims", "_total"),
         ("unprepare_errors", "_total"),
         ("claims_prepared", ""),

@@ -84,6 +84,19 @@ impl NodeConfig {
 /// The devices of a prepared claim, or why it could not be prepared.
 pub type PreparedClaimResult = Result<Vec<PreparedDevice>, String>;
 
+/// Why a claim was refused, as opposed to failing: what it asks for cannot be prepared here as
+/// things stand, and the kubelet's retries get the same answer until something changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// Its allocation or opaque config cannot be prepared (a bad GpuConfig, a device this node
+    /// does not have).
+    Invalid,
+    /// It asks for high priority without the admin's grant.
+    Priority,
+    /// It may not spill and its share is not free on an overcommitted card yet.
+    CardRoom,
+}
+
 /// The points between the steps of a call, where tests simulate a crash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -215,12 +228,17 @@ impl Node {
         let _lock = lock::acquire(&self.config.plugin_dir)
             .await
             .map_err(CallError::Lock)?;
-        let result = self.prepare_locked(claims, fetched);
+        let mut refused = BTreeMap::new();
+        let result = self.prepare_locked(claims, fetched, &mut refused);
         let elapsed = start.elapsed();
         if let Ok(results) = &result {
             let failed = results.values().filter(|r| r.is_err()).count();
-            self.metrics
-                .observe_prepare(elapsed, results.len() - failed, failed);
+            self.metrics.observe_prepare(
+                elapsed,
+                results.len() - failed,
+                failed,
+                refused.values().copied(),
+            );
             for (uid, result) in results {
                 match result {
                     Ok(devices) => {
@@ -253,10 +271,12 @@ impl Node {
         self.status.prepared(claim.clone(), status);
     }
 
+    /// Prepares what it can; each claim refused (rather than failed) is in `refused`.
     fn prepare_locked(
         &self,
         claims: &[ClaimRef],
         fetched: Vec<Result<Fetched, String>>,
+        refused: &mut BTreeMap<String, Refusal>,
     ) -> Result<BTreeMap<String, PreparedClaimResult>, CallError> {
         let path = self.config.checkpoint_path();
         let mut checkpoint = self.config.load_checkpoint()?;
@@ -264,7 +284,10 @@ impl Node {
         let mut plans = Vec::new();
         for (claim, fetched) in claims.iter().zip(fetched) {
             let plan = fetched.and_then(|f| {
-                let plan = Plan::new(&self.config, &f.claim).map_err(|e| e.to_string())?;
+                let plan = Plan::new(&self.config, &f.claim).map_err(|e| {
+                    refused.insert(claim.uid.clone(), Refusal::Invalid);
+                    e.to_string()
+                })?;
                 Ok((plan, f.refusal))
             });
             match plan {
@@ -291,6 +314,7 @@ impl Node {
                         // keeps what its running containers were started with.
                         None => match refusal {
                             Some(error) => {
+                                refused.insert(plan.uid.clone(), Refusal::Priority);
                                 results.insert(plan.uid.clone(), Err(error));
                             }
                             None => plans.push(plan),
@@ -299,7 +323,7 @@ impl Node {
                 }
             }
         }
-        let (plans, held_back) = self.admit_to_cards(plans, &mut results);
+        let (plans, held_back) = self.admit_to_cards(plans, &mut results, refused);
         if plans.is_empty() {
             if held_back {
                 self.publish_memory_reservations();
@@ -344,6 +368,7 @@ impl Node {
         &self,
         plans: Vec<Plan>,
         results: &mut BTreeMap<String, PreparedClaimResult>,
+        refused: &mut BTreeMap<String, Refusal>,
     ) -> (Vec<Plan>, bool) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -410,6 +435,7 @@ impl Node {
                             shares: plan.card_shares.clone(),
                         },
                     );
+                    refused.insert(plan.uid.clone(), Refusal::CardRoom);
                     results.insert(plan.uid.clone(), Err(reason));
                 }
                 None => {
