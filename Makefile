@@ -4,7 +4,7 @@ TESSERA_CACHE ?= $(HOME)/.cache/tessera
 export TESSERA_CACHE
 export CARGO_TARGET_DIR ?= $(TESSERA_CACHE)/target
 
-.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc images bench
+.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc images chart bench
 
 ## The whole test suite (what CI runs).
 test:
@@ -33,6 +33,10 @@ shim-release:
 ## Container images (kubelet plugin, controller, gpu-worker) as docker-archive tarballs, with no container engine or registry (docs/helm.md).
 images:
 	scripts/make-images.sh
+
+## The chart, linted and packaged (helm package) into $(TESSERA_CACHE)/charts; prints the .tgz (push it with helm push <tgz> oci://<registry>/<repo>).
+chart:
+	scripts/package-chart.sh
 
 ## Measure the shim's per-call overhead against the bare fake driver.
 bench:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: `make test` and CI run this. Installs or builds what a fresh machine
-# lacks (podman and runc, the upstream Kubernetes binaries and kubelet, containerd, the standard
-# gRPC clients, promtool, zig for the shipping shim), and
+# lacks (podman and runc, the upstream Kubernetes binaries and kubelet, containerd, helm, an OCI
+# registry, the standard gRPC clients, promtool, zig for the shipping shim), and
 # runs every test with TESSERA_E2E=1, so a missing prerequisite is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,10 @@ k8s_build=$!
 step "building helm (e2e/helm) in the background; log: $log_dir/helm-build.log"
 e2e/scripts/build-helm.sh > "$log_dir/helm-build.log" 2>&1 &
 helm_build=$!
+# CNCF distribution's registry, for the chart's OCI push test: ~1 min cold on 2 cores.
+step "building the OCI registry (e2e/oci-registry) in the background; log: $log_dir/oci-registry-build.log"
+e2e/scripts/build-oci-registry.sh > "$log_dir/oci-registry-build.log" 2>&1 &
+oci_registry_build=$!
 # grpcurl (grpc-go) and grpcio (grpc C-core), the standard clients the plugin's sockets are
 # tested with: ~1.5 min cold.
 step "building the standard gRPC clients in the background; log: $log_dir/grpc-clients-build.log"
@@ -28,7 +32,7 @@ grpc_clients_build=$!
 step "building containerd for the real-node tests in the background; log: $log_dir/containerd-build.log"
 e2e/scripts/build-containerd.sh > "$log_dir/containerd-build.log" 2>&1 &
 containerd_build=$!
-trap 'kill "$k8s_build" "$helm_build" "$grpc_clients_build" "$containerd_build" 2>/dev/null || true' EXIT
+trap 'kill "$k8s_build" "$helm_build" "$oci_registry_build" "$grpc_clients_build" "$containerd_build" 2>/dev/null || true' EXIT
 
 step "podman and runc for the container tests"
 scripts/install-podman.sh
@@ -54,6 +58,11 @@ step "waiting for the helm build"
 if ! wait "$helm_build"; then
     tail -n 60 "$log_dir/helm-build.log"
     die "building helm failed (full log: $log_dir/helm-build.log)"
+fi
+step "waiting for the OCI registry build"
+if ! wait "$oci_registry_build"; then
+    tail -n 30 "$log_dir/oci-registry-build.log"
+    die "building the OCI registry failed (full log: $log_dir/oci-registry-build.log)"
 fi
 step "waiting for the standard gRPC clients"
 if ! wait "$grpc_clients_build"; then
