@@ -263,28 +263,6 @@ fn bad_input_is_refused_naming_the_problem() {
         "nothing written"
     );
 
-    // A spec directory under a file (not one a runtime reads by default, so it must exist).
-    std::fs::write(host.path("blocker"), b"").expect("file");
-    let blocked = host.path("blocker/cdi");
-    let err = fails(&host.generate(&[
-        "--name",
-        "web",
-        "--gpu",
-        "0",
-        "--memory",
-        "1Gi",
-        "--cdi-dir",
-        blocked.to_str().expect("utf-8"),
-    ]));
-    assert!(
-        err.contains("does not exist") && err.contains("blocker/cdi") && err.contains("--cdi-dir"),
-        "{err}"
-    );
-    assert!(
-        !host.path("state/slices/web").exists(),
-        "no files without a spec"
-    );
-
     // No driver under the roots (without --toolkit).
     let inventory = host.path("inventory.json");
     let empty = host.path("empty-root");
@@ -312,24 +290,28 @@ fn bad_input_is_refused_naming_the_problem() {
     // Only flags this command has: `--cdi-mode` is the plugin's.
     assert!(!err.contains("--cdi-mode"), "{err}");
 
-    // A mistyped CDI directory is refused, not made: no runtime would read the spec.
-    let typo = host.path("cdii");
-    let err = fails(&host.generate(&[
-        "--name",
-        "web",
-        "--gpu",
-        "0",
-        "--memory",
-        "1Gi",
-        "--cdi-dir",
-        typo.to_str().expect("utf-8"),
-    ]));
-    assert!(
-        err.contains("--cdi-dir") && err.contains("cdii") && err.contains("does not exist"),
-        "{err}"
-    );
-    assert!(!typo.exists(), "the mistyped directory was made");
-    assert!(!host.path("state/slices/web").exists(), "nothing written");
+    // A CDI directory that does not exist and is not one a runtime reads by default (a typo,
+    // or one under a file) is refused, not made: no runtime would read the spec.
+    std::fs::write(host.path("blocker"), b"").expect("file");
+    for (dir, named) in [("cdii", "cdii"), ("blocker/cdi", "blocker/cdi")] {
+        let dir = host.path(dir);
+        let err = fails(&host.generate(&[
+            "--name",
+            "web",
+            "--gpu",
+            "0",
+            "--memory",
+            "1Gi",
+            "--cdi-dir",
+            dir.to_str().expect("utf-8"),
+        ]));
+        assert!(
+            err.contains("--cdi-dir") && err.contains(named) && err.contains("does not exist"),
+            "{err}"
+        );
+        assert!(!dir.exists(), "{} was made", dir.display());
+        assert!(!host.path("state/slices/web").exists(), "nothing written");
+    }
 }
 
 /// Slices on one GPU that together promise more than the card are made, with a warning naming

@@ -151,6 +151,21 @@ fn unreachable_kubeconfig(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// The controller with `args` and `kubeconfig`, text logs; its exit status and stderr.
+fn controller(args: &[&str], kubeconfig: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera-controller"))
+        .args(["--log-format", "text"])
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .output()
+        .expect("run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `--once` with an API server that does not answer ends within seconds with an error saying
 /// so, instead of retrying for ever as the long-running controller does.
 #[test]
@@ -158,13 +173,8 @@ fn once_with_an_unreachable_api_server_fails_saying_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = unreachable_kubeconfig(dir.path());
     let started = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera-controller"))
-        .args(["--once", "--log-format", "text", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let (ok, stderr) = controller(&["--once"], &kubeconfig);
+    assert!(!ok, "{stderr}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(30),
         "took {:?}",
@@ -184,19 +194,8 @@ fn an_address_in_use_is_named() {
     let kubeconfig = unreachable_kubeconfig(dir.path());
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     let address = taken.local_addr().expect("address");
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera-controller"))
-        .args([
-            "--log-format",
-            "text",
-            "--listen",
-            &address.to_string(),
-            "--kubeconfig",
-        ])
-        .arg(&kubeconfig)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let (ok, stderr) = controller(&["--listen", &address.to_string()], &kubeconfig);
+    assert!(!ok, "{stderr}");
     assert!(
         stderr.contains(&format!("listening on {address} (--listen)")) && stderr.contains("in use"),
         "{stderr}"
