@@ -123,7 +123,8 @@ async fn the_binary_registers_prepares_serves_metrics_and_stops_cleanly() {
         devices[0].cdi_device_ids,
         vec![
             format!("gpu.tessera.dev/claim={UID}-gpu-1-slice-0of2"),
-            format!("nvidia.com/gpu={GPU1}")
+            format!("nvidia.com/gpu={GPU1}"),
+            format!("gpu.tessera.dev/claim={UID}-metadata-gpu"),
         ]
     );
     validate_spec(&env.spec_path(UID));

@@ -122,12 +122,19 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
     ));
     let claim_ref = Claim::new("default", "wall", UID);
     let devices = instance.kubelet.prepare_ok(Version::V1, &claim_ref).await;
+    // Standalone mode returns only Tessera's IDs: the device and its request's metadata.
+    let ids: Vec<&str> = devices[0]
+        .cdi_device_ids
+        .iter()
+        .map(String::as_str)
+        .collect();
     assert_eq!(
-        devices[0].cdi_device_ids.len(),
-        1,
-        "standalone mode returns only Tessera's IDs"
+        ids,
+        [
+            format!("gpu.tessera.dev/claim={UID}-gpu-0-9f0c4c4e-1111-4000-8000-00000000c0de"),
+            format!("gpu.tessera.dev/claim={UID}-metadata-gpu"),
+        ]
     );
-    let device_id = devices[0].cdi_device_ids[0].clone();
 
     let container_env = [
         ("FAKEGPU_CONFIG", inventory.display().to_string()),
@@ -136,11 +143,13 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
             env.path("fakegpu.state").display().to_string(),
         ),
     ];
-    let podman = |args: &[&str]| podman.run(&device_id, &container_env, args);
+    let podman = |args: &[&str]| podman.run_with_devices(&ids, &container_env, args);
 
     // The shim arrives through /etc/ld.so.preload; the config cannot be changed from inside.
     let probe = podman(&["/bin/sh", "-c", "echo preload=[$LD_PRELOAD]; cat /etc/ld.so.preload; echo config=$TESSERA_CONFIG; \
-        ls /dev/nvidia0 /usr/lib/x86_64-linux-gnu/libcuda.so.1; echo hi >> /etc/tessera/config.json || echo config-read-only"])
+        ls /dev/nvidia0 /usr/lib/x86_64-linux-gnu/libcuda.so.1; echo hi >> /etc/tessera/config.json || echo config-read-only; \
+        m=/var/run/kubernetes.io/dra-device-attributes/resourceclaims/wall/gpu/gpu.tessera.dev-metadata.json; \
+        cat $m; echo hi >> $m || echo metadata-read-only"])
         .output()
         .expect("run podman");
     let out = String::from_utf8_lossy(&probe.stdout);
@@ -155,6 +164,12 @@ async fn the_memory_wall_holds_inside_a_podman_container() {
         "config=/etc/tessera/config.json",
         "/dev/nvidia0",
         "config-read-only",
+        // The request's device metadata (KEP-5304), read-only, in both versions.
+        "\"apiVersion\": \"metadata.resource.k8s.io/v1beta1\"",
+        "\"apiVersion\": \"metadata.resource.k8s.io/v1alpha1\"",
+        &format!("\"string\": \"{GPU0}\""),
+        "\"memoryLimit\": {\n",
+        "metadata-read-only",
     ] {
         assert!(out.contains(expected), "{expected:?} not in:\n{out}");
     }

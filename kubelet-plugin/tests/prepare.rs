@@ -63,7 +63,8 @@ async fn every_kubelet_version_against_every_api_version() {
                     device.cdi_device_ids,
                     vec![
                         format!("gpu.tessera.dev/claim={id}-gpu-0-slice-1of4"),
-                        format!("nvidia.com/gpu={GPU0}")
+                        format!("nvidia.com/gpu={GPU0}"),
+                        format!("gpu.tessera.dev/claim={id}-metadata-gpu"),
                     ]
                 );
             } else {

@@ -273,7 +273,8 @@ pub fn counter_set_name(index: u32) -> String {
 }
 
 /// Attributes per DESIGN.md; optional inventory fields are left out rather than published empty.
-fn attributes(inventory: &Inventory, gpu: &Gpu) -> BTreeMap<String, Attribute> {
+/// The same a claim's containers read in their device metadata (`tessera-kubelet-plugin`).
+pub fn attributes(inventory: &Inventory, gpu: &Gpu) -> BTreeMap<String, Attribute> {
     let mut a = BTreeMap::new();
     let mut string = |key: &str, value: Option<&str>| {
         if let Some(v) = value.filter(|v| !v.is_empty()) {

@@ -147,19 +147,21 @@ fn counters(counters: &std::collections::BTreeMap<String, u64>) -> Value {
         .into()
 }
 
+/// An attribute as the API writes it (`DeviceAttribute`: `{"int": …}`, `{"string": …}`, …).
+pub fn attribute_json(attribute: &Attribute) -> Value {
+    match attribute {
+        Attribute::Int(i) => json!({ "int": i }),
+        Attribute::Bool(b) => json!({ "bool": b }),
+        Attribute::String(s) => json!({ "string": s }),
+        Attribute::Version(s) => json!({ "version": s }),
+    }
+}
+
 fn render_device(device: &Device, version: ApiVersion) -> Value {
     let attributes: Map<String, Value> = device
         .attributes
         .iter()
-        .map(|(k, a)| {
-            let v = match a {
-                Attribute::Int(i) => json!({ "int": i }),
-                Attribute::Bool(b) => json!({ "bool": b }),
-                Attribute::String(s) => json!({ "string": s }),
-                Attribute::Version(s) => json!({ "version": s }),
-            };
-            (k.clone(), v)
-        })
+        .map(|(k, a)| (k.clone(), attribute_json(a)))
         .collect();
     let capacity: Map<String, Value> = device
         .capacity

@@ -130,6 +130,30 @@ pub fn device_name(claim_uid: &str, device: &AllocatedDevice) -> String {
     }
 }
 
+/// The CDI device that bind-mounts a request's device metadata file (KEP-5304) read-only into
+/// the claim's containers, and its fully qualified ID: one per request of the claim, named
+/// `<uid>-metadata-<request>` beside the claim's `<uid>-gpu-…` devices in its spec.
+pub fn metadata_device(
+    claim_uid: &str,
+    request: &str,
+    host_file: &Path,
+    container_path: &str,
+) -> (Device, String) {
+    let name = format!("{claim_uid}-metadata-{request}");
+    let id = format!("{}={name}", kind());
+    let device = Device {
+        name,
+        container_edits: ContainerEdits {
+            mounts: vec![Mount::read_only(
+                host_file.display().to_string(),
+                container_path,
+            )],
+            ..ContainerEdits::default()
+        },
+    };
+    (device, id)
+}
+
 /// The fully qualified CDI device IDs the kubelet passes to the runtime for `device`.
 pub fn device_ids(claim_uid: &str, device: &AllocatedDevice, mode: CdiMode) -> Vec<String> {
     let mut ids = vec![format!("{}={}", kind(), device_name(claim_uid, device))];

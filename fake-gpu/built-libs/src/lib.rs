@@ -225,6 +225,17 @@ impl Podman {
         env: &[(&str, String)],
         args: &[&str],
     ) -> std::process::Command {
+        self.run_with_devices(&[device], env, args)
+    }
+
+    /// [`Podman::run`] with every CDI device of `devices`, as a kubelet passes all of a
+    /// claim's IDs to the runtime.
+    pub fn run_with_devices(
+        &self,
+        devices: &[&str],
+        env: &[(&str, String)],
+        args: &[&str],
+    ) -> std::process::Command {
         let mut command = std::process::Command::new("podman");
         command.args(["--runtime", "runc", "--cgroup-manager=cgroupfs"]);
         if self.takes_spec_dir {
@@ -241,7 +252,9 @@ impl Podman {
             "nproc=1000:1000",
             "--network=none",
         ]);
-        command.args(["--device", device]);
+        for device in devices {
+            command.args(["--device", device]);
+        }
         for (key, value) in env {
             command.arg("-e").arg(format!("{key}={value}"));
         }

@@ -81,6 +81,7 @@ pub async fn get(
             Claim {
                 namespace: namespace.into(),
                 name: name.into(),
+                pod_claim_name: pod_claim_name(object.metadata.annotations.as_ref()),
                 uid: object.metadata.uid.unwrap_or_default(),
                 allocation,
                 device_status,
@@ -114,6 +115,7 @@ pub async fn get(
             Claim {
                 namespace: namespace.into(),
                 name: name.into(),
+                pod_claim_name: pod_claim_name(object.metadata.annotations.as_ref()),
                 uid: object.metadata.uid.unwrap_or_default(),
                 allocation: status
                     .and_then(|s| s.allocation)
@@ -124,6 +126,15 @@ pub async fn get(
         }
     };
     Ok(Some(claim))
+}
+
+fn pod_claim_name(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<String> {
+    annotations?
+        .get(super::POD_CLAIM_NAME_ANNOTATION)
+        .filter(|name| !name.is_empty())
+        .cloned()
 }
 
 fn config_entry(

@@ -77,7 +77,14 @@ pub struct Claim {
     pub allocation: Option<Allocation>,
     /// Tessera's entries of `status.devices`, as the server returned them (see [`status`]).
     pub device_status: Vec<serde_json::Value>,
+    /// For a claim made from a ResourceClaimTemplate, the pod's name for it
+    /// (`pod.spec.resourceClaims[].name`, the `resource.kubernetes.io/pod-claim-name`
+    /// annotation): where its containers find their device metadata.
+    pub pod_claim_name: Option<String>,
 }
+
+/// The annotation the resource claim controller puts on a claim it made from a template.
+pub const POD_CLAIM_NAME_ANNOTATION: &str = "resource.kubernetes.io/pod-claim-name";
 
 /// `status.allocation.devices`.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -10,6 +10,7 @@
 
 mod card_room;
 pub mod health;
+pub mod metadata;
 mod plan;
 mod priority_grant;
 
@@ -482,6 +483,9 @@ impl Node {
         if let Err(e) = plan.write_board_entries() {
             return Ok(Err(e));
         }
+        if let Err(e) = plan.write_metadata() {
+            return Ok(Err(e));
+        }
         if let Err(e) = plan.write_spec() {
             return Ok(Err(e));
         }
@@ -568,6 +572,9 @@ impl Node {
 fn repair(plan: &Plan) -> Result<(), String> {
     let missing = |p: &std::path::Path| !p.exists();
     let result = (|| {
+        if plan.metadata.iter().any(|m| missing(&m.host_file)) {
+            plan.write_metadata()?;
+        }
         if plan.admin {
             if missing(&plan.spec_path) {
                 plan.write_spec()?;

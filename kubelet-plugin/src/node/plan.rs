@@ -9,6 +9,7 @@ use tessera_driver::checkpoint::PreparedDevice;
 use tessera_driver::{claim_config, claim_files, fsutil};
 
 use super::NodeConfig;
+use super::metadata::{self, ClaimNames, RequestMetadata};
 use crate::claims::Claim;
 
 /// Everything one claim's preparation writes.
@@ -28,6 +29,8 @@ pub struct Plan {
     /// Every device is allocated with admin access: no shim, config, region or board entries
     /// (`cdi::admin_claim_spec`); nothing is charged or reserved for it.
     pub admin: bool,
+    /// Each request's device metadata file (KEP-5304), mounted by the spec.
+    pub metadata: Vec<RequestMetadata>,
 }
 
 /// A claim that may not spill, on an overcommitted GPU: its whole share (at most the card)
@@ -67,7 +70,7 @@ impl Plan {
                 files.check_gpu_node(gpu.minor)?;
             }
         }
-        let devices = limits
+        let mut devices: Vec<PreparedDevice> = limits
             .devices
             .iter()
             .map(|d| PreparedDevice {
@@ -75,6 +78,26 @@ impl Plan {
                 cdi_device_ids: cdi::device_ids(&claim.uid, d, config.cdi_mode),
             })
             .collect();
+        // One per result of ours, in result order: each device with its request as allocated.
+        let references: Vec<(&str, &allocation::AllocatedDevice)> = allocation
+            .results
+            .iter()
+            .filter(|r| r.driver == tessera_api::names::DRIVER_NAME)
+            .map(|r| r.request.as_str())
+            .zip(&limits.devices)
+            .collect();
+        let claim_dir = cdi::claim_dir(&config.state_dir, &claim.uid);
+        let metadata = metadata::for_claim(
+            &ClaimNames {
+                namespace: &claim.namespace,
+                name: &claim.name,
+                uid: &claim.uid,
+                pod_claim_name: claim.pod_claim_name.as_deref(),
+            },
+            &references,
+            &config.inventory,
+            &claim_dir,
+        );
         // `allocation::claim_limits_with` refuses a claim that mixes the two.
         let admin = limits.devices.iter().all(|d| d.admin_access);
         let shim = if admin {
@@ -91,19 +114,37 @@ impl Plan {
         } else {
             ShimFiles::new(config, &claim.uid, &limits, &settings)?
         };
+        let mut spec = shim.spec;
+        for request in &metadata {
+            let (device, id) = cdi::metadata_device(
+                &claim.uid,
+                &request.request,
+                &request.host_file,
+                &request.container_path,
+            );
+            spec.devices.push(device);
+            // With the first device of its request, so every container of the request has it.
+            if let Some(first) = devices
+                .iter_mut()
+                .find(|d| d.device.request == request.request)
+            {
+                first.cdi_device_ids.push(id);
+            }
+        }
         Ok(Plan {
             uid: claim.uid.clone(),
             namespace: claim.namespace.clone(),
             name: claim.name.clone(),
             devices,
-            claim_dir: cdi::claim_dir(&config.state_dir, &claim.uid),
+            claim_dir,
             spec_path: config.cdi_dir.join(cdi::spec_file_name(&claim.uid)),
             config_json: shim.config_json,
             host: shim.host,
-            spec: shim.spec,
+            spec,
             limits,
             card_shares: shim.card_shares,
             admin,
+            metadata,
         })
     }
 
@@ -137,6 +178,17 @@ impl Plan {
             &self.host,
             self.limits.gpus.iter().map(|g| g.uuid.as_str()),
         )
+    }
+
+    /// Each request's device metadata file; before the spec, which mounts them.
+    pub fn write_metadata(&self) -> std::io::Result<()> {
+        for request in &self.metadata {
+            if let Some(dir) = request.host_file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            fsutil::write_atomic(&request.host_file, &request.stream, 0o644)?;
+        }
+        Ok(())
     }
 
     pub fn write_spec(&self) -> std::io::Result<()> {

@@ -1,12 +1,11 @@
 //! Tessera, installed from its chart, on the real kubelet while the node's parts come and go:
-//! selection by model and by UUID, two containers on one claim, high priority granted by the
-//! admin's namespace label (under the chart's RBAC), the kubelet restarted with a prepared
-//! claim, the plugin's pod deleted while claims are prepared (one pod running, one between
-//! prepare and container start), the DaemonSet rolled while a claim is prepared, a claim
-//! deleted before it is unprepared, a GPU's XID shown in its pod's status (1.36+), and the
-//! node rebooted with a prepared claim. After each,
-//! the claim's CDI spec is gone from the node: the kubelet unprepared it through whichever
-//! plugin instance ran then.
+//! selection by model and by UUID, device metadata read inside a container, two containers on
+//! one claim, high priority granted by the admin's namespace label (under the chart's RBAC), the
+//! kubelet restarted with a prepared claim, the plugin's pod deleted while claims are prepared
+//! (one pod running, one between prepare and container start), a GPU's XID shown in its pod's
+//! status (1.36+), the DaemonSet rolled while a claim is prepared, a claim deleted before it is
+//! unprepared, and the node rebooted with a prepared claim. After each, the claim's CDI spec is
+//! gone from the node: the kubelet unprepared it through whichever plugin instance ran then.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -533,6 +532,46 @@ async fn scenarios(version: K8sVersion) {
             );
             s.delete(name).await;
         }
+
+        // Device metadata (KEP-5304): the claim's devices and attributes, read inside the pod
+        // at the well-known path, for the pod's own name of a template claim.
+        step("device metadata read inside the container");
+        let mut reader = tessera.pod(
+            "metadata",
+            json!({ "resourceClaimTemplateName": "by-uuid" }),
+            &[Worker {
+                name: "read",
+                args: Vec::new(),
+            }],
+            None,
+        );
+        if let Some(container) = reader
+            .spec
+            .as_mut()
+            .and_then(|spec| spec.containers.first_mut())
+        {
+            container.image = Some(BUSYBOX_IMAGE.into());
+            container.args = None;
+            container.command = Some(vec![
+                "cat".into(),
+                "/var/run/kubernetes.io/dra-device-attributes/resourceclaimtemplates/gpu/gpu/gpu.tessera.dev-metadata.json".into(),
+            ]);
+        }
+        s.create(&reader).await;
+        let (pod_, log) = s.finished("metadata").await;
+        Scenarios::assert_succeeded(&pod_, &log);
+        for expected in [
+            "\"apiVersion\": \"metadata.resource.k8s.io/v1beta1\"".to_string(),
+            "\"podClaimName\": \"gpu\"".to_string(),
+            format!("\"string\": \"{RTX_4090}\""),
+            "\"memoryLimit\"".to_string(),
+        ] {
+            assert!(
+                log.contains(&expected),
+                "{expected} in the metadata:\n{log}"
+            );
+        }
+        s.delete("metadata").await;
 
         if version.minor() >= 36 {
             step("a GPU asked for as an extended resource");
