@@ -41,7 +41,6 @@ use prometheus_client::registry::{Registry, Unit};
 use tessera_driver::checkpoint::{Checkpoint, ClaimState};
 use tessera_driver::health::NodeGpus;
 
-use crate::node::Refusal;
 use crate::regions;
 
 /// The plugin's metrics.
@@ -112,14 +111,6 @@ struct RefusalLabels {
     reason: &'static str,
 }
 
-fn refusal_label(refusal: Refusal) -> &'static str {
-    match refusal {
-        Refusal::Invalid => "invalid",
-        Refusal::Priority => "priority",
-        Refusal::CardRoom => "card_room",
-    }
-}
-
 impl Metrics {
     /// Metrics whose claim gauges read `<state_dir>`.
     pub fn new(state_dir: PathBuf) -> Metrics {
@@ -130,7 +121,7 @@ impl Metrics {
         ]);
         registry.register_with_unit(
             "prepare_duration",
-            "Duration of NodePrepareResources calls, but those whose every claim was refused",
+            "Duration of NodePrepareResources calls, leaving out calls whose every claim was refused",
             Unit::Seconds,
             prepare_duration.clone(),
         );
@@ -247,24 +238,20 @@ impl Metrics {
         self.health_streams.clone()
     }
 
-    /// One NodePrepareResources call: `ok` claims prepared, `failed` not, of which `refused`
-    /// were refusals. A call whose every claim was refused is not timed: refusals answer at
-    /// once, and the histogram is the latency of preparing.
+    /// One NodePrepareResources call: `ok` claims prepared, `failed` not, of which those in
+    /// `refused` (each its reason's label) were refusals. A call whose every claim was refused
+    /// is not timed: refusals answer at once, and the histogram is the latency of preparing.
     pub fn observe_prepare(
         &self,
         duration: Duration,
         ok: usize,
         failed: usize,
-        refused: impl IntoIterator<Item = Refusal>,
+        refused: impl IntoIterator<Item = &'static str>,
     ) {
         let mut refusals = 0;
-        for refusal in refused {
+        for reason in refused {
             refusals += 1;
-            self.refusals
-                .get_or_create(&RefusalLabels {
-                    reason: refusal_label(refusal),
-                })
-                .inc();
+            self.refusals.get_or_create(&RefusalLabels { reason }).inc();
         }
         if ok + failed > refusals {
             self.prepare_duration.observe(duration.as_secs_f64());

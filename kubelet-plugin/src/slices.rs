@@ -7,7 +7,6 @@
 //! that is going away.
 
 use tessera_controller::node::{ModeSetting, NodeController, NodeControllerConfig, NodeStatus};
-use tessera_driver::health::NodeGpus;
 use tessera_driver::{Inventory, MemoryOvercommit};
 
 use crate::node::health::{self, HealthConfig, HealthWatch, NodeEvents};
@@ -15,17 +14,10 @@ use crate::node::health::{self, HealthConfig, HealthWatch, NodeEvents};
 /// Aborts the slice controller and the health watcher on drop.
 pub struct SliceController {
     task: Option<tokio::task::JoinHandle<()>>,
-    /// The health watcher the controller follows; dropped (stopped) with it.
-    health: HealthWatch,
+    /// The health watcher the controller follows, held to be dropped (stopped) with it.
+    _health: HealthWatch,
     /// What the controller last published (`None` with `--sharing-mode off`).
     pub status: Option<tokio::sync::watch::Receiver<NodeStatus>>,
-}
-
-impl SliceController {
-    /// The node's GPUs being published, and which are unhealthy.
-    pub fn inventory(&self) -> tokio::sync::watch::Receiver<NodeGpus> {
-        self.health.gpus.clone()
-    }
 }
 
 impl Drop for SliceController {
@@ -66,7 +58,7 @@ pub fn start_with(
         tracing::info!("--sharing-mode off: not publishing ResourceSlices");
         return Ok(SliceController {
             task: None,
-            health,
+            _health: health,
             status: None,
         });
     }
@@ -78,7 +70,7 @@ pub fn start_with(
     let (controller, status) = NodeController::new(client, config, health.gpus.clone());
     Ok(SliceController {
         task: Some(tokio::spawn(controller.run())),
-        health,
+        _health: health,
         status: Some(status),
     })
 }

@@ -98,6 +98,17 @@ pub enum Refusal {
     CardRoom,
 }
 
+impl Refusal {
+    /// Its `reason` label in `tessera_prepare_refusals_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Invalid => "invalid",
+            Refusal::Priority => "priority",
+            Refusal::CardRoom => "card_room",
+        }
+    }
+}
+
 /// The points between the steps of a call, where tests simulate a crash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -238,7 +249,7 @@ impl Node {
                 elapsed,
                 results.len() - failed,
                 failed,
-                refused.values().copied(),
+                refused.values().map(|r| r.label()),
             );
             for (uid, result) in results {
                 match result {
