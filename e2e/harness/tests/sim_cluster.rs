@@ -118,6 +118,18 @@ impl Suite {
         workloads::create(&self.client(), &object)
             .await
             .expect("creating the claim template");
+        self.create_pod(name, &template, command, annotations).await;
+    }
+
+    /// Pod `name`: one container `main` running `command` on the claim made from `template`,
+    /// with the suite's shared directory at `/shared`.
+    async fn create_pod(
+        &self,
+        name: &str,
+        template: &str,
+        command: Vec<String>,
+        annotations: &[(&str, &str)],
+    ) {
         let container = ContainerSpec {
             name: "main".into(),
             command,
@@ -127,7 +139,7 @@ impl Suite {
         let pod = workloads::pod(
             NS,
             name,
-            &[("gpu", &template)],
+            &[("gpu", template)],
             &[container],
             &[(&shared, "/shared")],
             annotations,
@@ -756,28 +768,13 @@ async fn prioritized_list_takes_the_first_that_fits(suite: &mut Suite) {
     // its generated claim deallocated and deleted, which a slow machine's poll can miss.
     let go = suite.shared.join("go-first-available");
     let _ = std::fs::remove_file(&go);
-    let container = ContainerSpec {
-        name: "main".into(),
-        command: suite.worker(&[
-            "--wait-for",
-            "/shared/go-first-available",
-            "--allocate",
-            "3Gi",
-        ]),
-        claims: vec!["gpu".into()],
-    };
-    let shared = suite.shared.display().to_string();
-    let pod = workloads::pod(
-        NS,
-        name,
-        &[("gpu", &template)],
-        &[container],
-        &[(&shared, "/shared")],
-        &[],
-    );
-    workloads::create(&suite.client(), &pod)
-        .await
-        .expect("creating the pod");
+    let command = suite.worker(&[
+        "--wait-for",
+        "/shared/go-first-available",
+        "--allocate",
+        "3Gi",
+    ]);
+    suite.create_pod(name, &template, command, &[]).await;
     let claim = suite.allocated_claim(name).await;
     let result = &claim["status"]["allocation"]["devices"]["results"][0];
     assert_eq!(result["request"], "gpu/rtx3080", "{result}");
@@ -833,24 +830,9 @@ async fn admin_access_sees_the_whole_card(suite: &mut Suite) {
     workloads::create(&suite.client(), &object)
         .await
         .expect("creating the admin template in the labelled namespace");
-    let container = ContainerSpec {
-        name: "main".into(),
-        command: suite.worker(&["--allocate", "6Gi", "--hold-until", "/shared/release-admin"]),
-        claims: vec!["gpu".into()],
-    };
-    let shared = suite.shared.display().to_string();
     let _ = std::fs::remove_file(suite.shared.join("release-admin"));
-    let pod = workloads::pod(
-        NS,
-        name,
-        &[("gpu", &template)],
-        &[container],
-        &[(&shared, "/shared")],
-        &[],
-    );
-    workloads::create(&suite.client(), &pod)
-        .await
-        .expect("creating the pod");
+    let command = suite.worker(&["--allocate", "6Gi", "--hold-until", "/shared/release-admin"]);
+    suite.create_pod(name, &template, command, &[]).await;
     let claim = suite.allocated_claim(name).await;
     let result = &claim["status"]["allocation"]["devices"]["results"][0];
     assert_eq!(result["adminAccess"], true, "{result}");
