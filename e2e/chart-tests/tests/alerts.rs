@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use serde_json::{Value, json};
@@ -21,25 +20,6 @@ fn with_monitoring() -> Capabilities {
             "monitoring.coreos.com/v1/PrometheusRule",
         ],
     )
-}
-
-/// Runs promtool with `args` in `dir`; its output, or the failure with it.
-fn promtool(promtool: &Path, dir: &Path, args: &[&str]) -> Result<String, String> {
-    let output = Command::new(promtool)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .map_err(|e| format!("running {}: {e}", promtool.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if output.status.success() {
-        Ok(text)
-    } else {
-        Err(text)
-    }
 }
 
 /// The alert rules of the rendered PrometheusRule, by name.
@@ -124,7 +104,7 @@ fn every_alert_fires_when_it_should_and_only_once() {
         serde_yaml::to_string(&rules).expect("rules as YAML"),
     )
     .expect("writing rules.yaml");
-    promtool(
+    tessera_e2e_harness::promtool::run(
         &promtool_path,
         dir.path(),
         &["check", "rules", "rules.yaml"],
@@ -146,8 +126,12 @@ fn every_alert_fires_when_it_should_and_only_once() {
         serde_yaml::to_string(&tests).expect("tests as YAML"),
     )
     .expect("writing tests.yaml");
-    promtool(&promtool_path, dir.path(), &["test", "rules", "tests.yaml"])
-        .unwrap_or_else(|e| panic!("promtool test rules:\n{e}"));
+    tessera_e2e_harness::promtool::run(
+        &promtool_path,
+        dir.path(),
+        &["test", "rules", "tests.yaml"],
+    )
+    .unwrap_or_else(|e| panic!("promtool test rules:\n{e}"));
 }
 
 #[test]

@@ -12,7 +12,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use serde_json::{Value, json};
@@ -204,17 +203,16 @@ fn every_gauge_query_shows_the_same_with_duplicate_scrapes() {
         .prefix("tessera-dashboard-")
         .tempdir()
         .expect("tempdir");
-    let file = dir.path().join("dashboard-test.yaml");
-    std::fs::write(&file, serde_yaml::to_string(&tests).expect("YAML")).expect("writing the test");
-    let output = Command::new(&promtool)
-        .args(["test", "rules"])
-        .arg(&file)
-        .output()
-        .expect("running promtool");
-    assert!(
-        output.status.success(),
-        "a dashboard query changes with duplicate series:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    std::fs::write(
+        dir.path().join("dashboard-test.yaml"),
+        serde_yaml::to_string(&tests).expect("YAML"),
+    )
+    .expect("writing the test");
+    if let Err(output) = tessera_e2e_harness::promtool::run(
+        &promtool,
+        dir.path(),
+        &["test", "rules", "dashboard-test.yaml"],
+    ) {
+        panic!("a dashboard query changes with duplicate series:\n{output}");
+    }
 }

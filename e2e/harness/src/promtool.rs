@@ -56,3 +56,23 @@ pub fn check_metrics(promtool: &Path, text: &str) -> Result<(), String> {
         ))
     }
 }
+
+/// Runs promtool with `args` in `dir` (`check rules`, `test rules`): its output, or on failure
+/// its output as the error.
+pub fn run(promtool: &Path, dir: &Path, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(promtool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("running {}: {e}", promtool.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
