@@ -4,7 +4,7 @@ TESSERA_CACHE ?= $(HOME)/.cache/tessera
 export TESSERA_CACHE
 export CARGO_TARGET_DIR ?= $(TESSERA_CACHE)/target
 
-.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc images chart bench
+.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc images chart bench bench-priority
 
 ## The whole test suite (what CI runs).
 test:
@@ -42,3 +42,9 @@ chart:
 bench:
 	cargo build --release -p tessera-shim -p tessera-fake-cuda -p tessera-fake-nvml
 	cargo bench -p tessera-shim --bench call_overhead
+
+## Inference beside training on the simulated GPU: the inference's latency and the training's
+## share per setup, as tables for docs/benchmarks.md (virtual time: host load does not move them).
+bench-priority:
+	cargo build -p tessera-shim -p tessera-fake-cuda -p tessera-fake-nvml
+	cargo test -p tessera-shim --test inference_beside_training -- --ignored --nocapture table

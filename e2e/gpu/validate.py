@@ -23,8 +23,15 @@ simulate:
      match, kernels read and write spilled tensors correctly, and a spill limit refuses with an
      out-of-memory error and the shim's stderr line.
 
+  8. inference beside training (unless --no-inference): a small fp16 model's forward pass at a
+     fixed rate (one request every 4 ms, each synchronised) beside a saturating matmul loop, alone,
+     with no shim, as a `high` claim beside a `low` one, and as two `normal` claims at 50/50; the
+     inference's p50/p99/p99.9 latency and the trainer's share of its solo throughput. Checks the
+     goals of the simulation's design (docs/compute.md#gap-filling-what-a-higher-claim-leaves): with priority, the
+     inference's p99 within 10 % of alone and the trainer at ≥ 0.8 × what the inference leaves.
+
 Usage: python3 e2e/gpu/validate.py --shim /path/to/libtessera.so [--limit-gib 2] [--json out.json]
-       [--no-compute] [--no-spill] [--span 6]
+       [--no-compute] [--no-spill] [--no-inference] [--span 6]
 Exit status 0 when every check passed. Results are printed as a Markdown table for
 docs/benchmarks.md. Never more device memory than the limit plus one allocation, and the spill
 check asks for at most three quarters of a claim it sizes to a quarter of the card's free memory
@@ -269,6 +276,121 @@ def compute_checks(check, results, directory, uuid, limit, shim, span):
           {"low_after_percent": [round(100 * x / solo, 1) for x in after]})
 
 
+# A request-serving loop: a small model's forward pass (8 fp16 Linear layers of 1024, batch 8) at
+# each arrival, synchronised; a request that arrives while the previous one is served is dropped.
+INFERENCE_LOOP = """
+import json, sys, time, torch
+period, span = {period}, {span}
+model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]).cuda().half()
+x = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
+with torch.no_grad():
+    for _ in range(50):
+        model(x)
+torch.cuda.synchronize()
+busy = 0.0
+with torch.no_grad():
+    t0 = time.perf_counter()
+    for _ in range(200):
+        model(x)
+        torch.cuda.synchronize()
+    busy = (time.perf_counter() - t0) / 200
+print("ready", flush=True)
+sys.stdin.readline()
+latencies, arrivals, k = [], 0, 1
+start = time.perf_counter() + 1.0
+while True:
+    arrival = start + k * period
+    k += 1
+    if arrival - start >= span:
+        break
+    arrivals += 1
+    now = time.perf_counter()
+    if now > arrival:
+        continue
+    if arrival - now > 0.001:
+        time.sleep(arrival - now - 0.001)
+    while time.perf_counter() < arrival:
+        pass
+    with torch.no_grad():
+        model(x)
+    torch.cuda.synchronize()
+    latencies.append(time.perf_counter() - arrival)
+print(json.dumps({{"latencies": latencies, "arrivals": arrivals, "solo_request_s": busy}}))
+"""
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered), max(1, int(-(-fraction * len(ordered) // 1)))) - 1]
+
+
+def serve_beside(inference_env, trainer_envs, span, period=0.004):
+    """One inference server and trainers released together; the server's result and each
+    trainer's matmul rates (the trainers run one second longer than the server's span, which
+    starts a second after the release)."""
+    server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(INFERENCE_LOOP.format(period=period, span=span))],
+                              env=inference_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    trainers = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(MATMUL_LOOP.format(span=span + 2.0, window=0.25, graph=False))],
+                                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for env in trainer_envs]
+    for p in [server] + trainers:
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"workload did not start: {line!r} {p.stderr.read()}")
+    for p in [server] + trainers:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    out = []
+    for p in [server] + trainers:
+        stdout, stderr = p.communicate(timeout=span * 4 + 120)
+        lines = [l for l in stdout.splitlines() if l.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"workload failed: {stderr}")
+        out.append(json.loads(lines[-1]))
+    # The trainers' windows while the server served: from 1 s to 1 s + span.
+    rates = [r["rates"][int(1.0 / 0.25):int((1.0 + span) / 0.25)] for r in out[1:]]
+    return out[0], rates
+
+
+def inference_checks(check, results, directory, uuid, limit, shim, span):
+    board = os.path.join(directory, "board-inference")
+    os.makedirs(board, exist_ok=True)
+
+    def env_for(name, cores, priority):
+        config = write_claim(directory, uuid, limit, name=name, cores=cores, priority=priority, policy="default")
+        return dict(os.environ, LD_PRELOAD=shim, TESSERA_CONFIG=config, TESSERA_BOARD=board)
+
+    bare = dict(os.environ)
+    bare.pop("LD_PRELOAD", None)
+    trainer_solo = mean(steady(run_loops([bare], span)[0]))
+    rows = {}
+    for name, server_env, trainer_envs in [
+        ("inference alone", bare, []),
+        ("+ 1 trainer, no shim", bare, [bare]),
+        ("Tessera: inference high/30, trainer low/70", env_for("inference-high", 30, "high"), [env_for("trainer-low", 70, "low")]),
+        ("two normal claims at 50/50", env_for("inference-normal", 50, "normal"), [env_for("trainer-normal", 50, "normal")]),
+    ]:
+        served, rates = serve_beside(server_env, trainer_envs, span)
+        lat = served["latencies"]
+        rows[name] = {
+            "p50_ms": 1000 * percentile(lat, 0.5), "p99_ms": 1000 * percentile(lat, 0.99),
+            "p999_ms": 1000 * percentile(lat, 0.999), "served": len(lat), "arrivals": served["arrivals"],
+            "training_percent": 100 * sum(mean(r) for r in rates) / trainer_solo if rates else None,
+            "solo_request_ms": 1000 * served["solo_request_s"],
+        }
+    results["inference"] = rows
+    alone, prio = rows["inference alone"], rows["Tessera: inference high/30, trainer low/70"]
+    used = alone["solo_request_ms"] / 4.0
+    check("inference beside low training: p99 within 10 % of alone", prio["p99_ms"] <= 1.1 * alone["p99_ms"],
+          {"alone_p99_ms": round(alone["p99_ms"], 3), "beside_p99_ms": round(prio["p99_ms"], 3)})
+    check("low training beside inference gets ≥ 0.8 × what the inference leaves",
+          prio["training_percent"] >= 80 * (1 - used),
+          {"training_percent": round(prio["training_percent"], 1), "inference_uses": round(used, 3)})
+
+
 SPILL_ALLOC = """
 import json, sys, torch
 chunk, count = {chunk}, {count}
@@ -401,6 +523,7 @@ def main():
     parser.add_argument("--json")
     parser.add_argument("--no-compute", action="store_true", help="skip the compute-share checks")
     parser.add_argument("--no-spill", action="store_true", help="skip the memory oversubscription checks")
+    parser.add_argument("--no-inference", action="store_true", help="skip inference beside training")
     parser.add_argument("--span", type=float, default=6.0, help="seconds per compute run")
     args = parser.parse_args()
     limit = int(args.limit_gib * GIB)
@@ -456,6 +579,9 @@ def main():
         if not args.no_compute:
             compute_checks(check, results, directory, uuid, limit, os.path.abspath(args.shim), args.span)
 
+        if not args.no_inference:
+            inference_checks(check, results, directory, uuid, limit, os.path.abspath(args.shim), args.span)
+
     print("| check | result | detail |\n|---|---|---|")
     for c in results["checks"]:
         print(f"| {c['check']} | {'pass' if c['passed'] else 'FAIL'} | `{json.dumps(c['detail'])[:120]}` |")
@@ -473,6 +599,11 @@ def main():
         print(f"\n25 + 40 side by side: {p['a']:.1f} % and {p['b']:.1f} %, ratio {p['ratio']:.3f} (0.625 asked)")
         q = c["priority"]
         print(f"high priority beside two low: {100 * q['high_beside_lows'] / q['high_solo']:.1f} % of its solo throughput")
+    if "inference" in results:
+        print("\n| setup | inference p50 / p99 / p99.9 (ms) | requests served | training's share |\n|---|---|---|---|")
+        for name, r in results["inference"].items():
+            share = "–" if r["training_percent"] is None else f"{r['training_percent']:.0f} %"
+            print(f"| {name} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} / {r['p999_ms']:.2f} | {r['served']} of {r['arrivals']} | {share} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -14,7 +14,7 @@ use tessera_api::board::{
 };
 
 /// How often a GPU's directory is listed again.
-const RESCAN_NS: u64 = 100_000_000;
+pub(crate) const RESCAN_NS: u64 = 100_000_000;
 /// Neighbours read at most (a GPU shared by more claims than this is not a real case).
 const MAX_NEIGHBOURS: usize = 1024;
 
@@ -199,8 +199,10 @@ impl Neighbours {
     /// publish anything, and removed when it is unprepared); each file is opened without
     /// following links or waiting, read for one entry, and closed: short or unreadable ones are
     /// skipped, whatever their owners did. No descriptor is kept, so a program that closes
-    /// descriptors it did not open cannot make this read the wrong file.
-    pub fn visit(&self, mut f: impl FnMut(&str, &[u8; ENTRY_SIZE], i32)) {
+    /// descriptors it did not open cannot make this read the wrong file. `now` is the caller's
+    /// clock, on which the rescans are timed (the compute limiter's runs on the fake GPU's
+    /// virtual time).
+    pub fn visit(&self, now: u64, mut f: impl FnMut(&str, &[u8; ENTRY_SIZE], i32)) {
         let listing = &self.listing;
         if listing
             .busy
@@ -214,11 +216,10 @@ impl Neighbours {
         }
         // SAFETY: `busy` is ours until the store below.
         let names = unsafe { &mut *listing.names.get() };
-        let now = coarse_now();
         let at = listing.listed_at.load(Ordering::Relaxed);
-        if at == 0 || now.wrapping_sub(at) >= RESCAN_NS {
+        if at == 0 || now < at || now - at >= RESCAN_NS {
             *names = self.list();
-            listing.listed_at.store(now, Ordering::Relaxed);
+            listing.listed_at.store(now.max(1), Ordering::Relaxed);
         }
         for name in names.iter() {
             self.read(name, &mut f);

@@ -171,23 +171,24 @@ impl MemoryBoard {
     pub fn others(&self, live_only: bool) -> u64 {
         let mut reserved = 0u64;
         let mut resident = 0u64;
-        self.others.visit(|_, bytes, fd| {
-            let Some(entry) = parse_entry(bytes) else {
-                return;
-            };
-            if entry.claim == self.claim {
-                return;
-            }
-            // Live: some process holds a lock that conflicts with an exclusive one.
-            if live_only && !entry_lock(fd, libc::F_WRLCK, libc::F_OFD_GETLK) {
-                return;
-            }
-            if entry.spills {
-                resident = resident.saturating_add(entry.resident);
-            } else {
-                reserved = reserved.saturating_add(entry.limit);
-            }
-        });
+        self.others
+            .visit(crate::board_files::coarse_now(), |_, bytes, fd| {
+                let Some(entry) = parse_entry(bytes) else {
+                    return;
+                };
+                if entry.claim == self.claim {
+                    return;
+                }
+                // Live: some process holds a lock that conflicts with an exclusive one.
+                if live_only && !entry_lock(fd, libc::F_WRLCK, libc::F_OFD_GETLK) {
+                    return;
+                }
+                if entry.spills {
+                    resident = resident.saturating_add(entry.resident);
+                } else {
+                    reserved = reserved.saturating_add(entry.limit);
+                }
+            });
         reserved
             .max(self.reservation.bytes())
             .saturating_add(resident)

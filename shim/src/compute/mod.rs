@@ -43,6 +43,14 @@ const YIELD_SHARE: u32 = 1;
 const IMPLAUSIBLE_NS: u64 = 10_000_000_000;
 /// The share meaning "no limit".
 const UNLIMITED: u32 = 100;
+/// How often a claim filling a higher claim's gaps re-reads when they are: it decides each launch
+/// on what it read at most this long ago.
+const GAP_READ_NS: u64 = 100_000;
+/// A kernel fills a gap only if it is expected to end this long before the next burst can come:
+/// room for the error in the costs and the clocks.
+const GAP_MARGIN_NS: u64 = 50_000;
+/// How often a claim waiting for a gap looks again when a higher claim's next burst is due.
+const GAP_POLL_NS: u64 = 200_000;
 
 pub struct Limiter {
     device_count: usize,
@@ -55,6 +63,17 @@ pub struct Limiter {
     next_refresh: [AtomicU64; MAX_DEVICES],
     /// Whether this process has looked at the device's schedule for another clock's values.
     clock_checked: [AtomicBool; MAX_DEVICES],
+    /// A lower-priority claim is active on the device: publish when this claim's bursts come.
+    watched: [AtomicBool; MAX_DEVICES],
+    /// A higher-priority claim is active and the policy lets this claim fill its gaps.
+    filling: [AtomicBool; MAX_DEVICES],
+    /// The gap last read per device ([`board::Gap`]), and when.
+    gap_busy_until: [AtomicU64; MAX_DEVICES],
+    gap_ends: [AtomicU64; MAX_DEVICES],
+    gap_turn: [AtomicBool; MAX_DEVICES],
+    gap_read_at: [AtomicU64; MAX_DEVICES],
+    /// When the work this process queued while filling gaps is expected to end.
+    queued_until: [AtomicU64; MAX_DEVICES],
 }
 
 impl Limiter {
@@ -90,6 +109,13 @@ impl Limiter {
             share: std::array::from_fn(|d| AtomicU32::new(cores[d])),
             next_refresh: [const { AtomicU64::new(0) }; MAX_DEVICES],
             clock_checked: [const { AtomicBool::new(false) }; MAX_DEVICES],
+            watched: [const { AtomicBool::new(false) }; MAX_DEVICES],
+            filling: [const { AtomicBool::new(false) }; MAX_DEVICES],
+            gap_busy_until: [const { AtomicU64::new(0) }; MAX_DEVICES],
+            gap_ends: [const { AtomicU64::new(0) }; MAX_DEVICES],
+            gap_turn: [const { AtomicBool::new(false) }; MAX_DEVICES],
+            gap_read_at: [const { AtomicU64::new(0) }; MAX_DEVICES],
+            queued_until: [const { AtomicU64::new(0) }; MAX_DEVICES],
         }
     }
 
@@ -129,6 +155,11 @@ impl Limiter {
             Some(board) => {
                 board.publish(now, self.rank, cores);
                 let around = board.neighbours(now, ACTIVE_NS, self.rank);
+                self.watched[device].store(around.lower, Ordering::Relaxed);
+                self.filling[device].store(
+                    around.higher && self.policy == CorePolicy::Default && board.settled(now),
+                    Ordering::Relaxed,
+                );
                 if around.higher {
                     cores.min(YIELD_SHARE)
                 } else if !around.peer_or_higher && self.policy == CorePolicy::Default {
@@ -147,6 +178,58 @@ impl Limiter {
                 .compute_tat(device)
                 .fetch_min(now.saturating_add(BURST_NS), Ordering::Relaxed);
         }
+    }
+
+    /// Tells the lower claims watching this one when its work runs (see [`Board::note_launch`]).
+    #[inline(never)]
+    fn note_launch(&self, device: usize, key: u64) {
+        if let Some(board) = self.boards.get(device).and_then(Option::as_ref) {
+            board.note_launch(clock::now(), cost::estimate(key));
+        }
+    }
+
+    /// Whether a launch of `key` at `now` fits the gap the higher claims leave, as last read
+    /// (at most `GAP_READ_NS` ago); if it does, it is counted as queued. `Err` holds when to
+    /// look again.
+    fn fill_gap(&self, device: usize, key: u64, now: u64) -> Result<(), u64> {
+        let Some(board) = self.boards.get(device).and_then(Option::as_ref) else {
+            return Err(now.saturating_add(REFRESH_NS));
+        };
+        let read_at = self.gap_read_at[device].load(Ordering::Relaxed);
+        let (busy_until, ends, turn) =
+            if read_at == 0 || now.wrapping_sub(read_at) >= GAP_READ_NS || read_at > now {
+                let gap = board.gap(now, ACTIVE_NS, self.rank);
+                self.gap_busy_until[device].store(gap.busy_until, Ordering::Relaxed);
+                self.gap_ends[device].store(gap.ends, Ordering::Relaxed);
+                self.gap_turn[device].store(gap.turn, Ordering::Relaxed);
+                self.gap_read_at[device].store(now, Ordering::Relaxed);
+                (gap.busy_until, gap.ends, gap.turn)
+            } else {
+                (
+                    self.gap_busy_until[device].load(Ordering::Relaxed),
+                    self.gap_ends[device].load(Ordering::Relaxed),
+                    self.gap_turn[device].load(Ordering::Relaxed),
+                )
+            };
+        let queued = &self.queued_until[device];
+        let start = now.max(busy_until).max(queued.load(Ordering::Relaxed));
+        let end = start.saturating_add(cost::estimate(key));
+        if turn && ends != 0 && end.saturating_add(GAP_MARGIN_NS) <= ends {
+            queued.fetch_max(end, Ordering::Relaxed);
+            return Ok(());
+        }
+        // What was read serves the launches of one gap; a claim that has to wait reads again.
+        self.gap_read_at[device].store(0, Ordering::Relaxed);
+        Err(if ends == 0 || ends <= now {
+            // The next burst is due or its time unknown: look again shortly.
+            now.saturating_add(GAP_POLL_NS)
+        } else if busy_until > now {
+            // Busy, and the kernel does not fit after it: after this burst, the next gap.
+            ends.max(busy_until)
+        } else {
+            // Too long for what is left of this gap: the next one begins after the next burst.
+            ends.saturating_add(GAP_MARGIN_NS)
+        })
     }
 
     /// The claim device the calling thread launches on (`uuids`: the claim's GPUs).
@@ -211,6 +294,9 @@ pub fn launch(
     };
     let mut now = clock::coarse();
     limiter.refresh_if_due(ledger, device, now);
+    if limiter.watched[device].load(Ordering::Relaxed) {
+        limiter.note_launch(device, key);
+    }
     let mut share = limiter.share[device].load(Ordering::Relaxed);
     if share >= UNLIMITED {
         return forward();
@@ -232,8 +318,20 @@ pub fn launch(
         now = clock::now();
     }
     while slot > now.saturating_add(BURST_NS) {
+        let mut look_again = u64::MAX;
+        if limiter.filling[device].load(Ordering::Relaxed) {
+            // Yielding to a higher claim, but free to use its gaps.
+            match limiter.fill_gap(device, key, now) {
+                Ok(()) => break,
+                Err(at) => look_again = at,
+            }
+        }
         // Wake at least every refresh to notice a neighbour leaving (a share going up).
-        clock::sleep_until((slot - BURST_NS).min(now.saturating_add(REFRESH_NS)));
+        clock::sleep_until(
+            (slot - BURST_NS)
+                .min(now.saturating_add(REFRESH_NS))
+                .min(look_again),
+        );
         now = clock::now();
         limiter.refresh_if_due(ledger, device, now);
         share = limiter.share[device].load(Ordering::Relaxed);
@@ -279,6 +377,32 @@ mod tests {
         (Limiter::new(&config, None), ledger, uuids)
     }
 
+    /// A one-GPU `high` claim of cores 100 on a board in `dir`, as a lower claim watching it
+    /// makes it: publishing when its work runs at every launch.
+    fn watched_claim(dir: &std::path::Path) -> (Limiter, Ledger, Vec<String>) {
+        let (plain, ledger, uuids) = claim(dir, 100);
+        let text = format!(
+            r#"{{"version":1,"claimUid":"hot-path-watched","region":"{}","devices":[{{"uuid":"{}","memoryLimit":1073741824,"cores":100}}],"priority":"high"}}"#,
+            dir.join("claim-100.region").display(),
+            uuids[0]
+        );
+        drop(plain);
+        let config = ShimConfig::from_json(text.as_bytes()).expect("config");
+        std::fs::create_dir_all(dir.join("board")).expect("board dir");
+        let board = BoardPaths::resolve(
+            Some(dir.join("board").display().to_string()),
+            "hot-path-watched",
+            Priority::High,
+        )
+        .expect("board paths");
+        let limiter = Limiter::new(&config, Some(&board));
+        assert!(limiter.boards[0].is_some(), "the board entry opens");
+        // Past the first refresh (which would clear it: nobody is really watching).
+        limiter.next_refresh[0].store(u64::MAX, Ordering::Relaxed);
+        limiter.watched[0].store(true, Ordering::Relaxed);
+        (limiter, ledger, uuids)
+    }
+
     fn parts(claim: &(Limiter, Ledger, Vec<String>)) -> Claim<'_> {
         Claim {
             limiter: &claim.0,
@@ -296,6 +420,7 @@ mod tests {
         const LAUNCHES: u64 = 10_000_000;
         let dir = tempfile::tempdir().expect("tempdir");
         let (whole, half) = (claim(dir.path(), 100), claim(dir.path(), 50));
+        let watched = watched_claim(dir.path());
         let key = key(0x1000, 1);
         // 1 ns kernels: 10 M launches at half the GPU owe 20 ms, far less than the loop takes,
         // so the claim stays under its share throughout.
@@ -336,6 +461,17 @@ mod tests {
                 ));
             }
         });
+        let publishing = time(&|| {
+            for _ in 0..LAUNCHES {
+                black_box(launch(
+                    parts(&watched),
+                    black_box(key),
+                    std::ptr::null_mut(),
+                    false,
+                    || CUDA_SUCCESS,
+                ));
+            }
+        });
         let coarse = time(&|| {
             for _ in 0..LAUNCHES {
                 black_box(clock::coarse());
@@ -350,6 +486,9 @@ mod tests {
         println!("| no limiter (empty forward) | {bare:.1} |");
         println!("| claim of cores 100 (limiter off) | {off:.1} |");
         println!("| claim of cores 50, under its share | {on:.1} |");
+        println!(
+            "| `high` claim of cores 100 watched by a lower one (publishes its bursts) | {publishing:.1} |"
+        );
         println!("| of which CLOCK_MONOTONIC_COARSE | {coarse:.1} |");
         println!("| (CLOCK_MONOTONIC, for comparison) | {precise:.1} |");
     }

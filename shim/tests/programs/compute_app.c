@@ -8,6 +8,8 @@
  *   init <device>                                     -> "init <rc>"
  *   join                                              -> "join 0" (take part in the lockstep)
  *   run <kind> <grid> <block> <span_ms> <window_ms>   -> "run <permille per window>... <launches>"
+ *   serve <grid> <period_us> <jitter_us> <delay_ms> <span_ms> <seed>
+ *                                   -> "serve <arrivals> <others' permille> <latency ns>..."
  *   leave                                             -> "leave 0"
  */
 #define _GNU_SOURCE
@@ -54,6 +56,7 @@ static struct {
     int (*fakegpu_clock_sleep_until_ns)(uint64_t);
     void (*fakegpu_clock_leave)(void);
     uint64_t (*fakegpu_process_busy_ns)(int);
+    uint64_t (*fakegpu_device_busy_ns)(int);
 } cu;
 
 typedef CUresult (*get_proc_t)(const char *, void **, int, unsigned long long, int *);
@@ -91,6 +94,7 @@ static void resolve(const char *way) {
     GET(fakegpu_clock_sleep_until_ns, "fakegpu_clock_sleep_until_ns", NULL, 0, 0);
     GET(fakegpu_clock_leave, "fakegpu_clock_leave", NULL, 0, 0);
     GET(fakegpu_process_busy_ns, "fakegpu_process_busy_ns", NULL, 0, 0);
+    GET(fakegpu_device_busy_ns, "fakegpu_device_busy_ns", NULL, 0, 0);
 }
 
 static CUfunction kernel;
@@ -160,6 +164,51 @@ static void run(const char *kind, unsigned grid, unsigned block, uint64_t span_m
     printf(" %ld\n", launches);
 }
 
+/* A request-serving loop, as a live inference server runs: requests arrive every period_us
+ * (each moved by up to ±jitter_us, uniformly, from a generator seeded with seed), for
+ * delay_ms + span_ms; each is one kernel, launched at its arrival and synchronised. Only the last
+ * span_ms is measured (the first delay_ms lets everyone settle): the latency of each request, from
+ * arrival to completion on the virtual clock, and the GPU time the device ran for every other
+ * process, per mille of the span. A request that arrives while the previous one is still being
+ * served is dropped, as a video pipeline drops a frame: the reply counts the measured arrivals,
+ * and lists the latencies of those served. */
+static void serve(unsigned grid, uint64_t period_us, uint64_t jitter_us, uint64_t delay_ms, uint64_t span_ms, uint64_t seed) {
+    uint64_t now = cu.fakegpu_clock_ns();
+    uint64_t measured = now + delay_ms * 1000000ull, end = measured + span_ms * 1000000ull;
+    uint64_t period = period_us * 1000ull, jitter = jitter_us * 1000ull, state = seed | 1;
+    size_t capacity = span_ms * 1000 / (period_us ? period_us : 1) + 2, served = 0, arrivals = 0;
+    uint64_t *latency = calloc(capacity, sizeof *latency);
+    if (!latency) { printf("serve -1\n"); return; }
+    uint64_t others_from = 0, measuring_since = 0;
+    for (uint64_t k = 1;; k++) {
+        /* xorshift64: the same arrivals for the same seed, whatever the shim does. */
+        state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+        uint64_t arrival = now + k * period;
+        if (jitter) arrival = arrival - jitter + state % (2 * jitter + 1);
+        if (arrival >= end) break;
+        int counted = arrival >= measured;
+        if (counted) arrivals++;
+        if (arrival < cu.fakegpu_clock_ns()) continue;
+        cu.fakegpu_clock_sleep_until_ns(arrival);
+        if (counted && !measuring_since) {
+            measuring_since = cu.fakegpu_clock_ns();
+            others_from = cu.fakegpu_device_busy_ns(device_ordinal) - cu.fakegpu_process_busy_ns(device_ordinal);
+        }
+        CUresult rc = launch("plain", grid, 256, NULL);
+        if (rc) { printf("serve -%d\n", rc); free(latency); return; }
+        cu.cuCtxSynchronize();
+        if (counted && served < capacity) latency[served++] = cu.fakegpu_clock_ns() - arrival;
+    }
+    cu.fakegpu_clock_sleep_until_ns(end);
+    uint64_t others = cu.fakegpu_device_busy_ns(device_ordinal) - cu.fakegpu_process_busy_ns(device_ordinal) - others_from;
+    uint64_t elapsed = cu.fakegpu_clock_ns() - measuring_since;
+    cu.fakegpu_clock_leave();
+    printf("serve %zu %llu", arrivals, (unsigned long long)(elapsed ? others * 1000 / elapsed : 0));
+    for (size_t i = 0; i < served; i++) printf(" %llu", (unsigned long long)latency[i]);
+    printf("\n");
+    free(latency);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { fprintf(stderr, "usage: compute_app dlsym|procaddr\n"); return 2; }
     resolve(argv[1]);
@@ -169,10 +218,11 @@ int main(int argc, char **argv) {
     while (fgets(line, sizeof line, stdin)) {
         int ordinal;
         unsigned grid, block;
-        unsigned long long span, window;
+        unsigned long long span, window, period, jitter, delay, seed;
         if (sscanf(line, "init %d", &ordinal) == 1) printf("init %d\n", init(ordinal));
         else if (strncmp(line, "join", 4) == 0) printf("join %d\n", cu.fakegpu_clock_sleep_until_ns(0));
         else if (sscanf(line, "run %31s %u %u %llu %llu", kind, &grid, &block, &span, &window) == 5) run(kind, grid, block, span, window);
+        else if (sscanf(line, "serve %u %llu %llu %llu %llu %llu", &grid, &period, &jitter, &delay, &span, &seed) == 6) serve(grid, period, jitter, delay, span, seed);
         else if (strncmp(line, "leave", 5) == 0) { cu.fakegpu_clock_leave(); printf("leave 0\n"); }
         else if (strncmp(line, "quit", 4) == 0) break;
         else printf("error unknown command\n");

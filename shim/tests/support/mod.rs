@@ -372,6 +372,15 @@ impl Scene {
     /// Starts the compute workload reaching the driver `way` (`dlsym` or `procaddr`) under the
     /// shim with `config`, sharing the scene's GPU boards, and initialises device 0.
     pub fn start_compute(&self, way: &str, config: Option<&Path>) -> App {
+        self.start_compute_with(way, config, true)
+    }
+
+    /// The compute workload on the bare fake driver: no shim at all.
+    pub fn start_compute_unshimmed(&self, way: &str) -> App {
+        self.start_compute_with(way, None, false)
+    }
+
+    fn start_compute_with(&self, way: &str, config: Option<&Path>, preload: bool) -> App {
         let fixture = fixture();
         let board = self.dir.path().join("board");
         std::fs::create_dir_all(&board).expect("board dir");
@@ -385,10 +394,12 @@ impl Scene {
             .env("FAKEGPU_STATE", self.dir.path().join("fakegpu.state"))
             .env("TESSERA_BOARD", &board)
             .env("TESSERA_RESERVATIONS", self.dir.path().join("reservations"))
-            .env("LD_PRELOAD", shim_path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if preload {
+            command.env("LD_PRELOAD", shim_path());
+        }
         if let Some(config) = config {
             command.env("TESSERA_CONFIG", config);
         }
@@ -441,6 +452,79 @@ impl App {
         Run {
             windows: numbers,
             launches,
+        }
+    }
+}
+
+/// A `serve` reply: how many requests arrived, the latency (arrival to completion, virtual ns)
+/// of each one served (the others were dropped), and the share of the GPU every other process
+/// had meanwhile (per mille).
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub arrivals: usize,
+    pub others_permille: i64,
+    pub latencies: Vec<u64>,
+}
+
+impl Served {
+    /// The latency below which `fraction` of the served requests completed (nearest rank).
+    pub fn percentile(&self, fraction: f64) -> u64 {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        if sorted.is_empty() {
+            return 0;
+        }
+        let rank = ((fraction * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1]
+    }
+}
+
+/// A request-serving loop: one kernel of `grid` blocks per request, arriving every `period_us`
+/// (±`jitter_us`) for `delay_ms` + `span_ms`, measured over the last `span_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct Serve {
+    pub grid: u32,
+    pub period_us: u64,
+    pub jitter_us: u64,
+    pub delay_ms: u64,
+    pub span_ms: u64,
+    pub seed: u64,
+}
+
+impl App {
+    /// Starts a `serve` without waiting for its reply (see [`App::serve_reply`]).
+    pub fn start_serve(&mut self, serve: Serve) {
+        let Serve {
+            grid,
+            period_us,
+            jitter_us,
+            delay_ms,
+            span_ms,
+            seed,
+        } = serve;
+        self.send_lines(&[format!(
+            "serve {grid} {period_us} {jitter_us} {delay_ms} {span_ms} {seed}"
+        )]);
+    }
+
+    pub fn serve_reply(&mut self) -> Served {
+        let reply = self.read_line();
+        let mut numbers = reply.split_whitespace();
+        assert_eq!(numbers.next(), Some("serve"), "bad serve reply {reply:?}");
+        let numbers: Vec<i64> = numbers
+            .map(|w| {
+                w.parse()
+                    .unwrap_or_else(|_| panic!("bad number in serve reply {w:?}"))
+            })
+            .collect();
+        assert!(
+            numbers.len() >= 2 && numbers[0] >= 0,
+            "a launch failed: {reply:?}"
+        );
+        Served {
+            arrivals: numbers[0] as usize,
+            others_permille: numbers[1],
+            latencies: numbers[2..].iter().map(|n| *n as u64).collect(),
         }
     }
 }
