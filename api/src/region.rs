@@ -57,7 +57,12 @@ pub struct RegionDevice {
     /// of the claim. Zero in a new file, which is the right start, so it lives in what was
     /// reserved space in version 1 without a version change.
     pub compute_tat: AtomicU64,
-    pub _reserved: [u8; 32],
+    /// GPU time the claim's kernels on this device have taken so far (ns, each launch counted
+    /// at its measured cost), summed by every process of the claim: the plugin exports it, so
+    /// that a claim's achieved share of the GPU can be seen beside its `cores`. Also in what was
+    /// reserved space in version 1.
+    pub compute_busy_ns: AtomicU64,
+    pub _reserved: [u8; 24],
 }
 
 /// The first page of the file.
@@ -100,6 +105,7 @@ const _: () = {
     assert!(core::mem::offset_of!(RegionHeader, slots_high_water) == 32);
     assert!(core::mem::offset_of!(RegionHeader, devices) == 64);
     assert!(core::mem::offset_of!(RegionDevice, compute_tat) == 88);
+    assert!(core::mem::offset_of!(RegionDevice, compute_busy_ns) == 96);
     assert!(core::mem::size_of::<RegionSlot>() == 384);
     assert!(core::mem::offset_of!(RegionSlot, memory_used) == 64);
     assert!(core::mem::offset_of!(RegionSlot, memory_spilled) == 192);
@@ -187,6 +193,8 @@ pub fn encode_new(devices: &[RegionDeviceSpec]) -> Result<Vec<u8>, RegionError> 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionSnapshot {
     pub devices: Vec<RegionDeviceSpec>,
+    /// Per device: GPU time the claim's kernels have taken so far, ns (`compute_busy_ns`).
+    pub compute_busy_ns: Vec<u64>,
     pub slots_high_water: u32,
     pub slots: Vec<SlotSnapshot>,
 }
@@ -242,8 +250,12 @@ impl RegionSnapshot {
                 }
             })
             .collect();
+        let compute_busy_ns = (0..device_count)
+            .map(|i| get_u64(bytes, 64 + i * 128 + 96))
+            .collect();
         Ok(RegionSnapshot {
             devices,
+            compute_busy_ns,
             slots_high_water,
             slots,
         })

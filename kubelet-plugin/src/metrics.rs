@@ -23,6 +23,7 @@
 //! | `tessera_claim_memory_limit_bytes` | gauge | same |
 //! | `tessera_claim_memory_spilled_bytes` | gauge | same (host memory; 0 until the shim spills) |
 //! | `tessera_claim_cores_limit_ratio` | gauge | same (1 = the whole GPU) |
+//! | `tessera_claim_gpu_busy_seconds_total` | counter | same (GPU time the claim's kernels took; its rate is the achieved share) |
 //! | `tessera_claim_processes` | gauge | namespace, claim, claim_uid |
 //! | `tessera_claim_admin_access` | gauge | namespace, claim, claim_uid, gpu_uuid (1: admin access, no wall; such a claim has no limit, usage or cores series) |
 
@@ -307,6 +308,7 @@ struct ClaimCollector {
 
 type U64Gauge = Gauge<u64, AtomicU64>;
 type RatioGauge = Gauge<f64, AtomicU64>;
+type SecondsCounter = Counter<f64, AtomicU64>;
 
 impl Collector for ClaimCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -321,6 +323,7 @@ impl Collector for ClaimCollector {
         let limit: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let spilled: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let cores: Family<ClaimGpuLabels, RatioGauge> = Family::default();
+        let busy: Family<ClaimGpuLabels, SecondsCounter> = Family::default();
         let processes: Family<ClaimLabels, U64Gauge> = Family::default();
         let admin: Family<ClaimGpuLabels, U64Gauge> = Family::default();
         let mut prepared = 0u64;
@@ -374,6 +377,8 @@ impl Collector for ClaimCollector {
                 cores
                     .get_or_create(&labels)
                     .set(f64::from(gpu.cores) / 100.0);
+                busy.get_or_create(&labels)
+                    .inc_by(usage.map_or(0, |d| d.gpu_busy_ns) as f64 / 1e9);
             }
         }
         let count: U64Gauge = Gauge::default();
@@ -409,6 +414,12 @@ impl Collector for ClaimCollector {
             "Compute share of a claim on a GPU (1 = the whole GPU)",
             Some(&ratio),
             MetricType::Gauge,
+        )?)?;
+        busy.encode(encoder.encode_descriptor(
+            "claim_gpu_busy",
+            "GPU time the kernels of a claim have taken on a GPU, as its shim measured them (its rate is the claim's achieved share of the GPU)",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
         )?)?;
         processes.encode(encoder.encode_descriptor(
             "claim_processes",

@@ -1,5 +1,6 @@
 //! Reading a claim's accounting region for metrics: memory used and memory spilled to host
-//! memory (oversubscription; 0 until the shim spills), summed over live slots only.
+//! memory (oversubscription; 0 until the shim spills), summed over live slots only, and the GPU
+//! time the claim's kernels have taken.
 //!
 //! A slot is live while its owner holds an open-file-description lock on the slot's byte range
 //! (see `docs/reference/region.md`); the kernel drops it when the process dies, however it dies.
@@ -22,6 +23,9 @@ pub struct DeviceUsage {
     pub memory_limit: u64,
     /// Bytes of the claim's allocations served from host memory (the slots' `memory_spilled`).
     pub memory_spilled: u64,
+    /// GPU time the claim's kernels have taken on this device so far, ns (the region's
+    /// `compute_busy_ns`, written by the claim's shim: the claim's own word about itself).
+    pub gpu_busy_ns: u64,
 }
 
 /// Per-device usage of the region at `path`, and the number of live processes. The region is
@@ -51,6 +55,7 @@ pub fn read_usage(path: &Path) -> std::io::Result<(Vec<DeviceUsage>, usize)> {
                 .filter(|s| s.state == tessera_api::region::SLOT_ACTIVE && is_live(s))
                 .map(|s| s.memory_spilled.get(index).copied().unwrap_or(0))
                 .fold(0u64, u64::saturating_add),
+            gpu_busy_ns: snapshot.compute_busy_ns.get(index).copied().unwrap_or(0),
         })
         .collect();
     let processes = snapshot

@@ -81,6 +81,10 @@ async fn metrics_count_only_live_processes() {
     // Two processes charged the region: slot 0's owner is alive (holds its lock), slot 1's died.
     let path = env.claim_dir(UID).join("region");
     let owner = charge_region(&path, &[(0, 3 * GIB, 0), (1, 5 * GIB, 0)]);
+    // The claim's kernels have taken 2.5 s of GPU 0 (the first device's `compute_busy_ns`).
+    let mut bytes = std::fs::read(&path).expect("region");
+    bytes[64 + 96..64 + 104].copy_from_slice(&2_500_000_000u64.to_le_bytes());
+    std::fs::write(&path, &bytes).expect("busy time");
 
     let router = tessera_kubelet_plugin::http::router(instance.metrics.clone());
     let (status, text) = get(router.clone(), "/metrics").await;
@@ -91,6 +95,7 @@ async fn metrics_count_only_live_processes() {
         format!("tessera_claim_memory_used_bytes{{{labels}}} {}", 3 * GIB),
         format!("tessera_claim_memory_limit_bytes{{{labels}}} {}", 8 * GIB),
         format!("tessera_claim_cores_limit_ratio{{{labels}}} 0.5"),
+        format!("tessera_claim_gpu_busy_seconds_total{{{labels}}} 2.5"),
         format!(
             "tessera_claim_processes{{namespace=\"team-a\",claim=\"train\",claim_uid=\"{UID}\"}} 1"
         ),

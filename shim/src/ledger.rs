@@ -202,6 +202,12 @@ impl Ledger {
         &self.header().devices[device.min(MAX_DEVICES - 1)].compute_tat
     }
 
+    /// GPU time the claim's kernels have taken on `device` so far (see
+    /// `RegionDevice::compute_busy_ns`).
+    pub fn compute_busy(&self, device: usize) -> &std::sync::atomic::AtomicU64 {
+        &self.header().devices[device.min(MAX_DEVICES - 1)].compute_busy_ns
+    }
+
     fn header(&self) -> &RegionHeader {
         // SAFETY: the mapping starts with a RegionHeader and lives as long as self.
         unsafe { &*self.base.cast::<RegionHeader>() }

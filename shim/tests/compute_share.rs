@@ -65,6 +65,43 @@ fn without_a_claim_a_kernel_loop_saturates_the_gpu() {
     app.finish();
 }
 
+/// The claim's region counts the GPU time its kernels took (the plugin exports it as the
+/// claim's achieved share): with the limiter on, and off (cores 100, where the launch path has
+/// no schedule but still times its kernels).
+#[test]
+fn the_region_counts_the_gpu_time_the_claims_kernels_took() {
+    for (cores, kind) in [(40, "plain"), (100, "ex"), (100, "graph")] {
+        let scene = Scene::new();
+        let config = scene.compute_claim("c", Share::force(cores));
+        let mut app = scene.start_compute("procaddr", Some(&config));
+        app.start_run(kind, GRID, SPAN_MS, WINDOW_MS);
+        let run = app.run_reply();
+        app.finish();
+        // What the fake driver accounted, from its per-window figures (per mille of each 250 ms
+        // window; the last window is cut short, so take the span's whole windows).
+        let windows = &run.windows[..run.windows.len() - 1];
+        let driver_ns = windows.iter().sum::<i64>() as f64 / 1000.0 * (WINDOW_MS as f64 * 1e6);
+        let snapshot = tessera_api::region::RegionSnapshot::parse(
+            &std::fs::read(scene.region("c")).expect("region"),
+        )
+        .expect("region parses");
+        let counted = snapshot.compute_busy_ns[0] as f64;
+        // The region also counts the cut-short last window; the first launches, before any
+        // cost is measured, count nothing.
+        let last = *run.windows.last().expect("windows") as f64 / 1000.0 * (WINDOW_MS as f64 * 1e6);
+        eprintln!(
+            "cores {cores} ({kind}): region {:.3} s, driver {:.3} s (+ up to {:.3} s in the last window)",
+            counted / 1e9,
+            driver_ns / 1e9,
+            last / 1e9
+        );
+        assert!(
+            counted >= 0.97 * driver_ns && counted <= 1.03 * (driver_ns + last),
+            "cores {cores} ({kind}): the region counted {counted} ns, the driver ran {driver_ns} ns (+{last})"
+        );
+    }
+}
+
 #[test]
 fn one_claim_gets_its_cores_at_every_share() {
     for cores in [10, 25, 50, 75, 90] {

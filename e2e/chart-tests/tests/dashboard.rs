@@ -7,7 +7,9 @@
 //! single scrape's series (renamed `single_…`), `promtool test rules` asserts that `E` is not
 //! empty and that `E` and `E1` have the same series with the same values. Counter panels (rates
 //! of `…_total` and `…_bucket`) are left out: each plugin instance counts its own calls, so
-//! there summing the instances is right.
+//! there summing the instances is right — except `tessera_claim_gpu_busy_seconds_total`, which
+//! every instance reads from the claim's region, so duplicates say the same and must be shown
+//! once.
 
 mod common;
 
@@ -18,6 +20,20 @@ use serde_json::{Value, json};
 
 /// One series: metric name, labels, value.
 type Series = (String, Vec<(&'static str, &'static str)>, f64);
+
+/// The one counter the dashboard shows per claim: read from the claim's region by every plugin
+/// instance alike.
+const PER_CLAIM_COUNTER: &str = "tessera_claim_gpu_busy_seconds_total";
+
+/// promtool's input values for a series: a gauge's constant value, or a counter growing at
+/// `value` per second (one sample a minute).
+fn values(metric: &str, value: f64) -> String {
+    if metric.ends_with("_total") {
+        format!("0+{}x5", value * 60.0)
+    } else {
+        format!("{value}x5")
+    }
+}
 
 /// The single scrape of one node (`gpu-a`, two GPUs, two claims on GPU-1) and of the
 /// controller, as the chart's monitors label them: (metric, labels, value).
@@ -56,9 +72,9 @@ fn single_scrape() -> Vec<Series> {
             physical,
         ));
     }
-    for (claim, uid, pod, used, limit, cores, processes) in [
-        ("train-gpu-x1", "u1", "train", 3.5e9, 4e9, 0.25, 2.0),
-        ("infer-gpu-x2", "u2", "infer", 1e9, 2e9, 0.2, 1.0),
+    for (claim, uid, pod, used, limit, cores, processes, busy) in [
+        ("train-gpu-x1", "u1", "train", 3.5e9, 4e9, 0.25, 2.0, 0.4),
+        ("infer-gpu-x2", "u2", "infer", 1e9, 2e9, 0.2, 1.0, 0.05),
     ] {
         let claim_labels = [
             ("namespace", "team-a"),
@@ -70,6 +86,8 @@ fn single_scrape() -> Vec<Series> {
             ("tessera_claim_memory_used_bytes", used),
             ("tessera_claim_memory_limit_bytes", limit),
             ("tessera_claim_cores_limit_ratio", cores),
+            // A counter: its rate, in GPU seconds per second.
+            (PER_CLAIM_COUNTER, busy),
         ] {
             series.push((metric.to_string(), with(&plugin, &on_gpu), value));
         }
@@ -153,20 +171,26 @@ fn every_gauge_query_shows_the_same_with_duplicate_scrapes() {
     };
     let queries: Vec<String> = dashboard_queries()
         .into_iter()
-        .filter(|q| !q.contains("_total") && !q.contains("_bucket"))
+        .filter(|q| {
+            !q.contains("_bucket") && (!q.contains("_total") || q.contains(PER_CLAIM_COUNTER))
+        })
         .collect();
-    assert!(queries.len() >= 15, "{queries:?}");
+    assert!(queries.len() >= 17, "{queries:?}");
+    assert!(
+        queries.iter().any(|q| q.contains(PER_CLAIM_COUNTER)),
+        "the achieved-share panel: {queries:?}"
+    );
     let single = single_scrape();
     let mut input = Vec::new();
     for (metric, labels, value) in with_duplicates(&single) {
         input.push(
-            json!({ "series": series_text(&metric, &labels), "values": format!("{value}x5") }),
+            json!({ "series": series_text(&metric, &labels), "values": values(&metric, value) }),
         );
     }
     for (metric, labels, value) in &single {
         input.push(json!({
             "series": series_text(&format!("single_{metric}"), labels),
-            "values": format!("{value}x5"),
+            "values": values(metric, *value),
         }));
     }
     let mut cases = Vec::new();

@@ -9,6 +9,7 @@
 pub mod board;
 pub mod clock;
 mod cost;
+mod usage;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -298,13 +299,15 @@ pub fn launch(
         limiter.note_launch(device, key);
     }
     let mut share = limiter.share[device].load(Ordering::Relaxed);
+    let cost = cost::estimate(key);
+    usage::count(ledger, device, cost, now);
     if share >= UNLIMITED {
-        return forward();
+        return timed(now, key, stream, per_thread, forward);
     }
     // Reserve this launch's place in the claim's schedule first, then wait for it: launches of
     // the claim's processes are served in the order they asked, never by who wakes first.
     let tat = ledger.compute_tat(device);
-    let charge = cost::estimate(key).saturating_mul(u64::from(UNLIMITED)) / u64::from(share.max(1));
+    let charge = cost.saturating_mul(u64::from(UNLIMITED)) / u64::from(share.max(1));
     let mut slot = now;
     if charge > 0
         && let Ok(before) = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
@@ -340,6 +343,19 @@ pub fn launch(
             break;
         }
     }
+    timed(now, key, stream, per_thread, forward)
+}
+
+/// Forwards a launch, timing it with events when this thread's sampling is due (which is how
+/// its cost, for the schedule and for the claim's usage, is learned).
+#[inline(always)]
+fn timed(
+    now: u64,
+    key: u64,
+    stream: CUstream,
+    per_thread: bool,
+    forward: impl FnOnce() -> CUresult,
+) -> CUresult {
     let timed = cost::begin(now, key, stream, per_thread);
     let result = forward();
     if timed {
