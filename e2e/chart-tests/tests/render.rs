@@ -313,6 +313,13 @@ nodeSelection:
     - - {key: example.com/accelerator, operator: In, values: [nvidia]}
 kubeletPlugin:
   nodeSelector: {pool: gpu}
+  affinity:
+    nodeAffinity:
+      preferredDuringSchedulingIgnoredDuringExecution:
+        - {weight: 10, preference: {matchExpressions: [{key: example.com/zone, operator: In, values: [a]}]}}
+    podAntiAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        - {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {app: legacy-device-plugin}}}
   podLabels: {team: ml-platform}
   extraEnv: [{name: EXTRA, value: "1"}]
   extraVolumes: [{name: scratch, emptyDir: {}}]
@@ -370,6 +377,18 @@ fn non_default_values() {
     );
     // The pod-level extras: a node selector beside the affinity, labels, env, a volume.
     assert_eq!(pod["nodeSelector"], json!({"pool": "gpu"}));
+    // kubeletPlugin.affinity joins nodeSelection's required node affinity, not replaces it.
+    assert_eq!(
+        pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+            ["weight"],
+        10
+    );
+    assert_eq!(
+        pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+            ["labelSelector"]["matchLabels"]["app"],
+        "legacy-device-plugin"
+    );
+    assert!(pod["affinity"].get("podAffinity").is_none(), "{pod}");
     assert_eq!(
         ds["spec"]["template"]["metadata"]["labels"]["team"],
         "ml-platform"
@@ -716,6 +735,11 @@ fn bad_values_are_refused_with_the_reason() {
         (
             "kubeletPlugin: {image: {digest: \"sha256:abc\"}}\n",
             "/kubeletPlugin/image/digest",
+        ),
+        // Which nodes run the plugin is nodeSelection's; a required node affinity would replace it.
+        (
+            "kubeletPlugin: {affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {}}}}\n",
+            "additional properties 'requiredDuringSchedulingIgnoredDuringExecution' not allowed",
         ),
     ] {
         match release(values) {
