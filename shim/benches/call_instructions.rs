@@ -1,0 +1,158 @@
+//! Instructions per driver call under `libtessera.so`, counted by callgrind (valgrind): exact and
+//! repeatable whatever the machine's load, unlike timings. Each call is reached through
+//! `cuGetProcAddress_v2`, as libcudart reaches the driver, on the bare fake driver, with the shim
+//! and no config (pass-through), enforcing a claim of the whole GPU (`cores: 100`, the compute
+//! limiter off) and of half of it (`cores: 50`, the limiter on, the claim under its share).
+//! Prints a Markdown table; asserts nothing.
+//!
+//! Per call = (instructions of 2N calls − instructions of N calls) ÷ N, collection on only
+//! around the measured loop (`shim/benches/programs/call_instructions.c`), so set-up and the
+//! first calls' slow paths are not counted. Run with `make bench-instructions`.
+
+// The shim's clippy.toml bans allocating environment reads for the preloaded library; a bench
+// harness may read its environment as it likes.
+#![allow(clippy::disallowed_methods)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tessera_built_libs::target_dir;
+
+const N: u64 = 2000;
+
+fn main() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("valgrind is not installed: nothing to measure (apt-get install valgrind)");
+        return;
+    }
+    let target = target_dir();
+    let work = tempfile::tempdir().expect("tempdir");
+    let lib_dir = work.path().join("lib");
+    std::fs::create_dir_all(&lib_dir).expect("lib dir");
+    for (link, file) in [
+        ("libcuda.so.1", "libcuda.so"),
+        ("libnvidia-ml.so.1", "libnvidia_ml.so"),
+    ] {
+        let source = target.join(file);
+        assert!(
+            source.exists(),
+            "{} missing: build the workspace in this profile first",
+            source.display()
+        );
+        std::os::unix::fs::symlink(&source, lib_dir.join(link)).expect("symlink");
+    }
+    let shim = target.join("libtessera.so");
+    assert!(shim.exists(), "{} missing", shim.display());
+    let program = work.path().join("call_instructions");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/programs/call_instructions.c");
+    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-O2", "-o"])
+        .arg(&program)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("cc");
+    assert!(status.success(), "compiling the bench program failed");
+
+    let uuid = "GPU-11111111-2222-3333-4444-555555555555";
+    let fake = work.path().join("fakegpu.json");
+    // 1 ns kernels: the half-GPU claim stays under its share for every launch measured.
+    std::fs::write(&fake, format!(r#"{{"devices":[{{"uuid":"{uuid}","name":"NVIDIA GeForce RTX 4090","memory":25769803776,"waveNs":1}}]}}"#))
+        .expect("fake config");
+    let claim_with = |cores: u32| -> PathBuf {
+        let claim = work.path().join(format!("claim-{cores}.json"));
+        let region = work.path().join(format!("claim-{cores}.region"));
+        std::fs::write(
+            &claim,
+            format!(
+                r#"{{"version":1,"claimUid":"bench-{cores}","region":"{}","devices":[{{"uuid":"{uuid}","memoryLimit":8589934592,"cores":{cores}}}],"corePolicy":"force"}}"#,
+                region.display()
+            ),
+        )
+        .expect("claim config");
+        claim
+    };
+    let whole = claim_with(100);
+    let half = claim_with(50);
+    let variants: [(&str, bool, Option<&PathBuf>); 4] = [
+        ("fake driver, no shim", false, None),
+        ("shim, no config (pass-through)", true, None),
+        ("shim, claim of cores 100 (limiter off)", true, Some(&whole)),
+        (
+            "shim, claim of cores 50 (limiter on, under its share)",
+            true,
+            Some(&half),
+        ),
+    ];
+    let ops = [
+        ("alloc_free", "cuMemAlloc_v2 + cuMemFree_v2"),
+        ("launch", "cuLaunchKernel"),
+        ("mem_get_info", "cuMemGetInfo_v2"),
+    ];
+    let count = |op: &str, iterations: u64, preload: bool, config: Option<&PathBuf>| -> u64 {
+        let out = work.path().join(format!("callgrind.{op}.{iterations}.out"));
+        let mut command = Command::new("valgrind");
+        command
+            .args(["--tool=callgrind", "--collect-atstart=no"])
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(&program)
+            .arg(op)
+            .arg(iterations.to_string())
+            .env("LD_LIBRARY_PATH", &lib_dir)
+            .env("FAKEGPU_CONFIG", &fake)
+            .env("FAKEGPU_STATE", work.path().join("fakegpu.state"));
+        if preload {
+            command.env("LD_PRELOAD", &shim);
+        }
+        if let Some(claim) = config {
+            let _ = std::fs::remove_file(claim.with_extension("region"));
+            command.env("TESSERA_CONFIG", claim);
+        }
+        let output = command.output().expect("valgrind");
+        assert!(
+            output.status.success(),
+            "{op} under callgrind failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = std::fs::read_to_string(&out).expect("callgrind output");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("totals: ")
+                    .or_else(|| l.strip_prefix("summary: "))
+            })
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("a totals line in the callgrind output")
+    };
+    let mut table = vec![vec![0u64; ops.len()]; variants.len()];
+    for (v, (_, preload, config)) in variants.iter().enumerate() {
+        for (o, (op, _)) in ops.iter().enumerate() {
+            let once = count(op, N, *preload, *config);
+            let twice = count(op, 2 * N, *preload, *config);
+            table[v][o] = twice.saturating_sub(once) / N;
+        }
+    }
+    print!("| variant |");
+    for (_, name) in &ops {
+        print!(" {name} |");
+    }
+    println!();
+    println!("|---|{}", "---|".repeat(ops.len()));
+    for (v, (variant, _, _)) in variants.iter().enumerate() {
+        print!("| {variant} |");
+        for o in 0..ops.len() {
+            if v == 0 {
+                print!(" {} |", table[v][o]);
+            } else {
+                print!(
+                    " {} ({:+}) |",
+                    table[v][o],
+                    table[v][o] as i64 - table[0][o] as i64
+                );
+            }
+        }
+        println!();
+    }
+    println!(
+        "\nInstructions per call (callgrind; 2×{N} minus {N} calls, ÷ {N}); (+N) = added over the bare fake driver."
+    );
+}
