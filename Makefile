@@ -4,7 +4,7 @@ TESSERA_CACHE ?= $(HOME)/.cache/tessera
 export TESSERA_CACHE
 export CARGO_TARGET_DIR ?= $(TESSERA_CACHE)/target
 
-.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc images chart bench bench-priority
+.PHONY: test demo cluster-up cluster-down build shim-release check-shim-glibc images chart bench bench-instructions bench-priority e2e-matrix
 
 ## The whole test suite (what CI runs).
 test:
@@ -42,6 +42,18 @@ chart:
 bench:
 	cargo build --release -p tessera-shim -p tessera-fake-cuda -p tessera-fake-nvml
 	cargo bench -p tessera-shim --bench call_overhead
+
+## The simulated-cluster suite on every pinned Kubernetes minor (1.31-1.37), with a results
+## table; `make test` runs only the oldest and the newest. Each minor builds its own control
+## plane (~10 min cold on 2 cores).
+e2e-matrix:
+	scripts/e2e-matrix.sh
+
+## Instructions per driver call with and without the shim, counted by callgrind (exact,
+## whatever the machine's load).
+bench-instructions:
+	cargo build --release -p tessera-shim -p tessera-fake-cuda -p tessera-fake-nvml
+	cargo bench -p tessera-shim --bench call_instructions
 
 ## Inference beside training on the simulated GPU: the inference's latency and the training's
 ## share per setup, as tables for docs/benchmarks.md (virtual time: host load does not move them).

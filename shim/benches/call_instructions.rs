@@ -137,17 +137,13 @@ fn main() {
     }
     println!();
     println!("|---|{}", "---|".repeat(ops.len()));
-    for (v, (variant, _, _)) in variants.iter().enumerate() {
+    for (row, (variant, _, _)) in table.iter().zip(&variants) {
         print!("| {variant} |");
-        for o in 0..ops.len() {
-            if v == 0 {
-                print!(" {} |", table[v][o]);
+        for (count, bare) in row.iter().zip(&table[0]) {
+            if std::ptr::eq(row, &table[0]) {
+                print!(" {count} |");
             } else {
-                print!(
-                    " {} ({:+}) |",
-                    table[v][o],
-                    table[v][o] as i64 - table[0][o] as i64
-                );
+                print!(" {count} ({:+}) |", *count as i64 - *bare as i64);
             }
         }
         println!();

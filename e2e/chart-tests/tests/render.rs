@@ -379,13 +379,12 @@ fn non_default_values() {
     assert_eq!(pod["nodeSelector"], json!({"pool": "gpu"}));
     // kubeletPlugin.affinity joins nodeSelection's required node affinity, not replaces it.
     assert_eq!(
-        pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
-            ["weight"],
+        pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"],
         10
     );
     assert_eq!(
-        pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-            ["labelSelector"]["matchLabels"]["app"],
+        pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["labelSelector"]
+            ["matchLabels"]["app"],
         "legacy-device-plugin"
     );
     assert!(pod["affinity"].get("podAffinity").is_none(), "{pod}");
