@@ -1031,3 +1031,36 @@ async fn chart_on_v1_37() {
 async fn chart_on_v1_31() {
     chart_on(31, "chart_on_v1_31").await;
 }
+
+// The release matrix (`make e2e-matrix`): the chart against every pinned minor between the
+// oldest and the newest — above all 1.36, the first with granular claim-status authorisation.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn chart_on_v1_32() {
+    chart_on(32, "chart_on_v1_32").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn chart_on_v1_33() {
+    chart_on(33, "chart_on_v1_33").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn chart_on_v1_34() {
+    chart_on(34, "chart_on_v1_34").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn chart_on_v1_35() {
+    chart_on(35, "chart_on_v1_35").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn chart_on_v1_36() {
+    chart_on(36, "chart_on_v1_36").await;
+}

@@ -21,8 +21,17 @@ pub struct K8sVersion {
 /// Oldest minor with structured-parameters DRA (`resource.k8s.io/v1alpha3`).
 const OLDEST: u32 = 31;
 
-/// The versions with a module under `e2e/k8s/`, oldest first.
-pub const PINNED: [K8sVersion; 2] = [K8sVersion { minor: 31 }, K8sVersion { minor: 37 }];
+/// The versions with a module under `e2e/k8s/`, oldest first. The default test run uses the
+/// oldest and the newest; `make e2e-matrix` runs the simulated cluster on every one.
+pub const PINNED: [K8sVersion; 7] = [
+    K8sVersion { minor: 31 },
+    K8sVersion { minor: 32 },
+    K8sVersion { minor: 33 },
+    K8sVersion { minor: 34 },
+    K8sVersion { minor: 35 },
+    K8sVersion { minor: 36 },
+    K8sVersion { minor: 37 },
+];
 
 /// DRA gates worth turning on wherever they exist: (name, first minor, last minor).
 /// The last minor is where the gate is still known (GA gates are removed a few
@@ -30,6 +39,8 @@ pub const PINNED: [K8sVersion; 2] = [K8sVersion { minor: 31 }, K8sVersion { mino
 const WANTED_GATES: &[(&str, u32, Option<u32>)] = &[
     // Alpha in 1.31, beta (default off) in 1.32-1.33, GA from 1.34, locked from 1.35.
     ("DynamicResourceAllocation", 31, Some(33)),
+    // Alpha (default off) in 1.32 only; beta and on from 1.33.
+    ("DRAResourceClaimDeviceStatus", 32, Some(32)),
     ("DRAPrioritizedList", 33, Some(39)),
     ("DRADeviceTaints", 33, None),
     ("DRAPartitionableDevices", 33, None),
@@ -86,9 +97,15 @@ impl K8sVersion {
 
     /// `--runtime-config` entries: API versions that are off by default.
     pub fn runtime_config(self) -> Vec<String> {
+        // 1.33-1.35 serve DeviceTaintRule only in v1alpha3, off by default; with the
+        // DRADeviceTaints gate on, the scheduler watches it and waits for that watch before it
+        // schedules anything.
+        let taint_rules = "resource.k8s.io/v1alpha3=true".to_owned();
         match self.minor {
             31 => vec!["resource.k8s.io/v1alpha3=true".to_owned()],
-            32 | 33 => vec!["resource.k8s.io/v1beta1=true".to_owned()],
+            32 => vec!["resource.k8s.io/v1beta1=true".to_owned()],
+            33 => vec!["resource.k8s.io/v1beta1=true".to_owned(), taint_rules],
+            34 | 35 => vec![taint_rules],
             _ => Vec::new(),
         }
     }
@@ -165,6 +182,45 @@ mod tests {
             vec![("DynamicResourceAllocation", true)]
         );
         assert_eq!(old.runtime_config(), vec!["resource.k8s.io/v1alpha3=true"]);
+    }
+
+    /// Where device taints are alpha, their rules' API version must be served, or the scheduler
+    /// (which watches it once the gate is on) never schedules.
+    #[test]
+    fn alpha_device_taints_get_their_rules_api() {
+        for minor in ["1.33", "1.34", "1.35"] {
+            assert!(
+                v(minor)
+                    .runtime_config()
+                    .contains(&"resource.k8s.io/v1alpha3=true".to_owned()),
+                "{minor}"
+            );
+            assert!(
+                v(minor)
+                    .feature_gates()
+                    .contains(&("DRADeviceTaints", true)),
+                "{minor}"
+            );
+        }
+        assert!(v("1.36").runtime_config().is_empty());
+    }
+
+    /// 1.32 serves claim device status only behind its alpha gate, which is off by default.
+    #[test]
+    fn v1_32_turns_on_claim_device_status() {
+        assert_eq!(
+            v("1.32").feature_gates(),
+            vec![
+                ("DynamicResourceAllocation", true),
+                ("DRAResourceClaimDeviceStatus", true)
+            ]
+        );
+        assert!(
+            !v("1.33")
+                .feature_gates()
+                .contains(&("DRAResourceClaimDeviceStatus", true)),
+            "on by default from 1.33"
+        );
     }
 
     #[test]

@@ -335,6 +335,7 @@ async fn run_suite(version: K8sVersion, test: &str) {
     let mut options =
         ClusterOptions::new(version, state.path(), &nodes_dir()).expect("cluster options");
     options.control_plane.binaries = Some(binaries);
+    let asked_mode = options.sharing_mode.clone();
     let began = Instant::now();
     let cluster = SimCluster::start(options)
         .await
@@ -352,6 +353,11 @@ async fn run_suite(version: K8sVersion, test: &str) {
         shared,
         worker,
     };
+    // For the release matrix's table (docs/dra-features.md): what the nodes publish here.
+    eprintln!(
+        "{test}: sharing mode asked {asked_mode}, published {}",
+        published_mode(&suite).await
+    );
 
     demo_scenario(&mut suite).await;
     selection_by_model_product_and_uuid(&mut suite).await;
@@ -375,6 +381,49 @@ async fn run_suite(version: K8sVersion, test: &str) {
         "{test}: all scenarios passed in {:.1}s",
         began.elapsed().as_secs_f64()
     );
+}
+
+/// The sharing mode the nodes' ResourceSlices show: consumable capacity (devices that allow
+/// several allocations), partitions (shared counters), or fixed slices / whole GPUs.
+async fn published_mode(suite: &Suite) -> String {
+    let slices: Api<DynamicObject> = Api::all_with(
+        suite.client(),
+        &suite
+            .version
+            .resource_api("ResourceSlice", "resourceslices"),
+    );
+    let mut modes: Vec<&str> = Vec::new();
+    for slice in slices
+        .list(&Default::default())
+        .await
+        .expect("listing ResourceSlices")
+    {
+        let spec = &slice.data["spec"];
+        let devices = spec["devices"].as_array().cloned().unwrap_or_default();
+        let mode = if devices
+            .iter()
+            .any(|d| d["allowMultipleAllocations"] == json!(true))
+        {
+            "consumable"
+        } else if spec["sharedCounters"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+        {
+            "partitioned"
+        } else if devices.is_empty() {
+            continue;
+        } else {
+            "fixed slices"
+        };
+        if !modes.contains(&mode) {
+            modes.push(mode);
+        }
+    }
+    if modes.is_empty() {
+        "nothing".into()
+    } else {
+        modes.join(" + ")
+    }
 }
 
 async fn demo_scenario(suite: &mut Suite) {
@@ -964,6 +1013,40 @@ async fn simulated_cluster_v1_37() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_cluster_v1_31() {
     run_suite("1.31".parse().expect("version"), "sim-cluster-v1.31").await;
+}
+
+// The release matrix (`make e2e-matrix`): every pinned minor between the oldest and the newest,
+// which the default run covers. Each needs its own control-plane build (~10 min on 2 cores),
+// hence opt-in.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn simulated_cluster_v1_32() {
+    run_suite("1.32".parse().expect("version"), "sim-cluster-v1.32").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn simulated_cluster_v1_33() {
+    run_suite("1.33".parse().expect("version"), "sim-cluster-v1.33").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn simulated_cluster_v1_34() {
+    run_suite("1.34".parse().expect("version"), "sim-cluster-v1.34").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn simulated_cluster_v1_35() {
+    run_suite("1.35".parse().expect("version"), "sim-cluster-v1.35").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn simulated_cluster_v1_36() {
+    run_suite("1.36".parse().expect("version"), "sim-cluster-v1.36").await;
 }
 
 /// Issue 8 on the real control plane: three 6 GiB claims on gpu-node-c's 16 GiB T4, which the
