@@ -489,6 +489,42 @@ mod tests {
             mine.publish(NOW, rank, 50);
             mine.neighbours(NOW, WINDOW, rank);
             mine.neighbours(u64::MAX, u64::MAX, rank);
+            mine.gap(NOW, WINDOW, rank);
+            mine.gap(u64::MAX, u64::MAX, rank);
+        }
+
+        /// A low claim writes whatever it likes into its own entry — any claim key, any rank
+        /// up to its own, any burst fields — yet two honest low claims never both own one gap
+        /// of the high claim: the hostile one can take or waste turns, never make two honest
+        /// fillers pile into the same gap.
+        #[test]
+        fn a_hostile_filler_cannot_make_two_honest_ones_share_a_gap(
+            hostile_key in proptest::prelude::any::<u64>(),
+            hostile_rank in 0u32..3,
+            bursts in 0u64..1000,
+            noise in proptest::prelude::any::<[u64; 3]>(),
+        ) {
+            const MS: u64 = 1_000_000;
+            let dir = tempfile::tempdir().expect("tempdir");
+            let high = board_as(dir.path(), "high", 11, Priority::High);
+            let a = board_as(dir.path(), "a", 31, Priority::Low);
+            let b = board_as(dir.path(), "b", 41, Priority::Low);
+            let hostile = board_as(dir.path(), "hostile", 51, Priority::Low);
+            for (board, rank) in [(&high, 2), (&a, 0), (&b, 0), (&hostile, hostile_rank)] {
+                board.publish(NOW, rank, 50);
+            }
+            let entry = hostile.entry();
+            entry.claim.store(hostile_key, Ordering::Relaxed);
+            entry.busy_until.store(noise[0], Ordering::Relaxed);
+            entry.burst_start.store(noise[1], Ordering::Relaxed);
+            entry.period.store(noise[2], Ordering::Relaxed);
+            let high_entry = high.entry();
+            high_entry.burst_start.store(NOW, Ordering::Relaxed);
+            high_entry.period.store(2 * MS, Ordering::Relaxed);
+            high_entry.bursts.store(bursts, Ordering::Relaxed);
+            let at = NOW + MS / 2;
+            let (ta, tb) = (a.gap(at, WINDOW, 0).turn, b.gap(at, WINDOW, 0).turn);
+            proptest::prop_assert!(!(ta && tb), "both honest fillers own burst {}", bursts);
         }
     }
 }

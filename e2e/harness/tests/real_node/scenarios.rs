@@ -995,3 +995,11 @@ async fn real_node_scenarios_v1_37() {
 async fn real_node_scenarios_v1_31() {
     scenarios(tessera_e2e_harness::versions::PINNED[0]).await;
 }
+
+/// The release matrix (`make e2e-matrix`): 1.36, where device taints, extended resources and
+/// health in the pod's status are beta and on by default, on the real kubelet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn real_node_scenarios_v1_36() {
+    scenarios("1.36".parse().expect("version")).await;
+}
