@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The release matrix: on every Kubernetes minor pinned under e2e/k8s/, oldest to newest, the
-# simulated-cluster suite (e2e/harness/tests/sim_cluster.rs) and the chart against the real API
+# simulated-cluster suite (e2e/harness/tests/sim_cluster.rs), the chart against the real API
 # server (e2e/chart-tests/tests/apiserver.rs: dry run, admission policy, the code under the
-# chart's RBAC), and a Markdown table of the results for docs/reference/dra-features.md. `make test` (and CI) runs only the oldest and the newest; this is
+# chart's RBAC) and, where the minor has one, the real-node scenarios (the upstream kubelet with
+# containerd: e2e/harness/tests/real_node/scenarios.rs), and a Markdown table of the results for
+# docs/reference/dra-features.md. `make test` (and CI) runs only the oldest and the newest; this is
 # the opt-in rest: each minor is its own Go build of the control plane (~10 min cold on 2 cores,
 # a no-op once built).
 #
@@ -31,6 +33,10 @@ scripts/install-podman.sh
 step "helm, for the chart's tests (e2e/helm; a no-op once built)"
 e2e/scripts/build-helm.sh > "$log_dir/helm-build.log" 2>&1 || { tail -n 30 "$log_dir/helm-build.log"; die "building helm failed"; }
 
+step "runc, CNI plugins, busybox and containerd for the real-node scenarios"
+scripts/install-node-packages.sh
+e2e/scripts/build-containerd.sh > "$log_dir/containerd-build.log" 2>&1 || { tail -n 30 "$log_dir/containerd-build.log"; die "building containerd failed"; }
+
 step "building every crate"
 cargo build --workspace --all-targets
 
@@ -41,7 +47,7 @@ for minor in "${minors[@]}"; do
     began=$(date +%s)
     if ! e2e/scripts/build-k8s.sh "e2e/k8s/v$minor" > "$log_dir/build-v$minor.log" 2>&1; then
         tail -n 30 "$log_dir/build-v$minor.log"
-        rows+=("| $minor | $(sed -n 's#^[[:space:]]*k8s\.io/kubernetes[[:space:]]\+\(v[^[:space:]]*\).*#\1#p' "e2e/k8s/v$minor/go.mod" | head -n1) | build failed | – | – | – |")
+        rows+=("| $minor | $(sed -n 's#^[[:space:]]*k8s\.io/kubernetes[[:space:]]\+\(v[^[:space:]]*\).*#\1#p' "e2e/k8s/v$minor/go.mod" | head -n1) | build failed | – | – | – | – |")
         failed=1
         continue
     fi
@@ -67,14 +73,29 @@ for minor in "${minors[@]}"; do
         failed=1
         grep -E "panicked|FAILED" "$log_dir/chart-v$minor.log" | head -n 5 || true
     fi
+    # The real kubelet with containerd, where the minor has a scenario test (1.31, 1.36, 1.37).
+    node="real_node_scenarios_v${minor/./_}"
+    if grep -q "fn $node()" e2e/harness/tests/real_node/scenarios.rs; then
+        step "v$minor: $node (log: $log_dir/real-node-v$minor.log)"
+        if cargo test -p tessera-e2e-harness --test real_node -- --include-ignored --exact "scenarios::$node" --nocapture \
+            > "$log_dir/real-node-v$minor.log" 2>&1; then
+            node_result=passed
+        else
+            node_result=FAILED
+            failed=1
+            grep -E "panicked|FAILED" "$log_dir/real-node-v$minor.log" | head -n 5 || true
+        fi
+    else
+        node_result="–"
+    fi
     ran=$(( $(date +%s) - began ))
     release=$(sed -n 's#^[[:space:]]*k8s\.io/kubernetes[[:space:]]\+\(v[^[:space:]]*\).*#\1#p' "e2e/k8s/v$minor/go.mod" | head -n1)
     mode=$(sed -n 's#.*: sharing mode asked \(.*\), published \(.*\)$#`\1` → \2#p' "$log_dir/test-v$minor.log" | head -n1)
-    rows+=("| $minor | $release | $result | $chart_result | ${mode:-–} | build ${built} s, tests ${ran} s |")
+    rows+=("| $minor | $release | $result | $chart_result | $node_result | ${mode:-–} | build ${built} s, tests ${ran} s |")
 done
 
 printf '\nRelease matrix, %s, %s (%s cores)\n\n' "$(date -u +%Y-%m-%d)" "$(uname -n)" "$(nproc)"
-printf '| minor | release | simulated-cluster suite | chart on the API server | sharing mode (asked → published) | time |\n'
-printf '|---|---|---|---|---|---|\n'
+printf '| minor | release | simulated-cluster suite | chart on the API server | real kubelet scenarios | sharing mode (asked → published) | time |\n'
+printf '|---|---|---|---|---|---|---|\n'
 printf '%s\n' "${rows[@]}"
 exit "$failed"

@@ -35,7 +35,9 @@ struct Entry {
     period: AtomicU64,
     /// Bursts so far: claims filling the gaps take turns by it.
     bursts: AtomicU64,
-    _reserved: [u64; 1],
+    /// GPU time of all the claim's launches so far while watched (ns, their measured costs):
+    /// lower claims take its rate as the claim's load, and fill no gaps of a busy claim.
+    busy_total: AtomicU64,
 }
 
 const _: () = assert!(size_of::<Entry>() == ENTRY_SIZE);
@@ -48,6 +50,7 @@ const BUSY_OFFSET: usize = 24;
 const BURST_OFFSET: usize = 32;
 const PERIOD_OFFSET: usize = 40;
 const BURSTS_OFFSET: usize = 48;
+const BUSY_TOTAL_OFFSET: usize = 56;
 
 /// The GPU idle for a claim this long before its next launch makes that launch the start of a
 /// new burst (a request). Longer than the host-side gaps between the kernels of one request,
@@ -75,6 +78,13 @@ pub struct Gap {
     /// When the next burst of any of them can come; 0 when one's pattern is unknown or its
     /// next burst is due: no gap to fill.
     pub ends: u64,
+    /// Whether every one of them has a pattern of bursts to go by: a period learned, and its
+    /// last burst less than four periods ago. Without one (a claim that keeps the GPU busy, or
+    /// one that paused) there is no gap to wait for either.
+    pub pattern: bool,
+    /// The GPU time the higher claims' launches have taken so far (ns): its rate over time is
+    /// their load.
+    pub busy_total: u64,
     /// Whether this gap is this claim's to fill. The claims below the top priority take whole
     /// gaps in turn (by the higher claims' burst count): claims that read the board at the same
     /// moment cannot both fill one gap, and a kernel too long for a share of a gap can still
@@ -144,6 +154,7 @@ impl Board {
     /// time between bursts.
     pub fn note_launch(&self, now: u64, cost: u64) {
         let entry = self.entry();
+        entry.busy_total.fetch_add(cost, Ordering::Relaxed);
         let before = entry
             .busy_until
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |until| {
@@ -188,7 +199,8 @@ impl Board {
 
     /// When the claims above `rank` that were active within `window` leave the GPU free.
     pub fn gap(&self, now: u64, window: u64, rank: u32) -> Gap {
-        let (mut busy_until, mut ends, mut bursts) = (0u64, u64::MAX, 0u64);
+        let (mut busy_until, mut ends, mut bursts, mut pattern) = (0u64, u64::MAX, 0u64, true);
+        let mut busy_total = 0u64;
         // Per rank: the other active claims, and those of them ordered before this one.
         let (mut at_rank, mut before_me) = ([0u64; 4], [0u64; 4]);
         let mut top = rank;
@@ -202,14 +214,19 @@ impl Board {
             }
             busy_until = busy_until.max(field(BUSY_OFFSET));
             bursts = bursts.wrapping_add(field(BURSTS_OFFSET));
+            busy_total = busy_total.wrapping_add(field(BUSY_TOTAL_OFFSET));
             let (start, period) = (field(BURST_OFFSET), field(PERIOD_OFFSET));
-            let next = if start == 0 || period == 0 {
+            let next = start.saturating_add(period);
+            // An interval four times the period is a pause (see `note_launch`), not the pattern.
+            if start == 0 || period == 0 || start.saturating_add(period.saturating_mul(4)) <= now {
+                pattern = false;
+            }
+            // Due now or unknown: its next burst may come at any moment.
+            ends = ends.min(if start == 0 || period == 0 || next <= now {
                 0
             } else {
-                start.saturating_add(period)
-            };
-            // Due now or unknown: its next burst may come at any moment.
-            ends = ends.min(if next <= now { 0 } else { next });
+                next
+            });
         });
         if ends == u64::MAX {
             // Nobody above: nothing to fit between.
@@ -221,6 +238,8 @@ impl Board {
         Gap {
             busy_until,
             ends,
+            pattern,
+            busy_total,
             turn: bursts % fillers == index,
         }
     }
@@ -263,6 +282,7 @@ const _: () = {
     assert!(std::mem::offset_of!(Entry, burst_start) == BURST_OFFSET);
     assert!(std::mem::offset_of!(Entry, period) == PERIOD_OFFSET);
     assert!(std::mem::offset_of!(Entry, bursts) == BURSTS_OFFSET);
+    assert!(std::mem::offset_of!(Entry, busy_total) == BUSY_TOTAL_OFFSET);
 };
 
 #[cfg(test)]
@@ -368,6 +388,8 @@ mod tests {
             Gap {
                 busy_until: NOW + MS / 5,
                 ends: 0,
+                pattern: false,
+                busy_total: MS / 5,
                 turn: true
             },
             "no period known: no gap to fill"
@@ -389,10 +411,13 @@ mod tests {
             "the next burst 2 ms after this one: {}",
             gap.ends - last
         );
-        assert_eq!(
-            low.gap(last + 2 * MS + MS / 500, WINDOW, 0).ends,
-            0,
-            "the next burst is due"
+        assert!(gap.pattern);
+        let due = low.gap(last + 2 * MS + MS / 500, WINDOW, 0);
+        assert_eq!(due.ends, 0, "the next burst is due");
+        assert!(due.pattern, "due, not yet paused");
+        assert!(
+            !low.gap(last + 8 * MS + MS / 10, WINDOW, 0).pattern,
+            "four periods without a burst: a pause, no pattern to wait for"
         );
         // A shorter interval lowers the period by a step at once; longer ones raise it by far
         // less (it follows the intervals' 0.5th percentile).

@@ -79,6 +79,20 @@ pub fn estimate(key: u64) -> u64 {
     FALLBACK.load(Ordering::Relaxed)
 }
 
+/// The cost measured for `key` itself, if any launch of it has been timed: never the fallback,
+/// for decisions that must not rest on a guess (filling a gap).
+#[inline(always)]
+pub fn measured(key: u64) -> Option<u64> {
+    for entry in probe(key) {
+        match entry.key.load(Ordering::Acquire) {
+            0 => break,
+            k if k == key => return Some(entry.cost.load(Ordering::Relaxed)).filter(|&c| c > 0),
+            _ => {}
+        }
+    }
+    None
+}
+
 pub(super) fn learn(key: u64, sample: u64) {
     if sample == 0 {
         return;

@@ -48,10 +48,19 @@ const UNLIMITED: u32 = 100;
 /// on what it read at most this long ago.
 const GAP_READ_NS: u64 = 100_000;
 /// A kernel fills a gap only if it is expected to end this long before the next burst can come:
-/// room for the error in the costs and the clocks.
-const GAP_MARGIN_NS: u64 = 50_000;
+/// room for the error in the costs and the clocks (and, on the fake GPU, for the lockstep's
+/// 100 µs, within which processes may reach the device out of order).
+const GAP_MARGIN_NS: u64 = 100_000;
 /// How often a claim waiting for a gap looks again when a higher claim's next burst is due.
 const GAP_POLL_NS: u64 = 200_000;
+/// How far ahead of the clock filling gaps may put a claim's yielding schedule.
+const FILL_DEBT_NS: u64 = 100_000_000;
+/// Over how long a filler measures the higher claims' load.
+const LOAD_WINDOW_NS: u64 = 50_000_000;
+/// Gaps are filled only while the higher claims' load is at most this (per mille of the GPU):
+/// a claim busy most of the time has no gaps, and what looks like one (its work delayed by a
+/// neighbour's kernel) is not idle time.
+const MAX_FILLED_LOAD_PERMILLE: u64 = 500;
 
 pub struct Limiter {
     device_count: usize,
@@ -72,9 +81,15 @@ pub struct Limiter {
     gap_busy_until: [AtomicU64; MAX_DEVICES],
     gap_ends: [AtomicU64; MAX_DEVICES],
     gap_turn: [AtomicBool; MAX_DEVICES],
+    gap_pattern: [AtomicBool; MAX_DEVICES],
     gap_read_at: [AtomicU64; MAX_DEVICES],
     /// When the work this process queued while filling gaps is expected to end.
     queued_until: [AtomicU64; MAX_DEVICES],
+    /// The higher claims' load: their `busy_total` and the time it was read at the start of the
+    /// current window, and the load of the last whole window (per mille; `u64::MAX` = unknown).
+    load_mark_total: [AtomicU64; MAX_DEVICES],
+    load_mark_at: [AtomicU64; MAX_DEVICES],
+    load_permille: [AtomicU64; MAX_DEVICES],
 }
 
 impl Limiter {
@@ -115,9 +130,31 @@ impl Limiter {
             gap_busy_until: [const { AtomicU64::new(0) }; MAX_DEVICES],
             gap_ends: [const { AtomicU64::new(0) }; MAX_DEVICES],
             gap_turn: [const { AtomicBool::new(false) }; MAX_DEVICES],
+            gap_pattern: [const { AtomicBool::new(false) }; MAX_DEVICES],
             gap_read_at: [const { AtomicU64::new(0) }; MAX_DEVICES],
             queued_until: [const { AtomicU64::new(0) }; MAX_DEVICES],
+            load_mark_total: [const { AtomicU64::new(0) }; MAX_DEVICES],
+            load_mark_at: [const { AtomicU64::new(0) }; MAX_DEVICES],
+            load_permille: [const { AtomicU64::new(u64::MAX) }; MAX_DEVICES],
         }
+    }
+
+    /// Updates the higher claims' load from a fresh read of their `busy_total` at `now`, and
+    /// says whether it is low enough for their gaps to be filled.
+    fn light_load(&self, device: usize, busy_total: u64, now: u64) -> bool {
+        let at = self.load_mark_at[device].load(Ordering::Relaxed);
+        if at == 0 || now < at {
+            self.load_mark_at[device].store(now, Ordering::Relaxed);
+            self.load_mark_total[device].store(busy_total, Ordering::Relaxed);
+        } else if now - at >= LOAD_WINDOW_NS {
+            let done =
+                busy_total.wrapping_sub(self.load_mark_total[device].load(Ordering::Relaxed));
+            let load = done.saturating_mul(1000) / (now - at);
+            self.load_permille[device].store(load, Ordering::Relaxed);
+            self.load_mark_at[device].store(now, Ordering::Relaxed);
+            self.load_mark_total[device].store(busy_total, Ordering::Relaxed);
+        }
+        self.load_permille[device].load(Ordering::Relaxed) <= MAX_FILLED_LOAD_PERMILLE
     }
 
     /// Re-reads the neighbours and stamps this claim active, at most once per `REFRESH_NS` per
@@ -197,32 +234,58 @@ impl Limiter {
             return Err(now.saturating_add(REFRESH_NS));
         };
         let read_at = self.gap_read_at[device].load(Ordering::Relaxed);
-        let (busy_until, ends, turn) =
-            if read_at == 0 || now.wrapping_sub(read_at) >= GAP_READ_NS || read_at > now {
+        // A read that found no pattern holds until the next refresh: a higher claim that keeps
+        // the GPU busy is not read again on every wake.
+        let valid_for = if self.gap_pattern[device].load(Ordering::Relaxed) {
+            GAP_READ_NS
+        } else {
+            REFRESH_NS
+        };
+        let (busy_until, ends, turn, pattern) =
+            if read_at == 0 || now.wrapping_sub(read_at) >= valid_for || read_at > now {
                 let gap = board.gap(now, ACTIVE_NS, self.rank);
+                let pattern = gap.pattern && self.light_load(device, gap.busy_total, now);
                 self.gap_busy_until[device].store(gap.busy_until, Ordering::Relaxed);
                 self.gap_ends[device].store(gap.ends, Ordering::Relaxed);
                 self.gap_turn[device].store(gap.turn, Ordering::Relaxed);
+                self.gap_pattern[device].store(pattern, Ordering::Relaxed);
                 self.gap_read_at[device].store(now, Ordering::Relaxed);
-                (gap.busy_until, gap.ends, gap.turn)
+                (gap.busy_until, gap.ends, gap.turn, pattern)
             } else {
                 (
                     self.gap_busy_until[device].load(Ordering::Relaxed),
                     self.gap_ends[device].load(Ordering::Relaxed),
                     self.gap_turn[device].load(Ordering::Relaxed),
+                    self.gap_pattern[device].load(Ordering::Relaxed),
                 )
             };
+        // Only a kernel whose own cost has been measured fills a gap: a guess (another kernel's
+        // cost, or none yet) could run into the next burst by a whole kernel.
+        let Some(cost) = cost::measured(key) else {
+            return Err(if pattern {
+                now.saturating_add(GAP_POLL_NS)
+            } else {
+                u64::MAX
+            });
+        };
         let queued = &self.queued_until[device];
         let start = now.max(busy_until).max(queued.load(Ordering::Relaxed));
-        let end = start.saturating_add(cost::estimate(key));
+        let end = start.saturating_add(cost);
         if turn && ends != 0 && end.saturating_add(GAP_MARGIN_NS) <= ends {
             queued.fetch_max(end, Ordering::Relaxed);
             return Ok(());
         }
-        // What was read serves the launches of one gap; a claim that has to wait reads again.
-        self.gap_read_at[device].store(0, Ordering::Relaxed);
-        Err(if ends == 0 || ends <= now {
-            // The next burst is due or its time unknown: look again shortly.
+        // What was read serves the launches of one gap; a claim that has to wait for the next
+        // reads again.
+        if pattern {
+            self.gap_read_at[device].store(0, Ordering::Relaxed);
+        }
+        let at = if !pattern {
+            // No pattern to go by (a higher claim that keeps the GPU busy): nothing to wait for
+            // beyond the schedule and the refresh.
+            u64::MAX
+        } else if ends == 0 || ends <= now {
+            // The next burst is due: look again shortly.
             now.saturating_add(GAP_POLL_NS)
         } else if busy_until > now {
             // Busy, and the kernel does not fit after it: after this burst, the next gap.
@@ -230,7 +293,8 @@ impl Limiter {
         } else {
             // Too long for what is left of this gap: the next one begins after the next burst.
             ends.saturating_add(GAP_MARGIN_NS)
-        })
+        };
+        Err(at)
     }
 
     /// The claim device the calling thread launches on (`uuids`: the claim's GPUs).
@@ -302,6 +366,12 @@ pub fn launch(
     let cost = cost::estimate(key);
     usage::count(ledger, device, cost, now);
     if share >= UNLIMITED {
+        // Timed for its cost (the usage counted above), except while lower claims watch it:
+        // timing such a claim's launches let fillers run into its bursts in the simulation
+        // (docs/compute.md), so its kernels count at their last measured cost meanwhile.
+        if limiter.watched[device].load(Ordering::Relaxed) {
+            return forward();
+        }
         return timed(now, key, stream, per_thread, forward);
     }
     // Reserve this launch's place in the claim's schedule first, then wait for it: launches of
@@ -325,7 +395,14 @@ pub fn launch(
         if limiter.filling[device].load(Ordering::Relaxed) {
             // Yielding to a higher claim, but free to use its gaps.
             match limiter.fill_gap(device, key, now) {
-                Ok(()) => break,
+                Ok(()) => {
+                    // What fills a gap is charged to the yielding schedule (so that launches the
+                    // schedule allows stay rare while gaps are being filled), but the debt it
+                    // runs up is capped: a claim that filled many gaps must not owe seconds at
+                    // its 1 % and make no progress at all once the gaps are gone.
+                    tat.fetch_min(now.saturating_add(FILL_DEBT_NS), Ordering::Relaxed);
+                    break;
+                }
                 Err(at) => look_again = at,
             }
         }
