@@ -40,6 +40,24 @@ e2e/scripts/build-containerd.sh > "$log_dir/containerd-build.log" 2>&1 || { tail
 step "building every crate"
 cargo build --workspace --all-targets
 
+# The k8s.io/kubernetes release a minor's module pins.
+release_of() {
+    sed -n 's#^[[:space:]]*k8s\.io/kubernetes[[:space:]]\+\(v[^[:space:]]*\).*#\1#p' "e2e/k8s/v$1/go.mod" | head -n1
+}
+
+# Runs one test (ignored ones included) with its output in a log; prints passed or FAILED
+# (and, on failure, the panics to stderr).
+run_test() {
+    local label=$1 package=$2 target=$3 name=$4 log=$5
+    step "$label: $name (log: $log)" >&2
+    if cargo test -p "$package" --test "$target" -- --include-ignored --exact "$name" --nocapture > "$log" 2>&1; then
+        echo passed
+    else
+        grep -E "panicked|FAILED" "$log" | head -n 5 >&2 || true
+        echo FAILED
+    fi
+}
+
 rows=()
 failed=0
 for minor in "${minors[@]}"; do
@@ -47,49 +65,23 @@ for minor in "${minors[@]}"; do
     began=$(date +%s)
     if ! e2e/scripts/build-k8s.sh "e2e/k8s/v$minor" > "$log_dir/build-v$minor.log" 2>&1; then
         tail -n 30 "$log_dir/build-v$minor.log"
-        rows+=("| $minor | $(sed -n 's#^[[:space:]]*k8s\.io/kubernetes[[:space:]]\+\(v[^[:space:]]*\).*#\1#p' "e2e/k8s/v$minor/go.mod" | head -n1) | build failed | – | – | – | – |")
+        rows+=("| $minor | $(release_of "$minor") | build failed | – | – | – | – |")
         failed=1
         continue
     fi
     built=$(( $(date +%s) - began ))
-    suite="simulated_cluster_v${minor/./_}"
-    step "v$minor: $suite (log: $log_dir/test-v$minor.log)"
     began=$(date +%s)
-    if cargo test -p tessera-e2e-harness --test sim_cluster -- --include-ignored --exact "$suite" --nocapture \
-        > "$log_dir/test-v$minor.log" 2>&1; then
-        result=passed
-    else
-        result=FAILED
-        failed=1
-        grep -E "panicked|FAILED" "$log_dir/test-v$minor.log" | head -n 5 || true
-    fi
-    chart="chart_on_v${minor/./_}"
-    step "v$minor: $chart (log: $log_dir/chart-v$minor.log)"
-    if cargo test -p tessera-chart-tests --test apiserver -- --include-ignored --exact "$chart" --nocapture \
-        > "$log_dir/chart-v$minor.log" 2>&1; then
-        chart_result=passed
-    else
-        chart_result=FAILED
-        failed=1
-        grep -E "panicked|FAILED" "$log_dir/chart-v$minor.log" | head -n 5 || true
-    fi
+    result=$(run_test "v$minor" tessera-e2e-harness sim_cluster "simulated_cluster_v${minor/./_}" "$log_dir/test-v$minor.log")
+    chart_result=$(run_test "v$minor" tessera-chart-tests apiserver "chart_on_v${minor/./_}" "$log_dir/chart-v$minor.log")
     # The real kubelet with containerd, where the minor has a scenario test (1.31, 1.36, 1.37).
     node="real_node_scenarios_v${minor/./_}"
+    node_result="–"
     if grep -q "fn $node()" e2e/harness/tests/real_node/scenarios.rs; then
-        step "v$minor: $node (log: $log_dir/real-node-v$minor.log)"
-        if cargo test -p tessera-e2e-harness --test real_node -- --include-ignored --exact "scenarios::$node" --nocapture \
-            > "$log_dir/real-node-v$minor.log" 2>&1; then
-            node_result=passed
-        else
-            node_result=FAILED
-            failed=1
-            grep -E "panicked|FAILED" "$log_dir/real-node-v$minor.log" | head -n 5 || true
-        fi
-    else
-        node_result="–"
+        node_result=$(run_test "v$minor" tessera-e2e-harness real_node "scenarios::$node" "$log_dir/real-node-v$minor.log")
     fi
+    [[ "$result $chart_result $node_result" == *FAILED* ]] && failed=1
     ran=$(( $(date +%s) - began ))
-    release=$(sed -n 's#^[[:space:]]*k8s\.io/kubernetes[[:space:]]\+\(v[^[:space:]]*\).*#\1#p' "e2e/k8s/v$minor/go.mod" | head -n1)
+    release=$(release_of "$minor")
     mode=$(sed -n 's#.*: sharing mode asked \(.*\), published \(.*\)$#`\1` → \2#p' "$log_dir/test-v$minor.log" | head -n1)
     rows+=("| $minor | $release | $result | $chart_result | $node_result | ${mode:-–} | build ${built} s, tests ${ran} s |")
 done

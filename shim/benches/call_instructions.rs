@@ -13,10 +13,12 @@
 // harness may read its environment as it likes.
 #![allow(clippy::disallowed_methods)]
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::PathBuf;
 use std::process::Command;
 
-use tessera_built_libs::target_dir;
+use support::Bench;
 
 const N: u64 = 2000;
 
@@ -25,55 +27,8 @@ fn main() {
         eprintln!("valgrind is not installed: nothing to measure (apt-get install valgrind)");
         return;
     }
-    let target = target_dir();
-    let work = tempfile::tempdir().expect("tempdir");
-    let lib_dir = work.path().join("lib");
-    std::fs::create_dir_all(&lib_dir).expect("lib dir");
-    for (link, file) in [
-        ("libcuda.so.1", "libcuda.so"),
-        ("libnvidia-ml.so.1", "libnvidia_ml.so"),
-    ] {
-        let source = target.join(file);
-        assert!(
-            source.exists(),
-            "{} missing: build the workspace in this profile first",
-            source.display()
-        );
-        std::os::unix::fs::symlink(&source, lib_dir.join(link)).expect("symlink");
-    }
-    let shim = target.join("libtessera.so");
-    assert!(shim.exists(), "{} missing", shim.display());
-    let program = work.path().join("call_instructions");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/programs/call_instructions.c");
-    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(["-O2", "-o"])
-        .arg(&program)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .expect("cc");
-    assert!(status.success(), "compiling the bench program failed");
-
-    let uuid = "GPU-11111111-2222-3333-4444-555555555555";
-    let fake = work.path().join("fakegpu.json");
-    // 1 ns kernels: the half-GPU claim stays under its share for every launch measured.
-    std::fs::write(&fake, format!(r#"{{"devices":[{{"uuid":"{uuid}","name":"NVIDIA GeForce RTX 4090","memory":25769803776,"waveNs":1}}]}}"#))
-        .expect("fake config");
-    let claim_with = |cores: u32| -> PathBuf {
-        let claim = work.path().join(format!("claim-{cores}.json"));
-        let region = work.path().join(format!("claim-{cores}.region"));
-        std::fs::write(
-            &claim,
-            format!(
-                r#"{{"version":1,"claimUid":"bench-{cores}","region":"{}","devices":[{{"uuid":"{uuid}","memoryLimit":8589934592,"cores":{cores}}}],"corePolicy":"force"}}"#,
-                region.display()
-            ),
-        )
-        .expect("claim config");
-        claim
-    };
-    let whole = claim_with(100);
-    let half = claim_with(50);
+    let bench = Bench::new("call_instructions.c", &["-O2"]);
+    let (whole, half) = (bench.claim(100), bench.claim(50));
     let variants: [(&str, bool, Option<&PathBuf>); 4] = [
         ("fake driver, no shim", false, None),
         ("shim, no config (pass-through)", true, None),
@@ -90,19 +45,20 @@ fn main() {
         ("mem_get_info", "cuMemGetInfo_v2"),
     ];
     let count = |op: &str, iterations: u64, preload: bool, config: Option<&PathBuf>| -> u64 {
-        let out = work.path().join(format!("callgrind.{op}.{iterations}.out"));
+        let out = bench
+            .work
+            .path()
+            .join(format!("callgrind.{op}.{iterations}.out"));
         let mut command = Command::new("valgrind");
         command
             .args(["--tool=callgrind", "--collect-atstart=no"])
             .arg(format!("--callgrind-out-file={}", out.display()))
-            .arg(&program)
+            .arg(&bench.program)
             .arg(op)
-            .arg(iterations.to_string())
-            .env("LD_LIBRARY_PATH", &lib_dir)
-            .env("FAKEGPU_CONFIG", &fake)
-            .env("FAKEGPU_STATE", work.path().join("fakegpu.state"));
+            .arg(iterations.to_string());
+        bench.env(&mut command);
         if preload {
-            command.env("LD_PRELOAD", &shim);
+            command.env("LD_PRELOAD", &bench.shim);
         }
         if let Some(claim) = config {
             let _ = std::fs::remove_file(claim.with_extension("region"));

@@ -15,62 +15,20 @@
 // harness may read its environment as it likes.
 #![allow(clippy::disallowed_methods)]
 
-use std::path::Path;
+mod support;
+
 use std::process::Command;
 
-use tessera_built_libs::target_dir;
+use support::{Bench, UUID};
 
 const RUNS: usize = 9;
 
 fn main() {
-    let target = target_dir();
-    let work = tempfile::tempdir().expect("tempdir");
-    let lib_dir = work.path().join("lib");
-    std::fs::create_dir_all(&lib_dir).expect("lib dir");
-    for (link, file) in [
-        ("libcuda.so.1", "libcuda.so"),
-        ("libnvidia-ml.so.1", "libnvidia_ml.so"),
-    ] {
-        let source = target.join(file);
-        assert!(
-            source.exists(),
-            "{} missing: build the workspace in this profile first",
-            source.display()
-        );
-        std::os::unix::fs::symlink(&source, lib_dir.join(link)).expect("symlink");
-    }
-    let shim = target.join("libtessera.so");
-    assert!(shim.exists(), "{} missing", shim.display());
-    let program = work.path().join("call_bench");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/programs/call_bench.c");
-    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(["-O2", "-pthread", "-o"])
-        .arg(&program)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .expect("cc");
-    assert!(status.success(), "compiling the bench program failed");
-
-    let uuid = "GPU-11111111-2222-3333-4444-555555555555";
-    let fake = work.path().join("fakegpu.json");
-    std::fs::write(&fake, format!(r#"{{"devices":[{{"uuid":"{uuid}","name":"NVIDIA GeForce RTX 4090","memory":25769803776,"waveNs":1}}]}}"#))
-        .expect("fake config");
-    let claim_with = |cores: u32| {
-        let claim = work.path().join(format!("claim-{cores}.json"));
-        let region = work.path().join(format!("claim-{cores}.region"));
-        std::fs::write(
-            &claim,
-            format!(
-                r#"{{"version":1,"claimUid":"bench-{cores}","region":"{}","devices":[{{"uuid":"{uuid}","memoryLimit":8589934592,"cores":{cores}}}],"corePolicy":"force"}}"#,
-                region.display()
-            ),
-        )
-        .expect("claim config");
-        claim
-    };
-    let whole = claim_with(100);
-    let half = claim_with(50);
+    let bench = Bench::new("call_bench.c", &["-O2", "-pthread"]);
+    let work = &bench.work;
+    let uuid = UUID;
+    let whole = bench.claim(100);
+    let half = bench.claim(50);
     // Memory oversubscription: claims on a GPU the node overcommits (`physicalMemory`), sharing
     // a board directory. `physical` 24 GiB keeps an opted-in claim's allocations on the card;
     // 1 byte sends every one of them to host (managed) memory.
@@ -135,19 +93,15 @@ fn main() {
         let mut launch = vec![Vec::new(); variants.len()];
         for _ in 0..RUNS {
             for (index, (_, preload, config)) in variants.iter().enumerate() {
-                let mut command = Command::new(&program);
-                command
-                    .arg(threads.to_string())
-                    .arg(iterations.to_string())
-                    .env("LD_LIBRARY_PATH", &lib_dir)
-                    .env("FAKEGPU_CONFIG", &fake)
-                    .env("FAKEGPU_STATE", work.path().join("fakegpu.state"));
+                let mut command = Command::new(&bench.program);
+                command.arg(threads.to_string()).arg(iterations.to_string());
+                bench.env(&mut command);
                 // Only the overcommitted variants see a board: the others run as they did.
                 if config.is_some_and(|c| [&not_opted, &on_card, &spilled].contains(&c)) {
                     command.env("TESSERA_BOARD", &board);
                 }
                 if *preload {
-                    command.env("LD_PRELOAD", &shim);
+                    command.env("LD_PRELOAD", &bench.shim);
                 }
                 if let Some(claim) = config {
                     // A fresh region per run: the fake GPU's virtual clock starts again at 0 in
