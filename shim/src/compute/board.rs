@@ -30,8 +30,9 @@ struct Entry {
     /// When the claim's current burst of work began: a launch after the GPU had been idle for
     /// the claim for `BURST_GAP_NS`, as a request arriving at an inference server.
     burst_start: AtomicU64,
-    /// The claim's shortest recent time between bursts (0 = not known yet): a lower claim may
-    /// use the GPU until `burst_start + period`, when the next one can come.
+    /// The 0.5th percentile of the claim's times between bursts, as learned so far (0 = not
+    /// known yet): a lower claim may use the GPU until `burst_start + period`, when the next
+    /// one can come.
     period: AtomicU64,
     /// Bursts so far: claims filling the gaps take turns by it.
     bursts: AtomicU64,
@@ -171,8 +172,8 @@ impl Board {
         };
         let period = entry.period.load(Ordering::Relaxed);
         // A running estimate of the 0.5th percentile of the intervals (stochastic quantile
-        // tracking: down by a step when an interval is shorter, up by 1/199 of it when longer),
-        // so that a lower claim that fills the gap until then delays one burst in 200.
+        // tracking: down by a step when an interval is shorter, up by a 199th of a step when
+        // longer), so that a lower claim that fills the gap until then delays one burst in 200.
         let learned = if period == 0 {
             interval
         } else if interval < period {
