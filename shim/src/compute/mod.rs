@@ -218,11 +218,12 @@ impl Limiter {
         }
     }
 
-    /// Tells the lower claims watching this one when its work runs (see [`Board::note_launch`]).
+    /// Tells the lower claims watching this one when its work runs: a launch costing `cost` ns
+    /// (see [`Board::note_launch`]).
     #[inline(never)]
-    fn note_launch(&self, device: usize, key: u64) {
+    fn note_launch(&self, device: usize, cost: u64) {
         if let Some(board) = self.boards.get(device).and_then(Option::as_ref) {
-            board.note_launch(clock::now(), cost::estimate(key));
+            board.note_launch(clock::now(), cost);
         }
     }
 
@@ -359,17 +360,18 @@ pub fn launch(
     };
     let mut now = clock::coarse();
     limiter.refresh_if_due(ledger, device, now);
-    if limiter.watched[device].load(Ordering::Relaxed) {
-        limiter.note_launch(device, key);
+    let cost = cost::estimate(key);
+    let watched = limiter.watched[device].load(Ordering::Relaxed);
+    if watched {
+        limiter.note_launch(device, cost);
     }
     let mut share = limiter.share[device].load(Ordering::Relaxed);
-    let cost = cost::estimate(key);
     usage::count(ledger, device, cost, now);
     if share >= UNLIMITED {
         // Timed for its cost (the usage counted above), except while lower claims watch it:
         // timing such a claim's launches let fillers run into its bursts in the simulation
         // (docs/compute.md), so its kernels count at their last measured cost meanwhile.
-        if limiter.watched[device].load(Ordering::Relaxed) {
+        if watched {
             return forward();
         }
         return timed(now, key, stream, per_thread, forward);
