@@ -26,16 +26,19 @@ ENV TESSERA_CACHE=/cache CARGO_TARGET_DIR=/cache/target
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/cache \
     set -eux; \
-    cargo build --release --locked -p tessera-kubelet-plugin --bin tessera-kubelet-plugin; \
+    cargo build --release --locked -p tessera-kubelet-plugin --bin tessera-kubelet-plugin \
+      -p tessera-node-tools --bin tessera-gpu-probe; \
     shim="$(scripts/build-shim-release.sh | tail -n 1)"; \
     mkdir -p /out; \
-    cp "$CARGO_TARGET_DIR/release/tessera-kubelet-plugin" /out/; \
+    cp "$CARGO_TARGET_DIR/release/tessera-kubelet-plugin" "$CARGO_TARGET_DIR/release/tessera-gpu-probe" /out/; \
     cp "$shim" /out/libtessera.so
 
 # glibc (bookworm: 2.36) for the plugin, which dlopens the host's libnvidia-ml.so.1, and /bin/sh
 # for the chart's start script that finds that library under the driver root.
 FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/tessera-kubelet-plugin /usr/bin/tessera-kubelet-plugin
+# What a CUDA context costs on each GPU, measured by the plugin at start (--context-overhead).
+COPY --from=build /out/tessera-gpu-probe /usr/bin/tessera-gpu-probe
 COPY --from=build /out/libtessera.so /usr/lib/tessera/libtessera.so
 LABEL org.opencontainers.image.title="tessera-kubelet-plugin" \
       org.opencontainers.image.source="https://github.com/tessera-gpu/tessera" \

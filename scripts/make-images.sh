@@ -109,6 +109,7 @@ if [[ $profile == release ]]; then
   say "building the release binaries (cargo build --release --locked)"
   cargo build --release --locked --manifest-path "$root/Cargo.toml" \
     -p tessera-kubelet-plugin --bin tessera-kubelet-plugin \
+    -p tessera-node-tools --bin tessera-gpu-probe \
     -p tessera-controller --bin tessera-controller \
     -p tessera-gpu-worker --bin tessera-gpu-worker >&2 \
     || die "cargo build --release failed (see above)"
@@ -122,7 +123,7 @@ else
   bindir=$CARGO_TARGET_DIR/debug
   shim=$bindir/libtessera.so
 fi
-for f in "$bindir/tessera-kubelet-plugin" "$bindir/tessera-controller" "$bindir/tessera-gpu-worker" "$shim"; do
+for f in "$bindir/tessera-kubelet-plugin" "$bindir/tessera-gpu-probe" "$bindir/tessera-controller" "$bindir/tessera-gpu-worker" "$shim"; do
   [[ -f $f ]] && continue
   if [[ $profile == debug ]]; then
     die "$f is missing: --profile debug takes the binaries \`cargo build --workspace\` (make build) left in $bindir; run that first, or use --profile release"
@@ -170,8 +171,10 @@ r=$work/kubelet-plugin
 mkdir -p "$r"/{bin,etc,root,tmp}
 chmod 1777 "$r/tmp"
 image_add_stripped "$r" "$bindir/tessera-kubelet-plugin" /usr/bin/tessera-kubelet-plugin 0755
+image_add_stripped "$r" "$bindir/tessera-gpu-probe" /usr/bin/tessera-gpu-probe 0755
 image_add_stripped "$r" "$shim" /usr/lib/tessera/libtessera.so 0755
 image_add_elf_deps "$r" "$bindir/tessera-kubelet-plugin"
+image_add_elf_deps "$r" "$bindir/tessera-gpu-probe"
 image_add_elf_deps "$r" "$shim"
 add_glibc "$r" "$bindir/tessera-kubelet-plugin"
 image_add_busybox "$r" "$busybox" sh ash '[' test echo cat ls env sleep true false

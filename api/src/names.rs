@@ -18,6 +18,9 @@ pub mod attribute {
     pub const DRIVER_VERSION: &str = "driverVersion";
     pub const INDEX: &str = "index";
     pub const MINOR: &str = "minor";
+    /// `true` where the NVIDIA driver itself also holds each claim's containers to the claim's
+    /// memory (NVML 13.4 per-cgroup limits), so programs that bypass the shim stop there too.
+    pub const DRIVER_MEMORY_WALL: &str = "driverMemoryWall";
     pub const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
     /// The PCIe root complex (`pci0000:00`), standard since 1.33.
     pub const PCIE_ROOT: &str = "resource.kubernetes.io/pcieRoot";

@@ -263,6 +263,7 @@ pub fn generate(
         minor: gpu.minor,
         memory_limit: memory,
         cores: request.cores,
+        context_overhead: gpu.context_overhead,
     };
     let device = AllocatedDevice {
         request: request.name.clone(),

@@ -39,6 +39,8 @@ fn inventory(node: usize, gpus: u32) -> Inventory {
                 pci_bus_id: Some(format!("0000:{:02x}:00.0", i + 1)),
                 pcie_root: None,
                 numa_node: None,
+                context_overhead: 0,
+                driver_memory_wall: false,
             })
             .collect(),
     }

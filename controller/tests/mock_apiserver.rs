@@ -163,6 +163,8 @@ fn inventory(n: u32) -> Inventory {
                 pci_bus_id: None,
                 pcie_root: None,
                 numa_node: None,
+                context_overhead: 0,
+                driver_memory_wall: false,
             })
             .collect(),
     }

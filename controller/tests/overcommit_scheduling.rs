@@ -39,6 +39,8 @@ fn small_node() -> Inventory {
             pci_bus_id: Some("0000:01:00.0".into()),
             pcie_root: None,
             numa_node: None,
+            context_overhead: 0,
+            driver_memory_wall: false,
         }],
     }
 }

@@ -65,6 +65,10 @@ pub struct GpuLimit {
     pub minor: u32,
     pub memory_limit: u64,
     pub cores: u32,
+    /// What each CUDA context costs on the GPU, charged by the shim against `memory_limit`.
+    /// Checkpoints written before it was measured have none: 0, as those claims were prepared.
+    #[serde(default)]
+    pub context_overhead: u64,
 }
 
 /// Everything a claim gets on this node.
@@ -106,6 +110,14 @@ pub enum Error {
         "the claim mixes adminAccess requests with ordinary ones: an admin claim is prepared without a wall and an ordinary one with its share, so put them in two claims"
     )]
     MixedAdminAccess,
+    #[error(
+        "the claim's memory on GPU {uuid} ({limit} bytes) is less than one CUDA context there ({overhead} bytes, as measured on this node): no CUDA program could start in it; ask for more memory"
+    )]
+    BelowContextOverhead {
+        uuid: String,
+        limit: u64,
+        overhead: u64,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -139,6 +151,7 @@ pub fn claim_limits_with(
             minor: device.gpu_minor,
             memory_limit: 0,
             cores: 0,
+            context_overhead: 0,
         });
         entry.memory_limit = entry.memory_limit.saturating_add(device.memory);
         entry.cores = (entry.cores + device.cores).min(100);
@@ -147,7 +160,21 @@ pub fn claim_limits_with(
     for gpu in gpus.values_mut() {
         if let Some(card) = inventory.by_index(gpu.index) {
             gpu.memory_limit = gpu.memory_limit.min(overcommit.offered_memory(card));
+            gpu.context_overhead = card.context_overhead;
         }
+    }
+    // A wall below one context would fail every CUDA program at its first call, with an
+    // out-of-memory error that does not say why; an admin claim has no wall.
+    let admin = devices.iter().all(|d| d.admin_access);
+    if let Some(gpu) = gpus
+        .values()
+        .find(|g| !admin && g.memory_limit < g.context_overhead)
+    {
+        return Err(Error::BelowContextOverhead {
+            uuid: gpu.uuid.clone(),
+            limit: gpu.memory_limit,
+            overhead: gpu.context_overhead,
+        });
     }
     if gpus.len() > tessera_api::region::MAX_DEVICES {
         return Err(Error::TooManyGpus(gpus.len()));
@@ -260,6 +287,8 @@ mod tests {
             pci_bus_id: None,
             pcie_root: None,
             numa_node: None,
+            context_overhead: 0,
+            driver_memory_wall: false,
         };
         Inventory {
             driver_version: None,
@@ -311,6 +340,24 @@ mod tests {
     }
 
     #[test]
+    fn each_gpu_limit_carries_the_measured_context_cost_and_a_wall_below_it_is_refused() {
+        let mut node = inventory();
+        node.gpus[1].context_overhead = 500 << 20;
+        let limits = claim_limits(&[share("gpu-1", "s1", "2Gi", "25")], &node).expect("valid");
+        assert_eq!(limits.gpus[0].context_overhead, 500 << 20);
+        let tiny = claim_limits(&[share("gpu-1", "s1", "256Mi", "25")], &node);
+        let message = tiny.expect_err("below one context").to_string();
+        assert!(
+            message.contains("GPU-1") && message.contains("less than one CUDA context"),
+            "{message}"
+        );
+        // An admin claim has no wall, so nothing to fall below.
+        let mut admin = share("gpu-1", "s1", "256Mi", "25");
+        admin.admin_access = true;
+        assert!(claim_limits(&[admin], &node).is_ok());
+    }
+
+    #[test]
     fn consumable_shares_take_the_consumed_capacity() {
         let limits =
             claim_limits(&[share("gpu-1", "s1", "2Gi", "25")], &inventory()).expect("valid");
@@ -321,7 +368,8 @@ mod tests {
                 index: 1,
                 minor: 11,
                 memory_limit: 2 << 30,
-                cores: 25
+                cores: 25,
+                context_overhead: 0,
             }]
         );
         assert_eq!(limits.devices[0].share_id.as_deref(), Some("s1"));

@@ -219,6 +219,7 @@ mod tests {
                 minor: 0,
                 memory_limit: 2 << 30,
                 cores: 25,
+                context_overhead: 0,
             }],
         };
         Checkpoint {

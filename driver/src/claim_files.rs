@@ -35,7 +35,7 @@ pub fn shim_config(
                 uuid: g.uuid.clone(),
                 memory_limit: g.memory_limit,
                 cores: g.cores,
-                context_overhead: 0,
+                context_overhead: g.context_overhead,
                 physical_memory: None,
                 spill_limit: None,
             })
@@ -56,7 +56,7 @@ pub fn region_bytes(gpus: &[GpuLimit]) -> io::Result<Vec<u8>> {
             uuid: g.uuid.clone(),
             memory_limit: g.memory_limit,
             cores: g.cores,
-            context_overhead: 0,
+            context_overhead: g.context_overhead,
         })
         .collect();
     region::encode_new(&devices).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))

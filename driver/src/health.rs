@@ -314,6 +314,8 @@ mod tests {
                     pci_bus_id: None,
                     pcie_root: None,
                     numa_node: None,
+                    context_overhead: 0,
+                    driver_memory_wall: false,
                 })
                 .collect(),
         }

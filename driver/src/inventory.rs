@@ -55,6 +55,18 @@ pub struct Gpu {
     /// The NUMA node; `None` where the GPU has no affinity or it is unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numa_node: Option<u32>,
+    /// Device memory one CUDA context takes on this GPU, charged per context against a claim's
+    /// wall (the kubelet plugin measures it at start-up; 0 where nobody did).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub context_overhead: u64,
+    /// Whether the driver holds a claim's containers to its memory on this GPU by itself
+    /// (NVML 13.4's per-cgroup limits), beside the shim; found by the kubelet plugin at start-up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub driver_memory_wall: bool,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// All GPUs of a node, in index order.
@@ -153,6 +165,8 @@ impl Inventory {
                 pci_bus_id: entry.pci_bus_id,
                 pcie_root: entry.pcie_root,
                 numa_node: entry.numa_node,
+                context_overhead: 0,
+                driver_memory_wall: false,
             });
         }
         Ok(Inventory {

@@ -57,6 +57,8 @@ pub fn discover(library: Option<&OsStr>) -> Result<Inventory> {
             pci_bus_id: device.pci_info().ok().map(|p| p.bus_id.to_lowercase()),
             pcie_root: None,
             numa_node: None,
+            context_overhead: 0,
+            driver_memory_wall: false,
         });
     }
     Ok(Inventory {

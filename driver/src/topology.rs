@@ -169,6 +169,8 @@ mod tests {
             pci_bus_id: Some(bus.into()),
             pcie_root: None,
             numa_node: None,
+            context_overhead: 0,
+            driver_memory_wall: false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! NVML types and return codes (`nvml.h`).
 #![allow(non_camel_case_types)]
 
-use core::ffi::{c_int, c_uint, c_void};
+use core::ffi::{CStr, c_char, c_int, c_uint, c_void};
 
 /// `nvmlReturn_t`, kept as an integer for the same reason as `CUresult`.
 pub type nvmlReturn_t = c_int;
@@ -173,5 +173,93 @@ impl Default for nvmlEventData_t {
             gpu_instance_id: 0,
             compute_instance_id: 0,
         }
+    }
+}
+
+// --- Per-cgroup device-memory limits (NVML 13.4: `nvmlDeviceSetMemoryLimits_v1`,
+// `nvmlDeviceGetMemoryLimits_v1`) -----------------------------------------------------------------
+
+/// "Blocked by the operating system/cgroups"; what the memory-limit calls answer for a cgroup
+/// path they cannot open.
+pub const NVML_ERROR_OPERATING_SYSTEM: nvmlReturn_t = 17;
+pub const NVML_ERROR_INSUFFICIENT_RESOURCES: nvmlReturn_t = 23;
+
+/// A hard limit of this value is no hard limit; soft 0 with hard `MAX` clears a cgroup's limits.
+pub const NVML_DEVICE_MEMORY_LIMIT_MAX: u64 = 0xFFFF_FFFF_FFFF_FFFF;
+
+/// `nvmlSetMemoryLimits_v1_t`, taken by `nvmlDeviceSetMemoryLimits_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct nvmlSetMemoryLimits_v1_t {
+    /// The cgroup's directory under the cgroup filesystem (`/sys/fs/cgroup/...`), NUL-terminated.
+    pub name_space: *const c_char,
+    pub soft_limit: u64,
+    pub hard_limit: u64,
+}
+
+/// `nvmlGetMemoryLimits_v1_t`, filled by `nvmlDeviceGetMemoryLimits_v1` (`name_space` is the
+/// input, the rest output).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct nvmlGetMemoryLimits_v1_t {
+    pub name_space: *const c_char,
+    pub soft_limit: u64,
+    pub hard_limit: u64,
+    /// Device memory the cgroup's processes (and those of the cgroups below it) hold.
+    pub current_used: u64,
+}
+
+/// `nvmlDeviceSetMemoryLimits_v1`. Older NVMLs (before 13.4) do not export it, so a caller
+/// resolves it with `dlsym` and treats its absence as "unsupported".
+pub type nvmlDeviceSetMemoryLimits_v1_fn =
+    unsafe extern "C" fn(nvmlDevice_t, *mut nvmlSetMemoryLimits_v1_t) -> nvmlReturn_t;
+/// `nvmlDeviceGetMemoryLimits_v1`; resolved like [`nvmlDeviceSetMemoryLimits_v1_fn`].
+pub type nvmlDeviceGetMemoryLimits_v1_fn =
+    unsafe extern "C" fn(nvmlDevice_t, *mut nvmlGetMemoryLimits_v1_t) -> nvmlReturn_t;
+
+/// The symbol names, for `dlsym`.
+pub const NVML_DEVICE_SET_MEMORY_LIMITS_V1: &CStr = c"nvmlDeviceSetMemoryLimits_v1";
+pub const NVML_DEVICE_GET_MEMORY_LIMITS_V1: &CStr = c"nvmlDeviceGetMemoryLimits_v1";
+
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(core::mem::size_of::<nvmlSetMemoryLimits_v1_t>() == 24);
+    assert!(core::mem::size_of::<nvmlGetMemoryLimits_v1_t>() == 32);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    /// nvml.h's layout on LP64: a pointer then `unsigned long long`s, no padding.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn memory_limit_structs_have_nvmls_layout() {
+        assert_eq!(size_of::<nvmlSetMemoryLimits_v1_t>(), 24);
+        assert_eq!(align_of::<nvmlSetMemoryLimits_v1_t>(), 8);
+        assert_eq!(offset_of!(nvmlSetMemoryLimits_v1_t, name_space), 0);
+        assert_eq!(offset_of!(nvmlSetMemoryLimits_v1_t, soft_limit), 8);
+        assert_eq!(offset_of!(nvmlSetMemoryLimits_v1_t, hard_limit), 16);
+
+        assert_eq!(size_of::<nvmlGetMemoryLimits_v1_t>(), 32);
+        assert_eq!(align_of::<nvmlGetMemoryLimits_v1_t>(), 8);
+        assert_eq!(offset_of!(nvmlGetMemoryLimits_v1_t, name_space), 0);
+        assert_eq!(offset_of!(nvmlGetMemoryLimits_v1_t, soft_limit), 8);
+        assert_eq!(offset_of!(nvmlGetMemoryLimits_v1_t, hard_limit), 16);
+        assert_eq!(offset_of!(nvmlGetMemoryLimits_v1_t, current_used), 24);
+    }
+
+    #[test]
+    fn the_no_limit_value_is_all_ones() {
+        assert_eq!(NVML_DEVICE_MEMORY_LIMIT_MAX, u64::MAX);
+        assert_eq!(
+            NVML_DEVICE_SET_MEMORY_LIMITS_V1.to_bytes(),
+            b"nvmlDeviceSetMemoryLimits_v1"
+        );
+        assert_eq!(
+            NVML_DEVICE_GET_MEMORY_LIMITS_V1.to_bytes(),
+            b"nvmlDeviceGetMemoryLimits_v1"
+        );
     }
 }

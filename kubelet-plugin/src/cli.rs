@@ -51,6 +51,32 @@ pub struct Args {
     /// Load NVML from this file instead of the default `libnvidia-ml.so.1`.
     #[arg(long)]
     pub nvml_library: Option<PathBuf>,
+    /// What a CUDA context costs on each GPU, charged per context against a claim's wall:
+    /// `auto` measures it at start-up with tessera-gpu-probe (with the driver of
+    /// --nvml-library; a fake --inventory without one is charged nothing), a quantity (`600Mi`)
+    /// sets it for every GPU, for example to cover programs with large module images.
+    #[arg(long, env = "TESSERA_CONTEXT_OVERHEAD", default_value = "auto")]
+    pub context_overhead: crate::context_overhead::Setting,
+    /// The GPU probe to run for `--context-overhead=auto` (default: tessera-gpu-probe beside
+    /// this program).
+    #[arg(long)]
+    pub gpu_probe: Option<PathBuf>,
+    /// Where the NVIDIA driver keeps device-memory limits per cgroup (NVML 13.4), also give
+    /// each container of a claim the claim's memory as the driver's hard limit: `auto` on every
+    /// GPU whose driver has it, `off` never.
+    #[arg(long, env = "TESSERA_DRIVER_MEMORY_WALL", default_value = "auto")]
+    pub driver_memory_wall: crate::driver_wall::Setting,
+    /// tessera-cdi-hook to install into `<state-dir>/bin` for claims' CDI specs (default: beside
+    /// this program).
+    #[arg(long)]
+    pub cdi_hook_path: Option<PathBuf>,
+    /// The driver root as the host sees it (the hook runs on the host); default: --driver-root.
+    #[arg(long)]
+    pub host_driver_root: Option<PathBuf>,
+    /// The CUDA driver library the probe loads (default: `libcuda.so.1` beside
+    /// --nvml-library, as the driver installs them).
+    #[arg(long)]
+    pub cuda_library: Option<PathBuf>,
     /// libtessera.so to install into `<state-dir>/lib` for containers.
     #[arg(long, default_value = "/usr/lib/tessera/libtessera.so")]
     pub shim_path: PathBuf,

@@ -8,7 +8,10 @@
 
 pub mod claims;
 pub mod cli;
+pub mod context_overhead;
 pub mod device_health;
+pub mod driver_wall;
+pub mod gpu_probe;
 pub mod grpc;
 pub mod h2_authority;
 pub mod http;

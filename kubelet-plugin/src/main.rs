@@ -16,7 +16,9 @@ use tessera_kubelet_plugin::metrics_auth::Authorizer;
 use tessera_kubelet_plugin::node::health::{
     self, HealthConfig, HealthSource, NodeEvents, REASON_PLUGIN_FAILED,
 };
-use tessera_kubelet_plugin::{Node, NodeConfig, Plugin, Sockets, http, install};
+use tessera_kubelet_plugin::{
+    Node, NodeConfig, Plugin, Sockets, context_overhead, driver_wall, gpu_probe, http, install,
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -74,7 +76,7 @@ async fn run(args: Args) -> Result<()> {
 }
 
 async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEvents>) -> Result<()> {
-    let inventory = match &args.inventory {
+    let mut inventory = match &args.inventory {
         // A fake node states its topology in the file; the host's sysfs is not its.
         Some(path) => Inventory::from_file(path)?,
         None => {
@@ -116,6 +118,43 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
             "claims that do not set oversubscribe spill on overcommitted GPUs (--oversubscribe-by-default)"
         );
     }
+    let probe_program = args
+        .gpu_probe
+        .clone()
+        .unwrap_or_else(|| gpu_probe::beside_this_program("tessera-gpu-probe"));
+    // A fake inventory has a driver to ask only when given its NVML.
+    let probe = match args.inventory.is_none() || args.nvml_library.is_some() {
+        true => Some(
+            gpu_probe::run(&gpu_probe::Probe {
+                program: &probe_program,
+                nvml_library: args.nvml_library.as_deref(),
+                cuda_library: args.cuda_library.as_deref(),
+            })
+            .await,
+        ),
+        false => None,
+    };
+    let context_overheads =
+        context_overhead::resolve(args.context_overhead, &mut inventory, probe.as_ref());
+    let walled = driver_wall::resolve(args.driver_memory_wall, &mut inventory, probe.as_ref());
+    let driver_wall = if walled.is_empty() {
+        None
+    } else {
+        let hook = args
+            .cdi_hook_path
+            .clone()
+            .unwrap_or_else(|| gpu_probe::beside_this_program("tessera-cdi-hook"));
+        Some(driver_wall::NodeDriverWall {
+            hook: tessera_driver::cdi::DriverWallHook {
+                program: install::install_hook(&hook, &args.state_dir)?,
+                driver_root: args
+                    .host_driver_root
+                    .clone()
+                    .unwrap_or_else(|| args.driver_root.clone()),
+            },
+            gpus: walled,
+        })
+    };
     install::install_shim(&args.shim_path, &args.state_dir)?;
     let (cdi_mode, driver_files) = match args.cdi_mode {
         CdiModeArg::Toolkit => (CdiMode::Toolkit, None),
@@ -139,6 +178,7 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
         oversubscribe_by_default: args.oversubscribe_by_default,
         boot_id: boot_id(&args.boot_id_file)?,
         booted_at: booted_at(),
+        driver_wall,
     };
     std::fs::create_dir_all(&config.cdi_dir)
         .with_context(|| format!("creating {}", config.cdi_dir.display()))?;
@@ -164,6 +204,7 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
     let inventory = config.inventory.clone();
     let metrics = Arc::new(Metrics::new(args.state_dir.clone()));
     metrics.observe_inventory(&config.inventory);
+    metrics.observe_context_overhead(&config.inventory, &context_overheads);
     let node = Arc::new(Node::new(config, client.clone(), metrics.clone()));
     let sockets = Sockets::new(
         &args.registrar_dir,

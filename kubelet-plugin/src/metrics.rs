@@ -19,6 +19,8 @@
 //! | `tessera_kubelet_health_streams` | gauge | — (the kubelet's open `DRAResourceHealth` streams: 1 where it watches) |
 //! | `tessera_gpu_healthy` | gauge | gpu_uuid, product (1 healthy, 0 tainted or withdrawn; every GPU of the start-up inventory) |
 //! | `tessera_gpu_memory_physical_bytes` | gauge | gpu_uuid, product (the card's memory, beside what the slices offer) |
+//! | `tessera_gpu_driver_memory_wall` | gauge | gpu_uuid, product (1: the driver also holds each claim's containers to the claim's memory, NVML 13.4; 0: the shim's wall alone) |
+//! | `tessera_gpu_context_overhead_bytes` | gauge | gpu_uuid, product, source (measured, configured, fallback, unmeasured): what each CUDA context is charged |
 //! | `tessera_claim_memory_used_bytes` | gauge | namespace, claim, claim_uid, gpu_uuid |
 //! | `tessera_claim_memory_limit_bytes` | gauge | same |
 //! | `tessera_claim_memory_spilled_bytes` | gauge | same (host memory; 0 until the shim spills) |
@@ -58,12 +60,21 @@ pub struct Metrics {
     health_streams: Gauge,
     gpu_healthy: Family<GpuLabels, Gauge>,
     gpu_memory_physical: Family<GpuLabels, Gauge>,
+    gpu_context_overhead: Family<ContextOverheadLabels, Gauge>,
+    gpu_driver_memory_wall: Family<GpuLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct GpuLabels {
     gpu_uuid: String,
     product: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ContextOverheadLabels {
+    gpu_uuid: String,
+    product: String,
+    source: &'static str,
 }
 
 /// How a write of a claim's `status.devices` ended (see `claims::status`).
@@ -181,6 +192,19 @@ impl Metrics {
             Unit::Bytes,
             gpu_memory_physical.clone(),
         );
+        let gpu_context_overhead = Family::<ContextOverheadLabels, Gauge>::default();
+        registry.register_with_unit(
+            "gpu_context_overhead",
+            "Device memory each CUDA context is charged against a claim's wall on the GPU",
+            Unit::Bytes,
+            gpu_context_overhead.clone(),
+        );
+        let gpu_driver_memory_wall = Family::<GpuLabels, Gauge>::default();
+        registry.register(
+            "gpu_driver_memory_wall",
+            "1 where the NVIDIA driver also holds each claim's containers to the claim's memory on the GPU (per-cgroup limits), 0 where the shim's wall holds alone",
+            gpu_driver_memory_wall.clone(),
+        );
         registry.register_collector(Box::new(ClaimCollector { state_dir }));
         Metrics {
             registry,
@@ -194,13 +218,44 @@ impl Metrics {
             health_streams,
             gpu_healthy,
             gpu_memory_physical,
+            gpu_context_overhead,
+            gpu_driver_memory_wall,
         }
     }
 
-    /// Sets `tessera_gpu_memory_physical_bytes` for every GPU of the node's inventory.
+    /// Sets `tessera_gpu_context_overhead_bytes` for every GPU of the node's inventory.
+    pub fn observe_context_overhead(
+        &self,
+        inventory: &tessera_driver::Inventory,
+        sources: &[(String, crate::context_overhead::Source)],
+    ) {
+        self.gpu_context_overhead.clear();
+        for gpu in &inventory.gpus {
+            let Some((_, source)) = sources.iter().find(|(uuid, _)| *uuid == gpu.uuid) else {
+                continue;
+            };
+            self.gpu_context_overhead
+                .get_or_create(&ContextOverheadLabels {
+                    gpu_uuid: gpu.uuid.clone(),
+                    product: gpu.product_name.clone(),
+                    source: source.label(),
+                })
+                .set(i64::try_from(gpu.context_overhead).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Sets `tessera_gpu_memory_physical_bytes` and `tessera_gpu_driver_memory_wall` for every GPU
+    /// of the node's inventory.
     pub fn observe_inventory(&self, inventory: &tessera_driver::Inventory) {
         self.gpu_memory_physical.clear();
+        self.gpu_driver_memory_wall.clear();
         for gpu in &inventory.gpus {
+            self.gpu_driver_memory_wall
+                .get_or_create(&GpuLabels {
+                    gpu_uuid: gpu.uuid.clone(),
+                    product: gpu.product_name.clone(),
+                })
+                .set(i64::from(gpu.driver_memory_wall));
             self.gpu_memory_physical
                 .get_or_create(&GpuLabels {
                     gpu_uuid: gpu.uuid.clone(),

@@ -318,6 +318,10 @@ pub fn attributes(inventory: &Inventory, gpu: &Gpu) -> BTreeMap<String, Attribut
         attribute::MINOR.to_string(),
         Attribute::Int(gpu.minor.into()),
     );
+    a.insert(
+        attribute::DRIVER_MEMORY_WALL.to_string(),
+        Attribute::Bool(gpu.driver_memory_wall),
+    );
     a
 }
 

@@ -24,6 +24,8 @@ fn gpu(index: u32, memory: u64) -> Gpu {
         pci_bus_id: Some(format!("0000:{index:02X}:00.0")),
         pcie_root: None,
         numa_node: None,
+        context_overhead: 0,
+        driver_memory_wall: false,
     }
 }
 

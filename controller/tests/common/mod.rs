@@ -63,6 +63,8 @@ pub fn inventory() -> Inventory {
         pci_bus_id: Some(format!("0000:0{}:00.0", index + 1)),
         pcie_root: None,
         numa_node: None,
+        context_overhead: 0,
+        driver_memory_wall: false,
     };
     Inventory {
         driver_version: Some("570.86.15".into()),

@@ -21,7 +21,7 @@ use tessera_api::board::{EntryKind, own_entry_file_name};
 use tessera_api::names::{DRIVER_NAME, SHIM_CONFIG_DEFAULT_PATH, SHIM_CONFIG_ENV};
 
 use crate::allocation::AllocatedDevice;
-pub use spec::{ContainerEdits, Device, DeviceNode, Mount, Spec};
+pub use spec::{ContainerEdits, Device, DeviceNode, Hook, Mount, Spec};
 pub use standalone::{DriverFiles, StandaloneError};
 
 /// CDI class of Tessera's devices: kind `gpu.tessera.dev/claim`.
@@ -196,6 +196,43 @@ pub fn admin_claim_spec(
     build_spec(kind(), per_device(claim_uid, devices), None, driver)
 }
 
+/// Where `tessera-cdi-hook` is on the host and how it finds the driver: what a claim's spec
+/// needs to have the driver's own memory wall set on each of its containers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverWallHook {
+    /// The hook program, a host path no container can write (`<state-dir>/bin`).
+    pub program: PathBuf,
+    /// The host's driver root, searched for `libnvidia-ml.so.1`.
+    pub driver_root: PathBuf,
+}
+
+/// The OCI hook name: run in the runtime's namespaces once the container's cgroup exists and
+/// before its process runs, with the container's state (its PID) on standard input.
+pub const DRIVER_WALL_HOOK_NAME: &str = "createRuntime";
+
+impl DriverWallHook {
+    /// The hook that sets `limits` (GPU UUID, bytes) on each container's cgroup.
+    pub fn hook(&self, limits: &[(&str, u64)]) -> Hook {
+        let mut args = vec![
+            "tessera-cdi-hook".to_string(),
+            "memory-limit".to_string(),
+            "--driver-root".to_string(),
+            self.driver_root.display().to_string(),
+        ];
+        for (uuid, bytes) in limits {
+            args.push("--limit".to_string());
+            args.push(format!("{uuid}={bytes}"));
+        }
+        Hook {
+            hook_name: DRIVER_WALL_HOOK_NAME.to_string(),
+            path: self.program.display().to_string(),
+            args,
+            env: Vec::new(),
+            timeout: Some(30),
+        }
+    }
+}
+
 /// The variable an admin-access claim's containers see.
 pub const ADMIN_ACCESS_ENV: &str = "TESSERA_ADMIN_ACCESS";
 
@@ -298,6 +335,7 @@ fn shim_edits(named: &[(String, &[AllocatedDevice])], host: &HostPaths) -> Conta
             Mount::read_only(path(&host.boards), CONTAINER_BOARDS),
             Mount::read_only(path(&host.reservations), CONTAINER_RESERVATIONS),
         ],
+        hooks: Vec::new(),
     };
     // The claim's own entries: the only board files its containers can write.
     let mut uuids: Vec<&str> = named

@@ -327,6 +327,7 @@ kubeletPlugin:
   driverRoot: /run/nvidia/driver
   cdiMode: standalone
   nvmlLibrary: /run/nvidia/driver/usr/lib64/libnvidia-ml.so.1
+  contextOverhead: 600Mi
   kubeletRoot: /var/lib/k0s/kubelet
   rollingUpdate: replace
   metricsAuth: kubernetes
@@ -419,6 +420,7 @@ fn non_default_values() {
         "--cdi-mode=standalone",
         "--driver-root=/run/nvidia/driver",
         "--nvml-library=/run/nvidia/driver/usr/lib64/libnvidia-ml.so.1",
+        "--context-overhead=600Mi",
         "--registrar-dir=/var/lib/k0s/kubelet/plugins_registry",
         "--plugin-dir=/var/lib/k0s/kubelet/plugins/gpu.tessera.dev",
     ] {
@@ -734,6 +736,10 @@ fn bad_values_are_refused_with_the_reason() {
         (
             "kubeletPlugin: {image: {digest: \"sha256:abc\"}}\n",
             "/kubeletPlugin/image/digest",
+        ),
+        (
+            "kubeletPlugin: {contextOverhead: 600MB}\n",
+            "/kubeletPlugin/contextOverhead",
         ),
         // Which nodes run the plugin is nodeSelection's; a required node affinity would replace it.
         (

@@ -156,6 +156,7 @@ impl ControlPlane {
                 args,
                 log: state.log(name),
                 pid_file: state.pid_file(name),
+                env: Vec::new(),
             })
         };
 

@@ -27,6 +27,8 @@ pub struct ProcessSpec {
     pub args: Vec<OsString>,
     pub log: PathBuf,
     pub pid_file: PathBuf,
+    /// Set in the process's environment, over the harness's own.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 /// A running component.
@@ -66,6 +68,7 @@ impl Process {
             use std::os::unix::process::CommandExt;
             Command::new(&spec.program)
                 .args(&spec.args)
+                .envs(spec.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(log))
                 .stderr(Stdio::from(stderr))
@@ -306,6 +309,7 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             log: dir.join(format!("{name}.log")),
             pid_file: dir.join(format!("{name}.pid")),
+            env: Vec::new(),
         }
     }
 

@@ -7,10 +7,14 @@
 //!
 //! [`require`] is the one gate for tests that need the machine (podman, root, built files):
 //! skipped with the reason printed, or failed under `TESSERA_E2E=1`, as `make test` runs them.
+//!
+//! [`cgroup::TestCgroup`] makes a cgroup of a test's own to put child processes in.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+
+pub mod cgroup;
 
 /// `<target>/<profile>`: test executables live in its `deps/`, the cdylibs in it.
 pub fn target_dir() -> PathBuf {
@@ -83,6 +87,51 @@ pub fn fake_nvml(test: &str) -> Option<PathBuf> {
     Some(built(
         "libnvidia_ml.so",
         &["fake-gpu/nvml/src", "fake-gpu/model/src", "gpu-abi/src"],
+    ))
+}
+
+/// The fake `libcuda.so`, checked like [`fake_nvml`].
+pub fn fake_cuda(test: &str) -> Option<PathBuf> {
+    let path = target_dir().join("libcuda.so");
+    require(test, path.exists(), || {
+        format!(
+            "the fake libcuda is not built at {} (cargo build --workspace)",
+            path.display()
+        )
+    })?;
+    Some(built(
+        "libcuda.so",
+        &["fake-gpu/cuda/src", "fake-gpu/model/src", "gpu-abi/src"],
+    ))
+}
+
+/// `tessera-gpu-probe` (node-tools), checked like [`fake_nvml`].
+pub fn gpu_probe(test: &str) -> Option<PathBuf> {
+    let path = target_dir().join("tessera-gpu-probe");
+    require(test, path.exists(), || {
+        format!(
+            "tessera-gpu-probe is not built at {} (cargo build --workspace)",
+            path.display()
+        )
+    })?;
+    Some(built(
+        "tessera-gpu-probe",
+        &["node-tools/src", "gpu-abi/src"],
+    ))
+}
+
+/// `tessera-cdi-hook` (node-tools), checked like [`fake_nvml`].
+pub fn cdi_hook(test: &str) -> Option<PathBuf> {
+    let path = target_dir().join("tessera-cdi-hook");
+    require(test, path.exists(), || {
+        format!(
+            "tessera-cdi-hook is not built at {} (cargo build --workspace)",
+            path.display()
+        )
+    })?;
+    Some(built(
+        "tessera-cdi-hook",
+        &["node-tools/src", "gpu-abi/src"],
     ))
 }
 

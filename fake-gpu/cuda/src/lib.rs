@@ -3,7 +3,8 @@
 //! It exports, with their real C signatures, every driver entry point in
 //! `tessera_gpu_abi::proc_table::PROC_TABLE`, answers `cuGetProcAddress` from that table, and
 //! simulates the node described by the model crate: device memory is host memory, limited by
-//! each card's physical capacity across all processes through the shared state file. See
+//! each card's physical capacity across all processes through the shared state file, and by
+//! any per-cgroup hard limit NVML set (NVML 13.4) that binds the process. See
 //! `fake-gpu/README.md` for what is and is not simulated, and for the `fakegpu_*` introspection
 //! functions tests use.
 //!

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Once, OnceLock};
 
+use tessera_fake_gpu_model::state::layout::MAX_CGROUP_HASHES;
 use tessera_fake_gpu_model::{Config, Device, Lease};
 use tessera_gpu_abi::cuda::*;
 
@@ -157,7 +158,18 @@ fn build(
     let state_path = tessera_fake_gpu_model::state_path_from_env(config_path);
     let region = tessera_fake_gpu_model::open_region(&state_path, config)
         .map_err(|e| (CUDA_ERROR_OPERATING_SYSTEM, e.to_string()))?;
-    let lease = region.claim().map_err(|source| {
+    // Once, here: a process does not change cgroups behind the driver's back (in tests), and
+    // which limits exist is read at every reservation.
+    let cgroups = tessera_fake_gpu_model::CgroupSet::of_this_process();
+    if cgroups.len() > MAX_CGROUP_HASHES {
+        eprintln!(
+            "fakegpu: libcuda: cuInit: this process is in {} cgroup directories (with their \
+             ancestors); the state file records {MAX_CGROUP_HASHES}, so memory limits on the \
+             others will not bind it",
+            cgroups.len()
+        );
+    }
+    let lease = region.claim_in(cgroups).map_err(|source| {
         let error = tessera_fake_gpu_model::Error::State {
             path: state_path.clone(),
             source,

@@ -498,7 +498,7 @@ fn contexts_can_cost_device_memory() {
     }
     let node = Node::new(
         r#"{"devices": [
-            {"uuid": "GPU-11111111-2222-4333-8444-555555555555", "name": "a", "memory": 4294967296},
+            {"uuid": "GPU-11111111-2222-4333-8444-555555555555", "name": "a", "memory": 4294967296, "contextMemory": 0},
             {"uuid": "GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee", "name": "b", "memory": 1073741824, "contextMemory": 419430400}]}"#,
     );
     node.run("contexts_can_cost_device_memory");

@@ -15,5 +15,6 @@ mod device;
 mod events;
 mod guard;
 mod library;
+mod limits;
 mod processes;
 mod utilisation;

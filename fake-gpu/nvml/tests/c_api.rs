@@ -76,6 +76,8 @@ const EXPORTS: &[&str] = &[
     "nvmlDeviceRegisterEvents",
     "nvmlEventSetWait",
     "nvmlEventSetWait_v2",
+    "nvmlDeviceSetMemoryLimits_v1",
+    "nvmlDeviceGetMemoryLimits_v1",
 ];
 
 #[test]

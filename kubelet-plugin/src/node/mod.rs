@@ -64,6 +64,8 @@ pub struct NodeConfig {
     pub boot_id: String,
     /// When this boot began (`btime` of `/proc/stat`).
     pub booted_at: SystemTime,
+    /// The driver's own memory wall on the GPUs that have it (`--driver-memory-wall`).
+    pub driver_wall: Option<crate::driver_wall::NodeDriverWall>,
 }
 
 impl NodeConfig {

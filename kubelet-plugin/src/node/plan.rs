@@ -244,7 +244,14 @@ impl ShimFiles {
             .collect();
         let mut host = HostPaths::new(&config.state_dir, uid);
         host.priority = settings.priority;
-        let spec = cdi::claim_spec(uid, &limits.devices, &host, config.driver_files.as_ref());
+        let mut spec = cdi::claim_spec(uid, &limits.devices, &host, config.driver_files.as_ref());
+        if let Some(hook) = config
+            .driver_wall
+            .as_ref()
+            .and_then(|wall| wall.hook_for(&limits.gpus, &config.inventory))
+        {
+            spec.container_edits.hooks.push(hook);
+        }
         Ok(ShimFiles {
             config_json: shim_config.to_json(),
             host,

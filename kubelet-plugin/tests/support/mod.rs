@@ -76,6 +76,7 @@ impl Env {
             oversubscribe_by_default: false,
             boot_id: "boot-1".into(),
             booted_at: std::time::UNIX_EPOCH,
+            driver_wall: None,
         }
     }
 

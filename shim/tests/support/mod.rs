@@ -132,16 +132,45 @@ impl Scene {
 
     /// A scene whose first GPU has `memory` bytes (the second stays a 10 GiB card).
     pub fn with_gpu0_memory(memory: u64) -> Scene {
+        Scene::with_gpu0(serde_json::json!({"memory": memory}))
+    }
+
+    /// A scene whose first GPU has the fake-config fields of `gpu0` (`memory` at least) over
+    /// the defaults; the second stays a 10 GiB card.
+    pub fn with_gpu0(gpu0: serde_json::Value) -> Scene {
         let dir = tempfile::tempdir().expect("tempdir");
         let fake_config = dir.path().join("fakegpu.json");
+        // Contexts cost the card nothing unless a test says so: the arithmetic stays the
+        // allocations'.
+        let mut first = serde_json::json!({"uuid": GPU0, "name": "NVIDIA GeForce RTX 4090", "contextMemory": 0});
+        for (key, value) in gpu0.as_object().expect("gpu0 fields") {
+            first[key] = value.clone();
+        }
         let config = serde_json::json!({
-            "devices": [
-                {"uuid": GPU0, "name": "NVIDIA GeForce RTX 4090", "memory": memory},
-                {"uuid": GPU1, "name": "NVIDIA A10", "memory": 10 * GIB},
-            ]
+            "devices": [first, {"uuid": GPU1, "name": "NVIDIA A10", "memory": 10 * GIB, "contextMemory": 0}]
         });
         std::fs::write(&fake_config, config.to_string()).expect("fake config");
         Scene { dir, fake_config }
+    }
+
+    /// `tessera-gpu-probe`'s report on this scene's node, as the kubelet plugin reads it at
+    /// start-up; `None` when the probe is not built and the test skips.
+    pub fn probe(&self, test: &str) -> Option<serde_json::Value> {
+        let probe = tessera_built_libs::gpu_probe(test)?;
+        let lib_dir = &fixture().lib_dir;
+        let output = Command::new(probe)
+            .arg("--nvml-library")
+            .arg(lib_dir.join("libnvidia-ml.so.1"))
+            .env("FAKEGPU_CONFIG", &self.fake_config)
+            .env("FAKEGPU_STATE", self.dir.path().join("fakegpu.state"))
+            .output()
+            .expect("run tessera-gpu-probe");
+        assert!(
+            output.status.success(),
+            "tessera-gpu-probe failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Some(serde_json::from_slice(&output.stdout).expect("the probe's JSON report"))
     }
 
     /// Writes a claim config granting `devices` (uuid, memory limit, context overhead) and

@@ -199,6 +199,7 @@ impl SimCluster {
             .into(),
             log: cp.state().log("tessera-controller"),
             pid_file: cp.state().pid_file("tessera-controller"),
+            env: Vec::new(),
         })?;
         cluster.controller = Some(controller);
         cluster.control_plane = Some(cp);

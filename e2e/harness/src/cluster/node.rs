@@ -163,6 +163,7 @@ impl SimNode {
         let metrics_port = free_ports(1)?[0];
         let kubeconfig = setup.state.kubeconfig();
         let name = &spec.name;
+        let fakegpu_state = fakegpu.join("state");
         let plugin_spec = ProcessSpec {
             name: format!("kubelet-plugin@{name}"),
             program: setup.artifacts.kubelet_plugin.clone(),
@@ -193,14 +194,23 @@ impl SimNode {
                 os(root.join("devroot")),
                 os("--metrics-address"),
                 os(format!("127.0.0.1:{metrics_port}")),
+                // The driver under the node's driver root, as the chart finds it: the plugin
+                // measures what a context costs on the node's fake GPUs (libcuda beside it).
+                os("--nvml-library"),
+                os(lib_dir.join("libnvidia-ml.so.1")),
+                os("--gpu-probe"),
+                os(&setup.artifacts.gpu_probe),
             ]
             .into_iter()
             .chain(spec.plugin_args.iter().map(os))
             .collect(),
             log: setup.state.log(&format!("kubelet-plugin-{name}")),
             pid_file: setup.state.pid_file(&format!("kubelet-plugin-{name}")),
+            env: vec![
+                (os("FAKEGPU_CONFIG"), os(&spec.inventory)),
+                (os("FAKEGPU_STATE"), os(&fakegpu_state)),
+            ],
         };
-        let fakegpu_state = fakegpu.join("state");
         let mut standin_args = vec![
             os("--node-name"),
             os(name),
@@ -247,6 +257,7 @@ impl SimNode {
             args: standin_args,
             log: setup.state.log(&format!("kubelet-standin-{name}")),
             pid_file: setup.state.pid_file(&format!("kubelet-standin-{name}")),
+            env: Vec::new(),
         };
         Ok(SimNode {
             name: name.clone(),

@@ -22,6 +22,7 @@ pub fn bin_dir() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     pub kubelet_plugin: PathBuf,
+    pub gpu_probe: PathBuf,
     pub kubelet_standin: PathBuf,
     pub controller: PathBuf,
     pub gpu_worker: PathBuf,
@@ -47,6 +48,7 @@ impl Artifacts {
         };
         Ok(Artifacts {
             kubelet_plugin: find("tessera-kubelet-plugin")?,
+            gpu_probe: find("tessera-gpu-probe")?,
             kubelet_standin: find("tessera-kubelet-standin")?,
             controller: find("tessera-controller")?,
             gpu_worker: find("tessera-gpu-worker")?,

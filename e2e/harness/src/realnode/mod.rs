@@ -366,6 +366,7 @@ impl RealNode {
             args: containerd_args,
             log: state.log(&format!("containerd-{name}")),
             pid_file: state.pid_file(&format!("containerd-{name}")),
+            env: Vec::new(),
         })?);
         let socket = containerd_socket.clone();
         wait_for(
@@ -405,6 +406,7 @@ impl RealNode {
             args: kubelet_args,
             log: state.log(&format!("kubelet-{name}")),
             pid_file: state.pid_file(&format!("kubelet-{name}")),
+            env: Vec::new(),
         };
         node.processes.push(Process::spawn(kubelet_spec.clone())?);
         node.kubelet_spec = Some(kubelet_spec);
@@ -494,6 +496,7 @@ impl RealNode {
             args,
             log: state.log(&format!("node-forwards-{}", self.name)),
             pid_file: state.pid_file(&format!("node-forwards-{}", self.name)),
+            env: Vec::new(),
         })?;
         let log = process.log().to_owned();
         let ready = wait_for(
@@ -655,6 +658,7 @@ impl RealNode {
             args,
             log: containerd.log().to_owned(),
             pid_file: containerd.pid_file().to_owned(),
+            env: Vec::new(),
         };
         self.processes[CONTAINERD] = Process::spawn(containerd_spec)?;
         let socket = self.containerd_socket.clone();

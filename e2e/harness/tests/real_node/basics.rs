@@ -282,6 +282,7 @@ impl HostPlugin<'_> {
             args,
             log: control_plane.state().log(&name),
             pid_file: control_plane.state().pid_file(&name),
+            env: Vec::new(),
         })
         .expect("starting tessera-kubelet-plugin")
     }

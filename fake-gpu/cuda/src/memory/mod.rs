@@ -7,7 +7,8 @@
 //!
 //! Accounting: device memory (plain, pitched, async/pool) is reserved against the card's
 //! physical capacity in the shared state before the bytes exist, so no process can take more
-//! than the card has. Managed memory is counted apart and not limited: on a real GPU it is host
+//! than the card has (nor more than a cgroup's hard limit that binds it lets its processes
+//! hold; see the model's `state::limits`). Managed memory is counted apart and not limited: on a real GPU it is host
 //! memory that migrates on demand, and becomes device memory only when touched or prefetched —
 //! which the fake does not simulate. Page-locked host memory is host memory and only counted
 //! for introspection. Exact requested sizes are counted (the real driver rounds up to its page

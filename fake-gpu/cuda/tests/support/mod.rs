@@ -315,15 +315,16 @@ pub struct Node {
     pub state: PathBuf,
 }
 
-/// Two small cards, so that out-of-memory is quick to reach: 4 GiB and 1 GiB.
+/// Two small cards, so that out-of-memory is quick to reach: 4 GiB and 1 GiB; contexts cost
+/// nothing, so that the arithmetic is the allocations'.
 pub const TWO_CARDS: &str = r#"{
     "driverVersion": "570.86.15",
     "cudaDriverVersion": 12080,
     "devices": [
         {"uuid": "GPU-11111111-2222-4333-8444-555555555555", "name": "NVIDIA GeForce RTX 4090",
-         "memory": 4294967296, "pciBusId": "0000:01:00.0", "brand": "geforce", "smCount": 128},
+         "memory": 4294967296, "contextMemory": 0, "pciBusId": "0000:01:00.0", "brand": "geforce", "smCount": 128},
         {"uuid": "GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee", "name": "NVIDIA L40S",
-         "memory": 1073741824, "pciBusId": "0000:41:00.0", "smCount": 142, "maxThreadsPerSm": 1536}
+         "memory": 1073741824, "contextMemory": 0, "pciBusId": "0000:41:00.0", "smCount": 142, "maxThreadsPerSm": 1536}
     ]
 }"#;
 
@@ -378,6 +379,34 @@ impl Node {
     }
 }
 
+impl Node {
+    /// The node's state file, opened as a process of the node (NVML, say) would.
+    pub fn region(&self) -> std::sync::Arc<tessera_fake_gpu_model::Region> {
+        let config = tessera_fake_gpu_model::Config::from_file(&self.config).expect("config");
+        tessera_fake_gpu_model::open_region(&self.state, &config).expect("state file")
+    }
+
+    /// What `nvmlDeviceSetMemoryLimits_v1` does (without its argument checks).
+    pub fn set_memory_limit(&self, device: usize, cgroup: &Path, soft: u64, hard: u64) {
+        let dir = tessera_fake_gpu_model::CgroupDir::open(cgroup).expect("cgroup directory");
+        self.region()
+            .set_memory_limit(device, &dir, soft, hard)
+            .expect("set the limit");
+    }
+
+    /// What `nvmlDeviceGetMemoryLimits_v1` answers; `None` for `NVML_ERROR_NOT_FOUND`.
+    pub fn memory_limit(
+        &self,
+        device: usize,
+        cgroup: &Path,
+    ) -> Option<tessera_fake_gpu_model::MemoryLimit> {
+        let dir = tessera_fake_gpu_model::CgroupDir::open(cgroup).expect("cgroup directory");
+        self.region()
+            .memory_limit(device, &dir)
+            .expect("read the limit")
+    }
+}
+
 /// Runs `body` when this process is the child running `scenario`; in the parent, runs the
 /// scenario in a child against a fresh [`Node::two_cards`].
 pub fn scenario(name: &str, body: impl FnOnce(&Cuda)) {
@@ -395,11 +424,36 @@ pub fn in_child(name: &str) -> bool {
 
 // --- Agents: long-lived child processes driven line by line -------------------------------------
 
+/// Makes the child of `command` join the cgroup whose `cgroup.procs` is `procs` before it execs,
+/// so that it is in the cgroup before the driver reads its cgroups.
+pub fn join_cgroup(command: &mut Command, procs: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let path = CString::new(procs.as_os_str().as_bytes()).expect("cgroup.procs path");
+    // SAFETY: the closure only makes async-signal-safe calls (open, write, close) on memory
+    // prepared before the fork; `last_os_error` does not allocate.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written == 1 { Ok(()) } else { Err(error) }
+        });
+    }
+}
+
 pub const AGENT: &str = "agent";
 
 /// A driver process another test talks to: `alloc <device> <bytes>` → `ok <index>` or
 /// `err <code>`, `free <index>`, `used <device>` (fakegpu_device_memory_used),
-/// `info <device>` (free and total from cuMemGetInfo on that device's primary context).
+/// `info <device>` (free and total from cuMemGetInfo on that device's primary context);
+/// `async <device> <bytes>` (cuMemAllocAsync) and `managed <device> <bytes>` answer like
+/// `alloc`; `ctx <device>` (cuCtxCreate, the context kept alive) → `ok` or `err <code>`;
+/// `fill <device> <bytes>` allocates chunks of `bytes` until one fails → `filled <count>`.
 pub struct Agent {
     child: Child,
     stdin: ChildStdin,
@@ -408,8 +462,24 @@ pub struct Agent {
 
 impl Node {
     pub fn agent(&self) -> Agent {
-        let mut child = self
-            .command(AGENT)
+        self.spawn_agent(self.command(AGENT))
+    }
+
+    /// An agent that runs in `cgroup` from before its first instruction.
+    pub fn agent_in(&self, cgroup: &tessera_built_libs::cgroup::TestCgroup) -> Agent {
+        let mut command = self.command(AGENT);
+        join_cgroup(&mut command, &cgroup.procs());
+        let agent = self.spawn_agent(command);
+        assert!(
+            cgroup.pids().contains(&agent.pid()),
+            "the agent is not in {}",
+            cgroup.dir().display()
+        );
+        agent
+    }
+
+    fn spawn_agent(&self, mut command: Command) -> Agent {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -428,7 +498,7 @@ impl Node {
 }
 
 impl Agent {
-    fn reply(&mut self) -> String {
+    pub fn reply(&mut self) -> String {
         loop {
             let mut line = String::new();
             let n = self.stdout.read_line(&mut line).expect("agent output");
@@ -441,9 +511,15 @@ impl Agent {
     }
 
     pub fn ask(&mut self, command: &str) -> String {
+        self.send(command);
+        self.reply()
+    }
+
+    /// Sends a command without waiting for its answer (several agents at once); read the
+    /// answer with [`Agent::reply`].
+    pub fn send(&mut self, command: &str) {
         writeln!(self.stdin, "{command}").expect("write to agent");
         self.stdin.flush().expect("flush");
-        self.reply()
     }
 
     pub fn pid(&self) -> u32 {
@@ -502,15 +578,45 @@ pub fn agent_main() {
                 .unwrap_or(0)
         };
         match words.first().copied() {
-            Some("alloc") => {
+            Some(kind @ ("alloc" | "async" | "managed")) => {
                 ok!((cuda.cuCtxSetCurrent)(contexts[number(1) as usize]));
-                match cuda.alloc(number(2)) {
-                    Ok(ptr) => {
-                        pointers.push(ptr);
-                        say(format!("ok {}", pointers.len() - 1));
-                    }
-                    Err(rc) => say(format!("err {rc}")),
+                let bytes = number(2) as usize;
+                let mut ptr = 0;
+                let rc = match kind {
+                    "alloc" => rc!((cuda.cuMemAlloc_v2)(&mut ptr, bytes)),
+                    "async" => rc!((cuda.cuMemAllocAsync)(
+                        &mut ptr,
+                        bytes,
+                        std::ptr::null_mut()
+                    )),
+                    _ => rc!((cuda.cuMemAllocManaged)(
+                        &mut ptr,
+                        bytes,
+                        CU_MEM_ATTACH_GLOBAL
+                    )),
+                };
+                if rc == CUDA_SUCCESS {
+                    pointers.push(ptr);
+                    say(format!("ok {}", pointers.len() - 1));
+                } else {
+                    say(format!("err {rc}"));
                 }
+            }
+            Some("ctx") => {
+                let mut ctx = std::ptr::null_mut();
+                match rc!((cuda.cuCtxCreate_v2)(&mut ctx, 0, number(1) as CUdevice)) {
+                    CUDA_SUCCESS => say("ok".into()),
+                    rc => say(format!("err {rc}")),
+                }
+            }
+            Some("fill") => {
+                ok!((cuda.cuCtxSetCurrent)(contexts[number(1) as usize]));
+                let mut count = 0;
+                while let Ok(ptr) = cuda.alloc(number(2)) {
+                    pointers.push(ptr);
+                    count += 1;
+                }
+                say(format!("filled {count}"));
             }
             Some("free") => say(format!(
                 "rc {}",

@@ -67,6 +67,9 @@ pub struct Device {
     pub clock_rate_khz: u32,
     /// Virtual time one wave of blocks holds the SMs (the fake's unit of kernel time).
     pub wave_ns: u64,
+    /// Whether NVML's per-cgroup memory limits (`nvmlDeviceSetMemoryLimits_v1`, NVML 13.4) are
+    /// available. Off by default: the default node models driver 570, which lacks the call.
+    pub memory_limits: bool,
 }
 
 impl Config {
@@ -191,6 +194,8 @@ struct DeviceEntry {
     clock_rate_khz: Option<u32>,
     #[serde(default, deserialize_with = "wave_ns")]
     wave_ns: Option<u64>,
+    #[serde(default, deserialize_with = "memory_limits")]
+    memory_limits: Option<bool>,
     /// The kubelet plugin's health fields: the same file is the plugin's fake inventory. The
     /// fake driver keeps serving a GPU marked unhealthy, as a real one may until it falls off
     /// the bus; withdrawing it is the plugin's job.
@@ -243,6 +248,7 @@ field_parsers! {
     context_memory: Option<u64> => "contextMemory";
     clock_rate_khz: Option<u32> => "clockRateKhz";
     wave_ns: Option<u64> => "waveNs";
+    memory_limits: Option<bool> => "memoryLimits";
 }
 
 impl ConfigFile {
@@ -354,11 +360,22 @@ impl DeviceEntry {
                 .unwrap_or(sm_count * cores_per_sm(compute_capability)),
             managed_memory: self.managed_memory.unwrap_or(true),
             minor_number: self.minor_number.unwrap_or(index as u32),
-            context_memory: self.context_memory.unwrap_or(0),
+            context_memory: self
+                .context_memory
+                .unwrap_or_else(|| default_context_memory(compute_capability)),
             clock_rate_khz: self.clock_rate_khz.unwrap_or(2_520_000),
             wave_ns: self.wave_ns.unwrap_or(100_000).max(1),
+            memory_limits: self.memory_limits.unwrap_or(false),
         })
     }
+}
+
+/// What a context costs where the config does not say: a model, not a measurement — about what a
+/// bare primary context takes with CUDA 12's lazy loading (a few hundred MiB, more on the large
+/// data-centre parts). Tests whose arithmetic must be exact set `contextMemory: 0`.
+pub fn default_context_memory(cc: ComputeCapability) -> u64 {
+    const MIB: u64 = 1 << 20;
+    if cc.major >= 9 { 512 * MIB } else { 320 * MIB }
 }
 
 /// FP32 cores per SM, what `nvmlDeviceGetNumGpuCores` multiplies by.
@@ -666,19 +683,19 @@ named_enum! {
 
 /// FNV-1a: a stable hash (std's `DefaultHasher` may change between Rust releases, and processes
 /// built by different toolchains share one state file).
-struct Fnv1a(u64);
+pub(crate) struct Fnv1a(u64);
 
 impl Fnv1a {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
     }
-    fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
-    fn finish(&self) -> u64 {
+    pub(crate) fn finish(&self) -> u64 {
         self.0
     }
 }

@@ -44,7 +44,11 @@ fn optional_fields_take_documented_defaults() {
     assert_eq!(device.max_threads_per_sm, 1536);
     assert!(device.managed_memory);
     assert_eq!(device.minor_number, 0);
-    assert_eq!(device.context_memory, 0);
+    assert_eq!(
+        device.context_memory,
+        320 << 20,
+        "a context's cost, modelled"
+    );
     assert_eq!(
         device.wave_ns, 100_000,
         "a wave of blocks holds the SMs 100 µs"
@@ -288,4 +292,24 @@ fn the_plugins_health_fields_are_accepted_and_unknown_ones_still_refused() {
         "{:?}",
         parse(&typo)
     );
+}
+
+#[test]
+fn memory_limits_are_off_unless_a_device_says_so() {
+    assert!(
+        Config::default().devices.iter().all(|d| !d.memory_limits),
+        "the default node models driver 570, which lacks nvmlDeviceSetMemoryLimits_v1"
+    );
+    assert!(!parse(MINIMAL).unwrap().devices[0].memory_limits);
+    let with = |value: &str| {
+        MINIMAL.replacen(
+            r#""memory""#,
+            &format!(r#""memoryLimits": {value}, "memory""#),
+            1,
+        )
+    };
+    assert!(parse(&with("true")).unwrap().devices[0].memory_limits);
+    assert!(!parse(&with("false")).unwrap().devices[0].memory_limits);
+    let err = parse(&with("\"yes\"")).unwrap_err();
+    assert!(err.contains("memoryLimits"), "{err}");
 }

@@ -18,6 +18,7 @@
 
 pub mod clock;
 pub mod layout;
+pub mod limits;
 mod lock;
 
 use std::fs::{File, OpenOptions};
@@ -30,10 +31,12 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::cgroup::CgroupSet;
 use crate::config::Config;
 use layout::{
-    DEVICES_OFFSET, DeviceRecord, FILE_SIZE, Header, LAYOUT_VERSION, LOCK_INIT, LOCK_SLOT_BASE,
-    LOCK_USERS, MAGIC, MAX_SLOTS, SLOT_ACTIVE, SLOT_FREE, SLOTS_OFFSET, SlotRecord,
+    CGROUPS_OFFSET, DEVICES_OFFSET, DeviceRecord, FILE_SIZE, Header, LAYOUT_VERSION, LIMITS_OFFSET,
+    LOCK_INIT, LOCK_SLOT_BASE, LOCK_USERS, MAGIC, MAX_SLOTS, SLOT_ACTIVE, SLOT_FREE, SLOTS_OFFSET,
+    SlotRecord,
 };
 use lock::LockKind;
 
@@ -58,7 +61,8 @@ fn io_error(what: &'static str) -> impl FnOnce(io::Error) -> StateError {
     move |source| StateError::Io { what, source }
 }
 
-/// A device reservation that did not fit.
+/// A device reservation that did not fit: on the card, or (past a cgroup's hard limit) under
+/// the limit, when `used` is the cgroup's and `capacity` its hard limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("device {device}: {requested} bytes requested, {used} of {capacity} in use")]
 pub struct OutOfMemory {
@@ -145,6 +149,11 @@ impl Region {
         let alone = lock::try_lock(file.as_fd(), LOCK_USERS, LockKind::Exclusive)
             .map_err(io_error("cannot lock it"))?;
         if alone {
+            // Per-cgroup limits are the driver's, not a process's: like a real driver's they
+            // outlive the processes that set them (a runtime's hook sets them before the
+            // container's first process attaches). Kept across a reset of a file of this
+            // layout and node; everything else is the processes' and starts afresh.
+            let limits = kept_limits(file, config);
             // Truncating to zero first zeroes every record: all earlier users are gone.
             file.set_len(0).map_err(io_error("cannot reset it"))?;
             file.set_len(FILE_SIZE as u64)
@@ -169,6 +178,17 @@ impl Region {
                     .device(index)
                     .capacity
                     .store(device.memory, Ordering::Relaxed);
+            }
+            if let Some(limits) = limits {
+                // SAFETY: the table's bytes lie within the FILE_SIZE mapping, which no other
+                // process has mapped yet (we hold the users lock exclusively).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        limits.as_ptr(),
+                        base.as_ptr().add(LIMITS_OFFSET),
+                        limits.len(),
+                    );
+                }
             }
             // Downgrading converts the lock in place; there is no window without it.
             lock::lock(file.as_fd(), LOCK_USERS, LockKind::Shared)
@@ -307,9 +327,16 @@ impl Region {
             .collect()
     }
 
-    /// Claims a slot for the calling process: the first one whose lock is free, draining it
-    /// first if its owner died without giving it back.
+    /// Claims a slot for the calling process, in no cgroup a memory limit could bind (see
+    /// [`Region::claim_in`]).
     pub fn claim(self: &Arc<Self>) -> Result<Lease, StateError> {
+        self.claim_in(CgroupSet::default())
+    }
+
+    /// Claims a slot for the calling process, which is in `cgroups` (the limits that bind it):
+    /// the first slot whose lock is free, draining it first if its owner died without giving it
+    /// back.
+    pub fn claim_in(self: &Arc<Self>, cgroups: CgroupSet) -> Result<Lease, StateError> {
         // A description of its own, so that the slot lock is independent of the region's (which
         // a forked child shares) and of any other lease in this process.
         let file = OpenOptions::new()
@@ -332,12 +359,15 @@ impl Region {
             slot.pid.store(std::process::id(), Ordering::Relaxed);
             slot.devices_open.store(0, Ordering::Relaxed);
             view.start_clock(slot, self.device_count);
+            view.store_cgroups(index, &cgroups);
             slot.generation.fetch_add(1, Ordering::Relaxed);
             slot.state.store(SLOT_ACTIVE, Ordering::Release);
             return Ok(Lease {
                 region: Arc::clone(self),
                 index,
                 file,
+                cgroups,
+                limits_serial: Mutex::new(()),
             });
         }
         Err(StateError::SlotsExhausted)
@@ -499,6 +529,11 @@ pub struct Lease {
     index: usize,
     /// Holds the slot's lock; the kernel releases it when the process dies.
     file: File,
+    /// The cgroups the process was in when it claimed the slot (what memory limits bind it).
+    cgroups: CgroupSet,
+    /// Serialises this process's threads on the limit table's lock, which they all take
+    /// through `file` (an OFD lock does not exclude its own description).
+    limits_serial: Mutex<()>,
 }
 
 impl Lease {
@@ -519,9 +554,24 @@ impl Lease {
         self.region.view().slot(self.index)
     }
 
-    /// Takes `bytes` of `device`'s memory, or fails without taking anything. A reservation that
-    /// does not fit looks for dead processes' memory before failing.
+    /// Takes `bytes` of `device`'s memory, or fails without taking anything: past the card, or
+    /// past a cgroup's hard limit that binds the process (see [`limits`]; then the error's
+    /// `used` and `capacity` are the cgroup's). A reservation that does not fit looks for dead
+    /// processes' memory before failing.
+    #[inline]
     pub fn reserve(&self, device: usize, bytes: u64) -> Result<(), OutOfMemory> {
+        if self.limits_may_bind() {
+            return self.reserve_within_limits(device, bytes);
+        }
+        self.reserve_on_card(device, bytes)
+    }
+
+    /// The cgroups this process was in when it claimed its slot.
+    pub fn cgroups(&self) -> &CgroupSet {
+        &self.cgroups
+    }
+
+    fn reserve_on_card(&self, device: usize, bytes: u64) -> Result<(), OutOfMemory> {
         if let Err(first) = self.region.try_reserve(device, bytes) {
             if self.region.reclaim_dead() == 0 {
                 return Err(first);
@@ -588,3 +638,19 @@ impl Drop for Lease {
 
 #[cfg(test)]
 mod tests;
+
+/// The limit table of a file this build and node wrote, read before the file is reset; `None`
+/// for a new, foreign or older file.
+fn kept_limits(file: &File, config: &Config) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut header = vec![0u8; size_of::<Header>()];
+    file.read_exact_at(&mut header, 0).ok()?;
+    // SAFETY: Header is plain old data of this size; any bytes are a value of it.
+    let found = unsafe { header.as_ptr().cast::<Header>().read_unaligned() };
+    if found != Header::for_config(config.devices.len(), config.fingerprint()) {
+        return None;
+    }
+    let mut table = vec![0u8; CGROUPS_OFFSET - LIMITS_OFFSET];
+    file.read_exact_at(&mut table, LIMITS_OFFSET as u64).ok()?;
+    Some(table)
+}

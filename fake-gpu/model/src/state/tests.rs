@@ -352,3 +352,322 @@ fn kernels_queue_on_the_device_and_clocks_advance_in_lockstep() {
     assert_eq!(second.clock_now(), start + 20_000_000);
     assert_eq!(region.clock_now(), start + 20_000_000, "the node's present");
 }
+
+// --- Per-cgroup memory limits (NVML 13.4). Ordinary directories stand in for cgroups: the model
+// --- keys limits by any directory; NVML alone insists on a cgroup filesystem. -----------------
+
+mod memory_limits {
+    use super::*;
+    use crate::cgroup::{CgroupSet, Membership};
+    use crate::state::limits::{CgroupDir, CgroupDirError, LimitError, MemoryLimit, NO_LIMIT};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A fake hierarchy: `root/{a/{a1,a2},b}`.
+    struct Tree {
+        dir: tempfile::TempDir,
+    }
+
+    impl Tree {
+        fn new() -> Tree {
+            let dir = tempfile::tempdir().unwrap();
+            for sub in ["a/a1", "a/a2", "b"] {
+                std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+            }
+            Tree { dir }
+        }
+
+        fn path(&self, sub: &str) -> PathBuf {
+            self.dir.path().join(sub)
+        }
+
+        fn cgroup(&self, sub: &str) -> CgroupDir {
+            CgroupDir::open(&self.path(sub)).unwrap()
+        }
+
+        /// The set of a process in `sub`.
+        fn member(&self, sub: &str) -> CgroupSet {
+            CgroupSet::from_memberships(&[Membership {
+                root: self.dir.path().to_owned(),
+                dir: self.path(sub),
+            }])
+        }
+    }
+
+    #[test]
+    fn limits_round_trip_by_device_and_canonical_path() {
+        let (_dir, path) = state_file();
+        let region = Region::open(&path, &node()).unwrap();
+        let tree = Tree::new();
+        let a = tree.cgroup("a");
+        assert_eq!(region.memory_limit(0, &a).unwrap(), None);
+        assert_eq!(region.memory_limits_live(), 0);
+
+        region.set_memory_limit(0, &a, GIB, 2 * GIB).unwrap();
+        let limit = |soft, hard| {
+            Some(MemoryLimit {
+                soft,
+                hard,
+                current_used: 0,
+            })
+        };
+        assert_eq!(region.memory_limit(0, &a).unwrap(), limit(GIB, 2 * GIB));
+        let spelt_otherwise = CgroupDir::open(&tree.path("a/a1/..//")).unwrap();
+        assert_eq!(
+            region.memory_limit(0, &spelt_otherwise).unwrap(),
+            limit(GIB, 2 * GIB),
+            "keyed by the canonical path"
+        );
+        assert_eq!(region.memory_limit(1, &a).unwrap(), None, "per device");
+        assert_eq!(
+            region.memory_limit(0, &tree.cgroup("a/a1")).unwrap(),
+            None,
+            "a limit belongs to its own directory, not to those below"
+        );
+
+        region.set_memory_limit(0, &a, 0, GIB).unwrap();
+        assert_eq!(region.memory_limit(0, &a).unwrap(), limit(0, GIB));
+        assert_eq!(region.memory_limits_live(), 1, "updated in place");
+        region.set_memory_limit(0, &a, GIB, NO_LIMIT).unwrap();
+        assert_eq!(region.memory_limit(0, &a).unwrap(), limit(GIB, NO_LIMIT));
+
+        region.set_memory_limit(0, &a, 0, NO_LIMIT).unwrap();
+        assert_eq!(region.memory_limit(0, &a).unwrap(), None, "cleared");
+        assert_eq!(region.memory_limits_live(), 0);
+        region.set_memory_limit(0, &a, 0, NO_LIMIT).unwrap();
+        assert_eq!(region.memory_limits_live(), 0, "clearing nothing is fine");
+    }
+
+    /// A runtime's hook sets a container's limit and exits before the container's first process
+    /// attaches, alone, to the node: the limit is the driver's and must survive the reset.
+    #[test]
+    fn limits_outlive_the_process_that_set_them() {
+        let (_dir, path) = state_file();
+        let tree = Tree::new();
+        let a = tree.cgroup("a");
+        let hook = Region::open(&path, &node()).unwrap();
+        hook.set_memory_limit(0, &a, 0, GIB).unwrap();
+        drop(hook);
+        let container = Region::open(&path, &node()).unwrap();
+        assert_eq!(
+            container.memory_limit(0, &a).unwrap().map(|l| l.hard),
+            Some(GIB)
+        );
+        assert_eq!(container.memory_limits_live(), 1);
+        drop(container);
+        // A file made for another node keeps nothing.
+        let mut other = node();
+        other.devices.truncate(1);
+        let foreign = Region::open(&path, &other).unwrap();
+        assert_eq!(foreign.memory_limits_live(), 0);
+    }
+
+    #[test]
+    fn a_hard_limit_binds_the_processes_of_its_cgroup_and_below() {
+        let (_dir, path) = state_file();
+        let config = node();
+        let tree = Tree::new();
+        // Separate regions: separate processes, as far as locks go.
+        let regions: Vec<_> = (0..4)
+            .map(|_| Region::open(&path, &config).unwrap())
+            .collect();
+        let in_a1 = regions[0].claim_in(tree.member("a/a1")).unwrap();
+        let in_a2 = regions[1].claim_in(tree.member("a/a2")).unwrap();
+        let in_b = regions[2].claim_in(tree.member("b")).unwrap();
+        let nowhere = regions[3].claim().unwrap();
+        in_a1.reserve(0, 100 * MIB).unwrap();
+        in_b.reserve(0, 300 * MIB).unwrap();
+
+        // Set after the processes attached: limits are read at each reservation.
+        let a = tree.cgroup("a");
+        regions[3].set_memory_limit(0, &a, 0, GIB).unwrap();
+        let used = |region: &Region| region.memory_limit(0, &a).unwrap().unwrap().current_used;
+        assert_eq!(used(&regions[3]), 100 * MIB, "a1 is below a; b is not");
+
+        in_a2.reserve(0, 924 * MIB).unwrap();
+        assert_eq!(used(&regions[3]), GIB);
+        let err = in_a1.reserve(0, 1).unwrap_err();
+        assert_eq!(
+            err,
+            OutOfMemory {
+                device: 0,
+                requested: 1,
+                used: GIB,
+                capacity: GIB
+            },
+            "the cgroup's wall, shared by a1 and a2"
+        );
+        assert!(in_a2.reserve(0, 1).is_err());
+        assert_eq!(
+            regions[3].used(0),
+            1324 * MIB,
+            "nothing taken by the refusals"
+        );
+        in_b.reserve(0, 2 * GIB).unwrap();
+        nowhere.reserve(0, 512 * MIB).unwrap();
+        in_a1.reserve(1, 512 * MIB).unwrap();
+        in_b.release(0, 2 * GIB + 300 * MIB);
+        nowhere.release(0, 512 * MIB);
+
+        in_a2.release(0, 924 * MIB);
+        in_a1.reserve(0, 924 * MIB).unwrap();
+        assert!(in_a1.reserve(0, 1).is_err());
+
+        // A soft limit alone is no wall.
+        regions[3].set_memory_limit(0, &a, GIB, NO_LIMIT).unwrap();
+        in_a1.reserve(0, GIB).unwrap();
+        assert_eq!(used(&regions[3]), 2 * GIB);
+
+        // A limit on a deeper cgroup binds only its own processes, and nested limits all hold.
+        regions[3].set_memory_limit(0, &a, 0, 3 * GIB).unwrap();
+        regions[3]
+            .set_memory_limit(0, &tree.cgroup("a/a2"), 0, 100 * MIB)
+            .unwrap();
+        assert!(in_a2.reserve(0, 101 * MIB).is_err());
+        in_a2.reserve(0, 100 * MIB).unwrap();
+        assert!(
+            in_a1.reserve(0, 925 * MIB).is_err(),
+            "a's 3 GiB: 2 GiB + 100 MiB in use"
+        );
+        in_a1.reserve(0, 924 * MIB).unwrap();
+        assert_eq!(used(&regions[3]), 3 * GIB);
+    }
+
+    #[test]
+    fn processes_racing_under_one_limit_stop_exactly_at_it() {
+        let (_dir, path) = state_file();
+        let config = node();
+        let tree = Tree::new();
+        let leases: Vec<Arc<Lease>> = ["a/a1", "a/a2"]
+            .iter()
+            .map(|sub| {
+                let region = Region::open(&path, &config).unwrap();
+                Arc::new(region.claim_in(tree.member(sub)).unwrap())
+            })
+            .collect();
+        let a = tree.cgroup("a");
+        leases[0]
+            .region()
+            .set_memory_limit(0, &a, 0, 640 * MIB)
+            .unwrap();
+        let granted: u64 = (0..8)
+            .map(|i| {
+                let lease = Arc::clone(&leases[i % 2]);
+                std::thread::spawn(move || {
+                    let mut granted = 0;
+                    while lease.reserve(0, MIB).is_ok() {
+                        granted += MIB;
+                    }
+                    granted
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        assert_eq!(granted, 640 * MIB);
+        let limit = leases[1].region().memory_limit(0, &a).unwrap().unwrap();
+        assert_eq!(limit.current_used, 640 * MIB);
+    }
+
+    #[test]
+    fn a_dead_process_under_a_limit_is_drained_before_a_refusal() {
+        let (_dir, path) = state_file();
+        let config = node();
+        let tree = Tree::new();
+        let survivor_region = Region::open(&path, &config).unwrap();
+        let survivor = survivor_region.claim_in(tree.member("a")).unwrap();
+        {
+            let region = Region::open(&path, &config).unwrap();
+            let doomed = region.claim_in(tree.member("a/a1")).unwrap();
+            doomed.reserve(0, GIB).unwrap();
+            survivor_region
+                .set_memory_limit(0, &tree.cgroup("a"), 0, GIB)
+                .unwrap();
+            assert!(survivor.reserve(0, 1).is_err());
+            // The slot stays active with its memory, as after a SIGKILL; its lock goes.
+            let fd = doomed.lock_fd();
+            std::mem::forget(doomed);
+            // SAFETY: the forgotten lease never closes its descriptor itself.
+            unsafe { libc::close(fd) };
+        }
+        survivor.reserve(0, GIB).unwrap();
+    }
+
+    #[test]
+    fn removing_the_cgroup_clears_its_limits() {
+        let (_dir, path) = state_file();
+        let region = Region::open(&path, &node()).unwrap();
+        let tree = Tree::new();
+        let lease = region.claim_in(tree.member("b")).unwrap();
+        let b = tree.cgroup("b");
+        region.set_memory_limit(0, &b, 0, GIB).unwrap();
+        lease.reserve(0, GIB).unwrap();
+        assert!(lease.reserve(0, 1).is_err());
+
+        std::fs::remove_dir(tree.path("b")).unwrap();
+        lease.reserve(0, 1).unwrap();
+        assert_eq!(region.memory_limits_live(), 0, "freed when found gone");
+        // The same name again is another cgroup, without limits.
+        std::fs::create_dir(tree.path("b")).unwrap();
+        assert_eq!(region.memory_limit(0, &tree.cgroup("b")).unwrap(), None);
+    }
+
+    #[test]
+    fn the_table_holds_64_limits_and_paths_of_512_bytes() {
+        let (_dir, path) = state_file();
+        let region = Region::open(&path, &node()).unwrap();
+        let tree = Tree::new();
+        for i in 0..64 {
+            let dir = tree.path(&format!("b/{i}"));
+            std::fs::create_dir(&dir).unwrap();
+            region
+                .set_memory_limit(i % 2, &CgroupDir::open(&dir).unwrap(), 0, GIB)
+                .unwrap();
+        }
+        let full = region.set_memory_limit(0, &tree.cgroup("a"), 0, GIB);
+        assert!(matches!(full, Err(LimitError::TableFull)), "{full:?}");
+        std::fs::remove_dir(tree.path("b/7")).unwrap();
+        region
+            .set_memory_limit(0, &tree.cgroup("a"), 0, GIB)
+            .expect("a removed cgroup's record is reused");
+
+        // Paths are stored whole, so names that differ only at the end stay apart.
+        let long = tree.path(&format!("a/{}/{}", "x".repeat(200), "y".repeat(200)));
+        std::fs::create_dir_all(&long).unwrap();
+        let too_long = long.join("z".repeat(100));
+        std::fs::create_dir(&too_long).unwrap();
+        assert!(matches!(
+            CgroupDir::open(&too_long),
+            Err(CgroupDirError::TooLong(n)) if n > 512
+        ));
+        assert!(matches!(
+            CgroupDir::open(&tree.path("missing")),
+            Err(CgroupDirError::Open(_))
+        ));
+        std::fs::write(tree.path("file"), "").unwrap();
+        assert!(matches!(
+            CgroupDir::open(&tree.path("file")),
+            Err(CgroupDirError::NotADirectory)
+        ));
+        assert!(matches!(
+            tree.cgroup("a").require_cgroup_fs(),
+            Err(CgroupDirError::NotCgroup)
+        ));
+    }
+
+    #[test]
+    fn a_slot_publishes_its_cgroups() {
+        let (_dir, path) = state_file();
+        let region = Region::open(&path, &node()).unwrap();
+        let tree = Tree::new();
+        let set = tree.member("a/a1");
+        assert_eq!(set.len(), 3, "a1, a and the root");
+        let lease = region.claim_in(set.clone()).unwrap();
+        assert_eq!(region.slot_cgroups(lease.slot_index()), set);
+        assert_eq!(lease.cgroups(), &set);
+        drop(lease);
+        let plain = region.claim().unwrap();
+        assert!(region.slot_cgroups(plain.slot_index()).is_empty());
+    }
+}

@@ -70,10 +70,10 @@ pub const TWO_CARDS: &str = r#"{
     "cudaDriverVersion": 12080,
     "devices": [
         {"uuid": "GPU-11111111-2222-4333-8444-555555555555", "name": "NVIDIA GeForce RTX 4090",
-         "memory": 4294967296, "pciBusId": "0000:01:00.0", "pciDeviceId": 646189278,
+         "memory": 4294967296, "contextMemory": 0, "pciBusId": "0000:01:00.0", "pciDeviceId": 646189278,
          "computeCapability": "8.9", "brand": "geforce", "smCount": 128},
         {"uuid": "GPU-aaaaaaaa-bbbb-4ccc-8ddd-eeeeeeeeeeee", "name": "NVIDIA L40S",
-         "memory": 1073741824, "pciBusId": "0000:41:00.0", "computeCapability": "8.9",
+         "memory": 1073741824, "contextMemory": 0, "pciBusId": "0000:41:00.0", "computeCapability": "8.9",
          "smCount": 142, "minorNumber": 5}
     ]
 }"#;
@@ -171,10 +171,52 @@ pub struct CudaProcess {
     _stdin: ChildStdin,
 }
 
+/// Makes the child of `command` join the cgroup whose `cgroup.procs` is `procs` before it execs,
+/// so that it is in the cgroup before the CUDA driver reads its cgroups.
+pub fn join_cgroup(command: &mut Command, procs: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let path = CString::new(procs.as_os_str().as_bytes()).expect("cgroup.procs path");
+    // SAFETY: the closure only makes async-signal-safe calls (open, write, close) on memory
+    // prepared before the fork; `last_os_error` does not allocate.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written == 1 { Ok(()) } else { Err(error) }
+        });
+    }
+}
+
 impl Node {
     pub fn cuda_process(&self, hold: &str) -> CudaProcess {
-        let mut child = self
-            .command(CUDA_HOLDER)
+        self.spawn_cuda_process(self.command(CUDA_HOLDER), hold)
+    }
+
+    /// A CUDA process in `cgroup` from before its first instruction.
+    pub fn cuda_process_in(
+        &self,
+        cgroup: &tessera_built_libs::cgroup::TestCgroup,
+        hold: &str,
+    ) -> CudaProcess {
+        let mut command = self.command(CUDA_HOLDER);
+        join_cgroup(&mut command, &cgroup.procs());
+        let process = self.spawn_cuda_process(command, hold);
+        assert!(
+            cgroup.pids().contains(&process.pid()),
+            "the CUDA process is not in {}",
+            cgroup.dir().display()
+        );
+        process
+    }
+
+    fn spawn_cuda_process(&self, mut command: Command, hold: &str) -> CudaProcess {
+        let mut child = command
             .env("FAKEGPU_HOLD", hold)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
