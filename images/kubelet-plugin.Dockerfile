@@ -28,10 +28,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     set -eux; \
     cargo build --release --locked -p tessera-kubelet-plugin --bin tessera-kubelet-plugin \
       -p tessera-node-tools --bin tessera-gpu-probe; \
-    shim="$(scripts/build-shim-release.sh | tail -n 1)"; \
+    scripts/build-shim-release.sh > /tmp/release.log; \
+    shim="$(tail -n 1 /tmp/release.log)"; \
+    hook="$(tail -n 2 /tmp/release.log | head -n 1)"; \
     mkdir -p /out; \
     cp "$CARGO_TARGET_DIR/release/tessera-kubelet-plugin" "$CARGO_TARGET_DIR/release/tessera-gpu-probe" /out/; \
-    cp "$shim" /out/libtessera.so
+    cp "$shim" /out/libtessera.so; \
+    cp "$hook" /out/tessera-cdi-hook
 
 # glibc (bookworm: 2.36) for the plugin, which dlopens the host's libnvidia-ml.so.1, and /bin/sh
 # for the chart's start script that finds that library under the driver root.
@@ -40,6 +43,8 @@ COPY --from=build /out/tessera-kubelet-plugin /usr/bin/tessera-kubelet-plugin
 # What a CUDA context costs on each GPU, measured by the plugin at start (--context-overhead).
 COPY --from=build /out/tessera-gpu-probe /usr/bin/tessera-gpu-probe
 COPY --from=build /out/libtessera.so /usr/lib/tessera/libtessera.so
+# The driver-wall hook the plugin installs on the host (glibc 2.17, like the shim).
+COPY --from=build /out/tessera-cdi-hook /usr/bin/tessera-cdi-hook
 LABEL org.opencontainers.image.title="tessera-kubelet-plugin" \
       org.opencontainers.image.source="https://github.com/tessera-gpu/tessera" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the shipping libtessera.so against glibc 2.17 with cargo-zigbuild, so it loads into
 # CUDA images as old as CentOS 7 / UBI 8 (glibc 2.28) — a library built on this machine's glibc
-# 2.36 would ask for GLIBC_2.34 and fail to load there. zig comes from PyPI, cargo-zigbuild
-# from crates.io; both are cached outside the clone.
+# 2.36 would ask for GLIBC_2.34 and fail to load there. The same for tessera-cdi-hook, which the
+# plugin installs on the host and the container runtime runs there, under the host's glibc.
+# zig comes from PyPI, cargo-zigbuild from crates.io; both are cached outside the clone.
+# Prints the hook's path, then the shim's on the last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -31,4 +33,11 @@ cargo zigbuild --quiet --release -p tessera-shim --target x86_64-unknown-linux-g
 out="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/libtessera.so"
 [ -f "$out" ] || die "zigbuild produced no $out"
 scripts/check-shim-glibc.sh "$out" 2.28
+step "building tessera-cdi-hook for glibc 2.17"
+cargo zigbuild --quiet --release -p tessera-node-tools --bin tessera-cdi-hook \
+    --target x86_64-unknown-linux-gnu.2.17
+hook="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/tessera-cdi-hook"
+[ -f "$hook" ] || die "zigbuild produced no $hook"
+scripts/check-shim-glibc.sh "$hook" 2.28 program
+echo "$hook"
 echo "$out"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fails if LIBRARY needs a glibc symbol version newer than MAX (e.g. 2.28), or exports anything
-# but the driver, NVML and dlsym entry points it is meant to.
+# but the driver, NVML and dlsym entry points it is meant to. A third argument `program` checks
+# an executable: the glibc version only.
 set -euo pipefail
 lib="$1"
 max="${2:-2.28}"
@@ -9,6 +10,9 @@ echo "$lib: newest glibc symbol version required: $newest (limit $max)"
 if [ "$(printf '%s\n%s\n' "$newest" "$max" | sort -V | tail -n 1)" != "$max" ]; then
     echo "error: $lib needs GLIBC_$newest, newer than $max" >&2
     exit 1
+fi
+if [ "${3:-}" = program ]; then
+    exit 0
 fi
 stray="$(nm -D --defined-only "$lib" | awk '{print $3}' | grep -vE '^(cu|nvml)[A-Za-z0-9_]+$|^dlsym$' || true)"
 if [ -n "$stray" ]; then

@@ -119,11 +119,14 @@ if [[ $profile == release ]]; then
     || die "scripts/build-shim-release.sh failed (see above)"
   shim=$(tail -n 1 "$work/shim.log")
   [[ -f $shim ]] || die "scripts/build-shim-release.sh named no library on its last line ('$shim')"
+  hook=$(tail -n 2 "$work/shim.log" | head -n 1)
+  [[ -f $hook ]] || die "scripts/build-shim-release.sh named no hook on its line before last ('$hook')"
 else
   bindir=$CARGO_TARGET_DIR/debug
   shim=$bindir/libtessera.so
+  hook=$bindir/tessera-cdi-hook
 fi
-for f in "$bindir/tessera-kubelet-plugin" "$bindir/tessera-gpu-probe" "$bindir/tessera-controller" "$bindir/tessera-gpu-worker" "$shim"; do
+for f in "$bindir/tessera-kubelet-plugin" "$bindir/tessera-gpu-probe" "$bindir/tessera-controller" "$bindir/tessera-gpu-worker" "$shim" "$hook"; do
   [[ -f $f ]] && continue
   if [[ $profile == debug ]]; then
     die "$f is missing: --profile debug takes the binaries \`cargo build --workspace\` (make build) left in $bindir; run that first, or use --profile release"
@@ -172,6 +175,9 @@ mkdir -p "$r"/{bin,etc,root,tmp}
 chmod 1777 "$r/tmp"
 image_add_stripped "$r" "$bindir/tessera-kubelet-plugin" /usr/bin/tessera-kubelet-plugin 0755
 image_add_stripped "$r" "$bindir/tessera-gpu-probe" /usr/bin/tessera-gpu-probe 0755
+# Installed by the plugin on the host and run there by the runtime: built for the host's glibc
+# (2.17 and later) in the release profile, its own libraries left to the host.
+image_add_stripped "$r" "$hook" /usr/bin/tessera-cdi-hook 0755
 image_add_stripped "$r" "$shim" /usr/lib/tessera/libtessera.so 0755
 image_add_elf_deps "$r" "$bindir/tessera-kubelet-plugin"
 image_add_elf_deps "$r" "$bindir/tessera-gpu-probe"

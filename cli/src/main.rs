@@ -67,6 +67,11 @@ struct Generate {
     /// The compute share, in percent of the GPU (1-100).
     #[arg(long, default_value_t = 100)]
     cores: u32,
+    /// What each CUDA context a process creates is charged against the wall (a quantity, such
+    /// as 500Mi): the driver's own memory per context, which no allocation call reports. 0
+    /// charges nothing; `tessera-gpu-probe` (in the kubelet plugin's image) measures it.
+    #[arg(long, default_value = "0", value_parser = context_overhead)]
+    context_overhead: u64,
     /// Priority between slices sharing the GPU: high, normal or low.
     #[arg(long, default_value = "normal", value_parser = config_value::<Priority>)]
     priority: Priority,
@@ -107,6 +112,12 @@ impl Dirs {
             state_dir: self.state_dir.clone(),
         }
     }
+}
+
+/// `--context-overhead`: a quantity.
+fn context_overhead(text: &str) -> Result<u64, String> {
+    tessera_driver::quantity::parse(text)
+        .map_err(|e| format!("{e}; expected a quantity such as 500Mi"))
 }
 
 /// Parses a `GpuConfig` field's value as the claim config spells it (`high`, `force`).
@@ -169,11 +180,14 @@ fn run(cli: Cli) -> Result<()> {
 fn generate(args: Generate) -> Result<()> {
     // Cheap checks first: a bad name should not wait for NVML.
     slice::check_name(&args.name)?;
-    let inventory = match &args.inventory {
+    let mut inventory = match &args.inventory {
         Some(path) => Inventory::from_file(path)?,
         None => tessera_driver::nvml::discover(args.nvml_library.as_deref().map(|p| p.as_os_str()))
             .context("no --inventory given, and NVML found no GPUs")?,
     };
+    for gpu in &mut inventory.gpus {
+        gpu.context_overhead = args.context_overhead;
+    }
     let request = Request {
         name: args.name.clone(),
         gpu: args.gpu.clone(),

@@ -36,6 +36,10 @@ pub enum Error {
     #[error("--cores {0}: must be 1 to 100 (percent of the GPU's compute)")]
     BadCores(u32),
     #[error(
+        "--memory {memory} is less than one CUDA context on this GPU (--context-overhead {context}): no CUDA program could start in the slice"
+    )]
+    BelowContext { memory: String, context: String },
+    #[error(
         "slice {name:?} already exists ({path}); remove it first: tessera cdi remove --name {name}"
     )]
     Exists { name: String, path: String },
@@ -230,6 +234,12 @@ pub fn generate(
     check_name(&request.name)?;
     let gpu = find_gpu(inventory, &request.gpu)?;
     let memory = memory_for(gpu, &request.memory)?;
+    if memory < gpu.context_overhead {
+        return Err(Error::BelowContext {
+            memory: request.memory.clone(),
+            context: tessera_driver::quantity::format(gpu.context_overhead),
+        });
+    }
     if !(1..=100).contains(&request.cores) {
         return Err(Error::BadCores(request.cores));
     }

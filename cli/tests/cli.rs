@@ -372,3 +372,50 @@ fn gpus_come_from_nvml() {
     let err = fails(&run(&["--name", "big", "--gpu", "0", "--memory", "30Gi"]));
     assert!(err.contains("has only 24Gi"), "{err}");
 }
+
+/// `--context-overhead`: the figure goes into the slice's config and region, and a wall below one
+/// context is refused, naming both.
+#[test]
+fn each_context_is_charged_what_the_admin_says() {
+    let host = Host::new();
+    ok(&host.generate(&[
+        "--name",
+        "ctx",
+        "--gpu",
+        "0",
+        "--memory",
+        "2Gi",
+        "--context-overhead",
+        "500Mi",
+    ]));
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(host.path("state/slices/ctx/config.json")).expect("config"),
+    )
+    .expect("config JSON");
+    assert_eq!(config["devices"][0]["contextOverhead"], 500u64 << 20);
+    let error = fails(&host.generate(&[
+        "--name",
+        "tiny",
+        "--gpu",
+        "0",
+        "--memory",
+        "256Mi",
+        "--context-overhead",
+        "500Mi",
+    ]));
+    assert!(
+        error.contains("--memory 256Mi is less than one CUDA context") && error.contains("500Mi"),
+        "{error}"
+    );
+    let error = fails(&host.generate(&[
+        "--name",
+        "bad",
+        "--gpu",
+        "0",
+        "--memory",
+        "1Gi",
+        "--context-overhead",
+        "lots",
+    ]));
+    assert!(error.contains("--context-overhead"), "{error}");
+}

@@ -30,8 +30,18 @@ simulate:
      goals of the simulation's design (docs/compute.md#gap-filling-what-a-higher-claim-leaves): with priority, the
      inference's p99 within 10 % of alone and the trainer at ≥ 0.8 × what the inference leaves.
 
+  9. every byte counted (with --probe): tessera-gpu-probe's figure for a context on GPU 0 beside
+     what nvidia-smi reports for a bare PyTorch process that has allocated nothing (the probe's
+     is the bare driver context; PyTorch's adds its module images); then a claim charged the
+     probe's figure per context, filled by PyTorch (caching off): the card's own per-process figure
+     for it (nvidia-smi on the host, no shim) must stay within the wall plus what module images
+     add (reported). With --hook as well, run as root, where the probe found the driver's wall
+     (NVML 13.4): a process without the shim in a cgroup whose limit tessera-cdi-hook set stops at
+     the limit with the driver's out-of-memory.
+
 Usage: python3 e2e/gpu/validate.py --shim /path/to/libtessera.so [--limit-gib 2] [--json out.json]
        [--no-compute] [--no-spill] [--no-inference] [--span 6]
+       [--probe tessera-gpu-probe] [--hook tessera-cdi-hook]
 Exit status 0 when every check passed. Results are printed as a Markdown table for
 docs/benchmarks.md. Never more device memory than the limit plus one allocation, and the spill
 check asks for at most three quarters of a claim it sizes to a quarter of the card's free memory
@@ -59,12 +69,13 @@ def gpu0_uuid():
     return out
 
 
-def write_claim(directory, uuid, limit, name="gpu-validation", cores=100, priority="normal", policy="default"):
+def write_claim(directory, uuid, limit, name="gpu-validation", cores=100, priority="normal", policy="default",
+                context_overhead=0):
     config = {
         "version": 1,
         "claimUid": name,
         "region": os.path.join(directory, f"{name}.region"),
-        "devices": [{"uuid": uuid, "memoryLimit": limit, "cores": cores}],
+        "devices": [{"uuid": uuid, "memoryLimit": limit, "cores": cores, "contextOverhead": context_overhead}],
         "priority": priority,
         "corePolicy": policy,
     }
@@ -516,6 +527,89 @@ def spill_checks(check, results, directory, uuid, shim):
         holder.wait()
 
 
+BARE_CONTEXT = """
+import json, os, subprocess, torch
+torch.zeros(1, device="cuda")
+torch.cuda.synchronize()
+out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits", "-i", "0"],
+                     capture_output=True, text=True).stdout
+used = [int(u) for p, u in (l.split(",") for l in out.splitlines() if l.strip()) if int(p) == os.getpid()]
+print(json.dumps({{"used_mib": used[0] if used else None}}))
+"""
+
+FILL_AND_REPORT = """
+import json, os, subprocess, torch
+step = 64 << 20
+held = []
+try:
+    while True:
+        held.append(torch.empty(step, dtype=torch.uint8, device="cuda"))
+except torch.cuda.OutOfMemoryError:
+    pass
+torch.cuda.synchronize()
+env = dict(os.environ)
+env.pop("LD_PRELOAD", None)
+# The card's own accounting: nvidia-smi without the shim.
+out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits", "-i", "0"],
+                     capture_output=True, text=True, env=env).stdout
+used = [int(u) for p, u in (l.split(",") for l in out.splitlines() if l.strip()) if int(p) == os.getpid()]
+print(json.dumps({{"allocated": len(held) * step, "card_used_mib": used[0] if used else None}}))
+"""
+
+
+def byte_checks(check, results, directory, uuid, limit, shim, probe, hook):
+    """Section 9: the probe's context figure, a claim charged it, and the driver's wall."""
+    report = json.loads(subprocess.run([probe], check=True, capture_output=True, text=True).stdout)
+    mine = [g for g in report["gpus"] if g["uuid"] == uuid]
+    wall = [w for w in report.get("driverWalls", []) if w["uuid"] == uuid]
+    context = mine[0]["contextOverhead"] if mine else None
+    bare = last_json(run_python(BARE_CONTEXT.format(), dict(os.environ)))
+    results["bytes"] = {"probe": report, "torch_bare_mib": bare["used_mib"]}
+    check("the probe measures a context on GPU 0", context is not None and context > 0, report)
+    if context is None:
+        return
+    check("a bare PyTorch process takes at least the probe's context",
+          bare["used_mib"] is not None and bare["used_mib"] * MIB >= context, bare)
+    config = write_claim(directory, uuid, limit, name="bytes", context_overhead=context)
+    shimmed = dict(os.environ, LD_PRELOAD=shim, TESSERA_CONFIG=config, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    filled = last_json(run_python(FILL_AND_REPORT.format(), shimmed))
+    results["bytes"]["filled"] = filled
+    used = (filled["card_used_mib"] or 0) * MIB
+    # What the probe's bare context does not include: PyTorch's module images, loaded lazily.
+    images = max(0, (bare["used_mib"] or 0) * MIB - context)
+    check("a filled claim holds no more of the card than its wall (plus module images)",
+          0 < used <= limit + images + 64 * MIB, {"card_used": used, "limit": limit, "module_images": images})
+    if hook is None or not wall or not wall[0]["supported"]:
+        results["bytes"]["driver_wall"] = wall[0] if wall else None
+        return
+    if os.geteuid() != 0:
+        check("the driver's wall (needs root)", False, "run as root to check the driver's wall")
+        return
+    cgroup = "/sys/fs/cgroup/tessera-validate-%d" % os.getpid()
+    os.mkdir(cgroup)
+    try:
+        code = textwrap.dedent(FILL_AND_REPORT.format())
+        child = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > %s/cgroup.procs && read go && exec "$0" -c "$1"' % cgroup, sys.executable, code],
+            env=dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1"), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        state = json.dumps({"ociVersion": "1.2.0", "id": "validate", "status": "creating", "pid": child.pid, "bundle": "/"})
+        hooked = subprocess.run([hook, "memory-limit", "--limit", f"{uuid}={limit}"], input=state,
+                                capture_output=True, text=True)
+        check("tessera-cdi-hook sets the driver's limit", hooked.returncode == 0, hooked.stderr.strip())
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, _ = child.communicate(timeout=300)
+        last = [l for l in out.splitlines() if l.startswith("{")]
+        bypass = json.loads(last[-1]) if last else {}
+        results["bytes"]["driver_wall"] = bypass
+        check("without the shim, the driver stops a process at the claim's limit",
+              0 < bypass.get("allocated", 0) <= limit, bypass)
+    finally:
+        os.rmdir(cgroup)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shim", required=True)
@@ -525,6 +619,8 @@ def main():
     parser.add_argument("--no-spill", action="store_true", help="skip the memory oversubscription checks")
     parser.add_argument("--no-inference", action="store_true", help="skip inference beside training")
     parser.add_argument("--span", type=float, default=6.0, help="seconds per compute run")
+    parser.add_argument("--probe", help="tessera-gpu-probe: check every byte counted (section 9)")
+    parser.add_argument("--hook", help="tessera-cdi-hook: with --probe, check the driver's wall where it exists")
     args = parser.parse_args()
     limit = int(args.limit_gib * GIB)
     uuid = gpu0_uuid()
@@ -582,6 +678,9 @@ def main():
         if not args.no_inference:
             inference_checks(check, results, directory, uuid, limit, os.path.abspath(args.shim), args.span)
 
+        if args.probe:
+            byte_checks(check, results, directory, uuid, limit, os.path.abspath(args.shim), args.probe, args.hook)
+
     print("| check | result | detail |\n|---|---|---|")
     for c in results["checks"]:
         print(f"| {c['check']} | {'pass' if c['passed'] else 'FAIL'} | `{json.dumps(c['detail'])[:120]}` |")
@@ -604,6 +703,15 @@ def main():
         for name, r in results["inference"].items():
             share = "–" if r["training_percent"] is None else f"{r['training_percent']:.0f} %"
             print(f"| {name} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} / {r['p999_ms']:.2f} | {r['served']} of {r['arrivals']} | {share} |")
+    if "bytes" in results:
+        b = results["bytes"]
+        print(f"\n| every byte | value |\n|---|---|")
+        for g in b["probe"]["gpus"]:
+            print(f"| context (tessera-gpu-probe, {g['method']}) on {g['uuid']} | {g['contextOverhead'] / MIB:.0f} MiB |")
+        print(f"| bare PyTorch process (nvidia-smi) | {b['torch_bare_mib']} MiB |")
+        if "filled" in b:
+            print(f"| filled claim, the card's own figure | {b['filled']['card_used_mib']} MiB of a {limit / MIB:.0f} MiB wall |")
+        print(f"| driver's wall | {json.dumps(b.get('driver_wall'))} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

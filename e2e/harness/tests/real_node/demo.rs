@@ -78,17 +78,19 @@ async fn demo(version: K8sVersion) {
     ] {
         assert!(stdout.contains(&expected), "no {expected:?} in:\n{printed}");
     }
-    // The plugin's metrics while B ran alone: B's limit and its 2.5 GiB, on the RTX 4090.
+    // The plugin's metrics while B ran alone: B's limit and its 2.5 GiB with its context, on
+    // the RTX 4090.
     let b_limit = if version.minor() >= 34 {
         "3.00 GiB"
     } else {
         "7.20 GiB"
     };
+    let b_used = format!("{:.2} GiB", 2.5 + 320.0 / 1024.0);
     assert!(
         stdout.lines().any(|l| l.contains("NVIDIA GeForce RTX 4090")
             && l.contains(b_limit)
-            && l.contains("2.50 GiB")),
-        "no usage line with B's limit {b_limit} and 2.50 GiB used:\n{printed}"
+            && l.contains(&b_used)),
+        "no usage line with B's limit {b_limit} and {b_used} used:\n{printed}"
     );
     let root = std::env::temp_dir().join(format!("tessera-node-{node}"));
     assert!(!root.exists(), "{} is left after the demo", root.display());
