@@ -319,22 +319,32 @@ fn cdi_spec(claim_uid: &str) -> PathBuf {
     Path::new(tessera_e2e_harness::cluster::node::CDI_DIR).join(format!("tessera-{claim_uid}.json"))
 }
 
-async fn run_suite(version: K8sVersion, test: &str) {
+/// A simulated cluster of `version` with its nodes in `mode` (`None`: the suite's default), or
+/// `None` when the test skips; the state directory lives as long as the suite.
+async fn start_suite(
+    version: K8sVersion,
+    test: &str,
+    mode: Option<&str>,
+    runtime_config: &[&str],
+) -> Option<(Suite, common::StateDir, Instant)> {
     init_tracing();
-    let Some(binaries) = binaries_or_skip(version, test) else {
-        return;
-    };
+    let binaries = binaries_or_skip(version, test)?;
     let machine_ready = tessera_built_libs::on_path("podman") && nix::unistd::geteuid().is_root();
-    let Some(()) = tessera_built_libs::require(test, machine_ready, || {
+    tessera_built_libs::require(test, machine_ready, || {
         "podman is missing or this is not root (scripts/install-podman.sh)".into()
-    }) else {
-        return;
-    };
+    })?;
     check_fresh();
     let state = common::StateDir::new(test);
     let mut options =
         ClusterOptions::new(version, state.path(), &nodes_dir()).expect("cluster options");
     options.control_plane.binaries = Some(binaries);
+    if let Some(mode) = mode {
+        options.sharing_mode = mode.to_owned();
+    }
+    options
+        .control_plane
+        .extra_runtime_config
+        .extend(runtime_config.iter().map(|c| c.to_string()));
     let asked_mode = options.sharing_mode.clone();
     let began = Instant::now();
     let cluster = SimCluster::start(options)
@@ -347,7 +357,7 @@ async fn run_suite(version: K8sVersion, test: &str) {
     let shared = state.path().join("shared");
     std::fs::create_dir_all(&shared).expect("shared dir");
     let worker = cluster.artifacts.gpu_worker.display().to_string();
-    let mut suite = Suite {
+    let suite = Suite {
         cluster,
         version,
         shared,
@@ -358,6 +368,13 @@ async fn run_suite(version: K8sVersion, test: &str) {
         "{test}: sharing mode asked {asked_mode}, published {}",
         published_mode(&suite).await
     );
+    Some((suite, state, began))
+}
+
+async fn run_suite(version: K8sVersion, test: &str) {
+    let Some((mut suite, _state, began)) = start_suite(version, test, None, &[]).await else {
+        return;
+    };
 
     demo_scenario(&mut suite).await;
     selection_by_model_product_and_uuid(&mut suite).await;
@@ -1013,6 +1030,73 @@ async fn simulated_cluster_v1_37() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_cluster_v1_31() {
     run_suite("1.31".parse().expect("version"), "sim-cluster-v1.31").await;
+}
+
+/// `--sharing-mode auto` on a release before 1.34, where the suite asks `fixed:10`: what `auto`
+/// picks from the API versions and fields the server keeps, and a claim allocated, prepared and
+/// run in it. 1.31-1.33 as the harness runs them (`v1alpha3` or `v1beta1` turned on) serve no
+/// shared counters or consumable capacity: fixed slices, four per GPU. 1.33 with its
+/// `resource.k8s.io/v1beta2` turned on too (new beta APIs are off by default) keeps shared
+/// counters (its DRAPartitionableDevices gate is on) and drops consumable capacity: partitions.
+async fn auto_sharing_mode(
+    version: K8sVersion,
+    test: &str,
+    runtime_config: &[&str],
+    expected: &str,
+) {
+    let Some((mut suite, _state, _)) =
+        start_suite(version, test, Some("auto"), runtime_config).await
+    else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut published = published_mode(&suite).await;
+    while published != expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        published = published_mode(&suite).await;
+    }
+    eprintln!("{test}: sharing mode asked auto, published {published}");
+    assert_eq!(published, expected, "{}: what auto picks", suite.version);
+    let command = suite.worker(&["--allocate", "256Mi"]);
+    suite
+        .submit("auto-mode", &rtx3080(), &share("1Gi", 10, 1), command, &[])
+        .await;
+    let pod = suite.finished("auto-mode").await;
+    let log = suite.log(&pod, "main");
+    assert_eq!(workloads::phase(&pod), "Succeeded", "{log}");
+    assert!(log.contains("allocated 0.25 GiB"), "{log}");
+    suite
+        .cluster
+        .check_running()
+        .expect("every Tessera process still runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_sharing_mode_v1_31() {
+    let version = "1.31".parse().expect("version");
+    auto_sharing_mode(version, "auto-mode-v1.31", &[], "fixed slices").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn auto_sharing_mode_v1_32() {
+    let version = "1.32".parse().expect("version");
+    auto_sharing_mode(version, "auto-mode-v1.32", &[], "fixed slices").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn auto_sharing_mode_v1_33() {
+    let version = "1.33".parse().expect("version");
+    auto_sharing_mode(version, "auto-mode-v1.33", &[], "fixed slices").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "release matrix: make e2e-matrix"]
+async fn auto_sharing_mode_v1_33_v1beta2() {
+    let version = "1.33".parse().expect("version");
+    let v1beta2 = ["resource.k8s.io/v1beta2=true"];
+    auto_sharing_mode(version, "auto-mode-v1.33-v1beta2", &v1beta2, "partitioned").await;
 }
 
 // The release matrix (`make e2e-matrix`): every pinned minor between the oldest and the newest,
