@@ -47,7 +47,7 @@ const _: () = assert!(size_of::<Entry>() == ENTRY_SIZE);
 const CLAIM_OFFSET: usize = 0;
 const RANK_OFFSET: usize = 8;
 const ACTIVE_OFFSET: usize = 16;
-const BUSY_OFFSET: usize = 24;
+pub(super) const BUSY_OFFSET: usize = 24;
 const BURST_OFFSET: usize = 32;
 const PERIOD_OFFSET: usize = 40;
 const BURSTS_OFFSET: usize = 48;

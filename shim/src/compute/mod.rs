@@ -55,6 +55,9 @@ const GAP_MARGIN_NS: u64 = 100_000;
 const GAP_POLL_NS: u64 = 200_000;
 /// How far ahead of the clock filling gaps may put a claim's yielding schedule.
 const FILL_DEBT_NS: u64 = 100_000_000;
+/// How long a launch the yielding schedule allows may wait for a gap it fits (a kernel longer
+/// than every gap goes when this runs out, as it would have without the pattern).
+const MAX_DEFER_NS: u64 = 20_000_000;
 /// Over how long a filler measures the higher claims' load.
 const LOAD_WINDOW_NS: u64 = 50_000_000;
 /// Gaps are filled only while the higher claims' load is at most this (per mille of the GPU):
@@ -358,22 +361,39 @@ pub fn launch(
     let Some(device) = limiter.device(uuids) else {
         return forward();
     };
-    let mut now = clock::coarse();
+    let now = clock::coarse();
     limiter.refresh_if_due(ledger, device, now);
     let cost = cost::estimate(key);
-    let watched = limiter.watched[device].load(Ordering::Relaxed);
-    if watched {
+    usage::count(ledger, device, cost, now);
+    let result = schedule(
+        limiter, ledger, device, now, cost, key, stream, per_thread, forward,
+    );
+    if limiter.watched[device].load(Ordering::Relaxed) {
+        // Only once the launch has reached the driver: a lower claim that reads when this
+        // claim's work runs may queue a kernel behind it, and one queued before this launch
+        // reached the GPU would run first, into this claim's burst.
         limiter.note_launch(device, cost);
     }
+    result
+}
+
+/// [`launch`] after the cost is known: waits for the launch's place in the claim's schedule
+/// (or a gap a higher claim leaves), then forwards it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn schedule(
+    limiter: &Limiter,
+    ledger: &Ledger,
+    device: usize,
+    mut now: u64,
+    cost: u64,
+    key: u64,
+    stream: CUstream,
+    per_thread: bool,
+    forward: impl FnOnce() -> CUresult,
+) -> CUresult {
     let mut share = limiter.share[device].load(Ordering::Relaxed);
-    usage::count(ledger, device, cost, now);
     if share >= UNLIMITED {
-        // Timed for its cost (the usage counted above), except while lower claims watch it:
-        // timing such a claim's launches let fillers run into its bursts in the simulation
-        // (docs/compute.md), so its kernels count at their last measured cost meanwhile.
-        if watched {
-            return forward();
-        }
         return timed(now, key, stream, per_thread, forward);
     }
     // Reserve this launch's place in the claim's schedule first, then wait for it: launches of
@@ -392,12 +412,14 @@ pub fn launch(
         // Ahead of the coarse clock: look at the precise one before deciding to wait.
         now = clock::now();
     }
+    let mut filled = false;
     while slot > now.saturating_add(BURST_NS) {
         let mut look_again = u64::MAX;
         if limiter.filling[device].load(Ordering::Relaxed) {
             // Yielding to a higher claim, but free to use its gaps.
             match limiter.fill_gap(device, key, now) {
                 Ok(()) => {
+                    filled = true;
                     // What fills a gap is charged to the yielding schedule (so that launches the
                     // schedule allows stay rare while gaps are being filled), but the debt it
                     // runs up is capped: a claim that filled many gaps must not owe seconds at
@@ -420,6 +442,23 @@ pub fn launch(
         if share >= UNLIMITED || tat.load(Ordering::Relaxed) < slot {
             // Unlimited now, or the debt this place was behind has been forgiven.
             break;
+        }
+    }
+    if !filled && share < UNLIMITED && limiter.filling[device].load(Ordering::Relaxed) {
+        // A launch the yielding schedule allows while the higher claims' pattern is known goes
+        // where a fill would, into the next gap it fits (for up to MAX_DEFER_NS), not wherever
+        // the schedule came due: that lands in a higher claim's burst at random.
+        let give_up = now.saturating_add(MAX_DEFER_NS);
+        while let Err(at) = limiter.fill_gap(device, key, now) {
+            if at >= give_up {
+                break;
+            }
+            clock::sleep_until(at);
+            now = clock::now();
+            limiter.refresh_if_due(ledger, device, now);
+            if !limiter.filling[device].load(Ordering::Relaxed) {
+                break;
+            }
         }
     }
     timed(now, key, stream, per_thread, forward)
@@ -504,6 +543,41 @@ mod tests {
             ledger: &claim.1,
             uuids: &claim.2,
         }
+    }
+
+    /// A lower claim that reads when a watched claim's work runs queues its own kernel behind
+    /// it: so the note must come only once the launch has reached the driver. Noted before, a
+    /// filler could queue a kernel in between that runs first, into the watched claim's burst
+    /// (seen in the simulation: ~1 % of a server's requests one trainer kernel late).
+    #[test]
+    fn a_watched_claim_notes_its_launch_only_after_the_driver_has_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let watched = watched_claim(dir.path());
+        let gpu_dir = dir.path().join("board").join(&watched.2[0]);
+        let entry = std::fs::read_dir(&gpu_dir)
+            .expect("the GPU's board")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".compute"))
+            .expect("the claim's compute entry");
+        let busy_until = || {
+            let bytes = std::fs::read(&entry).expect("entry");
+            let field = &bytes[board::BUSY_OFFSET..board::BUSY_OFFSET + 8];
+            u64::from_ne_bytes(field.try_into().expect("8 bytes"))
+        };
+        let key = key(0x2000, 1);
+        cost::learn(key, 200_000);
+        let before = busy_until();
+        let result = launch(parts(&watched), key, std::ptr::null_mut(), false, || {
+            assert_eq!(
+                busy_until(),
+                before,
+                "the launch was noted before it reached the driver"
+            );
+            CUDA_SUCCESS
+        });
+        assert_eq!(result, CUDA_SUCCESS);
+        assert!(busy_until() > before, "the launch was never noted");
     }
 
     /// The launch path's own cost on the host clock (what a real GPU node runs), with a
