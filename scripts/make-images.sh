@@ -147,6 +147,12 @@ add_glibc() {
     image_add_host_file "$rootfs" "$libdir/$name"
     image_add_elf_deps "$rootfs" "$libdir/$name"
   done
+  # The dynamic loader under its soname in the library directory too (programs find it through
+  # /lib64): a dlmopen into a new namespace loads libc's dependencies by soname from there.
+  for name in ld-linux-x86-64.so.2 ld-linux-aarch64.so.1; do
+    [[ -e $libdir/$name ]] && image_add_host_file "$rootfs" "$libdir/$name"
+  done
+  return 0
 }
 
 source_url=https://github.com/tessera-gpu/tessera

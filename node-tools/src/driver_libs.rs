@@ -394,21 +394,24 @@ fn cgroup_root() -> Option<PathBuf> {
     base.join("memory").is_dir().then(|| base.join("memory"))
 }
 
-/// The directory of the cgroup process `pid` is in, as NVML's `nameSpace` wants it: under the
-/// unified (v2) hierarchy where the host has one (also on a hybrid host, where runtimes place
-/// containers in both), else under the v1 memory controller's.
-pub fn cgroup_dir_of(pid: u32) -> std::io::Result<PathBuf> {
+/// The directories of the cgroups process `pid` is in that a device-memory limit can name, as
+/// NVML's `nameSpace` wants them: the unified (v2) hierarchy's where the host has one, and on a
+/// host with v1 hierarchies (a hybrid host too) the memory controller's — a runtime places a
+/// container in both, and which one a driver accounts by is the driver's business.
+pub fn cgroup_dirs_of(pid: u32) -> std::io::Result<Vec<PathBuf>> {
     let file = format!("/proc/{pid}/cgroup");
     let text = std::fs::read_to_string(&file)?;
-    cgroup_dir_in(&text, Path::new("/sys/fs/cgroup")).ok_or_else(|| {
-        std::io::Error::new(
+    let dirs = cgroup_dirs_in(&text, Path::new("/sys/fs/cgroup"));
+    if dirs.is_empty() {
+        return Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("{file} names no cgroup directory that exists under /sys/fs/cgroup"),
-        )
-    })
+        ));
+    }
+    Ok(dirs)
 }
 
-fn cgroup_dir_in(proc_cgroup: &str, base: &Path) -> Option<PathBuf> {
+fn cgroup_dirs_in(proc_cgroup: &str, base: &Path) -> Vec<PathBuf> {
     let mut unified = None;
     let mut memory = None;
     for line in proc_cgroup.lines() {
@@ -420,7 +423,7 @@ fn cgroup_dir_in(proc_cgroup: &str, base: &Path) -> Option<PathBuf> {
         };
         let relative = path.trim_start_matches('/');
         if relative.split('/').any(|c| c == "..") {
-            return None;
+            return Vec::new();
         }
         if id == "0" && controllers.is_empty() {
             unified = Some(relative.to_string());
@@ -428,15 +431,19 @@ fn cgroup_dir_in(proc_cgroup: &str, base: &Path) -> Option<PathBuf> {
             memory = Some(relative.to_string());
         }
     }
-    let candidates = [
-        unified
-            .as_ref()
-            .map(|p| base.join(p))
-            .filter(|_| base.join("cgroup.controllers").exists()),
-        unified.as_ref().map(|p| base.join("unified").join(p)),
+    let unified_dir = if base.join("cgroup.controllers").exists() {
+        unified.as_ref().map(|p| base.join(p))
+    } else {
+        unified.as_ref().map(|p| base.join("unified").join(p))
+    };
+    [
+        unified_dir,
         memory.as_ref().map(|p| base.join("memory").join(p)),
-    ];
-    candidates.into_iter().flatten().find(|dir| dir.is_dir())
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|dir| dir.is_dir())
+    .collect()
 }
 
 fn bytemuck_bytes(chars: &[c_char]) -> &[u8] {
@@ -481,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    fn a_process_cgroup_is_found_in_the_unified_hierarchy_first() {
+    fn a_process_cgroups_are_its_unified_and_its_memory_controllers() {
         let base = tempfile::tempdir().expect("tempdir");
         let b = base.path();
         std::fs::create_dir_all(b.join("unified/kubepods/pod1/c1")).expect("mkdir");
@@ -489,25 +496,25 @@ mod tests {
         let hybrid =
             "12:memory:/kubepods/pod1/c1\n1:name=systemd:/kubepods/pod1/c1\n0::/kubepods/pod1/c1\n";
         assert_eq!(
-            cgroup_dir_in(hybrid, b),
-            Some(b.join("unified/kubepods/pod1/c1"))
+            cgroup_dirs_in(hybrid, b),
+            [
+                b.join("unified/kubepods/pod1/c1"),
+                b.join("memory/kubepods/pod1/c1")
+            ]
         );
         // A v1-only host.
         let v1 = "12:cpu,memory:/kubepods/pod1/c1\n";
-        assert_eq!(
-            cgroup_dir_in(v1, b),
-            Some(b.join("memory/kubepods/pod1/c1"))
-        );
+        assert_eq!(cgroup_dirs_in(v1, b), [b.join("memory/kubepods/pod1/c1")]);
         // A v2-only host.
         std::fs::write(b.join("cgroup.controllers"), "memory\n").expect("controllers");
         std::fs::create_dir_all(b.join("kubepods/pod1/c1")).expect("mkdir");
         assert_eq!(
-            cgroup_dir_in("0::/kubepods/pod1/c1\n", b),
-            Some(b.join("kubepods/pod1/c1"))
+            cgroup_dirs_in("0::/kubepods/pod1/c1\n", b),
+            [b.join("kubepods/pod1/c1")]
         );
         // Nothing that exists, or a path that climbs out.
-        assert_eq!(cgroup_dir_in("0::/gone\n", b), None);
-        assert_eq!(cgroup_dir_in("0::/kubepods/../../etc\n", b), None);
+        assert!(cgroup_dirs_in("0::/gone\n", b).is_empty());
+        assert!(cgroup_dirs_in("0::/kubepods/../../etc\n", b).is_empty());
     }
 
     #[test]

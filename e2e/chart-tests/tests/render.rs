@@ -419,6 +419,7 @@ fn non_default_values() {
         "--sharing-mode=fixed:8",
         "--cdi-mode=standalone",
         "--driver-root=/run/nvidia/driver",
+        "--host-driver-root=/run/nvidia/driver",
         "--nvml-library=/run/nvidia/driver/usr/lib64/libnvidia-ml.so.1",
         "--context-overhead=600Mi",
         "--registrar-dir=/var/lib/k0s/kubelet/plugins_registry",

@@ -14,6 +14,10 @@
 //! pods order their steps through a shared directory this way, instead of through sleeps a
 //! loaded machine would reorder.
 //!
+//! `--bypass-shim` loads the driver into a link-map namespace of its own (`dlmopen`) and looks
+//! its functions up with that namespace's `dlsym`, as a program that wants to escape a preloaded
+//! library can: the shim is not loaded there, so only a limit the driver keeps holds it.
+//!
 //! Exit codes: 0 allocated and held; 1 the driver refused memory (CUDA_ERROR_OUT_OF_MEMORY, as
 //! a framework's OOM would end the job); 2 bad arguments; 3 the GPU could not be used; 4 timed
 //! out waiting for `--wait-for`.
@@ -37,9 +41,10 @@ struct Args {
     wait_for: Option<PathBuf>,
     touch: Option<PathBuf>,
     hold_until: Option<PathBuf>,
+    bypass_shim: bool,
 }
 
-const USAGE: &str = "usage: tessera-gpu-worker --allocate <bytes, e.g. 3Gi> [--step 512Mi] [--hold 10s] [--wait-for FILE] [--touch FILE] [--hold-until FILE]";
+const USAGE: &str = "usage: tessera-gpu-worker --allocate <bytes, e.g. 3Gi> [--step 512Mi] [--hold 10s] [--wait-for FILE] [--touch FILE] [--hold-until FILE] [--bypass-shim]";
 
 fn parse_bytes(text: &str) -> Result<u64, String> {
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
@@ -79,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
         wait_for: None,
         touch: None,
         hold_until: None,
+        bypass_shim: false,
     };
     let mut allocate = None;
     let mut argv = std::env::args().skip(1);
@@ -91,6 +97,7 @@ fn parse_args() -> Result<Args, String> {
             "--wait-for" => args.wait_for = Some(PathBuf::from(value()?)),
             "--touch" => args.touch = Some(PathBuf::from(value()?)),
             "--hold-until" => args.hold_until = Some(PathBuf::from(value()?)),
+            "--bypass-shim" => args.bypass_shim = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -110,6 +117,36 @@ type CtxSetCurrentFn = unsafe extern "C" fn(*mut c_void) -> CuResult;
 type MemGetInfoFn = unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult;
 type MemAllocFn = unsafe extern "C" fn(*mut u64, usize) -> CuResult;
 type GetErrorNameFn = unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult;
+
+type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
+
+/// The driver loaded into a new link-map namespace, where no preloaded library is, and that
+/// namespace's own `dlsym` (found with `dlvsym`, which a preloaded shim does not interpose).
+fn bypassing_namespace(driver: &CStr) -> Result<(*mut c_void, DlsymFn), String> {
+    // SAFETY: dlmopen/dlinfo/dlvsym with NUL-terminated names and valid out-pointers.
+    unsafe {
+        let libc_handle = libc::dlmopen(libc::LM_ID_NEWLM, c"libc.so.6".as_ptr(), libc::RTLD_NOW);
+        if libc_handle.is_null() {
+            return Err(format!("dlmopen(LM_ID_NEWLM, libc.so.6): {}", dlerror()));
+        }
+        let mut namespace: libc::Lmid_t = 0;
+        if libc::dlinfo(
+            libc_handle,
+            libc::RTLD_DI_LMID,
+            (&mut namespace as *mut libc::Lmid_t).cast(),
+        ) != 0
+        {
+            return Err(format!("dlinfo(RTLD_DI_LMID): {}", dlerror()));
+        }
+        let dlsym = [c"GLIBC_2.34", c"GLIBC_2.2.5"]
+            .iter()
+            .map(|version| libc::dlvsym(libc_handle, c"dlsym".as_ptr(), version.as_ptr()))
+            .find(|f| !f.is_null())
+            .ok_or_else(|| format!("no dlsym in the new namespace's libc: {}", dlerror()))?;
+        let handle = libc::dlmopen(namespace, driver.as_ptr(), libc::RTLD_NOW);
+        Ok((handle, std::mem::transmute::<*mut c_void, DlsymFn>(dlsym)))
+    }
+}
 
 /// The few driver entry points the worker uses, looked up with dlsym like a framework does.
 struct Driver {
@@ -138,17 +175,22 @@ fn dlerror() -> String {
 }
 
 impl Driver {
-    fn load() -> Result<Driver, String> {
+    fn load(bypass_shim: bool) -> Result<Driver, String> {
         let name = c"libcuda.so.1";
-        // SAFETY: a plain dlopen of the driver library by soname.
-        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW) };
+        let (handle, lookup) = if bypass_shim {
+            bypassing_namespace(name)?
+        } else {
+            // SAFETY: a plain dlopen of the driver library by soname.
+            let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW) };
+            (handle, libc::dlsym as DlsymFn)
+        };
         if handle.is_null() {
             return Err(format!("cannot load libcuda.so.1: {}", dlerror()));
         }
         let symbol = |name: &str| -> Result<*mut c_void, String> {
             let c_name = CString::new(name).map_err(|e| e.to_string())?;
             // SAFETY: handle is a live dlopen handle, the name is NUL-terminated.
-            let address = unsafe { libc::dlsym(handle, c_name.as_ptr()) };
+            let address = unsafe { lookup(handle, c_name.as_ptr()) };
             if address.is_null() {
                 Err(format!("libcuda.so.1 has no {name}: {}", dlerror()))
             } else {
@@ -248,7 +290,7 @@ fn wait_for(path: &std::path::Path) -> bool {
 }
 
 fn run(args: &Args) -> Result<ExitCode, String> {
-    let driver = Driver::load()?;
+    let driver = Driver::load(args.bypass_shim)?;
     // SAFETY: plain driver calls with valid out-pointers; see Driver::load.
     unsafe {
         driver.check("cuInit", (driver.init)(0))?;

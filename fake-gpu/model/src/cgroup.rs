@@ -20,7 +20,6 @@
 //! ancestor of it up to its hierarchy's root*. "The limit's directory is one of mine or an
 //! ancestor of one" is then a lookup of the limit's hash, with no path in the slot.
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::Fnv1a;
@@ -69,6 +68,14 @@ pub fn memberships(proc_cgroup: &str, cgroup_fs: &Path) -> Vec<Membership> {
         };
         if dir.is_dir() {
             out.push(Membership { root, dir });
+        } else if root.is_dir() {
+            // A container's view: the runtime mounts the container's own cgroup at the
+            // hierarchy's place, where the host's path of it does not exist. The directory is
+            // then known by its identity alone (see `dir_key`), which is the host's.
+            out.push(Membership {
+                root: root.clone(),
+                dir: root,
+            });
         }
     }
     out
@@ -108,7 +115,9 @@ impl CgroupSet {
                 continue;
             }
             for ancestor in dir.ancestors() {
-                let hash = path_hash(ancestor);
+                let Some(hash) = dir_key(ancestor) else {
+                    continue;
+                };
                 if !hashes.contains(&hash) {
                     hashes.push(hash);
                 }
@@ -143,12 +152,23 @@ impl CgroupSet {
     }
 }
 
-/// The hash a limit and a process's set agree on: FNV-1a of the canonical path's bytes (stable
-/// across toolchains, as processes of different builds share one state file).
-pub fn path_hash(path: &Path) -> u64 {
+/// The key a limit and a process's set agree on for a cgroup directory: its identity (device and
+/// inode), not its path, because a container sees its own cgroup under another path than the
+/// host that set the limit (at its hierarchy's root, through a bind mount or a cgroup
+/// namespace) — the same directory either way. FNV-1a, stable across toolchains, as processes
+/// of different builds share one state file.
+pub fn key_of(dev: u64, ino: u64) -> u64 {
     let mut hash = Fnv1a::new();
-    hash.write(path.as_os_str().as_bytes());
+    hash.write(&dev.to_le_bytes());
+    hash.write(&ino.to_le_bytes());
     hash.finish()
+}
+
+/// [`key_of`] the directory at `path`, if it can be read.
+pub fn dir_key(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(key_of(meta.dev(), meta.ino()))
 }
 
 #[cfg(test)]
@@ -212,7 +232,11 @@ mod tests {
             dirs(&found, fs.path()),
             [(String::new(), "kubepods/pod1".to_owned())]
         );
-        assert!(memberships("0::/elsewhere\n", fs.path()).is_empty());
+        // A container's view: its own cgroup is what it sees at the hierarchy's root.
+        assert_eq!(
+            dirs(&memberships("0::/elsewhere\n", fs.path()), fs.path()),
+            [(String::new(), String::new())]
+        );
         assert!(
             memberships("garbage\n3::/x\n", fs.path()).is_empty(),
             "malformed lines and controller-less v1 lines are skipped"
@@ -225,11 +249,20 @@ mod tests {
         let text = "4:memory:/m\n0::/a/b\n";
         let set = CgroupSet::from_memberships(&memberships(text, fs.path()));
         let root = std::fs::canonicalize(fs.path()).unwrap();
+        std::fs::create_dir_all(root.join("unified/a/b/c")).unwrap();
+        std::fs::create_dir_all(root.join("unified/z")).unwrap();
+        std::fs::create_dir_all(root.join("memory/a")).unwrap();
         for inside in ["unified/a/b", "unified/a", "unified", "memory/m", "memory"] {
-            assert!(set.contains(path_hash(&root.join(inside))), "{inside}");
+            assert!(
+                set.contains(dir_key(&root.join(inside)).unwrap()),
+                "{inside}"
+            );
         }
         for outside in ["", "unified/a/b/c", "unified/z", "memory/a"] {
-            assert!(!set.contains(path_hash(&root.join(outside))), "{outside}");
+            assert!(
+                !set.contains(dir_key(&root.join(outside)).unwrap()),
+                "{outside}"
+            );
         }
         assert_eq!(set.len(), 5);
     }

@@ -105,8 +105,8 @@ fn run() -> anyhow::Result<()> {
         .read_to_string(&mut state)
         .context("reading the container's state from standard input")?;
     let pid = container_pid(&state)?;
-    let cgroup = driver_libs::cgroup_dir_of(pid)
-        .with_context(|| format!("finding the cgroup of the container's process {pid}"))?;
+    let cgroups = driver_libs::cgroup_dirs_of(pid)
+        .with_context(|| format!("finding the cgroups of the container's process {pid}"))?;
     let library = match (&args.nvml_library, &args.driver_root) {
         (Some(path), _) => path.clone(),
         (None, Some(root)) => find_nvml(root)?,
@@ -117,13 +117,20 @@ fn run() -> anyhow::Result<()> {
         let device = nvml
             .device_by_uuid(uuid)
             .with_context(|| format!("GPU {uuid}"))?;
-        nvml.set_hard_limit(device, &cgroup, *bytes)
-            .with_context(|| {
-                format!(
-                    "setting GPU {uuid}'s memory limit of {bytes} bytes on cgroup {}",
-                    cgroup.display()
-                )
-            })?;
+        // Set on every cgroup directory of the container that takes it (a hybrid host has
+        // two); the wall holds if one does.
+        let mut refused = Vec::new();
+        for cgroup in &cgroups {
+            if let Err(error) = nvml.set_hard_limit(device, cgroup, *bytes) {
+                refused.push(format!("{}: {error}", cgroup.display()));
+            }
+        }
+        if refused.len() == cgroups.len() {
+            bail!(
+                "setting GPU {uuid}'s memory limit of {bytes} bytes on the container's cgroups: {}",
+                refused.join("; ")
+            );
+        }
     }
     Ok(())
 }

@@ -152,6 +152,9 @@ pub struct RealNodeOptions {
     /// their own, this program's `node-forwards` command (`tessera-cluster`), so the node can
     /// outlive this process ([`RealNode::detach`]). `None`: in this process.
     pub forwarder: Option<PathBuf>,
+    /// Set in containerd's environment, which the OCI hooks it runs inherit (the fake driver's
+    /// node and state for a driver-wall hook).
+    pub containerd_env: Vec<(OsString, OsString)>,
 }
 
 impl RealNodeOptions {
@@ -164,6 +167,7 @@ impl RealNodeOptions {
             kubelet_verbosity: 2,
             keep_dir: false,
             forwarder: None,
+            containerd_env: Vec::new(),
         }
     }
 }
@@ -185,6 +189,7 @@ pub struct RealNode {
     /// containerd's command line after the network setup, and the directory its shim is found
     /// in (on PATH): to start it again in the same network namespace ([`RealNode::reboot`]).
     containerd_command: Vec<OsString>,
+    containerd_env: Vec<(OsString, OsString)>,
     containerd_dir: PathBuf,
     /// Dropped after the processes: the kubelet's connections go through them.
     forwards: Vec<netns::Forward>,
@@ -237,6 +242,7 @@ impl RealNode {
             processes: Vec::with_capacity(2),
             kubelet_spec: None,
             containerd_command: Vec::new(),
+            containerd_env: options.containerd_env.clone(),
             containerd_dir: options.binaries.containerd_dir.clone(),
             forwards: Vec::new(),
             netns: None,
@@ -366,7 +372,7 @@ impl RealNode {
             args: containerd_args,
             log: state.log(&format!("containerd-{name}")),
             pid_file: state.pid_file(&format!("containerd-{name}")),
-            env: Vec::new(),
+            env: node.containerd_env.clone(),
         })?);
         let socket = containerd_socket.clone();
         wait_for(
@@ -658,7 +664,7 @@ impl RealNode {
             args,
             log: containerd.log().to_owned(),
             pid_file: containerd.pid_file().to_owned(),
-            env: Vec::new(),
+            env: self.containerd_env.clone(),
         };
         self.processes[CONTAINERD] = Process::spawn(containerd_spec)?;
         let socket = self.containerd_socket.clone();

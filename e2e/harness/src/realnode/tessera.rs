@@ -157,6 +157,9 @@ pub struct Workloads {
     pub image: String,
     /// Shared by every container of the node, as a card's memory is.
     pub fake_gpu_state: PathBuf,
+    /// The fake GPU node's config as containers see it (`FAKEGPU_CONFIG`), where the node has
+    /// one of its own in `fake_gpu_state` (`node.json`); the fake driver's default node else.
+    pub fake_gpu_config: Option<String>,
 }
 
 impl Workloads {
@@ -167,7 +170,18 @@ impl Workloads {
         Ok(Workloads {
             image: format!("{REGISTRY}/tessera-gpu-worker:{tag}"),
             fake_gpu_state,
+            fake_gpu_config: None,
         })
+    }
+
+    /// For images tagged `tag`, with the fake GPU's state and its node config (`node.json`) in
+    /// `dir`, a host directory the caller made.
+    pub fn with_fake_gpu(tag: &str, dir: &Path) -> Workloads {
+        Workloads {
+            image: format!("{REGISTRY}/tessera-gpu-worker:{tag}"),
+            fake_gpu_state: dir.to_owned(),
+            fake_gpu_config: Some("/fakegpu/node.json".to_owned()),
+        }
     }
 
     /// A pod of the workload image whose workers all use the claim `claim`
@@ -192,6 +206,13 @@ impl Workloads {
         if let (Some(to), Some(from)) = (shared_volume.as_object_mut(), shared.as_object()) {
             to.extend(from.clone());
         }
+        let mut env = vec![
+            json!({ "name": "FAKEGPU_DEVICE_NODES", "value": "/dev" }),
+            json!({ "name": "FAKEGPU_STATE", "value": "/fakegpu/state" }),
+        ];
+        if let Some(config) = &self.fake_gpu_config {
+            env.push(json!({ "name": "FAKEGPU_CONFIG", "value": config }));
+        }
         let containers: Vec<Value> = workers
             .iter()
             .map(|w| {
@@ -200,10 +221,7 @@ impl Workloads {
                     "image": self.image,
                     "imagePullPolicy": "Never",
                     "args": w.args,
-                    "env": [
-                        { "name": "FAKEGPU_DEVICE_NODES", "value": "/dev" },
-                        { "name": "FAKEGPU_STATE", "value": "/fakegpu/state" },
-                    ],
+                    "env": env,
                     "resources": { "claims": [{ "name": "gpu" }] },
                     "volumeMounts": [
                         { "name": "shared", "mountPath": mount },

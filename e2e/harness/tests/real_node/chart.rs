@@ -39,6 +39,17 @@ impl Tessera {
     /// with the kubelet, the node's slices are published and both controller pods are Ready.
     /// `None` where the test cannot run (see `require`).
     pub(crate) async fn install(setup: &Setup, version: K8sVersion) -> Option<Tessera> {
+        Tessera::install_with(setup, version, None).await
+    }
+
+    /// [`Tessera::install`], with the fake GPU's state and node config (`node.json`) in
+    /// `fake_gpu`, a host directory, for the plugin (mounted at `/fakegpu`) and the workload pods
+    /// alike; `None`: the fake driver's default node.
+    pub(crate) async fn install_with(
+        setup: &Setup,
+        version: K8sVersion,
+        fake_gpu: Option<&Path>,
+    ) -> Option<Tessera> {
         let test = &setup.test;
         let node = &setup.node;
         let client = setup.control_plane.client();
@@ -64,7 +75,26 @@ impl Tessera {
         } else {
             json!({})
         };
-        let values = tessera::chart_values(node, default_sharing_mode(version), &tag, extra);
+        let mut values = tessera::chart_values(node, default_sharing_mode(version), &tag, extra);
+        if let Some(dir) = fake_gpu {
+            let plugin = &mut values["kubeletPlugin"];
+            for (name, value) in [
+                ("FAKEGPU_CONFIG", "/fakegpu/node.json"),
+                ("FAKEGPU_STATE", "/fakegpu/state"),
+            ] {
+                if let Some(env) = plugin["extraEnv"].as_array_mut() {
+                    env.push(json!({ "name": name, "value": value }));
+                }
+            }
+            if let Some(volumes) = plugin["extraVolumes"].as_array_mut() {
+                volumes.push(
+                    json!({ "name": "fake-gpu", "hostPath": { "path": dir, "type": "Directory" } }),
+                );
+            }
+            if let Some(mounts) = plugin["extraVolumeMounts"].as_array_mut() {
+                mounts.push(json!({ "name": "fake-gpu", "mountPath": "/fakegpu" }));
+            }
+        }
         install(
             &client,
             &helm,
@@ -74,8 +104,11 @@ impl Tessera {
         .await
         .unwrap_or_else(|e| panic!("installing the chart: {e}"));
         let tessera = Tessera {
-            workloads: tessera::Workloads::for_node(node, &tag)
-                .unwrap_or_else(|e| panic!("the node's workload pods: {e}")),
+            workloads: match fake_gpu {
+                Some(dir) => tessera::Workloads::with_fake_gpu(&tag, dir),
+                None => tessera::Workloads::for_node(node, &tag)
+                    .unwrap_or_else(|e| panic!("the node's workload pods: {e}")),
+            },
             system_pods: Api::namespaced(client.clone(), NAMESPACE),
         };
 

@@ -2,7 +2,7 @@
 //! plane, and Tessera on them: the plugin as a host process (basics), Tessera's images and
 //! chart (chart), what happens to prepared claims when the node's parts come and go
 //! (scenarios), the real node `tessera-cluster up` leaves running (cluster_up), and the demo
-//! on a real node (demo).
+//! on a real node (demo), and the driver's own memory wall (driver_wall).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -11,5 +11,6 @@ mod basics;
 mod chart;
 mod cluster_up;
 mod demo;
+mod driver_wall;
 mod scenarios;
 mod support;

@@ -146,6 +146,17 @@ pub(crate) struct Setup {
 }
 
 pub(crate) async fn setup(version: K8sVersion, name: &str, kubelet_verbosity: u8) -> Option<Setup> {
+    setup_with(version, name, kubelet_verbosity, |_| Vec::new()).await
+}
+
+/// [`setup`], with containerd's environment from `containerd_env` (given the test's state
+/// directory).
+pub(crate) async fn setup_with(
+    version: K8sVersion,
+    name: &str,
+    kubelet_verbosity: u8,
+    containerd_env: impl FnOnce(&std::path::Path) -> Vec<(std::ffi::OsString, std::ffi::OsString)>,
+) -> Option<Setup> {
     let test = format!("{name}_{}", version.dir_name().replace('.', "_"));
     let binaries = common::binaries_or_skip(version, &test)?;
     let node_binaries = required(&test, NodeBinaries::locate(&binaries))?;
@@ -163,6 +174,7 @@ pub(crate) async fn setup(version: K8sVersion, name: &str, kubelet_verbosity: u8
         RealNodeOptions {
             kubelet_verbosity,
             keep_dir: std::env::var("TESSERA_E2E_KEEP").as_deref() == Ok("1"),
+            containerd_env: containerd_env(state.path()),
             ..RealNodeOptions::new(node_binaries)
         },
     )

@@ -186,7 +186,7 @@ pub struct LimitRecord {
     pub soft: AtomicU64,
     /// The wall; `u64::MAX` is none.
     pub hard: AtomicU64,
-    /// `crate::cgroup::path_hash` of the path, what slots' cgroup sets hold.
+    /// `crate::cgroup::key_of` the directory, what slots' cgroup sets hold.
     pub path_hash: AtomicU64,
     /// The directory's identity when the limit was set: a directory removed (which clears its
     /// limits) and made again under the same name is another cgroup.

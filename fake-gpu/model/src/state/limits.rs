@@ -26,7 +26,7 @@ use super::layout::{
 };
 use super::lock::{self, LockKind};
 use super::{Lease, OutOfMemory, RecordView, Region};
-use crate::cgroup::{CgroupSet, path_hash};
+use crate::cgroup::{CgroupSet, key_of};
 
 /// No hard limit (`NVML_DEVICE_MEMORY_LIMIT_MAX`).
 pub const NO_LIMIT: u64 = u64::MAX;
@@ -46,7 +46,8 @@ pub enum CgroupDirError {
     TooLong(usize),
 }
 
-/// A cgroup directory as a limit is keyed by: its canonical path, and its identity.
+/// A cgroup directory as a limit is keyed by: its identity (see `crate::cgroup::key_of`), with
+/// its canonical path for NVML's answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupDir {
     path: PathBuf,
@@ -69,7 +70,7 @@ impl CgroupDir {
             return Err(CgroupDirError::TooLong(len));
         }
         Ok(CgroupDir {
-            hash: path_hash(&path),
+            hash: key_of(meta.dev(), meta.ino()),
             dev: meta.dev(),
             ino: meta.ino(),
             path,
@@ -201,6 +202,18 @@ fn still_there(record: &LimitRecord) -> bool {
             && meta.dev() == record.dir_dev.load(Ordering::Relaxed)
             && meta.ino() == record.dir_ino.load(Ordering::Relaxed)
     })
+}
+
+/// Whether a limit binding this process names a cgroup that was removed, as far as this process
+/// can tell: its directory is gone (or another) where its parent is still seen. A container does
+/// not see the host's path of its own cgroup at all (the runtime shows it the cgroup elsewhere):
+/// there the limit stands, as the cgroup must, with the process in it.
+fn removed_here(record: &LimitRecord) -> bool {
+    if still_there(record) {
+        return false;
+    }
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(&record_path(record)));
+    path.parent().is_some_and(Path::is_dir)
 }
 
 /// Frees a live record. Caller holds the lock.
@@ -395,7 +408,7 @@ impl Lease {
             if !self.bound_by(record, device) {
                 continue;
             }
-            if !still_there(record) {
+            if removed_here(record) {
                 free(table, record);
                 continue;
             }
