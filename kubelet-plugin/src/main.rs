@@ -123,16 +123,17 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
         .clone()
         .unwrap_or_else(|| gpu_probe::beside_this_program("tessera-gpu-probe"));
     // A fake inventory has a driver to ask only when given its NVML.
-    let probe = match args.inventory.is_none() || args.nvml_library.is_some() {
-        true => Some(
+    let probe = if args.inventory.is_none() || args.nvml_library.is_some() {
+        Some(
             gpu_probe::run(&gpu_probe::Probe {
                 program: &probe_program,
                 nvml_library: args.nvml_library.as_deref(),
                 cuda_library: args.cuda_library.as_deref(),
             })
             .await,
-        ),
-        false => None,
+        )
+    } else {
+        None
     };
     let context_overheads =
         context_overhead::resolve(args.context_overhead, &mut inventory, probe.as_ref());
@@ -144,16 +145,26 @@ async fn serve(args: Args, client: Result<kube::Client>, events: Option<NodeEven
             .cdi_hook_path
             .clone()
             .unwrap_or_else(|| gpu_probe::beside_this_program("tessera-cdi-hook"));
-        Some(driver_wall::NodeDriverWall {
-            hook: tessera_driver::cdi::DriverWallHook {
-                program: install::install_hook(&hook, &args.state_dir)?,
-                driver_root: args
-                    .host_driver_root
-                    .clone()
-                    .unwrap_or_else(|| args.driver_root.clone()),
-            },
-            gpus: walled,
-        })
+        match install::install_hook(&hook, &args.state_dir) {
+            Ok(program) => Some(driver_wall::NodeDriverWall {
+                hook: tessera_driver::cdi::DriverWallHook {
+                    program,
+                    driver_root: args
+                        .host_driver_root
+                        .clone()
+                        .unwrap_or_else(|| args.driver_root.clone()),
+                },
+                gpus: walled,
+            }),
+            // The shim's wall still holds: the node serves, and says which wall it lacks.
+            Err(error) => {
+                tracing::warn!(%error, "cannot install the driver-wall hook; claims get the shim's wall alone");
+                for gpu in &mut inventory.gpus {
+                    gpu.driver_memory_wall = false;
+                }
+                None
+            }
+        }
     };
     install::install_shim(&args.shim_path, &args.state_dir)?;
     let (cdi_mode, driver_files) = match args.cdi_mode {

@@ -600,3 +600,43 @@ async fn the_driver_wall_stops_a_program_that_bypasses_the_shim_at_the_claims_li
     );
     drop(cgroup);
 }
+
+/// A driver with the wall but no hook to install (a broken image): the node still serves, with
+/// the shim's wall alone, and says so — no claim's spec runs a hook that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_hook_the_driver_wall_is_off_and_the_node_serves() {
+    let Some(driver) = FakeDriver::find("driver wall without its hook") else {
+        return;
+    };
+    let env = Env::new(&["v1"]);
+    let mut node: serde_json::Value = serde_json::from_str(&inventory_json()).expect("node");
+    node["devices"][1]["memoryLimits"] = true.into();
+    let extra: Vec<std::ffi::OsString> = vec![
+        "--cdi-hook-path".into(),
+        "/nonexistent/tessera-cdi-hook".into(),
+    ];
+    let (child, port, endpoint) = start_on_fake_driver(&env, &driver, &node, &extra).await;
+    let metrics = http_get(port, "/metrics");
+    let series =
+        format!("tessera_gpu_driver_memory_wall{{gpu_uuid=\"{GPU1}\",product=\"NVIDIA L40S\"}} 0");
+    assert!(metrics.contains(&series), "{series} not in:\n{metrics}");
+    env.api.put(claim(
+        "default",
+        "c",
+        UID,
+        Some(vec![result("gpu", "gpu-1-slice-0of2")]),
+        vec![],
+    ));
+    let kubelet = Kubelet::connect(Path::new(&endpoint)).await;
+    kubelet
+        .prepare_ok(Version::V1, &Claim::new("default", "c", UID))
+        .await;
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.spec_path(UID)).expect("spec")).expect("JSON");
+    assert!(spec["containerEdits"]["hooks"].is_null(), "{spec}");
+    let logs = stop(child);
+    assert!(
+        logs.contains("cannot install the driver-wall hook") && logs.contains("/nonexistent"),
+        "{logs}"
+    );
+}
