@@ -378,6 +378,21 @@ async fn start_on_fake_driver(
     (child, port, info.endpoint)
 }
 
+/// Claim `c` (half of GPU 1) prepared through the plugin's v1 service at `endpoint`.
+async fn prepare_half_of_gpu1(env: &Env, endpoint: &str) {
+    env.api.put(claim(
+        "default",
+        "c",
+        UID,
+        Some(vec![result("gpu", "gpu-1-slice-0of2")]),
+        vec![],
+    ));
+    Kubelet::connect(Path::new(endpoint))
+        .await
+        .prepare_ok(Version::V1, &Claim::new("default", "c", UID))
+        .await;
+}
+
 /// Stops the plugin; its logs.
 fn stop(child: std::process::Child) -> String {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
@@ -413,17 +428,7 @@ async fn the_plugin_measures_what_a_context_costs_and_charges_it_to_claims() {
         assert!(metrics.contains(&series), "{series} not in:\n{metrics}");
     }
 
-    env.api.put(claim(
-        "default",
-        "c",
-        UID,
-        Some(vec![result("gpu", "gpu-1-slice-0of2")]),
-        vec![],
-    ));
-    let kubelet = Kubelet::connect(Path::new(&endpoint)).await;
-    kubelet
-        .prepare_ok(Version::V1, &Claim::new("default", "c", UID))
-        .await;
+    prepare_half_of_gpu1(&env, &endpoint).await;
     let config: serde_json::Value = serde_json::from_slice(
         &std::fs::read(env.path(&format!("state/claims/{UID}/config.json"))).expect("config"),
     )
@@ -484,17 +489,7 @@ async fn the_driver_wall_stops_a_program_that_bypasses_the_shim_at_the_claims_li
     }
 
     // A 2 GiB slice of the 4 GiB card.
-    env.api.put(claim(
-        "default",
-        "c",
-        UID,
-        Some(vec![result("gpu", "gpu-1-slice-0of2")]),
-        vec![],
-    ));
-    let kubelet = Kubelet::connect(Path::new(&endpoint)).await;
-    kubelet
-        .prepare_ok(Version::V1, &Claim::new("default", "c", UID))
-        .await;
+    prepare_half_of_gpu1(&env, &endpoint).await;
     let logs = stop(child);
     assert!(logs.contains("shim and driver"), "{logs}");
     validate_spec(&env.spec_path(UID));
@@ -528,9 +523,7 @@ async fn the_driver_wall_stops_a_program_that_bypasses_the_shim_at_the_claims_li
         .unwrap_or_else(|e| panic!("{e}"));
     let app = env.path("cuda_app");
     tessera_built_libs::compile_cuda_app(&app);
-    let procs = cgroup.procs();
     let mut container = {
-        use std::os::unix::process::CommandExt;
         let mut command = Command::new(&app);
         command
             .arg("dlsym")
@@ -540,10 +533,7 @@ async fn the_driver_wall_stops_a_program_that_bypasses_the_shim_at_the_claims_li
             .env("FAKEGPU_STATE", env.path("fakegpu.state"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
-        // SAFETY: only a write(2) to a path prepared before the fork, as a runtime does.
-        unsafe {
-            command.pre_exec(move || std::fs::write(&procs, "0"));
-        }
+        tessera_built_libs::cgroup::join_cgroup(&mut command, &cgroup.procs());
         command.spawn().expect("start the container's program")
     };
     let mut hook_run = {
@@ -620,17 +610,7 @@ async fn without_its_hook_the_driver_wall_is_off_and_the_node_serves() {
     let series =
         format!("tessera_gpu_driver_memory_wall{{gpu_uuid=\"{GPU1}\",product=\"NVIDIA L40S\"}} 0");
     assert!(metrics.contains(&series), "{series} not in:\n{metrics}");
-    env.api.put(claim(
-        "default",
-        "c",
-        UID,
-        Some(vec![result("gpu", "gpu-1-slice-0of2")]),
-        vec![],
-    ));
-    let kubelet = Kubelet::connect(Path::new(&endpoint)).await;
-    kubelet
-        .prepare_ok(Version::V1, &Claim::new("default", "c", UID))
-        .await;
+    prepare_half_of_gpu1(&env, &endpoint).await;
     let spec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.spec_path(UID)).expect("spec")).expect("JSON");
     assert!(spec["containerEdits"]["hooks"].is_null(), "{spec}");

@@ -8,6 +8,7 @@
 //! child between fork and exec (`CommandExt::pre_exec`), or by [`TestCgroup::add`].
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -206,4 +207,28 @@ impl Drop for TestCgroup {
 fn write_pid(procs: &Path, pid: u32) -> Result<(), String> {
     std::fs::write(procs, pid.to_string())
         .map_err(|e| format!("cannot move process {pid} into {}: {e}", procs.display()))
+}
+
+/// Makes the child of `command` join the cgroup whose `cgroup.procs` is `procs` before it execs,
+/// so that it is in the cgroup before a driver reads its cgroups (as a runtime puts a container's
+/// first process in its cgroup before it runs).
+#[allow(unsafe_code)]
+pub fn join_cgroup(command: &mut Command, procs: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let path = std::ffi::CString::new(procs.as_os_str().as_bytes()).expect("cgroup.procs path");
+    // SAFETY: the closure only makes async-signal-safe calls (open, write, close) on memory
+    // prepared before the fork; `last_os_error` does not allocate.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            if written == 1 { Ok(()) } else { Err(error) }
+        });
+    }
 }

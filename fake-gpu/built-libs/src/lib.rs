@@ -9,7 +9,8 @@
 //! skipped with the reason printed, or failed under `TESSERA_E2E=1`, as `make test` runs them.
 //!
 //! [`cgroup::TestCgroup`] makes a cgroup of a test's own to put child processes in.
-#![forbid(unsafe_code)]
+// `cgroup::join_cgroup` alone needs `unsafe` (a `pre_exec` hook), and says why there.
+#![deny(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;

@@ -171,27 +171,7 @@ pub struct CudaProcess {
     _stdin: ChildStdin,
 }
 
-/// Makes the child of `command` join the cgroup whose `cgroup.procs` is `procs` before it execs,
-/// so that it is in the cgroup before the CUDA driver reads its cgroups.
-pub fn join_cgroup(command: &mut Command, procs: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::process::CommandExt;
-    let path = CString::new(procs.as_os_str().as_bytes()).expect("cgroup.procs path");
-    // SAFETY: the closure only makes async-signal-safe calls (open, write, close) on memory
-    // prepared before the fork; `last_os_error` does not allocate.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let error = std::io::Error::last_os_error();
-            libc::close(fd);
-            if written == 1 { Ok(()) } else { Err(error) }
-        });
-    }
-}
+pub use tessera_built_libs::cgroup::join_cgroup;
 
 impl Node {
     pub fn cuda_process(&self, hold: &str) -> CudaProcess {
