@@ -122,6 +122,26 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Refuses a claim whose wall on a GPU is below one CUDA context there: every CUDA program would
+/// fail at its first call, with an out-of-memory error that does not say why. An admin claim has
+/// no wall. Checked when a claim is first prepared, not again for one already prepared (its
+/// containers run with what they were given, whatever the node measures after a restart).
+pub fn check_context_overhead(limits: &ClaimLimits) -> Result<()> {
+    let admin = limits.devices.iter().all(|d| d.admin_access);
+    match limits
+        .gpus
+        .iter()
+        .find(|g| !admin && g.memory_limit < g.context_overhead)
+    {
+        Some(gpu) => Err(Error::BelowContextOverhead {
+            uuid: gpu.uuid.clone(),
+            limit: gpu.memory_limit,
+            overhead: gpu.context_overhead,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Resolves the results of `gpu.tessera.dev` (others are skipped) against `inventory`.
 pub fn claim_limits(results: &[DeviceResult], inventory: &Inventory) -> Result<ClaimLimits> {
     claim_limits_with(results, inventory, &MemoryOvercommit::none())
@@ -162,19 +182,6 @@ pub fn claim_limits_with(
             gpu.memory_limit = gpu.memory_limit.min(overcommit.offered_memory(card));
             gpu.context_overhead = card.context_overhead;
         }
-    }
-    // A wall below one context would fail every CUDA program at its first call, with an
-    // out-of-memory error that does not say why; an admin claim has no wall.
-    let admin = devices.iter().all(|d| d.admin_access);
-    if let Some(gpu) = gpus
-        .values()
-        .find(|g| !admin && g.memory_limit < g.context_overhead)
-    {
-        return Err(Error::BelowContextOverhead {
-            uuid: gpu.uuid.clone(),
-            limit: gpu.memory_limit,
-            overhead: gpu.context_overhead,
-        });
     }
     if gpus.len() > tessera_api::region::MAX_DEVICES {
         return Err(Error::TooManyGpus(gpus.len()));
@@ -345,8 +352,11 @@ mod tests {
         node.gpus[1].context_overhead = 500 << 20;
         let limits = claim_limits(&[share("gpu-1", "s1", "2Gi", "25")], &node).expect("valid");
         assert_eq!(limits.gpus[0].context_overhead, 500 << 20);
-        let tiny = claim_limits(&[share("gpu-1", "s1", "256Mi", "25")], &node);
-        let message = tiny.expect_err("below one context").to_string();
+        assert!(check_context_overhead(&limits).is_ok());
+        let tiny = claim_limits(&[share("gpu-1", "s1", "256Mi", "25")], &node).expect("resolves");
+        let message = check_context_overhead(&tiny)
+            .expect_err("below one context")
+            .to_string();
         assert!(
             message.contains("GPU-1") && message.contains("less than one CUDA context"),
             "{message}"
@@ -354,7 +364,8 @@ mod tests {
         // An admin claim has no wall, so nothing to fall below.
         let mut admin = share("gpu-1", "s1", "256Mi", "25");
         admin.admin_access = true;
-        assert!(claim_limits(&[admin], &node).is_ok());
+        let admin = claim_limits(&[admin], &node).expect("resolves");
+        assert!(check_context_overhead(&admin).is_ok());
     }
 
     #[test]

@@ -127,3 +127,46 @@ async fn a_crash_during_unprepare_is_finished_by_the_next_unprepare() {
         restarted.stop().await;
     }
 }
+
+/// A claim below one CUDA context on its GPU is refused when it is first prepared, naming both
+/// figures; one already prepared keeps what its containers run with when a restarted plugin
+/// measures a larger context, instead of failing the kubelet's prepare of a running pod.
+#[tokio::test]
+async fn the_context_check_refuses_new_claims_and_keeps_prepared_ones() {
+    let (env, prepared) = setup();
+    let first = env.start(None, None).await;
+    first.kubelet.prepare_ok(Version::V1, &prepared).await;
+    first.stop().await;
+
+    // The restarted plugin measures 4 GiB per context: above this claim's 3 GiB.
+    let mut config = env.node_config();
+    for gpu in &mut config.inventory.gpus {
+        gpu.context_overhead = 4 << 30;
+    }
+    let second = env.start_with(config, None, None).await;
+    second.kubelet.prepare_ok(Version::V1, &prepared).await;
+
+    let new_uid = "7d1c9e2a-0000-4000-8000-00000000000a";
+    let results = vec![share(
+        "gpu",
+        "gpu-0",
+        "9f0c4c4e-1111-4000-8000-000000000002",
+        "3Gi",
+        "30",
+    )];
+    env.api.put(claim(NS, "d", new_uid, Some(results), vec![]));
+    let answer = second
+        .kubelet
+        .prepare(Version::V1, &[Claim::new(NS, "d", new_uid)])
+        .await
+        .expect("prepare call");
+    let error = &answer
+        .get(new_uid)
+        .expect("an answer for the new claim")
+        .error;
+    assert!(
+        error.contains("less than one CUDA context") && error.contains("4294967296"),
+        "{error}"
+    );
+    second.stop().await;
+}

@@ -324,14 +324,22 @@ impl Node {
                             tracing::warn!(claim_uid = %plan.uid, "claim would be prepared differently now; keeping what was prepared");
                             results.insert(plan.uid.clone(), Ok(done.devices.clone()));
                         }
-                        // A grant is checked before a claim is first prepared; one already prepared
-                        // keeps what its running containers were started with.
-                        None => match refusal {
-                            Some(error) => {
+                        // A grant, and a wall above one context, are checked before a claim is
+                        // first prepared; one already prepared keeps what its running containers
+                        // were started with.
+                        None => match (
+                            refusal,
+                            tessera_driver::allocation::check_context_overhead(&plan.limits),
+                        ) {
+                            (Some(error), _) => {
                                 refused.insert(plan.uid.clone(), Refusal::Priority);
                                 results.insert(plan.uid.clone(), Err(error));
                             }
-                            None => plans.push(plan),
+                            (None, Err(below)) => {
+                                refused.insert(plan.uid.clone(), Refusal::Invalid);
+                                results.insert(plan.uid.clone(), Err(below.to_string()));
+                            }
+                            (None, Ok(())) => plans.push(plan),
                         },
                     }
                 }
