@@ -141,25 +141,7 @@ mod tests {
     }
 
     fn node() -> Inventory {
-        let gpu = |index: u32, memory: u64| tessera_driver::Gpu {
-            uuid: format!("GPU-{index}"),
-            index,
-            minor: index,
-            product_name: "test".into(),
-            memory,
-            brand: None,
-            architecture: None,
-            cuda_compute_capability: None,
-            pci_bus_id: None,
-            pcie_root: None,
-            numa_node: None,
-            context_overhead: 0,
-            driver_memory_wall: false,
-        };
-        Inventory {
-            driver_version: None,
-            gpus: vec![gpu(0, 24 << 30), gpu(1, 1 << 30), gpu(2, 48 << 30)],
-        }
+        crate::test_inventory(&[24 << 30, 1 << 30, 48 << 30])
     }
 
     /// A stand-in probe printing `report`.

@@ -110,25 +110,7 @@ mod tests {
     use super::*;
 
     fn node() -> Inventory {
-        let gpu = |index: u32| tessera_driver::Gpu {
-            uuid: format!("GPU-{index}"),
-            index,
-            minor: index,
-            product_name: "test".into(),
-            memory: 24 << 30,
-            brand: None,
-            architecture: None,
-            cuda_compute_capability: None,
-            pci_bus_id: None,
-            pcie_root: None,
-            numa_node: None,
-            context_overhead: 0,
-            driver_memory_wall: false,
-        };
-        Inventory {
-            driver_version: None,
-            gpus: vec![gpu(0), gpu(1)],
-        }
+        crate::test_inventory(&[24 << 30, 24 << 30])
     }
 
     fn report() -> Result<Report, String> {

@@ -27,4 +27,32 @@ pub mod server;
 pub mod slices;
 
 pub use node::{ClaimRef, Node, NodeConfig, PreparedClaimResult, Step};
+
+/// A node of GPUs `GPU-<index>` with these memories and nothing else known, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_inventory(memories: &[u64]) -> tessera_driver::Inventory {
+    let gpus = memories
+        .iter()
+        .zip(0u32..)
+        .map(|(&memory, index)| tessera_driver::Gpu {
+            uuid: format!("GPU-{index}"),
+            index,
+            minor: index,
+            product_name: "test".into(),
+            memory,
+            brand: None,
+            architecture: None,
+            cuda_compute_capability: None,
+            pci_bus_id: None,
+            pcie_root: None,
+            numa_node: None,
+            context_overhead: 0,
+            driver_memory_wall: false,
+        })
+        .collect();
+    tessera_driver::Inventory {
+        driver_version: None,
+        gpus,
+    }
+}
 pub use server::{Plugin, Sockets};

@@ -35,6 +35,20 @@ fn http_get(port: u16, path: &str) -> String {
     response
 }
 
+/// A kubeconfig for the mocked API server at `address` (plain HTTP, no credentials).
+fn write_kubeconfig(env: &Env, address: std::net::SocketAddr) -> std::path::PathBuf {
+    let kubeconfig = env.path("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{address}\nusers:\n- name: plugin\n  user: {{}}\n\
+             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: plugin\ncurrent-context: mock\n"
+        ),
+    )
+    .expect("kubeconfig");
+    kubeconfig
+}
+
 async fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
@@ -51,15 +65,7 @@ async fn wait_for(path: &Path) {
 async fn the_binary_registers_prepares_serves_metrics_and_stops_cleanly() {
     let env = Env::new(&["v1beta1"]);
     let address = env.api.serve_tcp().await;
-    let kubeconfig = env.path("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{address}\nusers:\n- name: plugin\n  user: {{}}\n\
-             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: plugin\ncurrent-context: mock\n"
-        ),
-    )
-    .expect("kubeconfig");
+    let kubeconfig = write_kubeconfig(&env, address);
     let inventory = env.path("inventory.json");
     std::fs::write(&inventory, inventory_json()).expect("inventory");
     let port = free_port();
@@ -325,15 +331,7 @@ async fn start_on_fake_driver(
     extra: &[std::ffi::OsString],
 ) -> (std::process::Child, u16, String) {
     let address = env.api.serve_tcp().await;
-    let kubeconfig = env.path("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster:\n    server: http://{address}\nusers:\n- name: plugin\n  user: {{}}\n\
-             contexts:\n- name: mock\n  context:\n    cluster: mock\n    user: plugin\ncurrent-context: mock\n"
-        ),
-    )
-    .expect("kubeconfig");
+    let kubeconfig = write_kubeconfig(env, address);
     let node_file = env.path("fakegpu.json");
     std::fs::write(&node_file, node.to_string()).expect("node file");
     let port = free_port();
